@@ -1,0 +1,68 @@
+"""DIMSE service settings: AE title, network, access control, C-MOVE destinations."""
+from __future__ import annotations
+
+from enum import Enum
+
+from config.sections import Section
+from pydantic import Field, field_validator
+
+_AE_MAX = 16
+
+
+def _check_ae(value: str) -> str:
+    v = value.strip()
+    if not v or len(v) > _AE_MAX or "\\" in v or any(ord(c) < 0x20 for c in v):
+        raise ValueError(
+            f"AE title must be 1-{_AE_MAX} characters without backslash or control "
+            f"characters (PS3.5 6.2, VR AE), got {value!r}"
+        )
+    return v
+
+
+class Peer(Section):
+    """A calling AE allowed to associate, optionally bound to a host address."""
+
+    ae_title: str
+    host: str | None = Field(default=None, description="if set, the peer must connect from this IP")
+
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class MoveDestination(Section):
+    """A C-MOVE destination AE, resolved by its AE title."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class DuplicatePolicy(str, Enum):
+    """What to do when an object arrives whose SOP Instance UID is already stored
+    with different content (an identical re-send is always a success, stored once)."""
+
+    REJECT = "reject"  # failure status, the stored copy is kept
+    KEEP_FIRST = "keep_first"  # success status (warning), the stored copy is kept
+    REPLACE = "replace"  # the new object replaces the stored one
+
+
+class DimseSettings(Section):
+    ae_title: str = "SYNTHNODE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    accept_any_calling_ae: bool = Field(
+        default=False, description="development only: skip the calling-AE allow-list"
+    )
+    allowed_peers: list[Peer] = Field(default_factory=list)
+    check_called_ae: bool = True
+    max_associations: int = Field(default=16, ge=1, le=1024)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    max_pdu: int = Field(default=16382, ge=0, description="0 = unlimited (PS3.8 D.1)")
+    acceptor_processes: int = Field(default=1, ge=1, le=64)
+    move_destinations: list[MoveDestination] = Field(default_factory=list)
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))

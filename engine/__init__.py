@@ -1,0 +1,1 @@
+"""synthnode engine: torch + MONAI models, tasks, training, phantoms. No DICOM imports."""

@@ -1,0 +1,1 @@
+"""synthnode storage: SQLAlchemy index, durable file store, PS3.4 C.2.2.2 matching."""
