@@ -1,0 +1,351 @@
+"""Embedder and detector (arrays only; no DICOM here).
+
+Embedding adds ``clip(round(strength * max_delta * w), -max_delta, max_delta)`` where ``w`` is
+the unit-variance keyed tile of :mod:`audit.watermark.pattern` repeated over every slice,
+then clips to the valid range (saturation, never wrap-around).
+
+Detection is invariant to affine intensity maps (windowing, rescale slope / intercept,
+brightness / contrast) and tolerant of clipping: the image is high-passed and locally
+normalised, folded modulo the tile period, and reduced to the *phase* of each Fourier bin
+(whitening). The sync template's phase-only correlation over all circular shifts has, on an
+unmarked image, approximately independent N(0, 1) values, so the maximum over the
+``TILE**2`` shifts x scales x keys hypotheses has a Bonferroni-bounded false-positive rate;
+the threshold is set from that bound (and checked empirically in bench/). The payload is
+read at the best shift and decoded with soft Viterbi; it is accepted only when its CRC
+matches and the sync score is at least :data:`DECODE_GATE`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+from scipy.stats import norm
+
+from audit.watermark import ecc
+from audit.watermark.key import WatermarkKey
+from audit.watermark.pattern import MAX_COMPONENT, TILE, layout, mark_tile, sync_reference
+
+logger = logging.getLogger(__name__)
+
+PAYLOAD_BITS = ecc.PAYLOAD_BITS
+MARK_ID_BITS = 40
+DEFAULT_STRENGTH = 0.75
+DEFAULT_FPR = 1e-3
+DEFAULT_SCALES: tuple[float, ...] = (1.0, 2.0, 0.5)
+DECODE_GATE = 4.0
+HP_SIGMA = 3.0
+LOCAL_SIZE = 17
+CLIP_Z = 4.0
+
+
+# ----------------------------------------------------------------------------- payload
+
+
+def make_payload(key_id: int, mark_id: int) -> int:
+    """48-bit payload = key id (8 bits) || mark id (40 bits)."""
+    if not 0 <= key_id <= 255:
+        raise ValueError("key_id must be in 0..255")
+    if not 0 <= mark_id < (1 << MARK_ID_BITS):
+        raise ValueError(f"mark_id must fit in {MARK_ID_BITS} bits")
+    return (key_id << MARK_ID_BITS) | mark_id
+
+
+def split_payload(payload: int) -> tuple[int, int]:
+    """Inverse of :func:`make_payload`: (key id, mark id)."""
+    return payload >> MARK_ID_BITS, payload & ((1 << MARK_ID_BITS) - 1)
+
+
+def payload_hex(payload: int) -> str:
+    """Canonical 12-digit lower-case hex form (the ledger's ``watermark_payload``)."""
+    return f"{payload:012x}"
+
+
+def _info_bits(key: WatermarkKey, payload: int) -> NDArray[np.uint8]:
+    crc = ecc.crc16_ccitt(bytes([key.key_id]) + payload.to_bytes(6, "big"))
+    bits = np.concatenate([ecc.int_to_bits(payload, PAYLOAD_BITS), ecc.int_to_bits(crc, ecc.CRC_BITS)])
+    return bits ^ layout(key).scramble
+
+
+def codeword(key: WatermarkKey, payload: int) -> NDArray[np.uint8]:
+    """The 140 coded bits carried for ``payload`` under ``key`` (bench / tests use it)."""
+    return ecc.conv_encode(_info_bits(key, payload))
+
+
+def _check_info(key: WatermarkKey, info: NDArray[np.uint8]) -> tuple[int, bool]:
+    bits = info ^ layout(key).scramble
+    payload = ecc.bits_to_int(bits[:PAYLOAD_BITS])
+    crc = ecc.bits_to_int(bits[PAYLOAD_BITS:])
+    ok = crc == ecc.crc16_ccitt(bytes([key.key_id]) + payload.to_bytes(6, "big"))
+    return payload, ok
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+def valid_limits(bits_stored: int, signed: bool, valid_range: tuple[int, int] | None) -> tuple[int, int]:
+    """Range allowed by Bits Stored / Pixel Representation (PS3.3 C.7.6.3.1) and the caller."""
+    if not 1 <= bits_stored <= 16:
+        raise ValueError("bits_stored must be in 1..16")
+    lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    if valid_range is not None:
+        vlo, vhi = int(valid_range[0]), int(valid_range[1])
+        if vlo > vhi:
+            raise ValueError("valid_range must be (low, high) with low <= high")
+        lo, hi = max(lo, vlo), min(hi, vhi)
+        if lo > hi:
+            raise ValueError("valid_range does not intersect the stored range")
+    return lo, hi
+
+
+def _tiled(tile: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np.float64]:
+    ny, nx = shape
+    reps = (-(-ny // TILE), -(-nx // TILE))
+    return np.tile(tile, reps)[:ny, :nx]
+
+
+def mark_delta(key: WatermarkKey, payload: int, shape: tuple[int, int], *, max_delta: int = 2,
+               strength: float = DEFAULT_STRENGTH) -> NDArray[np.int64]:
+    """The integer change added to each slice of ``shape`` (before range clipping)."""
+    w = _tiled(mark_tile(key, codeword(key, payload)), shape)
+    return np.clip(np.rint(strength * max_delta * w), -max_delta, max_delta).astype(np.int64)
+
+
+def embed(array: NDArray[np.integer], key: WatermarkKey, payload: int, *, bits_stored: int,
+          signed: bool, max_delta: int = 2, valid_range: tuple[int, int] | None = None,
+          strength: float = DEFAULT_STRENGTH) -> NDArray[np.integer]:
+    """Embed the keyed mark carrying ``payload``.
+
+    Parameters
+    ----------
+    array
+        2-D (rows, columns) or 3-D (frames, rows, columns) integer stored values (the
+        DICOM Pixel Data before Modality LUT, PS3.3 C.7.6.3 / C.11.1).
+    key
+        Secret key.
+    payload
+        48-bit unsigned integer (see :func:`make_payload`).
+    bits_stored, signed
+        Bits Stored (0028,0101) and Pixel Representation (0028,0103) = 1.
+    max_delta
+        Largest change of any stored value (stored units; with Rescale Slope 1 = HU).
+    valid_range
+        Further restricts the output values (e.g. the real data range or above a pixel
+        padding value); values are clipped into it, never wrapped.
+    strength
+        Amplitude of the unit-variance pattern in units of ``max_delta`` before rounding.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype as ``array``.
+    """
+    arr = np.asarray(array)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"expected a 2-D or 3-D array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"expected integer stored values, got {arr.dtype}")
+    if not 0 <= payload < (1 << PAYLOAD_BITS):
+        raise ValueError(f"payload must be an unsigned {PAYLOAD_BITS}-bit integer")
+    if not 1 <= max_delta <= 64:
+        raise ValueError("max_delta must be in 1..64")
+    lo, hi = valid_limits(bits_stored, signed, valid_range)
+    info = np.iinfo(arr.dtype)
+    lo, hi = max(lo, int(info.min)), min(hi, int(info.max))
+    delta = mark_delta(key, payload, arr.shape[-2:], max_delta=max_delta, strength=strength)
+    out = arr.astype(np.int64) + delta  # broadcasts over frames
+    # Input values already outside the range are left as they are (no new violation).
+    inside = (arr >= lo) & (arr <= hi)
+    out = np.where(inside, np.clip(out, lo, hi), arr)
+    return out.astype(arr.dtype)
+
+
+# ----------------------------------------------------------------------------- detect
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Detector verdict.
+
+    ``score`` is the sync template's normalised correlation (approximately N(0, 1) per
+    hypothesis on unmarked images); ``marked`` is ``score >= threshold`` or a payload that
+    passed its CRC. ``payload`` is set only when the CRC matched. ``bit_errors`` counts coded
+    bits whose hard decision disagrees with the decoded codeword (an estimate of the channel
+    errors corrected), None when nothing was decoded.
+    """
+
+    marked: bool
+    score: float
+    threshold: float
+    key_id: int | None
+    payload: int | None
+    bit_errors: int | None = None
+    coded_bits: int = ecc.CODED_BITS
+    scale: float | None = None
+    shift: tuple[int, int] | None = None
+    soft_bits: NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def payload_hex(self) -> str | None:
+        return None if self.payload is None else payload_hex(self.payload)
+
+
+def threshold_for(n_keys: int, scales: tuple[float, ...] = DEFAULT_SCALES, fpr: float = DEFAULT_FPR) -> float:
+    """Score threshold giving false-positive rate <= ``fpr`` by the Bonferroni bound.
+
+    The hypotheses are every circular shift at every scale for every key; on an unmarked
+    image each normalised score is approximately N(0, 1).
+    """
+    n_hyp = max(1, n_keys) * sum(period_for(s) ** 2 for s in scales)
+    return float(norm.isf(fpr / n_hyp))
+
+
+def _to_float_slices(image: NDArray) -> list[NDArray[np.float32]]:
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+        arr = arr[..., :3].astype(np.float32).mean(axis=-1)  # RGB(A) rendering -> grey
+    if arr.ndim == 2:
+        return [arr.astype(np.float32)]
+    if arr.ndim == 3:
+        return [s.astype(np.float32) for s in arr]
+    raise ValueError(f"expected a 2-D or 3-D image, got shape {arr.shape}")
+
+
+def whiten(x: NDArray[np.floating]) -> NDArray[np.float32]:
+    """High-pass, locally normalised, clipped residual (invariant to a*x + b, a > 0)."""
+    x = np.asarray(x, dtype=np.float32)
+    r = x - ndimage.gaussian_filter(x, HP_SIGMA, mode="reflect", truncate=3.0)
+    s = np.sqrt(np.maximum(ndimage.uniform_filter(r * r, LOCAL_SIZE, mode="reflect"), 0.0))
+    pos = s[s > 0]
+    if pos.size == 0:
+        return np.zeros_like(x)
+    eps = np.float32(0.05 * float(np.median(pos)))
+    return np.clip(r / (s + eps), -CLIP_Z, CLIP_Z)
+
+
+def fold(u: NDArray[np.floating], period: int = TILE) -> NDArray[np.float64]:
+    """Sum ``u`` modulo ``period`` in both axes: (period, period)."""
+    ny, nx = u.shape
+    py, px = -ny % period, -nx % period
+    if py or px:
+        u = np.pad(u, ((0, py), (0, px)))
+    return u.reshape(u.shape[0] // period, period, u.shape[1] // period, period).sum(
+        axis=(0, 2), dtype=np.float64
+    )
+
+
+def period_for(scale: float) -> int:
+    """Fold period for a hypothesised resize factor (the tile stretched by ``scale``)."""
+    period = TILE * scale
+    min_period = 2 * (MAX_COMPONENT + 1)  # every bin below the fold's Nyquist frequency
+    if abs(period - round(period)) > 1e-9 or round(period) < min_period:
+        raise ValueError(f"scale {scale} must be a multiple of 1/{TILE} and >= {min_period / TILE}")
+    return int(round(period))
+
+
+def folded_phase(whitened: list[NDArray[np.floating]], period: int = TILE) -> NDArray[np.complex128]:
+    """Unit phasors of the Fourier transform of the folded, whitened slices.
+
+    A resize by ``s`` stretches the tile to period ``TILE * s`` while each bin keeps its
+    index (cycles per period), so folding at that period reads the same bins: no resampling.
+    """
+    acc = np.zeros((period, period))
+    for u in whitened:
+        acc += fold(u, period)
+    spec = np.fft.fft2(acc)
+    mag = np.abs(spec)
+    return np.where(mag > 0, spec / np.where(mag > 0, mag, 1.0), 0.0)
+
+
+def _sync_scores(g: NDArray[np.complex128], key: WatermarkKey) -> NDArray[np.float64]:
+    period = g.shape[0]
+    c = np.real(np.fft.ifft2(g * np.conj(sync_reference(key, period)))) * (period * period)
+    return c / np.sqrt(2.0 * len(layout(key).sync_phase))
+
+
+def soft_bits(g: NDArray[np.complex128], key: WatermarkKey, shift: tuple[int, int]) -> NDArray[np.float64]:
+    """Per coded bit: sum over its bins of Re(phase x conj(reference)) at ``shift``."""
+    lay = layout(key)
+    period = g.shape[0]
+    ky, kx = lay.pay_bins[..., 0], lay.pay_bins[..., 1]
+    # Undo the circular shift: G_k * exp(+2 pi i k.s / P)
+    ramp = np.exp(2j * np.pi * (ky * shift[0] + kx * shift[1]) / period)
+    vals = g[ky % period, kx % period] * ramp * np.exp(-1j * lay.pay_phase)
+    return np.real(vals).sum(axis=1)
+
+
+def detect(image: NDArray, keys: list[WatermarkKey] | WatermarkKey, *,
+           scales: tuple[float, ...] = DEFAULT_SCALES, fpr: float = DEFAULT_FPR) -> Detection:
+    """Look for the mark of any of ``keys``.
+
+    Parameters
+    ----------
+    image
+        Stored values or any rendering: 2-D, 3-D (frames, rows, columns; frames are pooled,
+        so all frames must share one geometry) or (rows, columns, 3|4) RGB(A); any dtype.
+    keys
+        Keys to try (key rotation); the best-scoring one is reported.
+    scales
+        Resize factors to test (1 = original size, 2 = image was enlarged 2x, 0.5 = shrunk),
+        multiples of 1/64 that are >= 33/64.
+    fpr
+        Target false-positive rate on unmarked images, split over all hypotheses.
+
+    Returns
+    -------
+    Detection
+    """
+    if isinstance(keys, WatermarkKey):
+        keys = [keys]
+    if not keys:
+        raise ValueError("no watermark keys given")
+    whitened = [whiten(x) for x in _to_float_slices(image)]
+    thr = threshold_for(len(keys), scales, fpr)
+    best: Detection | None = None
+    for scale in scales:
+        g = folded_phase(whitened, period_for(scale))
+        for key in keys:
+            z = _sync_scores(g, key)
+            idx = np.unravel_index(int(np.argmax(z)), z.shape)
+            score = float(z[idx])
+            shift = (int(idx[0]), int(idx[1]))
+            payload = None
+            errors = None
+            soft = None
+            if score >= DECODE_GATE:
+                soft = soft_bits(g, key, shift)
+                info = ecc.viterbi_decode(soft)
+                cand, ok = _check_info(key, info)
+                if ok:
+                    payload = cand
+                    cw = ecc.conv_encode(info)
+                    errors = int(np.sum((soft < 0).astype(np.uint8) != cw))
+            det = Detection(
+                marked=bool(score >= thr or payload is not None), score=score, threshold=thr,
+                key_id=key.key_id, payload=payload, bit_errors=errors, scale=scale, shift=shift,
+                soft_bits=soft,
+            )
+            if best is None or _rank(det) > _rank(best):
+                best = det
+    assert best is not None
+    if not best.marked:
+        best = Detection(marked=False, score=best.score, threshold=thr, key_id=None, payload=None,
+                         scale=best.scale, shift=best.shift)
+    return best
+
+
+def candidate_bits(image: NDArray, key: WatermarkKey, scale: float = 1.0) -> NDArray[np.uint8]:
+    """Viterbi output (64 info bits, descrambled) at the best shift, whether or not the CRC
+    matches; used to check that unmarked images decode to uniform bits."""
+    whitened = [whiten(x) for x in _to_float_slices(image)]
+    g = folded_phase(whitened, period_for(scale))
+    z = _sync_scores(g, key)
+    idx = np.unravel_index(int(np.argmax(z)), z.shape)
+    info = ecc.viterbi_decode(soft_bits(g, key, (int(idx[0]), int(idx[1]))))
+    return info ^ layout(key).scramble
+
+
+def _rank(d: Detection) -> tuple[int, float]:
+    return (1 if d.payload is not None else 0, d.score)
