@@ -6,6 +6,7 @@ No PHI beyond UIDs: patient-identifying values go in as digests (see ``phi_diges
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -67,6 +68,28 @@ class Event:
              sop_class_uid, job_id, model_id, destination ...
     payload  type-specific JSON-able data (ints, strings, bools, lists, dicts; no floats:
              give durations as integer milliseconds or decimal strings)
+
+    Keys the ledger indexes (``audit query`` / ``audit lineage`` follow them; see
+    :data:`SUBJECT_REF_KEYS` and :data:`PAYLOAD_REF_KEYS`):
+
+    ``instance.received``  subject study_uid, series_uid, sop_uid, sop_class_uid;
+                           payload sha256 (of the stored file), calling_ae, called_ae,
+                           transfer_syntax_uid
+    ``study.completed``    subject study_uid; payload series_uids (list)
+    ``job.*``              subject job_id, model_id, study_uid; payload
+                           source_series_uids (list), source_sop_uids (list, optional),
+                           weights_sha256, parameters (dict), seed (int), device;
+                           job.failed adds error
+    ``output.created``     subject job_id, study_uid, series_uid (= the output series);
+                           payload source_series_uids, output_series_uid, output_sop_uids
+                           (list), sha256 (list parallel to output_sop_uids, or one digest),
+                           watermark_payload (hex string)
+    ``dispatch.*``         subject series_uid (the output series), study_uid, destination,
+                           job_id; payload sop_uids (list), status, error
+    ``model.*``            subject model_id; payload version, manifest_sha256, key_id,
+                           approver, signature (model.approved), reason (revoked / refused)
+    ``key.revoked``        subject key_id; payload approver, reason
+    ``checkpoint.signed``  payload size, root_hash (hex)
     """
 
     type: EventType
@@ -75,3 +98,100 @@ class Event:
     subject: dict[str, Any] = field(default_factory=dict)
     payload: dict[str, Any] = field(default_factory=dict)
     time: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+# -- canonical leaf form ----------------------------------------------------------------
+#: Subject keys copied into the ledger's UID index.
+SUBJECT_REF_KEYS: tuple[str, ...] = (
+    "study_uid", "series_uid", "sop_uid", "job_id", "model_id", "destination", "key_id",
+)
+#: Payload keys (string or list of strings) copied into the ledger's UID index.
+PAYLOAD_REF_KEYS: tuple[str, ...] = (
+    "source_series_uids", "source_sop_uids", "source_study_uid", "output_series_uid",
+    "output_sop_uids", "sop_uids", "series_uids", "manifest_sha256",
+)
+
+LEAF_VERSION = 1
+
+
+class CanonicalError(TypeError):
+    """A value cannot be put in a ledger leaf (float, bytes, non-string key, ...)."""
+
+
+def _check(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        raise CanonicalError(f"{where}: floats are not allowed in ledger leaves "
+                             "(use integer units or a decimal string)")
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise CanonicalError(f"{where}: key {k!r} is not a string")
+            out[k] = _check(v, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_check(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise CanonicalError(f"{where}: {type(value).__name__} is not JSON-able")
+
+
+def canonical_json(value: Any) -> bytes:
+    """Canonical JSON bytes: sorted keys, no whitespace, UTF-8, no floats (RFC 8785 subset).
+
+    Without floats, Python's ``json`` with sorted keys and compact separators gives the same
+    bytes as RFC 8785 JCS except for non-ASCII escaping: we emit raw UTF-8.
+    """
+    return json.dumps(_check(value, "$"), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def format_time(t: datetime) -> str:
+    """UTC time in the one textual form leaves use: ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
+    if t.tzinfo is None:
+        raise CanonicalError("event time must be timezone-aware (UTC)")
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def event_to_leaf(event: Event) -> bytes:
+    """The Merkle leaf data of ``event`` (canonical JSON)."""
+    return canonical_json({
+        "v": LEAF_VERSION,
+        "type": EventType(event.type).value,
+        "time": format_time(event.time),
+        "actor": event.actor,
+        "outcome": Outcome(event.outcome).value,
+        "subject": event.subject,
+        "payload": event.payload,
+    })
+
+
+def event_from_leaf(data: bytes) -> Event:
+    """Parse leaf data back into an :class:`Event` (unknown event types raise ValueError)."""
+    obj = json.loads(data.decode("utf-8"))
+    return Event(type=EventType(obj["type"]), actor=obj["actor"], outcome=Outcome(obj["outcome"]),
+                 subject=obj["subject"], payload=obj["payload"], time=parse_time(obj["time"]))
+
+
+def event_refs(event: Event) -> list[tuple[str, str]]:
+    """``(role, uid)`` pairs of an event for the ledger's UID index."""
+    out: list[tuple[str, str]] = []
+    for key in SUBJECT_REF_KEYS:
+        v = event.subject.get(key)
+        if isinstance(v, str) and v:
+            out.append((key, v))
+    for key in PAYLOAD_REF_KEYS:
+        v = event.payload.get(key)
+        if isinstance(v, str) and v:
+            out.append((key, v))
+        elif isinstance(v, list):
+            out.extend((key, x) for x in v if isinstance(x, str) and x)
+    return [(r, u[:128]) for r, u in dict.fromkeys(out)]

@@ -1,0 +1,334 @@
+"""The ledger: one append API for the whole node, an RFC 9162 Merkle tree in SQL.
+
+Every part of the node records what it does with :meth:`Ledger.append` (or
+:meth:`Ledger.append_many`), optionally inside the caller's own database transaction so
+that, e.g., an index row and its ``instance.received`` event commit or roll back together::
+
+    ledger = Ledger(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(instances).values(...))
+        entry = ledger.append(Event(EventType.INSTANCE_RECEIVED, "ae:MODALITY", ...), conn=conn)
+
+Ordering and locking
+--------------------
+Appenders serialise on the single ``ledger_head`` row: the first statement of an append is
+``UPDATE ledger_head SET size = size WHERE id = 1 RETURNING size, frontier``. On PostgreSQL
+that takes the row lock (held to commit; under READ COMMITTED the statement re-reads the
+newest committed row once the lock is granted); on SQLite it takes the database write lock
+(a deferred transaction whose first statement writes behaves like ``BEGIN IMMEDIATE`` for
+this purpose; the busy timeout makes other writers wait). Sequence numbers are therefore
+gapless and totally ordered across threads and processes, and a rolled-back transaction
+gives its numbers back. Leaf hashing is done before the lock is taken; under the lock an
+append does one UPDATE ... RETURNING, a few INSERTs and one UPDATE.
+
+Callers that pass ``conn`` must use READ COMMITTED (PostgreSQL's default), and on SQLite
+must not have read from the database in the same transaction before their first write
+(SQLite cannot upgrade a stale WAL read snapshot and would fail with "database is locked").
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+
+from audit import merkle
+from audit.events import Event, EventType, event_from_leaf, event_refs, event_to_leaf, parse_time
+from audit.tables import ledger_checkpoints, ledger_entries, ledger_head, ledger_nodes, ledger_refs
+
+log = logging.getLogger(__name__)
+
+HEAD_ID = 1
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot do what was asked (inconsistent state, refused checkpoint, ...)."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """Where an event landed: its leaf index and RFC 9162 leaf hash."""
+
+    seq: int
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """One stored leaf as read back from the database."""
+
+    seq: int
+    leaf_hash: bytes
+    data: bytes
+
+    @property
+    def event(self) -> Event:
+        return event_from_leaf(self.data)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    data: bytes
+    leaf: bytes
+    event: Event
+
+
+def _prepare(event: Event) -> _Prepared:
+    data = event_to_leaf(event)
+    return _Prepared(data, merkle.leaf_hash(data), event)
+
+
+class Ledger:
+    """Append-only RFC 9162 ledger stored in the ``audit`` tables of ``engine``'s database.
+
+    Parameters
+    ----------
+    engine
+        SQLAlchemy engine (``node.db.make_engine``) whose database has the ``audit``
+        migrations applied.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._ensure_head()
+
+    # -- head ------------------------------------------------------------------------
+    def _ensure_head(self) -> None:
+        with self.engine.connect() as conn:
+            if conn.execute(select(ledger_head.c.id).where(ledger_head.c.id == HEAD_ID)).first():
+                return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(ledger_head).values(id=HEAD_ID, size=0, frontier=b""))
+        except IntegrityError:  # another process created it first
+            pass
+
+    @staticmethod
+    def lock_head(conn: Connection) -> tuple[int, list[bytes]]:
+        """Take the appenders' lock (see module docs); return ``(size, frontier)``."""
+        row = conn.execute(
+            update(ledger_head)
+            .where(ledger_head.c.id == HEAD_ID)
+            .values(size=ledger_head.c.size)
+            .returning(ledger_head.c.size, ledger_head.c.frontier)
+        ).first()
+        if row is None:
+            raise LedgerError("ledger_head row is missing: run `synthnode db upgrade`")
+        size = int(row.size)
+        return size, merkle.unpack_frontier(bytes(row.frontier), size)
+
+    # -- append ----------------------------------------------------------------------
+    def append(self, event: Event, conn: Connection | None = None) -> LedgerEntry:
+        """Append one event; returns its sequence number and leaf hash.
+
+        Parameters
+        ----------
+        event
+            the record (canonicalised to JSON: RFC 9162 leaf data).
+        conn
+            an open connection inside the caller's transaction: the entry commits or rolls
+            back with it. ``None``: the append runs in its own transaction.
+        """
+        return self.append_many([event], conn=conn)[0]
+
+    def append_many(self, events: Iterable[Event], conn: Connection | None = None) -> list[LedgerEntry]:
+        """Append several events as consecutive leaves, atomically."""
+        prepared = [_prepare(e) for e in events]
+        if not prepared:
+            return []
+        if conn is not None:
+            return self._append_locked(conn, prepared)
+        with self.engine.begin() as own:
+            return self._append_locked(own, prepared)
+
+    def _append_locked(self, conn: Connection, prepared: Sequence[_Prepared]) -> list[LedgerEntry]:
+        size, frontier = self.lock_head(conn)
+        entries: list[dict[str, Any]] = []
+        nodes: list[dict[str, Any]] = []
+        refs: list[dict[str, Any]] = []
+        out: list[LedgerEntry] = []
+        for i, p in enumerate(prepared):
+            seq = size + i
+            for level, idx, h in merkle.frontier_append(frontier, seq, p.leaf):
+                nodes.append({"level": level, "idx": idx, "hash": h})
+            ev = p.event
+            entries.append({
+                "seq": seq, "leaf_hash": p.leaf, "data": p.data,
+                "event_type": EventType(ev.type).value, "time": ev.time,
+                "actor": ev.actor[:128], "outcome": ev.outcome.value,
+            })
+            refs.extend({"seq": seq, "role": r, "uid": u} for r, u in event_refs(ev))
+            out.append(LedgerEntry(seq, p.leaf))
+        conn.execute(insert(ledger_entries), entries)
+        if nodes:
+            conn.execute(insert(ledger_nodes), nodes)
+        if refs:
+            conn.execute(insert(ledger_refs), refs)
+        conn.execute(
+            update(ledger_head)
+            .where(ledger_head.c.id == HEAD_ID)
+            .values(size=size + len(prepared), frontier=merkle.pack_frontier(frontier))
+        )
+        return out
+
+    # -- reading ---------------------------------------------------------------------
+    def size(self, conn: Connection | None = None) -> int:
+        """Number of committed leaves."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.size(c)
+        return int(conn.execute(select(ledger_head.c.size).where(ledger_head.c.id == HEAD_ID)).scalar_one())
+
+    def head(self, conn: Connection | None = None) -> tuple[int, bytes]:
+        """``(size, root)`` of the committed tree (from the head frontier)."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.head(c)
+        row = conn.execute(select(ledger_head.c.size, ledger_head.c.frontier)
+                           .where(ledger_head.c.id == HEAD_ID)).one()
+        size = int(row.size)
+        return size, merkle.frontier_root(merkle.unpack_frontier(bytes(row.frontier), size))
+
+    def fetcher(self, conn: Connection) -> merkle.Fetch:
+        """A :data:`audit.merkle.Fetch` callback reading stored complete subtrees."""
+
+        def fetch(ids: set[merkle.NodeId]) -> dict[merkle.NodeId, bytes]:
+            out: dict[merkle.NodeId, bytes] = {}
+            leaves = [i for lv, i in ids if lv == 0]
+            inner = [(lv, i) for lv, i in ids if lv > 0]
+            if leaves:
+                for row in conn.execute(select(ledger_entries.c.seq, ledger_entries.c.leaf_hash)
+                                        .where(ledger_entries.c.seq.in_(leaves))):
+                    out[(0, int(row.seq))] = bytes(row.leaf_hash)
+            if inner:
+                if conn.dialect.name == "postgresql":
+                    cond = tuple_(ledger_nodes.c.level, ledger_nodes.c.idx).in_(inner)
+                else:
+                    cond = or_(*(and_(ledger_nodes.c.level == lv, ledger_nodes.c.idx == i)
+                                 for lv, i in inner))
+                for row in conn.execute(select(ledger_nodes).where(cond)):
+                    out[(int(row.level), int(row.idx))] = bytes(row.hash)
+            return out
+
+        return fetch
+
+    def root(self, size: int | None = None, conn: Connection | None = None) -> bytes:
+        """Root hash of the first ``size`` leaves (default: all)."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.root(size, c)
+        current = self.size(conn)
+        size = current if size is None else size
+        if not 0 <= size <= current:
+            raise LedgerError(f"tree size {size} is beyond the ledger size {current}")
+        return merkle.root_hash(size, self.fetcher(conn))
+
+    def inclusion_proof(self, seq: int, size: int | None = None,
+                        conn: Connection | None = None) -> list[bytes]:
+        """RFC 9162 inclusion proof of leaf ``seq`` in the tree of ``size`` leaves."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.inclusion_proof(seq, size, c)
+        current = self.size(conn)
+        size = current if size is None else size
+        if not 0 <= seq < size <= current:
+            raise LedgerError(f"no leaf {seq} in a tree of size {size} (ledger size {current})")
+        return merkle.inclusion_proof(seq, size, self.fetcher(conn))
+
+    def consistency_proof(self, old: int, new: int | None = None,
+                          conn: Connection | None = None) -> list[bytes]:
+        """RFC 9162 consistency proof between tree sizes ``old`` and ``new``."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.consistency_proof(old, new, c)
+        current = self.size(conn)
+        new = current if new is None else new
+        if not 0 < old <= new <= current:
+            raise LedgerError(f"no consistency proof from {old} to {new} (ledger size {current})")
+        return merkle.consistency_proof(old, new, self.fetcher(conn))
+
+    def entry(self, seq: int, conn: Connection | None = None) -> StoredEntry:
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.entry(seq, c)
+        row = conn.execute(select(ledger_entries.c.seq, ledger_entries.c.leaf_hash, ledger_entries.c.data)
+                           .where(ledger_entries.c.seq == seq)).first()
+        if row is None:
+            raise LedgerError(f"no ledger entry {seq}")
+        return StoredEntry(int(row.seq), bytes(row.leaf_hash), bytes(row.data))
+
+    def entries(self, start: int = 0, stop: int | None = None,
+                conn: Connection | None = None, batch: int = 5000) -> Iterator[StoredEntry]:
+        """Stored entries in sequence order (streamed)."""
+        own = conn is None
+        c = self.engine.connect() if own else conn
+        try:
+            q = select(ledger_entries.c.seq, ledger_entries.c.leaf_hash, ledger_entries.c.data) \
+                .where(ledger_entries.c.seq >= start).order_by(ledger_entries.c.seq)
+            if stop is not None:
+                q = q.where(ledger_entries.c.seq < stop)
+            for row in c.execution_options(stream_results=True, yield_per=batch).execute(q):
+                yield StoredEntry(int(row.seq), bytes(row.leaf_hash), bytes(row.data))
+        finally:
+            if own:
+                c.close()
+
+    def query(
+        self,
+        *,
+        uids: Sequence[str] = (),
+        event_types: Sequence[str] = (),
+        actor: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+        conn: Connection | None = None,
+    ) -> list[StoredEntry]:
+        """Entries matching every given filter (UIDs: any of them, via the UID index)."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.query(uids=uids, event_types=event_types, actor=actor, since=since,
+                                  until=until, limit=limit, conn=c)
+        e = ledger_entries.c
+        q = select(e.seq, e.leaf_hash, e.data).order_by(e.seq)
+        if uids:
+            q = q.where(e.seq.in_(select(ledger_refs.c.seq).where(ledger_refs.c.uid.in_(list(uids)))))
+        if event_types:
+            q = q.where(e.event_type.in_([EventType(t).value for t in event_types]))
+        if actor:
+            q = q.where(e.actor == actor)
+        if since:
+            q = q.where(e.time >= since)
+        if until:
+            q = q.where(e.time < until)
+        if limit:
+            q = q.limit(limit)
+        return [StoredEntry(int(r.seq), bytes(r.leaf_hash), bytes(r.data)) for r in conn.execute(q)]
+
+    def checkpoints(self, conn: Connection | None = None) -> list[tuple[int, bytes, str]]:
+        """Stored checkpoints ``(size, root, note)`` in size order."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.checkpoints(c)
+        c = ledger_checkpoints.c
+        return [(int(r.size), bytes(r.root_hash), r.note)
+                for r in conn.execute(select(c.size, c.root_hash, c.note).order_by(c.size))]
+
+    def latest_checkpoint(self, conn: Connection) -> tuple[int, bytes, str] | None:
+        c = ledger_checkpoints.c
+        top = conn.execute(select(func.max(c.size))).scalar()
+        if top is None:
+            return None
+        r = conn.execute(select(c.size, c.root_hash, c.note).where(c.size == top)).one()
+        return int(r.size), bytes(r.root_hash), r.note
+
+
+def entry_time(entry: StoredEntry) -> datetime:
+    """The event time of a stored entry (from its leaf)."""
+    import json
+
+    return parse_time(json.loads(entry.data)["time"])
