@@ -1,0 +1,246 @@
+"""The DIMSE server: one pynetdicom AE assembled from service modules.
+
+A *service module* is any object (usually a Python module) with two functions::
+
+    def contexts(ctx: NodeContext) -> list[PresentationContext]: ...
+    def handlers(ctx: NodeContext) -> list[tuple[evt.EventType, Callable]]: ...
+
+``contexts`` lists the abstract syntaxes (SOP classes) and transfer syntaxes the service
+accepts as SCP; ``handlers`` returns the pynetdicom event handlers to bind. Contexts that
+several modules declare are merged (union of transfer syntaxes, roles OR-ed), so e.g. the
+C-GET SCP can declare SCP/SCU role selection on the storage SOP classes that the C-STORE
+SCP also accepts. :func:`default_services` is the registration point: access control,
+echo, store, and
+the query/retrieve and storage commitment modules once they exist.
+
+The server sets TCP_NODELAY on every accepted socket (DIMSE is request/response: Nagle's
+algorithm would add a delayed-ACK round trip per message), can share its port with other
+acceptor processes (SO_REUSEPORT; the kernel spreads connections over the processes),
+and stops gracefully: stop accepting, let in-flight stores finish, then release.
+
+References: PS3.7 (DIMSE), PS3.8 (upper layer: association, PDU size, ARTIM), pynetdicom
+``transport.py`` / ``ae.py``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
+from typing import Any, Protocol
+
+from pynetdicom import AE, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.context import NodeContext
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DimseServer",
+    "NodeAssociationServer",
+    "ServiceModule",
+    "default_services",
+    "merge_contexts",
+]
+
+Handler = tuple[evt.EventType, Callable[..., Any]]
+
+#: Modules registered as DIMSE services, in order. A module listed as optional is used
+#: once it exists in the code base (query/retrieve and storage commitment are built by
+#: their own issue); the core services are required.
+CORE_SERVICES: tuple[str, ...] = ("node.dimse.access", "node.dimse.echo", "node.dimse.store")
+OPTIONAL_SERVICES: tuple[str, ...] = ("node.dimse.qr", "node.dimse.commitment")
+
+
+class ServiceModule(Protocol):
+    """What a DIMSE service module provides (see the module docstring)."""
+
+    def contexts(self, ctx: NodeContext) -> list[PresentationContext]: ...
+
+    def handlers(self, ctx: NodeContext) -> list[Handler]: ...
+
+
+def default_services() -> list[ModuleType]:
+    """The service modules of a standard node: core ones plus those optional ones that
+    are present (a missing optional module is skipped; any other import error raises)."""
+    mods = [importlib.import_module(m) for m in CORE_SERVICES]
+    for name in OPTIONAL_SERVICES:
+        try:
+            mods.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return mods
+
+
+def merge_contexts(groups: Iterable[Sequence[PresentationContext]]) -> list[PresentationContext]:
+    """Merge presentation contexts by abstract syntax.
+
+    Transfer syntaxes are united keeping first-seen order (order = SCP preference,
+    PS3.8 9.3.3.2: the acceptor picks one of the proposed transfer syntaxes); an explicit
+    SCU/SCP role (True) wins over the default (None).
+    """
+    merged: dict[str, PresentationContext] = {}
+    for group in groups:
+        for cx in group:
+            have = merged.get(cx.abstract_syntax)
+            if have is None:
+                new = PresentationContext()
+                new.abstract_syntax = cx.abstract_syntax
+                new.transfer_syntax = list(cx.transfer_syntax)
+                new.scu_role = cx.scu_role
+                new.scp_role = cx.scp_role
+                merged[cx.abstract_syntax] = new
+                continue
+            for ts in cx.transfer_syntax:
+                if ts not in have.transfer_syntax:
+                    have.add_transfer_syntax(ts)
+            if cx.scu_role is not None or cx.scp_role is not None:
+                have.scu_role = bool(have.scu_role) or bool(cx.scu_role)
+                have.scp_role = bool(have.scp_role) or bool(cx.scp_role)
+    return list(merged.values())
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with TCP_NODELAY on accepted sockets and optional
+    SO_REUSEPORT on the listening socket."""
+
+    reuse_port: bool = False
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise OSError("SO_REUSEPORT is not available on this platform")
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not TCP (tests with socketpair) or already closed
+            pass
+        return client, address
+
+
+def _reuse_port_server(reuse: bool) -> type[NodeAssociationServer]:
+    if not reuse:
+        return NodeAssociationServer
+    return type("ReusePortAssociationServer", (NodeAssociationServer,), {"reuse_port": True})
+
+
+class DimseServer:
+    """The node's DIMSE SCP.
+
+    Parameters
+    ----------
+    ctx : NodeContext
+        Shared runtime objects.
+    services : sequence of ServiceModule, optional
+        Defaults to :func:`default_services`.
+    reuse_port : bool
+        Bind with SO_REUSEPORT so several acceptor processes share the port.
+
+    Examples
+    --------
+    >>> server = DimseServer(ctx)          # doctest: +SKIP
+    >>> server.start()                     # non-blocking
+    >>> server.stop(grace_s=30)
+    """
+
+    def __init__(self, ctx: NodeContext, services: Sequence[Any] | None = None, *,
+                 reuse_port: bool = False):
+        self.ctx = ctx
+        self.services = list(services) if services is not None else default_services()
+        if not self.services:
+            raise ValueError("a DIMSE server needs at least one service module")
+        self.reuse_port = reuse_port
+        s = ctx.settings.dimse
+        ae = AE(ae_title=s.ae_title)
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        ae.maximum_pdu_size = s.max_pdu
+        ae.maximum_associations = s.max_associations
+        # access control is done by node.dimse.access (with host binding and a ledger
+        # entry per refusal); pynetdicom's own AE checks stay off
+        ae.require_calling_aet = []
+        ae.require_called_aet = False
+        self.contexts = merge_contexts(m.contexts(ctx) for m in self.services)
+        ae.supported_contexts = self.contexts
+        self.ae = ae
+        self.handlers: list[Handler] = []
+        for m in self.services:
+            self.handlers.extend(m.handlers(ctx))
+        self._server: NodeAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the port is the real one when settings said 0."""
+        if self._server is None:
+            raise RuntimeError("server not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> tuple[str, int]:
+        """Bind and serve in a background thread; returns the bound address."""
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        s = self.ctx.settings.dimse
+        server = self.ae.make_server(
+            (s.bind_address, s.port),
+            evt_handlers=list(self.handlers),
+            server_class=_reuse_port_server(self.reuse_port),
+        )
+        self.ae._servers.append(server)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2},
+            name=f"DimseAcceptor:{s.port}", daemon=True,
+        )
+        self._thread.start()
+        host, port = self.address
+        logger.info("DIMSE SCP %s listening on %s:%d (%d presentation contexts)",
+                    s.ae_title, host, port, len(self.contexts))
+        return host, port
+
+    def active_associations(self) -> list[Any]:
+        return [] if self._server is None else list(self._server.active_associations)
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Graceful stop: refuse new associations (listening socket closed), let open
+        associations finish their work for up to ``grace_s`` seconds, then abort what is
+        left. In-flight C-STORE operations always complete (commit or nothing)."""
+        self.ctx.stopping.set()
+        server = self._server
+        if server is None:
+            return
+        server.shutdown()  # stop serve_forever, close the listening socket
+        deadline = time.monotonic() + grace_s
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.active_associations()
+        if left:
+            logger.warning("aborting %d association(s) still open after %.0f s",
+                           len(left), grace_s)
+            self.ctx.inflight.wait_idle(timeout=max(1.0, deadline - time.monotonic() + 5))
+            for assoc in left:
+                assoc.abort()
+        self.ctx.inflight.wait_idle(timeout=10.0)
+        self._server = None
+        logger.info("DIMSE SCP stopped")
+
+    def serve_until(self, stop_event: threading.Event, grace_s: float = 30.0) -> None:
+        """Start (if needed), block until ``stop_event`` is set, then :meth:`stop`."""
+        if self._server is None:
+            self.start()
+        stop_event.wait()
+        self.stop(grace_s)

@@ -1,0 +1,101 @@
+"""Storage Service Class SCP: C-STORE (PS3.4 Annex B; PS3.7 9.1.1).
+
+Accepts every storage SOP class pynetdicom knows (PS3.4 B.5) in every transfer syntax
+pydicom knows: uncompressed (explicit VR little endian preferred, then implicit, deflated,
+big endian), JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE, MPEG/HEVC.
+What was sent is stored unchanged (see :mod:`node.ingest`); decoding happens later, off
+the receive path (pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-rle and pyjpegls are installed
+so every compressed syntax above can be decoded).
+
+This module is the one boundary that maps ingest outcomes and errors to C-STORE statuses
+(PS3.4 B.2.3); a handler exception never reaches pynetdicom.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import evt
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext, build_context
+
+from node.context import NodeContext
+from node.dimse.status import General, Storage, status_dataset
+from node.ingest import IngestError, IngestOutcome, Ingestor, RejectReason
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["STATUS_FOR_REASON", "STORAGE_TRANSFER_SYNTAXES", "contexts", "handlers"]
+
+#: Transfer syntaxes accepted for storage, in order of preference (the acceptor picks the
+#: first of these that the requestor proposed, PS3.8 9.3.3.2): explicit VR little endian
+#: keeps VRs, implicit next; compressed syntaxes are accepted as sent.
+STORAGE_TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+] + [ts for ts in AllTransferSyntaxes
+     if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                   DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)]
+
+#: C-STORE status per refusal reason (PS3.4 B.2.3; PS3.7 C.5 for the general ones).
+STATUS_FOR_REASON: dict[RejectReason, int] = {
+    RejectReason.UNPARSEABLE: Storage.CANNOT_UNDERSTAND,
+    RejectReason.MISSING_ATTRIBUTE: Storage.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    RejectReason.SOP_CLASS_MISMATCH: Storage.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    RejectReason.DUPLICATE_CONFLICT: General.DUPLICATE_SOP_INSTANCE,
+    RejectReason.OUT_OF_SPACE: Storage.OUT_OF_RESOURCES,
+    RejectReason.STORE_FAILED: General.PROCESSING_FAILURE,
+}
+
+
+def contexts(ctx: NodeContext) -> list[PresentationContext]:
+    """Every storage SOP class with every transfer syntax."""
+    return [build_context(cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+            for cx in AllStoragePresentationContexts]
+
+
+def _ae(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()
+
+
+def handle_store(event: evt.Event, ctx: NodeContext, ingestor: Ingestor) -> int | Dataset:
+    """EVT_C_STORE handler: store durably, then answer (never raises)."""
+    with ctx.inflight.track():
+        try:
+            req = event.request
+            assoc = event.assoc
+            result = ingestor.ingest_dataset(
+                event.encoded_dataset(include_meta=False),
+                event.context.transfer_syntax,
+                sop_class_uid=str(req.AffectedSOPClassUID),
+                sop_instance_uid=str(req.AffectedSOPInstanceUID),
+                calling_ae=_ae(assoc.requestor.ae_title),
+                called_ae=_ae(assoc.acceptor.ae_title),
+                peer=str(assoc.requestor.address),
+                source="dimse",
+            )
+        except IngestError as exc:
+            return status_dataset(STATUS_FOR_REASON[exc.reason], exc.comment)
+        except Exception:
+            logger.exception("C-STORE handler failed")
+            return status_dataset(General.PROCESSING_FAILURE, "internal error; see node log")
+        if result.outcome == IngestOutcome.KEPT_FIRST:
+            return status_dataset(Storage.ELEMENTS_DISCARDED,
+                                  "duplicate SOP Instance UID: stored copy kept")
+        return Storage.SUCCESS
+
+
+def handlers(ctx: NodeContext) -> list[tuple[evt.EventType, Any]]:
+    ingestor = Ingestor(ctx)
+    return [(evt.EVT_C_STORE, lambda event: handle_store(event, ctx, ingestor))]

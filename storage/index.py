@@ -1,0 +1,365 @@
+"""Index writes and reads: patient / study / series / instance rows (``storage.tables``).
+
+Writers take an open :class:`sqlalchemy.Connection` inside ``engine.begin()`` so the
+caller commits the index rows together with its ledger entry (design.md section 4).
+Parent rows are created with ``INSERT .. ON CONFLICT DO NOTHING`` and then read back, so
+concurrent associations that deliver the first instances of one study do not collide
+(SQLite and PostgreSQL).
+
+The index holds DICOM values as text (see ``storage.tables``); it has no DICOM parser:
+the node extracts an :class:`InstanceRecord` and hands it over.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from storage.tables import Instance, Patient, Series, Study
+
+__all__ = [
+    "Index",
+    "InstanceRecord",
+    "IndexedInstance",
+    "StudySummary",
+]
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index stores about one received instance.
+
+    Attribute names follow the DICOM keywords (PS3.6) in snake case; values are the
+    received strings (PN as its string form, DA/TM as text). The C.6 unique keys
+    (``patient_id`` + ``issuer_of_patient_id``, ``study_instance_uid``,
+    ``series_instance_uid``, ``sop_instance_uid``) identify the rows.
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    file_path: str
+    file_size: int
+    sha256: str
+    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    calling_ae: str | None = None
+    called_ae: str | None = None
+    source: str = "dimse"
+    # patient level (PS3.4 C.6.1.1.2)
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    # study level (PS3.4 C.6.1.1.3)
+    study_date: str | None = None
+    study_time: str | None = None
+    accession_number: str | None = None
+    study_id: str | None = None
+    study_description: str | None = None
+    referring_physician_name: str | None = None
+    # series level (PS3.4 C.6.1.1.4)
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    body_part_examined: str | None = None
+    series_date: str | None = None
+    series_time: str | None = None
+    frame_of_reference_uid: str | None = None
+    # instance level (PS3.4 C.6.1.1.5)
+    instance_number: int | None = None
+    number_of_frames: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    bits_allocated: int | None = None
+    content_date: str | None = None
+    content_time: str | None = None
+    synthetic_data: str | None = None  # (0008,001C) as received
+
+    def __post_init__(self) -> None:
+        for name in ("sop_instance_uid", "sop_class_uid", "series_instance_uid",
+                     "study_instance_uid", "transfer_syntax_uid", "file_path", "sha256"):
+            if not getattr(self, name):
+                raise ValueError(f"InstanceRecord.{name} is required")
+        if len(self.sha256) != 64:
+            raise ValueError("InstanceRecord.sha256 must be 64 hex digits")
+        if self.received_at.tzinfo is None:
+            raise ValueError("InstanceRecord.received_at must be timezone-aware")
+
+
+@dataclass(frozen=True)
+class IndexedInstance:
+    """An instance row as read back (what retrieval and listing need)."""
+
+    pk: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    file_path: str
+    file_size: int
+    sha256: str
+    received_at: datetime
+    calling_ae: str | None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """One line of ``synthnode studies``."""
+
+    study_instance_uid: str
+    patient_id: str
+    patient_name: str | None
+    study_date: str | None
+    accession_number: str | None
+    study_description: str | None
+    modalities: tuple[str, ...]
+    n_series: int
+    n_instances: int
+    updated_at: datetime
+
+
+def _insert(conn: Connection, table: Any) -> Any:
+    return (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
+
+
+def _trunc(value: str | None, n: int) -> str | None:
+    return None if value is None else value[:n]
+
+
+class Index:
+    """The instance index on one SQLAlchemy engine.
+
+    Parameters
+    ----------
+    engine : sqlalchemy.Engine
+        Engine of a migrated database (``synthnode db upgrade``).
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    # -- writes (inside the caller's transaction) ---------------------------------
+    def _patient_pk(self, conn: Connection, rec: InstanceRecord) -> int:
+        t = Patient.__table__
+        pid = (rec.patient_id or "")[:64]
+        issuer = (rec.issuer_of_patient_id or "")[:64]
+        conn.execute(
+            _insert(conn, t)
+            .values(patient_id=pid, issuer_of_patient_id=issuer,
+                    patient_name=_trunc(rec.patient_name, 324),
+                    patient_birth_date=_trunc(rec.patient_birth_date, 8),
+                    patient_sex=_trunc(rec.patient_sex, 16))
+            .on_conflict_do_nothing(index_elements=["patient_id", "issuer_of_patient_id"])
+        )
+        return conn.execute(
+            select(t.c.id).where(t.c.patient_id == pid, t.c.issuer_of_patient_id == issuer)
+        ).scalar_one()
+
+    def _study_pk(self, conn: Connection, rec: InstanceRecord, patient_pk: int) -> int:
+        t = Study.__table__
+        now = rec.received_at
+        conn.execute(
+            _insert(conn, t)
+            .values(study_instance_uid=rec.study_instance_uid, patient_pk=patient_pk,
+                    study_date=_trunc(rec.study_date, 8), study_time=_trunc(rec.study_time, 16),
+                    accession_number=_trunc(rec.accession_number, 64),
+                    study_id=_trunc(rec.study_id, 16),
+                    study_description=_trunc(rec.study_description, 64),
+                    referring_physician_name=_trunc(rec.referring_physician_name, 324),
+                    created_at=now, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+        )
+        pk = conn.execute(
+            select(t.c.id).where(t.c.study_instance_uid == rec.study_instance_uid)
+        ).scalar_one()
+        conn.execute(update(t).where(t.c.id == pk).values(updated_at=now))
+        return pk
+
+    def _series_pk(self, conn: Connection, rec: InstanceRecord, study_pk: int) -> int:
+        t = Series.__table__
+        now = rec.received_at
+        synthetic = (rec.synthetic_data or "").strip().upper() == "YES"
+        conn.execute(
+            _insert(conn, t)
+            .values(series_instance_uid=rec.series_instance_uid, study_pk=study_pk,
+                    modality=_trunc(rec.modality, 16), series_number=rec.series_number,
+                    series_description=_trunc(rec.series_description, 64),
+                    body_part_examined=_trunc(rec.body_part_examined, 64),
+                    series_date=_trunc(rec.series_date, 8),
+                    series_time=_trunc(rec.series_time, 16),
+                    frame_of_reference_uid=_trunc(rec.frame_of_reference_uid, 64),
+                    synthetic=synthetic, created_at=now, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+        )
+        pk = conn.execute(
+            select(t.c.id).where(t.c.series_instance_uid == rec.series_instance_uid)
+        ).scalar_one()
+        values: dict[str, Any] = {"updated_at": now}
+        if synthetic:
+            values["synthetic"] = True
+        conn.execute(update(t).where(t.c.id == pk).values(**values))
+        return pk
+
+    def _instance_values(self, rec: InstanceRecord, series_pk: int) -> dict[str, Any]:
+        return dict(
+            sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+            series_pk=series_pk, instance_number=rec.instance_number,
+            transfer_syntax_uid=rec.transfer_syntax_uid,
+            number_of_frames=rec.number_of_frames, rows=rec.rows, columns=rec.columns,
+            bits_allocated=rec.bits_allocated, content_date=_trunc(rec.content_date, 8),
+            content_time=_trunc(rec.content_time, 16),
+            synthetic_data=_trunc(rec.synthetic_data, 3), file_path=rec.file_path,
+            file_size=rec.file_size, sha256=rec.sha256, received_at=rec.received_at,
+            calling_ae=_trunc(rec.calling_ae, 16), called_ae=_trunc(rec.called_ae, 16),
+            source=rec.source,
+        )
+
+    def add_instance(self, conn: Connection, rec: InstanceRecord) -> int:
+        """Insert an instance (and its patient / study / series if new).
+
+        Raises ``sqlalchemy.exc.IntegrityError`` if the SOP Instance UID is already
+        indexed (the caller decides what a duplicate means). Returns the instance pk.
+        """
+        patient_pk = self._patient_pk(conn, rec)
+        study_pk = self._study_pk(conn, rec, patient_pk)
+        series_pk = self._series_pk(conn, rec, study_pk)
+        result = conn.execute(
+            Instance.__table__.insert().values(**self._instance_values(rec, series_pk))
+        )
+        return int(result.inserted_primary_key[0])
+
+    def replace_instance(self, conn: Connection, rec: InstanceRecord) -> tuple[int, str]:
+        """Point an indexed SOP Instance at a new file (duplicate policy ``replace``).
+
+        Returns ``(pk, old_file_path)``; the caller removes the old file after commit.
+        """
+        t = Instance.__table__
+        row = conn.execute(
+            select(t.c.id, t.c.file_path).where(t.c.sop_instance_uid == rec.sop_instance_uid)
+        ).one()
+        patient_pk = self._patient_pk(conn, rec)
+        study_pk = self._study_pk(conn, rec, patient_pk)
+        series_pk = self._series_pk(conn, rec, study_pk)
+        conn.execute(update(t).where(t.c.id == row.id)
+                     .values(**self._instance_values(rec, series_pk)))
+        return int(row.id), str(row.file_path)
+
+    def delete_instances(self, conn: Connection, pks: Sequence[int]) -> None:
+        """Remove instance rows (retention); empty series/studies are removed too."""
+        if not pks:
+            return
+        ti, ts, tst = Instance.__table__, Series.__table__, Study.__table__
+        conn.execute(delete(ti).where(ti.c.id.in_(list(pks))))
+        conn.execute(delete(ts).where(~select(ti.c.id).where(ti.c.series_pk == ts.c.id).exists()))
+        conn.execute(delete(tst).where(~select(ts.c.id).where(ts.c.study_pk == tst.c.id).exists()))
+
+    # -- reads ---------------------------------------------------------------------
+    def _instance_select(self) -> Any:
+        ti, ts, tst = Instance.__table__, Series.__table__, Study.__table__
+        return (
+            select(ti.c.id, ti.c.sop_instance_uid, ti.c.sop_class_uid,
+                   ts.c.series_instance_uid, tst.c.study_instance_uid,
+                   ti.c.transfer_syntax_uid, ti.c.file_path, ti.c.file_size, ti.c.sha256,
+                   ti.c.received_at, ti.c.calling_ae)
+            .join(ts, ti.c.series_pk == ts.c.id)
+            .join(tst, ts.c.study_pk == tst.c.id)
+        )
+
+    @staticmethod
+    def _row(r: Any) -> IndexedInstance:
+        return IndexedInstance(
+            pk=r[0], sop_instance_uid=r[1], sop_class_uid=r[2], series_instance_uid=r[3],
+            study_instance_uid=r[4], transfer_syntax_uid=r[5], file_path=r[6],
+            file_size=r[7], sha256=r[8], received_at=r[9], calling_ae=r[10],
+        )
+
+    def get_instance(self, sop_instance_uid: str, conn: Connection | None = None
+                     ) -> IndexedInstance | None:
+        """The indexed instance with this SOP Instance UID, or None."""
+        stmt = self._instance_select().where(
+            Instance.__table__.c.sop_instance_uid == sop_instance_uid)
+        if conn is not None:
+            r = conn.execute(stmt).first()
+        else:
+            with self.engine.connect() as c:
+                r = c.execute(stmt).first()
+        return None if r is None else self._row(r)
+
+    def instances(self, *, study_instance_uid: str | None = None,
+                  series_instance_uid: str | None = None) -> list[IndexedInstance]:
+        """Instances, optionally of one study or series, in received order."""
+        stmt = self._instance_select()
+        if study_instance_uid is not None:
+            stmt = stmt.where(Study.__table__.c.study_instance_uid == study_instance_uid)
+        if series_instance_uid is not None:
+            stmt = stmt.where(Series.__table__.c.series_instance_uid == series_instance_uid)
+        stmt = stmt.order_by(Instance.__table__.c.id)
+        with self.engine.connect() as c:
+            return [self._row(r) for r in c.execute(stmt)]
+
+    def received_before(self, cutoff: datetime, limit: int = 1000) -> list[IndexedInstance]:
+        """Instances received before ``cutoff`` (retention candidates), oldest first."""
+        ti = Instance.__table__
+        stmt = (self._instance_select().where(ti.c.received_at < cutoff)
+                .order_by(ti.c.received_at).limit(limit))
+        with self.engine.connect() as c:
+            return [self._row(r) for r in c.execute(stmt)]
+
+    def file_paths(self) -> set[str]:
+        """Every file path the index references."""
+        ti = Instance.__table__
+        with self.engine.connect() as c:
+            return {r[0] for r in c.execute(select(ti.c.file_path))}
+
+    def references(self, file_path: str) -> bool:
+        """Whether an instance row points at ``file_path``."""
+        ti = Instance.__table__
+        with self.engine.connect() as c:
+            return c.execute(select(ti.c.id).where(ti.c.file_path == file_path)).first() is not None
+
+    def count_instances(self) -> int:
+        with self.engine.connect() as c:
+            return int(c.execute(select(func.count()).select_from(Instance.__table__)).scalar_one())
+
+    def studies(self, limit: int = 100) -> list[StudySummary]:
+        """Most recently updated studies with their counts."""
+        ti, ts, tst, tp = (Instance.__table__, Series.__table__, Study.__table__,
+                           Patient.__table__)
+        stmt = (
+            select(tst.c.id, tst.c.study_instance_uid, tp.c.patient_id, tp.c.patient_name,
+                   tst.c.study_date, tst.c.accession_number, tst.c.study_description,
+                   tst.c.updated_at)
+            .join(tp, tst.c.patient_pk == tp.c.id)
+            .order_by(tst.c.updated_at.desc())
+            .limit(limit)
+        )
+        out: list[StudySummary] = []
+        with self.engine.connect() as c:
+            rows = c.execute(stmt).all()
+            for r in rows:
+                series = c.execute(
+                    select(ts.c.modality, func.count(ti.c.id))
+                    .join(ti, ti.c.series_pk == ts.c.id, isouter=True)
+                    .where(ts.c.study_pk == r.id)
+                    .group_by(ts.c.id, ts.c.modality)
+                ).all()
+                mods = tuple(sorted({m for m, _ in series if m}))
+                out.append(StudySummary(
+                    study_instance_uid=r.study_instance_uid, patient_id=r.patient_id,
+                    patient_name=r.patient_name, study_date=r.study_date,
+                    accession_number=r.accession_number,
+                    study_description=r.study_description, modalities=mods,
+                    n_series=len(series), n_instances=sum(n for _, n in series),
+                    updated_at=r.updated_at,
+                ))
+        return out
+
