@@ -46,6 +46,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 from audit.events import Event, EventType, Outcome
@@ -455,8 +456,7 @@ def _move_contexts(refs: list[InstanceRef]) -> list[PresentationContext]:
 
 def handle_move(ctx: NodeContext, event: Any) -> Iterator[Any]:
     """EVT_C_MOVE handler (PS3.4 C.4.2.3): destination, number of sub-operations, datasets."""
-    dest_ae = str(event.move_destination or "").strip() if hasattr(event, "move_destination") \
-        else str(event.request.MoveDestination or "").strip()
+    dest_ae = str(event.move_destination or "").strip()
     refs, status, reason, hook = _resolve(ctx, event, MOVE_MODELS, "C-MOVE", {"destination": dest_ae})
     hook.subject["destination"] = dest_ae
     dest = next((d for d in ctx.settings.dimse.move_destinations if d.ae_title == dest_ae), None)
@@ -465,17 +465,16 @@ def handle_move(ctx: NodeContext, event: Any) -> Iterator[Any]:
         hook.record_now(QueryRetrieve.MOVE_DESTINATION_UNKNOWN, "move destination unknown")
         yield None, None
         return
+    if refs is not None and len(_move_contexts(refs)) > 128:
+        refs, status = None, QueryRetrieve.UNABLE_TO_PERFORM_SUB_OPERATIONS
+        reason = "more than 128 SOP class/syntax pairs"
     if refs is None:
-        yield dest.host, dest.port
+        # pynetdicom associates with the destination before it takes a status from the
+        # handler; propose Verification only, then answer the failure (nothing is sent).
+        yield dest.host, dest.port, {"contexts": [build_context(Verification)]}
         yield 1
         yield status, status_dataset(status, reason)
         return
-    if len(_move_contexts(refs)) > 128:
-        status = QueryRetrieve.UNABLE_TO_PERFORM_SUB_OPERATIONS
-        yield dest.host, dest.port
-        yield 1
-        yield status, status_dataset(status, "more than 128 SOP class/syntax pairs")
-        return
-    yield dest.host, dest.port, {"contexts": _move_contexts(refs) or None}
+    yield dest.host, dest.port, {"contexts": _move_contexts(refs) or [build_context(Verification)]}
     yield len(refs)
     yield from _sub_operations(ctx, event, refs, hook)
