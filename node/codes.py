@@ -37,6 +37,22 @@ LOSSY_COMPRESSED_PREDECESSOR = CodedConcept("121330", "DCM", "Lossy compressed p
 #: Nearest Derivation Code (CID 7203) for restoration / denoising (DCM 113087).
 SMOOTHING = CodedConcept("113087", "DCM", "Smoothing")
 
+#: Derivation Code for generative outputs that CID 7203 has no code for (CT->MR synthesis,
+#: augmentation). Private coding scheme designators start with "99" (PS3.16 Section 8.2).
+GENERATIVE_SYNTHESIS = CodedConcept("SYN001", "99SYNTHNODE", "Generative image synthesis")
+
+#: Task name fragments that denote restoration (denoising): derivation code 113087 Smoothing.
+RESTORATION_TASK_MARKERS = ("restor", "denois")
+
+
+def derivation_codes_for_task(task: str) -> tuple[CodedConcept, ...]:
+    """Derivation Code Sequence (0008,9215) items for an engine task."""
+    name = task.lower()
+    if any(m in name for m in RESTORATION_TASK_MARKERS):
+        return (SMOOTHING,)
+    return (GENERATIVE_SYNTHESIS,)
+
+
 # -- fixed code strings -----------------------------------------------------------------
 
 #: Conversion Type (0008,0064) for generated Secondary Capture images (PS3.3 C.8.6.1).
@@ -44,6 +60,10 @@ CONVERSION_TYPE_SYNTHETIC = "SYN"
 
 #: Image Type (0008,0008) of every output: values 1 and 2 (PS3.3 C.7.6.1.1.2).
 IMAGE_TYPE_DERIVED_SECONDARY: tuple[str, str] = ("DERIVED", "SECONDARY")
+
+#: Image Type of enhanced (multi-frame functional group) outputs: value 2 is enumerated PRIMARY
+#: for Enhanced / Legacy Converted Enhanced CT and MR (PS3.3 C.8.16.1), values 3-4 VOLUME\NONE.
+IMAGE_TYPE_ENHANCED_DERIVED: tuple[str, str, str, str] = ("DERIVED", "PRIMARY", "VOLUME", "NONE")
 
 #: Synthetic Data (0008,001C) values (PS3.3 C.12.1).
 SYNTHETIC_YES = "YES"
@@ -72,6 +92,31 @@ LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.2")
 MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
 LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.4")
+
+
+#: Transfer syntaxes whose encoding is lossy (PS3.5 Section 8 / Annex A): a source received in
+#: one of these is a "lossy compressed predecessor" (121330) even without (0028,2110).
+LOSSY_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Lossy (Near-Lossless)
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossy allowed)
+        "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2 Multi-component (lossy allowed)
+        "1.2.840.10008.1.2.4.100",  # MPEG2 Main Profile / Main Level
+        "1.2.840.10008.1.2.4.101",  # MPEG2 Main Profile / High Level
+        "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264 High Profile / Level 4.1
+        "1.2.840.10008.1.2.4.103",  # MPEG-4 AVC/H.264 BD-compatible High Profile / Level 4.1
+        "1.2.840.10008.1.2.4.104",  # MPEG-4 AVC/H.264 High Profile For 2D Video
+        "1.2.840.10008.1.2.4.105",  # MPEG-4 AVC/H.264 High Profile For 3D Video
+        "1.2.840.10008.1.2.4.106",  # MPEG-4 AVC/H.264 Stereo High Profile
+        "1.2.840.10008.1.2.4.107",  # HEVC/H.265 Main Profile / Level 5.1
+        "1.2.840.10008.1.2.4.108",  # HEVC/H.265 Main 10 Profile / Level 5.1
+        "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG Recompression (of a lossy JPEG)
+        "1.2.840.10008.1.2.4.112",  # JPEG XL
+        "1.2.840.10008.1.2.4.203",  # High-Throughput JPEG 2000 (lossy allowed)
+    }
+)
 
 
 class OutputFormat(str, Enum):

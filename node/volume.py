@@ -30,7 +30,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from engine.api import Intensity, Volume
-from node.codes import LOSSY_COMPRESSION_YES, SYNTHETIC_YES
+from node.codes import LOSSY_COMPRESSION_YES, LOSSY_TRANSFER_SYNTAXES, SYNTHETIC_YES
 
 logger = logging.getLogger(__name__)
 
@@ -176,10 +176,11 @@ def _rescale(item: Dataset) -> tuple[float, float] | None:
 
 
 def _is_lossy(ds: Dataset) -> bool:
+    """Lossy Image Compression (0028,2110) is "01", or the transfer syntax is lossy."""
     if str(ds.get("LossyImageCompression", "")) == LOSSY_COMPRESSION_YES:
         return True
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    return bool(ts is not None and ts.is_compressed and not ts.is_lossless)
+    return ts is not None and str(ts) in LOSSY_TRANSFER_SYNTAXES
 
 
 def _pixels(ds: Dataset) -> np.ndarray:
