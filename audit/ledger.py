@@ -332,3 +332,10 @@ def entry_time(entry: StoredEntry) -> datetime:
     import json
 
     return parse_time(json.loads(entry.data)["time"])
+
+
+def open_ledger(engine: Engine, **kwargs: Any):  # type: ignore[no-untyped-def]
+    """See :func:`audit.service.open_ledger` (re-exported here for the composition root)."""
+    from audit.service import open_ledger as _open
+
+    return _open(engine, **kwargs)

@@ -263,8 +263,6 @@ def verify_consistency(
     """
     if not isinstance(old, int) or not isinstance(new, int) or old < 0 or new < 0:
         raise InvalidProof("sizes must be non-negative integers")
-    old_root = _check_hash("old root", old_root)
-    new_root = _check_hash("new root", new_root)
     if new < old:
         raise InvalidProof(f"size {new} is smaller than {old}")
     if old == new:
@@ -272,7 +270,11 @@ def verify_consistency(
             raise InvalidProof("equal sizes need an empty proof")
         if old_root != new_root:
             raise InvalidProof("equal sizes with different roots")
+        if old == 0 and old_root != EMPTY_ROOT:
+            raise InvalidProof("the root of an empty tree is SHA-256 of the empty string")
         return
+    old_root = _check_hash("old root", old_root)
+    new_root = _check_hash("new root", new_root)
     if old == 0:
         raise InvalidProof("no consistency proof from an empty tree")
     if not proof:

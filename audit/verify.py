@@ -1,0 +1,367 @@
+"""Offline ledger verification (fsck): re-derive every hash and root, check checkpoints.
+
+Needs only the database URL (or an export file) and the log's public verifier key::
+
+    python -m audit.verify --db sqlite:///var/index.db --pubkey ledger.vkey \\
+        [--checkpoints var/checkpoints.log]
+    python -m audit.verify --export ledger.jsonl --pubkey ledger.vkey
+
+Checks, in order: entries are numbered 0..n-1 without gaps; every leaf hash is
+``SHA-256(0x00 || data)`` of its stored data; every stored node of the cache equals the hash
+re-derived from the leaves (and none is missing or extra); the head row's size and frontier
+match; every stored checkpoint is signed by the key and its root equals the re-derived root
+at its size; every note in the external checkpoint file verifies, never two roots for one
+size, never a size beyond the ledger (truncation), and every database checkpoint is in the
+file. Problems name the first bad entry (or the smallest entry range that must contain it).
+Exit status: 0 clean, 1 problems found, 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from audit import merkle
+from audit.checkpoint import (
+    Checkpoint,
+    InvalidCheckpoint,
+    Verifier,
+    load_verifier,
+    open_checkpoint,
+    read_checkpoint_file,
+)
+
+EXPORT_FORMAT = "synthnode-ledger-export"
+MAX_PROBLEMS = 50
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding. ``seq`` is the first entry concerned; ``last`` the end of a range."""
+
+    kind: str
+    message: str
+    seq: int | None = None
+    last: int | None = None
+
+    def __str__(self) -> str:
+        where = ""
+        if self.seq is not None:
+            where = f"entry {self.seq}" if self.last in (None, self.seq) else f"entries {self.seq}..{self.last}"
+            where += ": "
+        return f"[{self.kind}] {where}{self.message}"
+
+
+@dataclass
+class Report:
+    size: int = 0
+    root: bytes = merkle.EMPTY_ROOT
+    checkpoints: int = 0
+    file_checkpoints: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, p: Problem) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(p)
+
+    @property
+    def first_bad_entry(self) -> int | None:
+        seqs = [p.seq for p in self.problems if p.seq is not None]
+        return min(seqs) if seqs else None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "size": self.size, "root": self.root.hex(),
+                "checkpoints": self.checkpoints, "file_checkpoints": self.file_checkpoints,
+                "first_bad_entry": self.first_bad_entry, "elapsed_s": round(self.elapsed_s, 3),
+                "problems": [str(p) for p in self.problems]}
+
+
+class _Levels:
+    """All complete-subtree hashes re-derived from the leaves, one bytearray per level."""
+
+    def __init__(self, leaves: bytearray) -> None:
+        self.levels = [leaves]
+        cur = leaves
+        sha = hashlib.sha256
+        while len(cur) >= 64:
+            nxt = bytearray()
+            for i in range(0, len(cur) - 63, 64):
+                nxt += sha(b"\x01" + cur[i:i + 64]).digest()
+            self.levels.append(nxt)
+            cur = nxt
+
+    @property
+    def size(self) -> int:
+        return len(self.levels[0]) // 32
+
+    def get(self, level: int, idx: int) -> bytes | None:
+        if level >= len(self.levels):
+            return None
+        lv = self.levels[level]
+        if (idx + 1) * 32 > len(lv):
+            return None
+        return bytes(lv[idx * 32:(idx + 1) * 32])
+
+    def fetch(self, ids: set[merkle.NodeId]) -> dict[merkle.NodeId, bytes]:
+        return {i: h for i in ids if (h := self.get(*i)) is not None}
+
+    def root(self, size: int) -> bytes:
+        return merkle.root_hash(size, self.fetch)
+
+    def count(self, level: int) -> int:
+        return len(self.levels[level]) // 32 if level < len(self.levels) else 0
+
+
+def _check_leaves(rows: Iterable[tuple[int, bytes, bytes]], report: Report) -> bytearray:
+    leaves = bytearray()
+    expected = 0
+    sha = hashlib.sha256
+    for seq, stored, data in rows:
+        if seq != expected:
+            if seq > expected:
+                report.add(Problem("missing", f"entries {expected}..{seq - 1} are missing", expected, seq - 1))
+            else:
+                report.add(Problem("order", f"entry {seq} appears out of order", seq))
+            expected = seq
+        lh = sha(b"\x00" + data).digest()
+        if lh != stored:
+            report.add(Problem("leaf", "stored leaf hash does not match the entry data", seq))
+        leaves += lh
+        expected += 1
+    return leaves
+
+
+def _check_checkpoint_notes(notes: list[tuple[str, str]], verifier: Verifier, levels: _Levels,
+                            report: Report) -> dict[int, bytes]:
+    """Verify signed notes; returns ``{size: root}``; ``notes`` are ``(where, note)``."""
+    by_size: dict[int, bytes] = {}
+    prev_good = 0
+    last_size = -1
+    for where, note in notes:
+        try:
+            cp = open_checkpoint(note, verifier, verifier.name)
+        except InvalidCheckpoint as exc:
+            report.add(Problem("checkpoint", f"{where}: {exc}"))
+            continue
+        if cp.size in by_size and by_size[cp.size] != cp.root:
+            report.add(Problem("fork", f"{where}: two different roots signed for size {cp.size}"))
+        if cp.size < last_size:
+            report.add(Problem("checkpoint", f"{where}: size {cp.size} signed after size {last_size}"))
+        last_size = max(last_size, cp.size)
+        by_size[cp.size] = cp.root
+        if cp.size > levels.size:
+            report.add(Problem("truncated", f"{where}: checkpoint of size {cp.size} but the ledger has "
+                               f"{levels.size} entries (entries deleted)", levels.size, cp.size - 1))
+            continue
+        if levels.root(cp.size) != cp.root:
+            report.add(Problem("rewritten", f"{where}: root at size {cp.size} differs from the signed "
+                               "checkpoint (an entry in this range was changed)", prev_good, cp.size - 1))
+        else:
+            prev_good = max(prev_good, cp.size)
+    return by_size
+
+
+def _verify(rows: Iterable[tuple[int, bytes, bytes]], verifier: Verifier,
+            db_notes: list[tuple[int, bytes, str]], file_notes: list[str] | None, report: Report,
+            nodes: Iterable[tuple[int, int, bytes]] | None = None,
+            head: tuple[int, bytes] | None = None) -> Report:
+    levels = _Levels(_check_leaves(rows, report))
+    n = levels.size
+    report.size = n
+    report.root = levels.root(n)
+    if nodes is not None:
+        counts: dict[int, int] = {}
+        for level, idx, h in nodes:
+            counts[level] = counts.get(level, 0) + 1
+            want = levels.get(level, idx)
+            lo, hi = idx << level, ((idx + 1) << level) - 1
+            if want is None:
+                report.add(Problem("node", f"unexpected node (level {level}, index {idx})", lo, hi))
+            elif want != h:
+                report.add(Problem("node", f"stored node (level {level}, index {idx}) does not match "
+                                   "the hash of these entries", lo, hi))
+        for level in range(1, len(levels.levels)):
+            if counts.get(level, 0) < levels.count(level):
+                report.add(Problem("node", f"{levels.count(level) - counts.get(level, 0)} node(s) of "
+                                   f"level {level} are missing"))
+    if head is not None:
+        hsize, frontier = head
+        if hsize != n:
+            report.add(Problem("head", f"head says {hsize} entries, found {n}", min(hsize, n)))
+        else:
+            want = b"".join(levels.get(lv, i) or b"" for lv, i in merkle.frontier_ids(n))
+            if frontier != want:
+                report.add(Problem("head", "head frontier does not match the entries"))
+    db = _check_checkpoint_notes([(f"database checkpoint {s}", note) for s, _, note in db_notes],
+                                 verifier, levels, report)
+    for s, root, _ in db_notes:
+        if db.get(s) not in (None, root):
+            report.add(Problem("checkpoint", f"database checkpoint {s}: root column differs from its note"))
+    report.checkpoints = len(db_notes)
+    if file_notes is not None:
+        fsigned = _check_checkpoint_notes([(f"checkpoint file note {i + 1}", t) for i, t in enumerate(file_notes)],
+                                          verifier, levels, report)
+        report.file_checkpoints = len(file_notes)
+        for s, root in db.items():
+            if s not in fsigned:
+                report.add(Problem("checkpoint", f"database checkpoint {s} is not in the checkpoint file"))
+            elif fsigned[s] != root:
+                report.add(Problem("fork", f"database and file disagree on the root of size {s}"))
+    # keep the most useful problem first: the lowest entry named
+    report.problems.sort(key=lambda p: (p.seq is None, p.seq if p.seq is not None else 0))
+    return report
+
+
+def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = None,  # type: ignore[no-untyped-def]
+                    batch: int = 20000) -> Report:
+    """Verify the ledger stored in ``engine``'s database (see module docs).
+
+    Safe to run while the node appends: stored checkpoints are read first, then the
+    external file (every stored checkpoint was written there before its row committed),
+    then the head; entries and nodes beyond the head's size are checked against the head
+    read again at the end.
+    """
+    from sqlalchemy import func, select
+
+    from audit.tables import ledger_checkpoints, ledger_entries, ledger_head, ledger_nodes
+
+    t0 = time.perf_counter()
+    report = Report()
+    e, nd, c, h = ledger_entries.c, ledger_nodes.c, ledger_checkpoints.c, ledger_head.c
+    with engine.connect() as conn:
+        db_notes = [(int(r.size), bytes(r.root_hash), r.note)
+                    for r in conn.execute(select(c.size, c.root_hash, c.note).order_by(c.size))]
+        file_notes = None
+        junk: list[str] = []
+        if checkpoint_file is not None:
+            file_notes, junk = read_checkpoint_file(checkpoint_file)
+        head_row = conn.execute(select(h.size, h.frontier).where(h.id == 1)).first()
+        if head_row is None:
+            report.add(Problem("head", "ledger head row is missing"))
+            head = None
+            limit = None
+        else:
+            head = (int(head_row.size), bytes(head_row.frontier))
+            limit = head[0]
+        q = select(e.seq, e.leaf_hash, e.data).order_by(e.seq)
+        if limit is not None:
+            q = q.where(e.seq < limit)
+        stream = conn.execution_options(stream_results=True, yield_per=batch)
+        rows = ((int(r[0]), bytes(r[1]), bytes(r[2])) for r in stream.execute(q))
+
+        def node_rows() -> Iterator[tuple[int, int, bytes]]:
+            for r in conn.execution_options(stream_results=True, yield_per=batch).execute(
+                    select(nd.level, nd.idx, nd.hash).order_by(nd.level, nd.idx)):
+                level, idx = int(r[0]), int(r[1])
+                if limit is None or (idx + 1) << level <= limit:
+                    yield level, idx, bytes(r[2])
+
+        _verify(rows, verifier, db_notes, file_notes, report, nodes=node_rows(), head=head)
+        if limit is not None:
+            extra = conn.execute(select(func.count()).where(e.seq >= limit)).scalar_one()
+            size2 = int(conn.execute(select(h.size).where(h.id == 1)).scalar_one())
+            if extra != size2 - limit:
+                report.add(Problem("inserted", f"{extra} entries beyond the head size {limit} "
+                                   f"(head now {size2})", limit))
+                report.problems.sort(key=lambda p: (p.seq is None, p.seq or 0))
+        for j in junk:
+            report.add(Problem("checkpoint", "checkpoint file holds a record that is not a signed "
+                               f"note: {j[:60]!r}"))
+    report.elapsed_s = time.perf_counter() - t0
+    return report
+
+
+def read_export(path: Path) -> tuple[dict, list[tuple[int, bytes, bytes]], list[str]]:
+    """Parse a ledger export (JSON lines, see ``audit.export.export_ledger``)."""
+    header: dict = {}
+    rows: list[tuple[int, bytes, bytes]] = []
+    notes: list[str] = []
+    with Path(path).open("r", encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            obj = json.loads(line)
+            if i == 0:
+                if obj.get("format") != EXPORT_FORMAT:
+                    raise ValueError(f"{path} is not a {EXPORT_FORMAT} file")
+                header = obj
+            elif "checkpoint" in obj:
+                notes.append(obj["checkpoint"])
+            else:
+                rows.append((int(obj["seq"]), bytes.fromhex(obj["leaf_hash"]), base64.b64decode(obj["data"])))
+    return header, rows, notes
+
+
+def verify_export(path: Path, verifier: Verifier, checkpoint_file: Path | None = None) -> Report:
+    """Verify an export file: leaves, root, and the signed checkpoints it carries."""
+    t0 = time.perf_counter()
+    header, rows, notes = read_export(path)
+    db_notes = []
+    for note in notes:
+        try:
+            cp: Checkpoint = open_checkpoint(note, verifier)
+            db_notes.append((cp.size, cp.root, note))
+        except InvalidCheckpoint:
+            db_notes.append((-1, b"", note))
+    file_notes = None
+    if checkpoint_file is not None:
+        file_notes, _ = read_checkpoint_file(checkpoint_file)
+    report = _verify(rows, verifier, db_notes, file_notes, Report())
+    if int(header.get("size", report.size)) != report.size:
+        report.add(Problem("truncated", f"export header says {header['size']} entries, found {report.size}"))
+    report.elapsed_s = time.perf_counter() - t0
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m audit.verify", description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--db", help="database URL (sqlite:///..., postgresql+psycopg://...)")
+    src.add_argument("--export", type=Path, help="ledger export file (JSON lines)")
+    ap.add_argument("--pubkey", type=Path, required=True,
+                    help="verifier key file (name+id+key, from `synthnode audit pubkey`) or PEM")
+    ap.add_argument("--origin", help="key name / origin (needed with a PEM public key)")
+    ap.add_argument("--checkpoints", type=Path, help="external checkpoint file to cross-check")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = ap.parse_args(argv)
+    try:
+        verifier = load_verifier(args.pubkey, args.origin)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.db:
+        from sqlalchemy import create_engine
+
+        report = verify_database(create_engine(args.db), verifier, args.checkpoints)
+    else:
+        report = verify_export(args.export, verifier, args.checkpoints)
+    print_report(report, as_json=args.json)
+    return 0 if report.ok else 1
+
+
+def print_report(report: Report, *, as_json: bool = False, out=sys.stdout) -> None:  # type: ignore[no-untyped-def]
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2), file=out)
+        return
+    status = "OK" if report.ok else "FAILED"
+    print(f"{status}: {report.size} entries, root {report.root.hex()}, "
+          f"{report.checkpoints} stored checkpoint(s), {report.file_checkpoints} in file, "
+          f"{report.elapsed_s:.2f} s", file=out)
+    if not report.ok:
+        if report.first_bad_entry is not None:
+            print(f"first bad entry: {report.first_bad_entry}", file=out)
+        for p in report.problems:
+            print(f"  {p}", file=out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
