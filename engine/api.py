@@ -60,3 +60,51 @@ class Provenance:
 class TaskResult:
     outputs: list[Volume]  # one for restoration / synthesis, N for augmentation
     provenance: Provenance
+
+
+def run_task(
+    task: str,
+    volume: Volume,
+    *,
+    model: Any,
+    params: dict[str, Any] | None,
+    seed: int,
+    device: str | None = None,
+    options: Any = None,
+) -> TaskResult:
+    """Run a registered engine task on ``volume``.
+
+    Parameters
+    ----------
+    task : str
+        ``"ct_denoise"``, ``"mr_denoise"``, ``"ct_to_mr"`` or ``"augment"``
+        (``engine.tasks.TASKS`` holds each input contract).
+    volume : Volume
+        the input slice stack in physical intensity (HU for CT).
+    model : engine.models.LoadedModel
+        from :func:`engine.models.load_model` (weights verified by the model gate).
+    params : dict
+        task parameters; missing ones take the task / model defaults, unknown ones are
+        refused. The filled-in parameters are recorded in the provenance.
+    seed : int
+        all randomness is drawn from this seed (same seed, same input -> same output).
+    device : str, optional
+        ``"cpu"``, ``"cuda"`` or ``"auto"``; default from ``options.device`` or ``"auto"``.
+    options : config.sections.engine.EngineSettings, optional
+        ``batch_slices``, ``bf16_on_gpu``, ``threads`` (any object with those attributes).
+
+    Raises
+    ------
+    engine.tasks.TaskInputError
+        the volume, parameters or model do not satisfy the task's contract.
+    """
+    from engine.tasks import execute
+
+    return execute(task, volume, model=model, params=params, seed=seed, device=device, options=options)
+
+
+def load_model(config: dict[str, Any], weights: bytes, weights_sha256: str) -> Any:
+    """Re-export of :func:`engine.models.load_model` (safetensors bytes, digest re-checked)."""
+    from engine.models import load_model as _load
+
+    return _load(config, weights, weights_sha256)

@@ -1,0 +1,466 @@
+"""Task registry: typed input contracts and one ``run`` per task.
+
+Tasks
+-----
+``ct_denoise``  low-dose CT restoration; HU in, HU out; any slice size divisible by 16
+                (512x512 in practice); starts from the received image (SDEdit-style partial
+                noising at ``strength``) and takes 1-2 flow steps.
+``mr_denoise``  MR restoration (Rician noise); arbitrary units in and out (per-volume
+                percentile normalisation, inverted on output).
+``ct_to_mr``    CT (HU) -> T1w or T2w MR (param ``target``), 6-8 flow steps from pure noise
+                conditioned on the CT.
+``augment``     N plausible variants of a slice stack: partial noising with ``strength`` and
+                3-5 denoising steps with the condition dropped (the restoration model was
+                trained with condition dropout, so it is also an unconditional generator);
+                anatomy is kept because the low frequencies of the start sample survive the
+                partial noising.
+
+Every task runs on Haar sub-bands (engine.wavelet) with 2.5D context: each slice is
+conditioned on itself and ``context_slices`` neighbours on each side (edge slices repeat).
+Noise is drawn on the CPU from one ``torch.Generator`` seeded with ``seed`` for the whole
+volume, so results do not depend on the device or on ``batch_slices``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.api import Intensity, Provenance, TaskResult, Volume
+from engine.models import LoadedModel
+from engine.nets import dynamic_threshold, in_out_channels, regression_predict, rflow_sample
+from engine.wavelet import dwt2, idwt2
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TASKS",
+    "TaskSpec",
+    "ParamSpec",
+    "TaskInputError",
+    "RunOptions",
+    "validate_params",
+    "check_input",
+    "execute",
+    "normalise",
+    "denormalise",
+    "context_stack",
+]
+
+MR_KINDS = (Intensity.MR, Intensity.MR_T1W, Intensity.MR_T2W)
+
+
+class TaskInputError(ValueError):
+    """The volume, the parameters or the model do not satisfy the task's contract."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One task parameter: type, default (None = taken from the model config), range/choices."""
+
+    type: type
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    def coerce(self, name: str, value: Any) -> Any:
+        if self.type is int:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise TaskInputError(f"parameter {name!r} must be an integer, got {value!r}")
+            value = int(value)
+        elif self.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise TaskInputError(f"parameter {name!r} must be a number, got {value!r}")
+            value = float(value)
+        elif self.type is str:
+            if not isinstance(value, str):
+                raise TaskInputError(f"parameter {name!r} must be a string, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise TaskInputError(f"parameter {name!r} must be one of {list(self.choices)}, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise TaskInputError(f"parameter {name!r} must be >= {self.minimum}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise TaskInputError(f"parameter {name!r} must be <= {self.maximum}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Runtime options (from ``settings.engine``): device, slices per batch, bf16, threads."""
+
+    device: str = "cpu"
+    batch_slices: int = 8
+    bf16_on_gpu: bool = True
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: its typed input contract and its runner."""
+
+    name: str
+    description: str
+    input_intensities: tuple[Intensity, ...]
+    params: dict[str, ParamSpec]
+    run: Callable[["TaskSpec", LoadedModel, Volume, dict[str, Any], int, RunOptions], "_Run"]
+    size_multiple: int = 16
+    min_size: int = 16
+    contract: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able input contract (goes into model cards and config.json)."""
+        return {
+            "task": self.name,
+            "input_intensities": [i.value for i in self.input_intensities],
+            "shape": f"(z, y, x) float32; y and x divisible by {self.size_multiple}, >= {self.min_size}",
+            "params": {
+                k: {
+                    "type": p.type.__name__,
+                    "default": p.default,
+                    "min": p.minimum,
+                    "max": p.maximum,
+                    "choices": list(p.choices) if p.choices else None,
+                    "help": p.help,
+                }
+                for k, p in self.params.items()
+            },
+            **self.contract,
+        }
+
+
+@dataclass
+class _Run:
+    outputs: list[Volume]
+    steps: int
+    extra: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- normalisation
+def normalise(data: np.ndarray, spec: dict[str, Any]) -> tuple[np.ndarray, dict[str, float]]:
+    """Physical intensities -> network units; returns the state needed to invert.
+
+    ``spec["kind"]``: ``"hu"`` (x = HU / scale; exact inverse, HU preserved), ``"percentile"``
+    (x = 2 v / s - 1 with s = the ``q`` quantile of this volume; for MR in arbitrary units),
+    ``"fixed"`` (x = 2 v / scale - 1 with a scale fixed at training time).
+    """
+    kind = spec["kind"]
+    if kind == "hu":
+        scale = float(spec.get("scale", 1000.0))
+        return (data / scale).astype(np.float32), {"scale": scale}
+    if kind == "percentile":
+        s = float(np.quantile(data, float(spec.get("q", 0.995))))
+        if not np.isfinite(s) or s <= 0:
+            s = float(np.max(np.abs(data))) or 1.0
+        return (2.0 * data / s - 1.0).astype(np.float32), {"scale": s}
+    if kind == "fixed":
+        s = float(spec["scale"])
+        return (2.0 * data / s - 1.0).astype(np.float32), {"scale": s}
+    raise ValueError(f"unknown normalisation kind {kind!r}")
+
+
+def denormalise(x: np.ndarray, spec: dict[str, Any], state: dict[str, float]) -> np.ndarray:
+    """Inverse of :func:`normalise` with the state it returned."""
+    kind = spec["kind"]
+    if kind == "hu":
+        return (x * state["scale"]).astype(np.float32)
+    if kind in ("percentile", "fixed"):
+        return ((x + 1.0) * 0.5 * state["scale"]).astype(np.float32)
+    raise ValueError(f"unknown normalisation kind {kind!r}")
+
+
+def context_stack(x: torch.Tensor, k: int) -> torch.Tensor:
+    """2.5D context: ``(z, C, H, W)`` -> ``(z, C*(2k+1), H, W)`` with neighbours
+    ``i-k .. i+k`` (edge slices repeated), ordered from ``i-k`` to ``i+k``."""
+    if k == 0:
+        return x
+    z = x.shape[0]
+    idx = [torch.clamp(torch.arange(z) + d, 0, z - 1) for d in range(-k, k + 1)]
+    return torch.cat([x[i] for i in idx], dim=1)
+
+
+# --------------------------------------------------------------------------- core engine
+def _autocast(device: str, opts: RunOptions):
+    if device.startswith("cuda") and opts.bf16_on_gpu:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+def _predict(
+    model: LoadedModel,
+    cond: torch.Tensor | None,
+    init: torch.Tensor | None,
+    *,
+    start: float,
+    steps: int,
+    seed: int,
+    opts: RunOptions,
+    threshold: float | None,
+    drop_condition: bool = False,
+) -> torch.Tensor:
+    """Run the model over a slice stack in batches.
+
+    cond  ``(z, Cc, H, W)`` normalised condition image (before 2.5D stacking / DWT)
+    init  ``(z, Ct, H, W)`` normalised start image for partial noising, or None (pure noise)
+    Returns ``(z, Ct, H, W)`` normalised prediction (float32, CPU).
+    """
+    io = model.config["io"]
+    k = int(io.get("context_slices", 0))
+    in_ch, out_ch = in_out_channels(io)
+    ref = cond if cond is not None else init
+    assert ref is not None
+    z, _, h, w = ref.shape
+    cond_w = dwt2(context_stack(cond, k)) if cond is not None else None
+    if drop_condition or cond_w is None:
+        cond_w = torch.zeros(z, in_ch - out_ch, h // 2, w // 2)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    noise = torch.randn(z, out_ch, h // 2, w // 2, generator=gen)
+    init_w = dwt2(init) if init is not None else None
+    floor = float(model.config.get("sampling", {}).get("threshold_floor", 1.0))
+    device = opts.device
+    model.to(device)
+    scheduler = model.scheduler()
+    t_max = scheduler.num_train_timesteps
+    xform = None
+    if threshold is not None:
+        def xform(x0w: torch.Tensor) -> torch.Tensor:
+            return dwt2(dynamic_threshold(idwt2(x0w.float()), threshold, floor)).to(x0w.dtype)
+
+    outs = []
+    with torch.inference_mode():
+        for b0 in range(0, z, opts.batch_slices):
+            sl = slice(b0, min(z, b0 + opts.batch_slices))
+            c = cond_w[sl].to(device)
+            if model.objective == "regression":
+                with _autocast(device, opts):
+                    y = regression_predict(model.net, c, out_ch, t_max)
+            else:
+                n = noise[sl].to(device)
+                if init_w is not None and start < 1.0:
+                    t0 = torch.full((n.shape[0],), round(start * t_max), dtype=torch.long, device=device)
+                    x = scheduler.add_noise(init_w[sl].to(device), n, t0)
+                else:
+                    x = n
+                with _autocast(device, opts):
+                    y = rflow_sample(model.net, scheduler, c, x, start if init_w is not None else 1.0,
+                                     steps, xform)
+            outs.append(idwt2(y.float()).cpu())
+    return torch.cat(outs, dim=0)
+
+
+# --------------------------------------------------------------------------- validation
+def validate_params(spec: TaskSpec, params: dict[str, Any] | None, model: LoadedModel) -> dict[str, Any]:
+    """Check ``params`` against the task contract; fill defaults (task, then model config)."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise TaskInputError(f"unknown parameter(s) for {spec.name}: {unknown}")
+    model_defaults = model.config.get("sampling", {}).get(spec.name, {})
+    out: dict[str, Any] = {}
+    for name, p in spec.params.items():
+        if name in params:
+            out[name] = p.coerce(name, params[name])
+        elif name in model_defaults:
+            out[name] = p.coerce(name, model_defaults[name])
+        elif p.default is not None:
+            out[name] = p.default
+    return out
+
+
+def check_input(spec: TaskSpec, volume: Volume, model: LoadedModel) -> None:
+    """Raise :class:`TaskInputError` unless volume and model satisfy the task contract."""
+    if spec.name not in model.tasks:
+        raise TaskInputError(f"model {model.model_id} is not made for task {spec.name} (it serves {model.tasks})")
+    if volume.intensity not in spec.input_intensities:
+        raise TaskInputError(
+            f"{spec.name} needs intensity in {[i.value for i in spec.input_intensities]}, got {volume.intensity.value}"
+        )
+    data = volume.data
+    if data.dtype.kind != "f":
+        raise TaskInputError(f"volume data must be floating point, got {data.dtype}")
+    _, y, x = data.shape
+    if data.shape[0] < 1:
+        raise TaskInputError("volume has no slices")
+    for n, v in (("rows", y), ("columns", x)):
+        if v < spec.min_size or v % spec.size_multiple:
+            raise TaskInputError(f"{spec.name}: {n}={v} must be >= {spec.min_size} and divisible by {spec.size_multiple}")
+    if not np.all(np.isfinite(data)):
+        raise TaskInputError("volume contains NaN or infinite values")
+    norm_in = model.config["normalisation"]["input"]["kind"]
+    is_ct = volume.intensity == Intensity.HU
+    if (norm_in == "hu") != is_ct:
+        raise TaskInputError(
+            f"model {model.model_id} expects {'CT (HU)' if norm_in == 'hu' else 'MR'} input, got {volume.intensity.value}"
+        )
+
+
+# --------------------------------------------------------------------------- task runners
+def _threshold(params: dict[str, Any]) -> float | None:
+    p = params.get("threshold_percentile", 0.0)
+    return None if not p else float(p)
+
+
+def _restore(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,
+             opts: RunOptions) -> _Run:
+    norm = model.config["normalisation"]
+    x, state = normalise(vol.data, norm["input"])
+    t = torch.from_numpy(x)[:, None]
+    steps = 1 if model.objective == "regression" else int(params["steps"])
+    y = _predict(model, t, t, start=float(params["strength"]), steps=steps, seed=seed, opts=opts,
+                 threshold=_threshold(params))
+    out_spec = norm.get("output", norm["input"])
+    data = denormalise(y[:, 0].numpy(), out_spec, state)
+    return _Run([Volume(data, vol.spacing, vol.intensity)], steps, {"normalisation_scale": state["scale"]})
+
+
+def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,
+              opts: RunOptions) -> _Run:
+    norm = model.config["normalisation"]
+    names = list(model.config["io"]["target_names"])
+    target = params["target"]
+    if target not in names:
+        raise TaskInputError(f"model {model.model_id} synthesises {names}, not {target!r}")
+    x, _ = normalise(vol.data, norm["input"])
+    t = torch.from_numpy(x)[:, None]
+    steps = 1 if model.objective == "regression" else int(params["steps"])
+    y = _predict(model, t, None, start=1.0, steps=steps, seed=seed, opts=opts, threshold=_threshold(params))
+    ch = names.index(target)
+    out_spec = norm["output"][target]
+    data = denormalise(y[:, ch].numpy(), out_spec, {"scale": float(out_spec["scale"])})
+    intensity = Intensity.MR_T1W if target == "t1w" else Intensity.MR_T2W
+    return _Run([Volume(data, vol.spacing, intensity)], steps, {"target": target})
+
+
+def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,
+             opts: RunOptions) -> _Run:
+    if model.objective != "diffusion":
+        raise TaskInputError("augmentation needs a diffusion model (a regressor has no variants)")
+    norm = model.config["normalisation"]
+    x, state = normalise(vol.data, norm["input"])
+    t = torch.from_numpy(x)[:, None]
+    out_spec = norm.get("output", norm["input"])
+    outs = []
+    seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(int(params["n"]), dtype=np.uint32)]
+    for s in seeds:
+        y = _predict(model, t, t, start=float(params["strength"]), steps=int(params["steps"]), seed=s, opts=opts,
+                     threshold=_threshold(params), drop_condition=True)
+        outs.append(Volume(denormalise(y[:, 0].numpy(), out_spec, state), vol.spacing, vol.intensity))
+    return _Run(outs, int(params["steps"]), {"variant_seeds": seeds})
+
+
+_THR = ParamSpec(float, 0.995, 0.0, 1.0, help="dynamic-threshold percentile of |x0| per slice; 0 = off")
+
+TASKS: dict[str, TaskSpec] = {
+    "ct_denoise": TaskSpec(
+        "ct_denoise",
+        "Low-dose CT restoration (HU in, HU out)",
+        (Intensity.HU,),
+        {
+            "steps": ParamSpec(int, 2, 1, 4, help="flow steps from the partially noised received image"),
+            "strength": ParamSpec(float, 0.3, 0.01, 1.0, help="start time of the flow (fraction of T)"),
+            "threshold_percentile": _THR,
+        },
+        _restore,
+        contract={"output_intensity": "HU"},
+    ),
+    "mr_denoise": TaskSpec(
+        "mr_denoise",
+        "MR restoration of Rician noise (arbitrary units, per-volume normalisation)",
+        MR_KINDS,
+        {
+            "steps": ParamSpec(int, 2, 1, 4),
+            "strength": ParamSpec(float, 0.3, 0.01, 1.0),
+            "threshold_percentile": _THR,
+        },
+        _restore,
+        contract={"output_intensity": "same as input"},
+    ),
+    "ct_to_mr": TaskSpec(
+        "ct_to_mr",
+        "CT (HU) to T1-weighted or T2-weighted MR synthesis",
+        (Intensity.HU,),
+        {
+            "target": ParamSpec(str, "t1w", choices=("t1w", "t2w")),
+            "steps": ParamSpec(int, 6, 1, 16, help="flow steps from pure noise (6-8 recommended)"),
+            "threshold_percentile": _THR,
+        },
+        _ct_to_mr,
+        contract={"output_intensity": "MR_T1W or MR_T2W in the phantom's arbitrary units"},
+    ),
+    "augment": TaskSpec(
+        "augment",
+        "N plausible variants of a slice stack (partial noising + few denoising steps)",
+        (Intensity.HU, *MR_KINDS),
+        {
+            "n": ParamSpec(int, 4, 1, 32, help="number of variants"),
+            "strength": ParamSpec(float, 0.35, 0.05, 0.9, help="partial-noising strength (start time)"),
+            "steps": ParamSpec(int, 4, 1, 8, help="denoising steps (3-5 recommended)"),
+            "threshold_percentile": _THR,
+        },
+        _augment,
+        contract={"output_intensity": "same as input", "outputs": "n volumes"},
+    ),
+}
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TaskInputError("CUDA requested but not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise TaskInputError(f"unknown device {device!r}")
+    return device
+
+
+def execute(task: str, volume: Volume, *, model: LoadedModel, params: dict[str, Any] | None, seed: int,
+            device: str | None = None, options: Any = None) -> TaskResult:
+    """Validate and run ``task`` (see :func:`engine.api.run_task`)."""
+    spec = TASKS.get(task)
+    if spec is None:
+        raise TaskInputError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise TaskInputError("seed must be a non-negative integer")
+    check_input(spec, volume, model)
+    p = validate_params(spec, params, model)
+    dev = resolve_device(device if device is not None else getattr(options, "device", None))
+    opts = RunOptions(
+        device=dev,
+        batch_slices=int(getattr(options, "batch_slices", 8)),
+        bf16_on_gpu=bool(getattr(options, "bf16_on_gpu", True)),
+        threads=int(getattr(options, "threads", 0)),
+    )
+    if opts.threads > 0 and torch.get_num_threads() != opts.threads:
+        torch.set_num_threads(opts.threads)
+    t0 = time.perf_counter()
+    run = spec.run(spec, model, volume, p, int(seed), opts)
+    seconds = time.perf_counter() - t0
+    log.info("task %s model %s: %d slice(s) in %.2f s on %s", task, model.model_id, volume.data.shape[0], seconds, dev)
+    prov = Provenance(
+        task=task,
+        model_id=model.model_id,
+        model_version=model.version,
+        weights_sha256=model.weights_sha256,
+        parameters=p,
+        seed=int(seed),
+        device=dev,
+        steps=run.steps,
+        seconds=seconds,
+        extra={
+            "objective": model.objective,
+            "n_slices": int(volume.data.shape[0]),
+            "batch_slices": opts.batch_slices,
+            "dtype": "bfloat16" if dev.startswith("cuda") and opts.bf16_on_gpu else "float32",
+            **run.extra,
+        },
+    )
+    return TaskResult(outputs=run.outputs, provenance=prov)

@@ -1,0 +1,532 @@
+"""Training: phantom data, the diffusion / regression objectives, checkpoints, model folders.
+
+``synthnode engine train TASK`` (node/cli/engine.py) calls :func:`train`. One run writes
+
+* ``<out>/<model_id>/model.safetensors`` (EMA weights), ``config.json`` (architecture, task(s),
+  input contract, normalisation, sampling defaults, model_id, version, training recipe),
+  ``MODEL_CARD.md`` (see :func:`write_model_card`);
+* ``<run_dir>/checkpoint.safetensors`` + ``checkpoint.json`` (weights, EMA, AdamW moments,
+  RNG states, step; no pickle), ``metrics.jsonl`` (one JSON object per logged step).
+
+Objectives (same UNet, same data, same loss family):
+
+* ``diffusion``: rectified flow (MONAI ``RFlowScheduler`` + ``DiffusionInferer`` concat),
+  MSE between the predicted and the true velocity ``x0 - eps`` on Haar sub-bands; the
+  condition is dropped (zeroed) with probability ``p_uncond`` so restoration models are also
+  unconditional generators for augmentation.
+* ``regression``: the one-step regressor baseline: MSE between the network output (zero
+  target slot, fixed timestep) and the clean sub-bands.
+
+Data (engine.phantoms + engine.degrade): ``n_train`` phantoms of the ``train`` split, mixed
+abdomen / head, ``3`` contiguous slices each at ``size`` px (2.5D context of 1 neighbour per
+side). CT pairs: noise-free phantom CT (target) and projection-domain Poisson low dose at a
+random dose in {0.1, 0.25, 0.5} plus a normal-dose (1.0) version (CT->MR condition). MR pairs:
+noise-free T1w / T2w (no bias field) and Rician noise drawn on the fly (SNR 8-40). Training
+uses random crops (``crop`` px, default 128: the UNet is fully convolutional, so a model
+trained on crops runs on 512x512) with flips and 90-degree rotations.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.nets import (
+    build_scheduler,
+    build_unet,
+    count_parameters,
+    in_out_channels,
+    regression_predict,
+    training_prediction,
+)
+from engine.tasks import TASKS
+from engine.wavelet import dwt2
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "PRESETS", "model_config", "prepare_data", "train", "write_model_card",
+           "make_batch", "DATA_VERSION"]
+
+DATA_VERSION = 1
+CT_SCALE = 1000.0  # HU / 1000
+MR_TARGET_SCALE = 1000.0  # engine.phantoms.MR_SCALE: MR signal in [0, 1] * 1000
+LOW_DOSES = (0.1, 0.25, 0.5)
+TRAIN_ANGLES = 180  # views for training-data low dose (I0 is scaled by degrade; see docs)
+
+# Per "training task": which inference tasks the model serves, I/O, normalisation, sampling.
+PRESETS: dict[str, dict[str, Any]] = {
+    "ct_denoise": {
+        "tasks": ["ct_denoise", "augment"],
+        "io": {"target_channels": 1, "cond_channels": 1, "context_slices": 1, "target_names": ["ct"]},
+        "normalisation": {"input": {"kind": "hu", "scale": CT_SCALE}, "output": {"kind": "hu", "scale": CT_SCALE}},
+        "sampling": {"ct_denoise": {"steps": 2, "strength": 0.3}, "augment": {"steps": 4, "strength": 0.35}},
+        "p_uncond": 0.15,
+    },
+    "mr_denoise": {
+        "tasks": ["mr_denoise", "augment"],
+        "io": {"target_channels": 1, "cond_channels": 1, "context_slices": 1, "target_names": ["mr"]},
+        "normalisation": {"input": {"kind": "percentile", "q": 0.995}, "output": {"kind": "percentile", "q": 0.995}},
+        "sampling": {"mr_denoise": {"steps": 2, "strength": 0.3}, "augment": {"steps": 4, "strength": 0.35}},
+        "p_uncond": 0.15,
+    },
+    "ct_to_mr": {
+        "tasks": ["ct_to_mr"],
+        "io": {"target_channels": 2, "cond_channels": 1, "context_slices": 1, "target_names": ["t1w", "t2w"]},
+        "normalisation": {
+            "input": {"kind": "hu", "scale": CT_SCALE},
+            "output": {"t1w": {"kind": "fixed", "scale": MR_TARGET_SCALE},
+                       "t2w": {"kind": "fixed", "scale": MR_TARGET_SCALE}},
+        },
+        "sampling": {"ct_to_mr": {"steps": 6}},
+        "p_uncond": 0.0,
+    },
+}
+
+DEFAULT_ARCH = {
+    "kind": "DiffusionModelUNet",
+    "spatial_dims": 2,
+    "channels": [32, 32, 64, 64],
+    "num_res_blocks": 1,
+    "attention_levels": [False, False, False, False],
+    "norm_num_groups": 8,
+    "wavelet": {"kind": "haar", "levels": 1, "orthonormal": True},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (recorded in config.json and the model card)."""
+
+    task: str
+    objective: str = "diffusion"
+    steps: int = 1500
+    batch: int = 8
+    crop: int = 128
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.995
+    seed: int = 0
+    n_train: int = 96
+    size: int = 256
+    data_seed_split: str = "train"
+    architecture: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_ARCH)))
+    model_id: str | None = None
+    version: str = "1.0.0"
+    log_every: int = 25
+    ckpt_every: int = 200
+
+    def resolved_model_id(self) -> str:
+        if self.model_id:
+            return self.model_id
+        suffix = "wdiff" if self.objective == "diffusion" else "wreg"
+        return f"{self.task.replace('_', '-')}-{suffix}"
+
+
+def model_config(tc: TrainConfig) -> dict[str, Any]:
+    """The JSON-able model config written to ``config.json``."""
+    if tc.task not in PRESETS:
+        raise ValueError(f"no training preset for task {tc.task!r}; known: {sorted(PRESETS)}")
+    if tc.objective not in ("diffusion", "regression"):
+        raise ValueError("objective must be 'diffusion' or 'regression'")
+    p = json.loads(json.dumps(PRESETS[tc.task]))
+    tasks = p["tasks"] if tc.objective == "diffusion" else [t for t in p["tasks"] if t != "augment"]
+    return {
+        "format": "synthnode-model/1",
+        "model_id": tc.resolved_model_id(),
+        "version": tc.version,
+        "task": tc.task,
+        "tasks": tasks,
+        "objective": tc.objective,
+        "architecture": tc.architecture,
+        "io": p["io"],
+        "scheduler": {"kind": "RFlowScheduler", "num_train_timesteps": 1000, "sample_method": "uniform"},
+        "normalisation": p["normalisation"],
+        "sampling": {**p["sampling"], "threshold_floor": 1.0},
+        "input_contract": {t: TASKS[t].describe() for t in tasks},
+        "p_uncond": p["p_uncond"] if tc.objective == "diffusion" else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- data
+def prepare_data(path: Path | str, n: int, size: int = 256, split: str = "train", start: int = 0,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
+    """Render ``n`` paired phantoms (3 slices each) and their low-dose CT into ``path`` (npz).
+
+    Arrays: ``ct`` clean HU, ``ld`` low dose, ``nd`` normal dose (dose 1.0), ``t1w``/``t2w``
+    noise-free without bias field, each ``(n, 3, size, size)`` float32; ``dose`` (n,);
+    ``seeds`` (n,) phantom seeds; ``kinds`` (n,) 0 = abdomen, 1 = head.
+    """
+    from engine import phantoms
+    from engine.degrade import low_dose_ct
+
+    path = Path(path)
+    arrs: dict[str, list[np.ndarray]] = {k: [] for k in ("ct", "ld", "nd", "t1w", "t2w")}
+    doses, seeds, kinds = [], [], []
+    for i, s in enumerate(phantoms.iter_dataset(split, n, size=size, n_slices=3, kind="mixed", start=start,
+                                                mr_snr=None, bias_strength=0.0)):
+        dose = LOW_DOSES[(start + i) % len(LOW_DOSES)]
+        res = low_dose_ct(s.ct_hu, s.spacing[1], (dose, 1.0), seed=s.seed, n_angles=TRAIN_ANGLES)
+        arrs["ct"].append(s.ct_hu)
+        arrs["ld"].append(res[dose])
+        arrs["nd"].append(res[1.0])
+        arrs["t1w"].append(s.t1w)
+        arrs["t2w"].append(s.t2w)
+        doses.append(dose)
+        seeds.append(s.seed)
+        kinds.append(0 if s.kind == "abdomen" else 1)
+        if progress:
+            progress(i + 1, n)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{k: np.stack(v).astype(np.float32) for k, v in arrs.items()},
+             dose=np.array(doses, np.float32), seeds=np.array(seeds, np.int64), kinds=np.array(kinds, np.int8),
+             meta=np.array(json.dumps({"data_version": DATA_VERSION, "split": split, "n": n, "size": size,
+                                       "start": start, "angles": TRAIN_ANGLES, "doses": LOW_DOSES})))
+    os.replace(tmp, path)
+    return path
+
+
+def load_data(path: Path | str) -> dict[str, Any]:
+    with np.load(path) as z:
+        d = {k: z[k] for k in z.files}
+    d["meta"] = json.loads(str(d["meta"]))
+    return d
+
+
+def _rician(clean: torch.Tensor, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    n1 = torch.randn(clean.shape, generator=gen) * sigma
+    n2 = torch.randn(clean.shape, generator=gen) * sigma
+    return torch.sqrt((clean + n1) ** 2 + n2 ** 2)
+
+
+def _augment_geom(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    t = torch.rot90(t, k, dims=(-2, -1))
+    return torch.flip(t, dims=(-1,)) if flip else t
+
+
+def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int, crop: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch in network units (pixel domain, before the DWT).
+
+    Returns ``(target, cond)``: ``(B, Ct, crop, crop)`` and ``(B, 3, crop, crop)`` (the slice
+    and its two neighbours).
+    """
+    n, _, h, w = data["ct"].shape
+    idx = torch.randint(0, n, (batch,), generator=gen).tolist()
+    tg, cd = [], []
+    for i in idx:
+        if task == "ct_denoise":
+            use_nd = torch.rand((), generator=gen).item() < 0.25
+            cond = torch.from_numpy(data["nd" if use_nd else "ld"][i]) / CT_SCALE
+            target = torch.from_numpy(data["ct"][i][1:2]) / CT_SCALE
+        elif task == "ct_to_mr":
+            use_ld = torch.rand((), generator=gen).item() < 0.2
+            cond = torch.from_numpy(data["ld" if use_ld else "nd"][i]) / CT_SCALE
+            t = np.stack([data["t1w"][i][1], data["t2w"][i][1]])
+            target = 2.0 * torch.from_numpy(t) / MR_TARGET_SCALE - 1.0
+        elif task == "mr_denoise":
+            key = "t1w" if torch.rand((), generator=gen).item() < 0.5 else "t2w"
+            clean = torch.from_numpy(data[key][i]).double()
+            snr = 8.0 + 32.0 * torch.rand((), generator=gen).item()
+            fg = clean > 0.1 * torch.quantile(clean.flatten(), 0.99)
+            sigma = clean[fg].mean() / snr
+            noisy = _rician(clean, sigma, gen)
+            s = float(torch.quantile(noisy.flatten(), 0.995))
+            cond = (2.0 * noisy / s - 1.0).float()
+            target = (2.0 * clean[1:2] / s - 1.0).float()
+        else:
+            raise ValueError(f"no training data recipe for task {task!r}")
+        y0 = int(torch.randint(0, h - crop + 1, (), generator=gen))
+        x0 = int(torch.randint(0, w - crop + 1, (), generator=gen))
+        k = int(torch.randint(0, 4, (), generator=gen))
+        flip = bool(torch.randint(0, 2, (), generator=gen))
+        sl = (slice(None), slice(y0, y0 + crop), slice(x0, x0 + crop))
+        tg.append(_augment_geom(target[sl], k, flip))
+        cd.append(_augment_geom(cond[sl], k, flip))
+    return torch.stack(tg).float().contiguous(), torch.stack(cd).float().contiguous()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(run_dir: Path, net: torch.nn.Module, ema: dict[str, torch.Tensor],
+                     opt: torch.optim.Optimizer, step: int, gen: torch.Generator, extra: dict[str, Any]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in net.state_dict().items():
+        tensors[f"net.{k}"] = v.detach().cpu().contiguous()
+    for k, v in ema.items():
+        tensors[f"ema.{k}"] = v.detach().cpu().contiguous()
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        st = opt.state.get(p, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in st:
+                tensors[f"opt.{i}.{name}"] = st[name].detach().cpu().contiguous()
+        if "step" in st:
+            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    tensors["rng.data"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tmp = run_dir / "checkpoint.tmp.safetensors"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, run_dir / "checkpoint.safetensors")
+    (run_dir / "checkpoint.json").write_text(json.dumps({"step": step, **extra}, indent=1))
+
+
+def _load_checkpoint(run_dir: Path, net: torch.nn.Module, ema: dict[str, torch.Tensor],
+                     opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+    t = load_file(str(run_dir / "checkpoint.safetensors"))
+    meta = json.loads((run_dir / "checkpoint.json").read_text())
+    net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")}, strict=True)
+    for k in ema:
+        ema[k].copy_(t[f"ema.{k}"])
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        if f"opt.{i}.exp_avg" in t:
+            opt.state[p] = {
+                "step": torch.tensor(float(t[f"opt.{i}.step"][0])),
+                "exp_avg": t[f"opt.{i}.exp_avg"].to(p.device),
+                "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"].to(p.device),
+            }
+    gen.set_state(t["rng.data"])
+    torch.set_rng_state(t["rng.torch"])
+    return int(meta["step"])
+
+
+# --------------------------------------------------------------------------- training
+def _lr_lambda(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    prog = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * prog))
+
+
+def train(
+    tc: TrainConfig,
+    out_root: Path | str,
+    data: dict[str, Any],
+    *,
+    run_dir: Path | str | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    threads: int = 0,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    data_description: str = "",
+) -> Path:
+    """Train one model and write its folder ``<out_root>/<model_id>/``; returns that path.
+
+    ``data`` comes from :func:`load_data` (or any dict with the same arrays). With
+    ``resume=True`` training continues from ``run_dir/checkpoint.safetensors``; the run is
+    then bit-identical to an uninterrupted one on the same device (RNG states restored).
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cfg = model_config(tc)
+    out_root = Path(out_root)
+    model_dir = out_root / cfg["model_id"]
+    run_dir = Path(run_dir) if run_dir else out_root / f".runs/{cfg['model_id']}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed + 1)
+    net = build_unet(cfg).to(device)
+    sched = build_scheduler(cfg)
+    _, out_ch = in_out_channels(cfg["io"])
+    t_max = sched.num_train_timesteps
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    ema = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+    start_step = 0
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume and (run_dir / "checkpoint.safetensors").exists():
+        start_step = _load_checkpoint(run_dir, net, ema, opt, gen)
+        log.info("resumed %s at step %d", cfg["model_id"], start_step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _lr_lambda(s, tc.warmup, tc.steps), last_epoch=start_step - 1 if start_step else -1
+    )
+    if start_step:
+        for g in opt.param_groups:
+            g["lr"] = tc.lr * _lr_lambda(start_step, tc.warmup, tc.steps)
+    use_amp = device.startswith("cuda")
+    p_uncond = float(cfg["p_uncond"])
+    net.train()
+    t0 = time.perf_counter()
+    ema_loss = None
+    with metrics_path.open("a") as mlog:
+        for step in range(start_step, tc.steps):
+            target, cond = make_batch(tc.task, data, gen, tc.batch, tc.crop)
+            x0 = dwt2(target).to(device)
+            c = dwt2(cond).to(device)
+            with torch.autocast(device_type="cuda" if use_amp else "cpu", dtype=torch.bfloat16, enabled=use_amp):
+                if tc.objective == "diffusion":
+                    noise = torch.randn(x0.shape, generator=gen).to(device)
+                    tsteps = (torch.rand(x0.shape[0], generator=gen) * t_max).long().to(device)
+                    if p_uncond > 0:
+                        keep = (torch.rand(x0.shape[0], generator=gen) >= p_uncond).float().to(device)
+                        c = c * keep.view(-1, 1, 1, 1)
+                    pred = training_prediction(net, sched, x0, c, noise, tsteps)
+                    loss = torch.nn.functional.mse_loss(pred.float(), x0 - noise)
+                else:
+                    pred = regression_predict(net, c, out_ch, t_max)
+                    loss = torch.nn.functional.mse_loss(pred.float(), x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            lr_sched.step()
+            d = min(tc.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, v in net.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+                    else:
+                        ema[k].copy_(v)
+            lv = float(loss.detach())
+            ema_loss = lv if ema_loss is None else 0.95 * ema_loss + 0.05 * lv
+            done = step + 1
+            rec = {"step": done, "loss": lv, "loss_ema": ema_loss, "lr": opt.param_groups[0]["lr"],
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            if done % tc.log_every == 0 or done == tc.steps:
+                mlog.write(json.dumps(rec) + "\n")
+                mlog.flush()
+            if done % tc.ckpt_every == 0 or done == tc.steps:
+                _save_checkpoint(run_dir, net, ema, opt, done, gen, {"model_id": cfg["model_id"]})
+            if progress:
+                progress(done, tc.steps, rec)
+    seconds = time.perf_counter() - t0
+    model_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.to(next(iter(net.state_dict().values())).dtype if v.is_floating_point() else v.dtype)
+               .cpu().contiguous() for k, v in ema.items()}
+    tmp = model_dir / "model.tmp.safetensors"
+    save_file(weights, str(tmp), metadata={"model_id": cfg["model_id"], "version": tc.version})
+    os.replace(tmp, model_dir / "model.safetensors")
+    cfg["n_parameters"] = count_parameters(net)
+    cfg["training"] = {
+        **{k: v for k, v in asdict(tc).items() if k not in ("architecture",)},
+        "device": device,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "seconds": round(seconds, 1),
+        "final_loss_ema": ema_loss,
+        "data": data.get("meta", {}),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    (model_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+    write_model_card(model_dir, data_description=data_description)
+    return model_dir
+
+
+# --------------------------------------------------------------------------- model card
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_model_card(model_dir: Path | str, *, data_description: str = "",
+                     metrics_md: str | None = None) -> Path:
+    """(Re)write ``MODEL_CARD.md`` from ``config.json`` and the weights file.
+
+    ``metrics_md`` (held-out metrics, Markdown) replaces the metrics section; when omitted the
+    section already in the card is kept.
+    """
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    digest = _sha256_file(model_dir / "model.safetensors")
+    size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
+    card = model_dir / "MODEL_CARD.md"
+    old_metrics = None
+    old_data = None
+    if card.exists():
+        txt = card.read_text()
+        if "## Held-out metrics\n" in txt:
+            old_metrics = txt.split("## Held-out metrics\n", 1)[1].split("\n## ", 1)[0].strip()
+        if "## Training data\n" in txt:
+            old_data = txt.split("## Training data\n", 1)[1].split("\n## ", 1)[0].strip()
+    tr = cfg.get("training", {})
+    arch = cfg["architecture"]
+    metrics = metrics_md or old_metrics or "Not evaluated yet (run `synthnode engine evaluate`)."
+    data_txt = data_description or old_data or "see config.json training.data"
+    lines = [
+        f"# Model card: {cfg['model_id']} {cfg['version']}",
+        "",
+        f"- model_id: `{cfg['model_id']}`",
+        f"- version: `{cfg['version']}`",
+        f"- tasks: {', '.join(f'`{t}`' for t in cfg['tasks'])}",
+        f"- objective: `{cfg['objective']}`",
+        f"- weights: `model.safetensors` ({size_mb:.2f} MB, {cfg.get('n_parameters', '?')} parameters)",
+        f"- weights SHA-256: `{digest}`",
+        "- intended use: research and engineering validation of the synthnode pipeline on phantoms;"
+        " NOT for diagnosis. Outputs are synthetic and must be labelled as such.",
+        "",
+        "## Architecture",
+        "",
+        f"MONAI `DiffusionModelUNet` (2-D), channels {arch['channels']}, "
+        f"{arch['num_res_blocks']} residual block(s) per level, no attention, GroupNorm groups "
+        f"{arch['norm_num_groups']}; runs on one-level orthonormal Haar sub-bands (4 per image "
+        f"channel, half resolution). Conditioning by concatenation: {cfg['io']['cond_channels']} condition "
+        f"channel(s) x {2 * cfg['io']['context_slices'] + 1} slices (2.5D context). Noise process: MONAI "
+        f"`RFlowScheduler` (rectified flow, T = {cfg['scheduler']['num_train_timesteps']}, velocity "
+        "prediction); sampling: Euler steps with per-slice dynamic thresholding (clip form).",
+        "",
+        "## Input contract",
+        "",
+        "```json",
+        json.dumps(cfg["input_contract"], indent=1),
+        "```",
+        "",
+        "Normalisation: `" + json.dumps(cfg["normalisation"]) + "`",
+        "",
+        "Sampling defaults: `" + json.dumps(cfg.get("sampling", {})) + "`",
+        "",
+        "## Training recipe",
+        "",
+        f"- objective `{cfg['objective']}`, {tr.get('steps')} steps, batch {tr.get('batch')}, "
+        f"random {tr.get('crop')}x{tr.get('crop')} crops (fully convolutional; runs at 512x512), "
+        f"AdamW lr {tr.get('lr')} (weight decay {tr.get('weight_decay')}), warm-up {tr.get('warmup')} steps "
+        f"then cosine decay to 5 %, gradient clip 1.0, EMA {tr.get('ema_decay')} (shipped weights = EMA), "
+        f"condition dropout {cfg.get('p_uncond')}",
+        f"- seed {tr.get('seed')}; device {tr.get('device')}; torch {tr.get('torch')}; "
+        f"{tr.get('seconds')} s; final training loss (EMA) {tr.get('final_loss_ema')}",
+        f"- command: `synthnode engine train {cfg['task']} --objective {cfg['objective']} --steps {tr.get('steps')} "
+        f"--seed {tr.get('seed')}`",
+        "",
+        "## Training data",
+        "",
+        data_txt,
+        "",
+        "## Held-out metrics",
+        "",
+        metrics,
+        "",
+        "## Limitations",
+        "",
+        "Trained for minutes on a 2-core CPU on procedural phantoms only; quality on real scanner data "
+        "is not established. CT->MR output intensities are in the phantom's arbitrary units; no bias "
+        "field is synthesised.",
+        "",
+    ]
+    card.write_text("\n".join(lines))
+    return card
+
+
+def initial_model(tc: TrainConfig) -> tuple[dict[str, Any], bytes]:
+    """Config and safetensors bytes of a freshly initialised (seeded) model: for tests and
+    smoke runs, with exactly the layout a trained model has."""
+    from safetensors.torch import save
+
+    cfg = model_config(tc)
+    torch.manual_seed(tc.seed)
+    net = build_unet(cfg)
+    cfg["n_parameters"] = count_parameters(net)
+    return cfg, save({k: v.contiguous() for k, v in net.state_dict().items()})

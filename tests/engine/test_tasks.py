@@ -1,0 +1,193 @@
+"""Task registry: contracts, determinism, HU round trip, provenance, model loading."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from engine.api import Intensity, Volume, load_model, run_task
+from engine.models import LoadedModel, ModelLoadError, sha256_hex
+from engine.tasks import TASKS, TaskInputError, context_stack, denormalise, normalise
+from engine.train import TrainConfig, initial_model
+
+TINY_ARCH = {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False],
+             "norm_num_groups": 4, "wavelet": {"kind": "haar", "levels": 1}}
+
+
+def tiny(task: str, objective: str = "diffusion", seed: int = 0) -> LoadedModel:
+    cfg, weights = initial_model(TrainConfig(task=task, objective=objective, seed=seed,
+                                             architecture=dict(TINY_ARCH)))
+    return load_model(cfg, weights, sha256_hex(weights))
+
+
+def ct_volume(z: int = 3, n: int = 16, seed: int = 0) -> Volume:
+    rng = np.random.default_rng(seed)
+    data = rng.normal(40, 30, (z, n, n)).astype(np.float32)
+    data[:, :2] = -1000.0
+    return Volume(data, (2.0, 0.7, 0.7), Intensity.HU)
+
+
+def mr_volume(z: int = 2, n: int = 16) -> Volume:
+    rng = np.random.default_rng(1)
+    return Volume(np.abs(rng.normal(300, 50, (z, n, n))).astype(np.float32), (3.0, 1.0, 1.0), Intensity.MR_T2W)
+
+
+class _CopyCondition(torch.nn.Module):
+    """Velocity towards the condition's centre slice: a perfect 'restoration' of the input."""
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        xt, target = x[:, :4], x[:, 8:12]  # centre slice of the 3-slice 2.5D context
+        tau = (timesteps.float() / 1000).view(-1, 1, 1, 1)
+        return target - (xt - (1 - tau) * target) / tau
+
+
+def test_registry_has_the_four_tasks_with_contracts() -> None:
+    assert set(TASKS) == {"ct_denoise", "mr_denoise", "ct_to_mr", "augment"}
+    d = TASKS["ct_to_mr"].describe()
+    assert d["params"]["target"]["choices"] == ["t1w", "t2w"]
+    assert d["input_intensities"] == ["HU"]
+
+
+def test_hu_normalisation_round_trip() -> None:
+    hu = np.array([-1024.0, -1000.0, 0.0, 40.0, 1000.0, 3071.0], np.float32)
+    x, st = normalise(hu, {"kind": "hu", "scale": 1000.0})
+    assert np.allclose(denormalise(x, {"kind": "hu"}, st), hu, atol=1e-3)
+    mr = np.linspace(0, 800, 50).astype(np.float32)
+    x, st = normalise(mr, {"kind": "percentile", "q": 0.995})
+    assert x.max() == pytest.approx(1.0, abs=0.02)
+    assert np.allclose(denormalise(x, {"kind": "percentile"}, st), mr, atol=1e-3)
+
+
+def test_hu_preserved_end_to_end_with_a_perfect_network() -> None:
+    m = tiny("ct_denoise")
+    m.net = _CopyCondition()
+    vol = ct_volume(z=4, n=32)
+    for steps in (1, 2):
+        out = run_task("ct_denoise", vol, model=m, params={"steps": steps, "threshold_percentile": 0.0},
+                       seed=3, device="cpu").outputs[0]
+        assert out.intensity == Intensity.HU and out.spacing == vol.spacing
+        assert np.abs(out.data - vol.data).max() < 0.05  # HU
+
+
+def test_context_stack_order_and_edges() -> None:
+    x = torch.arange(4.0).view(4, 1, 1, 1)
+    s = context_stack(x, 1)[:, :, 0, 0]
+    assert s.tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]]
+
+
+def test_ct_denoise_shapes_determinism_and_provenance() -> None:
+    m = tiny("ct_denoise")
+    vol = ct_volume()
+    a = run_task("ct_denoise", vol, model=m, params={}, seed=7, device="cpu")
+    b = run_task("ct_denoise", vol, model=m, params={}, seed=7, device="cpu")
+    c = run_task("ct_denoise", vol, model=m, params={}, seed=8, device="cpu")
+    assert a.outputs[0].data.shape == vol.data.shape and a.outputs[0].data.dtype == np.float32
+    assert np.array_equal(a.outputs[0].data, b.outputs[0].data)
+    assert not np.array_equal(a.outputs[0].data, c.outputs[0].data)
+    p = a.provenance
+    assert (p.task, p.model_id, p.seed, p.device, p.steps) == ("ct_denoise", m.model_id, 7, "cpu", 2)
+    assert p.weights_sha256 == m.weights_sha256 and len(p.weights_sha256) == 64
+    assert p.parameters == {"steps": 2, "strength": 0.3, "threshold_percentile": 0.995}
+
+
+def test_batching_does_not_change_the_result() -> None:
+    m = tiny("ct_denoise")
+    vol = ct_volume(z=5)
+
+    @dataclasses.dataclass
+    class Opt:
+        batch_slices: int
+        bf16_on_gpu: bool = True
+        threads: int = 0
+        device: str = "cpu"
+
+    a = run_task("ct_denoise", vol, model=m, params={}, seed=1, options=Opt(1)).outputs[0].data
+    b = run_task("ct_denoise", vol, model=m, params={}, seed=1, options=Opt(8)).outputs[0].data
+    assert np.allclose(a, b, atol=1e-3)
+
+
+def test_contract_violations_are_refused() -> None:
+    m = tiny("ct_denoise")
+    with pytest.raises(TaskInputError, match="divisible"):
+        run_task("ct_denoise", ct_volume(n=24), model=m, params={}, seed=0)
+    with pytest.raises(TaskInputError, match="intensity"):
+        run_task("ct_denoise", mr_volume(), model=m, params={}, seed=0)
+    with pytest.raises(TaskInputError, match="unknown parameter"):
+        run_task("ct_denoise", ct_volume(), model=m, params={"stepz": 1}, seed=0)
+    with pytest.raises(TaskInputError, match="<="):
+        run_task("ct_denoise", ct_volume(), model=m, params={"steps": 9}, seed=0)
+    with pytest.raises(TaskInputError, match="integer"):
+        run_task("ct_denoise", ct_volume(), model=m, params={"steps": "2"}, seed=0)
+    with pytest.raises(TaskInputError, match="not made for"):
+        run_task("ct_to_mr", ct_volume(), model=m, params={}, seed=0)
+    with pytest.raises(TaskInputError, match="unknown task"):
+        run_task("ct_superres", ct_volume(), model=m, params={}, seed=0)
+    with pytest.raises(TaskInputError, match="seed"):
+        run_task("ct_denoise", ct_volume(), model=m, params={}, seed=-1)
+    bad = ct_volume()
+    bad.data[0, 5, 5] = np.nan
+    with pytest.raises(TaskInputError, match="NaN"):
+        run_task("ct_denoise", bad, model=m, params={}, seed=0)
+    mr = tiny("mr_denoise")
+    with pytest.raises(TaskInputError, match="expects MR"):
+        run_task("augment", ct_volume(), model=mr, params={}, seed=0)
+
+
+def test_mr_denoise_keeps_units() -> None:
+    m = tiny("mr_denoise")
+    m.net = _CopyCondition()
+    vol = mr_volume()
+    out = run_task("mr_denoise", vol, model=m, params={"threshold_percentile": 0.0}, seed=0).outputs[0]
+    assert out.intensity == Intensity.MR_T2W
+    assert np.abs(out.data - vol.data).max() < 0.05
+
+
+def test_ct_to_mr_targets() -> None:
+    m = tiny("ct_to_mr")
+    vol = ct_volume()
+    r1 = run_task("ct_to_mr", vol, model=m, params={"target": "t1w"}, seed=0)
+    r2 = run_task("ct_to_mr", vol, model=m, params={"target": "t2w", "steps": 8}, seed=0)
+    assert r1.outputs[0].intensity == Intensity.MR_T1W and r2.outputs[0].intensity == Intensity.MR_T2W
+    assert r1.provenance.steps == 6 and r2.provenance.steps == 8
+    assert r1.outputs[0].data.shape == vol.data.shape
+    assert not np.allclose(r1.outputs[0].data, r2.outputs[0].data)
+    with pytest.raises(TaskInputError, match="one of"):
+        run_task("ct_to_mr", vol, model=m, params={"target": "flair"}, seed=0)
+
+
+def test_regression_model_is_one_step_and_seed_free() -> None:
+    m = tiny("ct_to_mr", objective="regression")
+    vol = ct_volume()
+    a = run_task("ct_to_mr", vol, model=m, params={"target": "t2w"}, seed=0)
+    b = run_task("ct_to_mr", vol, model=m, params={"target": "t2w"}, seed=5)
+    assert a.provenance.steps == 1 and a.provenance.extra["objective"] == "regression"
+    assert np.array_equal(a.outputs[0].data, b.outputs[0].data)
+    with pytest.raises(TaskInputError):
+        run_task("augment", vol, model=tiny("ct_denoise", objective="regression"), params={}, seed=0)
+
+
+def test_augment_gives_n_distinct_reproducible_variants() -> None:
+    m = tiny("ct_denoise")
+    vol = ct_volume()
+    r = run_task("augment", vol, model=m, params={"n": 3, "strength": 0.4, "steps": 3}, seed=11)
+    assert len(r.outputs) == 3 and all(o.data.shape == vol.data.shape for o in r.outputs)
+    assert not np.array_equal(r.outputs[0].data, r.outputs[1].data)
+    again = run_task("augment", vol, model=m, params={"n": 3, "strength": 0.4, "steps": 3}, seed=11)
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(r.outputs, again.outputs))
+    assert len(r.provenance.extra["variant_seeds"]) == 3
+
+
+def test_load_model_refuses_bad_bytes_and_digests() -> None:
+    cfg, weights = initial_model(TrainConfig(task="ct_denoise", architecture=dict(TINY_ARCH)))
+    with pytest.raises(ModelLoadError, match="SHA-256"):
+        load_model(cfg, weights, "0" * 64)
+    junk = b"\x80\x04not a safetensors file"
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(cfg, junk, sha256_hex(junk))
+    other = dict(cfg, architecture={**TINY_ARCH, "channels": [8, 16]})
+    with pytest.raises(ModelLoadError, match="architecture"):
+        load_model(other, weights, sha256_hex(weights))
+    with pytest.raises(ModelLoadError, match="lacks"):
+        load_model({k: v for k, v in cfg.items() if k != "io"}, weights, sha256_hex(weights))
