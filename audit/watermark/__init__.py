@@ -20,8 +20,10 @@ from audit.watermark.core import (
     detect,
     embed,
     make_payload,
+    noise_sigma,
     payload_hex,
     split_payload,
+    suggest_max_delta,
     threshold_for,
     valid_limits,
 )
@@ -38,8 +40,10 @@ __all__ = [
     "detect",
     "embed",
     "make_payload",
+    "noise_sigma",
     "payload_hex",
     "split_payload",
+    "suggest_max_delta",
     "threshold_for",
     "valid_limits",
 ]

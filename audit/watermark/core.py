@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 PAYLOAD_BITS = ecc.PAYLOAD_BITS
 MARK_ID_BITS = 40
-DEFAULT_STRENGTH = 0.75
+DEFAULT_STRENGTH = 1.0
 DEFAULT_FPR = 1e-3
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 2.0, 0.5)
 DECODE_GATE = 4.0
@@ -160,6 +160,27 @@ def embed(array: NDArray[np.integer], key: WatermarkKey, payload: int, *, bits_s
     inside = (arr >= lo) & (arr <= hi)
     out = np.where(inside, np.clip(out, lo, hi), arr)
     return out.astype(arr.dtype)
+
+
+def noise_sigma(array: NDArray) -> float:
+    """Robust estimate of the pixel noise standard deviation (stored units) of a slice or
+    volume: 1.4826 x MAD of horizontal first differences / sqrt(2)."""
+    arr = np.asarray(array, dtype=np.float64)
+    d = np.diff(arr, axis=-1).ravel()
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+
+
+def suggest_max_delta(array: NDArray, *, hu_calibrated: bool, fraction: float = 0.25,
+                      floor: int = 2, ceiling: int = 64) -> int:
+    """Fidelity bound to pass to :func:`embed`.
+
+    HU-calibrated CT keeps the fixed bound ``floor`` (2 HU by default, governance.md
+    "Watermark"); other images (MR, 16-bit data using the full range) get a bound below the
+    image noise: ``fraction`` x :func:`noise_sigma`, at least ``floor``.
+    """
+    if hu_calibrated:
+        return floor
+    return int(min(ceiling, max(floor, np.floor(fraction * noise_sigma(array)))))
 
 
 # ----------------------------------------------------------------------------- detect
