@@ -1,0 +1,225 @@
+"""Image-quality metrics for restoration and synthesis, on arrays (z, y, x) or (y, x).
+
+Conventions (stated in every report):
+
+* CT: PSNR over the HU range ``CT_RANGE`` (-1000 .. 1000 HU, data range 2000) after clipping
+  to it; SSIM on the soft-tissue window ``CT_WINDOW`` (-160 .. 240 HU) after clipping, data
+  range 400 (Wang et al., IEEE TIP 13:600, 2004, Gaussian window sigma 1.5, K1 0.01, K2 0.03
+  as in skimage); MAE in HU over the body (or the whole image).
+* MR: intensities are arbitrary units, so PSNR / SSIM use the data range ``[0, p99.9 of the
+  reference]`` after clipping both images to it.
+* SSIM of a stack is the mean of 2-D slice SSIMs (the slices are anisotropic).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.metrics import structural_similarity
+
+log = logging.getLogger(__name__)
+
+CT_RANGE = (-1000.0, 1000.0)
+CT_WINDOW = (-160.0, 240.0)
+
+
+def _stack(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim == 2:
+        return a[None]
+    if a.ndim != 3:
+        raise ValueError(f"expected a 2-D or 3-D array, got shape {a.shape}")
+    return a
+
+
+def _check(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r, o = _stack(ref), _stack(out)
+    if r.shape != o.shape:
+        raise ValueError(f"shape mismatch: reference {r.shape} vs output {o.shape}")
+    return r, o
+
+
+def mr_range(ref: np.ndarray) -> tuple[float, float]:
+    """Data range used for MR: 0 .. 99.9th percentile of the reference."""
+    return 0.0, float(np.percentile(ref, 99.9))
+
+
+def psnr(ref: np.ndarray, out: np.ndarray, value_range: tuple[float, float],
+         mask: np.ndarray | None = None) -> float:
+    """Peak signal-to-noise ratio in dB: 10 log10(range^2 / MSE), both clipped to the range."""
+    r, o = _check(ref, out)
+    lo, hi = value_range
+    r, o = np.clip(r, lo, hi), np.clip(o, lo, hi)
+    err = (r - o) ** 2
+    mse = float(err[_stack(mask).astype(bool)].mean() if mask is not None else err.mean())
+    if mse == 0:
+        return math.inf
+    return 10.0 * math.log10((hi - lo) ** 2 / mse)
+
+
+def ssim_map(ref: np.ndarray, out: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """Per-pixel SSIM (z, y, x) computed slice by slice on images clipped to the range."""
+    r, o = _check(ref, out)
+    lo, hi = value_range
+    r, o = np.clip(r, lo, hi), np.clip(o, lo, hi)
+    maps = []
+    for k in range(r.shape[0]):
+        _, m = structural_similarity(r[k], o[k], data_range=hi - lo, gaussian_weights=True,
+                                     sigma=1.5, use_sample_covariance=False, full=True)
+        maps.append(m)
+    return np.stack(maps)
+
+
+def ssim(ref: np.ndarray, out: np.ndarray, value_range: tuple[float, float],
+         mask: np.ndarray | None = None) -> float:
+    """Mean SSIM (over the mask if given)."""
+    m = ssim_map(ref, out, value_range)
+    return float(m[_stack(mask).astype(bool)].mean() if mask is not None else m.mean())
+
+
+def roi_ssim(ref: np.ndarray, out: np.ndarray, value_range: tuple[float, float],
+             rois: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean SSIM inside each named region (empty regions are left out)."""
+    m = ssim_map(ref, out, value_range)
+    res: dict[str, float] = {}
+    for name, roi in rois.items():
+        sel = _stack(roi).astype(bool)
+        if sel.any():
+            res[name] = float(m[sel].mean())
+    return res
+
+
+def mae(ref: np.ndarray, out: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean absolute error (HU for CT)."""
+    r, o = _check(ref, out)
+    e = np.abs(r - o)
+    return float(e[_stack(mask).astype(bool)].mean() if mask is not None else e.mean())
+
+
+def flat_mask_from_reference(ref: np.ndarray, hu_range: tuple[float, float] = (-150.0, 250.0),
+                             max_gradient: float = 5.0, erosion: int = 3) -> np.ndarray:
+    """Flat soft-tissue regions of a reference CT: HU in range and a small local gradient.
+
+    Used when no label map exists (real slices). ``max_gradient`` is in HU per pixel of the
+    Gaussian-smoothed (sigma 2 px) reference.
+    """
+    r = _stack(ref)
+    out = np.zeros(r.shape, dtype=bool)
+    for k in range(r.shape[0]):
+        sm = ndimage.gaussian_filter(r[k], 2.0)
+        grad = np.hypot(*np.gradient(sm))
+        m = (sm > hu_range[0]) & (sm < hu_range[1]) & (grad < max_gradient)
+        out[k] = ndimage.binary_erosion(m, iterations=erosion)
+    return out
+
+
+def flat_mask_from_labels(labels: np.ndarray, tissues: tuple[int, ...],
+                          erosion: int = 3) -> np.ndarray:
+    """Interior (eroded by ``erosion`` px in plane) of the given tissue labels."""
+    lab = _stack(labels).astype(np.int64)
+    m = np.isin(lab, tissues)
+    return np.stack([ndimage.binary_erosion(s, iterations=erosion) for s in m])
+
+
+def noise_sd(ref: np.ndarray, out: np.ndarray, flat: np.ndarray) -> float:
+    """SD of the residual ``out - ref`` inside flat regions (remaining noise, HU for CT)."""
+    r, o = _check(ref, out)
+    sel = _stack(flat).astype(bool)
+    if not sel.any():
+        return math.nan
+    return float((o - r)[sel].std())
+
+
+@dataclass(frozen=True)
+class LesionScore:
+    """Per-lesion result. Diameter is the equivalent diameter of its largest cross-section."""
+
+    index: int
+    diameter_mm: float
+    contrast_ref: float
+    contrast_out: float
+    dice: float
+
+    @property
+    def contrast_ratio(self) -> float:
+        return self.contrast_out / self.contrast_ref if self.contrast_ref else math.nan
+
+
+def _ring(mask: np.ndarray, inner: int, outer: int) -> np.ndarray:
+    """Pixels between ``inner`` and ``outer`` px from the mask, in plane, slice by slice."""
+    res = np.zeros_like(mask)
+    for k in range(mask.shape[0]):
+        if mask[k].any():
+            d = ndimage.distance_transform_edt(~mask[k])
+            res[k] = (d > inner) & (d <= outer)
+    return res
+
+
+def lesion_scores(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
+                  spacing: tuple[float, float, float],
+                  exclude: np.ndarray | None = None) -> list[LesionScore]:
+    """Contrast and threshold-segmentation Dice for every lesion in ``lesion_mask``.
+
+    Contrast = mean inside the lesion (eroded by 1 px when it is wide enough) minus the mean
+    of a background ring 2-5 px around it (other lesions and ``exclude`` left out: e.g.
+    vessels). Segmentation: the output is smoothed (Gaussian, 0.75 px) and thresholded at the
+    midpoint between the *reference's* lesion and background means, inside the lesion grown by
+    max(2 px, radius / 2); connected components touching the lesion are kept; Dice against the
+    lesion's mask.
+    """
+    r, o = _check(ref, out)
+    lm = _stack(lesion_mask).astype(np.int64)
+    excl = _stack(exclude).astype(bool) if exclude is not None else np.zeros(lm.shape, bool)
+    px_area = spacing[1] * spacing[2]
+    o_s = np.stack([ndimage.gaussian_filter(s, 0.75) for s in o])
+    scores: list[LesionScore] = []
+    for idx in [int(v) for v in np.unique(lm) if v > 0]:
+        m = lm == idx
+        area = int(m.sum(axis=(1, 2)).max())
+        diam = 2.0 * math.sqrt(area * px_area / math.pi)
+        core = np.stack([ndimage.binary_erosion(s) if s.sum() > 20 else s for s in m])
+        ring = _ring(m, 2, 5) & (lm == 0) & ~excl
+        if not ring.any() or not core.any():
+            continue
+        bg_ref, le_ref = float(r[ring].mean()), float(r[core].mean())
+        bg_out, le_out = float(o[ring].mean()), float(o[core].mean())
+        thr = 0.5 * (bg_ref + le_ref)
+        margin = max(2, int(math.ceil(0.5 * diam / 2 / spacing[1])))
+        zz, yy, xx = np.nonzero(m)
+        box = (slice(zz.min(), zz.max() + 1),
+               slice(max(yy.min() - margin - 1, 0), yy.max() + margin + 2),
+               slice(max(xx.min() - margin - 1, 0), xx.max() + margin + 2))
+        mb = m[box]
+        roi = np.stack([ndimage.binary_dilation(sl, iterations=margin) for sl in mb])
+        seg = (o_s[box] < thr) if le_ref < bg_ref else (o_s[box] > thr)
+        seg &= roi & ((lm[box] == 0) | mb)  # neighbouring lesions do not count against it
+        comp, _ = ndimage.label(seg)
+        keep = np.unique(comp[seg & mb])
+        seg = np.isin(comp, keep[keep > 0])
+        inter = float((seg & mb).sum())
+        dice = 2 * inter / float(seg.sum() + mb.sum())
+        scores.append(LesionScore(idx, diam, le_ref - bg_ref, le_out - bg_out, dice))
+    return scores
+
+
+def summarize_lesions(scores: list[LesionScore], min_diameter_mm: float = 5.0
+                      ) -> dict[str, float]:
+    """Aggregate: lesions >= ``min_diameter_mm`` (Dice) and all lesions (contrast ratio)."""
+    big = [s for s in scores if s.diameter_mm >= min_diameter_mm]
+    small = [s for s in scores if s.diameter_mm < min_diameter_mm]
+    ratios = [s.contrast_ratio for s in scores if not math.isnan(s.contrast_ratio)]
+
+    def mean(v: list[float]) -> float:
+        return float(np.mean(v)) if v else math.nan
+
+    return {
+        "lesions": float(len(scores)),
+        "dice_ge5mm": mean([s.dice for s in big]),
+        "dice_lt5mm": mean([s.dice for s in small]),
+        "contrast_ratio": mean(ratios),
+        "contrast_ratio_ge5mm": mean([s.contrast_ratio for s in big]),
+        "contrast_within_10pct": mean([float(abs(x - 1) <= 0.1) for x in ratios]),
+    }

@@ -1,0 +1,89 @@
+"""Known answers for engine.metrics."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine.metrics import (
+    CT_RANGE,
+    CT_WINDOW,
+    flat_mask_from_labels,
+    flat_mask_from_reference,
+    lesion_scores,
+    mae,
+    noise_sd,
+    psnr,
+    roi_ssim,
+    ssim,
+    summarize_lesions,
+)
+
+
+def _disc_image(size=96, lesions=((30, 30, 8), (60, 64, 3), (70, 25, 1.5))):
+    yy, xx = np.mgrid[:size, :size]
+    ref = np.full((size, size), 100.0)
+    mask = np.zeros((size, size), np.int16)
+    for i, (cy, cx, r) in enumerate(lesions, start=1):
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        ref[m] = 40.0
+        mask[m] = i
+    return ref[None], mask[None]
+
+
+def test_psnr_known_perturbation():
+    ref = np.zeros((2, 16, 16))
+    assert psnr(ref, ref + 20.0, CT_RANGE) == pytest.approx(10 * math.log10(2000**2 / 400))
+    assert psnr(ref, ref, CT_RANGE) == math.inf
+    half = ref.copy()
+    half[:, :8] += 10.0  # MSE = 50
+    assert psnr(ref, half, (0.0, 100.0)) == pytest.approx(10 * math.log10(100**2 / 50))
+
+
+def test_ssim_identity_and_degradation():
+    rng = np.random.default_rng(0)
+    ref, _ = _disc_image()
+    assert ssim(ref, ref, CT_WINDOW) == pytest.approx(1.0)
+    s10 = ssim(ref, ref + rng.normal(0, 10, ref.shape), CT_WINDOW)
+    s40 = ssim(ref, ref + rng.normal(0, 40, ref.shape), CT_WINDOW)
+    assert 1.0 > s10 > s40 > 0.0
+    rois = roi_ssim(ref, ref, CT_WINDOW, {"all": np.ones_like(ref, bool),
+                                          "none": np.zeros_like(ref, bool)})
+    assert rois == {"all": pytest.approx(1.0)}
+
+
+def test_mae_and_noise_sd():
+    rng = np.random.default_rng(1)
+    ref, _ = _disc_image()
+    assert mae(ref, ref + 7.0) == pytest.approx(7.0)
+    noisy = ref + rng.normal(0, 10, ref.shape)
+    flat = flat_mask_from_reference(ref)
+    assert flat.sum() > 1000 and not flat[0, 30, 38]  # the lesion edge is not flat
+    assert noise_sd(ref, noisy, flat) == pytest.approx(10.0, rel=0.05)
+    labels = np.zeros((1, 20, 20), np.uint8)
+    labels[0, 5:15, 5:15] = 4
+    assert flat_mask_from_labels(labels, (4,), erosion=2).sum() == 36
+
+
+def test_lesion_contrast_and_dice():
+    ref, mask = _disc_image()
+    spacing = (1.0, 1.0, 1.0)
+    own = {s.index: s for s in lesion_scores(ref, ref, mask, spacing)}
+    assert own[1].dice > 0.9 and own[1].contrast_ratio == pytest.approx(1.0)
+    assert own[1].diameter_mm == pytest.approx(16.0, rel=0.1)
+    # halve every lesion's contrast: ratio 0.5, segmentation at the midpoint fails
+    halved = np.where(mask > 0, 70.0 + 0.0 * ref, ref)
+    h = {s.index: s for s in lesion_scores(ref, halved, mask, spacing)}
+    assert h[1].contrast_ratio == pytest.approx(0.5, abs=0.02)
+    # erase the lesions: contrast 0, Dice 0
+    erased = {s.index: s for s in lesion_scores(ref, np.full_like(ref, 100.0), mask, spacing)}
+    assert erased[1].dice == 0.0 and erased[1].contrast_ratio == pytest.approx(0.0)
+    summ = summarize_lesions(list(own.values()))
+    assert summ["lesions"] == 3 and summ["dice_ge5mm"] > 0.9
+    assert summ["contrast_within_10pct"] == 1.0
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError):
+        psnr(np.zeros((4, 4)), np.zeros((5, 4)), CT_RANGE)
