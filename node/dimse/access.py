@@ -116,8 +116,7 @@ def _handle_requested(event: evt.Event, ctx: NodeContext, policy: AccessPolicy) 
         return
     logger.warning("association refused: calling AE %r from %s to %r: %s",
                    calling, host, called, refusal.name.lower())
-    assoc.acse.send_reject(*refusal.value)
-    try:
+    try:  # recorded before the answer, so a refusal the peer saw is always in the ledger
         ctx.ledger.append(Event(
             type=EventType.ASSOCIATION_REJECTED, actor=f"ae:{calling}",
             outcome=Outcome.MINOR_FAILURE,
@@ -126,6 +125,7 @@ def _handle_requested(event: evt.Event, ctx: NodeContext, policy: AccessPolicy) 
         ))
     except Exception:
         logger.exception("could not record the refused association in the ledger")
+    assoc.acse.send_reject(*refusal.value)
 
 
 def _handle_accepted(event: evt.Event, ctx: NodeContext) -> None:

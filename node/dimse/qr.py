@@ -246,19 +246,19 @@ def handle_find(ctx: NodeContext, event: Any) -> Iterator[tuple[int, Dataset | N
     try:
         if root is None:
             status, reason = QueryRetrieve.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "not a C-FIND model"
-            yield status, status_dataset(status, reason)
+            yield status_dataset(status, reason), None
             return
         try:
             parsed = parse_identifier(event.identifier, root)
             query = build_query(parsed.level, parsed.keys)
         except (BadIdentifier, InvalidQuery) as exc:
             status, reason = QueryRetrieve.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)
-            yield status, status_dataset(status, reason)
+            yield status_dataset(status, reason), None
             return
         except Exception as exc:  # undecodable identifier
             log.warning("C-FIND identifier not understood: %s", type(exc).__name__)
             status, reason = QueryRetrieve.UNABLE_TO_PROCESS, "identifier not understood"
-            yield status, status_dataset(status, reason)
+            yield status_dataset(status, reason), None
             return
         pending = (
             QueryRetrieve.PENDING_WARNING
@@ -278,7 +278,7 @@ def handle_find(ctx: NodeContext, event: Any) -> Iterator[tuple[int, Dataset | N
         except Exception:
             log.exception("C-FIND failed after %d matches", matches)
             status, reason = QueryRetrieve.UNABLE_TO_PROCESS, "index query failed"
-            yield status, status_dataset(status, reason)
+            yield status_dataset(status, reason), None
             return
         status = General.SUCCESS
         yield status, None
@@ -420,7 +420,7 @@ def _sub_operations(
             return
         if ctx.stopping.is_set():
             status = QueryRetrieve.UNABLE_TO_PERFORM_SUB_OPERATIONS
-            yield status, status_dataset(status, "node shutting down")
+            yield status_dataset(status, "node shutting down"), None
             return
         yield QueryRetrieve.PENDING, _load(ctx, ref)
 
@@ -430,7 +430,7 @@ def handle_get(ctx: NodeContext, event: Any) -> Iterator[Any]:
     refs, status, reason, hook = _resolve(ctx, event, GET_MODELS, "C-GET", {})
     if refs is None:
         yield 1  # pynetdicom needs a count before the first status
-        yield status, status_dataset(status, reason)
+        yield status_dataset(status, reason), None
         return
     yield len(refs)
     yield from _sub_operations(ctx, event, refs, hook)
@@ -473,7 +473,7 @@ def handle_move(ctx: NodeContext, event: Any) -> Iterator[Any]:
         # handler; propose Verification only, then answer the failure (nothing is sent).
         yield dest.host, dest.port, {"contexts": [build_context(Verification)]}
         yield 1
-        yield status, status_dataset(status, reason)
+        yield status_dataset(status, reason), None
         return
     yield dest.host, dest.port, {"contexts": _move_contexts(refs) or [build_context(Verification)]}
     yield len(refs)

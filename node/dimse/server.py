@@ -33,10 +33,15 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from audit.events import Event, EventType, Outcome
 
 from node.context import NodeContext
+from node.dimse.status import General
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +109,78 @@ def merge_contexts(groups: Iterable[Sequence[PresentationContext]]) -> list[Pres
                 have.scu_role = bool(have.scu_role) or bool(cx.scu_role)
                 have.scp_role = bool(have.scp_role) or bool(cx.scp_role)
     return list(merged.values())
+
+
+def prefer_requestor_order(event: evt.Event) -> None:
+    """EVT_REQUESTED: reorder this association's supported transfer syntaxes so that, per
+    abstract syntax, the ones the requestor proposed come first in the requestor's order.
+
+    pynetdicom accepts the first of the *acceptor's* transfer syntaxes that the requestor
+    proposed; a sender lists its preferred syntax first (DCMTK: the file's own), so
+    honouring that order stores objects as they were encoded, with no conversion by the
+    sender (PS3.8 9.3.3.2 leaves the choice to the acceptor).
+    """
+    try:
+        proposed: dict[str, list[str]] = {}
+        for cx in event.assoc.requestor.primitive.presentation_context_definition_list:
+            order = proposed.setdefault(str(cx.abstract_syntax), [])
+            order.extend(str(ts) for ts in cx.transfer_syntax if str(ts) not in order)
+        for ac in event.assoc.acceptor.supported_contexts:
+            rq = proposed.get(str(ac.abstract_syntax))
+            if not rq:
+                continue
+            ours = [str(ts) for ts in ac.transfer_syntax]
+            first = [ts for ts in rq if ts in ours]
+            if first and ours[:len(first)] != first:
+                ac.transfer_syntax = first + [ts for ts in ours if ts not in first]
+    except Exception:  # a preference must never break negotiation
+        logger.exception("could not apply the requestor's transfer syntax order")
+
+
+class GuardedAssociation(Association):
+    """An acceptor association that answers a C-STORE whose Affected SOP Class UID is not
+    the abstract syntax of its presentation context (PS3.7 9.1.1.1.2, PS3.8 7.1.1.13) with
+    a failure status instead of aborting (pynetdicom aborts when no service class matches
+    the UID), so a malformed request costs the peer one object, not the association."""
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        if isinstance(msg, C_STORE):
+            cx = self._accepted_cx.get(context_id)
+            uid = str(msg.AffectedSOPClassUID or "")
+            if cx is not None and uid != str(cx.abstract_syntax):
+                rsp = C_STORE()
+                rsp.MessageIDBeingRespondedTo = msg.MessageID
+                rsp.AffectedSOPClassUID = cx.abstract_syntax
+                rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+                rsp.Status = int(General.SOP_CLASS_NOT_SUPPORTED)
+                rsp.ErrorComment = "Affected SOP Class UID is not the context's"
+                ctx: NodeContext | None = getattr(self._server, "node_ctx", None)
+                if ctx is not None:
+                    try:
+                        ctx.ledger.append(Event(
+                            type=EventType.INSTANCE_REJECTED,
+                            actor=f"ae:{str(self.requestor.ae_title).strip()}",
+                            outcome=Outcome.MINOR_FAILURE,
+                            payload={"reason": "sop_class_not_context",
+                                     "status": int(General.SOP_CLASS_NOT_SUPPORTED),
+                                     "context_abstract_syntax": str(cx.abstract_syntax)},
+                        ))
+                    except Exception:
+                        logger.exception("could not record the rejection in the ledger")
+                logger.warning("C-STORE refused: Affected SOP Class UID differs from the "
+                               "presentation context's abstract syntax")
+                self.dimse.send_msg(rsp, context_id)
+                return
+        super()._serve_request(msg, context_id)
+
+
+class NodeRequestHandler(RequestHandler):
+    """Creates :class:`GuardedAssociation` acceptors."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        assoc.__class__ = GuardedAssociation
+        return assoc
 
 
 class NodeAssociationServer(ThreadedAssociationServer):
@@ -176,7 +253,7 @@ class DimseServer:
         self.contexts = merge_contexts(m.contexts(ctx) for m in self.services)
         ae.supported_contexts = self.contexts
         self.ae = ae
-        self.handlers: list[Handler] = []
+        self.handlers: list[Handler] = [(evt.EVT_REQUESTED, prefer_requestor_order)]
         for m in self.services:
             self.handlers.extend(m.handlers(ctx))
         self._server: NodeAssociationServer | None = None
@@ -199,7 +276,9 @@ class DimseServer:
             (s.bind_address, s.port),
             evt_handlers=list(self.handlers),
             server_class=_reuse_port_server(self.reuse_port),
+            request_handler=NodeRequestHandler,
         )
+        server.node_ctx = self.ctx  # type: ignore[attr-defined]
         self.ae._servers.append(server)
         self._server = server
         self._thread = threading.Thread(

@@ -1,0 +1,190 @@
+"""Composition root: build the node's runtime objects from settings, recover after a crash,
+start and stop the services (design.md section 3).
+
+Start-up order:
+
+1. migrations (``alembic upgrade heads``) unless told not to;
+2. engine, file store, index, ledger -> :class:`~node.context.NodeContext`;
+3. recovery: remove orphan temp files and files the index does not reference (left by
+   a crash between rename and commit), report index rows whose file is missing;
+4. log the redacted effective config; ledger ``config.loaded`` and ``node.started``;
+5. DIMSE server (and, when their modules exist, the other services).
+
+Nothing here is a global: tests build as many nodes as they like in one process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from audit.events import Event, EventType, Outcome
+from audit.ledger import Ledger
+from config.settings import Settings, redacted
+from node.context import NodeContext
+from node.db import make_engine, upgrade
+from node.dimse.server import DimseServer
+from storage.filestore import FileStore
+from storage.index import Index
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Node", "RecoveryReport", "build_context", "create_node", "recover"]
+
+NODE_ACTOR = "component:node"
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What start-up recovery found (design.md 4: nothing or the whole instance)."""
+
+    temp_files_removed: int
+    unreferenced_files_removed: int
+    missing_files: tuple[str, ...]  # index rows without their file: must stay empty
+
+
+def build_context(settings: Settings, *, migrate: bool = True,
+                  fsync: bool = True) -> NodeContext:
+    """Create the shared runtime objects (no network service is started).
+
+    Parameters
+    ----------
+    settings : Settings
+        Validated settings.
+    migrate : bool
+        Apply every component's migrations first.
+    fsync : bool
+        File store fsync; ``False`` only for benchmarks that price durability.
+    """
+    url = settings.database_url
+    if migrate:
+        upgrade(url)
+    engine = make_engine(url, echo=settings.database.echo)
+    store = FileStore(settings.store_root, min_free_bytes=settings.storage.min_free_bytes,
+                      fsync=fsync)
+    return NodeContext(settings=settings, engine=engine, store=store, index=Index(engine),
+                       ledger=Ledger(engine), logger=logging.getLogger("node"))
+
+
+def recover(ctx: NodeContext, *, remove_unreferenced: bool = True) -> RecoveryReport:
+    """Start-up recovery; run before any service accepts work.
+
+    Removes temp files of interrupted writes and stored files no index row references
+    (a crash after rename, before commit: the sender got no success for them). Index rows
+    whose file is missing are reported (logged as errors), never silently dropped.
+    """
+    temp = ctx.store.sweep_temp()
+    referenced = ctx.index.file_paths()
+    removed = 0
+    if remove_unreferenced:
+        for rel in ctx.store.unreferenced(referenced):
+            if ctx.store.delete(rel):
+                removed += 1
+        if removed:
+            logger.warning("removed %d stored file(s) without an index row", removed)
+    missing = tuple(sorted(p for p in referenced if not ctx.store.exists(p)))
+    if missing:
+        logger.error("%d indexed instance(s) have no file in the store (first: %s)",
+                     len(missing), missing[0])
+    return RecoveryReport(temp, removed, missing)
+
+
+class Node:
+    """A running node: context plus services.
+
+    Use :func:`create_node`; then :meth:`start`, and :meth:`stop` (or :meth:`run` to
+    block until a stop is requested, e.g. by SIGTERM).
+    """
+
+    def __init__(self, ctx: NodeContext, dimse: DimseServer, recovery: RecoveryReport):
+        self.ctx = ctx
+        self.dimse = dimse
+        self.recovery = recovery
+        self.stop_requested = threading.Event()
+        self._stopped = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.dimse.address
+
+    def start(self) -> tuple[str, int]:
+        host, port = self.dimse.start()
+        s = self.ctx.settings
+        self.ctx.ledger.append(Event(
+            type=EventType.NODE_STARTED, actor=NODE_ACTOR,
+            payload={"ae_title": s.dimse.ae_title, "bind_address": host, "port": port,
+                     "pid": os.getpid(), "version": _version(),
+                     "recovery": {"temp_files_removed": self.recovery.temp_files_removed,
+                                  "unreferenced_files_removed":
+                                      self.recovery.unreferenced_files_removed,
+                                  "missing_files": len(self.recovery.missing_files)}},
+        ))
+        return host, port
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Refuse new associations, finish in-flight stores, record ``node.stopped``."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.dimse.stop(grace_s)
+        try:
+            self.ctx.ledger.append(Event(type=EventType.NODE_STOPPED, actor=NODE_ACTOR,
+                                         payload={"pid": os.getpid()}))
+        except Exception:
+            logger.exception("could not record node.stopped")
+        self.ctx.engine.dispose()
+
+    def request_stop(self) -> None:
+        """Thread- and signal-safe: ask :meth:`run` to stop."""
+        self.stop_requested.set()
+
+    def run(self, grace_s: float = 30.0) -> None:
+        """Start if needed, block until :meth:`request_stop`, then stop gracefully."""
+        try:
+            self.dimse.address
+        except RuntimeError:
+            self.start()
+        while not self.stop_requested.wait(0.5):
+            pass
+        self.stop(grace_s)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("synthnode")
+    except Exception:
+        return "unknown"
+
+
+def config_digest(settings: Settings) -> tuple[dict[str, Any], str]:
+    """The redacted effective config and the SHA-256 of its canonical JSON."""
+    eff = redacted(settings)
+    canon = json.dumps(eff, sort_keys=True, separators=(",", ":"), default=str)
+    return eff, hashlib.sha256(canon.encode()).hexdigest()
+
+
+def create_node(settings: Settings, *, services: list[Any] | None = None,
+                migrate: bool = True, reuse_port: bool = False, fsync: bool = True,
+                ctx: NodeContext | None = None) -> Node:
+    """Build a node ready to :meth:`Node.start`: migrations, context, recovery, config
+    logged and recorded, DIMSE server assembled."""
+    ctx = ctx or build_context(settings, migrate=migrate, fsync=fsync)
+    report = recover(ctx)
+    eff, digest = config_digest(settings)
+    logger.info("effective configuration (secrets redacted): %s",
+                json.dumps(eff, sort_keys=True, default=str))
+    src = getattr(settings, "_source_file", None)
+    ctx.ledger.append(Event(
+        type=EventType.CONFIG_LOADED, actor=NODE_ACTOR,
+        outcome=Outcome.SUCCESS,
+        payload={"config_sha256": digest, "source": str(src) if src else "<defaults>",
+                 "environment": settings.environment},
+    ))
+    dimse = DimseServer(ctx, services, reuse_port=reuse_port)
+    return Node(ctx, dimse, report)
