@@ -75,10 +75,22 @@ class Report:
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(p)
 
+    def sort(self) -> None:
+        """Most precise finding first: single entries, then the narrowest entry ranges."""
+        def key(p: Problem) -> tuple[bool, int, int]:
+            if p.seq is None:
+                return (True, 0, 0)
+            return (False, (p.last if p.last is not None else p.seq) - p.seq, p.seq)
+
+        self.problems.sort(key=key)
+
     @property
     def first_bad_entry(self) -> int | None:
-        seqs = [p.seq for p in self.problems if p.seq is not None]
-        return min(seqs) if seqs else None
+        """The entry the most precise finding names (start of its range)."""
+        for p in self.problems:
+            if p.seq is not None:
+                return p.seq
+        return None
 
     def as_dict(self) -> dict[str, object]:
         return {"ok": self.ok, "size": self.size, "root": self.root.hex(),
@@ -218,8 +230,7 @@ def _verify(rows: Iterable[tuple[int, bytes, bytes]], verifier: Verifier,
                 report.add(Problem("checkpoint", f"database checkpoint {s} is not in the checkpoint file"))
             elif fsigned[s] != root:
                 report.add(Problem("fork", f"database and file disagree on the root of size {s}"))
-    # keep the most useful problem first: the lowest entry named
-    report.problems.sort(key=lambda p: (p.seq is None, p.seq if p.seq is not None else 0))
+    report.sort()
     return report
 
 
@@ -274,7 +285,7 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
             if extra != size2 - limit:
                 report.add(Problem("inserted", f"{extra} entries beyond the head size {limit} "
                                    f"(head now {size2})", limit))
-                report.problems.sort(key=lambda p: (p.seq is None, p.seq or 0))
+                report.sort()
         for j in junk:
             report.add(Problem("checkpoint", "checkpoint file holds a record that is not a signed "
                                f"note: {j[:60]!r}"))
