@@ -349,12 +349,6 @@ def train(
         log.info("resumed %s at step %d", cfg["model_id"], start_step)
     elif metrics_path.exists():
         metrics_path.unlink()
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_lambda(s, tc.warmup, tc.steps), last_epoch=start_step - 1 if start_step else -1
-    )
-    if start_step:
-        for g in opt.param_groups:
-            g["lr"] = tc.lr * _lr_lambda(start_step, tc.warmup, tc.steps)
     use_amp = device.startswith("cuda")
     p_uncond = float(cfg["p_uncond"])
     net.train()
@@ -362,6 +356,8 @@ def train(
     ema_loss = None
     with metrics_path.open("a") as mlog:
         for step in range(start_step, tc.steps):
+            for g in opt.param_groups:  # warm-up + cosine decay, a pure function of the step
+                g["lr"] = tc.lr * _lr_lambda(step, tc.warmup, tc.steps)
             target, cond = make_batch(tc.task, data, gen, tc.batch, tc.crop)
             x0 = dwt2(target).to(device)
             c = dwt2(cond).to(device)
@@ -381,7 +377,6 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
-            lr_sched.step()
             d = min(tc.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 for k, v in net.state_dict().items():
