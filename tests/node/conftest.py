@@ -185,3 +185,50 @@ def node_process(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     yield _make
     for p in procs:
         p.kill()
+
+
+def write_part10(path: Path, dataset_bytes: bytes, sop_class: str, sop_instance: str,
+                 transfer_syntax: str) -> Path:
+    """Write raw data set bytes behind a valid File Meta header (to send malformed data)."""
+    from node.ingest import build_part10
+
+    path.write_bytes(build_part10(dataset_bytes, sop_class, sop_instance, transfer_syntax))
+    return path
+
+
+def scu_store(address: tuple[str, int], files: list[Path], *, calling: str = "TESTSCU",
+              called: str = "SYNTHNODE") -> list[int | None]:
+    """Send each file's data set bytes unchanged (pynetdicom, chunked from the file) on one
+    association; returns each C-STORE status (None: no response). Raises if refused."""
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE, _config
+
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    seen: set[tuple[str, str]] = set()
+    for f in files:
+        m = read_file_meta_info(f)
+        key = (str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
+        if key not in seen:
+            seen.add(key)
+            ae.add_requested_context(*key)
+    assoc = ae.associate(address[0], address[1], ae_title=called)
+    if not assoc.is_established:
+        raise ConnectionRefusedError("association refused")
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    out: list[int | None] = []
+    try:
+        for f in files:
+            rsp = assoc.send_c_store(f)
+            out.append(getattr(rsp, "Status", None))
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+        assoc.release()
+    return out
+
+
+def ledger_events(node: Any, type_: str | None = None) -> list[Any]:
+    """Events in a node's ledger (optionally of one type), oldest first."""
+    evs = [e.event for e in node.ctx.ledger.entries()]
+    return [e for e in evs if type_ is None or getattr(e.type, "value", e.type) == type_]
