@@ -131,7 +131,7 @@ def real_slices() -> list[Slice]:
     return out
 
 
-def augment(base: Slice, rng: np.random.Generator) -> Slice:
+def augment(base: Slice, rng: np.random.Generator, min_side: int = 128) -> Slice:
     """Random flip / 90-degree rotation / crop (shift) / added noise of a real slice."""
     a = base.arr.astype(np.int64)
     if rng.random() < 0.5:
@@ -140,8 +140,8 @@ def augment(base: Slice, rng: np.random.Generator) -> Slice:
         a = a[::-1]
     a = np.rot90(a, int(rng.integers(0, 4)))
     ny, nx = a.shape
-    if min(ny, nx) > 160:
-        side = int(rng.integers(128, min(ny, nx, 512) + 1))
+    if min(ny, nx) > min_side + 32:
+        side = int(rng.integers(min_side, min(ny, nx, 512) + 1))
         y0, x0 = int(rng.integers(0, ny - side + 1)), int(rng.integers(0, nx - side + 1))
         a = a[y0 : y0 + side, x0 : x0 + side]
     sigma = rng.choice([0.0, 1.0, 3.0, 8.0])
@@ -374,7 +374,10 @@ def build_sets(n_pos: int, n_neg: int) -> tuple[list[Slice], list[Slice]]:
     per_vol = 8 * 3
     pos_ph = list(phantom_slices(2_000_000_000, max(1, (n_pos // 2) // per_vol + 1)))[: n_pos // 2]
     neg_ph = list(phantom_slices(2_100_000_000, max(1, (n_neg // 3) // per_vol + 1)))[: n_neg // 3]
-    pos = pos_ph + [augment(reals[i % len(reals)], rng) for i in range(n_pos - len(pos_ph))]
+    # Positives stand for generated outputs (256 / 512 matrices): real slices >= 256 px only;
+    # the 64 / 128 px slices are negatives only (their limit is documented separately).
+    big = [r for r in reals if min(r.arr.shape) >= 256]
+    pos = pos_ph + [augment(big[i % len(big)], rng, 256) for i in range(n_pos - len(pos_ph))]
     neg_base = neg_ph + list(reals)
     neg = neg_base + [augment(reals[i % len(reals)], rng) for i in range(n_neg - len(neg_base))]
     # Unmarked phantoms also with augmentation (flip / crop / noise) to reach the count.
@@ -410,8 +413,8 @@ def summarise(pos: list[dict], neg: list[dict], thr: float, command: str, elapse
     ps = np.array([f["psnr_db"] for f in fid])
     ss = np.array([f["ssim"] for f in fid])
     lines += [
-        "## Fidelity of embedding (max_delta = 2 stored units, strength "
-        f"{wm_core.DEFAULT_STRENGTH})", "",
+        "## Fidelity of embedding (strength " f"{wm_core.DEFAULT_STRENGTH}; max_delta = 2 for CT (HU), "
+        "suggest_max_delta = max(2, 0.25 x noise sd) for MR / other)", "",
         f"- positives: {len(pos)}; max |delta| over all: {md.max():.0f}; outside valid range: "
         f"{sum(not f['in_range'] for f in fid)}",
         f"- PSNR at stored bit depth: min {ps.min():.1f} dB, median {np.median(ps):.1f} dB",
@@ -443,10 +446,12 @@ def summarise(pos: list[dict], neg: list[dict], thr: float, command: str, elapse
     for r in pos:
         by_src.setdefault(str(r["source"]).split(":")[0] + (":" + str(r["source"]).split(":")[1]
                           if str(r["source"]).startswith("real") else ""), []).append(r)
-    lines += ["## Per source (transform 'none' / 'jpeg q75 (soft)' / 'resize 0.5x' TPR)", "",
-              "| source | n | none | jpeg q75 soft | resize 0.5x |", "|---|---|---|---|---|"]
+    cols = ("none", "png window soft", "jpeg q75 (soft)", "resize 0.5x", "crop <=10%/side")
+    lines += ["## TPR per source", "",
+              "| source | n | max_delta (median) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
     for src, rs in sorted(by_src.items()):
-        cells = [f"{np.mean([r['t'][t]['marked'] for r in rs]):.1%}" for t in ("none", "jpeg q75 (soft)", "resize 0.5x")]
+        cells = [f"{np.median([r['max_delta'] for r in rs]):.0f}"]
+        cells += [f"{np.mean([r['t'][t]['marked'] for r in rs]):.1%}" for t in cols]
         lines.append(f"| {src} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,8 @@ TILE = 64
 R_LO = 2.5
 R_HI = 16.0
 BINS_PER_BIT = 2
-SYNC_ENERGY = 0.30  # fraction of the mark's energy in the sync template
+SYNC_ENERGY = 0.30
+TILT = 0.0  # spectral tilt exponent; 1.0 measured worse on phantom CT (docs/watermark.md)  # fraction of the mark's energy in the sync template
 
 
 def _half_plane_bins() -> NDArray[np.int64]:
@@ -91,13 +92,19 @@ def _layout_cached(secret: bytes, key_id: int) -> Layout:
     # Amplitudes so that the sync template holds SYNC_ENERGY of the mark's energy.
     a_sync = np.sqrt(SYNC_ENERGY / N_SYNC_BINS)
     a_pay = np.sqrt((1.0 - SYNC_ENERGY) / N_PAYLOAD_BINS)
+    # Spectral tilt: amplitude ~ radius**-TILT (more energy where JPEG and resizing keep it),
+    # normalised to unit mean power within each group.
+    radius = np.hypot(BINS[:, 0], BINS[:, 1]).astype(np.float64)
+    tilt = radius ** (-TILT)
+    tilt_sync = tilt / np.sqrt(np.mean(tilt[sync_idx] ** 2))
+    tilt_pay = tilt / np.sqrt(np.mean(tilt[pay_idx.ravel()] ** 2))
     sync_tile = _spectrum_to_tile(
-        {(int(BINS[i, 0]), int(BINS[i, 1])): a_sync * np.exp(1j * phases[i]) for i in sync_idx}
+        {(int(BINS[i, 0]), int(BINS[i, 1])): a_sync * tilt_sync[i] * np.exp(1j * phases[i]) for i in sync_idx}
     )
     pay_tiles = np.stack(
         [
             _spectrum_to_tile(
-                {(int(BINS[i, 0]), int(BINS[i, 1])): a_pay * np.exp(1j * phases[i]) for i in group}
+                {(int(BINS[i, 0]), int(BINS[i, 1])): a_pay * tilt_pay[i] * np.exp(1j * phases[i]) for i in group}
             )
             for group in pay_idx
         ]
