@@ -1,0 +1,351 @@
+"""Evaluation of restoration / synthesis methods on held-out data, with a Markdown + PNG report.
+
+A *method* is any callable ``Volume -> Volume`` (the engine's models through
+:func:`model_method`, the classical baselines of :mod:`engine.baselines`, the identity). Every
+method sees the same :class:`Case` list (input, reference, optional labels and lesion mask)
+and is scored with :mod:`engine.metrics`:
+
+* CT (``ct_denoise``): PSNR on -1000..1000 HU, SSIM on the -160..240 HU window, MAE in HU over
+  the body, residual noise SD in flat tissue interiors, lesion contrast ratio and lesion Dice.
+* MR (``mr_denoise``, ``ct_to_mr``): PSNR / SSIM on 0..p99.9 of the reference (whole image and
+  body only), MAE over the body, noise SD, ROI SSIM (liver / brain / lesions), lesion metrics.
+
+Held-out phantoms come from the *test* split of :mod:`engine.phantoms` (seeds
+``2e9 + i``), never from the training split. Low-dose inputs: :func:`engine.degrade.low_dose_ct`
+with ``seed = phantom seed``; MR noise: :func:`engine.degrade.mr_noise` at ``snr``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from engine import metrics as M
+from engine.api import Intensity, Volume
+
+log = logging.getLogger(__name__)
+
+Method = Callable[[Volume], Volume]
+EVAL_TASKS = ("ct_denoise", "mr_denoise", "ct_to_mr")
+# tissues whose interiors count as "flat" for the residual-noise SD (engine.phantoms.Tissue)
+FLAT_TISSUES = (1, 2, 4, 7, 8, 11, 12)  # fat, muscle, liver, kidney, spleen, GM, WM
+ROI_NAMES = {"liver": (4,), "brain": (11, 12)}
+VESSEL = 5
+AIR = 0
+
+
+@dataclass
+class Case:
+    """One held-out example: what the method gets and what it should produce."""
+
+    name: str
+    input: Volume
+    reference: Volume
+    labels: np.ndarray | None = None
+    lesion_mask: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Section:
+    """Results of several methods on one list of cases."""
+
+    title: str
+    task: str
+    description: str
+    per_case: dict[str, list[dict[str, float]]]  # method -> one metrics dict per case
+    pictures: list[str] = field(default_factory=list)
+
+    def mean(self, method: str) -> dict[str, float]:
+        rows = self.per_case[method]
+        keys = sorted({k for r in rows for k in r})
+        out: dict[str, float] = {}
+        for k in keys:
+            vals = [r[k] for r in rows if k in r and not math.isnan(r[k])]
+            out[k] = float(np.mean(vals)) if vals else math.nan
+        return out
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: float = 0.25,
+                  snr: float = 15.0, target: str = "t1w", kind: str = "mixed",
+                  split: str = "test", start: int = 0) -> list[Case]:
+    """Held-out phantom cases for ``task`` (``EVAL_TASKS``).
+
+    ct_denoise  input low-dose CT at ``dose``, reference the noise-free phantom CT
+    mr_denoise  input Rician-noised MR at ``snr`` (``target`` t1w / t2w / both alternating),
+                reference the noise- and bias-free MR
+    ct_to_mr    input the normal-dose CT (dose 1.0 simulation), reference the noise- and
+                bias-free ``target`` MR
+    """
+    from engine.degrade import low_dose_ct, mr_noise
+    from engine.phantoms import iter_dataset
+
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
+    cases = []
+    for i, s in enumerate(iter_dataset(split, n, size=size, n_slices=n_slices, kind=kind,  # type: ignore[arg-type]
+                                       start=start, mr_snr=None, bias_strength=0.0)):
+        info = {"seed": s.seed, "kind": s.kind, "split": split, "size": size,
+                "n_slices": n_slices, "lesion_diameters_mm": [round(les.diameter_mm, 1)
+                                                              for les in s.lesions]}
+        if task == "ct_denoise":
+            ld = low_dose_ct(s.ct_hu, s.spacing[1], dose, seed=s.seed)
+            inp, ref = Volume(ld, s.spacing, Intensity.HU), Volume(s.ct_hu, s.spacing, Intensity.HU)
+            info["dose"] = dose
+        elif task == "mr_denoise":
+            w = target if target in ("t1w", "t2w") else ("t1w" if i % 2 == 0 else "t2w")
+            clean = getattr(s, w)
+            ity = Intensity.MR_T1W if w == "t1w" else Intensity.MR_T2W
+            noisy = mr_noise(clean, snr, seed=s.seed, mask=s.labels != AIR).astype(np.float32)
+            inp, ref = Volume(noisy, s.spacing, ity), Volume(clean, s.spacing, ity)
+            info.update(snr=snr, weighting=w)
+        else:
+            nd = low_dose_ct(s.ct_hu, s.spacing[1], 1.0, seed=s.seed)
+            ity = Intensity.MR_T1W if target == "t1w" else Intensity.MR_T2W
+            inp = Volume(nd, s.spacing, Intensity.HU)
+            ref = Volume(getattr(s, target), s.spacing, ity)
+            info["target"] = target
+        cases.append(Case(f"{split}-{s.seed}-{s.kind}", inp, ref, s.labels, s.lesion_mask, info))
+    return cases
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score(case: Case, output: Volume) -> dict[str, float]:
+    """All metrics of one output against its case's reference."""
+    ref, out = case.reference.data, output.data
+    if out.shape != ref.shape:
+        raise ValueError(f"{case.name}: output shape {out.shape} != reference {ref.shape}")
+    is_ct = case.reference.intensity == Intensity.HU
+    if case.labels is not None:
+        body = case.labels != AIR
+        flat = M.flat_mask_from_labels(case.labels, FLAT_TISSUES)
+    else:
+        body = (ref > -500) if is_ct else (ref > 0.1 * np.percentile(ref, 99))
+        flat = (M.flat_mask_from_reference(ref) if is_ct
+                else M.flat_mask_from_reference(ref, (0.1 * float(np.percentile(ref, 99)), math.inf),
+                                                max_gradient=0.02 * float(np.percentile(ref, 99))))
+    res: dict[str, float] = {}
+    if is_ct:
+        res["psnr"] = M.psnr(ref, out, M.CT_RANGE)
+        res["ssim"] = M.ssim(ref, out, M.CT_WINDOW)
+        res["mae_hu"] = M.mae(ref, out, body)
+    else:
+        rg = M.mr_range(ref)
+        res["psnr"] = M.psnr(ref, out, rg)
+        smap = M.ssim_map(ref, out, rg)
+        res["ssim"] = float(smap.mean())
+        res["ssim_body"] = float(smap[body].mean())
+        res["mae"] = M.mae(ref, out, body)
+        if case.labels is not None:
+            for name, tissues in ROI_NAMES.items():
+                roi = np.isin(case.labels, tissues)
+                if roi.any():
+                    res[f"ssim_{name}"] = float(smap[roi].mean())
+            if case.lesion_mask is not None and (case.lesion_mask > 0).any():
+                res["ssim_lesions"] = float(smap[case.lesion_mask > 0].mean())
+    res["noise_sd"] = M.noise_sd(ref, out, flat)
+    if case.lesion_mask is not None and (case.lesion_mask > 0).any():
+        excl = case.labels == VESSEL if case.labels is not None else None
+        scores = M.lesion_scores(ref, out, case.lesion_mask, case.reference.spacing, exclude=excl)
+        for k, v in M.summarize_lesions(scores).items():
+            res[f"lesion_{k}"] = v
+    return res
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _to_u8(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def _display_range(v: Volume, ref: Volume) -> tuple[float, float]:
+    if v.intensity == Intensity.HU:
+        return M.CT_WINDOW
+    return 0.0, float(np.percentile(ref.data, 99.5)) or 1.0
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def picture(case: Case, outputs: dict[str, Volume], path: Path, tile: int = 256) -> Path:
+    """Grid PNG of the centre slice: one row per method, input | output | reference | difference.
+
+    CT in the soft-tissue window (-160..240 HU), MR on 0..p99.5 of the reference; the
+    difference (output - reference) is mid-grey at 0 and saturates at +/- 1/4 of that range.
+    """
+    k = case.reference.data.shape[0] // 2
+    ref = case.reference.data[k]
+    head = 18
+    cols = ("input", "output", "reference", "difference")
+    width = tile * len(cols)
+    height = head + len(outputs) * (tile + head)
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(13)
+    for j, c in enumerate(cols):
+        draw.text((j * tile + 4, 2), c, fill=255, font=font)
+    in_lo, in_hi = _display_range(case.input, case.input)
+    ref_lo, ref_hi = _display_range(case.reference, case.reference)
+    span = (ref_hi - ref_lo) / 4
+    for r, (name, out) in enumerate(outputs.items()):
+        y0 = head + r * (tile + head)
+        draw.text((4, y0 + 2), name, fill=255, font=font)
+        o = out.data[k]
+        tiles = [_to_u8(case.input.data[k], in_lo, in_hi), _to_u8(o, ref_lo, ref_hi),
+                 _to_u8(ref, ref_lo, ref_hi), _to_u8(o - ref, -span, span)]
+        for j, t in enumerate(tiles):
+            im = Image.fromarray(t).resize((tile, tile), Image.Resampling.LANCZOS)
+            canvas.paste(im, (j * tile, y0 + head))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)
+    return path
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def run_section(title: str, task: str, cases: Sequence[Case], methods: dict[str, Method],
+                out_dir: Path | str, description: str = "", n_pictures: int = 2,
+                include_input: bool = True) -> Section:
+    """Score every method on every case; write pictures of the first ``n_pictures`` cases.
+
+    ``include_input`` also scores the unprocessed input (for restoration) as a reference row.
+    Each method's wall time per slice is recorded as ``sec_per_slice``.
+    """
+    out_dir = Path(out_dir)
+    per_case: dict[str, list[dict[str, float]]] = {}
+    all_methods: dict[str, Method] = {}
+    if include_input and task != "ct_to_mr":
+        all_methods["input (no processing)"] = lambda v: v
+    all_methods.update(methods)
+    pics = []
+    slug = "".join(ch if ch.isalnum() else "_" for ch in title.lower()).strip("_")
+    for ci, case in enumerate(cases):
+        outputs: dict[str, Volume] = {}
+        for name, fn in all_methods.items():
+            t0 = time.perf_counter()
+            out = fn(case.input)
+            dt = time.perf_counter() - t0
+            if not isinstance(out, Volume):
+                raise TypeError(f"method {name!r} returned {type(out).__name__}, not Volume")
+            row = score(case, out)
+            row["sec_per_slice"] = dt / case.input.data.shape[0]
+            per_case.setdefault(name, []).append(row)
+            outputs[name] = out
+            log.info("%s %s %s: %s", title, case.name, name,
+                     {k: round(v, 4) for k, v in row.items() if k in ("psnr", "ssim")})
+        if ci < n_pictures:
+            p = picture(case, {k: v for k, v in outputs.items() if not k.startswith("input")}
+                        or outputs, out_dir / f"{slug}_{ci}.png")
+            pics.append(p.name)
+    return Section(title, task, description, per_case, pics)
+
+
+_COLUMNS = [
+    ("psnr", "PSNR dB", 2), ("ssim", "SSIM", 4), ("ssim_body", "SSIM body", 4),
+    ("mae_hu", "MAE HU", 1), ("mae", "MAE", 1), ("noise_sd", "noise SD", 1),
+    ("ssim_liver", "SSIM liver", 4), ("ssim_brain", "SSIM brain", 4),
+    ("ssim_lesions", "SSIM lesions", 4),
+    ("lesion_contrast_ratio", "lesion contrast ratio", 3),
+    ("lesion_contrast_within_10pct", "lesions within 10 %", 2),
+    ("lesion_dice_ge5mm", "Dice >= 5 mm", 3), ("lesion_dice_lt5mm", "Dice < 5 mm", 3),
+    ("sec_per_slice", "s / slice", 3),
+]
+
+
+def section_markdown(sec: Section) -> str:
+    """Markdown table (means over cases) plus picture links."""
+    means = {m: sec.mean(m) for m in sec.per_case}
+    cols = [c for c in _COLUMNS if any(c[0] in v and not math.isnan(v[c[0]]) for v in means.values())]
+    n = len(next(iter(sec.per_case.values()))) if sec.per_case else 0
+    lines = [f"## {sec.title}", "", sec.description, "", f"Mean over {n} case(s).", "",
+             "| method | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for m, v in means.items():
+        cells = []
+        for key, _, nd in cols:
+            x = v.get(key, math.nan)
+            cells.append("-" if math.isnan(x) else ("inf" if math.isinf(x) else f"{x:.{nd}f}"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for p in sec.pictures:
+        lines += [f"![{sec.title}]({p})", ""]
+    return "\n".join(lines)
+
+
+CONVENTIONS = """\
+Metric conventions: CT PSNR on -1000..1000 HU (data range 2000), CT SSIM on the -160..240 HU
+window (data range 400, Gaussian window sigma 1.5); MR PSNR / SSIM on 0..p99.9 of the
+reference; MAE over the body; noise SD = SD of (output - reference) in eroded interiors of
+fat, muscle, liver, kidney, spleen, grey and white matter (phantoms) or flat soft tissue of
+the reference (real slices); lesion contrast ratio = (lesion - ring background) of the output
+over that of the reference; lesion Dice of a threshold segmentation at the midpoint of the
+reference's lesion and background means (engine/metrics.py). Pictures: input | output |
+reference | output - reference, centre slice.
+"""
+
+
+def write_report(sections: Sequence[Section], out_dir: Path | str, title: str,
+                 preamble: str = "") -> Path:
+    """Write ``report.md`` and ``metrics.json`` (every per-case number) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", "", preamble, "", CONVENTIONS, ""]
+    md += [section_markdown(s) for s in sections]
+    (out_dir / "report.md").write_text("\n".join(md))
+    payload = [{"title": s.title, "task": s.task, "description": s.description,
+                "mean": {m: s.mean(m) for m in s.per_case}, "per_case": s.per_case,
+                "pictures": s.pictures} for s in sections]
+    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=1, default=_json_num))
+    return out_dir / "report.md"
+
+
+def _json_num(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(type(x).__name__)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def model_method(model_dir: Path | str, task: str, params: dict[str, Any] | None = None,
+                 seed: int = 0, options: Any = None) -> tuple[Method, dict[str, Any]]:
+    """A ``Volume -> Volume`` method from a model folder, through :func:`engine.api.run_task`.
+
+    Returns the method and a description (model id, version, objective, SHA-256).
+    """
+    from engine.api import run_task
+    from engine.models import load_model_dir
+
+    model = load_model_dir(model_dir)
+
+    def run(volume: Volume) -> Volume:
+        return run_task(task, volume, model=model, params=params, seed=seed,
+                        options=options).outputs[0]
+
+    desc = {"model_id": model.model_id, "version": model.version,
+            "objective": model.objective, "weights_sha256": model.weights_sha256}
+    return run, desc
+
+
+def section_dicts(sections: Sequence[Section]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in sections]
