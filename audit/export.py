@@ -1,0 +1,419 @@
+"""Ledger exports: verifiable JSON lines, DICOM audit messages, FHIR R4 AuditEvent /
+Provenance; and lineage (source instances -> jobs -> outputs -> dispatches).
+
+DICOM audit messages follow PS3.15 A.5 (IHE ATNA, RFC 3881 heritage): one
+``<AuditMessage>`` per ledger entry, EventID from DCID 400, EventActionCode C/R/U/D/E,
+EventOutcomeIndicator 0/4/8/12, ActiveParticipant with RoleIDCode 110153 (Source) /
+110152 (Destination), ParticipantObjectIdentification with 110180 (Study Instance UID),
+and a ParticipantObjectDetail ``ledger-leaf`` carrying ``seq:leafhash`` that ties each
+message to its ledger entry.
+
+FHIR resources are R4 AuditEvent (IHE BALP style) and Provenance (``output.created``:
+target = output series, entity role ``source`` = source series, agent = the model Device
+with its weights digest); validated with ``fhir.resources`` R4B models (AuditEvent and
+Provenance are unchanged between R4 and R4B).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from audit.events import Event, EventType, Outcome, format_time
+from audit.ledger import Ledger, StoredEntry
+
+DCM = "DCM"
+DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+ACTION_SYSTEM = "http://hl7.org/fhir/audit-event-action"
+OUTCOME_CODE = {Outcome.SUCCESS: "0", Outcome.MINOR_FAILURE: "4",
+                Outcome.SERIOUS_FAILURE: "8", Outcome.MAJOR_FAILURE: "12"}
+
+# DCID 400 Audit Event ID: (code, meaning)
+APPLICATION_ACTIVITY = ("110100", "Application Activity")
+AUDIT_LOG_USED = ("110101", "Audit Log Used")
+INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
+INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+EXPORT = ("110106", "Export")
+QUERY = ("110112", "Query")
+SECURITY_ALERT = ("110113", "Security Alert")
+USER_AUTHENTICATION = ("110114", "User Authentication")
+
+# ledger event type -> (EventID, EventActionCode, EventTypeCode or None)
+EVENT_MAP: dict[EventType, tuple[tuple[str, str], str, tuple[str, str] | None]] = {
+    EventType.ASSOCIATION_ACCEPTED: (USER_AUTHENTICATION, "E", ("110122", "Login")),
+    EventType.ASSOCIATION_REJECTED: (SECURITY_ALERT, "E", ("110126", "Node Authentication")),
+    EventType.INSTANCE_RECEIVED: (INSTANCES_TRANSFERRED, "C", None),
+    EventType.INSTANCE_REJECTED: (INSTANCES_TRANSFERRED, "C", None),
+    EventType.QUERY: (QUERY, "E", None),
+    EventType.RETRIEVE: (INSTANCES_TRANSFERRED, "R", None),
+    EventType.STORAGE_COMMITMENT: (INSTANCES_TRANSFERRED, "R", None),
+    EventType.DICOMWEB_ACCESS: (INSTANCES_ACCESSED, "R", None),
+    EventType.STUDY_COMPLETED: (INSTANCES_ACCESSED, "R", None),
+    EventType.STUDY_REOPENED: (INSTANCES_ACCESSED, "U", None),
+    EventType.JOB_QUEUED: (INSTANCES_ACCESSED, "R", None),
+    EventType.JOB_STARTED: (INSTANCES_ACCESSED, "R", None),
+    EventType.JOB_FINISHED: (INSTANCES_ACCESSED, "R", None),
+    EventType.JOB_FAILED: (INSTANCES_ACCESSED, "R", None),
+    EventType.JOB_CANCELLED: (INSTANCES_ACCESSED, "R", None),
+    EventType.OUTPUT_CREATED: (INSTANCES_ACCESSED, "C", None),
+    EventType.OUTPUT_HELD: (INSTANCES_ACCESSED, "R", None),
+    EventType.DISPATCH_ATTEMPTED: (INSTANCES_TRANSFERRED, "R", None),
+    EventType.DISPATCH_SUCCEEDED: (INSTANCES_TRANSFERRED, "R", None),
+    EventType.DISPATCH_FAILED: (INSTANCES_TRANSFERRED, "R", None),
+    EventType.MODEL_APPROVED: (SECURITY_ALERT, "E", ("110129", "Security Configuration")),
+    EventType.MODEL_REVOKED: (SECURITY_ALERT, "E", ("110129", "Security Configuration")),
+    EventType.MODEL_REFUSED: (SECURITY_ALERT, "E", ("110132", "Use of Restricted Function")),
+    EventType.MODEL_LOADED: (APPLICATION_ACTIVITY, "E", None),
+    EventType.KEY_REVOKED: (SECURITY_ALERT, "E", ("110137", "User security Attributes Changed")),
+    EventType.CONFIG_LOADED: (SECURITY_ALERT, "E", ("110128", "Network Configuration")),
+    EventType.CHECKPOINT_SIGNED: (AUDIT_LOG_USED, "C", None),
+    EventType.VERIFICATION_RUN: (AUDIT_LOG_USED, "R", None),
+    EventType.NODE_STARTED: (APPLICATION_ACTIVITY, "E", ("110120", "Application Start")),
+    EventType.NODE_STOPPED: (APPLICATION_ACTIVITY, "E", ("110121", "Application Stop")),
+}
+
+
+# -- verifiable export -------------------------------------------------------------------
+def export_ledger(ledger: Ledger, out: IO[str], origin: str = "", start: int = 0,
+                  stop: int | None = None) -> int:
+    """Write the ledger as JSON lines for ``python -m audit.verify --export``; returns count.
+
+    Line 1: ``{"format": "synthnode-ledger-export", "version": 1, "size": n, ...}``; then
+    one ``{"seq", "leaf_hash", "data"}`` per entry (data base64) and one ``{"checkpoint":
+    note}`` per stored checkpoint within the exported size.
+    """
+    from audit.verify import EXPORT_FORMAT
+
+    size = ledger.size() if stop is None else stop
+    if start != 0:
+        raise ValueError("a verifiable export starts at entry 0")
+    out.write(json.dumps({"format": EXPORT_FORMAT, "version": 1, "size": size, "origin": origin}) + "\n")
+    n = 0
+    for e in ledger.entries(0, size):
+        out.write(json.dumps({"seq": e.seq, "leaf_hash": e.leaf_hash.hex(),
+                              "data": base64.b64encode(e.data).decode()}) + "\n")
+        n += 1
+    for s, _root, note in ledger.checkpoints():
+        if s <= size:
+            out.write(json.dumps({"checkpoint": note}) + "\n")
+    return n
+
+
+# -- DICOM audit message (PS3.15 A.5) -------------------------------------------------------
+def _code(parent: ET.Element, tag: str, code: tuple[str, str], system: str = DCM) -> ET.Element:
+    return ET.SubElement(parent, tag, {"csd-code": code[0], "codeSystemName": system, "originalText": code[1]})
+
+
+def _actor_ids(actor: str) -> tuple[str, str | None]:
+    kind, _, name = actor.partition(":")
+    if kind == "ae":
+        return name, f"AETITLE={name}"
+    return actor, None
+
+
+def dicom_audit_message(entry: StoredEntry, node_ae: str = "SYNTHNODE", site: str = "synthnode") -> ET.Element:
+    """One PS3.15 A.5 ``AuditMessage`` element for a ledger entry."""
+    ev = entry.event
+    event_id, action, type_code = EVENT_MAP.get(ev.type, (APPLICATION_ACTIVITY, "E", None))
+    msg = ET.Element("AuditMessage")
+    ei = ET.SubElement(msg, "EventIdentification", {
+        "EventActionCode": action,
+        "EventDateTime": format_time(ev.time),
+        "EventOutcomeIndicator": OUTCOME_CODE[ev.outcome],
+    })
+    _code(ei, "EventID", event_id)
+    if type_code:
+        _code(ei, "EventTypeCode", type_code)
+    if ev.outcome != Outcome.SUCCESS and (reason := ev.payload.get("reason") or ev.payload.get("error")):
+        ET.SubElement(ei, "EventOutcomeDescription").text = str(reason)[:256]
+    # participants: the requestor (remote AE / user / component) and this node
+    user, alt = _actor_ids(ev.actor)
+    src = {"UserID": user, "UserIsRequestor": "true"}
+    if alt:
+        src["AlternativeUserID"] = alt
+    if ev.payload.get("peer_address"):
+        src["NetworkAccessPointID"] = str(ev.payload["peer_address"])
+        src["NetworkAccessPointTypeCode"] = "2"
+    ap = ET.SubElement(msg, "ActiveParticipant", src)
+    if ev.type in (EventType.INSTANCE_RECEIVED, EventType.INSTANCE_REJECTED):
+        _code(ap, "RoleIDCode", ("110153", "Source Role ID"))
+    me = ET.SubElement(msg, "ActiveParticipant", {"UserID": node_ae, "AlternativeUserID": f"AETITLE={node_ae}",
+                                                  "UserIsRequestor": "false"})
+    if ev.type in (EventType.INSTANCE_RECEIVED, EventType.INSTANCE_REJECTED):
+        _code(me, "RoleIDCode", ("110152", "Destination Role ID"))
+    if ev.type in (EventType.DISPATCH_ATTEMPTED, EventType.DISPATCH_SUCCEEDED, EventType.DISPATCH_FAILED):
+        _code(me, "RoleIDCode", ("110153", "Source Role ID"))
+        dest = ET.SubElement(msg, "ActiveParticipant", {"UserID": str(ev.subject.get("destination", "?")),
+                                                        "UserIsRequestor": "false"})
+        _code(dest, "RoleIDCode", ("110152", "Destination Role ID"))
+    asi = ET.SubElement(msg, "AuditSourceIdentification", {"AuditSourceID": node_ae, "AuditEnterpriseSiteID": site})
+    ET.SubElement(asi, "AuditSourceTypeCode", {"csd-code": "4", "originalText": "Application Server Process"})
+    # participant objects: the study (with SOP instances), a job / model, the ledger leaf
+    study = ev.subject.get("study_uid")
+    if study:
+        po = ET.SubElement(msg, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": str(study), "ParticipantObjectTypeCode": "2",
+            "ParticipantObjectTypeCodeRole": "3"})
+        _code(po, "ParticipantObjectIDTypeCode", ("110180", "Study Instance UID"))
+        sops = [ev.subject["sop_uid"]] if ev.subject.get("sop_uid") else list(ev.payload.get("output_sop_uids") or [])
+        _detail(po, entry)
+        if sops:
+            sc = ET.SubElement(po, "SOPClass", {"UID": str(ev.subject.get("sop_class_uid", "")),
+                                               "NumberOfInstances": str(len(sops))})
+            for uid in sops:
+                ET.SubElement(sc, "Instance", {"UID": str(uid)})
+    else:
+        other = ev.subject.get("job_id") or ev.subject.get("model_id") or ev.subject.get("key_id") or f"ledger:{entry.seq}"
+        po = ET.SubElement(msg, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": str(other), "ParticipantObjectTypeCode": "2",
+            "ParticipantObjectTypeCodeRole": "4" if ev.subject.get("model_id") else "13"})
+        _code(po, "ParticipantObjectIDTypeCode", ("12", "URI"), "RFC-3881")
+        _detail(po, entry)
+    return msg
+
+
+def _detail(po: ET.Element, entry: StoredEntry) -> None:
+    ET.SubElement(po, "ParticipantObjectDetail", {
+        "type": "ledger-leaf",
+        "value": base64.b64encode(f"{entry.seq}:{entry.leaf_hash.hex()}:{entry.event.type.value}".encode()).decode()})
+
+
+def write_dicom_audit(entries: Iterable[StoredEntry], out: IO[str], node_ae: str = "SYNTHNODE") -> int:
+    """Write one ``<AuditMessage>`` XML document per line (syslog-ready); returns count."""
+    n = 0
+    for e in entries:
+        out.write(ET.tostring(dicom_audit_message(e, node_ae), encoding="unicode") + "\n")
+        n += 1
+    return n
+
+
+# -- FHIR R4 ---------------------------------------------------------------------------------
+def _ident(uid: str) -> dict[str, str]:
+    return {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}
+
+
+def fhir_audit_event(entry: StoredEntry, node: str = "synthnode") -> dict[str, Any]:
+    """A FHIR R4 AuditEvent (as a validated JSON dict) for a ledger entry."""
+    from fhir.resources.R4B.auditevent import AuditEvent
+
+    ev = entry.event
+    event_id, action, type_code = EVENT_MAP.get(ev.type, (APPLICATION_ACTIVITY, "E", None))
+    user, alt = _actor_ids(ev.actor)
+    agent: dict[str, Any] = {"who": {"display": user}, "requestor": True}
+    if alt:
+        agent["altId"] = alt
+    entities: list[dict[str, Any]] = []
+    for key, code, label in (("study_uid", "110180", "Study Instance UID"),
+                             ("series_uid", "112002", "Series Instance UID"),
+                             ("sop_uid", "", "SOP Instance UID")):
+        if ev.subject.get(key):
+            entities.append({"what": {"identifier": _ident(str(ev.subject[key]))},
+                             "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                                      "code": "2", "display": "System Object"},
+                             "name": label})
+    for key in ("job_id", "model_id", "destination", "key_id"):
+        if ev.subject.get(key):
+            entities.append({"what": {"identifier": {"system": f"urn:synthnode:{key}", "value": str(ev.subject[key])}}})
+    entities.append({"what": {"identifier": {"system": "urn:synthnode:ledger", "value": str(entry.seq)}},
+                     "detail": [{"type": "leaf_hash", "valueBase64Binary": base64.b64encode(entry.leaf_hash).decode()},
+                                {"type": "event", "valueString": ev.type.value}]})
+    res: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": f"ledger-{entry.seq}",
+        "type": {"system": DCM_SYSTEM, "code": event_id[0], "display": event_id[1]},
+        "action": action,
+        "recorded": format_time(ev.time),
+        "outcome": OUTCOME_CODE[ev.outcome],
+        "agent": [agent, {"who": {"display": node}, "requestor": False}],
+        "source": {"site": node, "observer": {"display": node},
+                   "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                             "code": "4", "display": "Application Server"}]},
+        "entity": entities,
+    }
+    if type_code:
+        res["subtype"] = [{"system": DCM_SYSTEM, "code": type_code[0], "display": type_code[1]}]
+    if ev.outcome != Outcome.SUCCESS and (reason := ev.payload.get("reason") or ev.payload.get("error")):
+        res["outcomeDesc"] = str(reason)
+    return json.loads(AuditEvent.model_validate(res).model_dump_json(exclude_none=True))
+
+
+def fhir_provenance(entry: StoredEntry, model: dict[str, Any] | None = None,
+                    policy: str = "urn:synthnode:policy:governed-generative-imaging") -> dict[str, Any]:
+    """FHIR R4 Provenance of an ``output.created`` entry: target = output series, source =
+    the source series, agent = the model Device (id, version, weights digest)."""
+    from fhir.resources.R4B.provenance import Provenance
+
+    ev = entry.event
+    if ev.type != EventType.OUTPUT_CREATED:
+        raise ValueError(f"Provenance is for output.created entries, not {ev.type.value}")
+    out_series = ev.payload.get("output_series_uid") or ev.subject.get("series_uid")
+    targets = [{"identifier": _ident(str(out_series)), "display": "synthetic series"}]
+    targets += [{"identifier": _ident(str(u))} for u in ev.payload.get("output_sop_uids") or []]
+    model = model or {}
+    device = " ".join(str(x) for x in (model.get("model_id") or ev.subject.get("model_id", "model"),
+                                        model.get("version", "")) if x)
+    digest = model.get("weights_sha256") or ev.payload.get("weights_sha256")
+    res: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "id": f"ledger-{entry.seq}",
+        "target": targets,
+        "recorded": format_time(ev.time),
+        "policy": [policy],
+        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                                 "code": "CREATE", "display": "create"}],
+                     "text": "generative synthesis"},
+        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                        "code": "assembler", "display": "Assembler"}]},
+                   "who": {"display": f"Device {device}" + (f" weights sha256:{digest}" if digest else ""),
+                           "identifier": {"system": "urn:synthnode:model", "value": str(ev.subject.get("model_id", device))}}},
+                  {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                        "code": "custodian", "display": "Custodian"}]},
+                   "who": {"display": ev.actor}}],
+        "entity": [{"role": "source", "what": {"identifier": _ident(str(u))}}
+                   for u in ev.payload.get("source_series_uids") or []]
+                  or [{"role": "source", "what": {"display": "unknown source"}}],
+    }
+    return json.loads(Provenance.model_validate(res).model_dump_json(exclude_none=True))
+
+
+def write_fhir_bundle(entries: Iterable[StoredEntry], out: IO[str], models: dict[str, dict[str, Any]] | None = None) -> int:
+    """A FHIR R4 ``collection`` Bundle with one AuditEvent per entry plus a Provenance per
+    ``output.created``; returns the number of resources."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    resources: list[dict[str, Any]] = []
+    for e in entries:
+        resources.append(fhir_audit_event(e))
+        if e.event.type == EventType.OUTPUT_CREATED:
+            resources.append(fhir_provenance(e, (models or {}).get(str(e.event.subject.get("job_id")))))
+    bundle = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"fullUrl": f"urn:synthnode:{r['resourceType']}/{r['id']}", "resource": r} for r in resources]}
+    Bundle.model_validate(bundle)
+    json.dump(bundle, out, indent=1)
+    out.write("\n")
+    return len(resources)
+
+
+# -- lineage -----------------------------------------------------------------------------
+JOB_TYPES = {EventType.JOB_QUEUED, EventType.JOB_STARTED, EventType.JOB_FINISHED, EventType.JOB_FAILED,
+             EventType.JOB_CANCELLED}
+DISPATCH_TYPES = {EventType.DISPATCH_ATTEMPTED, EventType.DISPATCH_SUCCEEDED, EventType.DISPATCH_FAILED}
+
+
+def lineage(ledger: Ledger, uid: str, max_rounds: int = 6) -> dict[str, Any]:
+    """Everything the ledger links to ``uid`` (study / series / SOP UID, job id): the source
+    instances, the jobs that read them, their outputs and the dispatches of those outputs.
+
+    Links followed (keys documented in :mod:`audit.events`): instance.received
+    (study/series/sop) <- job.* payload ``source_series_uids`` / ``source_sop_uids`` and
+    subject ``job_id`` -> output.created (subject ``job_id``; payload
+    ``output_series_uid``, ``output_sop_uids``) -> dispatch.* (subject ``series_uid`` =
+    output series, or ``job_id``).
+    """
+    seen: dict[int, StoredEntry] = {}
+    frontier = {uid}
+    known: set[str] = set()
+    for _ in range(max_rounds):
+        frontier -= known
+        if not frontier:
+            break
+        known |= frontier
+        new: set[str] = set()
+        for e in ledger.query(uids=sorted(frontier)):
+            if e.seq in seen:
+                continue
+            seen[e.seq] = e
+            ev = e.event
+            if ev.type in JOB_TYPES or ev.type == EventType.OUTPUT_CREATED or ev.type in DISPATCH_TYPES:
+                if ev.subject.get("job_id"):
+                    new.add(str(ev.subject["job_id"]))
+            if ev.type in JOB_TYPES or ev.type == EventType.OUTPUT_CREATED:
+                new.update(str(u) for u in ev.payload.get("source_series_uids") or [])
+            if ev.type == EventType.INSTANCE_RECEIVED and ev.subject.get("series_uid"):
+                new.add(str(ev.subject["series_uid"]))  # an instance -> its series -> jobs
+            if ev.type == EventType.OUTPUT_CREATED:
+                if ev.payload.get("output_series_uid"):
+                    new.add(str(ev.payload["output_series_uid"]))
+        frontier = new
+    events = [seen[s] for s in sorted(seen)]
+    sources: dict[str, dict[str, Any]] = {}
+    jobs: dict[str, dict[str, Any]] = {}
+    for e in events:
+        ev = e.event
+        if ev.type == EventType.INSTANCE_RECEIVED:
+            s = sources.setdefault(str(ev.subject.get("series_uid")), {
+                "series_uid": ev.subject.get("series_uid"), "study_uid": ev.subject.get("study_uid"),
+                "instances": [], "from": ev.actor})
+            s["instances"].append({"seq": e.seq, "sop_uid": ev.subject.get("sop_uid"),
+                                   "sha256": ev.payload.get("sha256")})
+    for e in events:
+        ev = e.event
+        jid = ev.subject.get("job_id")
+        if not jid:
+            continue
+        job = jobs.setdefault(str(jid), {"job_id": jid, "model_id": ev.subject.get("model_id"),
+                                         "events": [], "outputs": [], "dispatches": [],
+                                         "source_series_uids": []})
+        if ev.type in JOB_TYPES:
+            job["events"].append({"seq": e.seq, "type": ev.type.value, "time": format_time(ev.time),
+                                  **{k: ev.payload[k] for k in ("weights_sha256", "seed", "device", "error")
+                                     if k in ev.payload}})
+            for u in ev.payload.get("source_series_uids") or []:
+                if u not in job["source_series_uids"]:
+                    job["source_series_uids"].append(u)
+            job["model_id"] = job["model_id"] or ev.subject.get("model_id")
+        elif ev.type == EventType.OUTPUT_CREATED:
+            job["outputs"].append({"seq": e.seq, "series_uid": ev.payload.get("output_series_uid"),
+                                   "sop_uids": len(ev.payload.get("output_sop_uids") or []),
+                                   "watermark_payload": ev.payload.get("watermark_payload")})
+        elif ev.type in DISPATCH_TYPES:
+            job["dispatches"].append({"seq": e.seq, "type": ev.type.value,
+                                      "destination": ev.subject.get("destination"),
+                                      "series_uid": ev.subject.get("series_uid")})
+    # dispatches recorded without a job id: attach by output series
+    by_series = {o["series_uid"]: j for j in jobs.values() for o in j["outputs"]}
+    for e in events:
+        ev = e.event
+        if ev.type in DISPATCH_TYPES and not ev.subject.get("job_id"):
+            j = by_series.get(ev.subject.get("series_uid"))
+            if j is not None:
+                j["dispatches"].append({"seq": e.seq, "type": ev.type.value,
+                                        "destination": ev.subject.get("destination"),
+                                        "series_uid": ev.subject.get("series_uid")})
+    for j in jobs.values():
+        j["dispatches"].sort(key=lambda d: d["seq"])
+    return {"uid": uid, "sources": list(sources.values()), "jobs": list(jobs.values()),
+            "entries": [e.seq for e in events]}
+
+
+def iter_entries(ledger: Ledger, seqs: Iterable[int]) -> Iterator[StoredEntry]:
+    for s in seqs:
+        yield ledger.entry(s)
+
+
+def parse_when(text: str | None) -> datetime | None:
+    """``YYYY-MM-DD`` or ISO 8601 (naive = UTC) for ``audit query --since/--until``."""
+    if not text:
+        return None
+    from datetime import timezone
+
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def event_json(entry: StoredEntry) -> dict[str, Any]:
+    ev: Event = entry.event
+    return {"seq": entry.seq, "leaf_hash": entry.leaf_hash.hex(), "type": ev.type.value,
+            "time": format_time(ev.time), "actor": ev.actor, "outcome": ev.outcome.value,
+            "subject": ev.subject, "payload": ev.payload}
+
+
+def write_path(path: Path | None) -> IO[str]:
+    import sys
+
+    return sys.stdout if path is None or str(path) == "-" else Path(path).open("w", encoding="utf-8")
