@@ -334,7 +334,7 @@ class Ingestor:
         """
         actor = f"ae:{calling_ae}" if calling_ae else f"component:{source}"
         ctx_info = {"calling_ae": calling_ae, "called_ae": called_ae, "peer": peer,
-                    "source": source, "transfer_syntax": str(transfer_syntax),
+                    "source": source, "transfer_syntax_uid": str(transfer_syntax),
                     "sop_class_uid": sop_class_uid, "sop_instance_uid": sop_instance_uid}
         try:
             return self._ingest(dataset, str(transfer_syntax), sop_class_uid,
@@ -367,8 +367,12 @@ class Ingestor:
     # internals ----------------------------------------------------------------------
     def _record_rejection(self, exc: IngestError, actor: str, info: dict[str, Any],
                           size: int) -> None:
-        subject = {k: info[k] for k in ("sop_instance_uid", "sop_class_uid") if info.get(k)}
-        payload = {k: v for k, v in info.items() if v is not None and k not in subject}
+        # subject keys as in the ledger vocabulary (audit.events): sop_uid, sop_class_uid
+        subject = {"sop_uid": info.get("sop_instance_uid"),
+                   "sop_class_uid": info.get("sop_class_uid")}
+        subject = {k: str(v) for k, v in subject.items() if v}
+        payload = {k: v for k, v in info.items()
+                   if v is not None and k not in ("sop_instance_uid", "sop_class_uid")}
         payload.update(reason=exc.reason.value, detail=exc.comment, size=size)
         outcome = (Outcome.SERIOUS_FAILURE if exc.reason in
                    (RejectReason.OUT_OF_SPACE, RejectReason.STORE_FAILED)
@@ -451,7 +455,7 @@ class Ingestor:
             subject={"study_uid": rec.study_instance_uid, "series_uid": rec.series_instance_uid,
                      "sop_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid},
             payload={"sha256": rec.sha256, "size": rec.file_size,
-                     "transfer_syntax": rec.transfer_syntax_uid, "file": rec.file_path,
+                     "transfer_syntax_uid": rec.transfer_syntax_uid, "file": rec.file_path,
                      "calling_ae": rec.calling_ae, "called_ae": rec.called_ae,
                      "source": rec.source, "result": outcome.value},
         )

@@ -345,20 +345,21 @@ class _RetrieveLog:
     def __call__(self, event: Any) -> None:
         if self.done:
             return
-        msg = event.message
-        if getattr(msg, "MessageIDBeingRespondedTo", None) != self.msg_id:
+        msg = event.message  # a pynetdicom.dimse_messages.DIMSEMessage
+        if type(msg).__name__ not in ("C_GET_RSP", "C_MOVE_RSP"):
             return
-        status = getattr(msg, "Status", None)
+        cmd = msg.command_set
+        if cmd.get("MessageIDBeingRespondedTo") != self.msg_id:
+            return
+        status = cmd.get("Status")
         if status is None or category(int(status)) is Category.PENDING:
-            return
-        if type(msg).__name__ not in ("C_GET", "C_MOVE"):
             return
         self.done = True
         self.payload.update(
             status=int(status),
-            completed=int(getattr(msg, "NumberOfCompletedSuboperations", None) or 0),
-            failed=int(getattr(msg, "NumberOfFailedSuboperations", None) or 0),
-            warning=int(getattr(msg, "NumberOfWarningSuboperations", None) or 0),
+            completed=int(cmd.get("NumberOfCompletedSuboperations") or 0),
+            failed=int(cmd.get("NumberOfFailedSuboperations") or 0),
+            warning=int(cmd.get("NumberOfWarningSuboperations") or 0),
             duration_ms=int((time.monotonic() - self.started) * 1000),
         )
         _record(self.ctx, Event(

@@ -161,6 +161,8 @@ class GuardedAssociation(Association):
                             type=EventType.INSTANCE_REJECTED,
                             actor=f"ae:{str(self.requestor.ae_title).strip()}",
                             outcome=Outcome.MINOR_FAILURE,
+                            subject={"sop_uid": str(msg.AffectedSOPInstanceUID or ""),
+                                     "sop_class_uid": uid},
                             payload={"reason": "sop_class_not_context",
                                      "status": int(General.SOP_CLASS_NOT_SUPPORTED),
                                      "context_abstract_syntax": str(cx.abstract_syntax)},
@@ -251,7 +253,10 @@ class DimseServer:
         ae.require_calling_aet = []
         ae.require_called_aet = False
         self.contexts = merge_contexts(m.contexts(ctx) for m in self.services)
-        ae.supported_contexts = self.contexts
+        # not ``ae.supported_contexts = ...``: pynetdicom's setter drops the SCP/SCU roles
+        for cx in self.contexts:
+            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax,
+                                     scu_role=cx.scu_role, scp_role=cx.scp_role)
         self.ae = ae
         self.handlers: list[Handler] = [(evt.EVT_REQUESTED, prefer_requestor_order)]
         for m in self.services:

@@ -23,8 +23,11 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import evt
+from pydicom._uid_dict import UID_dictionary
+from pynetdicom import evt, register_uid
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext, build_context
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 from node.context import NodeContext
 from node.dimse.status import General, Storage, status_dataset
@@ -32,7 +35,32 @@ from node.ingest import IngestError, IngestOutcome, Ingestor, RejectReason
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATUS_FOR_REASON", "STORAGE_TRANSFER_SYNTAXES", "contexts", "handlers"]
+__all__ = ["STATUS_FOR_REASON", "STORAGE_SOP_CLASSES", "STORAGE_TRANSFER_SYNTAXES",
+           "contexts", "handlers"]
+
+_COMPOSITE_STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."  # PS3.6 Annex A: composite IOD storage
+
+
+def _storage_sop_classes() -> list[str]:
+    """pynetdicom's storage SOP classes plus the retired and trial composite storage SOP
+    classes of PS3.6 Annex A (e.g. the retired Ultrasound Image Storage that old
+    modalities and test corpora still send), registered with pynetdicom's storage
+    service class so their C-STOREs reach our handler."""
+    uids = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    known = set(uids)
+    for uid, entry in sorted(UID_dictionary.items()):
+        name, kind = entry[0], entry[1]
+        if (uid.startswith(_COMPOSITE_STORAGE_ROOT) and kind == "SOP Class"
+                and "Storage" in name and uid not in known):
+            if uid_to_service_class(uid) is not StorageServiceClass:
+                keyword = "SN_" + "".join(c if c.isalnum() else "_" for c in name)
+                register_uid(uid, keyword, StorageServiceClass)
+            uids.append(uid)
+    return uids
+
+
+#: Storage SOP classes the C-STORE SCP accepts (PS3.4 B.5 and retired ones).
+STORAGE_SOP_CLASSES: list[str] = _storage_sop_classes()
 
 #: Transfer syntaxes accepted for storage, in order of preference (the acceptor picks the
 #: first of these that the requestor proposed, PS3.8 9.3.3.2): explicit VR little endian
@@ -59,8 +87,7 @@ STATUS_FOR_REASON: dict[RejectReason, int] = {
 
 def contexts(ctx: NodeContext) -> list[PresentationContext]:
     """Every storage SOP class with every transfer syntax."""
-    return [build_context(cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
-            for cx in AllStoragePresentationContexts]
+    return [build_context(uid, STORAGE_TRANSFER_SYNTAXES) for uid in STORAGE_SOP_CLASSES]
 
 
 def _ae(value: Any) -> str:
