@@ -9,12 +9,16 @@
   AE titles of the association that delivered it, for routing).
 * ``pipeline_outputs``: the synthetic series the node produced (loop guard, replace policy,
   lineage).
+* ``pipeline_scheduler_jobs``: APScheduler's persistent job store (quiet-period timers survive
+  a restart); the schema is APScheduler 3's ``SQLAlchemyJobStore`` table, versioned here.
 """
 from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Float,
+    LargeBinary,
     Column,
     DateTime,
     ForeignKey,
@@ -24,6 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    Unicode,
 )
 
 NAMING = {
@@ -106,4 +111,12 @@ outputs = Table(
     Column("superseded", Boolean, nullable=False, default=False),  # replace policy
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_pipeline_outputs_study", "study_uid"),
+)
+
+scheduler_jobs = Table(
+    "pipeline_scheduler_jobs",
+    metadata,
+    Column("id", Unicode(191), primary_key=True),
+    Column("next_run_time", Float(25), index=True),
+    Column("job_state", LargeBinary, nullable=False),
 )
