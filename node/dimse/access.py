@@ -126,6 +126,9 @@ def _handle_requested(event: evt.Event, ctx: NodeContext, policy: AccessPolicy) 
     except Exception:
         logger.exception("could not record the refused association in the ledger")
     assoc.acse.send_reject(*refusal.value)
+    # as pynetdicom's own refusal path does: wait until the DUL has sent the A-ASSOCIATE-RJ
+    # and gone idle, so the socket is not closed under it (the peer would see an abort)
+    assoc.kill()
 
 
 def _handle_accepted(event: evt.Event, ctx: NodeContext) -> None:
