@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 from config.sections import Section
 from pydantic import Field, field_validator
@@ -64,5 +65,11 @@ class DimseSettings(Section):
     acceptor_processes: int = Field(default=1, ge=1, le=64)
     move_destinations: list[MoveDestination] = Field(default_factory=list)
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    commitment_report: Literal["auto", "same_association", "new_association"] = Field(
+        default="auto",
+        description="Storage Commitment N-EVENT-REPORT (PS3.4 J.3.3): on the N-ACTION's "
+        "association, or on a new one to the requester (its AE looked up in "
+        "move_destinations); auto = same while it is open, else new",
+    )
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
