@@ -82,7 +82,7 @@ class Verifier:
     def parse(cls, text: str) -> Verifier:
         """Parse a verifier key string (raises ValueError)."""
         try:
-            name, hexid, blob = text.strip().split("+")
+            name, hexid, blob = text.strip().split("+", 2)
             raw = base64.b64decode(blob, validate=True)
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"not a note verifier key: {exc}") from None

@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report.ok else 1
 
 
-def print_report(report: Report, *, as_json: bool = False, out=sys.stdout) -> None:  # type: ignore[no-untyped-def]
+def print_report(report: Report, *, as_json: bool = False, out=None) -> None:  # type: ignore[no-untyped-def]
+    out = out or sys.stdout
     if as_json:
         print(json.dumps(report.as_dict(), indent=2), file=out)
         return
