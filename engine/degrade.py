@@ -65,9 +65,9 @@ def hu_to_mu(hu: np.ndarray) -> np.ndarray:
 
 
 def _circle(size: int) -> np.ndarray:
-    c = (np.arange(size) - (size - 1) / 2.0)
-    yy, xx = np.meshgrid(c, c, indexing="ij")
-    return yy * yy + xx * xx <= (size / 2.0) ** 2
+    """The reconstruction circle exactly as ``skimage.transform.radon(circle=True)`` uses it."""
+    c = np.arange(size) - size // 2
+    return (c[:, None] ** 2 + c[None, :] ** 2) <= (size // 2) ** 2
 
 
 def _line_integrals(mu: np.ndarray, pixel_mm: float, theta: np.ndarray,

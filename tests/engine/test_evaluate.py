@@ -86,3 +86,28 @@ def test_ct_to_mr_section_with_lut(tmp_path):
     m = sec.mean("HU lookup")
     assert "input (no processing)" not in sec.per_case
     assert 0.0 < m["ssim"] < 1.0 and "ssim_body" in m and "lesion_dice_ge5mm" in m
+
+
+def test_real_ct_slices_decode_and_degrade():
+    """node.evaldata: pydicom(-data) CT files incl. JPEG 2000 / JPEG Lossless, in HU."""
+    from engine.metrics import flat_mask_from_reference, noise_sd
+    from node.evaldata import load_real_ct, real_ct_cases
+
+    real = load_real_ct()
+    names = {r.name for r in real}
+    assert {"CT_small.dcm", "693_J2KR.dcm"} <= names and len(real) >= 5
+    assert any("JPEG 2000" in r.transfer_syntax for r in real)
+    assert len({r.sha256 for r in real}) == len(real)  # distinct images
+    for r in real:
+        d = r.volume.data
+        # a CT slice in HU: air and soft tissue both present
+        assert (d < -900).mean() > 0.02 and ((d > -100) & (d < 100)).mean() > 0.05, r.name
+    small = ("CT_small.dcm",)
+    sd = []
+    for dose in (0.5, 0.1):
+        (case,) = real_ct_cases(dose, names=small)
+        flat = flat_mask_from_reference(case.reference.data)
+        sd.append(noise_sd(case.reference.data, case.input.data, flat))
+    assert 0 < sd[0] < sd[1]
+    with pytest.raises(ValueError):
+        real_ct_cases(1.0, names=small)
