@@ -181,6 +181,7 @@ def window_presets(s: Slice, arr: NDArray) -> dict[str, tuple[float, float]]:
     if s.ct:
         hu = {"brain": (40.0, 80.0), "soft": (40.0, 400.0), "lung": (-600.0, 1500.0)}
         return {k: ((lv - s.intercept) / s.slope, w / s.slope) for k, (lv, w) in hu.items()}
+    arr = arr.astype(np.float64)
     p1, p25, p50, p75, p99 = np.percentile(arr, [1, 25, 50, 75, 99])
     return {"brain": (p50, max(p75 - p25, 1.0)), "soft": ((p1 + p99) / 2, max(p99 - p1, 1.0)),
             "lung": ((arr.min() + arr.max()) / 2, max(float(arr.max() - arr.min()), 1.0))}

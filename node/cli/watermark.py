@@ -1,6 +1,293 @@
-"""Command group placeholder: filled in by the part of the node that owns it."""
+"""``synthnode watermark``: key generation, embedding and detection on DICOM and PNG / JPEG.
+
+The mark itself is :mod:`audit.watermark` (arrays only); this module reads and writes pixel
+data. DICOM: the stored values of Pixel Data (PS3.5 8.1) with Bits Stored (0028,0101) and
+Pixel Representation (0028,0103); multi-frame objects are marked frame by frame with one
+geometry and detected with all frames pooled. PNG / JPEG: 8-bit grey (RGB is averaged).
+
+``detect`` resolves a decoded payload to the ledger's ``output.created`` event whose payload
+``watermark_payload`` equals the 12-digit hex form (:func:`audit.watermark.payload_hex`).
+"""
 from __future__ import annotations
 
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import typer
 
+from audit.watermark import (
+    MARK_ID_BITS,
+    Detection,
+    WatermarkKey,
+    detect,
+    embed,
+    make_payload,
+    payload_hex,
+    split_payload,
+    suggest_max_delta,
+)
+from node.cli.common import ConfigOption, console, err_console, fail, settings_from
+
+logger = logging.getLogger(__name__)
+
 app = typer.Typer(no_args_is_help=True)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+
+
+def _iter_files(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(file, name relative to the argument it came from) for files and directory trees."""
+    out: list[tuple[Path, Path]] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend((f, f.relative_to(p)) for f in sorted(p.rglob("*"))
+                       if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            out.append((p, Path(p.name)))
+        else:
+            fail(f"{p}: no such file or directory")
+    return out
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _load_keys(settings: Any, extra: list[Path]) -> list[WatermarkKey]:
+    paths = [settings.watermark_key_file, *settings.watermark.extra_key_files, *extra]
+    keys: list[WatermarkKey] = []
+    for p in paths:
+        if Path(p).is_file():
+            try:
+                keys.append(WatermarkKey.from_file(p))
+            except ValueError as exc:
+                fail(str(exc))
+    if not keys:
+        fail(f"no watermark key found (looked at {', '.join(str(p) for p in paths)}); "
+             "run `synthnode watermark keygen`")
+    return keys
+
+
+@app.command()
+def keygen(
+    key_id: int = typer.Option(0, "--key-id", min=0, max=255, help="public key id carried in payloads"),
+    out: Path | None = typer.Option(None, "--out", help="key file (default: the configured watermark key)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing key file"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Generate a secret watermark key (file mode 0600)."""
+    path = out or settings_from(config).watermark_key_file
+    if path.exists() and not force:
+        fail(f"{path} exists (use --force to replace it; keep the old one as an extra key)")
+    key = WatermarkKey.generate(key_id)
+    key.to_file(path, overwrite=force)
+    console.print(f"wrote key id {key_id} (fingerprint {key.fingerprint}) to {path}")
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+def _embed_dicom(src: Path, dst: Path, key: WatermarkKey, payload: int, max_delta: int | None) -> int:
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(src)
+    if "PixelData" not in ds:
+        raise ValueError("no Pixel Data")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise ValueError("only single-sample (grey) images are marked")
+    arr = ds.pixel_array
+    bits = int(ds.BitsStored)
+    signed = int(ds.PixelRepresentation) == 1
+    hu = ds.get("Modality") == "CT" and "RescaleSlope" in ds and float(ds.RescaleSlope) == 1.0
+    delta = max_delta if max_delta is not None else suggest_max_delta(arr, hu_calibrated=hu)
+    valid_range = None
+    if "PixelPaddingValue" in ds:  # keep padding untouched: mark only values above it
+        valid_range = (int(ds.PixelPaddingValue) + 1, (1 << bits) - 1 if not signed else (1 << (bits - 1)) - 1)
+    marked = embed(arr, key, payload, bits_stored=bits, signed=signed, max_delta=delta,
+                   valid_range=valid_range)
+    if "PixelPaddingValue" in ds:
+        marked = np.where(arr <= int(ds.PixelPaddingValue), arr, marked).astype(arr.dtype)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
+    ds.set_pixel_data(marked, ds.PhotometricInterpretation, bits)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+    return delta
+
+
+def _embed_image(src: Path, dst: Path, key: WatermarkKey, payload: int, max_delta: int | None) -> int:
+    from PIL import Image
+
+    img = np.asarray(Image.open(src).convert("L"))
+    delta = max_delta if max_delta is not None else 2
+    marked = embed(img, key, payload, bits_stored=8, signed=False, max_delta=delta)
+    dst = dst.with_suffix(".png")  # never re-compress the mark lossily on write
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(marked).save(dst)
+    return delta
+
+
+@app.command("embed")
+def embed_cmd(
+    paths: list[Path] = typer.Argument(..., help="DICOM files, PNG / JPEG files or directories"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (same relative names)"),
+    mark_id: int | None = typer.Option(None, "--mark-id", help=f"{MARK_ID_BITS}-bit mark id (payload = key id || mark id)"),
+    payload_hex_opt: str | None = typer.Option(None, "--payload", help="full 48-bit payload as hex"),
+    max_delta: int | None = typer.Option(None, "--max-delta", min=1, max=64,
+                                         help="largest change in stored units (default: 2 for CT, noise-relative otherwise)"),
+    key_file: Path | None = typer.Option(None, "--key", help="key file (default: the configured key)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Embed the watermark; writes marked copies under --out."""
+    settings = settings_from(config)
+    key = WatermarkKey.from_file(key_file or settings.watermark_key_file) if (
+        key_file or settings.watermark_key_file.is_file()) else None
+    if key is None:
+        fail("no watermark key; run `synthnode watermark keygen`")
+        return
+    if (mark_id is None) == (payload_hex_opt is None):
+        fail("give exactly one of --mark-id or --payload")
+    try:
+        payload = make_payload(key.key_id, mark_id) if mark_id is not None else int(str(payload_hex_opt), 16)
+        if not 0 <= payload < (1 << 48):
+            raise ValueError("payload must fit in 48 bits")
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    files = _iter_files(paths)
+    failures = 0
+    for f, rel in files:
+        dst = out / rel
+        try:
+            delta = (_embed_image if _is_image(f) else _embed_dicom)(f, dst, key, payload, max_delta)
+            console.print(f"{f}: marked (payload {payload_hex(payload)}, max delta {delta}) -> {dst}")
+        except Exception as exc:  # one bad file never stops a directory run
+            failures += 1
+            err_console.print(f"[red]{f}: not marked: {exc}[/red]")
+    if failures:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- detect
+
+
+def _read_pixels(path: Path) -> np.ndarray:
+    if _is_image(path):
+        from PIL import Image
+
+        return np.asarray(Image.open(path).convert("L"))
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise ValueError("no Pixel Data")
+    return ds.pixel_array
+
+
+@dataclass
+class _LedgerIndex:
+    by_payload: dict[str, dict[str, Any]]
+    error: str | None = None
+
+
+def _ledger_index(settings: Any) -> _LedgerIndex:
+    """``watermark_payload`` hex -> {seq, time, subject} of ``output.created`` events."""
+    try:
+        from audit.events import EventType
+        from audit.ledger import Ledger
+        from node.db import make_engine
+
+        url = settings.database_url
+        if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
+            return _LedgerIndex({}, f"ledger not available (no database at {url})")
+        engine = make_engine(url)
+        try:
+            entries = Ledger(engine).query(event_types=[EventType.OUTPUT_CREATED.value])
+        finally:
+            engine.dispose()
+    except Exception as exc:  # no database / not migrated: report, still print the payload
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _LedgerIndex({}, f"ledger not available ({type(exc).__name__}: {first})")
+    out: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        ev = e.event
+        hexv = str(ev.payload.get("watermark_payload", "")).lower()
+        if hexv:
+            out[hexv] = {"seq": e.seq, "time": ev.time.isoformat(), "subject": ev.subject}
+    return _LedgerIndex(out)
+
+
+def _describe(path: Path, det: Detection, ledger: _LedgerIndex) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "file": str(path), "marked": det.marked, "score": round(det.score, 2),
+        "threshold": round(det.threshold, 2), "key_id": det.key_id, "payload": det.payload_hex,
+        "scale": det.scale, "ledger": None,
+    }
+    if det.payload is not None:
+        kid, mid = split_payload(det.payload)
+        row["mark_id"] = mid
+        row["payload_key_id"] = kid
+        if ledger.error:
+            row["ledger"] = ledger.error
+        else:
+            row["ledger"] = ledger.by_payload.get(det.payload_hex or "") or "no output.created event with this payload"
+    return row
+
+
+@app.command("detect")
+def detect_cmd(
+    paths: list[Path] = typer.Argument(..., help="DICOM files, PNG / JPEG files or directories"),
+    key_files: list[Path] = typer.Option([], "--key", help="extra key files to try"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
+    fail_unmarked: bool = typer.Option(False, "--fail-unmarked", help="exit 1 if any file is not marked"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Detect the watermark and resolve its payload to the ledger entry."""
+    settings = settings_from(config)
+    keys = _load_keys(settings, key_files)
+    files = _iter_files(paths)
+    rows: list[dict[str, Any]] = []
+    dets: list[tuple[Path, Detection | None, str | None]] = []
+    for f, _ in files:
+        try:
+            dets.append((f, detect(_read_pixels(f), keys), None))
+        except Exception as exc:
+            dets.append((f, None, str(exc)))
+    ledger = _ledger_index(settings) if any(d and d.payload is not None for _, d, _ in dets) else _LedgerIndex({})
+    any_unmarked = False
+    for f, det, error in dets:
+        if det is None:
+            any_unmarked = True
+            row = {"file": str(f), "error": error}
+        else:
+            row = _describe(f, det, ledger)
+            any_unmarked |= not det.marked
+        rows.append(row)
+        if as_json:
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+            continue
+        if "error" in row:
+            console.print(f"{f}: [red]unreadable[/red] ({error})")
+            continue
+        verdict = "[green]MARKED[/green]" if row["marked"] else "not marked"
+        line = f"{f}: {verdict} score {row['score']} (threshold {row['threshold']})"
+        if row["marked"]:
+            line += f" key {row['key_id']}"
+        if row["payload"]:
+            line += f" payload {row['payload']} (mark id {row['mark_id']})"
+            led = row["ledger"]
+            line += (f" -> ledger entry {led['seq']} {led['time']} {led['subject']}" if isinstance(led, dict)
+                     else f" -> {led}")
+        elif row["marked"]:
+            line += " payload unreadable (mark present, payload damaged)"
+        console.print(line, highlight=False, soft_wrap=True)
+    if fail_unmarked and any_unmarked:
+        raise typer.Exit(1)
