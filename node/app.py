@@ -8,7 +8,8 @@ Start-up order:
 3. recovery: remove orphan temp files and files the index does not reference (left by
    a crash between rename and commit), report index rows whose file is missing;
 4. log the redacted effective config; ledger ``config.loaded`` and ``node.started``;
-5. DIMSE server (and, when their modules exist, the other services).
+5. DIMSE server (and, when their modules exist, the other services); signed ledger
+   checkpoints every ``audit.checkpoint_interval_s`` and one at stop.
 
 Nothing here is a global: tests build as many nodes as they like in one process.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from audit.events import Event, EventType, Outcome
-from audit.ledger import Ledger
+from audit.service import open_ledger_from_settings
 from config.settings import Settings, redacted
 from node.context import NodeContext
 from node.db import make_engine, upgrade
@@ -66,8 +67,9 @@ def build_context(settings: Settings, *, migrate: bool = True,
     engine = make_engine(url, echo=settings.database.echo)
     store = FileStore(settings.store_root, min_free_bytes=settings.storage.min_free_bytes,
                       fsync=fsync)
+    audit = open_ledger_from_settings(settings, engine)  # signing key created on first use
     return NodeContext(settings=settings, engine=engine, store=store, index=Index(engine),
-                       ledger=Ledger(engine), logger=logging.getLogger("node"))
+                       ledger=audit.ledger, logger=logging.getLogger("node"), audit=audit)
 
 
 def recover(ctx: NodeContext, *, remove_unreferenced: bool = True) -> RecoveryReport:
@@ -113,6 +115,8 @@ class Node:
 
     def start(self) -> tuple[str, int]:
         host, port = self.dimse.start()
+        if self.ctx.audit is not None:
+            self.ctx.audit.start()  # signed checkpoints every audit.checkpoint_interval_s
         s = self.ctx.settings
         self.ctx.ledger.append(Event(
             type=EventType.NODE_STARTED, actor=NODE_ACTOR,
@@ -136,6 +140,8 @@ class Node:
                                          payload={"pid": os.getpid()}))
         except Exception:
             logger.exception("could not record node.stopped")
+        if self.ctx.audit is not None:
+            self.ctx.audit.stop()  # final checkpoint covers node.stopped
         self.ctx.engine.dispose()
 
     def request_stop(self) -> None:

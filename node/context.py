@@ -99,6 +99,9 @@ class NodeContext:
         Set when the node is shutting down: services refuse new work.
     inflight : InFlight
         Stores (and other write operations) in progress.
+    audit : audit.service.AuditService or None
+        Ledger + checkpointer (signing key from ``settings.ledger_key_file``); None when
+        the context was built with a bare ledger (tests of single components).
     """
 
     settings: Settings
@@ -110,6 +113,7 @@ class NodeContext:
     on_instance_stored: list[InstanceStoredHook] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
     inflight: InFlight = field(default_factory=InFlight)
+    audit: Any = None
 
     def run_stored_hooks(self, info: StoredInstance) -> None:
         """Run every ``on_instance_stored`` hook; a failing hook is logged, never raised."""

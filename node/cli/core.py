@@ -98,6 +98,7 @@ def studies(
     config: Path | None = ConfigOption,
     limit: int = typer.Option(50, "--limit", help="most recently updated first"),
     show_names: bool = typer.Option(False, "--names", help="also show patient names (PHI)"),
+    plain: bool = typer.Option(False, "--plain", help="tab-separated lines, no table"),
 ) -> None:
     """List stored studies: UID, patient ID, date, modalities, series and instance counts."""
     from rich.table import Table
@@ -114,6 +115,13 @@ def studies(
         raise typer.Exit(1) from None
     finally:
         engine.dispose()
+    if plain:
+        for r in rows:
+            typer.echo("\t".join([r.study_instance_uid, r.patient_id,
+                                  *([r.patient_name or ""] if show_names else []),
+                                  r.study_date or "", r.accession_number or "",
+                                  ",".join(r.modalities), str(r.n_series), str(r.n_instances)]))
+        return
     table = Table("Study Instance UID", "Patient ID", *(["Name"] if show_names else []),
                   "Date", "Accession", "Modalities", "Series", "Instances")
     for r in rows:

@@ -155,7 +155,9 @@ def test_sigterm_finishes_and_refuses_new(node_process: Any, tmp_path: Path) -> 
         for f in ok:
             assert pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID in indexed
         types = [e.event.type.value for e in ctx.ledger.entries()]
-        assert types[-1] == "node.stopped"
+        # node.stopped, then the final signed checkpoint that covers it
+        assert types[-2:] == ["node.stopped", "checkpoint.signed"]
+        assert ctx.ledger.checkpoints()[-1][0] == len(types) - 1
         assert not list(ctx.store.temp_dir.iterdir())
     finally:
         ctx.engine.dispose()
