@@ -180,31 +180,32 @@ def test_report_on_new_association(node: tuple[Any, int, int]) -> None:
     assert ev.payload["delivered"] == "new_association" and ev.payload["report_status"] == 0
 
 
-@pytest.mark.parametrize(
-    ("action_type", "instance", "drop", "status"),
-    [
-        (2, STORAGE_COMMITMENT_INSTANCE, None, 0x0123),  # no such action
-        (1, "1.2.3.4", None, 0x0112),                    # not the well-known instance
-        (1, STORAGE_COMMITMENT_INSTANCE, "TransactionUID", 0x0120),
-        (1, STORAGE_COMMITMENT_INSTANCE, "ReferencedSOPSequence", 0x0120),
-    ],
-)
-def test_bad_requests_refused(node: tuple[Any, int, int], action_type: int, instance: str,
-                              drop: str | None, status: int) -> None:
+BAD_REQUESTS = [
+    (2, STORAGE_COMMITMENT_INSTANCE, None, 0x0123),  # no such action
+    (1, "1.2.3.4", None, 0x0112),                    # not the well-known instance
+    (1, STORAGE_COMMITMENT_INSTANCE, "TransactionUID", 0x0120),
+    (1, STORAGE_COMMITMENT_INSTANCE, "ReferencedSOPSequence", 0x0120),
+]
+
+
+def test_bad_requests_refused(node: tuple[Any, int, int]) -> None:
     ctx, port, _ = node
     reports = Reports()
     assoc = _scu(reports).associate("127.0.0.1", port, ae_title="SYNTHNODE",
                                     evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
-    req = _request([(CTImageStorage, CT_SPECS[0].sop_uid)])
-    if drop:
-        delattr(req, drop)
-    rsp, _ = assoc.send_n_action(req, action_type, StorageCommitmentPushModel, instance)
-    assert rsp.Status == status
+    for action_type, instance, drop, status in BAD_REQUESTS:
+        req = _request([(CTImageStorage, CT_SPECS[0].sop_uid)])
+        if drop:
+            delattr(req, drop)
+        rsp, _ = assoc.send_n_action(req, action_type, StorageCommitmentPushModel, instance)
+        assert rsp.Status == status, (action_type, instance, drop)
     # the node keeps serving on the same association
     ok, _ = assoc.send_n_action(_request([(CTImageStorage, CT_SPECS[0].sop_uid)]), 1,
                                 StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE)
     assert ok.Status == 0x0000
-    assert reports.wait()[0][0] == 1
-    evs = _ledger_commitments(ctx, 2)
+    assert [g[0] for g in reports.wait()] == [1]  # refused requests get no report
+    evs = _ledger_commitments(ctx, len(BAD_REQUESTS) + 1)
     assoc.release()
-    assert any(e.payload.get("n_action_status") == status for e in evs)
+    assert [e.payload.get("n_action_status") for e in evs[:len(BAD_REQUESTS)]] == [
+        b[3] for b in BAD_REQUESTS]
+    assert evs[-1].payload["committed"] == 1
