@@ -406,7 +406,10 @@ def _resolve(
         log.exception("%s matching failed", service)
         return None, QueryRetrieve.UNABLE_TO_PROCESS, "index query failed", hook
     studies = sorted({r.study_instance_uid for r in refs})
-    hook.subject["study_uids"] = studies[:50]
+    if len(studies) == 1:
+        hook.subject["study_uid"] = studies[0]  # indexed by the ledger
+    hook.payload["study_uids"] = studies
+    hook.payload["sop_uids"] = [r.sop_instance_uid for r in refs]  # indexed: who got what
     hook.payload["sub_operations"] = len(refs)
     return refs, General.SUCCESS, "", hook
 

@@ -160,7 +160,11 @@ def test_ledger_records_get(node: tuple[Any, int], tmp_path: Path) -> None:
     assert ev.actor == "ae:GETSCU"
     assert ev.payload["level"] == "SERIES" and ev.payload["sub_operations"] == n
     assert ev.payload["completed"] == n and ev.payload["failed"] == 0 and ev.payload["status"] == 0
-    assert ev.subject["study_uids"] == [s0.study_uid]
+    assert ev.subject["study_uid"] == s0.study_uid
+    assert sorted(ev.payload["sop_uids"]) == sorted(s.sop_uid for s in SPECS if s.series_uid == s0.series_uid)
+    # the ledger's UID index finds the retrieve by instance
+    hits = ctx.ledger.query(uids=[s0.sop_uid], event_types=[EventType.RETRIEVE.value])
+    assert hits and hits[-1].event.payload == ev.payload
 
 
 def test_part10_helper_roundtrip() -> None:
