@@ -176,3 +176,40 @@ def mr_noise(img: np.ndarray, snr: float, seed: int, mask: np.ndarray | None = N
 def estimate_rician_sigma(img: np.ndarray, background: np.ndarray) -> float:
     """Sigma from a signal-free background: mean of a Rayleigh law is sigma sqrt(pi/2)."""
     return float(np.asarray(img)[background].mean() / np.sqrt(np.pi / 2))
+
+
+def measure(n: int = 3, sizes: tuple[int, ...] = (256, 512),
+            doses: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)) -> list[dict[str, float]]:
+    """Liver noise SD (HU) per dose and seconds per slice on *validation* abdomen phantoms.
+
+    ``python -m engine.degrade`` prints this table (bench/results/engine_eval.md).
+    """
+    import time
+
+    from engine.phantoms import Tissue, iter_dataset
+
+    rows = []
+    for size in sizes:
+        sds: dict[float, list[float]] = {d: [] for d in doses}
+        secs_one, secs_all = [], []
+        for s in iter_dataset("val", n, size=size, kind="abdomen"):
+            liver = ndimage.binary_erosion(s.labels[0] == Tissue.LIVER, iterations=3)
+            t0 = time.perf_counter()
+            low_dose_noise(s.ct_hu[0], s.spacing[1], (doses[-1],), seed=s.seed)
+            secs_one.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            noise = low_dose_noise(s.ct_hu[0], s.spacing[1], doses, seed=s.seed)
+            secs_all.append(time.perf_counter() - t0)
+            for d in doses:
+                sds[d].append(float(noise[d][liver].std()))
+        row: dict[str, float] = {"size": size, "views": default_angles(size),
+                                 "sec_one_dose": float(np.mean(secs_one)),
+                                 "sec_all_doses": float(np.mean(secs_all))}
+        row.update({f"sd_{d:g}": float(np.mean(v)) for d, v in sds.items()})
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover - measurement entry point
+    for r in measure():
+        print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
