@@ -84,6 +84,8 @@ class StudyTracker:
         the pipeline section (default quiet period, rules, re-process policy).
     ledger
         the ledger's append API; None = no events (tests only).
+    series_of
+        study UID -> its series UIDs (for the ``study.completed`` payload).
     on_complete
         called after a study completed (outside the database transaction).
     scheduler
@@ -99,12 +101,14 @@ class StudyTracker:
         ledger: Any = None,
         on_complete: OnComplete | None = None,
         scheduler: Any = None,
+        series_of: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.ledger = ledger
         self.on_complete = on_complete
         self.scheduler = scheduler
+        self.series_of = series_of
         self.key = str(engine.url)
         with _TRACKERS_LOCK:
             _TRACKERS[self.key] = self
@@ -242,9 +246,12 @@ class StudyTracker:
             if res.rowcount != 1:
                 return False
             gen = int(row.generation)
-            self._event(conn, EventType.STUDY_COMPLETED, study_uid, {
+            payload: dict[str, Any] = {
                 "trigger": trigger, "generation": gen, "instances": int(row.instances),
-            })
+            }
+            if self.series_of is not None:
+                payload["series_uids"] = sorted(self.series_of(study_uid))
+            self._event(conn, EventType.STUDY_COMPLETED, study_uid, payload)
         if self.scheduler is not None and trigger != "quiet_period":
             try:
                 self.scheduler.remove_job(self._job_id(study_uid))

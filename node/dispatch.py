@@ -463,11 +463,16 @@ class Dispatcher:
         job_id: str | None = None,
         already_acknowledged: Collection[str] = (),
         max_attempts: int | None = None,
+        first_attempt: int = 1,
+        terminal: bool = True,
     ) -> DispatchResult:
         """Send ``datasets`` to ``destination`` until acknowledged or attempts run out.
 
         ``already_acknowledged`` SOP Instance UIDs (from a previous run) are not sent again.
-        Returns the terminal result; never raises for peer errors or policy refusals.
+        A caller that retries itself (the dispatch job: one attempt per job attempt) passes
+        ``max_attempts=1``, its attempt number as ``first_attempt`` and ``terminal=False``
+        while it has attempts left, so the ledger says "retry_scheduled", not "failed".
+        Returns the result; never raises for peer errors or policy refusals.
         """
         try:
             dest = self.destinations[destination]
@@ -488,7 +493,7 @@ class Dispatcher:
                 EventType.DISPATCH_FAILED,
                 Outcome.SERIOUS_FAILURE,
                 subject,
-                {"state": DispatchState.REFUSED.value, "reason": str(exc), "attempts": 0},
+                {"state": DispatchState.REFUSED.value, "error": str(exc), "attempts": 0},
             )
             return DispatchResult(dest.name, DispatchState.REFUSED, 0, [], {}, str(exc))
 
@@ -505,7 +510,8 @@ class Dispatcher:
                 EventType.DISPATCH_ATTEMPTED,
                 Outcome.SUCCESS,
                 subject,
-                {"attempt": attempt, "instances": len(pending), "kind": dest.kind},
+                {"attempt": first_attempt + attempt - 1, "instances": len(pending),
+                 "kind": dest.kind, "sop_uids": [str(ds.SOPInstanceUID) for ds in pending]},
             )
             t0 = time.monotonic()
             report = self.sender(dest).send(pending)
@@ -525,16 +531,18 @@ class Dispatcher:
         failed = {**permanent, **{u: last[u] for u in (str(ds.SOPInstanceUID) for ds in pending)}}
         if failed:
             reasons = sorted({f.reason for f in failed.values()})
+            final = terminal or bool(permanent)
             self._event(
                 EventType.DISPATCH_FAILED,
                 Outcome.MAJOR_FAILURE if not acknowledged else Outcome.SERIOUS_FAILURE,
                 subject,
                 {
-                    "state": DispatchState.FAILED.value,
-                    "attempts": attempt,
+                    "state": DispatchState.FAILED.value if final else "retry_scheduled",
+                    "attempts": first_attempt + attempt - 1,
                     "acknowledged": len(acknowledged) + len(done),
+                    "sop_uids": sorted(failed),
                     "failed": {u: f.reason for u, f in sorted(failed.items())},
-                    "reasons": reasons,
+                    "error": "; ".join(reasons),
                 },
             )
             return DispatchResult(
@@ -545,9 +553,9 @@ class Dispatcher:
             Outcome.SUCCESS,
             subject,
             {
-                "attempts": attempt,
+                "attempts": first_attempt + attempt - 1,
                 "acknowledged": len(acknowledged) + len(done),
-                "sop_instance_uids": sorted(acknowledged),
+                "sop_uids": sorted(acknowledged),
             },
         )
         return DispatchResult(dest.name, DispatchState.SUCCEEDED, attempt, acknowledged, {})

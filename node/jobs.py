@@ -76,7 +76,13 @@ class InvalidTransition(RuntimeError):
 
 
 class TransientJobError(RuntimeError):
-    """Raised by a job handler for errors worth another attempt (peer down, busy)."""
+    """Raised by a job handler for errors worth another attempt (peer down, busy).
+
+    ``retry_after_s`` overrides the pool's exponential backoff for the next attempt."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -207,10 +213,17 @@ class JobStore:
         if self.ledger is None:
             return
         get = (lambda k: getattr(job, k)) if isinstance(job, Job) else job.get
+        kind_value = get("kind")
+        kind_value = kind_value.value if isinstance(kind_value, Enum) else kind_value
         subject = {"job_id": get("id")}
-        for key, col in (("study_uid", "study_uid"), ("series_uid", "series_uid")):
-            if get(col):
-                subject[key] = get(col)
+        if get("study_uid"):
+            subject["study_uid"] = get("study_uid")
+        if get("series_uid"):
+            if kind_value == JobKind.ENGINE.value:
+                # audit vocabulary: an engine job's sources are payload source_series_uids
+                payload = {"source_series_uids": [get("series_uid")], **payload}
+            else:
+                subject["series_uid"] = get("series_uid")  # a dispatch job's output series
         outcome = {
             JobState.FAILED: Outcome.SERIOUS_FAILURE,
             JobState.CANCELLED: Outcome.MINOR_FAILURE,
@@ -488,7 +501,9 @@ def run_job(store: JobStore, handlers: dict[JobKind, Handler], job: Job, *,
     try:
         result = handler(job)
     except TransientJobError as exc:
-        delay = backoff_s * (2 ** max(0, job.attempts - 1))
+        delay = exc.retry_after_s
+        if delay is None:
+            delay = backoff_s * (2 ** max(0, job.attempts - 1))
         logger.warning("job %s attempt %d transient failure: %s", job.id, job.attempts, exc)
         return store.fail(job.id, str(exc), transient=True, retry_after_s=delay)
     except Exception as exc:

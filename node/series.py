@@ -123,6 +123,9 @@ class SeriesSpec:
         None = from the source, else YES for head / neck body parts.
     derivation_codes
         Derivation Code Sequence items; default :func:`node.codes.derivation_codes_for_task`.
+    series_instance_uid
+        UID of the new series (default: generated); lets the caller derive the watermark
+        payload from it before the pixels are built.
     """
 
     output_format: OutputFormat | str
@@ -134,6 +137,7 @@ class SeriesSpec:
     transfer_syntax_uid: str = ExplicitVRLittleEndian
     recognizable_visual_features: bool | None = None
     derivation_codes: tuple[codes.CodedConcept, ...] = field(default=())
+    series_instance_uid: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -281,7 +285,7 @@ class _Context:
         self.spec = spec
         self.stored = stored
         self.when = _now()
-        self.series_uid = generate_uid()
+        self.series_uid = spec.series_instance_uid or generate_uid()
         self.modality = output_modality(output, spec)
         self.intensity = output.intensity
         task = spec.description or spec.provenance.task

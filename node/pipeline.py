@@ -1,0 +1,451 @@
+"""The pipeline: completed study -> routing -> engine jobs -> synthetic series -> dispatch jobs.
+
+Stages (mercure-style router / processor / dispatcher, one bookkeeper each):
+
+1. ingest hook (:meth:`Pipeline.on_instance_stored`) feeds :class:`~node.completion.StudyTracker`
+   (instances the pipeline stored itself, and any with Synthetic Data YES, are ignored);
+2. on completion (:meth:`Pipeline.on_study_complete`) every series of the study is routed
+   (:mod:`node.rules`, loop guard included) and one engine job per task of the matching rule
+   is queued, unless a job for the same source instances exists (a re-sent or unchanged
+   series never runs twice); for a re-opened study the re-process policy decides;
+3. an engine job (:meth:`Pipeline.run_engine_job`) reads the series from the store, assembles
+   the volume, runs the engine (through the model gate), applies the quality gate, builds
+   the output series with the watermark, stores it in the node (so C-FIND / QIDO see it),
+   records ``output.created`` and queues one dispatch job per destination;
+4. a dispatch job (:meth:`Pipeline.run_dispatch_job`) makes one send attempt per job attempt,
+   records every acknowledged instance in ``pipeline_dispatch_acks`` (never re-sent, also
+   after a restart) and retries with the destination's exponential backoff.
+
+The database is the truth about jobs; the local worker pool polls it. A scale-out broker
+would carry the same job ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import and_, select, update
+
+from audit.events import Event, EventType, Outcome
+from config.sections.pipeline import Destination, PipelineSettings, ReprocessPolicy
+from engine.api import TaskResult, Volume
+from node import codes
+from node.completion import StudyTracker
+from node.dispatch import Dispatcher, DispatchState, watermark_check
+from node.jobs import Job, JobKind, JobState, JobStore, TransientJobError, WorkerPool
+from node.quality import QualityLimits, check
+from node.rules import SeriesFacts, route
+from node.series import SeriesSpec, build_series
+from node.tables import dispatch_acks, jobs, outputs
+from node.volume import VolumeError, assemble
+
+logger = logging.getLogger(__name__)
+
+ACTOR = "component:pipeline"
+SOURCE = "pipeline"  # ingest source of the outputs the pipeline stores
+
+#: engine runner: (task, volume, params, seed, model id or None) -> TaskResult
+EngineRunner = Callable[[str, Volume, dict[str, Any], int, str | None], TaskResult]
+
+
+class PermanentJobError(RuntimeError):
+    """A job that cannot succeed by retrying (bad input, policy, unknown destination)."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def fingerprint(sop_uids: Sequence[str]) -> str:
+    """Identity of a set of source instances (order-free)."""
+    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
+
+
+def mark_id_for(series_uid: str) -> int:
+    """40-bit watermark mark id derived from the output Series Instance UID."""
+    from audit.watermark import MARK_ID_BITS
+
+    return int.from_bytes(hashlib.sha256(series_uid.encode()).digest()[:8], "big") & (
+        (1 << MARK_ID_BITS) - 1
+    )
+
+
+class GatedEngineRunner:
+    """Runs engine tasks with models admitted by the model gate (design.md 7, model tier).
+
+    The model folder is chosen by model id (``TaskSpec.model``) or, by default, the one
+    approved folder whose manifest names the task. The weights digest the gate checked is
+    re-checked by ``engine.models.load_model`` and lands in the provenance.
+    """
+
+    def __init__(self, gate: Any, models_dir: Path, *, options: Any = None,
+                 device: str | None = None) -> None:
+        self.gate = gate
+        self.models_dir = Path(models_dir)
+        self.options = options
+        self.device = device
+
+    def _folder(self, task: str, model_id: str | None) -> Path:
+        import json
+
+        candidates = []
+        for folder in self.gate.folders(self.models_dir):
+            try:
+                manifest = json.loads((folder / "manifest.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if model_id is not None and manifest.get("model_id") == model_id:
+                return folder
+            if model_id is None and manifest.get("task") == task:
+                candidates.append(folder)
+        if model_id is not None:
+            raise PermanentJobError(f"no model {model_id!r} in {self.models_dir}")
+        if not candidates:
+            raise PermanentJobError(f"no model for task {task!r} in {self.models_dir}")
+        return sorted(candidates)[-1]
+
+    def __call__(self, task: str, volume: Volume, params: dict[str, Any], seed: int,
+                 model_id: str | None) -> TaskResult:
+        from engine.api import run_task
+        from engine.models import load_model
+
+        verified = self.gate.load(self._folder(task, model_id))
+        (name, weights), = verified.weights.items()
+        model = load_model(verified.config(), weights, verified.file_sha256[name])
+        return run_task(task, volume, model=model, params=params, seed=seed,
+                        device=self.device, options=self.options)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the pipeline needs from the node (a :class:`node.context.NodeContext` has it)."""
+
+    settings: PipelineSettings
+    engine: Any  # sqlalchemy Engine
+    store: Any  # storage.filestore.FileStore
+    index: Any  # storage.index.Index
+    ledger: Any  # the ledger's append API
+    ingest: Callable[[bytes], Any]  # stores one Part 10 file, returns StoredInstance
+
+
+class Pipeline:
+    """Routing, engine and dispatch jobs on one node.
+
+    Parameters
+    ----------
+    parts
+        node services (see :meth:`from_context`).
+    runner
+        engine runner (:class:`GatedEngineRunner` in production).
+    mark_key
+        watermark key used to mark outputs; None = outputs are not marked (and dispatch
+        will refuse them).
+    detect_keys
+        keys whose marks identify our outputs (loop guard, dispatch policy); default
+        ``[mark_key]``.
+    """
+
+    def __init__(self, parts: Parts, *, runner: EngineRunner | None = None,
+                 mark_key: Any = None, detect_keys: Sequence[Any] | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.parts = parts
+        self.settings = parts.settings
+        self.runner = runner
+        self.mark_key = mark_key
+        keys = list(detect_keys) if detect_keys is not None else ([mark_key] if mark_key else [])
+        self.detect = watermark_check(keys) if keys else None
+        self.jobs = JobStore(parts.engine, parts.ledger)
+        self.tracker = StudyTracker(
+            parts.engine, self.settings, ledger=parts.ledger, on_complete=self.on_study_complete,
+            series_of=self._series_of,
+        )
+        self.dispatcher = Dispatcher(
+            self.settings.destinations, ledger=parts.ledger, watermark=self.detect,
+            calling_ae=self.settings.calling_ae, sleep=sleep,
+        )
+        self.pool = WorkerPool(
+            self.jobs, {JobKind.ENGINE: self.run_engine_job, JobKind.DISPATCH: self.run_dispatch_job},
+            workers=self.settings.workers, poll_s=1.0,
+        )
+        q = self.settings.quality
+        self.limits = QualityLimits(
+            hu_min=q.hu_min, hu_max=q.hu_max, max_abs_bias_hu=q.max_abs_bias_hu,
+            max_mean_abs_residual_hu=q.max_mean_abs_residual_hu,
+            min_correlation=q.min_correlation, min_foreground_dice=q.min_foreground_dice,
+        )
+
+    @classmethod
+    def from_context(cls, ctx: Any, **kwargs: Any) -> Pipeline:
+        from node.ingest import Ingestor
+
+        ingestor = Ingestor(ctx)
+        parts = Parts(
+            settings=ctx.settings.pipeline, engine=ctx.engine, store=ctx.store, index=ctx.index,
+            ledger=ctx.ledger,
+            ingest=lambda data: ingestor.ingest_part10(data, source=SOURCE),
+        )
+        pipeline = cls(parts, **kwargs)
+        ctx.on_instance_stored.append(pipeline.on_instance_stored)
+        return pipeline
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self.tracker.start_scheduler()
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+        self.tracker.shutdown()
+        self.dispatcher.close()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _event(self, type_: EventType, subject: dict[str, Any], payload: dict[str, Any],
+               outcome: Outcome = Outcome.SUCCESS) -> None:
+        self.parts.ledger.append(Event(type=type_, actor=ACTOR, outcome=outcome,
+                                       subject=subject, payload=payload))
+
+    def _series_of(self, study_uid: str) -> list[str]:
+        return sorted({i.series_instance_uid for i in
+                       self.parts.index.instances(study_instance_uid=study_uid)})
+
+    def _read(self, rel_path: str, *, headers_only: bool = False) -> Dataset:
+        data = self.parts.store.read(rel_path)
+        return pydicom.dcmread(BytesIO(data), stop_before_pixels=headers_only)
+
+    def _our_output(self, series_uid: str) -> bool:
+        with self.parts.engine.connect() as c:
+            return c.execute(select(outputs.c.series_uid).where(
+                outputs.c.series_uid == series_uid)).first() is not None
+
+    # -- stage 1: ingest hook -----------------------------------------------------------------
+    def on_instance_stored(self, info: Any) -> None:
+        rec = info.record
+        if rec.source == SOURCE:
+            return
+        if str(rec.synthetic_data or "").upper() == codes.SYNTHETIC_YES:
+            logger.info("synthetic instance received: study not (re)opened")
+            return
+        self.tracker.instance_received(rec.study_instance_uid, called_ae=rec.called_ae,
+                                       calling_ae=rec.calling_ae)
+
+    def complete_study(self, study_uid: str, trigger: str = "manual") -> bool:
+        """Explicit completion trigger (``synthnode study complete UID``)."""
+        return self.tracker.complete(study_uid, trigger=trigger)
+
+    # -- stage 2: routing ----------------------------------------------------------------------
+    def on_study_complete(self, study_uid: str, generation: int) -> list[str]:
+        """Route every series of the study; queue engine jobs. Returns the new job ids."""
+        status = self.tracker.status(study_uid)
+        instances = self.parts.index.instances(study_instance_uid=study_uid)
+        by_series: dict[str, list[Any]] = {}
+        for inst in instances:
+            by_series.setdefault(inst.series_instance_uid, []).append(inst)
+        queued: list[str] = []
+        for series_uid, insts in sorted(by_series.items()):
+            if self._our_output(series_uid):
+                continue
+            headers = [self._read(i.file_path, headers_only=True) for i in insts]
+            synthetic = any(str(h.get("SyntheticData", "")).upper() == codes.SYNTHETIC_YES
+                            for h in headers)
+            marked = False
+            if not synthetic and self.detect is not None:
+                probe = self._read(insts[len(insts) // 2].file_path)
+                marked = "PixelData" in probe and self.detect(probe)
+            facts = SeriesFacts(headers[0], len(headers),
+                                status.called_ae if status else None,
+                                status.calling_ae if status else None, synthetic, marked)
+            routing = route(self.settings, facts)
+            if routing.rule is None:
+                logger.info("series not routed: %s", routing.skipped or "no rule matched")
+                continue
+            rule = routing.rule
+            fp = fingerprint([i.sop_instance_uid for i in insts])
+            for k, task in enumerate(rule.tasks):
+                decision = self._reprocess_decision(series_uid, rule.name, task.task, fp, generation,
+                                                    rule.reprocess or self.settings.reprocess)
+                if decision is None:
+                    continue
+                spec = {
+                    "params": task.params, "output_format": task.output_format,
+                    "model": task.model, "destinations": list(rule.destinations),
+                    "fingerprint": fp, "task_index": k, "replace": decision == "replace",
+                }
+                seed = task.seed if task.seed is not None else int(fp[:12], 16)
+                jid = self.jobs.enqueue(
+                    JobKind.ENGINE, study_uid=study_uid, series_uid=series_uid, rule=rule.name,
+                    task=task.task, spec=spec, seed=seed,
+                    max_attempts=self.settings.job_max_attempts, generation=generation,
+                )
+                queued.append(jid)
+        if queued:
+            self.pool.wake()
+        return queued
+
+    def _reprocess_decision(self, series_uid: str, rule: str, task: str, fp: str,
+                            generation: int, policy: ReprocessPolicy) -> str | None:
+        """None = do not queue; "new" / "always" / "replace" = queue (and how)."""
+        with self.parts.engine.connect() as c:
+            rows = c.execute(select(jobs).where(and_(
+                jobs.c.kind == JobKind.ENGINE.value, jobs.c.series_uid == series_uid,
+                jobs.c.rule == rule, jobs.c.task == task,
+            ))).fetchall()
+        earlier = [Job.from_row(r) for r in rows]
+        live = [j for j in earlier if j.state not in (JobState.FAILED, JobState.CANCELLED)]
+        if any(j.spec.get("fingerprint") == fp for j in live):
+            return None  # same source instances: already done or under way
+        if not live:
+            return "new"
+        if policy is ReprocessPolicy.NEVER:
+            logger.info("series changed after completion; reprocess policy 'never'")
+            return None
+        return policy.value
+
+    # -- stage 3: engine job -------------------------------------------------------------------
+    def run_engine_job(self, job: Job) -> dict[str, Any]:
+        if self.runner is None:
+            raise PermanentJobError("no engine runner configured")
+        insts = self.parts.index.instances(series_instance_uid=job.series_uid)
+        if not insts:
+            raise PermanentJobError(f"source series {job.series_uid} has no instances")
+        datasets = [self._read(i.file_path) for i in insts]
+        try:
+            source = assemble(datasets)
+        except VolumeError as exc:
+            raise PermanentJobError(f"volume assembly: {exc}") from exc
+        spec = job.spec
+        seed = int(job.seed if job.seed is not None else 0)
+        result = self.runner(job.task or "", source.volume, dict(spec.get("params") or {}),
+                             seed, spec.get("model"))
+        prov = result.provenance
+        made: list[str] = []
+        held: list[dict[str, Any]] = []
+        for k, out in enumerate(result.outputs):
+            report = check(out, source.volume, self.limits) if self.settings.quality.enabled else None
+            if report is not None and not report.passed:
+                held.append({"index": k, "reasons": list(report.reasons)})
+                self._event(EventType.OUTPUT_HELD, {"job_id": job.id, "study_uid": job.study_uid},
+                            {"source_series_uids": [job.series_uid], "reasons": list(report.reasons),
+                             "stats": report.stats, "output_index": k},
+                            Outcome.MINOR_FAILURE)
+                continue
+            made.append(self._build_and_store(job, source, out, prov, k, report.stats if report else {}))
+        if spec.get("replace") and made:
+            self._supersede(job, made)
+        for series_uid in made:
+            for dest in spec.get("destinations") or []:
+                d = self._destination(dest)
+                self.jobs.enqueue(
+                    JobKind.DISPATCH, study_uid=job.study_uid, series_uid=series_uid,
+                    rule=job.rule, task=job.task, spec={"destination": dest},
+                    max_attempts=d.max_attempts, parent_id=job.id, generation=job.generation,
+                )
+        if made:
+            self.pool.wake()
+        return {"outputs": made, "held": held, "model_id": prov.model_id,
+                "weights_sha256": prov.weights_sha256, "seed": prov.seed,
+                "engine_ms": int(prov.seconds * 1000)}
+
+    def _destination(self, name: str) -> Destination:
+        for d in self.settings.destinations:
+            if d.name == name:
+                return d
+        raise PermanentJobError(f"unknown destination {name!r}")
+
+    def _build_and_store(self, job: Job, source: Any, out: Volume, prov: Any, k: int,
+                         stats: dict[str, str]) -> str:
+        from pydicom.uid import generate_uid
+
+        series_uid = generate_uid()
+        mark = None
+        payload_hex = None
+        if self.mark_key is not None:
+            from audit.watermark import embed, make_payload, payload_hex as phex
+
+            payload = make_payload(self.mark_key.key_id, mark_id_for(series_uid))
+            payload_hex = phex(payload)
+            key = self.mark_key
+            mark = lambda a: embed(a, key, payload, bits_stored=16, signed=False)  # noqa: E731
+        n_out = self.settings.output_series_number_base + int(job.spec.get("task_index", 0)) * 10 + k + 1
+        spec = SeriesSpec(
+            job.spec.get("output_format", "sc"), prov, ledger_entry=f"job:{job.id}",
+            series_number=n_out, series_instance_uid=series_uid,
+        )
+        built = build_series(source, out, spec, mark=mark)
+        sop_uids, digests = [], []
+        for ds in built.datasets:
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            stored = self.parts.ingest(buf.getvalue())
+            sop_uids.append(str(ds.SOPInstanceUID))
+            digests.append(stored.record.sha256)
+        digest = "sha256:" + hashlib.sha256("".join(digests).encode()).hexdigest()
+        with self.parts.engine.begin() as conn:
+            conn.execute(outputs.insert().values(
+                series_uid=series_uid, job_id=job.id, study_uid=job.study_uid,
+                source_series_uid=job.series_uid, generation=job.generation,
+                output_format=built.output_format.value, instances=len(sop_uids),
+                watermark_payload=payload_hex, digest=digest, held=False, superseded=False,
+                created_at=_now(),
+            ))
+            self.parts.ledger.append(Event(
+                type=EventType.OUTPUT_CREATED, actor=ACTOR,
+                subject={"job_id": job.id, "study_uid": job.study_uid, "series_uid": series_uid},
+                payload={"source_series_uids": [job.series_uid], "output_series_uid": series_uid,
+                         "output_sop_uids": sop_uids, "sha256": digests,
+                         "watermark_payload": payload_hex, "output_format": built.output_format.value,
+                         "model_id": prov.model_id, "model_version": prov.model_version,
+                         "weights_sha256": prov.weights_sha256, "seed": prov.seed,
+                         "quality": stats},
+            ), conn=conn)
+        return series_uid
+
+    def _supersede(self, job: Job, made: list[str]) -> None:
+        with self.parts.engine.begin() as conn:
+            earlier = select(jobs.c.id).where(and_(
+                jobs.c.series_uid == job.series_uid, jobs.c.rule == job.rule,
+                jobs.c.task == job.task, jobs.c.id != job.id))
+            conn.execute(update(outputs).where(and_(
+                outputs.c.job_id.in_(earlier), outputs.c.series_uid.not_in(made),
+            )).values(superseded=True))
+
+    # -- stage 4: dispatch job -----------------------------------------------------------------
+    def run_dispatch_job(self, job: Job) -> dict[str, Any]:
+        dest_name = str(job.spec.get("destination"))
+        dest = self._destination(dest_name)
+        insts = self.parts.index.instances(series_instance_uid=job.series_uid)
+        if not insts:
+            raise PermanentJobError(f"output series {job.series_uid} has no instances")
+        with self.parts.engine.connect() as c:
+            acked = {r[0] for r in c.execute(select(dispatch_acks.c.sop_instance_uid).where(and_(
+                dispatch_acks.c.job_id == job.id, dispatch_acks.c.destination == dest_name)))}
+        todo = [i for i in insts if i.sop_instance_uid not in acked]
+        datasets = [self._read(i.file_path) for i in todo]
+        terminal = job.attempts >= job.max_attempts
+        result = self.dispatcher.send(
+            datasets, dest_name, job_id=job.id, already_acknowledged=acked, max_attempts=1,
+            first_attempt=job.attempts, terminal=terminal,
+        )
+        if result.acknowledged:
+            now = _now()
+            with self.parts.engine.begin() as conn:
+                for uid in result.acknowledged:
+                    conn.execute(dispatch_acks.insert().values(
+                        job_id=job.id, destination=dest_name, sop_instance_uid=uid,
+                        acknowledged_at=now))
+        if result.state is DispatchState.SUCCEEDED:
+            return {"destination": dest_name, "acknowledged": len(acked) + len(result.acknowledged)}
+        if result.state is DispatchState.REFUSED:
+            raise PermanentJobError(f"refused by policy: {result.reason}")
+        if any(not f.transient for f in result.failed.values()):
+            raise PermanentJobError(f"dispatch failed: {result.reason}")
+        raise TransientJobError(f"dispatch to {dest_name}: {result.reason}",
+                                retry_after_s=self.dispatcher.backoff(dest, max(1, job.attempts)))
