@@ -28,16 +28,19 @@ must not have read from the database in the same transaction before their first 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from audit import merkle
-from audit.events import Event, EventType, event_from_leaf, event_refs, event_to_leaf, parse_time
+from audit.events import Event, EventType, Outcome, event_from_leaf, event_refs, event_to_leaf, parse_time
 from audit.tables import ledger_checkpoints, ledger_entries, ledger_head, ledger_nodes, ledger_refs
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,9 @@ class Ledger:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._gc: _GroupCommitter | None = None
+        self._gc_lock = threading.Lock()
+        self._sql_cache: dict[str, dict[str, str]] = {}
         self._ensure_head()
 
     # -- head ------------------------------------------------------------------------
@@ -136,43 +142,98 @@ class Ledger:
         return self.append_many([event], conn=conn)[0]
 
     def append_many(self, events: Iterable[Event], conn: Connection | None = None) -> list[LedgerEntry]:
-        """Append several events as consecutive leaves, atomically."""
+        """Append several events as consecutive leaves, atomically.
+
+        Without ``conn``, concurrent callers in this process are group-committed: one
+        writer thread takes every append waiting at that moment and commits them in one
+        transaction (each caller still returns only after its entries are durable).
+        """
         prepared = [_prepare(e) for e in events]
         if not prepared:
             return []
         if conn is not None:
             return self._append_locked(conn, prepared)
+        return self._committer().submit(prepared)
+
+    def _committer(self) -> _GroupCommitter:
+        pid = os.getpid()
+        gc = self._gc
+        if gc is None or gc.pid != pid:  # first use, or a forked child
+            with self._gc_lock:
+                if self._gc is None or self._gc.pid != pid:
+                    self._gc = _GroupCommitter(self, pid)
+                gc = self._gc
+        return gc
+
+    def close(self) -> None:
+        """Stop the group-commit writer thread (appends after this start a new one)."""
+        gc, self._gc = self._gc, None
+        if gc is not None:
+            gc.stop()
+
+    def _commit_batch(self, prepared: Sequence[_Prepared]) -> list[LedgerEntry]:
         with self.engine.begin() as own:
             return self._append_locked(own, prepared)
 
+    def _sql(self, conn: Connection) -> dict[str, str]:
+        style = conn.dialect.paramstyle
+        key = style
+        cached = self._sql_cache.get(key)
+        if cached is not None:
+            return cached
+        ph = "?" if style == "qmark" else "%s"
+
+        def q(sql: str) -> str:
+            return sql.replace("?", ph)
+
+        cached = {
+            "lock": q("UPDATE ledger_head SET size = size WHERE id = ? RETURNING size, frontier"),
+            "entry": q("INSERT INTO ledger_entries (seq, leaf_hash, data, event_type, time, actor, outcome) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)"),
+            "node": q("INSERT INTO ledger_nodes (level, idx, hash) VALUES (?, ?, ?)"),
+            "ref": q("INSERT INTO ledger_refs (seq, role, uid) VALUES (?, ?, ?)"),
+            "head": q("UPDATE ledger_head SET size = ?, frontier = ? WHERE id = ?"),
+        }
+        self._sql_cache[key] = cached
+        return cached
+
     def _append_locked(self, conn: Connection, prepared: Sequence[_Prepared]) -> list[LedgerEntry]:
-        size, frontier = self.lock_head(conn)
-        entries: list[dict[str, Any]] = []
-        nodes: list[dict[str, Any]] = []
-        refs: list[dict[str, Any]] = []
-        out: list[LedgerEntry] = []
-        for i, p in enumerate(prepared):
-            seq = size + i
-            for level, idx, h in merkle.frontier_append(frontier, seq, p.leaf):
-                nodes.append({"level": level, "idx": idx, "hash": h})
-            ev = p.event
-            entries.append({
-                "seq": seq, "leaf_hash": p.leaf, "data": p.data,
-                "event_type": EventType(ev.type).value, "time": ev.time,
-                "actor": ev.actor[:128], "outcome": ev.outcome.value,
-            })
-            refs.extend({"seq": seq, "role": r, "uid": u} for r, u in event_refs(ev))
-            out.append(LedgerEntry(seq, p.leaf))
-        conn.execute(insert(ledger_entries), entries)
-        if nodes:
-            conn.execute(insert(ledger_nodes), nodes)
-        if refs:
-            conn.execute(insert(ledger_refs), refs)
-        conn.execute(
-            update(ledger_head)
-            .where(ledger_head.c.id == HEAD_ID)
-            .values(size=size + len(prepared), frontier=merkle.pack_frontier(frontier))
-        )
+        """The hot path: five prepared statements on the DBAPI cursor of ``conn``'s
+        transaction (no SQL compilation), the head row lock taken by the first."""
+        sql = self._sql(conn)
+        sqlite = conn.dialect.name == "sqlite"
+        if not conn.in_transaction():
+            conn.begin()
+        cur = conn.connection.cursor()
+        try:
+            cur.execute(sql["lock"], (HEAD_ID,))
+            row = cur.fetchone()
+            if row is None:
+                raise LedgerError("ledger_head row is missing: run `synthnode db upgrade`")
+            size = int(row[0])
+            frontier = merkle.unpack_frontier(bytes(row[1]), size)
+            entries: list[tuple[Any, ...]] = []
+            nodes: list[tuple[int, int, bytes]] = []
+            refs: list[tuple[int, str, str]] = []
+            out: list[LedgerEntry] = []
+            for i, p in enumerate(prepared):
+                seq = size + i
+                nodes.extend(merkle.frontier_append(frontier, seq, p.leaf))
+                ev = p.event
+                t = ev.time.astimezone(timezone.utc)
+                entries.append((seq, p.leaf, p.data, EventType(ev.type).value,
+                                t.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else t,
+                                ev.actor[:128], Outcome(ev.outcome).value))
+                refs.extend((seq, r, u) for r, u in event_refs(ev))
+                out.append(LedgerEntry(seq, p.leaf))
+            cur.executemany(sql["entry"], entries)
+            if nodes:
+                cur.executemany(sql["node"], nodes)
+            if refs:
+                cur.executemany(sql["ref"], refs)
+            cur.execute(sql["head"], (size + len(prepared), merkle.pack_frontier(frontier), HEAD_ID))
+        finally:
+            cur.close()
         return out
 
     # -- reading ---------------------------------------------------------------------
@@ -339,3 +400,79 @@ def open_ledger(engine: Engine, **kwargs: Any):  # type: ignore[no-untyped-def]
     from audit.service import open_ledger as _open
 
     return _open(engine, **kwargs)
+
+
+class _Pending:
+    __slots__ = ("prepared", "done", "result", "error")
+
+    def __init__(self, prepared: Sequence[_Prepared]) -> None:
+        self.prepared = prepared
+        self.done = threading.Event()
+        self.result: list[LedgerEntry] = []
+        self.error: BaseException | None = None
+
+
+class _GroupCommitter:
+    """One writer thread per process and ledger: commits every waiting append in one
+    transaction (group commit). A failing batch is retried item by item, so one bad event
+    fails only its own caller."""
+
+    MAX_BATCH = 2000
+
+    def __init__(self, ledger: Ledger, pid: int) -> None:
+        self.ledger = ledger
+        self.pid = pid
+        self.q: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, prepared: Sequence[_Prepared]) -> list[LedgerEntry]:
+        item = _Pending(prepared)
+        self.q.put(item)
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def stop(self) -> None:
+        self.q.put(None)
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            first = self.q.get()
+            if first is None:
+                return
+            batch = [first]
+            n = len(first.prepared)
+            stop = False
+            while n < self.MAX_BATCH:
+                try:
+                    nxt = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+                n += len(nxt.prepared)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            res = self.ledger._commit_batch([p for it in batch for p in it.prepared])
+        except BaseException as exc:  # noqa: BLE001
+            if len(batch) == 1:
+                batch[0].error = exc
+                batch[0].done.set()
+                return
+            for it in batch:  # isolate the failing item(s)
+                self._commit([it])
+            return
+        k = 0
+        for it in batch:
+            it.result = res[k:k + len(it.prepared)]
+            k += len(it.prepared)
+            it.done.set()
