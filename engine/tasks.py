@@ -366,7 +366,7 @@ TASKS: dict[str, TaskSpec] = {
         (Intensity.HU,),
         {
             "steps": ParamSpec(int, 2, 1, 4, help="flow steps from the partially noised received image"),
-            "strength": ParamSpec(float, 0.3, 0.01, 1.0, help="start time of the flow (fraction of T)"),
+            "strength": ParamSpec(float, 0.3, 0.01, 0.6, help="start time of the flow (fraction of T)"),
             "threshold_percentile": _THR,
         },
         _restore,
@@ -378,7 +378,7 @@ TASKS: dict[str, TaskSpec] = {
         MR_KINDS,
         {
             "steps": ParamSpec(int, 2, 1, 4),
-            "strength": ParamSpec(float, 0.3, 0.01, 1.0),
+            "strength": ParamSpec(float, 0.3, 0.01, 0.6, help="start time of the flow (fraction of T)"),
             "threshold_percentile": _THR,
         },
         _restore,
@@ -402,7 +402,7 @@ TASKS: dict[str, TaskSpec] = {
         (Intensity.HU, *MR_KINDS),
         {
             "n": ParamSpec(int, 4, 1, 32, help="number of variants"),
-            "strength": ParamSpec(float, 0.35, 0.05, 0.9, help="partial-noising strength (start time)"),
+            "strength": ParamSpec(float, 0.35, 0.05, 0.6, help="partial-noising strength (start time)"),
             "steps": ParamSpec(int, 4, 1, 8, help="denoising steps (3-5 recommended)"),
             "threshold_percentile": _THR,
         },

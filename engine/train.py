@@ -74,6 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "normalisation": {"input": {"kind": "hu", "scale": CT_SCALE}, "output": {"kind": "hu", "scale": CT_SCALE}},
         "sampling": {"ct_denoise": {"steps": 2, "strength": 0.3}, "augment": {"steps": 4, "strength": 0.35}},
         "p_uncond": 0.15,
+        "train_t_max": 0.6,
     },
     "mr_denoise": {
         "tasks": ["mr_denoise", "augment"],
@@ -81,6 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "normalisation": {"input": {"kind": "percentile", "q": 0.995}, "output": {"kind": "percentile", "q": 0.995}},
         "sampling": {"mr_denoise": {"steps": 2, "strength": 0.3}, "augment": {"steps": 4, "strength": 0.35}},
         "p_uncond": 0.15,
+        "train_t_max": 0.6,
     },
     "ct_to_mr": {
         "tasks": ["ct_to_mr"],
@@ -92,6 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "sampling": {"ct_to_mr": {"steps": 6}},
         "p_uncond": 0.0,
+        "train_t_max": 1.0,
     },
 }
 
@@ -128,6 +131,9 @@ class TrainConfig:
     version: str = "1.0.0"
     log_every: int = 25
     ckpt_every: int = 200
+    # wall-clock budget: after 10 steps the step count is lowered (never raised) so that the
+    # run, cosine schedule included, fits in max_minutes; the final count is recorded
+    max_minutes: float | None = None
 
     def resolved_model_id(self) -> str:
         if self.model_id:
@@ -158,6 +164,9 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
         "sampling": {**p["sampling"], "threshold_floor": 1.0},
         "input_contract": {t: TASKS[t].describe() for t in tasks},
         "p_uncond": p["p_uncond"] if tc.objective == "diffusion" else 0.0,
+        # training times t ~ U(0, train_t_max * T): restoration and augmentation only ever
+        # start at t <= 0.6 T (their `strength` contract), so capacity is spent there
+        "train_t_max": p["train_t_max"],
     }
 
 
@@ -346,16 +355,27 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     if resume and (run_dir / "checkpoint.safetensors").exists():
         start_step = _load_checkpoint(run_dir, net, ema, opt, gen)
-        log.info("resumed %s at step %d", cfg["model_id"], start_step)
+        planned = json.loads((run_dir / "checkpoint.json").read_text()).get("steps")
+        if planned:
+            tc.steps = int(planned)
+        log.info("resumed %s at step %d of %d", cfg["model_id"], start_step, tc.steps)
     elif metrics_path.exists():
         metrics_path.unlink()
     use_amp = device.startswith("cuda")
     p_uncond = float(cfg["p_uncond"])
+    t_hi = float(cfg["train_t_max"])
     net.train()
     t0 = time.perf_counter()
     ema_loss = None
     with metrics_path.open("a") as mlog:
-        for step in range(start_step, tc.steps):
+        step = start_step
+        while step < tc.steps:
+            if tc.max_minutes and step == start_step + 10 and not start_step:
+                per_step = (time.perf_counter() - t0) / 10
+                fit = int(tc.max_minutes * 60 / per_step)
+                if fit < tc.steps:
+                    log.info("time budget: %d -> %d steps (%.2f s/step)", tc.steps, fit, per_step)
+                    tc.steps = max(fit, 11)
             for g in opt.param_groups:  # warm-up + cosine decay, a pure function of the step
                 g["lr"] = tc.lr * _lr_lambda(step, tc.warmup, tc.steps)
             target, cond = make_batch(tc.task, data, gen, tc.batch, tc.crop)
@@ -364,7 +384,7 @@ def train(
             with torch.autocast(device_type="cuda" if use_amp else "cpu", dtype=torch.bfloat16, enabled=use_amp):
                 if tc.objective == "diffusion":
                     noise = torch.randn(x0.shape, generator=gen).to(device)
-                    tsteps = (torch.rand(x0.shape[0], generator=gen) * t_max).long().to(device)
+                    tsteps = (torch.rand(x0.shape[0], generator=gen) * (t_max * t_hi)).long().clamp_min(1).to(device)
                     if p_uncond > 0:
                         keep = (torch.rand(x0.shape[0], generator=gen) >= p_uncond).float().to(device)
                         c = c * keep.view(-1, 1, 1, 1)
@@ -393,9 +413,11 @@ def train(
                 mlog.write(json.dumps(rec) + "\n")
                 mlog.flush()
             if done % tc.ckpt_every == 0 or done == tc.steps:
-                _save_checkpoint(run_dir, net, ema, opt, done, gen, {"model_id": cfg["model_id"]})
+                _save_checkpoint(run_dir, net, ema, opt, done, gen, {"model_id": cfg["model_id"],
+                                                                     "steps": tc.steps})
             if progress:
                 progress(done, tc.steps, rec)
+            step += 1
     seconds = time.perf_counter() - t0
     model_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.to(next(iter(net.state_dict().values())).dtype if v.is_floating_point() else v.dtype)

@@ -30,6 +30,7 @@ def train_cmd(
     model_id: str | None = typer.Option(None, "--model-id"),
     version: str = typer.Option("1.0.0", "--version"),
     channels: str = typer.Option("32,32,64,64", "--channels", help="UNet channels per level"),
+    minutes: float | None = typer.Option(None, "--minutes", help="wall-clock budget: fewer steps if needed"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda | auto (default: settings)"),
     config: Path | None = ConfigOption,
@@ -51,7 +52,8 @@ def train_cmd(
     ch = [int(c) for c in channels.split(",") if c.strip()]
     arch = {**DEFAULT_ARCH, "channels": ch, "attention_levels": [False] * len(ch)}
     tc = TrainConfig(task=task, objective=objective, steps=steps, batch=batch, crop=crop, lr=lr, seed=seed,
-                     n_train=n_train, size=size, architecture=arch, model_id=model_id, version=version)
+                     n_train=n_train, size=size, architecture=arch, model_id=model_id, version=version,
+                     max_minutes=minutes)
     out_root = out or settings.models_dir
     dev = resolve_device(device or settings.engine.device)
     threads = settings.engine.threads
@@ -70,7 +72,7 @@ def train_cmd(
         t = prog.add_task(f"train {task} ({objective})", total=steps, info="")
 
         def on_step(i: int, n: int, rec: dict) -> None:
-            prog.update(t, completed=i, info=f"loss {rec['loss_ema']:.4g} lr {rec['lr']:.2e}")
+            prog.update(t, completed=i, total=n, info=f"loss {rec['loss_ema']:.4g} lr {rec['lr']:.2e}")
 
         desc = (f"{n_train} phantoms of the `train` split (seeds {int(d['seeds'].min())}-{int(d['seeds'].max())}, "
                 f"engine.phantoms v{_phantom_version()}), abdomen and MNI152 head alternating, 3 contiguous "
@@ -104,9 +106,12 @@ def evaluate_cmd(
     param: list[str] = typer.Option([], "--param", help="task parameter KEY=VALUE (repeat)"),
     seed: int = typer.Option(0, "--seed", min=0),
     out: Path = typer.Option(Path("bench/results/eval"), "--out", help="report folder (TASK appended)"),
+    cache: Path | None = typer.Option(None, "--cache", help="cache of simulated cases (default: temp dir)"),
     config: Path | None = ConfigOption,
 ) -> None:
     """Evaluate models and baselines on held-out phantoms (+ real CT): Markdown + PNG report."""
+    import tempfile
+
     import torch
 
     from node.evaldata import evaluate_task
@@ -123,7 +128,8 @@ def evaluate_cmd(
     try:
         report = evaluate_task(task, out / task, models=list(model), n=n, size=size, n_slices=slices,
                                doses=tuple(dose), snrs=tuple(snr), real=real, seed=seed,
-                               params=params, options=settings.engine)
+                               params=params, options=settings.engine,
+                               cache_dir=cache or Path(tempfile.gettempdir()) / "synthnode-eval-cache")
     except ValueError as exc:
         fail(str(exc))
     console.print(f"wrote {report}")
