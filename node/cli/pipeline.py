@@ -1,8 +1,236 @@
-"""Command group placeholder: filled in by the part of the node that owns it."""
+"""``synthnode rules test | jobs list|show|retry|cancel | study complete``."""
 from __future__ import annotations
 
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.table import Table
+
+from node.cli.common import ConfigOption, console, fail, settings_from
+
+rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: test them on files.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Engine and dispatch jobs.")
+study_app = typer.Typer(no_args_is_help=True, help="Study completion.")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
+    app.add_typer(rules_app, name="rules")
+    app.add_typer(jobs_app, name="jobs")
+    app.add_typer(study_app, name="study")
+
+
+# -- rules ------------------------------------------------------------------------------
+
+
+def _files(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+@rules_app.command("test")
+def rules_test(
+    files: list[Path] = typer.Argument(..., help="DICOM files or folders (grouped by series)"),
+    called_ae: str = typer.Option("SYNTHNODE", "--called-ae", help="as if received on this AE"),
+    calling_ae: str = typer.Option("", "--calling-ae", help="as if sent by this AE"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Show which rule routes each series of FILES, and why every rule matched or not."""
+    import pydicom
+
+    from node.rules import SeriesFacts, check_rules, route
+
+    settings = settings_from(config)
+    problems = check_rules(settings.pipeline)
+    series: dict[str, list[Any]] = defaultdict(list)
+    unreadable = []
+    for f in _files(files):
+        try:
+            series[str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)].append(f)
+        except Exception as exc:
+            unreadable.append((f, str(exc)))
+    detect = None
+    key_file = settings.watermark_key_file
+    if key_file.exists():
+        from audit.watermark import WatermarkKey
+        from node.dispatch import watermark_check
+
+        detect = watermark_check([WatermarkKey.from_file(key_file)])
+    report = []
+    for uid, paths in sorted(series.items()):
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+        probe = pydicom.dcmread(paths[len(paths) // 2])
+        facts = SeriesFacts.from_datasets(headers, called_ae=called_ae,
+                                          calling_ae=calling_ae or None)
+        if detect is not None and not facts.synthetic and "PixelData" in probe:
+            facts = SeriesFacts(facts.header, facts.instances, facts.called_ae,
+                                facts.calling_ae, facts.synthetic, detect(probe))
+        r = route(settings.pipeline, facts)
+        report.append({
+            "series_uid": uid,
+            "instances": len(paths),
+            "modality": str(headers[0].get("Modality", "")),
+            "description": str(headers[0].get("SeriesDescription", "")),
+            "rule": r.rule.name if r.rule else None,
+            "skipped": r.skipped,
+            "tasks": [t.task for t in r.rule.tasks] if r.rule else [],
+            "destinations": list(r.rule.destinations) if r.rule else [],
+            "verdicts": [{"rule": v.rule, "matched": v.matched, "reasons": list(v.reasons)}
+                         for v in r.verdicts],
+        })
+    if as_json:
+        console.print_json(json.dumps({"series": report, "problems": problems,
+                                       "unreadable": [str(f) for f, _ in unreadable]}))
+        return
+    for p in problems:
+        console.print(f"[yellow]rule problem:[/yellow] {p}")
+    for f, why in unreadable:
+        console.print(f"[yellow]not DICOM:[/yellow] {f} ({why})")
+    for s in report:
+        head = f"series {s['series_uid']} ({s['modality']}, {s['instances']} instance(s))"
+        if s["rule"]:
+            console.print(f"[green]{head} -> rule {s['rule']}[/green]: tasks {s['tasks']}, "
+                          f"destinations {s['destinations']}")
+        else:
+            console.print(f"[red]{head} -> not routed[/red]: {s['skipped'] or 'no rule matched'}")
+        for v in s["verdicts"]:
+            mark = "match" if v["matched"] else "no"
+            console.print(f"    {v['rule']}: {mark}: " + "; ".join(v["reasons"]))
+    if not series:
+        fail("no DICOM series in the given files")
+
+
+# -- jobs -------------------------------------------------------------------------------
+
+
+def _store(config: Path | None):  # type: ignore[no-untyped-def]
+    from audit.ledger import Ledger
+    from node.db import make_engine
+    from node.jobs import JobStore
+
+    settings = settings_from(config)
+    engine = make_engine(settings.database_url)
+    return JobStore(engine, Ledger(engine))
+
+
+def _job_dict(job: Any) -> dict[str, Any]:
+    return {
+        "id": job.id, "kind": job.kind.value, "state": job.state.value,
+        "study_uid": job.study_uid, "series_uid": job.series_uid, "rule": job.rule,
+        "task": job.task, "attempts": job.attempts, "max_attempts": job.max_attempts,
+        "error": job.error, "result": job.result, "spec": job.spec, "seed": job.seed,
+        "parent_id": job.parent_id, "generation": job.generation, "worker": job.worker,
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "updated_at": job.updated_at.isoformat() if job.updated_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: str | None = typer.Option(None, "--state", help="queued|running|succeeded|failed|cancelled"),
+    study: str | None = typer.Option(None, "--study", help="Study Instance UID"),
+    kind: str | None = typer.Option(None, "--kind", help="engine|dispatch"),
+    limit: int = typer.Option(50, "--limit"),
+    as_json: bool = typer.Option(False, "--json"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Jobs, newest first."""
+    from node.jobs import JobKind, JobState
+
+    try:
+        st = JobState(state) if state else None
+        kd = JobKind(kind) if kind else None
+    except ValueError as exc:
+        fail(str(exc), 2)
+        return
+    jobs = _store(config).list(state=st, study_uid=study, kind=kd, limit=limit)
+    if as_json:
+        console.print_json(json.dumps([_job_dict(j) for j in jobs]))
+        return
+    table = Table("id", "kind", "state", "task", "rule", "attempts", "updated", "error")
+    for j in jobs:
+        table.add_row(j.id[:8], j.kind.value, j.state.value, j.task or "", j.rule or "",
+                      f"{j.attempts}/{j.max_attempts}",
+                      j.updated_at.strftime("%Y-%m-%d %H:%M:%S") if j.updated_at else "",
+                      (j.error or "")[:60])
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str = typer.Argument(..., help="job id or a unique prefix"),
+              config: Path | None = ConfigOption) -> None:
+    """Everything about one job (JSON)."""
+    try:
+        job = _store(config).get(job_id)
+    except KeyError as exc:
+        fail(str(exc).strip("'"))
+        return
+    console.print_json(json.dumps(_job_dict(job), default=str))
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: str = typer.Argument(...), config: Path | None = ConfigOption) -> None:
+    """Queue a failed or cancelled job again (fresh attempt budget)."""
+    from node.jobs import InvalidTransition
+
+    store = _store(config)
+    try:
+        job = store.retry(job_id)
+    except (KeyError, InvalidTransition) as exc:
+        fail(str(exc).strip("'"))
+        return
+    console.print(f"job {job.id} queued again")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str = typer.Argument(...),
+                reason: str = typer.Option("cancelled by user", "--reason"),
+                config: Path | None = ConfigOption) -> None:
+    """Cancel a queued or running job."""
+    from node.jobs import InvalidTransition
+
+    store = _store(config)
+    try:
+        job = store.cancel(job_id, reason)
+    except (KeyError, InvalidTransition) as exc:
+        fail(str(exc).strip("'"))
+        return
+    console.print(f"job {job.id} cancelled")
+
+
+# -- study ------------------------------------------------------------------------------
+
+
+@study_app.command("complete")
+def study_complete(study_uid: str = typer.Argument(..., help="Study Instance UID"),
+                   config: Path | None = ConfigOption) -> None:
+    """Declare a study complete now: route its series and queue engine jobs (the running
+    node's workers pick them up)."""
+    from node.app import build_context
+    from node.pipeline import Pipeline
+
+    settings = settings_from(config)
+    ctx = build_context(settings, migrate=False)
+    pipeline = Pipeline.from_context(ctx)
+    try:
+        status = pipeline.tracker.status(study_uid)
+        if status is None:
+            fail(f"unknown study {study_uid} (no instance received by the pipeline)")
+            return
+        if not pipeline.complete_study(study_uid, trigger="manual"):
+            fail(f"study {study_uid} is already complete (generation {status.generation})")
+            return
+        queued = pipeline.jobs.list(study_uid=study_uid, state="queued", kind="engine")
+        console.print(f"study completed; {len(queued)} engine job(s) queued")
+    finally:
+        pipeline.tracker.shutdown()
