@@ -79,7 +79,8 @@ class Section:
 
 def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: float = 0.25,
                   snr: float = 15.0, target: str = "t1w", kind: str = "mixed",
-                  split: str = "test", start: int = 0) -> list[Case]:
+                  split: str = "test", start: int = 0,
+                  cache_dir: Path | str | None = None) -> list[Case]:
     """Held-out phantom cases for ``task`` (``EVAL_TASKS``).
 
     ct_denoise  input low-dose CT at ``dose``, reference the noise-free phantom CT
@@ -89,10 +90,17 @@ def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: f
                 bias-free ``target`` MR
     """
     from engine.degrade import low_dose_ct, mr_noise
-    from engine.phantoms import iter_dataset
+    from engine.phantoms import PHANTOM_VERSION, iter_dataset
 
     if task not in EVAL_TASKS:
         raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
+    cache: Path | None = None
+    if cache_dir is not None:
+        key = (f"{task}-n{n}-s{size}-z{n_slices}-d{dose:g}-snr{snr:g}-{target}-{kind}-{split}"
+               f"-{start}-v{PHANTOM_VERSION}")
+        cache = Path(cache_dir) / f"{key}.npz"
+        if cache.exists():
+            return _load_cases(cache)
     cases = []
     for i, s in enumerate(iter_dataset(split, n, size=size, n_slices=n_slices, kind=kind,  # type: ignore[arg-type]
                                        start=start, mr_snr=None, bias_strength=0.0)):
@@ -117,7 +125,41 @@ def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: f
             ref = Volume(getattr(s, target), s.spacing, ity)
             info["target"] = target
         cases.append(Case(f"{split}-{s.seed}-{s.kind}", inp, ref, s.labels, s.lesion_mask, info))
+    if cache is not None:
+        _save_cases(cases, cache)
     return cases
+
+
+def _save_cases(cases: Sequence[Case], path: Path) -> None:
+    """Cache cases (the low-dose simulation at 512 px costs seconds per slice)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    meta = []
+    for i, c in enumerate(cases):
+        arrays[f"in{i}"], arrays[f"ref{i}"] = c.input.data, c.reference.data
+        if c.labels is not None:
+            arrays[f"lab{i}"] = c.labels
+        if c.lesion_mask is not None:
+            arrays[f"les{i}"] = c.lesion_mask
+        meta.append({"name": c.name, "info": c.info, "spacing": c.input.spacing,
+                     "in": c.input.intensity.value, "ref": c.reference.intensity.value})
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    tmp.replace(path)
+
+
+def _load_cases(path: Path) -> list[Case]:
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        out = []
+        for i, m in enumerate(meta):
+            sp = tuple(m["spacing"])
+            out.append(Case(m["name"], Volume(z[f"in{i}"], sp, Intensity(m["in"])),
+                            Volume(z[f"ref{i}"], sp, Intensity(m["ref"])),
+                            z[f"lab{i}"] if f"lab{i}" in z.files else None,
+                            z[f"les{i}"] if f"les{i}" in z.files else None, m["info"]))
+    log.info("loaded %d cached cases from %s", len(out), path)
+    return out
 
 
 # --------------------------------------------------------------------------- scoring

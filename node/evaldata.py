@@ -101,13 +101,15 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
                   size: int | None = None, n_slices: int = 3, doses: tuple[float, ...] = (0.25,),
                   snrs: tuple[float, ...] = (15.0,), targets: tuple[str, ...] = ("t1w", "t2w"),
                   real: bool = True, seed: int = 0, params: dict | None = None,
-                  options: object = None, lut_train_n: int = 24, n_pictures: int = 2) -> object:
+                  options: object = None, lut_train_n: int = 24, n_pictures: int = 2,
+                  cache_dir=None) -> object:
     """Run the evaluation behind ``synthnode engine evaluate TASK`` and write the report.
 
     Methods: every model folder in ``models`` (through ``engine.api.run_task``) plus the
     classical baseline of the task (NLM for restoration, the HU lookup fitted on ``lut_train_n``
     training-split phantoms for CT->MR), all on the same held-out test-split phantoms (and, for
-    ``ct_denoise`` with ``real``, on the real pydicom CT slices). Returns the report path.
+    ``ct_denoise`` with ``real``, on the real pydicom CT slices). ``cache_dir`` caches the
+    simulated cases between runs. Returns the report path.
     """
     from pathlib import Path
 
@@ -133,7 +135,8 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
         nlm = baselines.nlm_ct()
         for dose in doses:
             methods = {f"NLM (h={nlm.h_factor} sigma)": nlm, **{k: fn for k, fn, _, _ in loaded}}
-            cases = phantom_cases(task, n, size=size, n_slices=n_slices, dose=dose)
+            cases = phantom_cases(task, n, size=size, n_slices=n_slices, dose=dose,
+                                  cache_dir=cache_dir)
             sections.append(run_section(
                 f"CT restoration, phantoms, dose {dose:g}", task, cases, methods, out,
                 f"{common}; input: projection-domain low dose at {dose:g} of full dose; "
@@ -150,7 +153,8 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
         nlm = baselines.nlm_mr()
         for snr in snrs:
             methods = {f"NLM (h={nlm.h_factor} sigma)": nlm, **{k: fn for k, fn, _, _ in loaded}}
-            cases = phantom_cases(task, n, size=size, n_slices=n_slices, snr=snr, target="both")
+            cases = phantom_cases(task, n, size=size, n_slices=n_slices, snr=snr, target="both",
+                                  cache_dir=cache_dir)
             sections.append(run_section(
                 f"MR restoration, phantoms, SNR {snr:g}", task, cases, methods, out,
                 f"{common}; T1w and T2w alternating; input: Rician noise at SNR {snr:g} (mean body "
@@ -163,7 +167,8 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
                 fn, _ = model_method(models[[x[0] for x in loaded].index(k)], task,
                                      {**p, "target": target}, seed=seed, options=options)
                 methods[k] = fn
-            cases = phantom_cases(task, n, size=size, n_slices=n_slices, target=target)
+            cases = phantom_cases(task, n, size=size, n_slices=n_slices, target=target,
+                                  cache_dir=cache_dir)
             sections.append(run_section(
                 f"CT to {target.upper()}, phantoms", task, cases, methods, out,
                 f"{common}; input: normal-dose CT (dose 1.0 simulation); reference: the noise- and "

@@ -44,6 +44,18 @@ def test_cases_come_from_the_test_split():
     assert mr.input.intensity.value == "HU" and mr.reference.intensity.value == "MR_T2W"
 
 
+def test_case_cache_round_trip(tmp_path):
+    a = phantom_cases("ct_denoise", 1, size=48, n_slices=2, dose=0.5, kind="abdomen",
+                      cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    b = phantom_cases("ct_denoise", 1, size=48, n_slices=2, dose=0.5, kind="abdomen",
+                      cache_dir=tmp_path)
+    np.testing.assert_array_equal(a[0].input.data, b[0].input.data)
+    np.testing.assert_array_equal(a[0].lesion_mask, b[0].lesion_mask)
+    assert a[0].info == b[0].info and a[0].input.spacing == b[0].input.spacing
+    assert b[0].reference.intensity == a[0].reference.intensity
+
+
 def test_score_identity_and_known_answer():
     case = phantom_cases("ct_denoise", 1, size=64, n_slices=1)[0]
     perfect = score(case, case.reference)
