@@ -1,0 +1,60 @@
+"""The production engine runner: model gate -> engine.load_model -> run_task (tiny model)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from audit.ledger import Ledger
+from audit.modelgate import Approver, ModelGate, ModelRefused, build_manifest, write_manifest
+from engine.api import Intensity, Volume
+from engine.train import TrainConfig, initial_model
+from node.db import make_engine, upgrade
+from node.pipeline import GatedEngineRunner, PermanentJobError
+
+TINY_ARCH = {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False],
+             "norm_num_groups": 4, "wavelet": {"kind": "haar", "levels": 1}}
+
+
+def _model_dir(root: Path, task: str = "ct_denoise") -> Path:
+    cfg, weights = initial_model(TrainConfig(task=task, architecture=dict(TINY_ARCH)))
+    d = root / f"tiny-{task}"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes(weights)
+    (d / "MODEL_CARD.md").write_text("tiny untrained test model\n")
+    write_manifest(d, build_manifest(d, model_id=cfg["model_id"], version=cfg["version"],
+                                     task=task, intended_use="tests"))
+    return d
+
+
+def test_gated_runner_runs_an_approved_model_and_refuses_a_changed_one(sqlite_url: str, tmp_path: Path) -> None:
+    upgrade(sqlite_url)
+    ledger = Ledger(make_engine(sqlite_url))
+    key = Ed25519PrivateKey.generate()
+    gate = ModelGate(ledger, [Approver("tester", key.public_key())])
+    models = tmp_path / "models"
+    d = _model_dir(models)
+    runner = GatedEngineRunner(gate, models, device="cpu")
+    rng = np.random.default_rng(0)
+    vol = Volume(rng.normal(40, 20, (3, 16, 16)).astype(np.float32), (2.0, 0.7, 0.7), Intensity.HU)
+    with pytest.raises(ModelRefused):  # not approved yet
+        runner("ct_denoise", vol, {}, 1, None)
+    gate.approve(d, key)
+    result = runner("ct_denoise", vol, {}, 1, None)
+    assert result.outputs[0].data.shape == vol.data.shape
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert result.provenance.weights_sha256 == manifest["files"]["model.safetensors"]
+    again = runner("ct_denoise", vol, {}, 1, None)
+    np.testing.assert_array_equal(again.outputs[0].data, result.outputs[0].data)  # seeded
+    with pytest.raises(PermanentJobError, match="no model for task"):
+        runner("ct_to_mr", vol, {}, 1, None)
+    with (d / "model.safetensors").open("ab") as f:
+        f.write(b"\0")  # one byte changed after approval
+    with pytest.raises(ModelRefused):
+        runner("ct_denoise", vol, {}, 1, None)
+    types = [e.event.type.value for e in ledger.entries()]
+    assert types.count("model.loaded") == 2 and "model.refused" in types
