@@ -28,9 +28,13 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
+from pydicom import __version_info__ as _PYDICOM_VERSION
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -67,6 +71,7 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 64
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel / Float / Double Float Pixel Data
 
 
 class RejectReason(str, Enum):
@@ -123,7 +128,7 @@ class StoredInstance:
 
 # -- encoding check ---------------------------------------------------------------------
 def _walk(buf: memoryview, pos: int, end: int, implicit: bool, little: bool, depth: int,
-          until_item_end: bool, top_tags: list[int] | None) -> int:
+          until_item_end: bool, top_tags: list[tuple[int, int]] | None) -> int:
     """Walk data elements from ``pos``; return the position after the last one (or after
     the item delimiter when ``until_item_end``). Raises EncodingError on any structural
     problem. PS3.5 7.1 (data element encoding), 7.5 (nesting of data sets)."""
@@ -146,7 +151,7 @@ def _walk(buf: memoryview, pos: int, end: int, implicit: bool, little: bool, dep
         if top_tags is not None:
             if tag <= last_tag:
                 raise EncodingError(f"data elements out of order at byte {pos} (PS3.5 7.1)")
-            top_tags.append(tag)
+            top_tags.append((tag, pos))
         last_tag = tag
         if implicit:
             vr = b""
@@ -203,7 +208,23 @@ def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, little: boo
             pos += length
 
 
-def check_encoding(dataset: bytes, transfer_syntax: str) -> list[int]:
+@dataclass(frozen=True)
+class Encoding:
+    """Result of :func:`check_encoding`."""
+
+    tags: dict[int, int]  # top-level tag -> byte offset of its element in ``plain``
+    plain: bytes  # the encoding walked (inflated for deflated transfer syntaxes)
+    implicit_vr: bool
+    little_endian: bool
+
+    def header_end(self) -> int:
+        """Offset of the first top-level pixel data element (or the end): every index
+        attribute lies before it."""
+        offs = [o for t, o in self.tags.items() if t in _PIXEL_TAGS]
+        return min(offs) if offs else len(self.plain)
+
+
+def check_encoding(dataset: bytes, transfer_syntax: str) -> Encoding:
     """Check that ``dataset`` is a complete, well-formed data set encoding.
 
     Parameters
@@ -215,8 +236,8 @@ def check_encoding(dataset: bytes, transfer_syntax: str) -> list[int]:
 
     Returns
     -------
-    list of int
-        The top-level tags, in order.
+    Encoding
+        Top-level tags with their offsets, and the walked (plain) encoding.
 
     Raises
     ------
@@ -238,27 +259,47 @@ def check_encoding(dataset: bytes, transfer_syntax: str) -> list[int]:
         little = ts != ExplicitVRBigEndian
     if not plain:
         raise EncodingError("empty data set")
-    tags: list[int] = []
+    tags: list[tuple[int, int]] = []
     _walk(memoryview(plain), 0, len(plain), implicit, little, 0, False, tags)
-    return tags
+    return Encoding(dict(tags), plain, implicit, little)
+
+
+def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+
+def _ui(uid: str) -> bytes:
+    b = uid.strip().rstrip("\x00").encode("ascii", "replace")
+    return b + b"\x00" if len(b) % 2 else b  # UI pads with NULL (PS3.5 6.2)
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """File Meta Information (PS3.10 7.1), explicit VR little endian, group length first.
+
+    Only the required elements and pydicom's implementation identity (the stored bytes
+    must not depend on who sent the object). Encoded directly: this runs per instance.
+    """
+    version = f"PYDICOM {'.'.join(_PYDICOM_VERSION)}".encode()
+    if len(version) % 2:
+        version += b" "
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _ui(sop_class_uid)),
+        _meta_element(0x0003, b"UI", _ui(sop_instance_uid)),
+        _meta_element(0x0010, b"UI", _ui(transfer_syntax)),
+        _meta_element(0x0012, b"UI", _ui(PYDICOM_IMPLEMENTATION_UID)),
+        _meta_element(0x0013, b"SH", version),
+    ))
+    return _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 def build_part10(dataset: bytes, sop_class_uid: str, sop_instance_uid: str,
                  transfer_syntax: str) -> bytes:
-    """A DICOM file (PS3.10 7.1): preamble, 'DICM', File Meta Information, data set bytes.
-
-    The meta holds only the required elements and pydicom's implementation identity;
-    nothing that depends on the sender.
-    """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    fp = BytesIO()
-    fp.write(PREAMBLE)
-    write_file_meta_info(fp, meta, enforce_standard=True)  # type: ignore[arg-type]
-    fp.write(dataset)
-    return fp.getvalue()
+    """A DICOM file (PS3.10 7.1): preamble, 'DICM', File Meta Information, data set bytes."""
+    return b"".join((PREAMBLE, file_meta_bytes(sop_class_uid, sop_instance_uid,
+                                               transfer_syntax), dataset))
 
 
 def split_part10(data: bytes) -> tuple[Dataset, bytes]:
@@ -288,7 +329,9 @@ _INDEX_TAGS = [
     "InstanceNumber", "NumberOfFrames", "Rows", "Columns", "BitsAllocated",
     "ContentDate", "ContentTime", "SyntheticData",
 ]
-_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel / Float / Double Float Pixel Data
+
+
+_INDEX_TAG_INTS = [Tag(tag_for_keyword(k)) for k in _INDEX_TAGS]
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -387,15 +430,15 @@ class Ingestor:
     def _parse(self, dataset: bytes, ts: str, sop_class_uid: str | None,
                sop_instance_uid: str | None) -> tuple[Dataset, bytes]:
         try:
-            top_tags = set(check_encoding(dataset, ts))
+            enc = check_encoding(dataset, ts)
         except EncodingError as exc:
             raise IngestError(RejectReason.UNPARSEABLE, str(exc)[:64]) from None
-        # the command's UIDs name the object; the file meta repeats them (PS3.10 7.1)
+        # decode only what precedes the pixel data: every index attribute is there
         try:
-            probe = pydicom.dcmread(
-                BytesIO(build_part10(dataset, sop_class_uid or "1.2", sop_instance_uid or "1.2",
-                                     ts)),
-                stop_before_pixels=True, specific_tags=_INDEX_TAGS)
+            probe = read_dataset(BytesIO(enc.plain[:enc.header_end()]),
+                                 is_implicit_VR=enc.implicit_vr,
+                                 is_little_endian=enc.little_endian,
+                                 specific_tags=_INDEX_TAG_INTS)
         except Exception as exc:
             raise IngestError(RejectReason.UNPARSEABLE, f"cannot decode: {exc}"[:64]) from None
         for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
@@ -411,7 +454,7 @@ class Ingestor:
         cls_name = UID(ds_class or "").name
         if cls_name.endswith("Image Storage") and not cls_name.startswith("Retired"):
             # every image IOD has the Image Pixel module with Pixel Data Type 1C/1 (PS3.3)
-            if not top_tags & _PIXEL_TAGS:
+            if not enc.tags.keys() & _PIXEL_TAGS:
                 raise IngestError(RejectReason.SOP_CLASS_MISMATCH,
                                   "image SOP class without pixel data")
         return probe, build_part10(dataset, ds_class or "", ds_inst or "", ts)
@@ -505,10 +548,12 @@ class Ingestor:
             except IntegrityError:
                 # another association indexed this SOP Instance UID meanwhile: decide again
                 # (the file just written stays only if it is the one now indexed)
+                ctx.index.clear_cache()
                 self._forget(rel)
                 continue
             except Exception as exc:
                 logger.exception("index/ledger commit failed")
+                ctx.index.clear_cache()
                 self._forget(rel)
                 raise IngestError(RejectReason.STORE_FAILED,
                                   f"index commit failed: {type(exc).__name__}") from None
