@@ -547,3 +547,26 @@ def initial_model(tc: TrainConfig) -> tuple[dict[str, Any], bytes]:
     net = build_unet(cfg)
     cfg["n_parameters"] = count_parameters(net)
     return cfg, save({k: v.contiguous() for k, v in net.state_dict().items()})
+
+
+def derive_model(src_dir: Path | str, dst_dir: Path | str, *, model_id: str, tasks: list[str],
+                 note: str) -> Path:
+    """A second model folder with the SAME weights serving other task(s) (e.g. augmentation
+    with the restoration model), so the model gate approves each intended use on its own."""
+    import shutil
+
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    cfg = json.loads((src_dir / "config.json").read_text())
+    bad = [t for t in tasks if t not in cfg["tasks"]]
+    if bad:
+        raise ValueError(f"{cfg['model_id']} cannot serve {bad}")
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src_dir / "model.safetensors", dst_dir / "model.safetensors")
+    cfg.update(model_id=model_id, tasks=tasks, input_contract={t: TASKS[t].describe() for t in tasks},
+               derived_from={"model_id": cfg["model_id"], "version": cfg["version"], "note": note})
+    (dst_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+    old = (src_dir / "MODEL_CARD.md").read_text()
+    data = old.split("## Training data\n", 1)[1].split("\n## ", 1)[0].strip() if "## Training data\n" in old else ""
+    write_model_card(dst_dir, data_description=data, metrics_md="Not evaluated yet.")
+    return dst_dir
+

@@ -133,3 +133,27 @@ def evaluate_cmd(
     except ValueError as exc:
         fail(str(exc))
     console.print(f"wrote {report}")
+
+
+@app.command("package")
+def package_cmd(
+    model_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="model folder"),
+    metrics_md: Path | None = typer.Option(None, "--metrics-md", exists=True, dir_okay=False,
+                                           help="Markdown with held-out metrics for the model card"),
+    intended_use: str = typer.Option(
+        "research and engineering validation on phantoms; not for diagnosis; outputs are synthetic",
+        "--intended-use"),
+) -> None:
+    """Refresh MODEL_CARD.md (digest, metrics) and write manifest.json through the model gate."""
+    from audit.modelgate import build_manifest, write_manifest
+    from engine.train import write_model_card
+
+    write_model_card(model_dir, metrics_md=metrics_md.read_text() if metrics_md else None)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    man = model_dir / "manifest.json"
+    if man.exists():
+        man.unlink()
+    m = build_manifest(model_dir, model_id=cfg["model_id"], version=cfg["version"], task=cfg["tasks"][0],
+                       intended_use=intended_use)
+    write_manifest(model_dir, m)
+    console.print(f"{model_dir}: card refreshed, manifest with {len(m['files'])} file(s) written (not approved)")

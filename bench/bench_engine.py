@@ -1,0 +1,134 @@
+"""Engine latency and peak memory: CT restoration at 512x512 and CT->MR at 256x256.
+
+Usage::
+
+    nice -n 10 python bench/bench_engine.py [--threads 2] [--slices 8] [--repeats 3]
+
+Each case runs in a fresh child process so its peak resident memory (``ru_maxrss``, which
+includes the Python interpreter, torch and MONAI) is the case's own. Inputs are phantom slices
+(engine.phantoms, test split) with Gaussian noise (timing does not depend on the content).
+Writes bench/results/engine_speed.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "engine" / "weights"
+
+CASES = [
+    # name, model folder, task, size, params
+    ("CT restoration (diffusion, 2 steps)", "ct-denoise-wdiff", "ct_denoise", 512, {}),
+    ("CT restoration (regression baseline)", "baselines/ct-denoise-wreg", "ct_denoise", 512, {}),
+    ("CT->MR T1w (diffusion, 6 steps)", "ct-to-mr-wdiff", "ct_to_mr", 256, {"target": "t1w"}),
+    ("CT->MR T2w (regression baseline)", "baselines/ct-to-mr-wreg", "ct_to_mr", 256, {"target": "t2w"}),
+    ("MR denoise (diffusion, 2 steps)", "mr-denoise-wdiff", "mr_denoise", 256, {}),
+    ("Augment CT, n=4 (diffusion, 4 steps)", "ct-augment-wdiff", "augment", 256, {"n": 4}),
+]
+
+
+def one(model_dir: str, task: str, size: int, params: dict, slices: int, repeats: int, threads: int,
+        device: str, batch: int) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    from engine import phantoms
+    from engine.api import Intensity, Volume, run_task
+    from engine.models import load_model_dir
+    from engine.tasks import RunOptions
+
+    s = phantoms.make_sample(phantoms.split_seed("test", 0), size=size, n_slices=slices, kind="abdomen")
+    rng = np.random.default_rng(0)
+    if task == "mr_denoise":
+        vol = Volume(s.t1w, s.spacing, Intensity.MR_T1W)
+    else:
+        vol = Volume((s.ct_hu + rng.normal(0, 30, s.ct_hu.shape)).astype(np.float32), s.spacing, Intensity.HU)
+    m = load_model_dir(WEIGHTS / model_dir)
+    opts = RunOptions(device=device, batch_slices=batch)
+    run_task(task, vol, model=m, params=params, seed=0, options=opts)  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        res = run_task(task, vol, model=m, params=params, seed=r, options=opts)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    n_out = len(res.outputs)
+    per_slice = [t / (slices * n_out) for t in times]
+    return {"per_slice_s": min(per_slice), "per_slice_mean_s": sum(per_slice) / len(per_slice),
+            "steps": res.provenance.steps, "n_params": m.n_parameters,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "gpu_peak_mb": (torch.cuda.max_memory_allocated() / 2**20) if device.startswith("cuda") else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--slices", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_speed.md"))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        spec = json.loads(a.one)
+        print(json.dumps(one(**spec)))
+        return
+    rows = []
+    for name, mdir, task, size, params in CASES:
+        if not (WEIGHTS / mdir / "model.safetensors").exists():
+            print(f"skip {name}: {mdir} not shipped", file=sys.stderr)
+            continue
+        spec = {"model_dir": mdir, "task": task, "size": size, "params": params, "slices": a.slices,
+                "repeats": a.repeats, "threads": a.threads, "device": a.device, "batch": a.batch}
+        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                             cwd=ROOT)
+        if out.returncode:
+            print(out.stderr, file=sys.stderr)
+            raise SystemExit(f"case {name} failed")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append((name, size, r))
+        print(name, json.dumps(r), flush=True)
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [
+        "# Engine speed and memory",
+        "",
+        f"Command: `nice -n 10 python bench/bench_engine.py --threads {a.threads} --slices {a.slices} "
+        f"--repeats {a.repeats} --batch {a.batch} --device {a.device}`",
+        "",
+        f"Machine: {cpu}, torch threads {a.threads}, device {a.device}, {platform.python_version()}; "
+        "the machine's 2 cores are shared with other work, so these are upper bounds.",
+        "",
+        "Per-slice latency = best of the repeats of one `run_task` call on a "
+        f"{a.slices}-slice volume (batch {a.batch} slices), divided by slices (x variants for augment). "
+        "Peak memory = `ru_maxrss` of a fresh process that loads the model and runs the case "
+        "(interpreter + torch + MONAI included).",
+        "",
+        "| case | size | params | steps | s / slice (best) | s / slice (mean) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, size, r in rows:
+        lines.append(f"| {name} | {size}x{size} | {r['n_params'] / 1e6:.2f} M | {r['steps']} | "
+                     f"{r['per_slice_s']:.3f} | {r['per_slice_mean_s']:.3f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", "Targets: <= 1 s per slice (CT restoration at 512x512, CT->MR at 256x256), peak < 2 GB.", ""]
+    Path(a.out).write_text("\n".join(lines))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
