@@ -316,20 +316,27 @@ class Pipeline:
         insts = self.parts.index.instances(series_instance_uid=job.series_uid)
         if not insts:
             raise PermanentJobError(f"source series {job.series_uid} has no instances")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
         datasets = [self._read(i.file_path) for i in insts]
         try:
             source = assemble(datasets)
         except VolumeError as exc:
             raise PermanentJobError(f"volume assembly: {exc}") from exc
+        timings["load"] = time.perf_counter() - t0
         spec = job.spec
         seed = int(job.seed if job.seed is not None else 0)
+        t0 = time.perf_counter()
         result = self.runner(job.task or "", source.volume, dict(spec.get("params") or {}),
                              seed, spec.get("model"))
+        timings["engine"] = time.perf_counter() - t0
         prov = result.provenance
         made: list[str] = []
         held: list[dict[str, Any]] = []
         for k, out in enumerate(result.outputs):
+            t0 = time.perf_counter()
             report = check(out, source.volume, self.limits) if self.settings.quality.enabled else None
+            timings["quality"] = timings.get("quality", 0.0) + time.perf_counter() - t0
             if report is not None and not report.passed:
                 held.append({"index": k, "reasons": list(report.reasons)})
                 self._event(EventType.OUTPUT_HELD, {"job_id": job.id, "study_uid": job.study_uid},
@@ -337,7 +344,8 @@ class Pipeline:
                              "stats": report.stats, "output_index": k},
                             Outcome.MINOR_FAILURE)
                 continue
-            made.append(self._build_and_store(job, source, out, prov, k, report.stats if report else {}))
+            made.append(self._build_and_store(job, source, out, prov, k,
+                                              report.stats if report else {}, timings))
         if spec.get("replace") and made:
             self._supersede(job, made)
         for series_uid in made:
@@ -352,7 +360,7 @@ class Pipeline:
             self.pool.wake()
         return {"outputs": made, "held": held, "model_id": prov.model_id,
                 "weights_sha256": prov.weights_sha256, "seed": prov.seed,
-                "engine_ms": int(prov.seconds * 1000)}
+                "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
 
     def _destination(self, name: str) -> Destination:
         for d in self.settings.destinations:
@@ -361,7 +369,7 @@ class Pipeline:
         raise PermanentJobError(f"unknown destination {name!r}")
 
     def _build_and_store(self, job: Job, source: Any, out: Volume, prov: Any, k: int,
-                         stats: dict[str, str]) -> str:
+                         stats: dict[str, str], timings: dict[str, float]) -> str:
         from pydicom.uid import generate_uid
 
         series_uid = generate_uid()
@@ -373,13 +381,24 @@ class Pipeline:
             payload = make_payload(self.mark_key.key_id, mark_id_for(series_uid))
             payload_hex = phex(payload)
             key = self.mark_key
-            mark = lambda a: embed(a, key, payload, bits_stored=16, signed=False)  # noqa: E731
+
+            def mark(a: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return embed(a, key, payload, bits_stored=16, signed=False)
+                finally:
+                    timings["watermark"] = timings.get("watermark", 0.0) + time.perf_counter() - t
+        wm_before = timings.get("watermark", 0.0)
+        t0 = time.perf_counter()
         n_out = self.settings.output_series_number_base + int(job.spec.get("task_index", 0)) * 10 + k + 1
         spec = SeriesSpec(
             job.spec.get("output_format", "sc"), prov, ledger_entry=f"job:{job.id}",
             series_number=n_out, series_instance_uid=series_uid,
         )
         built = build_series(source, out, spec, mark=mark)
+        wm = timings.get("watermark", 0.0) - wm_before
+        timings["build"] = timings.get("build", 0.0) + time.perf_counter() - t0 - wm
+        t0 = time.perf_counter()
         sop_uids, digests = [], []
         for ds in built.datasets:
             buf = BytesIO()
@@ -387,6 +406,7 @@ class Pipeline:
             stored = self.parts.ingest(buf.getvalue())
             sop_uids.append(str(ds.SOPInstanceUID))
             digests.append(stored.record.sha256)
+        timings["store"] = timings.get("store", 0.0) + time.perf_counter() - t0
         digest = "sha256:" + hashlib.sha256("".join(digests).encode()).hexdigest()
         with self.parts.engine.begin() as conn:
             conn.execute(outputs.insert().values(
@@ -430,6 +450,7 @@ class Pipeline:
         todo = [i for i in insts if i.sop_instance_uid not in acked]
         datasets = [self._read(i.file_path) for i in todo]
         terminal = job.attempts >= job.max_attempts
+        t0 = time.perf_counter()
         result = self.dispatcher.send(
             datasets, dest_name, job_id=job.id, already_acknowledged=acked, max_attempts=1,
             first_attempt=job.attempts, terminal=terminal,
@@ -442,7 +463,8 @@ class Pipeline:
                         job_id=job.id, destination=dest_name, sop_instance_uid=uid,
                         acknowledged_at=now))
         if result.state is DispatchState.SUCCEEDED:
-            return {"destination": dest_name, "acknowledged": len(acked) + len(result.acknowledged)}
+            return {"destination": dest_name, "acknowledged": len(acked) + len(result.acknowledged),
+                    "timings_ms": {"send": int((time.perf_counter() - t0) * 1000)}}
         if result.state is DispatchState.REFUSED:
             raise PermanentJobError(f"refused by policy: {result.reason}")
         if any(not f.transient for f in result.failed.values()):
