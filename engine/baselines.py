@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 NLM_PATCH = 5
 NLM_DISTANCE = 6
 NLM_H_FACTOR_CT = 1.2
-NLM_H_FACTOR_MR = 0.7
+NLM_H_FACTOR_MR = 0.6
 CT_SIGMA_FLOOR_HU = -500.0  # estimate CT noise on blocks denser than this (the body)
 
 
