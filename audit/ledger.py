@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, tuple_, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from audit import merkle
@@ -255,24 +255,26 @@ class Ledger:
         return size, merkle.frontier_root(merkle.unpack_frontier(bytes(row.frontier), size))
 
     def fetcher(self, conn: Connection) -> merkle.Fetch:
-        """A :data:`audit.merkle.Fetch` callback reading stored complete subtrees."""
+        """A :data:`audit.merkle.Fetch` callback reading stored complete subtrees
+        (primary-key point lookups on the DBAPI cursor: O(log n) rows per proof)."""
+        ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        q_leaf = f"SELECT leaf_hash FROM ledger_entries WHERE seq = {ph}"
+        q_node = f"SELECT hash FROM ledger_nodes WHERE level = {ph} AND idx = {ph}"
 
         def fetch(ids: set[merkle.NodeId]) -> dict[merkle.NodeId, bytes]:
             out: dict[merkle.NodeId, bytes] = {}
-            leaves = [i for lv, i in ids if lv == 0]
-            inner = [(lv, i) for lv, i in ids if lv > 0]
-            if leaves:
-                for row in conn.execute(select(ledger_entries.c.seq, ledger_entries.c.leaf_hash)
-                                        .where(ledger_entries.c.seq.in_(leaves))):
-                    out[(0, int(row.seq))] = bytes(row.leaf_hash)
-            if inner:
-                if conn.dialect.name == "postgresql":
-                    cond = tuple_(ledger_nodes.c.level, ledger_nodes.c.idx).in_(inner)
-                else:
-                    cond = or_(*(and_(ledger_nodes.c.level == lv, ledger_nodes.c.idx == i)
-                                 for lv, i in inner))
-                for row in conn.execute(select(ledger_nodes).where(cond)):
-                    out[(int(row.level), int(row.idx))] = bytes(row.hash)
+            cur = conn.connection.cursor()
+            try:
+                for lv, i in ids:
+                    if lv == 0:
+                        cur.execute(q_leaf, (i,))
+                    else:
+                        cur.execute(q_node, (lv, i))
+                    row = cur.fetchone()
+                    if row is not None:
+                        out[(lv, i)] = bytes(row[0])
+            finally:
+                cur.close()
             return out
 
         return fetch

@@ -23,7 +23,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,9 +107,9 @@ class _Levels:
         cur = leaves
         sha = hashlib.sha256
         while len(cur) >= 64:
-            nxt = bytearray()
-            for i in range(0, len(cur) - 63, 64):
-                nxt += sha(b"\x01" + cur[i:i + 64]).digest()
+            mv = memoryview(cur)
+            nxt = bytearray(b"".join([sha(b"\x01" + mv[i:i + 64]).digest()
+                                      for i in range(0, len(cur) - 63, 64)]))
             self.levels.append(nxt)
             cur = nxt
 
@@ -135,22 +135,40 @@ class _Levels:
         return len(self.levels[level]) // 32 if level < len(self.levels) else 0
 
 
-def _check_leaves(rows: Iterable[tuple[int, bytes, bytes]], report: Report) -> bytearray:
+Batch = Sequence[tuple[int, bytes, bytes]]
+
+
+def _check_leaves(batches: Iterable[Batch], report: Report) -> bytearray:
+    """Re-hash every leaf; batches of ``(seq, leaf_hash, data)`` in sequence order."""
     leaves = bytearray()
     expected = 0
     sha = hashlib.sha256
-    for seq, stored, data in rows:
-        if seq != expected:
-            if seq > expected:
-                report.add(Problem("missing", f"entries {expected}..{seq - 1} are missing", expected, seq - 1))
-            else:
-                report.add(Problem("order", f"entry {seq} appears out of order", seq))
-            expected = seq
-        lh = sha(b"\x00" + data).digest()
-        if lh != stored:
-            report.add(Problem("leaf", "stored leaf hash does not match the entry data", seq))
-        leaves += lh
-        expected += 1
+    for batch in batches:
+        if not batch:
+            continue
+        computed = [sha(b"\x00" + bytes(r[2])).digest() for r in batch]
+        first, last = int(batch[0][0]), int(batch[-1][0])
+        joined = b"".join(computed)
+        if first == expected and last - first == len(batch) - 1:
+            if b"".join(bytes(r[1]) for r in batch) != joined:
+                for r, lh in zip(batch, computed):
+                    if bytes(r[1]) != lh:
+                        report.add(Problem("leaf", "stored leaf hash does not match the entry data", int(r[0])))
+            leaves += joined
+            expected = last + 1
+            continue
+        for r, lh in zip(batch, computed):  # slow path: a gap or disorder in this batch
+            seq = int(r[0])
+            if seq != expected:
+                if seq > expected:
+                    report.add(Problem("missing", f"entries {expected}..{seq - 1} are missing", expected, seq - 1))
+                else:
+                    report.add(Problem("order", f"entry {seq} appears out of order", seq))
+                expected = seq
+            if bytes(r[1]) != lh:
+                report.add(Problem("leaf", "stored leaf hash does not match the entry data", seq))
+            leaves += lh
+            expected += 1
     return leaves
 
 
@@ -184,29 +202,32 @@ def _check_checkpoint_notes(notes: list[tuple[str, str]], verifier: Verifier, le
     return by_size
 
 
-def _verify(rows: Iterable[tuple[int, bytes, bytes]], verifier: Verifier,
+def _verify(rows: Iterable[Batch], verifier: Verifier,
             db_notes: list[tuple[int, bytes, str]], file_notes: list[str] | None, report: Report,
-            nodes: Iterable[tuple[int, int, bytes]] | None = None,
+            nodes: Callable[[int, int], Sequence[tuple[int, bytes]]] | None = None,
             head: tuple[int, bytes] | None = None) -> Report:
     levels = _Levels(_check_leaves(rows, report))
     n = levels.size
     report.size = n
     report.root = levels.root(n)
     if nodes is not None:
-        counts: dict[int, int] = {}
-        for level, idx, h in nodes:
-            counts[level] = counts.get(level, 0) + 1
-            want = levels.get(level, idx)
-            lo, hi = idx << level, ((idx + 1) << level) - 1
-            if want is None:
-                report.add(Problem("node", f"unexpected node (level {level}, index {idx})", lo, hi))
-            elif want != h:
-                report.add(Problem("node", f"stored node (level {level}, index {idx}) does not match "
-                                   "the hash of these entries", lo, hi))
         for level in range(1, len(levels.levels)):
-            if counts.get(level, 0) < levels.count(level):
-                report.add(Problem("node", f"{levels.count(level) - counts.get(level, 0)} node(s) of "
-                                   f"level {level} are missing"))
+            want = levels.levels[level]
+            count = len(want) // 32
+            rows = nodes(level, count)
+            idxs = [int(r[0]) for r in rows]
+            got = b"".join(bytes(r[1]) for r in rows)
+            if idxs == list(range(count)) and got == want:
+                continue
+            have = {int(r[0]): bytes(r[1]) for r in rows}
+            for idx in range(count):
+                lo, hi = idx << level, ((idx + 1) << level) - 1
+                h = have.get(idx)
+                if h is None:
+                    report.add(Problem("node", f"node (level {level}, index {idx}) is missing", lo, hi))
+                elif h != want[idx * 32:(idx + 1) * 32]:
+                    report.add(Problem("node", f"stored node (level {level}, index {idx}) does not match "
+                                       "the hash of these entries", lo, hi))
     if head is not None:
         hsize, frontier = head
         if hsize != n:
@@ -235,7 +256,7 @@ def _verify(rows: Iterable[tuple[int, bytes, bytes]], verifier: Verifier,
 
 
 def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = None,  # type: ignore[no-untyped-def]
-                    batch: int = 20000) -> Report:
+                    batch: int = 50000) -> Report:
     """Verify the ledger stored in ``engine``'s database (see module docs).
 
     Safe to run while the node appends: stored checkpoints are read first, then the
@@ -265,20 +286,40 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
         else:
             head = (int(head_row.size), bytes(head_row.frontier))
             limit = head[0]
-        q = select(e.seq, e.leaf_hash, e.data).order_by(e.seq)
-        if limit is not None:
-            q = q.where(e.seq < limit)
-        stream = conn.execution_options(stream_results=True, yield_per=batch)
-        rows = ((int(r[0]), bytes(r[1]), bytes(r[2])) for r in stream.execute(q))
+        dbapi = conn.connection.driver_connection
+        pg = conn.dialect.name == "postgresql"
+        ph = "%s" if pg else "?"
+        bound = limit if limit is not None else 2**62
 
-        def node_rows() -> Iterator[tuple[int, int, bytes]]:
-            for r in conn.execution_options(stream_results=True, yield_per=batch).execute(
-                    select(nd.level, nd.idx, nd.hash).order_by(nd.level, nd.idx)):
-                level, idx = int(r[0]), int(r[1])
-                if limit is None or (idx + 1) << level <= limit:
-                    yield level, idx, bytes(r[2])
+        def cursor():  # type: ignore[no-untyped-def]
+            if pg:  # server-side cursor: stream without loading everything
+                return dbapi.cursor(name=f"verify_{time.monotonic_ns()}")
+            return dbapi.cursor()
 
-        _verify(rows, verifier, db_notes, file_notes, report, nodes=node_rows(), head=head)
+        def entry_batches() -> Iterator[Batch]:
+            cur = cursor()
+            try:
+                cur.execute(f"SELECT seq, leaf_hash, data FROM ledger_entries WHERE seq < {ph} ORDER BY seq",
+                            (bound,))
+                while True:
+                    rows = cur.fetchmany(batch)
+                    if not rows:
+                        break
+                    yield rows
+            finally:
+                cur.close()
+
+        def node_rows(level: int, count: int) -> Sequence[tuple[int, bytes]]:
+            cur = cursor()
+            try:
+                cur.execute(f"SELECT idx, hash FROM ledger_nodes WHERE level = {ph} AND idx < {ph} ORDER BY idx",
+                            (level, count))
+                return cur.fetchall()
+            finally:
+                cur.close()
+
+        rows = entry_batches()
+        _verify(rows, verifier, db_notes, file_notes, report, nodes=node_rows, head=head)
         if limit is not None:
             extra = conn.execute(select(func.count()).where(e.seq >= limit)).scalar_one()
             size2 = int(conn.execute(select(h.size).where(h.id == 1)).scalar_one())
@@ -326,7 +367,7 @@ def verify_export(path: Path, verifier: Verifier, checkpoint_file: Path | None =
     file_notes = None
     if checkpoint_file is not None:
         file_notes, _ = read_checkpoint_file(checkpoint_file)
-    report = _verify(rows, verifier, db_notes, file_notes, Report())
+    report = _verify([rows], verifier, db_notes, file_notes, Report())
     if int(header.get("size", report.size)) != report.size:
         report.add(Problem("truncated", f"export header says {header['size']} entries, found {report.size}"))
     report.elapsed_s = time.perf_counter() - t0
