@@ -511,7 +511,7 @@ def _add_lesions(rng: np.random.Generator, labels: np.ndarray, organ: np.ndarray
 def _render(labels: np.ndarray, lesion_mask: np.ndarray, lesions: list[Lesion],
             tex: np.ndarray, d_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CT (HU) and noise-free, bias-free T1w / T2w signal (0..1) from labels and texture."""
-    n = max(int(Tissue.__members__[m].value) for m in Tissue.__members__) + 1
+    n = max(int(t) for t in Tissue) + 1
     lut = np.zeros((5, n), dtype=np.float32)
     for t, p in TISSUES.items():
         lut[:, int(t)] = (p.hu, p.hu_sd, p.pd, p.t1, p.t2)
