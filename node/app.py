@@ -102,10 +102,12 @@ class Node:
     block until a stop is requested, e.g. by SIGTERM).
     """
 
-    def __init__(self, ctx: NodeContext, dimse: DimseServer, recovery: RecoveryReport):
+    def __init__(self, ctx: NodeContext, dimse: DimseServer, recovery: RecoveryReport, *,
+                 role: str = "node"):
         self.ctx = ctx
         self.dimse = dimse
         self.recovery = recovery
+        self.role = role  # "node" | "acceptor" (a child of a multi-process node)
         self.stop_requested = threading.Event()
         self._stopped = False
 
@@ -115,6 +117,8 @@ class Node:
 
     def start(self) -> tuple[str, int]:
         host, port = self.dimse.start()
+        if self.role == "acceptor":
+            return host, port  # the parent process records and checkpoints
         if self.ctx.audit is not None:
             self.ctx.audit.start()  # signed checkpoints every audit.checkpoint_interval_s
         s = self.ctx.settings
@@ -135,6 +139,9 @@ class Node:
             return
         self._stopped = True
         self.dimse.stop(grace_s)
+        if self.role == "acceptor":
+            self.ctx.engine.dispose()
+            return
         try:
             self.ctx.ledger.append(Event(type=EventType.NODE_STOPPED, actor=NODE_ACTOR,
                                          payload={"pid": os.getpid()}))
@@ -177,9 +184,19 @@ def config_digest(settings: Settings) -> tuple[dict[str, Any], str]:
 
 def create_node(settings: Settings, *, services: list[Any] | None = None,
                 migrate: bool = True, reuse_port: bool = False, fsync: bool = True,
-                ctx: NodeContext | None = None) -> Node:
+                ctx: NodeContext | None = None, role: str = "node") -> Node:
     """Build a node ready to :meth:`Node.start`: migrations, context, recovery, config
-    logged and recorded, DIMSE server assembled."""
+    logged and recorded, DIMSE server assembled.
+
+    ``role="acceptor"``: one acceptor process of a multi-process node (see
+    :func:`serve_multi`): no migrations, no recovery (other acceptors may be writing),
+    no config/start events and no checkpoints (the parent does those); binds with
+    SO_REUSEPORT.
+    """
+    if role == "acceptor":
+        ctx = ctx or build_context(settings, migrate=False, fsync=fsync)
+        dimse = DimseServer(ctx, services, reuse_port=True)
+        return Node(ctx, dimse, RecoveryReport(0, 0, ()), role="acceptor")
     ctx = ctx or build_context(settings, migrate=migrate, fsync=fsync)
     report = recover(ctx)
     eff, digest = config_digest(settings)
@@ -194,3 +211,96 @@ def create_node(settings: Settings, *, services: list[Any] | None = None,
     ))
     dimse = DimseServer(ctx, services, reuse_port=reuse_port)
     return Node(ctx, dimse, report)
+
+
+# -- multi-process acceptors ------------------------------------------------------------
+def acceptor_main(argv: list[str] | None = None) -> None:
+    """Entry point of one acceptor child: ``python -c 'from node.app import acceptor_main;
+    acceptor_main()' CONFIG PORT GRACE``. Prints one ``listening`` line, serves until
+    SIGTERM."""
+    import signal
+    import sys
+
+    from config.settings import load_settings
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    config, port, grace = args[0], int(args[1]), float(args[2])
+    settings = load_settings(config if config != "-" else None)
+    settings.dimse.port = port
+    logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    if settings.log_level != "DEBUG":
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    node = create_node(settings, role="acceptor")
+    node.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: node.request_stop())
+    print(f"acceptor listening pid {os.getpid()}", flush=True)
+    node.run(grace_s=grace)
+
+
+def serve_multi(settings: Settings, config: str | None, n: int, *, grace_s: float = 30.0,
+                stop: threading.Event | None = None,
+                on_listening: Any = None) -> None:
+    """Run a node as ``n`` acceptor processes sharing the DIMSE port (SO_REUSEPORT: the
+    kernel spreads new connections over the processes, so ingest scales past one
+    interpreter's GIL).
+
+    This (parent) process applies migrations, runs recovery before any acceptor starts,
+    records ``config.loaded`` / ``node.started`` / ``node.stopped`` and signs the ledger
+    checkpoints; the children only serve associations. All share the database (the
+    ledger serialises appends on its head row) and the file store. On ``stop`` the
+    children get SIGTERM and finish their in-flight stores. A child that dies is
+    restarted.
+    """
+    import subprocess
+    import sys
+
+    stop = stop or threading.Event()
+    parent = create_node(settings)  # migrations, recovery, config.loaded
+    port = settings.dimse.port
+    cmd = [sys.executable, "-c", "from node.app import acceptor_main; acceptor_main()",
+           config or "-", str(port), str(grace_s)]
+
+    def spawn() -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+        line = p.stdout.readline() if p.stdout else b""
+        if b"listening" not in line:
+            p.wait(10)
+            raise RuntimeError(f"acceptor process failed to start (exit {p.returncode})")
+        return p
+
+    children = [spawn() for _ in range(n)]
+    parent.ctx.ledger.append(Event(
+        type=EventType.NODE_STARTED, actor=NODE_ACTOR,
+        payload={"ae_title": settings.dimse.ae_title, "bind_address": settings.dimse.bind_address,
+                 "port": port, "pid": os.getpid(), "version": _version(),
+                 "acceptor_pids": [c.pid for c in children],
+                 "recovery": {"temp_files_removed": parent.recovery.temp_files_removed,
+                              "unreferenced_files_removed":
+                                  parent.recovery.unreferenced_files_removed,
+                              "missing_files": len(parent.recovery.missing_files)}},
+    ))
+    if parent.ctx.audit is not None:
+        parent.ctx.audit.start()
+    if on_listening is not None:
+        on_listening(settings.dimse.bind_address, port)
+    try:
+        while not stop.wait(0.5):
+            for i, c in enumerate(children):
+                if c.poll() is not None:
+                    logger.error("acceptor pid %d exited with %s; restarting", c.pid,
+                                 c.returncode)
+                    children[i] = spawn()
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.terminate()
+        for c in children:
+            try:
+                c.wait(grace_s + 15)
+            except subprocess.TimeoutExpired:
+                c.kill()
+                c.wait(5)
+        parent.ctx.stopping.set()
+        parent.stop(grace_s=1.0)

@@ -37,6 +37,9 @@ def serve(
     if port is not None:
         settings.dimse.port = port
     _setup_logging(settings.log_level)
+    if settings.dimse.acceptor_processes > 1:
+        _serve_multi(settings, config, grace)
+        return
     from node.app import create_node
 
     try:
@@ -51,6 +54,26 @@ def serve(
     print(f"synthnode: listening {settings.dimse.ae_title}@{host}:{bound} pid {os.getpid()}",
           flush=True)
     node.run(grace_s=grace)
+    print("synthnode: stopped", flush=True)
+
+
+def _serve_multi(settings, config: Path | None, grace: float) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from config.settings import DEFAULT_CONFIG
+    from node.app import serve_multi
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    path = config or Path(os.environ.get("SYNTHNODE_CONFIG", DEFAULT_CONFIG))
+    n = settings.dimse.acceptor_processes
+
+    def listening(host: str, port: int) -> None:
+        print(f"synthnode: listening {settings.dimse.ae_title}@{host}:{port} pid {os.getpid()} "
+              f"({n} acceptor processes)", flush=True)
+
+    serve_multi(settings, str(path), n, grace_s=grace, stop=stop, on_listening=listening)
     print("synthnode: stopped", flush=True)
 
 

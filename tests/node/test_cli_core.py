@@ -70,3 +70,47 @@ def test_serve_subprocess_answers_echo(node_process: Any) -> None:
     out = node.output()
     assert "effective configuration (secrets redacted)" in out
     assert node.terminate() == 0
+
+
+@pytest.mark.dcmtk
+@pytest.mark.slow
+def test_serve_with_two_acceptor_processes(node_process: Any, tmp_path: Path) -> None:
+    """dimse.acceptor_processes = 2: two processes share the port (SO_REUSEPORT); four
+    parallel storescu runs all land; SIGTERM stops parent and children."""
+    import subprocess
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    from config.settings import load_settings
+    from node.app import build_context
+    from tests.node.conftest import dcmtk
+
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    groups = []
+    for g in range(4):
+        files = []
+        for i in range(8):
+            src.SOPInstanceUID = generate_uid()
+            src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+            f = tmp_path / f"g{g}_{i}.dcm"
+            src.save_as(f, enforce_file_format=True)
+            files.append(str(f))
+        groups.append(files)
+    node = node_process(dimse={"acceptor_processes": 2})
+    assert "(2 acceptor processes)" in node.output()
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "SYNTHNODE",
+                               "127.0.0.1", str(node.port), *files]) for files in groups]
+    assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
+    assert node.terminate(timeout=60) == 0
+    ctx = build_context(load_settings(node.config), migrate=False)
+    try:
+        assert ctx.index.count_instances() == 32
+        events = [e.event for e in ctx.ledger.entries()]
+        started = [e for e in events if e.type.value == "node.started"]
+        assert len(started) == 1 and len(started[0].payload["acceptor_pids"]) == 2
+        assert sum(e.type.value == "instance.received" for e in events) == 32
+        assert events[-2].type.value == "node.stopped"
+    finally:
+        ctx.engine.dispose()
