@@ -58,3 +58,24 @@ def test_gated_runner_runs_an_approved_model_and_refuses_a_changed_one(sqlite_ur
         runner("ct_denoise", vol, {}, 1, None)
     types = [e.event.type.value for e in ledger.entries()]
     assert types.count("model.loaded") == 2 and "model.refused" in types
+
+
+def test_build_pipeline_from_settings(tmp_path: Path) -> None:
+    from audit.watermark import WatermarkKey
+    from config.settings import load_settings
+    from node.app import build_context
+    from node.pipeline import build_pipeline
+
+    settings = load_settings(None, environment="development", data_dir=str(tmp_path / "n"))
+    ctx = build_context(settings, fsync=False)
+    p = build_pipeline(ctx)
+    assert p.mark_key is None and p.detect is None  # no key: nothing marked, nothing sent
+    assert p.on_instance_stored in ctx.on_instance_stored
+    p.tracker.shutdown()
+    key = WatermarkKey.generate(key_id=5)
+    settings.watermark_key_file.parent.mkdir(parents=True, exist_ok=True)
+    key.to_file(settings.watermark_key_file)
+    p2 = build_pipeline(build_context(settings, fsync=False))
+    assert p2.mark_key is not None and p2.mark_key.key_id == 5
+    assert isinstance(p2.runner, GatedEngineRunner) and p2.runner.models_dir == settings.models_dir
+    p2.tracker.shutdown()
