@@ -29,7 +29,7 @@ from typing import Any
 
 import pydicom
 from pydicom import __version_info__ as _PYDICOM_VERSION
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR as dictionary_vr, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.filereader import read_dataset
@@ -334,19 +334,58 @@ _INDEX_TAGS = [
 _INDEX_TAG_INTS = [Tag(tag_for_keyword(k)) for k in _INDEX_TAGS]
 
 
+_ASCII_VRS = {"UI", "DA", "TM", "DT", "CS", "IS", "DS", "AS", "AE"}  # PS3.5 6.2: default repertoire
+_TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UC", "UT"}  # affected by Specific Character Set
+_DEFAULT_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"}
+
+
+def _raw_value(ds: Dataset, keyword: str) -> tuple[str, bytes] | None:
+    """(VR, raw bytes) of a not-yet-converted element, or None."""
+    tag = Tag(tag_for_keyword(keyword))
+    elem = ds._dict.get(tag)  # noqa: SLF001 - raw access avoids per-element conversion
+    if elem is None or not hasattr(elem, "value") or not isinstance(elem.value, bytes):
+        return None
+    vr = elem.VR or dictionary_vr(tag)
+    return str(vr), elem.value
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
+    """A string value for the index (multi-valued as received, with backslashes).
+
+    Values of the default repertoire are decoded directly from the raw bytes; text VRs go
+    through pydicom unless the character set is ASCII / Latin-1 / UTF-8 (PS3.5 6.1)."""
+    raw = _raw_value(ds, keyword)
     try:
-        v = ds.get(keyword)
+        if raw is not None and raw[0] in _ASCII_VRS:
+            v: Any = raw[1].decode("ascii", "replace")
+        elif raw is not None and raw[0] in _TEXT_VRS and _charset(ds) in _DEFAULT_CHARSETS:
+            v = raw[1].decode("utf-8" if _charset(ds) == "ISO_IR 192" else "latin-1")
+        else:
+            v = ds.get(keyword)
     except Exception:  # undecodable value: index it as absent
         return None
     if v is None:
         return None
-    s = str(v).strip().rstrip("\x00")
+    s = str(v).strip().rstrip("\x00").strip()
     return s or None
+
+
+def _charset(ds: Dataset) -> str:
+    raw = _raw_value(ds, "SpecificCharacterSet")
+    if raw is None:
+        return "" if "SpecificCharacterSet" not in ds else "?"
+    return raw[1].decode("ascii", "replace").strip(" \x00")
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
+        raw = _raw_value(ds, keyword)
+        if raw is not None and raw[0] == "US" and len(raw[1]) >= 2:
+            little = ds.original_encoding[1] is not False
+            return int(struct.unpack("<H" if little else ">H", raw[1][:2])[0])
+        if raw is not None and raw[0] == "IS":
+            t = _text(ds, keyword)
+            return None if t is None else int(t.split("\\")[0])
         v = ds.get(keyword)
         return None if v is None or v == "" else int(v)
     except Exception:
@@ -515,8 +554,10 @@ class Ingestor:
         rel = instance_rel_path(study, series, sop, sha)
         rec = self._record(probe, ts, rel, len(part10), sha, calling_ae, called_ae, source)
         policy = ctx.settings.dimse.duplicate_policy
-        for _attempt in range(3):
-            existing = ctx.index.get_instance(sop)
+        for attempt in range(4):
+            # optimistic first attempt: a new SOP Instance (the common case) costs no
+            # lookup; a duplicate shows up as an IntegrityError and is decided on retry
+            existing = ctx.index.get_instance(sop) if attempt else None
             if existing is not None and existing.sha256 == sha:
                 if not ctx.store.exists(existing.file_path):  # heal a lost file
                     self._write(existing.file_path, part10)
