@@ -397,6 +397,29 @@ class JobStore:
                 .values(lease_until=_now() + self.lease)
             )
 
+    def requeue_orphans(self) -> list[str]:
+        """Start-up recovery: running jobs claimed on this host by a process that no longer
+        exists (``kill -9``, power loss) go back to the queue at once, without waiting for
+        their lease to expire. Returns the ids it touched."""
+        host = socket.gethostname()
+        touched = []
+        with self.engine.connect() as c:
+            rows = c.execute(select(jobs).where(jobs.c.state == JobState.RUNNING.value)).fetchall()
+        for row in rows:
+            job = Job.from_row(row)
+            parts = (job.worker or "").split(":")
+            if len(parts) < 2 or parts[0] != host or not parts[1].isdigit():
+                continue
+            pid = int(parts[1])
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            try:
+                self.fail(job.id, f"worker {job.worker} died (process gone)", transient=True)
+                touched.append(job.id)
+            except InvalidTransition:
+                pass
+        return touched
+
     def requeue_expired(self, *, now: datetime | None = None) -> list[str]:
         """Sweeper: running jobs whose lease expired (worker died) go back to queued, or to
         failed once their attempts are spent. Returns the ids it touched."""
@@ -417,6 +440,16 @@ class JobStore:
             except InvalidTransition:
                 pass
         return touched
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 #: handler(job) -> result dict; raise TransientJobError to requeue, anything else fails it
@@ -451,6 +484,7 @@ class WorkerPool:
 
     def start(self) -> None:
         self._stop.clear()
+        self.store.requeue_orphans()
         self.store.requeue_expired()
         for i in range(self.n):
             t = threading.Thread(target=self._loop, name=f"synthnode-worker-{i}", daemon=True)

@@ -22,6 +22,7 @@ would carry the same job ids.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -311,6 +312,13 @@ class Pipeline:
 
     # -- stage 3: engine job -------------------------------------------------------------------
     def run_engine_job(self, job: Job) -> dict[str, Any]:
+        with self.parts.engine.connect() as c:
+            done = [r[0] for r in c.execute(select(outputs.c.series_uid).where(
+                outputs.c.job_id == job.id).order_by(outputs.c.created_at))]
+        if done:
+            # an earlier attempt recorded its outputs and then died: finish, do not redo
+            self._queue_dispatch(job, done)
+            return {"outputs": done, "held": [], "resumed": True}
         if self.runner is None:
             raise PermanentJobError("no engine runner configured")
         insts = self.parts.index.instances(series_instance_uid=job.series_uid)
@@ -348,8 +356,21 @@ class Pipeline:
                                               report.stats if report else {}, timings))
         if spec.get("replace") and made:
             self._supersede(job, made)
+        self._queue_dispatch(job, made)
+        return {"outputs": made, "held": held, "model_id": prov.model_id,
+                "weights_sha256": prov.weights_sha256, "seed": prov.seed,
+                "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
+
+    def _queue_dispatch(self, job: Job, made: list[str]) -> None:
+        """One dispatch job per (output series, destination), never two."""
+        with self.parts.engine.connect() as c:
+            existing = {(r.series_uid, json.loads(r.spec).get("destination"))
+                        for r in c.execute(select(jobs.c.series_uid, jobs.c.spec).where(
+                            jobs.c.parent_id == job.id))}
         for series_uid in made:
-            for dest in spec.get("destinations") or []:
+            for dest in job.spec.get("destinations") or []:
+                if (series_uid, dest) in existing:
+                    continue
                 d = self._destination(dest)
                 self.jobs.enqueue(
                     JobKind.DISPATCH, study_uid=job.study_uid, series_uid=series_uid,
@@ -358,9 +379,6 @@ class Pipeline:
                 )
         if made:
             self.pool.wake()
-        return {"outputs": made, "held": held, "model_id": prov.model_id,
-                "weights_sha256": prov.weights_sha256, "seed": prov.seed,
-                "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
 
     def _destination(self, name: str) -> Destination:
         for d in self.settings.destinations:
