@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from audit import merkle
 from audit.checkpoint import (
@@ -146,7 +147,7 @@ def _check_leaves(batches: Iterable[Batch], report: Report) -> bytearray:
     for batch in batches:
         if not batch:
             continue
-        computed = [sha(b"\x00" + bytes(r[2])).digest() for r in batch]
+        computed = [sha(b"\x00" + r[2]).digest() for r in batch]
         first, last = int(batch[0][0]), int(batch[-1][0])
         joined = b"".join(computed)
         if first == expected and last - first == len(batch) - 1:
@@ -204,7 +205,7 @@ def _check_checkpoint_notes(notes: list[tuple[str, str]], verifier: Verifier, le
 
 def _verify(rows: Iterable[Batch], verifier: Verifier,
             db_notes: list[tuple[int, bytes, str]], file_notes: list[str] | None, report: Report,
-            nodes: Callable[[int, int], Sequence[tuple[int, bytes]]] | None = None,
+            nodes: Callable[[int, int, bool], Sequence[Any]] | None = None,
             head: tuple[int, bytes] | None = None) -> Report:
     levels = _Levels(_check_leaves(rows, report))
     n = levels.size
@@ -214,12 +215,12 @@ def _verify(rows: Iterable[Batch], verifier: Verifier,
         for level in range(1, len(levels.levels)):
             want = levels.levels[level]
             count = len(want) // 32
-            rows = nodes(level, count)
-            idxs = [int(r[0]) for r in rows]
-            got = b"".join(bytes(r[1]) for r in rows)
-            if idxs == list(range(count)) and got == want:
+            # (level, idx) is the primary key and the query asks for idx < count, so count
+            # rows means exactly the indexes 0..count-1: only hashes need to come back
+            hashes = nodes(level, count, False)
+            if len(hashes) == count and b"".join(hashes) == want:
                 continue
-            have = {int(r[0]): bytes(r[1]) for r in rows}
+            have = {int(r[0]): bytes(r[1]) for r in nodes(level, count, True)}
             for idx in range(count):
                 lo, hi = idx << level, ((idx + 1) << level) - 1
                 h = have.get(idx)
@@ -309,12 +310,14 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
             finally:
                 cur.close()
 
-        def node_rows(level: int, count: int) -> Sequence[tuple[int, bytes]]:
+        def node_rows(level: int, count: int, with_idx: bool) -> Sequence[Any]:
             cur = cursor()
+            cols = "idx, hash" if with_idx else "hash"
             try:
-                cur.execute(f"SELECT idx, hash FROM ledger_nodes WHERE level = {ph} AND idx < {ph} ORDER BY idx",
+                cur.execute(f"SELECT {cols} FROM ledger_nodes WHERE level = {ph} AND idx < {ph} ORDER BY idx",
                             (level, count))
-                return cur.fetchall()
+                rows = cur.fetchall()
+                return rows if with_idx else [bytes(r[0]) for r in rows]
             finally:
                 cur.close()
 

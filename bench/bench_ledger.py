@@ -184,11 +184,37 @@ def main() -> None:
     s.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     s.add_argument("--proofs", type=int, default=1000)
     s.add_argument("--keep", type=Path, help="keep the database in this folder")
+    v = sub.add_parser("verify", help="time verify + proofs on an existing database")
+    v.add_argument("--db", required=True)
+    v.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     if args.cmd == "appends":
         print("| backend | mode | events | appends/s |\n|---|---|---|---|")
         for r in bench_appends(args.backend, args.n, args.workers):
             print(r, flush=True)
+    elif args.cmd == "verify":
+        ledger = Ledger(make_engine(args.db))
+        key = load_or_create_key(Path(tempfile.mkdtemp()) / "k")
+        verifier = Verifier("bench/ledger", key.public_key())
+        times = []
+        cpu = []
+        for _ in range(args.repeat):
+            c0 = time.process_time()
+            rep = verify_database(ledger.engine, verifier)
+            cpu.append(time.process_time() - c0)
+            assert rep.ok, rep.problems[:3]
+            times.append(rep.elapsed_s)
+        n = rep.size
+        rng = random.Random(2)
+        lat = []
+        for _ in range(1000):
+            s_ = rng.randrange(n)
+            t0 = time.perf_counter()
+            ledger.inclusion_proof(s_, n)
+            lat.append(time.perf_counter() - t0)
+        lat.sort()
+        print(f"| {n:,} | verify min {min(times):.2f} s / median {statistics.median(times):.2f} s "
+              f"({args.repeat} runs), CPU time min {min(cpu):.2f} s | inclusion proof p50 {lat[500] * 1e3:.2f} ms, p99 {lat[989] * 1e3:.2f} ms |")
     else:
         print("| entries | fill | verify | inclusion proof | consistency proof |\n|---|---|---|---|---|")
         bench_scale(args.sizes, args.proofs, args.keep)
