@@ -56,8 +56,22 @@ def fire_quiet_period(tracker_key: str, study_uid: str, generation: int) -> None
     tracker.complete(study_uid, trigger="quiet_period", generation=generation)
 
 
+def sweep_quiet_studies(tracker_key: str) -> None:
+    """Scheduler entry point of the periodic sweep (keep name and signature)."""
+    with _TRACKERS_LOCK:
+        tracker = _TRACKERS.get(tracker_key)
+    if tracker is not None:
+        tracker.sweep()
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    if t is not None and t.tzinfo is None:
+        return t.replace(tzinfo=timezone.utc)  # SQLite hands back naive UTC
+    return t
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,7 @@ class StudyTracker:
         self.on_complete = on_complete
         self.scheduler = scheduler
         self.series_of = series_of
+        self.sweep_interval_s = 10.0
         self.key = str(engine.url)
         with _TRACKERS_LOCK:
             _TRACKERS[self.key] = self
@@ -128,6 +143,12 @@ class StudyTracker:
             )
         if not self.scheduler.running:
             self.scheduler.start()
+        # backstop for instances recorded without a timer (acceptor child processes, a
+        # crash between commit and scheduling): complete studies whose quiet period passed
+        self.scheduler.add_job(
+            sweep_quiet_studies, trigger="interval", seconds=self.sweep_interval_s,
+            id="quiet-sweep", replace_existing=True, args=[self.key],
+        )
         return self.scheduler
 
     def shutdown(self) -> None:
@@ -264,6 +285,20 @@ class StudyTracker:
             except Exception:
                 logger.exception("completion callback failed")
         return True
+
+    def sweep(self, now: datetime | None = None) -> list[str]:
+        """Complete every open study whose quiet period has passed (timer backstop)."""
+        now = now or _now()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(studies).where(studies.c.state == "open")).fetchall()
+        done = []
+        for r in rows:
+            quiet = float(r.quiet_period_s or self.settings.quiet_period_s)
+            last = _aware(r.last_instance_at)
+            if last is not None and (now - last).total_seconds() >= quiet:
+                if self.complete(r.study_uid, trigger="quiet_period", generation=int(r.generation)):
+                    done.append(r.study_uid)
+        return done
 
     def _status(self, conn: Any, study_uid: str) -> StudyStatus:
         r = conn.execute(select(studies).where(studies.c.study_uid == study_uid)).first()

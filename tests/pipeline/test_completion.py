@@ -106,3 +106,18 @@ def test_quiet_period_per_rule_and_ae() -> None:
     assert t.quiet_period_for("SYNTHNODE", "CT1") == 10
     assert t.quiet_period_for("FASTLANE", "CT1") == 5
     assert t.quiet_period_for("SYNTHNODE", "MR1") == 30
+
+
+def test_sweep_completes_studies_without_timer(db: str) -> None:
+    """Instances recorded by a process without a scheduler (acceptor child) still complete."""
+    from datetime import datetime, timedelta, timezone
+
+    engine = make_engine(db)
+    calls: list[str] = []
+    t = StudyTracker(engine, PipelineSettings(quiet_period_s=30), on_complete=lambda s, g: calls.append(s))
+    t.instance_received("1.2.3")
+    assert t.sweep() == []  # quiet period not over
+    later = datetime.now(timezone.utc) + timedelta(seconds=31)
+    assert t.sweep(now=later) == ["1.2.3"] and calls == ["1.2.3"]
+    assert t.sweep(now=later) == []
+    t.shutdown()
