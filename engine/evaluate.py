@@ -100,7 +100,7 @@ def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: f
                f"-{start}-v{PHANTOM_VERSION}")
         cache = Path(cache_dir) / f"{key}.npz"
         if cache.exists():
-            return _load_cases(cache)
+            return load_cases(cache)
     cases = []
     for i, s in enumerate(iter_dataset(split, n, size=size, n_slices=n_slices, kind=kind,  # type: ignore[arg-type]
                                        start=start, mr_snr=None, bias_strength=0.0)):
@@ -126,11 +126,11 @@ def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: f
             info["target"] = target
         cases.append(Case(f"{split}-{s.seed}-{s.kind}", inp, ref, s.labels, s.lesion_mask, info))
     if cache is not None:
-        _save_cases(cases, cache)
+        save_cases(cases, cache)
     return cases
 
 
-def _save_cases(cases: Sequence[Case], path: Path) -> None:
+def save_cases(cases: Sequence[Case], path: Path) -> None:
     """Cache cases (the low-dose simulation at 512 px costs seconds per slice)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
@@ -148,7 +148,7 @@ def _save_cases(cases: Sequence[Case], path: Path) -> None:
     tmp.replace(path)
 
 
-def _load_cases(path: Path) -> list[Case]:
+def load_cases(path: Path) -> list[Case]:
     with np.load(path) as z:
         meta = json.loads(str(z["meta"]))
         out = []
@@ -307,6 +307,7 @@ _COLUMNS = [
     ("ssim_liver", "SSIM liver", 4), ("ssim_brain", "SSIM brain", 4),
     ("ssim_lesions", "SSIM lesions", 4),
     ("lesion_contrast_ratio", "lesion contrast ratio", 3),
+    ("lesion_contrast_ratio_ge5mm", "contrast ratio >= 5 mm", 3),
     ("lesion_contrast_within_10pct", "lesions within 10 %", 2),
     ("lesion_dice_ge5mm", "Dice >= 5 mm", 3), ("lesion_dice_lt5mm", "Dice < 5 mm", 3),
     ("sec_per_slice", "s / slice", 3),

@@ -114,7 +114,15 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
     from pathlib import Path
 
     from engine import baselines
-    from engine.evaluate import EVAL_TASKS, model_method, phantom_cases, run_section, write_report
+    from engine.evaluate import (
+        EVAL_TASKS,
+        load_cases,
+        model_method,
+        phantom_cases,
+        run_section,
+        save_cases,
+        write_report,
+    )
 
     if task not in EVAL_TASKS:
         raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
@@ -142,7 +150,13 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
                 f"{common}; input: projection-domain low dose at {dose:g} of full dose; "
                 "reference: the noise-free phantom CT.", n_pictures))
             if real:
-                rcases = real_ct_cases(dose, seed=seed)
+                rpath = Path(cache_dir) / f"real-ct-d{dose:g}-seed{seed}.npz" if cache_dir else None
+                if rpath is not None and rpath.exists():
+                    rcases = load_cases(rpath)
+                else:
+                    rcases = real_ct_cases(dose, seed=seed)
+                    if rpath is not None:
+                        save_cases(rcases, rpath)
                 sections.append(run_section(
                     f"CT restoration, real slices, dose {dose:g}", task, rcases, methods, out,
                     f"{len(rcases)} real CT images from pydicom / pydicom-data "
