@@ -213,3 +213,31 @@ def test_storescu_many_files_one_association(start_node: Any, tmp_path: Path) ->
     assert len(rows) == 20
     assert sorted(pydicom.dcmread(node.ctx.store.path(r_.file_path)).InstanceNumber
                   for r_ in rows) == list(range(1, 21))
+
+
+def test_store_on_sqlite_and_postgresql(start_node: Any, db_url: str, tmp_path: Path) -> None:
+    """The whole ingest path (index rows + ledger in one transaction) on both databases,
+    with 4 associations at once delivering the first instances of one study."""
+    import threading
+
+    node = start_node(database={"url": db_url})
+    files = []
+    for i in range(16):
+        f = tmp_path / f"p{i}.dcm"
+        _copy_with_new_uid(CT, f, InstanceNumber=i + 1)
+        files.append(f)
+    results: list[list[int | None]] = []
+
+    def send(chunk: list[Path]) -> None:
+        results.append(scu_store(node.address, chunk))
+
+    threads = [threading.Thread(target=send, args=(files[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(s for r in results for s in r) == [0] * 16
+    assert node.ctx.index.count_instances() == 16
+    (study,) = node.ctx.index.studies()
+    assert study.n_instances == 16 and study.n_series == 1
+    assert len(ledger_events(node, "instance.received")) == 16
