@@ -339,3 +339,33 @@ def test_wildcard_matches_reference(migrated_db: str, values: list[str], pattern
         assert got == {v for v in stored if _reference(pattern, v)}
     finally:
         eng.dispose()
+
+
+# ---------------------------------------------------------------- retrieve set (storage.query)
+def test_retrieve_set_by_level(engine: Engine) -> None:
+    from storage.query import instances_by_uid, retrieve_set
+
+    with engine.connect() as conn:
+        study = retrieve_set(conn, "STUDY", {"StudyInstanceUID": "1.2.3.4"})
+        assert {r.series_instance_uid for r in study} == {"1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"}
+        assert len(study) == INSTANCES[5] + INSTANCES[6] + INSTANCES[7]
+        two = retrieve_set(conn, "SERIES", {"StudyInstanceUID": "1.2.3.1",
+                                            "SeriesInstanceUID": "1.2.3.1.1\\1.2.3.1.2\\1.2.3.2.1"})
+        # the upper-level key narrows: 1.2.3.2.1 belongs to another study
+        assert {r.series_instance_uid for r in two} == {"1.2.3.1.1", "1.2.3.1.2"}
+        img = retrieve_set(conn, "IMAGE", {"SOPInstanceUID": ["1.2.3.2.1.2", "1.2.3.2.1.4"]})
+        assert [r.sop_instance_uid for r in img] == ["1.2.3.2.1.2", "1.2.3.2.1.4"]
+        assert img[0].study_instance_uid == "1.2.3.2" and img[0].sop_class_uid == MR
+        patient = retrieve_set(conn, "PATIENT", {"PatientID": "P2"})
+        assert {r.study_instance_uid for r in patient} == {"1.2.3.3"}
+        got = instances_by_uid(conn, ["1.2.3.1.1.1", "9.9.9"])
+        assert set(got) == {"1.2.3.1.1.1"} and got["1.2.3.1.1.1"].file_path == "x/1.dcm"
+
+
+@pytest.mark.parametrize("keys", [{}, {"SeriesInstanceUID": ""}, {"SeriesInstanceUID": "*"}])
+def test_retrieve_needs_unique_key(keys: dict) -> None:
+    from storage.query import retrieve_set
+
+    with pytest.raises(InvalidQuery) as exc:
+        retrieve_set(None, "SERIES", keys)  # type: ignore[arg-type]  # raises before any I/O
+    assert exc.value.keyword == "SeriesInstanceUID"
