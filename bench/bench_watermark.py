@@ -28,6 +28,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,24 +69,11 @@ def _to_stored(values: NDArray[np.floating], bits: int, signed: bool) -> NDArray
     return np.clip(np.rint(values), lo, hi).astype(dtype)
 
 
-def phantom_slices(seed0: int, n_volumes: int, n_slices: int = 8, size: int = 256) -> Iterator[Slice]:
-    """CT (12-bit unsigned, intercept -1024, + quantum noise), T1w / T2w (12 or 16-bit)."""
-    from engine.phantoms import make_sample  # bench / tests only: audit never imports engine
-
+def phantom_slices(seed0: int, n_volumes: int) -> Iterator[Slice]:
+    """CT (12-bit unsigned, intercept -1024, + quantum noise), T1w / T2w (12 or 16-bit) of
+    ``n_volumes`` 8-slice phantom volumes (see :func:`_phantom_one`)."""
     for v in range(n_volumes):
-        seed = seed0 + v
-        rng = np.random.default_rng(seed)
-        kind = "head" if v % 10 == 9 else "abdomen"
-        s = make_sample(seed, size=size, n_slices=n_slices, kind=kind)
-        for z in range(s.ct_hu.shape[0]):
-            sigma = rng.uniform(3.0, 20.0)
-            hu = s.ct_hu[z] + rng.normal(0.0, sigma, s.ct_hu[z].shape)
-            yield Slice(_to_stored(hu + 1024.0, 12, False), 12, False, 1.0, -1024.0, True, f"phantom-ct:{seed}:{z}")
-            for name, img in (("t1w", s.t1w[z]), ("t2w", s.t2w[z])):
-                bits = 16 if (v + z) % 2 else 12
-                scale = (2 ** bits - 1) / max(float(img.max()), 1e-6) * rng.uniform(0.3, 0.9)
-                yield Slice(_to_stored(img * scale, bits, False), bits, False, 1.0, 0.0, False,
-                            f"phantom-{name}:{seed}:{z}")
+        yield from _phantom_one(seed0 + v)
 
 
 REAL_FILES = (
@@ -278,9 +266,12 @@ TRANSFORMS: dict[str, Transform] = {
         (_soft8(s, a).astype(np.float64) - 128.0) * 1.5 + 128.0, 0, 255).astype(np.uint8),
 }
 SLOW_TRANSFORMS: dict[str, Transform] = {"regeneration (noise + NLM)": _regenerate}
-# Costly codecs / 2x up-sampling run on every HEAVY_EVERY-th positive only (n is reported).
+# Every positive is detected untransformed; each light transform runs on a random 1 / LIGHT_EVERY
+# of the positives and the costly codecs / 2x up-sampling on a random 1 / HEAVY_EVERY (2 shared
+# CPU cores); the table's n column says how many.
 HEAVY = {"rle", "jpeg-ls lossless", "j2k lossless", "j2k lossy 10:1", "resize 2x"}
-HEAVY_EVERY = 3
+HEAVY_EVERY = 6
+LIGHT_EVERY = 3
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -337,8 +328,12 @@ def run_positive(args: tuple[int, Slice, bool]) -> dict[str, object]:
                               "fidelity": fidelity(s, marked), "t": {}}
     cw = codeword(KEY, payload)
     transforms = dict(TRANSFORMS, **(SLOW_TRANSFORMS if slow else {}))
+    pick = np.random.default_rng([idx, 7])  # which transforms this positive goes through
     for name, fn in transforms.items():
-        if name in HEAVY and idx % HEAVY_EVERY:
+        draw = pick.random()
+        if name in HEAVY and draw >= 1 / HEAVY_EVERY:
+            continue
+        if name not in HEAVY and name != "none" and name not in SLOW_TRANSFORMS and draw >= 1 / LIGHT_EVERY:
             continue
         img = fn(s, marked, rng)
         det = detect(img, [KEY])
@@ -368,13 +363,39 @@ def run_negative(args: tuple[int, Slice, bool]) -> dict[str, object]:
 # ----------------------------------------------------------------------------- driver
 
 
-def build_sets(n_pos: int, n_neg: int) -> tuple[list[Slice], list[Slice]]:
+def _phantoms(pool: Any, seed0: int, n: int) -> list[Slice]:
+    per_vol = 8 * 3  # 8 slices x (CT, T1w, T2w)
+    seeds = [seed0 + v for v in range(n // per_vol + 1)]
+    vols = pool.map(_phantom_one, seeds, chunksize=1)
+    return [s for v in vols for s in v][:n]
+
+
+def _phantom_one(seed: int) -> list[Slice]:
+    """One 256 x 256 x 8 phantom volume (abdomen; every tenth seed a head) as 24 slices."""
+    from engine.phantoms import make_sample
+
+    rng = np.random.default_rng(seed)
+    kind = "head" if seed % 10 == 9 else "abdomen"
+    s = make_sample(seed, size=256, n_slices=8, kind=kind)
+    out = []
+    for z in range(s.ct_hu.shape[0]):
+        sigma = rng.uniform(3.0, 20.0)
+        hu = s.ct_hu[z] + rng.normal(0.0, sigma, s.ct_hu[z].shape)
+        out.append(Slice(_to_stored(hu + 1024.0, 12, False), 12, False, 1.0, -1024.0, True, f"phantom-ct:{seed}:{z}"))
+        for name, img in (("t1w", s.t1w[z]), ("t2w", s.t2w[z])):
+            bits = 16 if (seed + z) % 2 else 12
+            scale = (2 ** bits - 1) / max(float(img.max()), 1e-6) * rng.uniform(0.3, 0.9)
+            out.append(Slice(_to_stored(img * scale, bits, False), bits, False, 1.0, 0.0, False,
+                             f"phantom-{name}:{seed}:{z}"))
+    return out
+
+
+def build_sets(n_pos: int, n_neg: int, pool: Any) -> tuple[list[Slice], list[Slice]]:
     reals = real_slices()
     rng = np.random.default_rng(1)
-    # Phantom volumes: 8 slices x 3 images each; positives and negatives never share a seed.
-    per_vol = 8 * 3
-    pos_ph = list(phantom_slices(2_000_000_000, max(1, (n_pos // 2) // per_vol + 1)))[: n_pos // 2]
-    neg_ph = list(phantom_slices(2_100_000_000, max(1, (n_neg // 3) // per_vol + 1)))[: n_neg // 3]
+    # Positives and negatives never share a phantom seed.
+    pos_ph = _phantoms(pool, 2_000_000_000, n_pos // 2)
+    neg_ph = _phantoms(pool, 2_100_000_000, n_neg // 3)
     # Positives stand for generated outputs (256 / 512 matrices): real slices >= 256 px only;
     # the 64 / 128 px slices are negatives only (their limit is documented separately).
     big = [r for r in reals if min(r.arr.shape) >= 256]
@@ -452,7 +473,9 @@ def summarise(pos: list[dict], neg: list[dict], thr: float, command: str, elapse
               "| source | n | max_delta (median) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
     for src, rs in sorted(by_src.items()):
         cells = [f"{np.median([r['max_delta'] for r in rs]):.0f}"]
-        cells += [f"{np.mean([r['t'][t]['marked'] for r in rs]):.1%}" for t in cols]
+        for t in cols:
+            vals = [r["t"][t]["marked"] for r in rs if t in r["t"]]
+            cells.append(f"{np.mean(vals):.1%} ({len(vals)})" if vals else "-")
         lines.append(f"| {src} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -469,14 +492,15 @@ def main() -> None:
     args = ap.parse_args()
     command = "nice -n 10 python bench/bench_watermark.py " + " ".join(sys.argv[1:])
     t0 = time.time()
-    pos, neg = build_sets(args.positives, args.negatives)
+    pool = mp.get_context("fork").Pool(args.workers)
+    pos, neg = build_sets(args.positives, args.negatives, pool)
     n_real = len(real_slices())
     print(f"built {len(pos)} positives, {len(neg)} negatives in {time.time() - t0:.0f}s", flush=True)
     stride = max(1, len(pos) // max(1, args.slow))
     pos_jobs = [(i, s, args.slow > 0 and i % stride == 0) for i, s in enumerate(pos)]
     step = max(1, len(neg) // max(1, args.transformed_negatives))
     neg_jobs = [(i, s, i % step == 0) for i, s in enumerate(neg)]
-    with mp.get_context("fork").Pool(args.workers) as pool:
+    with pool:
         pos_res = pool.map(run_positive, pos_jobs, chunksize=8)
         print(f"positives done at {time.time() - t0:.0f}s", flush=True)
         neg_res = pool.map(run_negative, neg_jobs, chunksize=32)
