@@ -3,7 +3,6 @@ crash between file write and database commit, syslog copy."""
 from __future__ import annotations
 
 import base64
-import os
 import signal
 import socket
 import subprocess
