@@ -23,7 +23,12 @@ Reuse them in any ``tests/node`` test (query/retrieve, commitment, pipeline ...)
     alone is wrong. Missing tool: failure in CI, skip locally.
 
 Calling AE titles allowed by default: STORESCU, ECHOSCU, FINDSCU, GETSCU, MOVESCU,
-TESTSCU (each from any host). Called AE title: SYNTHNODE.
+TESTSCU (each from any host). Called AE title: SYNTHNODE. The pipeline is disabled by
+default (``pipeline={"enabled": True, ...}`` to test it).
+
+Helpers: ``scu_store(address, files)`` sends files' data set bytes unchanged (pynetdicom)
+and returns the statuses; ``write_part10`` wraps raw (possibly malformed) data set bytes
+in a valid file meta; ``ledger_events(node, type)`` lists a node's ledger events.
 """
 from __future__ import annotations
 
@@ -87,6 +92,8 @@ def node_settings_dict(data_dir: Path, port: int, **overrides: Any) -> dict[str,
             "network_timeout_s": 30,
         },
         "storage": {"min_free_bytes": 0},
+        # DIMSE tests run without the pipeline; pipeline tests pass pipeline={...}
+        "pipeline": {"enabled": False},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(d.get(key), dict):
