@@ -224,6 +224,8 @@ def export(
     event_type: list[str] = typer.Option([], "--type", help="only these event types (dicom/fhir)"),
     since: str | None = typer.Option(None, "--since"),
     until: str | None = typer.Option(None, "--until"),
+    syslog: str | None = typer.Option(None, "--syslog", help="with -f dicom: also send each message "
+                                      "to udp://host:port or tcp://host:port (RFC 5424)"),
 ) -> None:
     """Export the ledger."""
     from audit.export import export_ledger, parse_when, write_dicom_audit, write_fhir_bundle, write_path
@@ -240,6 +242,8 @@ def export(
             else:
                 rows = svc.ledger.entries()
             if fmt == ExportFormat.dicom:
+                if syslog:
+                    rows = _tee_syslog(list(rows), syslog, settings.dimse.ae_title)
                 n = write_dicom_audit(rows, fh, node_ae=settings.dimse.ae_title)
             else:
                 n = write_fhir_bundle(rows, fh)
@@ -247,6 +251,19 @@ def export(
         if fh is not sys.stdout:
             fh.close()
     print(f"exported {n} record(s)", file=sys.stderr)
+
+
+def _tee_syslog(rows: list[Any], target: str, node_ae: str) -> list[Any]:
+    """Send one RFC 5424 message per DICOM audit message (MSGID ``IHE+RFC-3881``)."""
+    import xml.etree.ElementTree as ET
+
+    from audit.checkpoint import syslog_send
+    from audit.export import dicom_audit_message
+
+    for r in rows:
+        syslog_send(target, ET.tostring(dicom_audit_message(r, node_ae), encoding="unicode"),
+                    msgid="IHE+RFC-3881")
+    return rows
 
 
 @app.command()

@@ -3,6 +3,7 @@ standalone verifier as a separate process."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,13 @@ def test_audit_commands(site: Path, migrated_db: str, tmp_path: Path) -> None:
         out = tmp_path / f"x.{fmt}"
         run("audit", "export", "-c", str(site), "-f", fmt, "-o", str(out))
         assert out.stat().st_size > 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv:  # ATNA over syslog (RFC 5426)
+        srv.bind(("127.0.0.1", 0))
+        srv.settimeout(5)
+        run("audit", "export", "-c", str(site), "-f", "dicom", "--type", "checkpoint.signed",
+            "-o", str(tmp_path / "cp.xml"), "--syslog", f"udp://127.0.0.1:{srv.getsockname()[1]}")
+        msg, _ = srv.recvfrom(65535)
+    assert b" IHE+RFC-3881 - " in msg and b"<AuditMessage>" in msg and b'csd-code="110101"' in msg
 
     # the standalone verifier: separate process, only URL / export + public key
     cpf = tmp_path / "var" / "checkpoints.log"
