@@ -417,33 +417,55 @@ class _Pending:
 class _GroupCommitter:
     """One writer thread per process and ledger: commits every waiting append in one
     transaction (group commit). A failing batch is retried item by item, so one bad event
-    fails only its own caller."""
+    fails only its own caller. The thread exits after ``IDLE_S`` without work and is
+    restarted by the next append (no thread is left behind by short-lived ledgers)."""
 
     MAX_BATCH = 2000
+    IDLE_S = 2.0
 
     def __init__(self, ledger: Ledger, pid: int) -> None:
         self.ledger = ledger
         self.pid = pid
         self.q: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
-        self.thread.start()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def _ensure_thread(self) -> None:  # caller holds self.lock
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+            self.thread.start()
 
     def submit(self, prepared: Sequence[_Prepared]) -> list[LedgerEntry]:
         item = _Pending(prepared)
-        self.q.put(item)
+        with self.lock:
+            self.q.put(item)
+            self._ensure_thread()
         item.done.wait()
         if item.error is not None:
             raise item.error
         return item.result
 
     def stop(self) -> None:
-        self.q.put(None)
-        self.thread.join(timeout=10)
+        with self.lock:
+            t = self.thread
+            if t is None:
+                return
+            self.q.put(None)
+        t.join(timeout=10)
 
     def _run(self) -> None:
         while True:
-            first = self.q.get()
+            try:
+                first = self.q.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self.lock:
+                    if self.q.empty():
+                        self.thread = None
+                        return
+                continue
             if first is None:
+                with self.lock:
+                    self.thread = None
                 return
             batch = [first]
             n = len(first.prepared)
@@ -460,6 +482,8 @@ class _GroupCommitter:
                 n += len(nxt.prepared)
             self._commit(batch)
             if stop:
+                with self.lock:
+                    self.thread = None
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:

@@ -131,3 +131,23 @@ def test_sqlite_write_lock_is_taken_by_first_statement(sqlite_url: str) -> None:
                 with c2.begin():
                     Ledger.lock_head(c2)
     assert ledger.size() == 1
+
+
+def test_writer_thread_exits_when_idle(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from audit import ledger as ledger_mod
+    from node.db import upgrade
+
+    monkeypatch.setattr(ledger_mod._GroupCommitter, "IDLE_S", 0.05)
+    upgrade(sqlite_url)
+    ledger = Ledger(make_engine(sqlite_url))
+    assert ledger.append(ev(0)).seq == 0
+    gc = ledger._gc
+    assert gc is not None
+    for _ in range(100):
+        if gc.thread is None:
+            break
+        threading.Event().wait(0.02)
+    assert gc.thread is None  # no thread left behind
+    assert ledger.append(ev(1)).seq == 1  # restarted on demand
+    ledger.close()
+    assert gc.thread is None
