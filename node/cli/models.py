@@ -94,6 +94,8 @@ def manifest(
             except ValueError:
                 continue
             meta.update({k: str(d[k]) for k in ("model_id", "version", "task", "intended_use") if d.get(k)})
+            if not d.get("task") and isinstance(d.get("tasks"), list) and d["tasks"]:
+                meta.setdefault("task", str(d["tasks"][0]))  # engine config.json lists its tasks
     given = {"model_id": model_id, "version": version, "task": task, "intended_use": intended_use}
     meta.update({k: v for k, v in given.items() if v})
     missing = [k for k in given if not meta.get(k)]
