@@ -108,6 +108,7 @@ class Node:
         self.dimse = dimse
         self.recovery = recovery
         self.role = role  # "node" | "acceptor" (a child of a multi-process node)
+        self.pipeline: Any = None  # node.pipeline.Pipeline (set by create_node)
         self.stop_requested = threading.Event()
         self._stopped = False
 
@@ -131,6 +132,8 @@ class Node:
                                       self.recovery.unreferenced_files_removed,
                                   "missing_files": len(self.recovery.missing_files)}},
         ))
+        if self.pipeline is not None:
+            self.pipeline.start()  # quiet-period timers, worker pool
         return host, port
 
     def stop(self, grace_s: float = 30.0) -> None:
@@ -142,6 +145,8 @@ class Node:
         if self.role == "acceptor":
             self.ctx.engine.dispose()
             return
+        if self.pipeline is not None:
+            self.pipeline.stop()
         try:
             self.ctx.ledger.append(Event(type=EventType.NODE_STOPPED, actor=NODE_ACTOR,
                                          payload={"pid": os.getpid()}))
@@ -196,7 +201,9 @@ def create_node(settings: Settings, *, services: list[Any] | None = None,
     if role == "acceptor":
         ctx = ctx or build_context(settings, migrate=False, fsync=fsync)
         dimse = DimseServer(ctx, services, reuse_port=True)
-        return Node(ctx, dimse, RecoveryReport(0, 0, ()), role="acceptor")
+        node = Node(ctx, dimse, RecoveryReport(0, 0, ()), role="acceptor")
+        node.pipeline = _pipeline(ctx)  # ingest hook only; the parent runs timers and jobs
+        return node
     ctx = ctx or build_context(settings, migrate=migrate, fsync=fsync)
     report = recover(ctx)
     eff, digest = config_digest(settings)
@@ -210,7 +217,18 @@ def create_node(settings: Settings, *, services: list[Any] | None = None,
                  "environment": settings.environment},
     ))
     dimse = DimseServer(ctx, services, reuse_port=reuse_port)
-    return Node(ctx, dimse, report)
+    node = Node(ctx, dimse, report)
+    node.pipeline = _pipeline(ctx)
+    return node
+
+
+def _pipeline(ctx: NodeContext) -> Any:
+    """The pipeline (study completion -> engine jobs -> dispatch), when enabled."""
+    if not ctx.settings.pipeline.enabled:
+        return None
+    from node.pipeline import build_pipeline
+
+    return build_pipeline(ctx)
 
 
 # -- multi-process acceptors ------------------------------------------------------------

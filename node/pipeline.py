@@ -270,6 +270,8 @@ class Pipeline:
                 continue
             rule = routing.rule
             fp = fingerprint([i.sop_instance_uid for i in insts])
+            if rule.forward_originals:
+                queued += self._forward_original(study_uid, series_uid, rule, fp, generation)
             for k, task in enumerate(rule.tasks):
                 decision = self._reprocess_decision(series_uid, rule.name, task.task, fp, generation,
                                                     rule.reprocess or self.settings.reprocess)
@@ -290,6 +292,29 @@ class Pipeline:
         if queued:
             self.pool.wake()
         return queued
+
+    def _forward_original(self, study_uid: str, series_uid: str, rule: Any, fp: str,
+                          generation: int) -> list[str]:
+        """Dispatch jobs for the original series itself (scanner -> node -> PACS), once per
+        set of source instances and destination."""
+        with self.parts.engine.connect() as c:
+            rows = c.execute(select(jobs.c.spec).where(and_(
+                jobs.c.kind == JobKind.DISPATCH.value, jobs.c.series_uid == series_uid,
+                jobs.c.state.not_in([JobState.FAILED.value, JobState.CANCELLED.value]),
+            ))).fetchall()
+        sent = {(json.loads(r[0]).get("destination"), json.loads(r[0]).get("fingerprint"))
+                for r in rows}
+        out = []
+        for dest in rule.destinations:
+            if (dest, fp) in sent:
+                continue
+            d = self._destination(dest)
+            out.append(self.jobs.enqueue(
+                JobKind.DISPATCH, study_uid=study_uid, series_uid=series_uid, rule=rule.name,
+                spec={"destination": dest, "fingerprint": fp, "original": True},
+                max_attempts=d.max_attempts, generation=generation,
+            ))
+        return out
 
     def _reprocess_decision(self, series_uid: str, rule: str, task: str, fp: str,
                             generation: int, policy: ReprocessPolicy) -> str | None:

@@ -61,6 +61,9 @@ class Rule(Section):
     quiet_period_s: float | None = Field(default=None, gt=0)
     reprocess: ReprocessPolicy | None = None
     enabled: bool = True
+    forward_originals: bool = Field(
+        default=False, description="also send the matched original series to the destinations"
+    )
 
 
 class QualitySettings(Section):
