@@ -257,8 +257,12 @@ def _verify(rows: Iterable[Batch], verifier: Verifier,
 
 
 def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = None,  # type: ignore[no-untyped-def]
-                    batch: int = 50000) -> Report:
+                    batch: int = 50000, deep: bool = False) -> Report:
     """Verify the ledger stored in ``engine``'s database (see module docs).
+
+    ``deep`` also parses every leaf (it must be a canonical event) and checks the derived
+    UID index (``ledger_refs``) against the leaves, so ``audit query`` / ``lineage`` cannot
+    be made to miss an entry (slower: one JSON parse per entry).
 
     Safe to run while the node appends: stored checkpoints are read first, then the
     external file (every stored checkpoint was written there before its row committed),
@@ -322,6 +326,8 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
                 cur.close()
 
         rows = entry_batches()
+        if deep:
+            rows = _deep_rows(rows, conn, ph, report)
         _verify(rows, verifier, db_notes, file_notes, report, nodes=node_rows, head=head)
         if limit is not None:
             extra = conn.execute(select(func.count()).where(e.seq >= limit)).scalar_one()
@@ -335,6 +341,38 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
                                f"note: {j[:60]!r}"))
     report.elapsed_s = time.perf_counter() - t0
     return report
+
+
+def _deep_rows(batches: Iterable[Batch], conn, ph: str, report: Report) -> Iterator[Batch]:  # type: ignore[no-untyped-def]
+    """Pass batches through, checking each leaf parses as a canonical event and that the
+    UID index holds exactly the references the leaf implies."""
+    from audit.events import event_from_leaf, event_refs, event_to_leaf
+
+    dbapi = conn.connection.driver_connection
+    for batch in batches:
+        if batch:
+            lo, hi = int(batch[0][0]), int(batch[-1][0])
+            cur = dbapi.cursor()
+            try:
+                cur.execute(f"SELECT seq, role, uid FROM ledger_refs WHERE seq >= {ph} AND seq <= {ph}", (lo, hi))
+                stored: dict[int, set[tuple[str, str]]] = {}
+                for seq, role, uid in cur.fetchall():
+                    stored.setdefault(int(seq), set()).add((role, uid))
+            finally:
+                cur.close()
+            for r in batch:
+                seq, data = int(r[0]), bytes(r[2])
+                try:
+                    ev = event_from_leaf(data)
+                    if event_to_leaf(ev) != data:
+                        raise ValueError("leaf is not in canonical form")
+                except Exception as exc:  # noqa: BLE001 - any parse failure is a finding
+                    report.add(Problem("leaf", f"leaf data is not a canonical event: {exc}", seq))
+                    continue
+                if set(event_refs(ev)) != stored.get(seq, set()):
+                    report.add(Problem("index", "UID index rows differ from the UIDs in the leaf "
+                                       "(query / lineage results would be wrong)", seq))
+        yield batch
 
 
 def read_export(path: Path) -> tuple[dict, list[tuple[int, bytes, bytes]], list[str]]:
@@ -387,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--origin", help="key name / origin (needed with a PEM public key)")
     ap.add_argument("--checkpoints", type=Path, help="external checkpoint file to cross-check")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--deep", action="store_true", help="also parse every leaf and check the UID index")
     args = ap.parse_args(argv)
     try:
         verifier = load_verifier(args.pubkey, args.origin)
@@ -396,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.db:
         from sqlalchemy import create_engine
 
-        report = verify_database(create_engine(args.db), verifier, args.checkpoints)
+        report = verify_database(create_engine(args.db), verifier, args.checkpoints, deep=args.deep)
     else:
         report = verify_export(args.export, verifier, args.checkpoints)
     print_report(report, as_json=args.json)

@@ -51,6 +51,7 @@ def verify(
                                             "(default: the configured one)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     record: bool = typer.Option(True, "--record/--no-record", help="append a verification.run event"),
+    deep: bool = typer.Option(False, "--deep", help="also parse every leaf and check the UID index"),
 ) -> None:
     """Re-derive every leaf, node and root; check every checkpoint signature and the
     checkpoint file. Exit 1 naming the first bad entry."""
@@ -58,7 +59,8 @@ def verify(
     from audit.verify import print_report, verify_database
 
     settings, svc = _service(config)
-    report = verify_database(svc.ledger.engine, svc.verifier, checkpoints or settings.checkpoint_file)
+    report = verify_database(svc.ledger.engine, svc.verifier, checkpoints or settings.checkpoint_file,
+                             deep=deep)
     print_report(report, as_json=as_json)
     if record:
         svc.ledger.append(Event(EventType.VERIFICATION_RUN, "user:cli",

@@ -214,3 +214,28 @@ def test_consistent_rewrite_detected_by_checkpoint(filled: LedgerEnv) -> None:
     assert rewritten and rewritten[0].seq <= 7 <= rewritten[0].last
     # everything else in the database is self-consistent: only the signed checkpoint tells
     assert {p.kind for p in report.problems} == {"rewritten"}
+
+
+def test_deep_verify_checks_uid_index(filled: LedgerEnv) -> None:
+    """Deleting UID-index rows would hide an entry from `audit query`: --deep tells."""
+    from audit.tables import ledger_refs
+
+    env = filled
+    engine = env.service.ledger.engine
+    rep = verify_database(engine, env.service.verifier, env.checkpoint_file, deep=True)
+    assert rep.ok, rep.problems
+    saved: list = []
+
+    def change(conn) -> None:  # type: ignore[no-untyped-def]
+        saved.extend(r._asdict() for r in conn.execute(select(ledger_refs).where(ledger_refs.c.seq == 5)))
+        conn.execute(delete(ledger_refs).where(ledger_refs.c.seq == 5))
+
+    with engine.begin() as conn:
+        change(conn)
+    assert _verify(env).ok  # the hashed data is intact ...
+    rep = verify_database(engine, env.service.verifier, env.checkpoint_file, deep=True)
+    assert not rep.ok and rep.first_bad_entry == 5  # ... but the index is not
+    assert rep.problems[0].kind == "index"
+    with engine.begin() as conn:
+        conn.execute(insert(ledger_refs), saved)
+    assert verify_database(engine, env.service.verifier, env.checkpoint_file, deep=True).ok
