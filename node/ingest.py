@@ -21,7 +21,7 @@ import hashlib
 import logging
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from io import BytesIO
