@@ -107,6 +107,10 @@ class Ledger:
         with self.engine.connect() as conn:
             if conn.execute(select(ledger_head.c.id).where(ledger_head.c.id == HEAD_ID)).first():
                 return
+            if conn.execute(select(ledger_entries.c.seq).limit(1)).first() is not None:
+                # never paper over a deleted head: that is damage for `audit verify` to report
+                log.error("ledger_head row is missing although entries exist")
+                return
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(ledger_head).values(id=HEAD_ID, size=0, frontier=b""))
