@@ -210,3 +210,24 @@ def test_syslog_copy_over_udp(ledger_env: LedgerEnv) -> None:
     header, _, body = msg.partition(b"\xef\xbb\xbf")
     assert b" synthnode " in header and b" CHECKPOINT - " in header
     assert body.decode() == cp.note
+
+
+def test_periodic_checkpoints_and_final_one_on_stop(ledger_env: LedgerEnv) -> None:
+    svc = ledger_env.service
+    svc.interval_s = 0.05
+    svc.ledger.append_many([make_event(i) for i in range(3)])
+    svc.start()
+    try:
+        for _ in range(200):
+            if svc.ledger.checkpoints():
+                break
+            time.sleep(0.05)
+        assert [c[0] for c in svc.ledger.checkpoints()][:1] == [3]
+        time.sleep(0.3)  # idle: only the checkpoint event is new, nothing more is signed
+        assert len(svc.ledger.checkpoints()) == 1
+        svc.ledger.append(make_event(10))
+    finally:
+        svc.stop()
+    sizes = [c[0] for c in svc.ledger.checkpoints()]
+    assert sizes[0] == 3 and sizes[-1] == 5  # the stop signs the tail
+    assert verify_database(svc.ledger.engine, svc.verifier, ledger_env.checkpoint_file).ok
