@@ -196,7 +196,8 @@ def list_(
     """Model folders under the models directory with their state (nothing is recorded)."""
     settings, gate = _gate(config)
     root = settings.models_dir
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if root.is_dir() else []
     rows = [gate.status(f) for f in folders]
     if as_json:
         for s in rows:
