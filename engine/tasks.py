@@ -224,7 +224,12 @@ def _predict(
         cond_w = torch.zeros(z, in_ch - out_ch, h // 2, w // 2)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     noise = torch.randn(z, out_ch, h // 2, w // 2, generator=gen)
-    init_w = dwt2(init) if init is not None else None
+    # residual models (io.residual_scale = k) learn r = k * (clean - received) for restoration:
+    # the start sample of the flow is then r = 0 (the received image itself)
+    k_res = io.get("residual_scale")
+    if k_res and init is None:
+        raise TaskInputError("a residual model needs the received image")
+    init_w = (torch.zeros_like(dwt2(init)) if k_res else dwt2(init)) if init is not None else None
     floor = float(model.config.get("sampling", {}).get("threshold_floor", 1.0))
     device = opts.device
     model.to(device)
@@ -253,7 +258,10 @@ def _predict(
                 with _autocast(device, opts):
                     y = rflow_sample(model.net, scheduler, c, x, start if init_w is not None else 1.0,
                                      steps, xform)
-            outs.append(idwt2(y.float()).cpu())
+            out = idwt2(y.float()).cpu()
+            if k_res:
+                out = init[sl] + out / float(k_res)
+            outs.append(out)
     return torch.cat(outs, dim=0)
 
 
@@ -366,7 +374,7 @@ TASKS: dict[str, TaskSpec] = {
         (Intensity.HU,),
         {
             "steps": ParamSpec(int, 2, 1, 4, help="flow steps from the partially noised received image"),
-            "strength": ParamSpec(float, 0.3, 0.01, 0.6, help="start time of the flow (fraction of T)"),
+            "strength": ParamSpec(float, 0.3, 0.002, 0.6, help="start time of the flow (fraction of T)"),
             "threshold_percentile": _THR,
         },
         _restore,
@@ -378,7 +386,7 @@ TASKS: dict[str, TaskSpec] = {
         MR_KINDS,
         {
             "steps": ParamSpec(int, 2, 1, 4),
-            "strength": ParamSpec(float, 0.3, 0.01, 0.6, help="start time of the flow (fraction of T)"),
+            "strength": ParamSpec(float, 0.3, 0.002, 0.6, help="start time of the flow (fraction of T)"),
             "threshold_percentile": _THR,
         },
         _restore,

@@ -69,19 +69,32 @@ TRAIN_ANGLES = 180  # views for training-data low dose (I0 is scaled by degrade;
 # Per "training task": which inference tasks the model serves, I/O, normalisation, sampling.
 PRESETS: dict[str, dict[str, Any]] = {
     "ct_denoise": {
-        "tasks": ["ct_denoise", "augment"],
-        "io": {"target_channels": 1, "cond_channels": 1, "context_slices": 1, "target_names": ["ct"]},
+        "tasks": ["ct_denoise"],
+        "io": {"target_channels": 1, "cond_channels": 1, "context_slices": 1, "target_names": ["ct"],
+               "residual_scale": 50.0},
         "normalisation": {"input": {"kind": "hu", "scale": CT_SCALE}, "output": {"kind": "hu", "scale": CT_SCALE}},
-        "sampling": {"ct_denoise": {"steps": 2, "strength": 0.3}, "augment": {"steps": 4, "strength": 0.35}},
-        "p_uncond": 0.15,
+        "sampling": {"ct_denoise": {"steps": 2, "strength": 0.3}},
+        "p_uncond": 0.0,
         "train_t_max": 0.6,
     },
-    "mr_denoise": {
-        "tasks": ["mr_denoise", "augment"],
-        "io": {"target_channels": 1, "cond_channels": 1, "context_slices": 1, "target_names": ["mr"]},
-        "normalisation": {"input": {"kind": "percentile", "q": 0.995}, "output": {"kind": "percentile", "q": 0.995}},
-        "sampling": {"mr_denoise": {"steps": 2, "strength": 0.3}, "augment": {"steps": 4, "strength": 0.35}},
+    # augmentation: the same UNet, NOT residual, trained with condition dropout so that it is
+    # also an unconditional denoiser of partially noised CT (SDEdit variants)
+    "ct_augment": {
+        "tasks": ["augment"],
+        "io": {"target_channels": 1, "cond_channels": 1, "context_slices": 1, "target_names": ["ct"]},
+        "normalisation": {"input": {"kind": "hu", "scale": CT_SCALE}, "output": {"kind": "hu", "scale": CT_SCALE}},
+        "sampling": {"augment": {"steps": 4, "strength": 0.35}},
         "p_uncond": 0.15,
+        "train_t_max": 0.6,
+        "data_task": "ct_denoise",
+    },
+    "mr_denoise": {
+        "tasks": ["mr_denoise"],
+        "io": {"target_channels": 1, "cond_channels": 1, "context_slices": 1, "target_names": ["mr"],
+               "residual_scale": 10.0},
+        "normalisation": {"input": {"kind": "percentile", "q": 0.995}, "output": {"kind": "percentile", "q": 0.995}},
+        "sampling": {"mr_denoise": {"steps": 2, "strength": 0.3}},
+        "p_uncond": 0.0,
         "train_t_max": 0.6,
     },
     "ct_to_mr": {
@@ -167,6 +180,7 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
         # training times t ~ U(0, train_t_max * T): restoration and augmentation only ever
         # start at t <= 0.6 T (their `strength` contract), so capacity is spent there
         "train_t_max": p["train_t_max"],
+        "data_task": p.get("data_task", tc.task),
     }
 
 
@@ -364,6 +378,7 @@ def train(
     use_amp = device.startswith("cuda")
     p_uncond = float(cfg["p_uncond"])
     t_hi = float(cfg["train_t_max"])
+    k_res = float(cfg["io"].get("residual_scale") or 0.0)
     net.train()
     t0 = time.perf_counter()
     ema_loss = None
@@ -378,7 +393,10 @@ def train(
                     tc.steps = max(fit, 11)
             for g in opt.param_groups:  # warm-up + cosine decay, a pure function of the step
                 g["lr"] = tc.lr * _lr_lambda(step, tc.warmup, tc.steps)
-            target, cond = make_batch(tc.task, data, gen, tc.batch, tc.crop)
+            target, cond = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop)
+            if k_res:  # residual parameterisation: r = k (clean - received centre slice)
+                ctr = int(cfg["io"]["context_slices"])
+                target = (target - cond[:, ctr:ctr + 1]) * k_res
             x0 = dwt2(target).to(device)
             c = dwt2(cond).to(device)
             with torch.autocast(device_type="cuda" if use_amp else "cpu", dtype=torch.bfloat16, enabled=use_amp):

@@ -34,11 +34,26 @@ def mr_volume(z: int = 2, n: int = 16) -> Volume:
     return Volume(np.abs(rng.normal(300, 50, (z, n, n))).astype(np.float32), (3.0, 1.0, 1.0), Intensity.MR_T2W)
 
 
-class _CopyCondition(torch.nn.Module):
-    """Velocity towards the condition's centre slice: a perfect 'restoration' of the input."""
+class _ZeroResidual(torch.nn.Module):
+    """Velocity towards a zero residual: the restoration model that changes nothing."""
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        xt, target = x[:, :4], x[:, 8:12]  # centre slice of the 3-slice 2.5D context
+        xt = x[:, :4]
+        tau = (timesteps.float() / 1000).view(-1, 1, 1, 1)
+        return -xt / tau
+
+
+class _ConstResidual(torch.nn.Module):
+    """Velocity towards a constant residual c (in residual units)."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        xt = x[:, :4]
+        target = torch.zeros_like(xt)
+        target[:, 0] = 2.0 * self.c  # LL band of a constant image c is 2c (orthonormal Haar)
         tau = (timesteps.float() / 1000).view(-1, 1, 1, 1)
         return target - (xt - (1 - tau) * target) / tau
 
@@ -62,13 +77,18 @@ def test_hu_normalisation_round_trip() -> None:
 
 def test_hu_preserved_end_to_end_with_a_perfect_network() -> None:
     m = tiny("ct_denoise")
-    m.net = _CopyCondition()
+    assert m.config["io"]["residual_scale"] == 50.0
+    m.net = _ZeroResidual()
     vol = ct_volume(z=4, n=32)
     for steps in (1, 2):
         out = run_task("ct_denoise", vol, model=m, params={"steps": steps, "threshold_percentile": 0.0},
                        seed=3, device="cpu").outputs[0]
         assert out.intensity == Intensity.HU and out.spacing == vol.spacing
         assert np.abs(out.data - vol.data).max() < 0.05  # HU
+    # a residual of 1 (network units) is 1 / 50 * 1000 HU = 20 HU
+    m.net = _ConstResidual(1.0)
+    out = run_task("ct_denoise", vol, model=m, params={"threshold_percentile": 0.0}, seed=3).outputs[0]
+    assert np.allclose(out.data - vol.data, 20.0, atol=0.05)
 
 
 def test_context_stack_order_and_edges() -> None:
@@ -131,13 +151,15 @@ def test_contract_violations_are_refused() -> None:
     with pytest.raises(TaskInputError, match="NaN"):
         run_task("ct_denoise", bad, model=m, params={}, seed=0)
     mr = tiny("mr_denoise")
-    with pytest.raises(TaskInputError, match="expects MR"):
+    with pytest.raises(TaskInputError, match="expects CT"):
+        run_task("augment", mr_volume(), model=tiny("ct_augment"), params={}, seed=0)
+    with pytest.raises(TaskInputError, match="not made for"):
         run_task("augment", ct_volume(), model=mr, params={}, seed=0)
 
 
 def test_mr_denoise_keeps_units() -> None:
     m = tiny("mr_denoise")
-    m.net = _CopyCondition()
+    m.net = _ZeroResidual()
     vol = mr_volume()
     out = run_task("mr_denoise", vol, model=m, params={"threshold_percentile": 0.0}, seed=0).outputs[0]
     assert out.intensity == Intensity.MR_T2W
@@ -165,11 +187,11 @@ def test_regression_model_is_one_step_and_seed_free() -> None:
     assert a.provenance.steps == 1 and a.provenance.extra["objective"] == "regression"
     assert np.array_equal(a.outputs[0].data, b.outputs[0].data)
     with pytest.raises(TaskInputError):
-        run_task("augment", vol, model=tiny("ct_denoise", objective="regression"), params={}, seed=0)
+        run_task("augment", vol, model=tiny("ct_augment", objective="regression"), params={}, seed=0)
 
 
 def test_augment_gives_n_distinct_reproducible_variants() -> None:
-    m = tiny("ct_denoise")
+    m = tiny("ct_augment")
     vol = ct_volume()
     r = run_task("augment", vol, model=m, params={"n": 3, "strength": 0.4, "steps": 3}, seed=11)
     assert len(r.outputs) == 3 and all(o.data.shape == vol.data.shape for o in r.outputs)
