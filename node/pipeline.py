@@ -153,15 +153,19 @@ class Pipeline:
     detect_keys
         keys whose marks identify our outputs (loop guard, dispatch policy); default
         ``[mark_key]``.
+    max_delta
+        watermark fidelity bound in stored units for HU outputs (governance: 2 HU); other
+        intensities get a bound below the image noise (``suggest_max_delta``), at least this.
     """
 
     def __init__(self, parts: Parts, *, runner: EngineRunner | None = None,
                  mark_key: Any = None, detect_keys: Sequence[Any] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 max_delta: int = 2, sleep: Callable[[float], None] = time.sleep) -> None:
         self.parts = parts
         self.settings = parts.settings
         self.runner = runner
         self.mark_key = mark_key
+        self.max_delta = max_delta
         keys = list(detect_keys) if detect_keys is not None else ([mark_key] if mark_key else [])
         self.detect = watermark_check(keys) if keys else None
         self.jobs = JobStore(parts.engine, parts.ledger)
@@ -420,15 +424,20 @@ class Pipeline:
         payload_hex = None
         if self.mark_key is not None:
             from audit.watermark import embed, make_payload, payload_hex as phex
+            from audit.watermark.core import suggest_max_delta
+            from engine.api import Intensity
 
             payload = make_payload(self.mark_key.key_id, mark_id_for(series_uid))
             payload_hex = phex(payload)
             key = self.mark_key
 
+            hu = out.intensity is Intensity.HU
+
             def mark(a: Any) -> Any:
                 t = time.perf_counter()
                 try:
-                    return embed(a, key, payload, bits_stored=16, signed=False)
+                    delta = suggest_max_delta(a, hu_calibrated=hu, floor=self.max_delta)
+                    return embed(a, key, payload, bits_stored=16, signed=False, max_delta=delta)
                 finally:
                     timings["watermark"] = timings.get("watermark", 0.0) + time.perf_counter() - t
         wm_before = timings.get("watermark", 0.0)
@@ -534,4 +543,5 @@ def build_pipeline(ctx: Any) -> Pipeline:
         logger.warning("no watermark key file: outputs will not be marked and not dispatched")
     extra = [WatermarkKey.from_file(p) for p in s.watermark.extra_key_files if Path(p).exists()]
     detect_keys = ([key] if key else []) + extra
-    return Pipeline.from_context(ctx, runner=runner, mark_key=key, detect_keys=detect_keys)
+    return Pipeline.from_context(ctx, runner=runner, mark_key=key, detect_keys=detect_keys,
+                                 max_delta=s.watermark.max_delta)
