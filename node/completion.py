@@ -124,6 +124,7 @@ class StudyTracker:
         self.scheduler = scheduler
         self.series_of = series_of
         self.sweep_interval_s = 10.0
+        self._armed: dict[str, tuple[int, datetime]] = {}  # study -> (generation, due)
         self.key = str(engine.url)
         with _TRACKERS_LOCK:
             _TRACKERS[self.key] = self
@@ -162,9 +163,17 @@ class StudyTracker:
         return f"quiet:{study_uid}"
 
     def _schedule(self, study_uid: str, generation: int, delay_s: float) -> None:
+        """(Re)start the study's timer. Throttled: while instances stream in, the persistent
+        timer is rewritten at most every ``delay_s / 4`` (<= 1 s); a timer that fires early
+        re-arms itself for the rest of the quiet period (see :meth:`complete`)."""
         if self.scheduler is None:
             return
         run_at = _now() + timedelta(seconds=delay_s)
+        last = self._armed.get(study_uid)
+        if last is not None and last[0] == generation and \
+                (run_at - last[1]).total_seconds() < min(1.0, delay_s / 4):
+            return
+        self._armed[study_uid] = (generation, run_at)
         self.scheduler.add_job(
             fire_quiet_period,
             trigger="date",
@@ -247,7 +256,7 @@ class StudyTracker:
         return status
 
     def complete(self, study_uid: str, *, trigger: str = "manual",
-                 generation: int | None = None) -> bool:
+                 generation: int | None = None, check_quiet: bool = True) -> bool:
         """Mark the study complete (once per generation) and run the completion callback.
 
         Returns False when the study is unknown, already complete, or (for a timer) the
@@ -257,6 +266,14 @@ class StudyTracker:
             row = conn.execute(select(studies).where(studies.c.study_uid == study_uid)).first()
             if row is None:
                 return False
+            if trigger == "quiet_period" and check_quiet and row.state == "open":
+                quiet = float(row.quiet_period_s or self.settings.quiet_period_s)
+                last = _aware(row.last_instance_at)
+                left = quiet - (_now() - last).total_seconds() if last else 0.0
+                if left > 0.05:  # an instance came after the (throttled) timer was set
+                    self._armed.pop(study_uid, None)
+                    self._schedule(study_uid, int(row.generation), left)
+                    return False
             cond = [studies.c.study_uid == study_uid, studies.c.state == "open"]
             if generation is not None:
                 cond.append(studies.c.generation == generation)
@@ -296,7 +313,8 @@ class StudyTracker:
             quiet = float(r.quiet_period_s or self.settings.quiet_period_s)
             last = _aware(r.last_instance_at)
             if last is not None and (now - last).total_seconds() >= quiet:
-                if self.complete(r.study_uid, trigger="quiet_period", generation=int(r.generation)):
+                if self.complete(r.study_uid, trigger="quiet_period", generation=int(r.generation),
+                                 check_quiet=False):
                     done.append(r.study_uid)
         return done
 

@@ -121,3 +121,29 @@ def test_sweep_completes_studies_without_timer(db: str) -> None:
     assert t.sweep(now=later) == ["1.2.3"] and calls == ["1.2.3"]
     assert t.sweep(now=later) == []
     t.shutdown()
+
+
+def test_streaming_instances_throttle_timer_writes_but_never_complete_early(db: str) -> None:
+    engine = make_engine(db)
+    fired = threading.Event()
+    t = StudyTracker(engine, PipelineSettings(quiet_period_s=1.0), on_complete=lambda s, g: fired.set())
+    sched = t.start_scheduler()
+    writes = []
+    real = sched.add_job
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        writes.append(k.get("id"))
+        return real(*a, **k)
+
+    sched.add_job = counting
+    try:
+        for _ in range(20):  # 2 s of instances, 10 per second
+            t.instance_received("1.2.3")
+            time.sleep(0.1)
+            assert t.status("1.2.3").state == "open"
+        last = time.monotonic()
+        assert writes.count("quiet:1.2.3") <= 10  # throttled (<= one per 0.25 s)
+        assert fired.wait(10)
+        assert time.monotonic() - last >= 0.9  # a full quiet period after the last instance
+    finally:
+        t.shutdown()
