@@ -40,3 +40,26 @@ def test_synthnode_echo_cli(start_node: Any) -> None:
     r = CliRunner().invoke(app, ["echo", host, str(port), "OTHER"])
     assert r.exit_code == 1
     assert EventType.ASSOCIATION_REJECTED.value in _types(node)
+
+
+def test_accepted_sockets_have_tcp_nodelay(start_node: Any) -> None:
+    import socket
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    node = start_node()
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(*node.address, ae_title="SYNTHNODE")
+    assert assoc.is_established
+    try:
+        deadline = time.monotonic() + 10
+        while not node.dimse.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (acceptor,) = node.dimse.active_associations()
+        sock = acceptor.dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        assoc.release()
