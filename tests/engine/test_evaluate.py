@@ -123,3 +123,18 @@ def test_real_ct_slices_decode_and_degrade():
     assert 0 < sd[0] < sd[1]
     with pytest.raises(ValueError):
         real_ct_cases(1.0, names=small)
+
+
+def test_cli_evaluate_writes_a_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from node.cli import app
+
+    res = CliRunner().invoke(app, ["engine", "evaluate", "mr_denoise", "--n", "1", "--size", "64",
+                                   "--slices", "1", "--snr", "10", "--out", str(tmp_path),
+                                   "--cache", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "mr_denoise" / "report.md").read_text()
+    assert "MR restoration, phantoms, SNR 10" in text and "| NLM (h=0.6 sigma) |" in text
+    bad = CliRunner().invoke(app, ["engine", "evaluate", "nonsense", "--out", str(tmp_path)])
+    assert bad.exit_code != 0
