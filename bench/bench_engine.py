@@ -25,11 +25,12 @@ WEIGHTS = ROOT / "engine" / "weights"
 
 CASES = [
     # name, model folder, task, size, params
-    ("CT restoration (diffusion, 2 steps)", "ct-denoise-wdiff", "ct_denoise", 512, {}),
-    ("CT restoration (regression baseline)", "baselines/ct-denoise-wreg", "ct_denoise", 512, {}),
-    ("CT->MR T1w (diffusion, 6 steps)", "ct-to-mr-wdiff", "ct_to_mr", 256, {"target": "t1w"}),
-    ("CT->MR T2w (regression baseline)", "baselines/ct-to-mr-wreg", "ct_to_mr", 256, {"target": "t2w"}),
-    ("MR denoise (diffusion, 2 steps)", "mr-denoise-wdiff", "mr_denoise", 256, {}),
+    ("CT restoration (shipped: regression, 1 step)", "ct-denoise-wreg", "ct_denoise", 512, {}),
+    ("CT restoration (experimental diffusion, 2 steps)", "experimental/ct-denoise-wdiff", "ct_denoise", 512, {}),
+    ("CT->MR T1w (shipped: regression, 1 step)", "ct-to-mr-wreg", "ct_to_mr", 256, {"target": "t1w"}),
+    ("CT->MR T1w (experimental diffusion, 6 steps)", "experimental/ct-to-mr-wdiff", "ct_to_mr", 256,
+     {"target": "t1w"}),
+    ("MR denoise (shipped: regression, 1 step)", "mr-denoise-wreg", "mr_denoise", 256, {}),
     ("Augment CT, n=4 (diffusion, 4 steps)", "ct-augment-wdiff", "augment", 256, {"n": 4}),
 ]
 
