@@ -528,19 +528,20 @@ class Pipeline:
 def build_pipeline(ctx: Any) -> Pipeline:
     """The production pipeline for a node context: gated engine runner on
     ``settings.models_dir`` with the configured approvers, outputs marked with the key in
-    ``settings.watermark_key_file`` (older keys from ``watermark.extra_key_files`` are also
-    recognised). Without a key file outputs are not marked and dispatch refuses them."""
+    ``settings.watermark_key_file`` (generated on first start; older keys from
+    ``watermark.extra_key_files`` are also recognised)."""
     from audit.modelgate import Approver, ModelGate
     from audit.watermark import WatermarkKey
 
     s = ctx.settings
     gate = ModelGate(ctx.ledger, Approver.from_config(s.audit.approvers))
     runner = GatedEngineRunner(gate, s.models_dir, options=s.engine, device=s.engine.device)
-    key = None
-    if s.watermark_key_file.exists():
-        key = WatermarkKey.from_file(s.watermark_key_file)
-    else:
-        logger.warning("no watermark key file: outputs will not be marked and not dispatched")
+    if not s.watermark_key_file.exists():
+        # First start: generate the site's secret marking key (mode 0600, never overwritten),
+        # as the ledger signing key is generated. Rotate with `synthnode watermark keygen`.
+        WatermarkKey.generate(key_id=1).to_file(s.watermark_key_file)
+        logger.info("generated watermark key %s (key id 1)", s.watermark_key_file)
+    key = WatermarkKey.from_file(s.watermark_key_file)
     extra = [WatermarkKey.from_file(p) for p in s.watermark.extra_key_files if Path(p).exists()]
     detect_keys = ([key] if key else []) + extra
     return Pipeline.from_context(ctx, runner=runner, mark_key=key, detect_keys=detect_keys,

@@ -23,6 +23,9 @@ def _setup_logging(level: str) -> None:
     # pynetdicom logs every PDU at INFO; keep it to warnings unless debugging
     if level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        # APScheduler logs every timer run at INFO (the quiet-period sweep runs every 10 s)
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def serve(
