@@ -29,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from audit.events import Event, EventType, Outcome
 from config.sections.pipeline import Destination
 from node import codes
-from node.dimse.status import Category, Storage, category
+from node.dimse.status import Category, General, Storage, category
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,10 @@ def parse_stow_response(datasets: Sequence[Dataset], response: Dataset, http_sta
         if uid not in offered:
             continue
         code = _failure_code(item)
-        transient = code is not None and ((code & 0xFF00) == 0xA700 or code == 0x0110)
+        transient = code is not None and (
+            (code & 0xFF00) == (Storage.OUT_OF_RESOURCES & 0xFF00)
+            or code == General.PROCESSING_FAILURE
+        )
         reason = f"STOW-RS HTTP {http_status} failure reason " + (
             f"0x{code:04X}" if code is not None else "unknown"
         )
