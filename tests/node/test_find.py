@@ -207,3 +207,32 @@ def test_ledger_records_queries_without_values(node: tuple[Any, int], tmp_path: 
     findscu(node, tmp_path, "-S", "PATIENT", "PatientID")
     last = ctx.ledger.query(event_types=[EventType.QUERY.value])[-1].event
     assert last.payload["status"] == 0xA900 and last.outcome.value == "serious_failure"
+
+
+def test_storescu_then_findscu(tmp_path: Path) -> None:
+    """End to end over the network: DCMTK storescu into the node, then findscu finds it."""
+    from dataclasses import replace
+
+    from qrnode import PREFIX, part10
+
+    specs = [replace(s, study_uid=PREFIX + "77", series_uid=PREFIX + "77.1",
+                     sop_uid=f"{PREFIX}77.1.{i}", patient_name="Net^Work")
+             for i, s in enumerate(SPECS[:4], start=1)]
+    files = []
+    for s in specs:
+        f = tmp_path / f"{s.sop_uid}.dcm"
+        f.write_bytes(part10(make_dataset(s)))
+        files.append(str(f))
+    ctx = make_ctx(tmp_path, f"sqlite:///{tmp_path / 'e2e.db'}")
+    with serve(ctx) as port:
+        sent = run_tool([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "SYNTHNODE",
+                         "127.0.0.1", str(port), *files])
+        assert sent.returncode == 0, sent.stdout
+        rsps, log = findscu((ctx, port), tmp_path, "-S", "IMAGE", f"StudyInstanceUID={PREFIX}77",
+                            "PatientName", "NumberOfFrames")
+        study, slog = findscu((ctx, port), tmp_path, "-S", "STUDY", "PatientName=net^work",
+                              "NumberOfStudyRelatedInstances", "ModalitiesInStudy")
+    ctx.engine.dispose()
+    assert col(rsps, "SOPInstanceUID") == {s.sop_uid for s in specs}, log[-2000:]
+    assert col(rsps, "PatientName") == {"Net^Work"}
+    assert len(study) == 1 and int(study[0].NumberOfStudyRelatedInstances) == 4, slog[-2000:]
