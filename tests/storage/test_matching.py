@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, insert, select
 
 from node.db import make_engine
-from storage.matching import InvalidQuery, QueryLevel, build_query, find, run
+from storage.matching import InvalidQuery, build_query, find, run
 from storage.tables import Instance, Patient, Series, Study
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
