@@ -224,6 +224,13 @@ def _outcome(code: int) -> Outcome:
     return Outcome.SERIOUS_FAILURE
 
 
+def _ledger_reason(exc: Exception) -> str:
+    """A failure reason for the ledger without the offending value (it may be PHI)."""
+    if isinstance(exc, InvalidQuery):
+        return f"{exc.keyword}: invalid value" if exc.keyword else "invalid query"
+    return str(exc)
+
+
 def _record(ctx: NodeContext, ev: Event) -> None:
     try:
         ctx.ledger.append(ev)
@@ -252,8 +259,9 @@ def handle_find(ctx: NodeContext, event: Any) -> Iterator[tuple[int, Dataset | N
             parsed = parse_identifier(event.identifier, root)
             query = build_query(parsed.level, parsed.keys)
         except (BadIdentifier, InvalidQuery) as exc:
-            status, reason = QueryRetrieve.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)
-            yield status_dataset(status, reason), None
+            status = QueryRetrieve.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+            reason = _ledger_reason(exc)
+            yield status_dataset(status, str(exc)), None  # the peer sees its own value
             return
         except Exception as exc:  # undecodable identifier
             log.warning("C-FIND identifier not understood: %s", type(exc).__name__)
@@ -401,6 +409,7 @@ def _resolve(
         with ctx.engine.connect() as conn:
             refs = retrieve_set(conn, parsed.level, parsed.keys)
     except (BadIdentifier, InvalidQuery) as exc:
+        hook.payload["reason"] = _ledger_reason(exc)
         return None, QueryRetrieve.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc), hook
     except Exception:
         log.exception("%s matching failed", service)

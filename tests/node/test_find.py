@@ -236,3 +236,12 @@ def test_storescu_then_findscu(tmp_path: Path) -> None:
     assert col(rsps, "SOPInstanceUID") == {s.sop_uid for s in specs}, log[-2000:]
     assert col(rsps, "PatientName") == {"Net^Work"}
     assert len(study) == 1 and int(study[0].NumberOfStudyRelatedInstances) == 4, slog[-2000:]
+
+
+def test_ledger_failure_reason_has_no_value(node: tuple[Any, int], tmp_path: Path) -> None:
+    ctx, _port = node
+    rsps, log = findscu(node, tmp_path, "-S", "STUDY", "PatientBirthDate=1970-01-01")
+    assert statuses(log) == [0xA900] and "1970-01-01" in log  # Error Comment names it
+    ev = ctx.ledger.query(event_types=[EventType.QUERY.value])[-1]
+    assert ev.event.payload["reason"] == "PatientBirthDate: invalid value"
+    assert b"1970-01-01" not in ev.data
