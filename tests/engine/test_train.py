@@ -49,7 +49,8 @@ def test_smoke_train_writes_a_loadable_model_folder(tmp_path: Path) -> None:
     d = train(tc, tmp_path, toy_data(), data_description="toy discs")
     assert sorted(p.name for p in d.iterdir()) == ["MODEL_CARD.md", "config.json", "model.safetensors"]
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["model_id"] == "smoke-ct" and cfg["tasks"] == ["ct_denoise", "augment"]
+    assert cfg["model_id"] == "smoke-ct" and cfg["tasks"] == ["ct_denoise"]
+    assert cfg["io"]["residual_scale"] == 50.0
     assert cfg["training"]["seed"] == 0 and cfg["training"]["steps"] == 4
     digest = hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
     card = (d / "MODEL_CARD.md").read_text()
