@@ -10,10 +10,13 @@ Tasks
 ``ct_to_mr``    CT (HU) -> T1w or T2w MR (param ``target``), 6-8 flow steps from pure noise
                 conditioned on the CT.
 ``augment``     N plausible variants of a slice stack: partial noising with ``strength`` and
-                3-5 denoising steps with the condition dropped (the restoration model was
+                3-5 denoising steps with the condition dropped (the ``ct_augment`` model is
                 trained with condition dropout, so it is also an unconditional generator);
                 anatomy is kept because the low frequencies of the start sample survive the
                 partial noising.
+
+Restoration models may be *residual* (``io.residual_scale = k``): the flow then runs on
+``k * (clean - received)``, whose start value (zero residual) is the received image itself.
 
 Every task runs on Haar sub-bands (engine.wavelet) with 2.5D context: each slice is
 conditioned on itself and ``context_slices`` neighbours on each side (edge slices repeat).

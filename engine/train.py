@@ -12,8 +12,9 @@ Objectives (same UNet, same data, same loss family):
 
 * ``diffusion``: rectified flow (MONAI ``RFlowScheduler`` + ``DiffusionInferer`` concat),
   MSE between the predicted and the true velocity ``x0 - eps`` on Haar sub-bands; the
-  condition is dropped (zeroed) with probability ``p_uncond`` so restoration models are also
-  unconditional generators for augmentation.
+  condition is dropped (zeroed) with probability ``p_uncond`` (``ct_augment`` recipe) so the
+  model is also an unconditional generator for augmentation. Restoration recipes are residual
+  (``io.residual_scale``): the target is ``k * (clean - received)``.
 * ``regression``: the one-step regressor baseline: MSE between the network output (zero
   target slot, fixed timestep) and the clean sub-bands.
 
