@@ -241,13 +241,20 @@ class Server:
         raise NotImplementedError
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """SIGTERM the server's process group (started in its own session), then SIGKILL."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        try:  # children (storescp --fork, acceptor processes) of this session only
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _popen(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
         self.log = self.workdir / f"{self.name}.log"
