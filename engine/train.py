@@ -535,7 +535,8 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         f"- seed {tr.get('seed')}; device {tr.get('device')}; torch {tr.get('torch')}; "
         f"{tr.get('seconds')} s; final training loss (EMA) {tr.get('final_loss_ema')}",
         f"- command: `synthnode engine train {cfg['task']} --objective {cfg['objective']} --steps {tr.get('steps')} "
-        f"--seed {tr.get('seed')}`",
+        f"--crop {tr.get('crop')} --batch {tr.get('batch')} --n-train {tr.get('n_train')} --seed {tr.get('seed')}` "
+        "(the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)",
         "",
         "## Training data",
         "",
