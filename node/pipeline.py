@@ -181,6 +181,10 @@ class Pipeline:
             self.jobs, {JobKind.ENGINE: self.run_engine_job, JobKind.DISPATCH: self.run_dispatch_job},
             workers=self.settings.workers, poll_s=1.0,
         )
+        if self.settings.broker_url:  # scale-out: the broker carries job ids (node/celery_app.py)
+            from node.celery_app import BrokerPool
+
+            self.pool = BrokerPool(self.jobs, self.settings.broker_url)  # type: ignore[assignment]
         q = self.settings.quality
         self.limits = QualityLimits(
             hu_min=q.hu_min, hu_max=q.hu_max, max_abs_bias_hu=q.max_abs_bias_hu,

@@ -1,0 +1,259 @@
+"""Scale-out through Celery with real brokers and real ``synthnode worker`` processes.
+
+RabbitMQ (``amqp://guest:guest@127.0.0.1:5672//``) and Redis (``redis://127.0.0.1:6379/0``)
+must be running; unreachable: skip locally, fail in CI. Each test uses its own queue names
+(uuid prefix) and deletes them afterwards. The jobs are dispatch jobs of original series to
+a real pynetdicom Storage SCP on loopback, which counts every instance it receives, so a job
+run twice would show up as instances received twice (and ``attempts`` 2 in the job row).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from amqp.exceptions import ChannelError
+from kombu import Connection
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from config.settings import load_settings
+from node.app import build_context
+from node.celery_app import BrokerPool, make_celery, process_message, queue_names, WorkerRuntime
+from node.ingest import Ingestor
+from node.jobs import JobKind, JobState, JobStore
+from tests.conftest import IN_CI, get_port
+from tests.pipeline.factory import make_series
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[2]
+BROKERS = {
+    "rabbitmq": os.environ.get("SYNTHNODE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//"),
+    "redis": os.environ.get("SYNTHNODE_TEST_REDIS", "redis://127.0.0.1:6379/0"),
+}
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def broker_url(request: pytest.FixtureRequest) -> str:
+    url = BROKERS[request.param]
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+    except Exception as exc:  # noqa: BLE001 - any connection error means "no broker"
+        msg = f"{request.param} broker not reachable at {url}: {exc}"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return url
+
+
+class StoragePeer:
+    """A real Storage SCP on loopback counting each SOP Instance UID it receives."""
+
+    def __init__(self) -> None:
+        self.received: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self.port = get_port()
+        ae = AE(ae_title="PEER")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event: Any) -> int:
+        with self._lock:
+            self.received[str(event.request.AffectedSOPInstanceUID)] += 1
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@dataclass
+class ScaleOut:
+    url: str
+    prefix: str
+    config: Path
+    ctx: Any
+    pool: BrokerPool
+    peer: StoragePeer
+    workdir: Path
+    workers: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+
+    @property
+    def store(self) -> JobStore:
+        return self.pool.store
+
+    def dispatch_job(self, n: int = 3) -> tuple[str, set[str]]:
+        """Store a small original CT series and queue a dispatch job sending it to the peer."""
+        series = make_series(n, 16, 16)
+        ing = Ingestor(self.ctx)
+        for ds in series:
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            ing.ingest_part10(buf.getvalue(), calling_ae="CT", called_ae="SYNTHNODE",
+                              source="dimse")
+        jid = self.store.enqueue(
+            JobKind.DISPATCH, study_uid=str(series[0].StudyInstanceUID),
+            series_uid=str(series[0].SeriesInstanceUID),
+            spec={"destination": "peer", "original": True}, max_attempts=3)
+        return jid, {str(ds.SOPInstanceUID) for ds in series}
+
+    def start_worker(self, queues: str = "dispatch", concurrency: int = 1) -> Path:
+        log = self.workdir / f"worker{len(self.workers)}.log"
+        env = {**os.environ, "SYNTHNODE_CELERY_QUEUE_PREFIX": self.prefix,
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env.pop("SYNTHNODE_CONFIG", None)
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from node.cli import main; main()", "worker",
+                 "--queues", queues, "--concurrency", str(concurrency),
+                 "--config", str(self.config)],
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                start_new_session=True)
+        self.workers.append((proc, log))
+        return log
+
+    def wait_state(self, job_id: str, state: JobState, timeout: float = 120.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.store.get(job_id)
+            if job.state is state:
+                return job
+            for proc, log in self.workers:
+                if proc.poll() is not None:
+                    pytest.fail(f"worker exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        logs = "\n".join(log.read_text()[-3000:] for _, log in self.workers)
+        pytest.fail(f"job {job_id} is {self.store.get(job_id).state.value}, not {state.value}\n{logs}")
+
+    def message_count(self, kind: JobKind) -> int:
+        with Connection(self.url) as conn:
+            try:
+                return int(conn.default_channel.queue_declare(
+                    queue=queue_names(self.prefix)[kind], passive=True).message_count)
+            except ChannelError:
+                if self.url.startswith("redis"):  # an empty Redis queue is no key at all
+                    return 0
+                raise
+
+    def purge(self, kind: JobKind) -> int:
+        with Connection(self.url) as conn:
+            return int(conn.default_channel.queue_purge(queue_names(self.prefix)[kind]) or 0)
+
+
+@pytest.fixture
+def scale_out(tmp_path: Path, broker_url: str) -> Iterator[ScaleOut]:
+    peer = StoragePeer()
+    prefix = f"synthnode-test-{uuid.uuid4().hex[:12]}-"
+    config = tmp_path / "node.toml"
+    config.write_text(f"""
+environment = "development"
+data_dir = "{tmp_path / 'node'}"
+
+[pipeline]
+broker_url = "{broker_url}"
+quiet_period_s = 3600
+
+[[pipeline.destinations]]
+name = "peer"
+kind = "dimse"
+ae_title = "PEER"
+host = "127.0.0.1"
+port = {peer.port}
+max_attempts = 3
+backoff_s = 0.1
+""")
+    settings = load_settings(config)
+    ctx = build_context(settings, fsync=False)
+    app = make_celery(broker_url, prefix=prefix)
+    pool = BrokerPool(JobStore(ctx.engine, ctx.ledger), broker_url, app=app, stale_after_s=3600)
+    env = ScaleOut(broker_url, prefix, config, ctx, pool, peer, tmp_path)
+    try:
+        yield env
+    finally:
+        for proc, _ in env.workers:
+            if proc.poll() is None:
+                proc.terminate()  # Celery: warm shutdown
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait(5)
+        with Connection(broker_url) as conn:
+            ch = conn.default_channel
+            for name in queue_names(prefix).values():
+                try:
+                    ch.queue_delete(name)
+                except Exception:  # noqa: BLE001 - never declared in this test
+                    pass
+        peer.stop()
+        ctx.engine.dispose()
+
+
+def test_worker_runs_job_and_sweeper_republishes_lost_message(scale_out: ScaleOut) -> None:
+    env = scale_out
+    lost, lost_uids = env.dispatch_job()
+    # published, then lost before any worker saw it (broker purge)
+    assert env.pool.publish_due() == [lost]
+    assert env.purge(JobKind.DISPATCH) == 1
+    first, first_uids = env.dispatch_job()
+    assert env.pool.publish_due() == [first]  # the lost job counts as published: not re-sent
+    env.start_worker("dispatch")
+    job = env.wait_state(first, JobState.SUCCEEDED)
+    assert job.attempts == 1 and job.result["acknowledged"] == len(first_uids)
+    assert env.message_count(JobKind.DISPATCH) == 0
+    assert env.store.get(lost).state is JobState.QUEUED  # its message is gone
+    # sweeper: nothing is stale yet (idempotent), then re-publication of the lost job only
+    assert env.pool.publish_due() == []
+    assert env.pool.publish_due(stale_after_s=0) == [lost]
+    job = env.wait_state(lost, JobState.SUCCEEDED)
+    assert job.attempts == 1
+    assert env.pool.publish_due(stale_after_s=0) == []  # no longer queued: nothing to send
+    assert env.peer.received == Counter({u: 1 for u in first_uids | lost_uids})
+
+
+def test_duplicate_messages_run_a_job_once(scale_out: ScaleOut) -> None:
+    env = scale_out
+    jid, uids = env.dispatch_job()
+    for _ in range(3):  # a duplicate publication and a stale re-publication
+        env.pool.publish(jid, JobKind.DISPATCH)
+    log = env.start_worker("dispatch,engine", concurrency=2)
+    job = env.wait_state(jid, JobState.SUCCEEDED)
+    deadline = time.monotonic() + 60
+    while log.read_text().count(f"job {jid} not claimable") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert log.read_text().count(f"job {jid} not claimable") == 2, log.read_text()[-3000:]
+    assert job.attempts == 1
+    assert env.store.get(jid).attempts == 1
+    assert env.peer.received == Counter({u: 1 for u in uids})
+    assert env.message_count(JobKind.DISPATCH) == 0
+
+
+def test_message_for_finished_or_unknown_job_is_a_no_op(scale_out: ScaleOut) -> None:
+    """The task body without a broker: the database decides what runs."""
+    env = scale_out
+    calls: list[str] = []
+
+    def handler(job: Any) -> dict[str, Any]:
+        calls.append(job.id)
+        return {"ok": True}
+
+    runtime = WorkerRuntime(env.store, {JobKind.DISPATCH: handler})
+    jid = env.store.enqueue(JobKind.DISPATCH, spec={"destination": "peer"})
+    assert process_message(runtime, jid) == "succeeded"
+    assert process_message(runtime, jid) == "skipped"
+    assert process_message(runtime, str(uuid.uuid4())) == "skipped"
+    cancelled = env.store.enqueue(JobKind.DISPATCH, spec={"destination": "peer"})
+    env.store.cancel(cancelled)
+    assert process_message(runtime, cancelled) == "skipped"
+    assert calls == [jid]
