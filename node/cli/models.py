@@ -196,8 +196,11 @@ def list_(
     """Model folders under the models directory with their state (nothing is recorded)."""
     settings, gate = _gate(config)
     root = settings.models_dir
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if root.is_dir() else []
+    # a model folder holds files; a folder of folders (e.g. experimental/) is not a model
+    folders = sorted(
+        p for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and any(c.is_file() for c in p.iterdir())
+    ) if root.is_dir() else []
     rows = [gate.status(f) for f in folders]
     if as_json:
         for s in rows:
