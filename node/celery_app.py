@@ -76,7 +76,24 @@ def process_message(runtime: WorkerRuntime, job_id: str) -> str:
     if job is None:
         logger.info("job %s not claimable: message ignored (duplicate or stale)", job_id)
         return "skipped"
-    done = run_job(runtime.store, runtime.handlers, job, backoff_s=runtime.backoff_s)
+    # keep the lease fresh while the job runs: the node's sweeper requeues expired leases
+    stop = threading.Event()
+    every = max(1.0, runtime.store.lease.total_seconds() / 3)
+
+    def beat() -> None:
+        while not stop.wait(every):
+            try:
+                runtime.store.heartbeat(job.id)
+            except Exception:  # noqa: BLE001 - database busy: next beat
+                logger.warning("lease heartbeat for job %s failed", job.id, exc_info=True)
+
+    beater = threading.Thread(target=beat, name=f"lease-{job.id[:8]}", daemon=True)
+    beater.start()
+    try:
+        done = run_job(runtime.store, runtime.handlers, job, backoff_s=runtime.backoff_s)
+    finally:
+        stop.set()
+        beater.join(5)
     logger.info("job %s attempt %d -> %s", job.id, job.attempts, done.state.value)
     return done.state.value
 
@@ -102,7 +119,9 @@ def make_celery(broker_url: str, *, prefix: str | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         broker_connection_retry_on_startup=True,
-        broker_heartbeat=0 if broker_url.startswith("redis") else 60,
+        # a solo/threaded worker busy in a long engine job cannot answer AMQP heartbeats;
+        # the lease in the database detects dead workers instead
+        broker_heartbeat=0,
     )
     app.synthnode_queues = names  # type: ignore[attr-defined]
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
 
 import typer
@@ -59,7 +61,7 @@ def worker(
     try:
         w = app.Worker(queues=names, concurrency=concurrency,
                        pool="solo" if concurrency == 1 else "threads",
-                       loglevel=loglevel.upper(), hostname=f"synthnode@%h-{'-'.join(names)}",
+                       loglevel=loglevel.upper(), hostname=f"synthnode-{os.getpid()}@{socket.gethostname()}",
                        without_heartbeat=True, without_mingle=True, without_gossip=True)
         w.start()
     finally:

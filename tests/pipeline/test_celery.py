@@ -257,3 +257,42 @@ def test_message_for_finished_or_unknown_job_is_a_no_op(scale_out: ScaleOut) -> 
     env.store.cancel(cancelled)
     assert process_message(runtime, cancelled) == "skipped"
     assert calls == [jid]
+
+
+def test_worker_renews_the_lease_while_a_job_runs(scale_out: ScaleOut) -> None:
+    """The node's sweeper must not requeue a job that is still running on a worker."""
+    env = scale_out
+    store = JobStore(env.ctx.engine, env.ctx.ledger, lease_s=1.5)  # heartbeat every 1 s
+    swept: list[list[str]] = []
+
+    def handler(job: Any) -> dict[str, Any]:
+        time.sleep(2.2)  # longer than the lease
+        swept.append(store.requeue_expired())
+        return {}
+
+    jid = store.enqueue(JobKind.DISPATCH, spec={"destination": "peer"})
+    assert process_message(WorkerRuntime(store, {JobKind.DISPATCH: handler}), jid) == "succeeded"
+    assert swept == [[]]
+    assert store.get(jid).attempts == 1
+
+
+def test_node_pipeline_publishes_queued_jobs_to_workers(
+        scale_out: ScaleOut, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``broker_url`` set the node's pipeline publishes instead of running jobs."""
+    from node.pipeline import Pipeline
+
+    env = scale_out
+    monkeypatch.setenv("SYNTHNODE_CELERY_QUEUE_PREFIX", env.prefix)
+    pipe = Pipeline.from_context(env.ctx)
+    assert isinstance(pipe.pool, BrokerPool)
+    pipe.pool.sweep_every_s = 0.5
+    jid, uids = env.dispatch_job()
+    env.start_worker("dispatch")
+    pipe.start()
+    try:
+        pipe.pool.wake()
+        job = env.wait_state(jid, JobState.SUCCEEDED)
+    finally:
+        pipe.stop()
+    assert job.attempts == 1
+    assert env.peer.received == Counter({u: 1 for u in uids})
