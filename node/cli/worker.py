@@ -61,11 +61,13 @@ def worker(
     try:
         w = app.Worker(queues=names, concurrency=concurrency,
                        pool="solo" if concurrency == 1 else "threads",
-                       loglevel=loglevel.upper(), hostname=f"synthnode-{os.getpid()}@{socket.gethostname()}",
+                       loglevel=loglevel.upper(),
+                       hostname=f"synthnode-{os.getpid()}@{socket.gethostname()}",
                        without_heartbeat=True, without_mingle=True, without_gossip=True)
         w.start()
     finally:
         pipeline.dispatcher.close()
+        pipeline.tracker.shutdown()
         ctx.engine.dispose()
     raise typer.Exit(w.exitcode or 0)
 

@@ -28,7 +28,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from config.settings import load_settings
 from node.app import build_context
-from node.celery_app import BrokerPool, make_celery, process_message, queue_names, WorkerRuntime
+from node.celery_app import BrokerPool, WorkerRuntime, make_celery, process_message, queue_names
 from node.ingest import Ingestor
 from node.jobs import JobKind, JobState, JobStore
 from tests.conftest import IN_CI, get_port
@@ -134,7 +134,8 @@ class ScaleOut:
                     pytest.fail(f"worker exited {proc.returncode}:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
         logs = "\n".join(log.read_text()[-3000:] for _, log in self.workers)
-        pytest.fail(f"job {job_id} is {self.store.get(job_id).state.value}, not {state.value}\n{logs}")
+        now = self.store.get(job_id).state.value
+        pytest.fail(f"job {job_id} is {now}, not {state.value}\n{logs}")
 
     def message_count(self, kind: JobKind) -> int:
         with Connection(self.url) as conn:
