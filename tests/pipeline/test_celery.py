@@ -64,6 +64,9 @@ class StoragePeer:
         self.received: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.port = get_port()
+        self.start()
+
+    def start(self) -> None:
         ae = AE(ae_title="PEER")
         ae.supported_contexts = AllStoragePresentationContexts
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
@@ -93,7 +96,7 @@ class ScaleOut:
     def store(self) -> JobStore:
         return self.pool.store
 
-    def dispatch_job(self, n: int = 3) -> tuple[str, set[str]]:
+    def dispatch_job(self, n: int = 3, max_attempts: int = 3) -> tuple[str, set[str]]:
         """Store a small original CT series and queue a dispatch job sending it to the peer."""
         series = make_series(n, 16, 16)
         ing = Ingestor(self.ctx)
@@ -105,7 +108,7 @@ class ScaleOut:
         jid = self.store.enqueue(
             JobKind.DISPATCH, study_uid=str(series[0].StudyInstanceUID),
             series_uid=str(series[0].SeriesInstanceUID),
-            spec={"destination": "peer", "original": True}, max_attempts=3)
+            spec={"destination": "peer", "original": True}, max_attempts=max_attempts)
         return jid, {str(ds.SOPInstanceUID) for ds in series}
 
     def start_worker(self, queues: str = "dispatch", concurrency: int = 1) -> Path:
@@ -296,4 +299,35 @@ def test_node_pipeline_publishes_queued_jobs_to_workers(
     finally:
         pipe.stop()
     assert job.attempts == 1
+    assert env.peer.received == Counter({u: 1 for u in uids})
+
+
+def test_transient_failure_is_retried_through_the_broker(
+        scale_out: ScaleOut, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peer down: the worker requeues the job with a backoff, the node's sweeper publishes
+    it again when due, and it is delivered once when the peer is back."""
+    from node.pipeline import Pipeline
+
+    env = scale_out
+    env.peer.stop()
+    monkeypatch.setenv("SYNTHNODE_CELERY_QUEUE_PREFIX", env.prefix)
+    pipe = Pipeline.from_context(env.ctx)
+    pipe.pool.sweep_every_s = 0.5
+    jid, uids = env.dispatch_job(max_attempts=100)
+    env.start_worker("dispatch")
+    pipe.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            job = env.store.get(jid)
+            if job.attempts >= 1 and job.state is JobState.QUEUED:
+                break
+            assert job.state in (JobState.QUEUED, JobState.RUNNING), job.error
+            time.sleep(0.1)
+        assert job.error and "peer" in job.error
+        env.peer.start()
+        job = env.wait_state(jid, JobState.SUCCEEDED)
+    finally:
+        pipe.stop()
+    assert 2 <= job.attempts < 100
     assert env.peer.received == Counter({u: 1 for u in uids})
