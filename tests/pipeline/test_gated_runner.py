@@ -69,13 +69,18 @@ def test_build_pipeline_from_settings(tmp_path: Path) -> None:
     settings = load_settings(None, environment="development", data_dir=str(tmp_path / "n"))
     ctx = build_context(settings, fsync=False)
     p = build_pipeline(ctx)
-    assert p.mark_key is None and p.detect is None  # no key: nothing marked, nothing sent
+    # first start: a marking key is generated (mode 0600, key id 1), as the ledger key is
+    kf = settings.watermark_key_file
+    assert kf.is_file() and (kf.stat().st_mode & 0o777) == 0o600
+    assert p.mark_key is not None and p.mark_key.key_id == 1 and p.detect is not None
     assert p.on_instance_stored in ctx.on_instance_stored
     p.tracker.shutdown()
+    # an existing key is used as it is, never overwritten
+    kf.unlink()
     key = WatermarkKey.generate(key_id=5)
-    settings.watermark_key_file.parent.mkdir(parents=True, exist_ok=True)
-    key.to_file(settings.watermark_key_file)
+    key.to_file(kf)
     p2 = build_pipeline(build_context(settings, fsync=False))
     assert p2.mark_key is not None and p2.mark_key.key_id == 5
+    assert WatermarkKey.from_file(kf).key_id == 5
     assert isinstance(p2.runner, GatedEngineRunner) and p2.runner.models_dir == settings.models_dir
     p2.tracker.shutdown()
