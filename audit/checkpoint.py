@@ -33,6 +33,7 @@ from sqlalchemy import insert, select
 
 from audit import merkle
 from audit.events import Event, EventType
+from audit.keys import read_private_key, write_new_private_key
 from audit.ledger import Ledger, LedgerError
 from audit.merkle import InvalidProof
 from audit.tables import ledger_checkpoints, ledger_entries
@@ -116,16 +117,8 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     path = Path(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new_private_key(tmp)
         try:
             os.link(tmp, path)
             log.info("generated ledger signing key %s", path)
@@ -133,13 +126,10 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
             pass
         finally:
             tmp.unlink()
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise LedgerError(f"signing key {path} has mode {mode:o}; it must be 0600")
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise LedgerError(f"{path} is not an Ed25519 private key")
-    return key
+    try:
+        return read_private_key(path, owner_only=True)
+    except ValueError as exc:
+        raise LedgerError(str(exc)) from None
 
 
 # -- notes and checkpoints ---------------------------------------------------------------

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from audit.events import Event, EventType, Outcome, canonical_json
+from audit.keys import read_private_key, write_new_private_key
 from audit.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -100,23 +101,11 @@ def generate_approver_key(path: Path) -> Ed25519PrivateKey:
     """Write a new Ed25519 private key (PKCS#8 PEM) to ``path`` with mode 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return key
+    return write_new_private_key(path)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} is not an Ed25519 private key")
-    return key
+    return read_private_key(path)
 
 
 @dataclass(frozen=True)
