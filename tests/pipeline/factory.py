@@ -2,7 +2,9 @@
 
 A CT series is a tilted-free axial stack of a procedural phantom (air, water cylinder,
 bone ring) in HU, stored unsigned with Rescale Intercept -1024; an MR series is the same
-phantom in arbitrary units. Used by volume, series and dispatch tests.
+phantom in arbitrary units. Used by volume, series and dispatch tests. ``hu=`` stores a given
+(z, y, x) stack instead (e.g. an ``engine.phantoms`` abdomen with simulated low dose, for the
+end-to-end tests with the shipped models).
 """
 from __future__ import annotations
 
@@ -41,12 +43,23 @@ def make_series(
     study_uid: str | None = None,
     for_uid: str | None = None,
     seed: int = 0,
+    hu: np.ndarray | None = None,
+    body_part: str = "HEAD",
 ) -> list[Dataset]:
-    """``n`` single-frame CT or MR Image Storage datasets (in shuffled order by default)."""
+    """``n`` single-frame CT or MR Image Storage datasets (in shuffled order by default).
+
+    ``hu``: store this (z, y, x) stack (HU for CT) instead of the procedural phantom; ``n``,
+    ``rows`` and ``cols`` are then taken from its shape. Slice ``k`` of the stack lies at
+    ``origin + k * spacing`` along the slice normal.
+    """
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
     for_uid = for_uid or generate_uid()
-    hu = phantom_hu(n, rows, cols, seed)
+    if hu is None:
+        hu = phantom_hu(n, rows, cols, seed)
+    else:
+        hu = np.asarray(hu, dtype=np.float32)
+        n, rows, cols = hu.shape
     ori = np.asarray(orientation, dtype=float)
     normal = np.cross(ori[:3], ori[3:])
     out = []
@@ -76,7 +89,7 @@ def make_series(
         ds.SeriesNumber = 1
         ds.SeriesDescription = f"{modality} phantom"
         ds.Modality = modality
-        ds.BodyPartExamined = "HEAD"
+        ds.BodyPartExamined = body_part
         ds.PatientPosition = "HFS"
         ds.Manufacturer = "Phantom Inc"
         ds.FrameOfReferenceUID = for_uid
