@@ -31,6 +31,7 @@ class EventType(str, Enum):
     JOB_CANCELLED = "job.cancelled"
     OUTPUT_CREATED = "output.created"
     OUTPUT_HELD = "output.held"  # quality gate held an output back
+    OUTPUT_DISCARDED = "output.discarded"  # partial output series of a dead attempt removed
     DISPATCH_ATTEMPTED = "dispatch.attempted"
     DISPATCH_SUCCEEDED = "dispatch.succeeded"
     DISPATCH_FAILED = "dispatch.failed"
@@ -84,6 +85,9 @@ class Event:
                            payload source_series_uids, output_series_uid, output_sop_uids
                            (list), sha256 (list parallel to output_sop_uids, or one digest),
                            watermark_payload (hex string)
+    ``output.discarded``   subject job_id, study_uid, series_uid (= the partial output
+                           series); payload source_series_uids, sop_uids (the removed
+                           instances), attempt (that built it), planned_instances, reason
     ``dispatch.*``         subject series_uid (the output series), study_uid, destination,
                            job_id; payload sop_uids (list), status, error
     ``model.*``            subject model_id; payload version, manifest_sha256, key_id,

@@ -9,12 +9,17 @@ The database job table (:mod:`node.jobs`) stays the truth; the broker carries on
   ``dispatch`` queue. A sweeper thread in the node also requeues jobs whose lease expired
   and re-publishes jobs that stayed queued more than ``stale_after_s`` after their last
   publication (the message was lost: broker restart, purge, a publish that never arrived).
+  Both periods are configuration keys (``pipeline.broker_stale_after_s``,
+  ``pipeline.broker_sweep_every_s``), as is the job lease (``pipeline.lease_s``).
 * Consuming (task :data:`TASK_NAME`, run by ``synthnode worker``): the task claims the job
   with :meth:`JobStore.claim(job_id=...) <node.jobs.JobStore.claim>` (one conditional
   ``UPDATE``), runs it with :func:`node.jobs.run_job` and records the outcome through the
   same API. A message for a job that is not claimable (already running or finished, a
   duplicate, a stale re-publication, a retry whose ``not_before`` is still ahead) is a
-  no-op, so re-publishing is always safe: a job runs once per claim, never twice.
+  no-op, so re-publishing is always safe: a job runs once per claim, never twice. The
+  worker renews the claim's lease every third of it; outcomes and lease renewals are fenced
+  by the claim (attempt and worker), so a worker that lost its lease cannot record over the
+  attempt that replaced it.
 
 Messages are acknowledged late (``task_acks_late``) with a prefetch of 1, so a worker that
 dies mid-job leaves its message to be redelivered; the redelivery finds the job ``running``
@@ -83,7 +88,10 @@ def process_message(runtime: WorkerRuntime, job_id: str) -> str:
     def beat() -> None:
         while not stop.wait(every):
             try:
-                runtime.store.heartbeat(job.id)
+                if not runtime.store.heartbeat(job.id, claim=job):
+                    logger.warning("job %s: lease not renewed (no longer this worker's "
+                                   "claim)", job.id)
+                    return
             except Exception:  # noqa: BLE001 - database busy: next beat
                 logger.warning("lease heartbeat for job %s failed", job.id, exc_info=True)
 
@@ -148,9 +156,11 @@ class BrokerPool:
     app
         an existing app from :func:`make_celery` (default: one built for ``broker_url``).
     stale_after_s
-        a job still queued this long after its last publication is published again.
+        a job still queued this long after its last publication is published again
+        (``pipeline.broker_stale_after_s``).
     sweep_every_s
-        period of the node's sweeper thread (requeue expired leases, publish due jobs).
+        period of the node's sweeper thread (requeue expired leases, publish due jobs;
+        ``pipeline.broker_sweep_every_s``).
     """
 
     def __init__(self, store: JobStore, broker_url: str, *, app: Celery | None = None,

@@ -295,14 +295,20 @@ class JobStore:
         new: JobState,
         values: dict[str, Any],
         payload: dict[str, Any],
+        claim: Job | None = None,
     ) -> Job:
         if new not in TRANSITIONS[job.state]:
             raise InvalidTransition(f"job {job.id}: {job.state.value} -> {new.value} is not allowed")
         values = {**values, "state": new.value, "updated_at": _now()}
-        res = conn.execute(
-            update(jobs).where(and_(jobs.c.id == job.id, jobs.c.state == job.state.value)).values(**values)
-        )
+        where = [jobs.c.id == job.id, jobs.c.state == job.state.value]
+        if claim is not None:
+            where += _fence(claim)
+        res = conn.execute(update(jobs).where(and_(*where)).values(**values))
         if res.rowcount != 1:
+            if claim is not None:
+                raise InvalidTransition(
+                    f"job {job.id}: the claim of attempt {claim.attempts} by {claim.worker} "
+                    "is no longer current (lease expired and the job was claimed again)")
             raise InvalidTransition(f"job {job.id} changed state concurrently")
         self._event(conn, job, new, payload)
         return self.get(job.id, conn)
@@ -339,20 +345,25 @@ class JobStore:
                     continue
         return None
 
-    def finish(self, job_id: str, result: dict[str, Any] | None = None) -> Job:
+    def finish(self, job_id: str, result: dict[str, Any] | None = None, *,
+               claim: Job | None = None) -> Job:
+        """Record success. ``claim`` (the job as :meth:`claim` returned it) fences the
+        update: it applies only while that claim is current (same attempt, same worker),
+        so a worker that lost its lease cannot finish the job another worker now runs."""
         with self.engine.begin() as conn:
             job = self.get(job_id, conn)
             return self._transition(
                 conn, job, JobState.SUCCEEDED,
                 {"finished_at": _now(), "lease_until": None,
                  "result": json.dumps(result or {}, sort_keys=True, default=str)},
-                {"attempts": job.attempts, "result": result or {}},
+                {"attempts": job.attempts, "result": result or {}}, claim=claim,
             )
 
     def fail(self, job_id: str, error: str, *, transient: bool = False,
-             retry_after_s: float = 0.0) -> Job:
+             retry_after_s: float = 0.0, claim: Job | None = None) -> Job:
         """Record a failed attempt: transient errors requeue while attempts remain
-        (``not_before`` = now + ``retry_after_s``), anything else is terminal."""
+        (``not_before`` = now + ``retry_after_s``), anything else is terminal. ``claim``
+        fences the update as in :meth:`finish`."""
         with self.engine.begin() as conn:
             job = self.get(job_id, conn)
             error = error[:4000]
@@ -361,12 +372,12 @@ class JobStore:
                     conn, job, JobState.QUEUED,
                     {"error": error, "lease_until": None, "worker": None,
                      "not_before": _now() + timedelta(seconds=retry_after_s)},
-                    {"attempt": job.attempts, "error": error, "requeued": True},
+                    {"attempt": job.attempts, "error": error, "requeued": True}, claim=claim,
                 )
             return self._transition(
                 conn, job, JobState.FAILED,
                 {"error": error, "finished_at": _now(), "lease_until": None},
-                {"attempts": job.attempts, "error": error},
+                {"attempts": job.attempts, "error": error}, claim=claim,
             )
 
     def cancel(self, job_id: str, reason: str = "cancelled by user") -> Job:
@@ -389,13 +400,16 @@ class JobStore:
                 {"manual_retry": True, "previous_error": job.error or ""},
             )
 
-    def heartbeat(self, job_id: str) -> None:
+    def heartbeat(self, job_id: str, claim: Job | None = None) -> bool:
+        """Renew a running job's lease (only ``claim``'s, when given). False = not renewed
+        (the job is no longer running under that claim)."""
+        where = [jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value]
+        if claim is not None:
+            where += _fence(claim)
         with self.engine.begin() as conn:
-            conn.execute(
-                update(jobs)
-                .where(and_(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value))
-                .values(lease_until=_now() + self.lease)
-            )
+            res = conn.execute(update(jobs).where(and_(*where))
+                               .values(lease_until=_now() + self.lease))
+            return res.rowcount == 1
 
     def requeue_orphans(self) -> list[str]:
         """Start-up recovery: running jobs claimed on this host by a process that no longer
@@ -440,6 +454,12 @@ class JobStore:
             except InvalidTransition:
                 pass
         return touched
+
+
+def _fence(claim: Job) -> list[Any]:
+    """WHERE terms true only while ``claim`` is the job's current claim: a new claim raises
+    ``attempts``, and a worker (host:pid:thread) runs one job at a time."""
+    return [jobs.c.attempts == claim.attempts, jobs.c.worker == claim.worker]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -533,20 +553,26 @@ def run_job(store: JobStore, handlers: dict[JobKind, Handler], job: Job, *,
     """Run one claimed job through its handler and record the outcome."""
     handler = handlers[job.kind]
     try:
-        result = handler(job)
-    except TransientJobError as exc:
-        delay = exc.retry_after_s
-        if delay is None:
-            delay = backoff_s * (2 ** max(0, job.attempts - 1))
-        logger.warning("job %s attempt %d transient failure: %s", job.id, job.attempts, exc)
-        return store.fail(job.id, str(exc), transient=True, retry_after_s=delay)
-    except Exception as exc:
-        logger.exception("job %s failed", job.id)
-        return store.fail(job.id, f"{type(exc).__name__}: {exc}")
-    current = store.get(job.id)
-    if current.state is JobState.CANCELLED:  # cancelled while running: keep cancelled
-        return current
-    return store.finish(job.id, result)
+        try:
+            result = handler(job)
+        except TransientJobError as exc:
+            delay = exc.retry_after_s
+            if delay is None:
+                delay = backoff_s * (2 ** max(0, job.attempts - 1))
+            logger.warning("job %s attempt %d transient failure: %s", job.id, job.attempts, exc)
+            return store.fail(job.id, str(exc), transient=True, retry_after_s=delay, claim=job)
+        except Exception as exc:
+            logger.exception("job %s failed", job.id)
+            return store.fail(job.id, f"{type(exc).__name__}: {exc}", claim=job)
+        current = store.get(job.id)
+        if current.state is JobState.CANCELLED:  # cancelled while running: keep cancelled
+            return current
+        return store.finish(job.id, result, claim=job)
+    except InvalidTransition as exc:
+        # cancelled meanwhile, or the lease expired and another worker claimed the job:
+        # the current state (and claim) stands, this attempt's outcome is not recorded
+        logger.warning("job %s attempt %d outcome not recorded: %s", job.id, job.attempts, exc)
+        return store.get(job.id)
 
 
 def iter_states() -> Iterator[str]:

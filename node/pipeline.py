@@ -10,8 +10,11 @@ Stages (mercure-style router / processor / dispatcher, one bookkeeper each):
    series never runs twice); for a re-opened study the re-process policy decides;
 3. an engine job (:meth:`Pipeline.run_engine_job`) reads the series from the store, assembles
    the volume, runs the engine (through the model gate), applies the quality gate, builds
-   the output series with the watermark, stores it in the node (so C-FIND / QIDO see it),
-   records ``output.created`` and queues one dispatch job per destination;
+   the output series with the watermark, records it as ``building``, stores it in the node
+   (so C-FIND / QIDO see it), then in one transaction marks it ``complete``, records
+   ``output.created`` and queues one dispatch job per destination. A series still
+   ``building`` is the partial output of an attempt that died: the next attempt (or the
+   node's start) removes it through storage's delete path and records ``output.discarded``;
 4. a dispatch job (:meth:`Pipeline.run_dispatch_job`) makes one send attempt per job attempt,
    records every acknowledged instance in ``pipeline_dispatch_acks`` (never re-sent, also
    after a restart) and retries with the destination's exponential backoff.
@@ -53,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 ACTOR = "component:pipeline"
 SOURCE = "pipeline"  # ingest source of the outputs the pipeline stores
+OUTPUT_BUILDING = "building"  # pipeline_outputs.state: instances being stored
+OUTPUT_COMPLETE = "complete"  # output.created + dispatch jobs written (one transaction)
 
 #: engine runner: (task, volume, params, seed, model id or None) -> TaskResult
 EngineRunner = Callable[[str, Volume, dict[str, Any], int, str | None], TaskResult]
@@ -60,6 +65,10 @@ EngineRunner = Callable[[str, Volume, dict[str, Any], int, str | None], TaskResu
 
 class PermanentJobError(RuntimeError):
     """A job that cannot succeed by retrying (bad input, policy, unknown destination)."""
+
+
+class JobClaimLost(RuntimeError):
+    """The job was cancelled, or claimed again by another worker, while this attempt ran."""
 
 
 def _now() -> datetime:
@@ -168,7 +177,7 @@ class Pipeline:
         self.max_delta = max_delta
         keys = list(detect_keys) if detect_keys is not None else ([mark_key] if mark_key else [])
         self.detect = watermark_check(keys) if keys else None
-        self.jobs = JobStore(parts.engine, parts.ledger)
+        self.jobs = JobStore(parts.engine, parts.ledger, lease_s=self.settings.lease_s)
         self.tracker = StudyTracker(
             parts.engine, self.settings, ledger=parts.ledger, on_complete=self.on_study_complete,
             series_of=self._series_of,
@@ -179,12 +188,16 @@ class Pipeline:
         )
         self.pool = WorkerPool(
             self.jobs, {JobKind.ENGINE: self.run_engine_job, JobKind.DISPATCH: self.run_dispatch_job},
-            workers=self.settings.workers, poll_s=1.0,
+            workers=self.settings.workers, poll_s=self.settings.poll_s,
+            backoff_s=self.settings.retry_backoff_s,
         )
         if self.settings.broker_url:  # scale-out: the broker carries job ids (node/celery_app.py)
             from node.celery_app import BrokerPool
 
-            self.pool = BrokerPool(self.jobs, self.settings.broker_url)  # type: ignore[assignment]
+            self.pool = BrokerPool(  # type: ignore[assignment]
+                self.jobs, self.settings.broker_url,
+                stale_after_s=self.settings.broker_stale_after_s,
+                sweep_every_s=self.settings.broker_sweep_every_s)
         q = self.settings.quality
         self.limits = QualityLimits(
             hu_min=q.hu_min, hu_max=q.hu_max, max_abs_bias_hu=q.max_abs_bias_hu,
@@ -209,6 +222,10 @@ class Pipeline:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self.tracker.start_scheduler()
+        # partial output series of attempts that died, whose job is not running now (failed,
+        # cancelled, queued); a running job's next attempt discards its own
+        self.discard_partial_outputs(reason="partial output of an attempt that died "
+                                            "(found at start-up)")
         self.pool.start()
 
     def stop(self) -> None:
@@ -345,11 +362,18 @@ class Pipeline:
 
     # -- stage 3: engine job -------------------------------------------------------------------
     def run_engine_job(self, job: Job) -> dict[str, Any]:
+        # a series still "building" was left by an earlier attempt that died mid-store
+        # (kill -9, power loss): it is partial, never dispatched; remove it before redoing
+        self.discard_partial_outputs(job_id=job.id,
+                                     reason=f"left by an earlier attempt; attempt {job.attempts} "
+                                            "builds the output again")
         with self.parts.engine.connect() as c:
-            done = [r[0] for r in c.execute(select(outputs.c.series_uid).where(
-                outputs.c.job_id == job.id).order_by(outputs.c.created_at))]
+            done = [r[0] for r in c.execute(select(outputs.c.series_uid).where(and_(
+                outputs.c.job_id == job.id, outputs.c.state == OUTPUT_COMPLETE,
+            )).order_by(outputs.c.created_at))]
         if done:
-            # an earlier attempt recorded its outputs and then died: finish, do not redo
+            # an earlier attempt recorded its outputs (and their dispatch jobs, in the same
+            # transaction) and then died: finish, do not redo
             self._queue_dispatch(job, done)
             return {"outputs": done, "held": [], "resumed": True}
         if self.runner is None:
@@ -372,34 +396,83 @@ class Pipeline:
                              seed, spec.get("model"))
         timings["engine"] = time.perf_counter() - t0
         prov = result.provenance
-        made: list[str] = []
+        built: list[tuple[str, Event]] = []
         held: list[dict[str, Any]] = []
-        for k, out in enumerate(result.outputs):
-            t0 = time.perf_counter()
-            report = check(out, source.volume, self.limits) if self.settings.quality.enabled else None
-            timings["quality"] = timings.get("quality", 0.0) + time.perf_counter() - t0
-            if report is not None and not report.passed:
-                held.append({"index": k, "reasons": list(report.reasons)})
-                self._event(EventType.OUTPUT_HELD, {"job_id": job.id, "study_uid": job.study_uid},
-                            {"source_series_uids": [job.series_uid], "reasons": list(report.reasons),
-                             "stats": report.stats, "output_index": k},
-                            Outcome.MINOR_FAILURE)
-                continue
-            made.append(self._build_and_store(job, source, out, prov, k,
-                                              report.stats if report else {}, timings))
-        if spec.get("replace") and made:
-            self._supersede(job, made)
-        self._queue_dispatch(job, made)
+        started: list[str] = []  # output series this attempt recorded as building
+        try:
+            for k, out in enumerate(result.outputs):
+                t0 = time.perf_counter()
+                report = (check(out, source.volume, self.limits)
+                          if self.settings.quality.enabled else None)
+                timings["quality"] = timings.get("quality", 0.0) + time.perf_counter() - t0
+                if report is not None and not report.passed:
+                    held.append({"index": k, "reasons": list(report.reasons)})
+                    self._event(EventType.OUTPUT_HELD,
+                                {"job_id": job.id, "study_uid": job.study_uid},
+                                {"source_series_uids": [job.series_uid],
+                                 "reasons": list(report.reasons), "stats": report.stats,
+                                 "output_index": k},
+                                Outcome.MINOR_FAILURE)
+                    continue
+                built.append(self._build_and_store(job, source, out, prov, k,
+                                                   report.stats if report else {}, timings,
+                                                   started))
+            made = self._complete_outputs(job, built)
+        except Exception as exc:
+            # this attempt failed before its outputs were complete: what it stored is partial
+            reason = (f"attempt {job.attempts} failed before its outputs were complete: "
+                      f"{type(exc).__name__}: {exc}")[:500]
+            try:
+                for series_uid in started:
+                    self._discard_output(series_uid, reason, orphans_of=job)
+            except Exception:  # noqa: BLE001 - the next attempt (or start-up) discards it
+                logger.exception("could not discard the partial outputs of job %s", job.id)
+            raise
+        if made:
+            self.pool.wake()
         return {"outputs": made, "held": held, "model_id": prov.model_id,
                 "weights_sha256": prov.weights_sha256, "seed": prov.seed,
                 "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
 
-    def _queue_dispatch(self, job: Job, made: list[str]) -> None:
+    def _complete_outputs(self, job: Job, built: list[tuple[str, Event]]) -> list[str]:
+        """One transaction: every output series of this attempt ``building`` -> ``complete``
+        with its ``output.created`` entry, the replace policy's supersede mark and the
+        dispatch jobs. Before it commits, a crash leaves only partial (building) series."""
+        made = [uid for uid, _ in built]
+        with self.parts.engine.begin() as conn:
+            # only while this attempt's claim is current (not cancelled, lease not lost to
+            # another worker): the conditional UPDATE also locks the job row until commit
+            still = conn.execute(update(jobs).where(and_(
+                jobs.c.id == job.id, jobs.c.state == JobState.RUNNING.value,
+                jobs.c.attempts == job.attempts, jobs.c.worker == job.worker,
+            )).values(lease_until=_now() + self.jobs.lease))
+            if still.rowcount != 1:
+                raise JobClaimLost(f"job {job.id} was cancelled or claimed again while attempt "
+                                   f"{job.attempts} built its outputs: they are not released")
+            for series_uid, event in built:
+                res = conn.execute(update(outputs).where(and_(
+                    outputs.c.series_uid == series_uid, outputs.c.state == OUTPUT_BUILDING,
+                )).values(state=OUTPUT_COMPLETE, created_at=_now()))
+                if res.rowcount != 1:
+                    raise RuntimeError(f"output series {series_uid} was discarded while this "
+                                       "attempt built it (the job was claimed again)")
+                self.parts.ledger.append(event, conn=conn)
+            if job.spec.get("replace") and made:
+                self._supersede(job, made, conn)
+            self._queue_dispatch(job, made, conn=conn)
+        return made
+
+    def _queue_dispatch(self, job: Job, made: list[str], conn: Any = None) -> None:
         """One dispatch job per (output series, destination), never two."""
-        with self.parts.engine.connect() as c:
-            existing = {(r.series_uid, json.loads(r.spec).get("destination"))
-                        for r in c.execute(select(jobs.c.series_uid, jobs.c.spec).where(
-                            jobs.c.parent_id == job.id))}
+        if conn is None:
+            with self.parts.engine.begin() as c:
+                self._queue_dispatch(job, made, conn=c)
+            if made:
+                self.pool.wake()
+            return
+        existing = {(r.series_uid, json.loads(r.spec).get("destination"))
+                    for r in conn.execute(select(jobs.c.series_uid, jobs.c.spec).where(
+                        jobs.c.parent_id == job.id))}
         for series_uid in made:
             for dest in job.spec.get("destinations") or []:
                 if (series_uid, dest) in existing:
@@ -409,9 +482,74 @@ class Pipeline:
                     JobKind.DISPATCH, study_uid=job.study_uid, series_uid=series_uid,
                     rule=job.rule, task=job.task, spec={"destination": dest},
                     max_attempts=d.max_attempts, parent_id=job.id, generation=job.generation,
+                    conn=conn,
                 )
-        if made:
-            self.pool.wake()
+
+    def discard_partial_outputs(self, *, job_id: str | None = None,
+                                reason: str = "") -> list[str]:
+        """Remove output series still ``building``: the partial output of an attempt that
+        died (or failed) between storing its first instance and completing the series.
+
+        ``job_id`` None = every such series whose job is not running (start-up sweep: a
+        running job's attempt may still be building).
+        Each series goes through storage's own delete path (index rows in one transaction
+        with the outputs row and an ``output.discarded`` ledger entry naming the removed
+        instances and why; files after the commit). Returns the discarded series UIDs.
+        """
+        q = select(outputs.c.series_uid).where(outputs.c.state == OUTPUT_BUILDING)
+        if job_id is not None:
+            q = q.where(outputs.c.job_id == job_id)
+        else:
+            q = q.where(outputs.c.job_id.in_(select(jobs.c.id).where(
+                jobs.c.state != JobState.RUNNING.value)))
+        with self.parts.engine.connect() as c:
+            uids = [r[0] for r in c.execute(q)]
+        reason = reason or "partial output of an attempt that died"
+        return [uid for uid in uids if self._discard_output(uid, reason)]
+
+    def _discard_output(self, series_uid: str, reason: str, *,
+                        orphans_of: Job | None = None) -> bool:
+        """Remove one ``building`` output series. ``orphans_of`` (the job whose attempt
+        built it): also instances of the series when its row is already gone (an attempt
+        that lost its claim kept storing into a series the next attempt had discarded).
+        A ``complete`` series is never touched."""
+        insts = self.parts.index.instances(series_instance_uid=series_uid)
+        with self.parts.engine.begin() as conn:
+            row = conn.execute(select(outputs).where(outputs.c.series_uid == series_uid)).first()
+            if row is None:
+                if orphans_of is None or not insts:
+                    return False
+            elif row.state != OUTPUT_BUILDING:
+                return False
+            else:
+                res = conn.execute(outputs.delete().where(and_(
+                    outputs.c.series_uid == series_uid, outputs.c.state == OUTPUT_BUILDING)))
+                if res.rowcount != 1:
+                    return False  # completed or discarded by someone else meanwhile
+            self.parts.index.delete_instances(conn, [i.pk for i in insts])
+            if row is not None:
+                job_id, study_uid, source = row.job_id, row.study_uid, row.source_series_uid
+                attempt, planned = row.attempt, row.instances
+            else:
+                assert orphans_of is not None
+                job_id, study_uid = orphans_of.id, orphans_of.study_uid
+                source, attempt, planned = orphans_of.series_uid, orphans_of.attempts, None
+            self.parts.ledger.append(Event(
+                type=EventType.OUTPUT_DISCARDED, actor=ACTOR, outcome=Outcome.MINOR_FAILURE,
+                subject={"job_id": job_id, "study_uid": study_uid, "series_uid": series_uid},
+                payload={"source_series_uids": [source],
+                         "sop_uids": [i.sop_instance_uid for i in insts],
+                         "sha256": [i.sha256 for i in insts],
+                         "attempt": attempt, "planned_instances": planned, "reason": reason},
+            ), conn=conn)
+        for i in insts:  # after the commit; a crash here leaves unreferenced files that
+            try:         # start-up recovery removes
+                self.parts.store.delete(i.file_path)
+            except Exception:  # noqa: BLE001
+                logger.exception("could not remove discarded file %s", i.file_path)
+        logger.warning("discarded partial output series %s (%d instance(s)): %s",
+                       series_uid, len(insts), reason)
+        return True
 
     def _destination(self, name: str) -> Destination:
         for d in self.settings.destinations:
@@ -420,7 +558,10 @@ class Pipeline:
         raise PermanentJobError(f"unknown destination {name!r}")
 
     def _build_and_store(self, job: Job, source: Any, out: Volume, prov: Any, k: int,
-                         stats: dict[str, str], timings: dict[str, float]) -> str:
+                         stats: dict[str, str], timings: dict[str, float],
+                         started: list[str]) -> tuple[str, Event]:
+        """Build one output series, record it as ``building``, store its instances.
+        Returns the series UID and its ``output.created`` event (appended on completion)."""
         from pydicom.uid import generate_uid
 
         series_uid = generate_uid()
@@ -454,6 +595,16 @@ class Pipeline:
         built = build_series(source, out, spec, mark=mark)
         wm = timings.get("watermark", 0.0) - wm_before
         timings["build"] = timings.get("build", 0.0) + time.perf_counter() - t0 - wm
+        # the plan first: a crash while storing leaves a row that names the partial series
+        with self.parts.engine.begin() as conn:
+            conn.execute(outputs.insert().values(
+                series_uid=series_uid, job_id=job.id, study_uid=job.study_uid,
+                source_series_uid=job.series_uid, generation=job.generation,
+                output_format=built.output_format.value, instances=len(built.datasets),
+                watermark_payload=payload_hex, digest=None, held=False, superseded=False,
+                state=OUTPUT_BUILDING, attempt=job.attempts, created_at=_now(),
+            ))
+        started.append(series_uid)
         t0 = time.perf_counter()
         sop_uids, digests = [], []
         for ds in built.datasets:
@@ -465,33 +616,27 @@ class Pipeline:
         timings["store"] = timings.get("store", 0.0) + time.perf_counter() - t0
         digest = "sha256:" + hashlib.sha256("".join(digests).encode()).hexdigest()
         with self.parts.engine.begin() as conn:
-            conn.execute(outputs.insert().values(
-                series_uid=series_uid, job_id=job.id, study_uid=job.study_uid,
-                source_series_uid=job.series_uid, generation=job.generation,
-                output_format=built.output_format.value, instances=len(sop_uids),
-                watermark_payload=payload_hex, digest=digest, held=False, superseded=False,
-                created_at=_now(),
-            ))
-            self.parts.ledger.append(Event(
-                type=EventType.OUTPUT_CREATED, actor=ACTOR,
-                subject={"job_id": job.id, "study_uid": job.study_uid, "series_uid": series_uid},
-                payload={"source_series_uids": [job.series_uid], "output_series_uid": series_uid,
-                         "output_sop_uids": sop_uids, "sha256": digests,
-                         "watermark_payload": payload_hex, "output_format": built.output_format.value,
-                         "model_id": prov.model_id, "model_version": prov.model_version,
-                         "weights_sha256": prov.weights_sha256, "seed": prov.seed,
-                         "quality": stats},
-            ), conn=conn)
-        return series_uid
+            conn.execute(update(outputs).where(outputs.c.series_uid == series_uid)
+                         .values(digest=digest, instances=len(sop_uids)))
+        event = Event(
+            type=EventType.OUTPUT_CREATED, actor=ACTOR,
+            subject={"job_id": job.id, "study_uid": job.study_uid, "series_uid": series_uid},
+            payload={"source_series_uids": [job.series_uid], "output_series_uid": series_uid,
+                     "output_sop_uids": sop_uids, "sha256": digests,
+                     "watermark_payload": payload_hex, "output_format": built.output_format.value,
+                     "model_id": prov.model_id, "model_version": prov.model_version,
+                     "weights_sha256": prov.weights_sha256, "seed": prov.seed,
+                     "quality": stats},
+        )
+        return series_uid, event
 
-    def _supersede(self, job: Job, made: list[str]) -> None:
-        with self.parts.engine.begin() as conn:
-            earlier = select(jobs.c.id).where(and_(
-                jobs.c.series_uid == job.series_uid, jobs.c.rule == job.rule,
-                jobs.c.task == job.task, jobs.c.id != job.id))
-            conn.execute(update(outputs).where(and_(
-                outputs.c.job_id.in_(earlier), outputs.c.series_uid.not_in(made),
-            )).values(superseded=True))
+    def _supersede(self, job: Job, made: list[str], conn: Any) -> None:
+        earlier = select(jobs.c.id).where(and_(
+            jobs.c.series_uid == job.series_uid, jobs.c.rule == job.rule,
+            jobs.c.task == job.task, jobs.c.id != job.id))
+        conn.execute(update(outputs).where(and_(
+            outputs.c.job_id.in_(earlier), outputs.c.series_uid.not_in(made),
+        )).values(superseded=True))
 
     # -- stage 4: dispatch job -----------------------------------------------------------------
     def run_dispatch_job(self, job: Job) -> dict[str, Any]:

@@ -8,7 +8,10 @@
 * ``pipeline_studies``: per-study completion state (quiet period, re-open generation, the
   AE titles of the association that delivered it, for routing).
 * ``pipeline_outputs``: the synthetic series the node produced (loop guard, replace policy,
-  lineage).
+  lineage). A row is written with state ``building`` (and the job attempt) before the
+  series' first instance is stored and becomes ``complete`` in the transaction that records
+  ``output.created`` and the dispatch jobs (``node_0003``): a series still ``building`` when
+  its attempt died is a partial one, discarded by the next attempt (``output.discarded``).
 * ``pipeline_scheduler_jobs``: APScheduler's persistent job store (quiet-period timers survive
   a restart); the schema is APScheduler 3's ``SQLAlchemyJobStore`` table, versioned here.
 """
@@ -110,7 +113,11 @@ outputs = Table(
     Column("held", Boolean, nullable=False, default=False),  # quality gate
     Column("superseded", Boolean, nullable=False, default=False),  # replace policy
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # building (instances being stored) | complete (output.created + dispatch jobs written)
+    Column("state", String(16), nullable=False, server_default="complete"),
+    Column("attempt", Integer, nullable=True),  # the job attempt that built it
     Index("ix_pipeline_outputs_study", "study_uid"),
+    Index("ix_pipeline_outputs_job", "job_id"),
 )
 
 scheduler_jobs = Table(

@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any, Literal
 
 from config.sections import Section
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 
 class ReprocessPolicy(str, Enum):
@@ -85,11 +85,47 @@ class PipelineSettings(Section):
     broker_url: str | None = Field(default=None, description="None = local worker pool")
     workers: int = Field(default=1, ge=1, le=64, description="local worker threads")
     job_max_attempts: int = Field(default=3, ge=1)
+    # -- job timing (node/jobs.py, node/celery_app.py; docs/scale_out.md) --------------------
+    lease_s: float = Field(
+        default=600.0, ge=3, le=86400,
+        description="a claimed job is held this long without a heartbeat before the sweeper "
+                    "puts it back in the queue (its worker is presumed dead); a worker renews "
+                    "the lease every lease_s / 3 while the job runs")
+    poll_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="local worker pool: idle wait between looks at the job table (a new job "
+                    "wakes the pool at once; this bounds the delay for jobs whose retry "
+                    "backoff ends)")
+    retry_backoff_s: float = Field(
+        default=5.0, ge=0, le=3600,
+        description="first wait before another attempt of a job that failed transiently "
+                    "without naming its own delay; doubles per attempt (dispatch jobs use "
+                    "their destination's backoff_s)")
+    broker_sweep_every_s: float = Field(
+        default=5.0, gt=0, le=3600,
+        description="scale-out (broker_url set): period of the node's sweeper, which requeues "
+                    "jobs whose lease expired and publishes queued jobs that are due")
+    broker_stale_after_s: float = Field(
+        default=300.0, gt=0, le=86400,
+        description="scale-out: a job still queued this long after its message was published "
+                    "is published again (the message was lost: broker restart, purge); "
+                    "at least broker_sweep_every_s. Extra messages are harmless (a worker "
+                    "ignores a job it cannot claim) but pile up if this is shorter than a "
+                    "busy queue's wait")
     calling_ae: str = Field(default="SYNTHNODE", max_length=16)
     output_series_number_base: int = Field(default=9000, ge=0)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     rules: list[Rule] = Field(default_factory=list)
     destinations: list[Destination] = Field(default_factory=list)
+
+    @field_validator("broker_stale_after_s")
+    @classmethod
+    def _stale_after_sweep(cls, v: float, info: ValidationInfo) -> float:
+        sweep = info.data.get("broker_sweep_every_s")
+        if sweep is not None and v < sweep:
+            raise ValueError(f"must be at least broker_sweep_every_s ({sweep:g}): a shorter "
+                             "value re-publishes every queued job on every sweep")
+        return v
 
     @model_validator(mode="after")
     def _references(self) -> "PipelineSettings":

@@ -56,6 +56,7 @@ def worker(
         store=pipeline.jobs,
         handlers={JobKind.ENGINE: pipeline.run_engine_job,
                   JobKind.DISPATCH: pipeline.run_dispatch_job},
+        backoff_s=settings.pipeline.retry_backoff_s,
     )
     logger.info("worker consuming %s with concurrency %d", ",".join(names), concurrency)
     try:

@@ -2,9 +2,12 @@
 
 RabbitMQ (``amqp://guest:guest@127.0.0.1:5672//``) and Redis (``redis://127.0.0.1:6379/0``)
 must be running; unreachable: skip locally, fail in CI. Each test uses its own queue names
-(uuid prefix) and deletes them afterwards. The jobs are dispatch jobs of original series to
-a real pynetdicom Storage SCP on loopback, which counts every instance it receives, so a job
-run twice would show up as instances received twice (and ``attempts`` 2 in the job row).
+(uuid prefix) and deletes them afterwards. Most jobs are dispatch jobs of original series
+to a real pynetdicom Storage SCP on loopback, which counts every instance it receives, so a
+job run twice would show up as instances received twice (and ``attempts`` 2 in the job row).
+``test_engine_job_through_the_broker`` runs the whole pipeline through a worker: a completed
+study's engine job (a tiny model approved by the model gate) and the dispatch of its
+synthetic series.
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ class StoragePeer:
 
     def __init__(self) -> None:
         self.received: Counter[str] = Counter()
+        self.datasets: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.port = get_port()
         self.start()
@@ -74,7 +78,11 @@ class StoragePeer:
 
     def _store(self, event: Any) -> int:
         with self._lock:
-            self.received[str(event.request.AffectedSOPInstanceUID)] += 1
+            uid = str(event.request.AffectedSOPInstanceUID)
+            self.received[uid] += 1
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.datasets[uid] = ds
         return 0x0000
 
     def stop(self) -> None:
@@ -331,3 +339,116 @@ def test_transient_failure_is_retried_through_the_broker(
         pipe.stop()
     assert 2 <= job.attempts < 100
     assert env.peer.received == Counter({u: 1 for u in uids})
+
+
+@pytest.mark.slow
+def test_engine_job_through_the_broker(tmp_path: Path, broker_url: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study completes in the node, its engine job goes through the broker to a real
+    ``synthnode worker`` process, which runs the gated engine (a tiny seeded, untrained
+    ct_to_mr model approved by the model gate), stores the watermarked output series,
+    queues and publishes its dispatch job and delivers the series to a real Storage SCP once.
+
+    The model is untrained, so the quality gate is off here (it tests the plumbing, not the
+    image; the gate's own tests are test_quality.py / test_pipeline.py)."""
+    import tomli_w
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from audit.modelgate import public_key_b64
+    from audit.watermark import WatermarkKey, detect
+    from node.pipeline import build_pipeline
+    from node.tables import outputs
+    from sqlalchemy import select
+    from tests.pipeline.test_e2e import _approved_model
+
+    peer = StoragePeer()
+    prefix = f"synthnode-test-{uuid.uuid4().hex[:12]}-"
+    approver = Ed25519PrivateKey.generate()
+    models = tmp_path / "models"
+    config = tmp_path / "node.toml"
+    config.write_text(tomli_w.dumps({
+        "environment": "development",
+        "data_dir": str(tmp_path / "node"),
+        "audit": {"approvers": [{"name": "tester",
+                                 "public_key": public_key_b64(approver.public_key())}],
+                  "models_dir": str(models)},
+        "engine": {"device": "cpu"},
+        "pipeline": {
+            "broker_url": broker_url, "quiet_period_s": 3600, "broker_sweep_every_s": 0.5,
+            "quality": {"enabled": False},
+            "destinations": [{"name": "peer", "kind": "dimse", "ae_title": "PEER",
+                              "host": "127.0.0.1", "port": peer.port, "accepts_synthetic": True,
+                              "max_attempts": 3, "backoff_s": 0.5}],
+            "rules": [{"name": "ct-to-mr", "match": {"modality": "CT"},
+                       "tasks": [{"task": "ct_to_mr", "params": {"target": "t2w"},
+                                  "output_format": "mf_word_sc"}],
+                       "destinations": ["peer"]}],
+        },
+    }))
+    settings = load_settings(config)
+    wm_key = WatermarkKey.generate(key_id=7)
+    settings.watermark_key_file.parent.mkdir(parents=True, exist_ok=True)
+    wm_key.to_file(settings.watermark_key_file)
+    monkeypatch.setenv("SYNTHNODE_CELERY_QUEUE_PREFIX", prefix)  # the node's BrokerPool queues
+    ctx = build_context(settings, fsync=False)
+    pipe = build_pipeline(ctx)
+    env = ScaleOut(broker_url, prefix, config, ctx, pipe.pool, peer, tmp_path)  # type: ignore[arg-type]
+    try:
+        assert isinstance(pipe.pool, BrokerPool) and pipe.pool.sweep_every_s == 0.5
+        _approved_model(models, ctx.ledger, approver)
+        series = make_series(4, rows=128, cols=128)
+        study = str(series[0].StudyInstanceUID)
+        ing = Ingestor(ctx)
+        for ds in series:
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            ing.ingest_part10(buf.getvalue(), calling_ae="CT", called_ae="SYNTHNODE",
+                              source="dimse")
+        worker_log = env.start_worker("engine,dispatch")
+        pipe.start()
+        assert pipe.complete_study(study) is True
+        (engine_job,) = pipe.jobs.list(kind=JobKind.ENGINE)
+        job = env.wait_state(engine_job.id, JobState.SUCCEEDED, timeout=240)
+        worker_pid = env.workers[0][0].pid
+        assert job.attempts == 1 and job.worker.split(":")[1] == str(worker_pid)
+        (out_series,) = job.result["outputs"]
+        (dispatch,) = pipe.jobs.list(kind=JobKind.DISPATCH)
+        assert dispatch.series_uid == out_series and dispatch.parent_id == job.id
+        dispatch = env.wait_state(dispatch.id, JobState.SUCCEEDED, timeout=120)
+        assert dispatch.attempts == 1 and dispatch.worker.split(":")[1] == str(worker_pid)
+        # stored in the node once, delivered once, synthetic and marked
+        (stored,) = ctx.index.instances(series_instance_uid=out_series)
+        with ctx.engine.connect() as c:
+            (row,) = c.execute(select(outputs)).fetchall()
+        assert row.series_uid == out_series and row.state == "complete"
+        assert peer.received == Counter({stored.sop_instance_uid: 1})
+        got = peer.datasets[stored.sop_instance_uid]
+        assert got.SyntheticData == "YES" and got.Modality == "MR"
+        assert got.StudyInstanceUID == study and int(got.NumberOfFrames) == 4
+        assert detect(got.pixel_array, [wm_key]).marked
+        types = [e.event.type.value for e in ctx.ledger.entries()]
+        for t in ("study.completed", "job.queued", "model.loaded", "output.created",
+                  "job.finished", "dispatch.succeeded"):
+            assert t in types, t
+        assert env.message_count(JobKind.ENGINE) == 0
+        assert env.message_count(JobKind.DISPATCH) == 0
+        assert "Traceback" not in worker_log.read_text()
+    finally:
+        pipe.stop()
+        for proc, _ in env.workers:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait(5)
+        with Connection(broker_url) as conn:
+            ch = conn.default_channel
+            for name in queue_names(prefix).values():
+                try:
+                    ch.queue_delete(name)
+                except Exception:  # noqa: BLE001 - never declared in this test
+                    pass
+        peer.stop()
+        ctx.engine.dispose()
