@@ -12,7 +12,10 @@ from rich.table import Table
 from node.cli.common import ConfigOption, console, fail, settings_from
 
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: test them on files.")
-jobs_app = typer.Typer(no_args_is_help=True, help="Engine and dispatch jobs.")
+jobs_app = typer.Typer(
+    no_args_is_help=True,
+    help="Engine and dispatch jobs in the node's database (the truth, also with a broker): "
+         "list, show, retry, cancel. States: queued, running, succeeded, failed, cancelled.")
 study_app = typer.Typer(no_args_is_help=True, help="Study completion.")
 
 
@@ -122,6 +125,14 @@ def _store(config: Path | None):  # type: ignore[no-untyped-def]
     return JobStore(engine, Ledger(engine))
 
 
+def _utc(t: Any) -> Any:
+    """SQLite gives naive datetimes (written as UTC), PostgreSQL aware ones in its session
+    time zone: show both in UTC."""
+    from datetime import timezone
+
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
 def _job_dict(job: Any) -> dict[str, Any]:
     return {
         "id": job.id, "kind": job.kind.value, "state": job.state.value,
@@ -137,14 +148,18 @@ def _job_dict(job: Any) -> dict[str, Any]:
 
 @jobs_app.command("list")
 def jobs_list(
-    state: str | None = typer.Option(None, "--state", help="queued|running|succeeded|failed|cancelled"),
-    study: str | None = typer.Option(None, "--study", help="Study Instance UID"),
-    kind: str | None = typer.Option(None, "--kind", help="engine|dispatch"),
-    limit: int = typer.Option(50, "--limit"),
-    as_json: bool = typer.Option(False, "--json"),
+    state: str | None = typer.Option(
+        None, "--state", help="only jobs in this state: queued, running, succeeded, failed, "
+                              "cancelled"),
+    study: str | None = typer.Option(None, "--study", help="only jobs of this Study Instance UID"),
+    kind: str | None = typer.Option(None, "--kind", help="only engine or dispatch jobs"),
+    limit: int = typer.Option(50, "--limit", min=1, help="at most this many (the newest)"),
+    as_json: bool = typer.Option(False, "--json", help="every field of each job, as JSON"),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Jobs, newest first."""
+    """Jobs, newest first: id (first 8 characters; any unique prefix works in show / retry /
+    cancel), kind, state, task, rule, attempts used / allowed, last change (UTC) and the
+    last error."""
     from node.jobs import JobKind, JobState
 
     try:
@@ -161,7 +176,7 @@ def jobs_list(
     for j in jobs:
         table.add_row(j.id[:8], j.kind.value, j.state.value, j.task or "", j.rule or "",
                       f"{j.attempts}/{j.max_attempts}",
-                      j.updated_at.strftime("%Y-%m-%d %H:%M:%S") if j.updated_at else "",
+                      _utc(j.updated_at).strftime("%Y-%m-%d %H:%M:%S") if j.updated_at else "",
                       (j.error or "")[:60])
     console.print(table)
 
@@ -169,7 +184,9 @@ def jobs_list(
 @jobs_app.command("show")
 def jobs_show(job_id: str = typer.Argument(..., help="job id or a unique prefix"),
               config: Path | None = ConfigOption) -> None:
-    """Everything about one job (JSON)."""
+    """Everything about one job, as JSON: state, attempts, last error, result (an engine
+    job's output series and timings, a dispatch job's acknowledged instances), spec, seed,
+    worker, parent job (a dispatch job's engine job)."""
     try:
         job = _store(config).get(job_id)
     except KeyError as exc:
@@ -179,8 +196,13 @@ def jobs_show(job_id: str = typer.Argument(..., help="job id or a unique prefix"
 
 
 @jobs_app.command("retry")
-def jobs_retry(job_id: str = typer.Argument(...), config: Path | None = ConfigOption) -> None:
-    """Queue a failed or cancelled job again (fresh attempt budget)."""
+def jobs_retry(job_id: str = typer.Argument(..., help="job id or a unique prefix"),
+               config: Path | None = ConfigOption) -> None:
+    """Queue a failed or cancelled job again with a fresh attempt budget (attempts back to
+    0). The node's workers (or, with a broker, its sweeper) pick it up; an engine job first
+    removes any partial output series its earlier attempts left, and a dispatch job never
+    re-sends an instance the destination already acknowledged. Queued, running and
+    succeeded jobs cannot be retried."""
     from node.jobs import InvalidTransition
 
     store = _store(config)
@@ -193,10 +215,13 @@ def jobs_retry(job_id: str = typer.Argument(...), config: Path | None = ConfigOp
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str = typer.Argument(...),
-                reason: str = typer.Option("cancelled by user", "--reason"),
+def jobs_cancel(job_id: str = typer.Argument(..., help="job id or a unique prefix"),
+                reason: str = typer.Option("cancelled by user", "--reason",
+                                           help="recorded as the job's error and in the ledger"),
                 config: Path | None = ConfigOption) -> None:
-    """Cancel a queued or running job."""
+    """Cancel a queued or running job. A running attempt is not interrupted: it runs to its
+    end, but its outcome is not recorded and an engine job's outputs are discarded, never
+    dispatched. Instances a dispatch job already sent stay sent. `jobs retry` undoes it."""
     from node.jobs import InvalidTransition
 
     store = _store(config)
