@@ -2,20 +2,29 @@
 
 Embedding adds ``clip(round(strength * max_delta * w), -max_delta, max_delta)`` where ``w`` is
 the unit-variance keyed tile of :mod:`audit.watermark.pattern` repeated over every slice,
-then clips to the valid range (saturation, never wrap-around).
+then clips to the valid range (saturation, never wrap-around). The default strength 2 puts
+most pixels at +-max_delta: more mark energy under the same max |delta|.
 
 Detection is invariant to affine intensity maps (windowing, rescale slope / intercept,
-brightness / contrast) and tolerant of clipping: the image is high-passed and locally
-normalised, folded modulo the tile period, and reduced to the *phase* of each Fourier bin
-(whitening). The sync template's phase-only correlation over all circular shifts has, on an
-unmarked image, approximately independent N(0, 1) values, so the maximum over the
-``TILE**2`` shifts x scales x keys hypotheses has a Bonferroni-bounded false-positive rate;
-the threshold is set from that bound (and checked empirically in bench/). The payload is
-read at the best shift and decoded with soft Viterbi; it is accepted only when its CRC
-matches and the sync score is at least :data:`DECODE_GATE`.
+brightness / contrast) and tolerant of clipping: the image is high-passed and divided by the
+local variance (inverse-variance weighting: quiet areas, where the mark dominates, count
+more), folded modulo the tile period, Fourier transformed, and each bin is divided by the
+host power estimated from its neighbouring bins (per-bin SNR weighting). The sync template's
+correlation over all circular shifts, normalised by its exact null standard deviation given
+the weights, has on an unmarked image approximately N(0, 1) values (sub-Gaussian: a weighted
+sum of cosines of independent uniform phases), so the maximum over the ``TILE**2`` shifts x
+scales x keys hypotheses has a Bonferroni-bounded false-positive rate; the threshold is set
+from that bound (and checked empirically in bench/). The payload is read at the best shift
+and decoded with soft Viterbi (the SNR weights make the soft bits reliability-scaled); it is
+accepted only when its CRC matches and the score is at least :data:`DECODE_GATE`.
+
+Mark format: changed on 2026-11-22 (sync energy 30 % -> 50 %, strength 1 -> 2). The keyed
+layout (bins, phases, scrambling) is unchanged, so marks made before are still found, with the
+lower energy they were made with.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -32,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 PAYLOAD_BITS = ecc.PAYLOAD_BITS
 MARK_ID_BITS = 40
-DEFAULT_STRENGTH = 1.0
+DEFAULT_STRENGTH = 2.0
 DEFAULT_FPR = 1e-3
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 2.0, 0.5)
 DECODE_GATE = 4.0
@@ -44,6 +53,12 @@ LOCAL_SIZE = 7
 EDGE_SIZE = 0  # measured: masking edge zones did not help (docs)
 CLIP_Z = 4.0
 FLAT_FRACTION = 1e-4
+SPEC_WEIGHT = True  # per-bin SNR weighting of the folded spectrum (False: phase-only)
+SPEC_NBHD = 5  # host power of a bin = mean |G|^2 of its SPEC_NBHD x SPEC_NBHD neighbours
+WEIGHT_CAP = 4.0  # no bin weighs more than WEIGHT_CAP x the RMS weight of the band
+PIX_CAP = 3.0
+ENERGY_WEIGHT = 0.5  # score = (sync + ENERGY_WEIGHT x payload energy) / sqrt(1 + ENERGY_WEIGHT^2)
+PIX_POWER = 2.0  # pixel weight r / s**PIX_POWER (1: local z-score; 2: inverse variance)
 
 
 # ----------------------------------------------------------------------------- payload
@@ -195,9 +210,9 @@ def suggest_max_delta(array: NDArray, *, hu_calibrated: bool, fraction: float = 
 class Detection:
     """Detector verdict.
 
-    ``score`` combines the sync template's phase-only correlation and the payload's
-    non-coherent energy, each standardised, as (sync + energy) / sqrt(2): approximately
-    N(0, 1) per hypothesis on unmarked images. ``marked`` is ``score >= threshold`` or a
+    ``score`` combines the sync template's weighted correlation and the payload's
+    non-coherent energy, each standardised, as (sync + 0.5 energy) / sqrt(1.25)
+    (:data:`ENERGY_WEIGHT`): approximately N(0, 1) per hypothesis on unmarked images. ``marked`` is ``score >= threshold`` or a
     payload that passed its CRC at a hypothesis with ``score >= DECODE_GATE``. ``payload`` is set only when the CRC matched. ``bit_errors`` counts coded
     bits whose hard decision disagrees with the decoded codeword (an estimate of the channel
     errors corrected), None when nothing was decoded.
@@ -242,7 +257,9 @@ def _to_float_slices(image: NDArray) -> list[NDArray[np.float32]]:
 
 
 def whiten(x: NDArray[np.floating]) -> NDArray[np.float32]:
-    """High-pass, locally normalised, clipped residual (invariant to a*x + b, a > 0).
+    """High-pass residual r, as a clipped local z-score r / s times the weight
+    min(PIX_CAP, s_ref / s) (s: local RMS over LOCAL_SIZE^2, s_ref its median): r / s^2
+    up to a constant, the inverse-variance weight (invariant to a*x + b, a > 0).
 
     Flat areas (e.g. clipped by a display window) give exactly 0: a local energy below
     1e-4 of the image maximum is treated as flat, so float rounding is never amplified.
@@ -257,8 +274,12 @@ def whiten(x: NDArray[np.floating]) -> NDArray[np.float32]:
     if smax <= 0.0:
         return np.zeros_like(x)
     active = s > FLAT_FRACTION * smax
-    eps = np.float32(0.05 * float(np.median(s[active])))
+    med = float(np.median(s[active]))
+    eps = np.float32(0.05 * med)
     u = np.clip(r / (s + eps), -CLIP_Z, CLIP_Z)
+    if PIX_POWER != 1.0:  # extra weight (s_ref / s)^(p - 1), at most PIX_CAP: quiet areas,
+        sref = np.float32(med) + eps  # where the mark dominates the host, count more
+        u *= np.minimum(np.float32(PIX_CAP), (sref / (s + eps)) ** np.float32(PIX_POWER - 1.0))
     u[~active] = 0.0
     return u
 
@@ -284,23 +305,63 @@ def period_for(scale: float) -> int:
 
 
 def folded_phase(whitened: list[NDArray[np.floating]], period: int = TILE) -> NDArray[np.complex128]:
-    """Unit phasors of the Fourier transform of the folded, whitened slices.
+    """Weighted Fourier transform of the folded, whitened slices: (period, period) complex.
 
     A resize by ``s`` stretches the tile to period ``TILE * s`` while each bin keeps its
     index (cycles per period), so folding at that period reads the same bins: no resampling.
+
+    Each bin G_k is divided by an estimate of the host power at k (the mean |G|^2 of its
+    neighbouring bins, the bin itself excluded), so the correlation weighs each bin by its
+    signal-to-noise ratio (the matched filter for a mark of equal amplitude in every bin in
+    Gaussian host noise); the weight of any bin is capped at ``WEIGHT_CAP`` x the RMS weight
+    of the band so that no single bin dominates the sum. The weights depend only on the
+    magnitudes, which for an unmarked image carry no information on the phases, so the
+    correlation's null distribution stays centred (the scores are normalised by their exact
+    conditional standard deviation). With ``SPEC_WEIGHT`` off: unit phasors (phase-only).
     """
     acc = np.zeros((period, period))
     for u in whitened:
         acc += fold(u, period)
     spec = np.fft.fft2(acc)
     mag = np.abs(spec)
-    return np.where(mag > 0, spec / np.where(mag > 0, mag, 1.0), 0.0)
+    if not SPEC_WEIGHT:
+        return np.where(mag > 0, spec / np.where(mag > 0, mag, 1.0), 0.0)
+    p = mag * mag
+    k = SPEC_NBHD
+    host = (ndimage.uniform_filter(p, k, mode="wrap") * (k * k) - p) / (k * k - 1)
+    pos = host > 0
+    w = np.where(pos, 1.0 / np.where(pos, host, 1.0), 0.0)
+    g = spec * w
+    a = np.abs(g)
+    band = _band_mask(period)
+    rms = float(np.sqrt(np.mean(a[band] ** 2))) if band.any() else 0.0
+    if rms <= 0.0:
+        return np.zeros_like(spec)
+    cap = WEIGHT_CAP * rms
+    g = np.where(a > cap, g * (cap / np.where(a > 0, a, 1.0)), g)
+    return g / rms
+
+
+def _band_mask(period: int) -> NDArray[np.bool_]:
+    from audit.watermark.pattern import BINS
+
+    m = np.zeros((period, period), dtype=bool)
+    m[BINS[:, 0] % period, BINS[:, 1] % period] = True
+    m[(-BINS[:, 0]) % period, (-BINS[:, 1]) % period] = True
+    return m
 
 
 def _sync_scores(g: NDArray[np.complex128], key: WatermarkKey) -> NDArray[np.float64]:
+    """Correlation with the sync template at every circular shift, standardised: the sum
+    over the template's bins of |g_k| cos(theta_k) has, for independent uniform phases,
+    variance sum |g_k|^2 / 2 (per half-plane bin), whatever the weights."""
     period = g.shape[0]
-    c = np.real(np.fft.ifft2(g * np.conj(sync_reference(key, period)))) * (period * period)
-    return c / np.sqrt(2.0 * len(layout(key).sync_phase))
+    ref = sync_reference(key, period)
+    c = np.real(np.fft.ifft2(g * np.conj(ref))) * (period * period)
+    var = float(np.sum(np.abs(g[ref != 0]) ** 2))
+    if var <= 0.0:
+        return np.zeros(g.shape)
+    return c / np.sqrt(var)
 
 
 def soft_bits_at(g: NDArray[np.complex128], key: WatermarkKey, shifts: NDArray[np.int64]) -> NDArray[np.float64]:
@@ -322,21 +383,53 @@ def soft_bits(g: NDArray[np.complex128], key: WatermarkKey, shift: tuple[int, in
     return soft_bits_at(g, key, np.array([shift], dtype=np.int64))[0]
 
 
-def payload_energy(soft: NDArray[np.float64]) -> NDArray[np.float64]:
+@functools.lru_cache(maxsize=1)
+def _abs_table() -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """f(r) = E|cos a + r cos b| for a, b independent uniform, r in [0, 1] (quadrature)."""
+    n = 720
+    t = (np.arange(n) + 0.5) * (2.0 * np.pi / n)
+    ca, cb = np.cos(t)[:, None], np.cos(t)[None, :]
+    r = np.linspace(0.0, 1.0, 101)
+    f = np.array([np.mean(np.abs(ca + ri * cb)) for ri in r])
+    return r, f
+
+
+def payload_energy(soft: NDArray[np.float64], amp: NDArray[np.float64] | None = None) -> NDArray[np.float64]:
     """Non-coherent payload statistic: standardised sum of |soft bit| (last axis).
 
-    On an unmarked image each soft bit is cos(a) + cos(b) with independent uniform phases:
-    E|.| = 0.81056, Var|.| = 0.34296 (Monte Carlo, 1e8 samples), so the statistic is a
-    standardised sum of 140 bounded i.i.d. terms (approximately N(0, 1), lighter tails).
+    On an unmarked image each soft bit is a1 cos(a) + a2 cos(b) (a1, a2: the weights of the
+    bit's two bins, ``amp`` (..., bits, 2); 1 when phase-only) with independent uniform
+    phases; its null mean is max(a1, a2) f(min / max) with f tabulated by quadrature
+    (f(1) = E|cos a + cos b| = 0.81056) and its variance (a1^2 + a2^2) / 2 - mean^2, so the
+    statistic is a standardised sum of bounded independent terms (approximately N(0, 1)).
     """
     n = soft.shape[-1]
-    return (np.abs(soft).sum(axis=-1) - n * _ABS_MEAN) / np.sqrt(n * _ABS_VAR)
+    if amp is None:
+        return (np.abs(soft).sum(axis=-1) - n * _ABS_MEAN) / np.sqrt(n * _ABS_VAR)
+    if amp.shape[-1] == 1:  # one bin per bit: E|a cos| = 2a / pi
+        hi, lo = amp[..., 0], np.zeros_like(amp[..., 0])
+    elif amp.shape[-1] == 2:
+        hi, lo = amp.max(axis=-1), amp.min(axis=-1)
+    else:
+        raise ValueError("payload_energy supports 1 or 2 bins per coded bit")
+    r_tab, f_tab = _abs_table()
+    ratio = np.where(hi > 0, lo / np.where(hi > 0, hi, 1.0), 0.0)
+    mean = hi * np.interp(ratio, r_tab, f_tab)
+    var = np.maximum((hi * hi + lo * lo) / 2.0 - mean * mean, 0.0)
+    tot = var.sum(axis=-1)
+    return np.where(tot > 0, (np.abs(soft).sum(axis=-1) - mean.sum(axis=-1)) / np.sqrt(np.where(tot > 0, tot, 1.0)), 0.0)
+
+
+def _pay_amp(g: NDArray[np.complex128], key: WatermarkKey) -> NDArray[np.float64]:
+    lay = layout(key)
+    period = g.shape[0]
+    return np.abs(g[lay.pay_bins[..., 0] % period, lay.pay_bins[..., 1] % period])
 
 
 def _hypotheses(g: NDArray[np.complex128], key: WatermarkKey) -> tuple[float, float, tuple[int, int], NDArray[np.float64]]:
     """Best (combined score, sync score, shift, soft bits) for one fold and one key.
 
-    The combined score (sync + payload energy) / sqrt(2) is evaluated at the TOP_K shifts
+    The combined score (sync + ENERGY_WEIGHT x payload energy) / sqrt(1 + ENERGY_WEIGHT^2) is evaluated at the TOP_K shifts
     with the highest sync score; its maximum over that subset is at most its maximum over all
     shifts, so the Bonferroni bound over all shifts still holds.
     """
@@ -344,7 +437,8 @@ def _hypotheses(g: NDArray[np.complex128], key: WatermarkKey) -> tuple[float, fl
     top = np.argpartition(zs, -TOP_K)[-TOP_K:]
     shifts = np.stack(np.unravel_index(top, g.shape), axis=1).astype(np.int64)
     soft = soft_bits_at(g, key, shifts)
-    comb = (zs[top] + payload_energy(soft)) / np.sqrt(2.0)
+    energy = payload_energy(soft, _pay_amp(g, key) if SPEC_WEIGHT else None)
+    comb = (zs[top] + ENERGY_WEIGHT * energy) / np.sqrt(1.0 + ENERGY_WEIGHT**2)
     i = int(np.argmax(comb))
     return float(comb[i]), float(zs[top[i]]), (int(shifts[i, 0]), int(shifts[i, 1])), soft[i]
 

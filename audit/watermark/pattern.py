@@ -29,8 +29,8 @@ TILE = 64
 R_LO = 2.5
 R_HI = 16.0
 BINS_PER_BIT = 2
-SYNC_ENERGY = 0.30
-TILT = 0.0  # spectral tilt exponent; 1.0 measured worse on phantom CT (docs/watermark.md)  # fraction of the mark's energy in the sync template
+SYNC_ENERGY = 0.50  # fraction of the mark's energy in the sync template (0.30 before 2026-11-22)
+TILT = 0.0  # spectral tilt exponent; 1.0 measured worse on phantom CT (docs/watermark.md)
 
 
 def _half_plane_bins() -> NDArray[np.int64]:

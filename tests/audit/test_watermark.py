@@ -283,6 +283,33 @@ def test_unmarked_scores_below_threshold_and_uniform_bits() -> None:
     assert per_pos.min() > 3 and per_pos.max() < 37
 
 
+def test_weighted_scores_standardised_on_unmarked() -> None:
+    """The SNR-weighted sync correlation is normalised by its conditional null standard
+    deviation: over every circular shift of unmarked images it has mean ~0 and sd ~1."""
+    zs = []
+    for img in _unmarked_images(16):
+        g = core.folded_phase([core.whiten(img.astype(np.float32))])
+        assert np.abs(g).max() <= core.WEIGHT_CAP + 1e-9  # no bin dominates
+        zs.append(core._sync_scores(g, KEY).ravel())
+    z = np.concatenate(zs)
+    assert abs(z.mean()) < 0.05
+    assert 0.9 < z.std() < 1.1
+    assert np.mean(z > 3.0) < 3 * stats.norm.sf(3.0)
+
+
+def test_payload_energy_null_moments_with_weights() -> None:
+    """Payload energy with per-bin weights: exact null mean / variance of |a1 cos + a2 cos|."""
+    rng = np.random.default_rng(4)
+    amp = rng.gamma(2.0, 1.0, (140, 2))
+    th = rng.uniform(0.0, 2.0 * np.pi, (4000, 140, 2))
+    e = core.payload_energy((amp * np.cos(th)).sum(-1), np.broadcast_to(amp, (4000, 140, 2)))
+    assert abs(e.mean()) < 0.06 and 0.94 < e.std() < 1.06
+    one = core.payload_energy((amp[:, :1] * np.cos(th[..., :1])).sum(-1), np.broadcast_to(amp[:, :1], (4000, 140, 1)))
+    assert abs(one.mean()) < 0.06 and 0.94 < one.std() < 1.06
+    r_tab, f_tab = core._abs_table()
+    assert f_tab[0] == pytest.approx(2 / np.pi, abs=1e-5) and f_tab[-1] == pytest.approx(0.81056, abs=1e-4)
+
+
 def test_threshold_is_bonferroni() -> None:
     t1 = threshold_for(1)
     assert 5.2 < t1 < 5.5
