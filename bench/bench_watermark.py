@@ -373,7 +373,7 @@ def _phantoms(pool: Any, seed0: int, n: int, size: int = 256) -> list[Slice]:
     return [s for v in vols for s in v][:n]
 
 
-def _phantom_one(seed: int, size: int = 256) -> list[Slice]:
+def _phantom_one(seed: int, size: int = 256, n_slices: int = 8, ct_only: bool = False) -> list[Slice]:
     """One ``size`` x ``size`` x 8 phantom volume (abdomen; every tenth seed a head) as 24
     slices (CT, T1w, T2w) at 256 px, or 8 CT slices at 512 px (the clinical CT matrix).
     The 256 px CT slices (FOV 360 mm: ~60 % air) are the stress source ``phantom-ct256``."""
@@ -381,14 +381,14 @@ def _phantom_one(seed: int, size: int = 256) -> list[Slice]:
 
     rng = np.random.default_rng(seed)
     kind = "head" if seed % 10 == 9 else "abdomen"
-    s = make_sample(seed, size=size, n_slices=8, kind=kind)
+    s = make_sample(seed, size=size, n_slices=n_slices, kind=kind)
     out = []
     for z in range(s.ct_hu.shape[0]):
         sigma = rng.uniform(3.0, 20.0)
         hu = s.ct_hu[z] + rng.normal(0.0, sigma, s.ct_hu[z].shape)
         out.append(Slice(_to_stored(hu + 1024.0, 12, False), 12, False, 1.0, -1024.0, True,
                          f"phantom-ct{size}:{seed}:{z}"))
-        if size != 256:
+        if size != 256 or ct_only:
             continue
         for name, img in (("t1w", s.t1w[z]), ("t2w", s.t2w[z])):
             bits = 16 if (seed + z) % 2 else 12
@@ -495,6 +495,61 @@ def summarise(pos: list[dict], neg: list[dict], thr: float, command: str, elapse
     return "\n".join(lines) + "\n"
 
 
+MINI_TRANSFORMS = ("none", "png window soft", "png window brain", "jpeg q90 (soft)", "jpeg q75 (soft)",
+                   "jpeg q75 (lung)", "contrast x1.5 (8-bit)", "brightness x1.5 (8-bit)", "crop <=10%/side",
+                   "j2k lossy 10:1", "resize 0.5x")
+MINI_HARD = ("explicit_VR-UN", "eCT_Supplemental", "examples_overlay", "MR-SIEMENS")
+
+
+def mini() -> None:
+    """Fast mini-benchmark (one process, ~1 min) used to compare detector / embedder variants:
+    108 positives from the hardest sources x :data:`MINI_TRANSFORMS` and 1,000 negatives for
+    the null score tail. Prints TPR / payload-decoded % and median score per source."""
+    pos: list[Slice] = []
+    neg: list[Slice] = []
+    for sd in range(12):
+        pos += _phantom_one(3_000_000 + sd, 256, 4, ct_only=True)
+    for sd in range(5):
+        pos += _phantom_one(3_100_000 + sd, 512, 4)
+    reals = real_slices()
+    rng = np.random.default_rng(5)
+    hard = [r for r in reals if any(k in r.source for k in MINI_HARD)]
+    pos += [augment(hard[i % len(hard)], rng, 256) for i in range(40)]
+    for sd in range(40):
+        neg += _phantom_one(4_000_000 + sd, 256, 4, ct_only=True)
+    for sd in range(8):
+        neg += _phantom_one(4_100_000 + sd, 512, 4)
+    neg += reals
+    while len(neg) < 1000:
+        neg.append(augment(reals[len(neg) % len(reals)], rng))
+    t0 = time.time()
+    res: dict[tuple[str, str], list[tuple[bool, bool, float]]] = {}
+    for i, s in enumerate(pos):
+        rng = np.random.default_rng(i)
+        payload = make_payload(KEY.key_id, int(rng.integers(0, 1 << 40)))
+        md = suggest_max_delta(s.arr, hu_calibrated=s.ct)
+        marked = embed(s.arr, KEY, payload, bits_stored=s.bits, signed=s.signed, max_delta=md)
+        src = s.source.split(":")[1][:12] if s.source.startswith("real") else s.source.split(":")[0]
+        for t in MINI_TRANSFORMS:
+            d = detect(TRANSFORMS[t](s, marked, rng), [KEY])
+            res.setdefault((src, t), []).append((d.marked, d.payload == payload, d.score))
+    ns = np.array([detect(s.arr, [KEY]).score for s in neg])
+    thr = wm_core.threshold_for(1)
+    print(f"mini: {len(pos)} positives, {len(neg)} negatives, {time.time() - t0:.0f} s; negatives flagged "
+          f"{int(np.sum(ns >= thr))}, score mean {ns.mean():.2f} sd {ns.std():.2f} max {ns.max():.2f}")
+    srcs = sorted({k[0] for k in res})
+    print(f"{'transform':24s}" + "".join(f"{x[:13]:>15s}" for x in srcs) + "   ALL TPR / payload")
+    for t in MINI_TRANSFORMS:
+        cells, every = [], []
+        for x in srcs:
+            r = res[(x, t)]
+            every += r
+            cells.append(f"{100 * np.mean([v[0] for v in r]):4.0f}/{100 * np.mean([v[1] for v in r]):3.0f} "
+                         f"{np.median([v[2] for v in r]):4.1f}")
+        print(f"{t[:24]:24s}" + "".join(f"{c:>15s}" for c in cells)
+              + f"   {100 * np.mean([v[0] for v in every]):5.1f} / {100 * np.mean([v[1] for v in every]):5.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--positives", type=int, default=3000)
@@ -504,7 +559,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench/results/watermark.md"))
     ap.add_argument("--json", type=Path, default=None, help="raw per-slice results (not committed)")
+    ap.add_argument("--mini", action="store_true", help="fast mini-benchmark (see mini()); ignores the rest")
     args = ap.parse_args()
+    if args.mini:
+        mini()
+        return
     command = "nice -n 10 python bench/bench_watermark.py " + " ".join(sys.argv[1:])
     t0 = time.time()
     pool = mp.get_context("fork").Pool(args.workers)
