@@ -12,13 +12,14 @@ synthetic series.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -119,14 +120,17 @@ class ScaleOut:
             spec={"destination": "peer", "original": True}, max_attempts=max_attempts)
         return jid, {str(ds.SOPInstanceUID) for ds in series}
 
-    def start_worker(self, queues: str = "dispatch", concurrency: int = 1) -> Path:
+    def start_worker(self, queues: str = "dispatch", concurrency: int = 1,
+                     prelude: str = "") -> Path:
+        """A ``synthnode worker`` subprocess; ``prelude``: Python run before it (fault
+        injection)."""
         log = self.workdir / f"worker{len(self.workers)}.log"
         env = {**os.environ, "SYNTHNODE_CELERY_QUEUE_PREFIX": self.prefix,
                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         env.pop("SYNTHNODE_CONFIG", None)
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-c", "from node.cli import main; main()", "worker",
+                [sys.executable, "-c", prelude + "\nfrom node.cli import main; main()", "worker",
                  "--queues", queues, "--concurrency", str(concurrency),
                  "--config", str(self.config)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -341,9 +345,117 @@ def test_transient_failure_is_retried_through_the_broker(
     assert env.peer.received == Counter({u: 1 for u in uids})
 
 
+@dataclass
+class EngineNode:
+    """A node (test process) publishing to ``env``'s broker, its pipeline, its marking key."""
+
+    env: ScaleOut
+    pipe: Any
+    wm_key: Any
+    study: str
+
+
+@pytest.fixture
+def engine_node(tmp_path: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch
+                ) -> Iterator[Callable[..., EngineNode]]:
+    """Factory: a node whose rule sends CT series through a tiny seeded, untrained
+    ct_to_mr model approved by the model gate (quality gate off: untrained model) to a real
+    Storage SCP, with ``broker_url`` set; a 4-slice CT study stored, not yet complete."""
+    import tomli_w
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from audit.modelgate import public_key_b64
+    from audit.watermark import WatermarkKey
+    from node.pipeline import build_pipeline
+    from tests.pipeline.test_e2e import _approved_model
+
+    made: list[EngineNode] = []
+
+    def make(output_format: str = "mf_word_sc", size: int = 128, **pipeline: Any) -> EngineNode:
+        peer = StoragePeer()
+        prefix = f"synthnode-test-{uuid.uuid4().hex[:12]}-"
+        approver = Ed25519PrivateKey.generate()
+        models = tmp_path / "models"
+        config = tmp_path / "node.toml"
+        config.write_text(tomli_w.dumps({
+            "environment": "development",
+            "data_dir": str(tmp_path / "node"),
+            "audit": {"approvers": [{"name": "tester",
+                                     "public_key": public_key_b64(approver.public_key())}],
+                      "models_dir": str(models)},
+            "engine": {"device": "cpu"},
+            "pipeline": {
+                "broker_url": broker_url, "quiet_period_s": 3600, "broker_sweep_every_s": 0.5,
+                "quality": {"enabled": False},
+                "destinations": [{"name": "peer", "kind": "dimse", "ae_title": "PEER",
+                                  "host": "127.0.0.1", "port": peer.port,
+                                  "accepts_synthetic": True, "max_attempts": 3,
+                                  "backoff_s": 0.5}],
+                "rules": [{"name": "ct-to-mr", "match": {"modality": "CT"},
+                           "tasks": [{"task": "ct_to_mr", "params": {"target": "t2w"},
+                                      "output_format": output_format}],
+                           "destinations": ["peer"]}],
+                **pipeline,
+            },
+        }))
+        settings = load_settings(config)
+        wm_key = WatermarkKey.generate(key_id=7)
+        settings.watermark_key_file.parent.mkdir(parents=True, exist_ok=True)
+        wm_key.to_file(settings.watermark_key_file)
+        monkeypatch.setenv("SYNTHNODE_CELERY_QUEUE_PREFIX", prefix)  # the node's queues
+        ctx = build_context(settings, fsync=False)
+        pipe = build_pipeline(ctx)
+        assert isinstance(pipe.pool, BrokerPool) and pipe.pool.sweep_every_s == 0.5
+        env = ScaleOut(broker_url, prefix, config, ctx, pipe.pool, peer, tmp_path)
+        node = EngineNode(env, pipe, wm_key, "")
+        made.append(node)
+        _approved_model(models, ctx.ledger, approver)
+        series = make_series(4, rows=size, cols=size)
+        node.study = str(series[0].StudyInstanceUID)
+        ing = Ingestor(ctx)
+        for ds in series:
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            ing.ingest_part10(buf.getvalue(), calling_ae="CT", called_ae="SYNTHNODE",
+                              source="dimse")
+        return node
+
+    try:
+        yield make
+    finally:
+        for node in made:
+            env = node.env
+            node.pipe.stop()
+            for proc, _ in env.workers:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, 9)
+                        proc.wait(5)
+            with Connection(env.url) as conn:
+                ch = conn.default_channel
+                for name in queue_names(env.prefix).values():
+                    try:
+                        ch.queue_delete(name)
+                    except Exception:  # noqa: BLE001 - never declared in this test
+                        pass
+            env.peer.stop()
+            env.ctx.engine.dispose()
+
+
+def _our_output_rows(ctx: Any) -> list[Any]:
+    from sqlalchemy import select
+
+    from node.tables import outputs
+
+    with ctx.engine.connect() as c:
+        return c.execute(select(outputs)).fetchall()
+
+
 @pytest.mark.slow
-def test_engine_job_through_the_broker(tmp_path: Path, broker_url: str,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_job_through_the_broker(engine_node: Callable[..., EngineNode]) -> None:
     """A study completes in the node, its engine job goes through the broker to a real
     ``synthnode worker`` process, which runs the gated engine (a tiny seeded, untrained
     ct_to_mr model approved by the model gate), stores the watermarked output series,
@@ -351,104 +463,101 @@ def test_engine_job_through_the_broker(tmp_path: Path, broker_url: str,
 
     The model is untrained, so the quality gate is off here (it tests the plumbing, not the
     image; the gate's own tests are test_quality.py / test_pipeline.py)."""
-    import tomli_w
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from audit.watermark import detect
 
-    from audit.modelgate import public_key_b64
-    from audit.watermark import WatermarkKey, detect
-    from node.pipeline import build_pipeline
-    from node.tables import outputs
-    from sqlalchemy import select
-    from tests.pipeline.test_e2e import _approved_model
+    node = engine_node()
+    env, pipe, ctx = node.env, node.pipe, node.env.ctx
+    worker_log = env.start_worker("engine,dispatch")
+    pipe.start()
+    assert pipe.complete_study(node.study) is True
+    (engine_job,) = pipe.jobs.list(kind=JobKind.ENGINE)
+    job = env.wait_state(engine_job.id, JobState.SUCCEEDED, timeout=240)
+    worker_pid = env.workers[0][0].pid
+    assert job.attempts == 1 and job.worker.split(":")[1] == str(worker_pid)
+    (out_series,) = job.result["outputs"]
+    (dispatch,) = pipe.jobs.list(kind=JobKind.DISPATCH)
+    assert dispatch.series_uid == out_series and dispatch.parent_id == job.id
+    dispatch = env.wait_state(dispatch.id, JobState.SUCCEEDED, timeout=120)
+    assert dispatch.attempts == 1 and dispatch.worker.split(":")[1] == str(worker_pid)
+    # stored in the node once, delivered once, synthetic and marked
+    (stored,) = ctx.index.instances(series_instance_uid=out_series)
+    (row,) = _our_output_rows(ctx)
+    assert row.series_uid == out_series and row.state == "complete"
+    assert env.peer.received == Counter({stored.sop_instance_uid: 1})
+    got = env.peer.datasets[stored.sop_instance_uid]
+    assert got.SyntheticData == "YES" and got.Modality == "MR"
+    assert got.StudyInstanceUID == node.study and int(got.NumberOfFrames) == 4
+    assert detect(got.pixel_array, [node.wm_key]).marked
+    types = [e.event.type.value for e in ctx.ledger.entries()]
+    for t in ("study.completed", "job.queued", "model.loaded", "output.created",
+              "job.finished", "dispatch.succeeded"):
+        assert t in types, t
+    assert env.message_count(JobKind.ENGINE) == 0
+    assert env.message_count(JobKind.DISPATCH) == 0
+    assert "Traceback" not in worker_log.read_text()
 
-    peer = StoragePeer()
-    prefix = f"synthnode-test-{uuid.uuid4().hex[:12]}-"
-    approver = Ed25519PrivateKey.generate()
-    models = tmp_path / "models"
-    config = tmp_path / "node.toml"
-    config.write_text(tomli_w.dumps({
-        "environment": "development",
-        "data_dir": str(tmp_path / "node"),
-        "audit": {"approvers": [{"name": "tester",
-                                 "public_key": public_key_b64(approver.public_key())}],
-                  "models_dir": str(models)},
-        "engine": {"device": "cpu"},
-        "pipeline": {
-            "broker_url": broker_url, "quiet_period_s": 3600, "broker_sweep_every_s": 0.5,
-            "quality": {"enabled": False},
-            "destinations": [{"name": "peer", "kind": "dimse", "ae_title": "PEER",
-                              "host": "127.0.0.1", "port": peer.port, "accepts_synthetic": True,
-                              "max_attempts": 3, "backoff_s": 0.5}],
-            "rules": [{"name": "ct-to-mr", "match": {"modality": "CT"},
-                       "tasks": [{"task": "ct_to_mr", "params": {"target": "t2w"},
-                                  "output_format": "mf_word_sc"}],
-                       "destinations": ["peer"]}],
-        },
-    }))
-    settings = load_settings(config)
-    wm_key = WatermarkKey.generate(key_id=7)
-    settings.watermark_key_file.parent.mkdir(parents=True, exist_ok=True)
-    wm_key.to_file(settings.watermark_key_file)
-    monkeypatch.setenv("SYNTHNODE_CELERY_QUEUE_PREFIX", prefix)  # the node's BrokerPool queues
-    ctx = build_context(settings, fsync=False)
-    pipe = build_pipeline(ctx)
-    env = ScaleOut(broker_url, prefix, config, ctx, pipe.pool, peer, tmp_path)  # type: ignore[arg-type]
-    try:
-        assert isinstance(pipe.pool, BrokerPool) and pipe.pool.sweep_every_s == 0.5
-        _approved_model(models, ctx.ledger, approver)
-        series = make_series(4, rows=128, cols=128)
-        study = str(series[0].StudyInstanceUID)
-        ing = Ingestor(ctx)
-        for ds in series:
-            buf = BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            ing.ingest_part10(buf.getvalue(), calling_ae="CT", called_ae="SYNTHNODE",
-                              source="dimse")
-        worker_log = env.start_worker("engine,dispatch")
-        pipe.start()
-        assert pipe.complete_study(study) is True
-        (engine_job,) = pipe.jobs.list(kind=JobKind.ENGINE)
-        job = env.wait_state(engine_job.id, JobState.SUCCEEDED, timeout=240)
-        worker_pid = env.workers[0][0].pid
-        assert job.attempts == 1 and job.worker.split(":")[1] == str(worker_pid)
-        (out_series,) = job.result["outputs"]
-        (dispatch,) = pipe.jobs.list(kind=JobKind.DISPATCH)
-        assert dispatch.series_uid == out_series and dispatch.parent_id == job.id
-        dispatch = env.wait_state(dispatch.id, JobState.SUCCEEDED, timeout=120)
-        assert dispatch.attempts == 1 and dispatch.worker.split(":")[1] == str(worker_pid)
-        # stored in the node once, delivered once, synthetic and marked
-        (stored,) = ctx.index.instances(series_instance_uid=out_series)
-        with ctx.engine.connect() as c:
-            (row,) = c.execute(select(outputs)).fetchall()
-        assert row.series_uid == out_series and row.state == "complete"
-        assert peer.received == Counter({stored.sop_instance_uid: 1})
-        got = peer.datasets[stored.sop_instance_uid]
-        assert got.SyntheticData == "YES" and got.Modality == "MR"
-        assert got.StudyInstanceUID == study and int(got.NumberOfFrames) == 4
-        assert detect(got.pixel_array, [wm_key]).marked
-        types = [e.event.type.value for e in ctx.ledger.entries()]
-        for t in ("study.completed", "job.queued", "model.loaded", "output.created",
-                  "job.finished", "dispatch.succeeded"):
-            assert t in types, t
-        assert env.message_count(JobKind.ENGINE) == 0
-        assert env.message_count(JobKind.DISPATCH) == 0
-        assert "Traceback" not in worker_log.read_text()
-    finally:
-        pipe.stop()
-        for proc, _ in env.workers:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait(5)
-        with Connection(broker_url) as conn:
-            ch = conn.default_channel
-            for name in queue_names(prefix).values():
-                try:
-                    ch.queue_delete(name)
-                except Exception:  # noqa: BLE001 - never declared in this test
-                    pass
-        peer.stop()
-        ctx.engine.dispose()
+
+#: worker fault injection: store the first output instance, say so, then hang (until kill -9)
+HANG_AFTER_FIRST_OUTPUT = """
+import time
+from node.ingest import Ingestor
+_ingest = Ingestor.ingest_part10
+def _hang(self, data, **kw):
+    stored = _ingest(self, data, **kw)
+    if kw.get("source") == "pipeline":
+        print(f"STORED ONE OUTPUT INSTANCE OF {stored.record.series_instance_uid} .",
+              flush=True)
+        time.sleep(600)
+    return stored
+Ingestor.ingest_part10 = _hang
+"""
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_store_partial_series_discarded(
+        engine_node: Callable[..., EngineNode]) -> None:
+    """kill -9 of a worker after it stored the first instance of a single-frame output
+    series: the node's sweeper requeues the job when its lease (``pipeline.lease_s`` = 3 s)
+    expires and publishes it again; a second worker discards the partial series (files,
+    index rows, ``output.discarded``), builds the output once and dispatches only it."""
+    # single frames of 256 x 256: the mark must be detectable in each instance to dispatch it
+    node = engine_node(output_format="sc", size=256, lease_s=3)
+    env, pipe, ctx = node.env, node.pipe, node.env.ctx
+    assert pipe.jobs.lease.total_seconds() == 3
+    log = env.start_worker("engine", prelude=HANG_AFTER_FIRST_OUTPUT)
+    pipe.start()
+    assert pipe.complete_study(node.study) is True
+    (job,) = pipe.jobs.list(kind=JobKind.ENGINE)
+    deadline = time.monotonic() + 240
+    hit = None
+    while hit is None and time.monotonic() < deadline:
+        assert env.workers[0][0].poll() is None, log.read_text()[-3000:]
+        hit = re.search(r"STORED ONE OUTPUT INSTANCE OF ([0-9.]+) \.", log.read_text())
+        time.sleep(0.2)
+    assert hit is not None, log.read_text()[-3000:]
+    partial = hit.group(1)
+    (row,) = _our_output_rows(ctx)
+    assert row.series_uid == partial and row.state == "building" and row.attempt == 1
+    assert len(ctx.index.instances(series_instance_uid=partial)) == 1
+    first, _ = env.workers.pop(0)
+    os.killpg(first.pid, 9)
+    first.wait(10)
+    env.start_worker("engine,dispatch")
+    second = env.workers[0][0]
+    done = env.wait_state(job.id, JobState.SUCCEEDED, timeout=240)
+    assert done.attempts == 2 and done.worker.split(":")[1] == str(second.pid)
+    (out_series,) = done.result["outputs"]
+    (row,) = _our_output_rows(ctx)
+    assert row.series_uid == out_series != partial and row.state == "complete"
+    assert ctx.index.instances(series_instance_uid=partial) == []
+    outputs = {i.sop_instance_uid for i in ctx.index.instances(series_instance_uid=out_series)}
+    assert len(outputs) == 4
+    (dispatch,) = pipe.jobs.list(kind=JobKind.DISPATCH)
+    assert dispatch.series_uid == out_series
+    env.wait_state(dispatch.id, JobState.SUCCEEDED, timeout=120)
+    assert env.peer.received == Counter({u: 1 for u in outputs})
+    (ev,) = [e.event for e in ctx.ledger.entries() if e.event.type.value == "output.discarded"]
+    assert ev.subject["series_uid"] == partial and len(ev.payload["sop_uids"]) == 1
+    assert ev.payload["attempt"] == 1 and "attempt 2" in ev.payload["reason"]
+    # originals + the complete output series on disk; the partial file is gone
+    assert len(list(ctx.store.iter_files())) == 8
