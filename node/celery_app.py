@@ -133,7 +133,9 @@ def make_celery(broker_url: str, *, prefix: str | None = None) -> Celery:
     )
     app.synthnode_queues = names  # type: ignore[attr-defined]
 
-    @app.task(name=TASK_NAME, bind=True, ignore_result=True)
+    # shared=False: a second app in the same process (the worker's pipeline publishes
+    # dispatch jobs through its own) must not get this closure as a duplicate task
+    @app.task(name=TASK_NAME, bind=True, ignore_result=True, shared=False)
     def run(self: Any, job_id: str) -> str:
         runtime: WorkerRuntime | None = getattr(self.app, "synthnode", None)
         if runtime is None:
