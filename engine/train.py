@@ -65,7 +65,17 @@ DATA_VERSION = 1
 CT_SCALE = 1000.0  # HU / 1000
 MR_TARGET_SCALE = 1000.0  # engine.phantoms.MR_SCALE: MR signal in [0, 1] * 1000
 LOW_DOSES = (0.1, 0.25, 0.5)
-TRAIN_ANGLES = 180  # views for training-data low dose (I0 is scaled by degrade; see docs)
+# CT restoration robustness augmentation (make_batch ``robust``; preset key "robust")
+ROBUST_CT = {"p_scale": 0.5, "scale_lo": 0.05, "p_single": 0.2}
+TRAIN_ANGLES = 180  # views for training-data low dose up to 256 px (I0 is scaled by degrade; see docs)
+
+
+def train_angles(size: int) -> int:
+    """Views for the training low dose: the evaluation's own choice (engine.degrade.default_angles),
+    180 up to 256 px (as data version 1), 360 above, so 512 px training pairs match evaluation."""
+    from engine.degrade import default_angles
+
+    return TRAIN_ANGLES if size <= 256 else default_angles(size)
 
 # Per "training task": which inference tasks the model serves, I/O, normalisation, sampling.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -77,6 +87,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampling": {"ct_denoise": {"steps": 2, "strength": 0.3}},
         "p_uncond": 0.0,
         "train_t_max": 0.6,
+        "robust": True,
     },
     # augmentation: the same UNet, NOT residual, trained with condition dropout so that it is
     # also an unconditional denoiser of partially noised CT (SDEdit variants)
@@ -135,7 +146,8 @@ class TrainConfig:
     lr: float = 2e-3
     warmup: int = 50
     weight_decay: float = 1e-4
-    ema_decay: float = 0.995
+    # None = automatic: 0.995, but an EMA window (1 / (1 - d)) of at most 10 % of the run
+    ema_decay: float | None = None
     seed: int = 0
     n_train: int = 96
     size: int = 256
@@ -203,7 +215,7 @@ def prepare_data(path: Path | str, n: int, size: int = 256, split: str = "train"
     for i, s in enumerate(phantoms.iter_dataset(split, n, size=size, n_slices=3, kind="mixed", start=start,
                                                 mr_snr=None, bias_strength=0.0)):
         dose = LOW_DOSES[(start + i) % len(LOW_DOSES)]
-        res = low_dose_ct(s.ct_hu, s.spacing[1], (dose, 1.0), seed=s.seed, n_angles=TRAIN_ANGLES)
+        res = low_dose_ct(s.ct_hu, s.spacing[1], (dose, 1.0), seed=s.seed, n_angles=train_angles(size))
         arrs["ct"].append(s.ct_hu)
         arrs["ld"].append(res[dose])
         arrs["nd"].append(res[1.0])
@@ -218,7 +230,7 @@ def prepare_data(path: Path | str, n: int, size: int = 256, split: str = "train"
     np.savez(tmp, **{k: np.stack(v).astype(np.float32) for k, v in arrs.items()},
              dose=np.array(doses, np.float32), seeds=np.array(seeds, np.int64), kinds=np.array(kinds, np.int8),
              meta=np.array(json.dumps({"data_version": DATA_VERSION, "split": split, "n": n, "size": size,
-                                       "start": start, "angles": TRAIN_ANGLES, "doses": LOW_DOSES})))
+                                       "start": start, "angles": train_angles(size), "doses": LOW_DOSES})))
     os.replace(tmp, path)
     return path
 
@@ -241,12 +253,19 @@ def _augment_geom(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return torch.flip(t, dims=(-1,)) if flip else t
 
 
-def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int, crop: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int, crop: int,
+               robust: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One training batch in network units (pixel domain, before the DWT).
 
     Returns ``(target, cond)``: ``(B, Ct, crop, crop)`` and ``(B, 3, crop, crop)`` (the slice
     and its two neighbours).
+
+    ``robust`` (CT restoration, see ``ROBUST_CT``): with probability ``p_scale`` the received
+    noise is scaled by ``U(scale_lo, 1)`` (``clean + a (received - clean)``), so the model sees
+    noise from almost none up to the lowest dose and must judge the level from the image (a
+    model trained only on 10-33 HU flattened real texture in a 2.4 HU scan); with probability
+    ``p_single`` both neighbours are replaced by the centre slice, which is what a single-slice
+    or edge input looks like to the network (``engine.tasks`` repeats edge slices).
     """
     n, _, h, w = data["ct"].shape
     idx = torch.randint(0, n, (batch,), generator=gen).tolist()
@@ -256,6 +275,14 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
             use_nd = torch.rand((), generator=gen).item() < 0.25
             cond = torch.from_numpy(data["nd" if use_nd else "ld"][i]) / CT_SCALE
             target = torch.from_numpy(data["ct"][i][1:2]) / CT_SCALE
+            if robust:
+                if torch.rand((), generator=gen).item() < ROBUST_CT["p_scale"]:
+                    lo = ROBUST_CT["scale_lo"]
+                    a = lo + (1.0 - lo) * torch.rand((), generator=gen).item()
+                    clean3 = torch.from_numpy(data["ct"][i]) / CT_SCALE
+                    cond = clean3 + a * (cond - clean3)
+                if torch.rand((), generator=gen).item() < ROBUST_CT["p_single"]:
+                    cond = cond[1:2].expand(3, -1, -1)
         elif task == "ct_to_mr":
             use_ld = torch.rand((), generator=gen).item() < 0.2
             cond = torch.from_numpy(data["ld" if use_ld else "nd"][i]) / CT_SCALE
@@ -326,6 +353,15 @@ def _load_checkpoint(run_dir: Path, net: torch.nn.Module, ema: dict[str, torch.T
 
 
 # --------------------------------------------------------------------------- training
+def ema_decay(nominal: float | None, steps: int) -> float:
+    """EMA decay actually used: ``nominal`` when given, else 0.995 capped so that the EMA window
+    (1 / (1 - d)) is at most 10 % of the run. A fixed 0.995 (200-step window) on runs of ~250
+    steps made the shipped weights an average over nearly the whole run, warm-up included."""
+    if nominal is not None:
+        return float(nominal)
+    return min(0.995, 1.0 - 10.0 / max(steps, 20))
+
+
 def _lr_lambda(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -380,6 +416,7 @@ def train(
     p_uncond = float(cfg["p_uncond"])
     t_hi = float(cfg["train_t_max"])
     k_res = float(cfg["io"].get("residual_scale") or 0.0)
+    robust = bool(PRESETS[tc.task].get("robust", False))
     net.train()
     t0 = time.perf_counter()
     ema_loss = None
@@ -394,7 +431,7 @@ def train(
                     tc.steps = max(fit, 11)
             for g in opt.param_groups:  # warm-up + cosine decay, a pure function of the step
                 g["lr"] = tc.lr * _lr_lambda(step, tc.warmup, tc.steps)
-            target, cond = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop)
+            target, cond = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop, robust=robust)
             if k_res:  # residual parameterisation: r = k (clean - received centre slice)
                 ctr = int(cfg["io"]["context_slices"])
                 target = (target - cond[:, ctr:ctr + 1]) * k_res
@@ -416,7 +453,7 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
-            d = min(tc.ema_decay, (1 + step) / (10 + step))
+            d = min(ema_decay(tc.ema_decay, tc.steps), (1 + step) / (10 + step))
             with torch.no_grad():
                 for k, v in net.state_dict().items():
                     if v.dtype.is_floating_point:
@@ -452,6 +489,8 @@ def train(
         "platform": platform.platform(),
         "seconds": round(seconds, 1),
         "final_loss_ema": ema_loss,
+        "ema_decay_used": ema_decay(tc.ema_decay, tc.steps),
+        "robust_augmentation": ROBUST_CT if robust else None,
         "data": data.get("meta", {}),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -528,15 +567,24 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         "## Training recipe",
         "",
         f"- objective `{cfg['objective']}`, {tr.get('steps')} steps, batch {tr.get('batch')}, "
-        f"random {tr.get('crop')}x{tr.get('crop')} crops (fully convolutional; runs at 512x512), "
+        f"random {tr.get('crop')}x{tr.get('crop')} crops of {tr.get('size')} px phantoms (fully convolutional; "
+        "runs at 512x512), "
         f"AdamW lr {tr.get('lr')} (weight decay {tr.get('weight_decay')}), warm-up {tr.get('warmup')} steps "
-        f"then cosine decay to 5 %, gradient clip 1.0, EMA {tr.get('ema_decay')} (shipped weights = EMA), "
+        f"then cosine decay to 5 %, gradient clip 1.0, EMA {tr.get('ema_decay_used', tr.get('ema_decay'))} "
+        "(shipped weights = EMA), "
         f"condition dropout {cfg.get('p_uncond')}",
+        *([f"- robustness augmentation (CT restoration): with probability {tr['robust_augmentation']['p_scale']} the "
+           f"received noise is scaled by U({tr['robust_augmentation']['scale_lo']}, 1); with probability "
+           f"{tr['robust_augmentation']['p_single']} the 2.5D neighbours are replaced by the centre slice "
+           "(`engine.train.make_batch`)"] if tr.get("robust_augmentation") else []),
         f"- seed {tr.get('seed')}; device {tr.get('device')}; torch {tr.get('torch')}; "
         f"{tr.get('seconds')} s; final training loss (EMA) {tr.get('final_loss_ema')}",
         f"- command: `synthnode engine train {cfg['task']} --objective {cfg['objective']} --steps {tr.get('steps')} "
-        f"--crop {tr.get('crop')} --batch {tr.get('batch')} --n-train {tr.get('n_train')} --seed {tr.get('seed')}` "
-        "(the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)",
+        f"--crop {tr.get('crop')} --batch {tr.get('batch')} --lr {tr.get('lr')} --n-train {tr.get('n_train')} "
+        f"--size {tr.get('size')} --seed {tr.get('seed')}"
+        + (f" --ema-decay {tr['ema_decay']}" if tr.get("ema_decay") is not None else "") + "`"
+        + (" (the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)"
+           if tr.get("max_minutes") else ""),
         "",
         "## Training data",
         "",

@@ -30,6 +30,8 @@ def train_cmd(
     model_id: str | None = typer.Option(None, "--model-id"),
     version: str = typer.Option("1.0.0", "--version"),
     channels: str = typer.Option("32,32,64,64", "--channels", help="UNet channels per level"),
+    ema: float | None = typer.Option(None, "--ema-decay", min=0.0, max=1.0,
+                                     help="EMA decay of the shipped weights (default: 0.995, window <= 10 % of the run)"),
     minutes: float | None = typer.Option(None, "--minutes", help="wall-clock budget: fewer steps if needed"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda | auto (default: settings)"),
@@ -53,7 +55,7 @@ def train_cmd(
     arch = {**DEFAULT_ARCH, "channels": ch, "attention_levels": [False] * len(ch)}
     tc = TrainConfig(task=task, objective=objective, steps=steps, batch=batch, crop=crop, lr=lr, seed=seed,
                      n_train=n_train, size=size, architecture=arch, model_id=model_id, version=version,
-                     max_minutes=minutes)
+                     max_minutes=minutes, ema_decay=ema)
     out_root = out or settings.models_dir
     dev = resolve_device(device or settings.engine.device)
     threads = settings.engine.threads

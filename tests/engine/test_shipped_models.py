@@ -75,8 +75,9 @@ def _ct_scores(ref: list[np.ndarray], out: list[np.ndarray]) -> tuple[float, flo
     return float(p), float(s)
 
 
-# floors: (min PSNR gain dB, min SSIM gain) over the low-dose input (dose 0.25, 256 px)
-CT_FLOORS = {"ct-denoise-wreg": (0.3, 0.0), "experimental/ct-denoise-wdiff": (-0.5, -0.005)}
+# floors: (min PSNR gain dB, min SSIM gain) over the low-dose input (dose 0.25, 256 px);
+# ct-denoise-wreg 1.1.0 measured +4.1 dB / +0.038, 1.0.0 +1.3 dB / +0.014
+CT_FLOORS = {"ct-denoise-wreg": (2.0, 0.02), "experimental/ct-denoise-wdiff": (-0.5, -0.005)}
 
 
 @pytest.mark.parametrize("name", sorted(CT_FLOORS))
@@ -105,8 +106,9 @@ def test_mr_restoration_beats_its_input() -> None:
     assert min(gains) > MR_FLOOR_DB, gains
 
 
-# SSIM floors; the diffusion model is under-trained (see its card) and only guarded against breakage
-C2M_FLOORS = {"ct-to-mr-wreg": 0.6, "experimental/ct-to-mr-wdiff": 0.1}
+# SSIM floors (min over the 2 held-out phantoms; ct-to-mr-wreg 1.1.0 measured 0.76-0.94, 1.0.0 0.61-0.78);
+# the diffusion model is under-trained (see its card) and only guarded against breakage
+C2M_FLOORS = {"ct-to-mr-wreg": 0.7, "experimental/ct-to-mr-wdiff": 0.1}
 
 
 @pytest.mark.parametrize("name", sorted(C2M_FLOORS))

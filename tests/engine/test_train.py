@@ -112,3 +112,60 @@ def test_cli_train_smoke(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert (tmp_path / "models/ct-denoise-wdiff/model.safetensors").exists()
     assert (tmp_path / "models/ct-denoise-wdiff/MODEL_CARD.md").read_text().count("train` split") == 1
+
+
+def test_ema_window_is_capped_to_a_tenth_of_the_run() -> None:
+    from engine.train import ema_decay
+
+    assert ema_decay(None, 250) == pytest.approx(0.96)  # window 25 steps, not 200
+    assert ema_decay(None, 100_000) == 0.995
+    assert ema_decay(0.995, 250) == 0.995  # an explicit value is used as given
+    assert 1.0 / (1.0 - ema_decay(None, 1000)) <= 100 + 1e-9
+
+
+def test_cli_ema_decay_and_size_recorded_in_config_and_card(tmp_path: Path) -> None:
+    from node.cli import app
+
+    data = toy_data(n=2, size=32)
+    np.savez(tmp_path / "toy.npz", **{k: v for k, v in data.items() if k != "meta"},
+             meta=np.array(json.dumps({"toy": True})))
+    cfgfile = tmp_path / "c.toml"
+    cfgfile.write_text(f'environment = "development"\ndata_dir = "{tmp_path}"\n[engine]\nthreads = 1\n')
+    args = ["engine", "train", "ct_to_mr", "--objective", "regression", "--steps", "2", "--batch", "1",
+            "--crop", "16", "--n-train", "2", "--size", "32", "--data", str(tmp_path / "toy.npz"),
+            "--out", str(tmp_path / "models"), "--channels", "8,8", "--device", "cpu", "--config", str(cfgfile)]
+    res = CliRunner().invoke(app, [*args, "--ema-decay", "0.9"])
+    assert res.exit_code == 0, res.output
+    d = tmp_path / "models/ct-to-mr-wreg"
+    tr = json.loads((d / "config.json").read_text())["training"]
+    assert tr["ema_decay"] == 0.9 and tr["ema_decay_used"] == 0.9 and tr["size"] == 32
+    card = (d / "MODEL_CARD.md").read_text()
+    assert "--size 32" in card and "--ema-decay 0.9`" in card and "EMA 0.9 " in card
+
+
+def test_training_low_dose_uses_the_evaluation_view_count() -> None:
+    from engine.degrade import default_angles
+    from engine.train import train_angles
+
+    assert train_angles(256) == 180  # data version 1 unchanged at <= 256 px
+    assert train_angles(512) == default_angles(512) == 360
+
+
+def test_robust_ct_batches_vary_the_noise_level_and_drop_the_context() -> None:
+    import torch
+
+    data = toy_data(n=4, size=32)  # ld = ct + N(0, 40 HU)
+
+    def stats(robust: bool) -> tuple[list[float], int]:
+        tgt, cond = make_batch("ct_denoise", {**data, "nd": data["ld"]}, torch.Generator().manual_seed(1), 200, 32,
+                               robust=robust)
+        ratios = [float((cond[b, 1] - tgt[b, 0]).std() * 1000 / 40) for b in range(cond.shape[0])]
+        single = sum(bool(torch.equal(cond[b, 0], cond[b, 1]) and torch.equal(cond[b, 2], cond[b, 1]))
+                     for b in range(cond.shape[0]))
+        return ratios, single
+
+    plain, single_plain = stats(False)
+    robust, single_robust = stats(True)
+    assert single_plain == 0 and min(plain) > 0.85
+    assert 20 <= single_robust <= 60  # p_single = 0.2 of 200
+    assert min(robust) < 0.2 and sum(r < 0.85 for r in robust) >= 60  # p_scale = 0.5, a ~ U(0.05, 1)
