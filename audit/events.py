@@ -77,19 +77,33 @@ class Event:
                            payload sha256 (of the stored file), calling_ae, called_ae,
                            transfer_syntax_uid
     ``study.completed``    subject study_uid; payload series_uids (list)
-    ``job.*``              subject job_id, model_id, study_uid; payload
-                           source_series_uids (list), source_sop_uids (list, optional),
-                           weights_sha256, parameters (dict), seed (int), device;
-                           job.failed adds error
-    ``output.created``     subject job_id, study_uid, series_uid (= the output series);
-                           payload source_series_uids, output_series_uid, output_sop_uids
-                           (list), sha256 (list parallel to output_sop_uids, or one digest),
-                           watermark_payload (hex string)
+    ``job.*``              subject job_id, study_uid; payload kind ("engine" /
+                           "dispatch"), task, rule (job.queued), seed, attempt / attempts;
+                           job.failed adds error (a transient failure is a job.queued with
+                           requeued true).
+                           Engine job: subject model_id when known (the rule's model from
+                           job.queued on; a task default only in job.finished, whose
+                           payload also has model_id, model_version, weights_sha256 of the
+                           model that ran); payload source_series_uids (list),
+                           source_sop_uids (list, optional).
+                           Dispatch job: subject series_uid (the series it sends); payload
+                           destination, parent_id (the engine job; job.queued)
+    ``output.created``     subject job_id, study_uid, series_uid (= the output series),
+                           model_id; payload source_series_uids, output_series_uid,
+                           output_sop_uids (list), sha256 (list parallel to
+                           output_sop_uids, or one digest), watermark_payload (hex string),
+                           output_format, model_id, model_version, weights_sha256, seed,
+                           quality (the gate's statistics, decimal strings)
+    ``output.held``        subject job_id, study_uid, model_id; payload
+                           source_series_uids, output_index, reasons (list of strings),
+                           stats (decimal strings)
     ``output.discarded``   subject job_id, study_uid, series_uid (= the partial output
                            series); payload source_series_uids, sop_uids (the removed
                            instances), attempt (that built it), planned_instances, reason
-    ``dispatch.*``         subject series_uid (the output series), study_uid, destination,
-                           job_id; payload sop_uids (list), status, error
+    ``dispatch.*``         subject series_uid (the output series; a list when one send
+                           covered several), study_uid, destination, job_id (the dispatch
+                           job); payload sop_uids (list), attempt(s), state, acknowledged,
+                           error
     ``model.*``            subject model_id; payload version, manifest_sha256, key_id,
                            approver, signature (model.approved), reason (revoked / refused)
     ``key.revoked``        subject key_id; payload approver, reason

@@ -302,18 +302,74 @@ def write_fhir_bundle(entries: Iterable[StoredEntry], out: IO[str], models: dict
 # -- lineage -----------------------------------------------------------------------------
 JOB_TYPES = {EventType.JOB_QUEUED, EventType.JOB_STARTED, EventType.JOB_FINISHED, EventType.JOB_FAILED,
              EventType.JOB_CANCELLED}
+OUTPUT_TYPES = {EventType.OUTPUT_CREATED, EventType.OUTPUT_HELD, EventType.OUTPUT_DISCARDED}
 DISPATCH_TYPES = {EventType.DISPATCH_ATTEMPTED, EventType.DISPATCH_SUCCEEDED, EventType.DISPATCH_FAILED}
+#: job.* payload ``kind`` of the jobs that send a series (node/jobs.py JobKind.DISPATCH)
+DISPATCH_JOB_KIND = "dispatch"
+#: the job state each job event records (node/jobs.py JobState)
+JOB_STATE_OF = {EventType.JOB_QUEUED: "queued", EventType.JOB_STARTED: "running",
+                EventType.JOB_FINISHED: "succeeded", EventType.JOB_FAILED: "failed",
+                EventType.JOB_CANCELLED: "cancelled"}
 
 
-def lineage(ledger: Ledger, uid: str, max_rounds: int = 6) -> dict[str, Any]:
-    """Everything the ledger links to ``uid`` (study / series / SOP UID, job id): the source
-    instances, the jobs that read them, their outputs and the dispatches of those outputs.
+def _uids(value: Any) -> list[str]:
+    """A subject / payload UID field as a list (the dispatcher writes a list when one send
+    covered several series)."""
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, list):
+        return [str(v) for v in value if isinstance(v, str) and v]
+    return []
 
-    Links followed (keys documented in :mod:`audit.events`): instance.received
-    (study/series/sop) <- job.* payload ``source_series_uids`` / ``source_sop_uids`` and
-    subject ``job_id`` -> output.created (subject ``job_id``; payload
-    ``output_series_uid``, ``output_sop_uids``) -> dispatch.* (subject ``series_uid`` =
-    output series, or ``job_id``).
+
+def _links(ev: Event) -> set[str]:
+    """UIDs / ids an entry points to that lineage follows (see :func:`lineage`)."""
+    out: set[str] = set()
+    if ev.type in JOB_TYPES or ev.type in OUTPUT_TYPES or ev.type in DISPATCH_TYPES:
+        out.update(_uids(ev.subject.get("job_id")))
+        out.update(_uids(ev.payload.get("source_series_uids")))
+    if ev.type in JOB_TYPES:
+        out.update(_uids(ev.payload.get("parent_id")))  # a dispatch job -> its engine job
+        out.update(_uids(ev.subject.get("series_uid")))  # a dispatch job's output series
+    if ev.type in OUTPUT_TYPES or ev.type in DISPATCH_TYPES:
+        out.update(_uids(ev.subject.get("series_uid")))
+        out.update(_uids(ev.payload.get("output_series_uid")))
+    if ev.type == EventType.INSTANCE_RECEIVED:
+        out.update(_uids(ev.subject.get("series_uid")))  # an instance -> its series -> jobs
+    return out
+
+
+def _dispatch_item(e: StoredEntry) -> dict[str, Any]:
+    ev = e.event
+    item: dict[str, Any] = {"seq": e.seq, "type": ev.type.value, "time": format_time(ev.time),
+                            "destination": ev.subject.get("destination"),
+                            "series_uid": ev.subject.get("series_uid"),
+                            "job_id": ev.subject.get("job_id"), "outcome": ev.outcome.value}
+    for k in ("attempt", "attempts", "state", "acknowledged", "error"):
+        if k in ev.payload:
+            item[k] = ev.payload[k]
+    return item
+
+
+def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
+    """Everything the ledger links to ``uid`` (study / series / SOP UID, job id), as a tree:
+    source series -> engine jobs -> output series -> dispatches to destinations.
+
+    Links followed (keys documented in :mod:`audit.events`): instance.received (study /
+    series / sop) <- job.* payload ``source_series_uids`` and subject ``job_id`` ->
+    output.created / output.held / output.discarded (subject ``job_id``; payload
+    ``output_series_uid``) -> dispatch.* (subject ``series_uid`` = the output series,
+    ``job_id`` = the dispatch job). A dispatch job (job.* payload ``kind`` "dispatch",
+    subject ``series_uid`` = what it sends, payload ``parent_id`` = its engine job) is not a
+    node of the tree: its events hang under the series it sent, and its id is shown with
+    each dispatch (``job_id``) and in the output's ``dispatch_jobs``.
+
+    Returns a dict: ``sources`` (series with their received instances and, for originals
+    forwarded as they are, their dispatches), ``jobs`` (engine jobs: task, model id /
+    version / weights digest, state events, ``outputs`` each with its ``dispatches`` and
+    ``dispatch_jobs``, ``held`` outputs with the quality gate's reasons, ``discarded``
+    partial outputs), ``unattached_dispatches`` (dispatch events whose series is neither a
+    known output nor a source), ``entries`` (every ledger seq visited).
     """
     seen: dict[int, StoredEntry] = {}
     frontier = {uid}
@@ -328,67 +384,107 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 6) -> dict[str, Any]:
             if e.seq in seen:
                 continue
             seen[e.seq] = e
-            ev = e.event
-            if ev.type in JOB_TYPES or ev.type == EventType.OUTPUT_CREATED or ev.type in DISPATCH_TYPES:
-                if ev.subject.get("job_id"):
-                    new.add(str(ev.subject["job_id"]))
-            if ev.type in JOB_TYPES or ev.type == EventType.OUTPUT_CREATED:
-                new.update(str(u) for u in ev.payload.get("source_series_uids") or [])
-            if ev.type == EventType.INSTANCE_RECEIVED and ev.subject.get("series_uid"):
-                new.add(str(ev.subject["series_uid"]))  # an instance -> its series -> jobs
-            if ev.type == EventType.OUTPUT_CREATED:
-                if ev.payload.get("output_series_uid"):
-                    new.add(str(ev.payload["output_series_uid"]))
+            new |= _links(e.event)
         frontier = new
     events = [seen[s] for s in sorted(seen)]
-    sources: dict[str, dict[str, Any]] = {}
-    jobs: dict[str, dict[str, Any]] = {}
-    for e in events:
-        ev = e.event
-        if ev.type == EventType.INSTANCE_RECEIVED:
-            s = sources.setdefault(str(ev.subject.get("series_uid")), {
-                "series_uid": ev.subject.get("series_uid"), "study_uid": ev.subject.get("study_uid"),
-                "instances": [], "from": ev.actor})
-            s["instances"].append({"seq": e.seq, "sop_uid": ev.subject.get("sop_uid"),
-                                   "sha256": ev.payload.get("sha256")})
+
+    # which job ids are dispatch jobs (kind recorded by node/jobs.py) and which are engine jobs
+    dispatch_jobs: dict[str, dict[str, Any]] = {}
+    engine_ids: list[str] = []
     for e in events:
         ev = e.event
         jid = ev.subject.get("job_id")
-        if not jid:
+        if not jid or ev.type not in JOB_TYPES:
             continue
-        job = jobs.setdefault(str(jid), {"job_id": jid, "model_id": ev.subject.get("model_id"),
-                                         "events": [], "outputs": [], "dispatches": [],
-                                         "source_series_uids": []})
-        if ev.type in JOB_TYPES:
-            job["events"].append({"seq": e.seq, "type": ev.type.value, "time": format_time(ev.time),
-                                  **{k: ev.payload[k] for k in ("weights_sha256", "seed", "device", "error")
-                                     if k in ev.payload}})
-            for u in ev.payload.get("source_series_uids") or []:
-                if u not in job["source_series_uids"]:
-                    job["source_series_uids"].append(u)
-            job["model_id"] = job["model_id"] or ev.subject.get("model_id")
-        elif ev.type == EventType.OUTPUT_CREATED:
-            job["outputs"].append({"seq": e.seq, "series_uid": ev.payload.get("output_series_uid"),
-                                   "sop_uids": len(ev.payload.get("output_sop_uids") or []),
-                                   "watermark_payload": ev.payload.get("watermark_payload")})
-        elif ev.type in DISPATCH_TYPES:
-            job["dispatches"].append({"seq": e.seq, "type": ev.type.value,
-                                      "destination": ev.subject.get("destination"),
-                                      "series_uid": ev.subject.get("series_uid")})
-    # dispatches recorded without a job id: attach by output series
-    by_series = {o["series_uid"]: j for j in jobs.values() for o in j["outputs"]}
+        if ev.payload.get("kind") == DISPATCH_JOB_KIND:
+            d = dispatch_jobs.setdefault(str(jid), {"job_id": jid, "series_uid": None,
+                                                    "destination": None, "parent_id": None,
+                                                    "state": None, "events": []})
+            d["series_uid"] = d["series_uid"] or ev.subject.get("series_uid")
+            d["destination"] = d["destination"] or ev.payload.get("destination")
+            d["parent_id"] = d["parent_id"] or ev.payload.get("parent_id")
+            d["state"] = JOB_STATE_OF[ev.type]
+            d["events"].append(e.seq)
+        elif str(jid) not in engine_ids:
+            engine_ids.append(str(jid))
+    for e in events:  # engine jobs known only by their outputs (job events outside the ledger)
+        jid = e.event.subject.get("job_id")
+        if e.event.type in OUTPUT_TYPES and jid and str(jid) not in engine_ids \
+                and str(jid) not in dispatch_jobs:
+            engine_ids.append(str(jid))
+
+    jobs: dict[str, dict[str, Any]] = {
+        j: {"job_id": j, "task": None, "model_id": None, "model_version": None,
+            "weights_sha256": None, "source_series_uids": [], "events": [], "outputs": [],
+            "held": [], "discarded": []}
+        for j in engine_ids}
+    outputs: dict[str, dict[str, Any]] = {}
     for e in events:
         ev = e.event
-        if ev.type in DISPATCH_TYPES and not ev.subject.get("job_id"):
-            j = by_series.get(ev.subject.get("series_uid"))
-            if j is not None:
-                j["dispatches"].append({"seq": e.seq, "type": ev.type.value,
-                                        "destination": ev.subject.get("destination"),
-                                        "series_uid": ev.subject.get("series_uid")})
-    for j in jobs.values():
-        j["dispatches"].sort(key=lambda d: d["seq"])
+        job = jobs.get(str(ev.subject.get("job_id")))
+        if job is None:
+            continue
+        for u in _uids(ev.payload.get("source_series_uids")):
+            if u not in job["source_series_uids"]:
+                job["source_series_uids"].append(u)
+        job["model_id"] = ev.subject.get("model_id") or ev.payload.get("model_id") or job["model_id"]
+        for k in ("model_version", "weights_sha256"):
+            job[k] = ev.payload.get(k) or job[k]
+        job["task"] = job["task"] or ev.payload.get("task")
+        if ev.type in JOB_TYPES:
+            job["events"].append({"seq": e.seq, "type": ev.type.value, "time": format_time(ev.time),
+                                  **{k: ev.payload[k] for k in ("attempt", "worker", "weights_sha256",
+                                                                "seed", "device", "error")
+                                     if k in ev.payload}})
+        elif ev.type == EventType.OUTPUT_CREATED:
+            series = ev.payload.get("output_series_uid") or ev.subject.get("series_uid")
+            out = {"seq": e.seq, "series_uid": series,
+                   "sop_uids": len(ev.payload.get("output_sop_uids") or []),
+                   "output_format": ev.payload.get("output_format"),
+                   "watermark_payload": ev.payload.get("watermark_payload"),
+                   "dispatches": [], "dispatch_jobs": []}
+            job["outputs"].append(out)
+            outputs[str(series)] = out
+        elif ev.type == EventType.OUTPUT_HELD:
+            job["held"].append({"seq": e.seq, "output_index": ev.payload.get("output_index"),
+                                "reasons": list(ev.payload.get("reasons") or [])})
+        elif ev.type == EventType.OUTPUT_DISCARDED:
+            job["discarded"].append({"seq": e.seq, "series_uid": ev.subject.get("series_uid"),
+                                     "reason": ev.payload.get("reason")})
+
+    sources: dict[str, dict[str, Any]] = {}
+    for e in events:
+        ev = e.event
+        series = ev.subject.get("series_uid")
+        if ev.type != EventType.INSTANCE_RECEIVED or str(series) in outputs:
+            continue  # the pipeline stores its outputs through ingest too: not sources
+        s = sources.setdefault(str(series), {
+            "series_uid": series, "study_uid": ev.subject.get("study_uid"),
+            "instances": [], "from": ev.actor, "dispatches": []})
+        s["instances"].append({"seq": e.seq, "sop_uid": ev.subject.get("sop_uid"),
+                               "sha256": ev.payload.get("sha256")})
+
+    # dispatches hang under the series they sent: an output (or a forwarded original)
+    unattached: list[dict[str, Any]] = []
+    for e in events:
+        if e.event.type not in DISPATCH_TYPES:
+            continue
+        item = _dispatch_item(e)
+        homes = [outputs.get(u) or sources.get(u) for u in _uids(e.event.subject.get("series_uid"))]
+        homes = [h for h in homes if h is not None]
+        for h in homes:
+            h["dispatches"].append(item)
+        if not homes:
+            unattached.append(item)
+    for d in dispatch_jobs.values():
+        out = outputs.get(str(d["series_uid"]))
+        if out is not None:
+            out["dispatch_jobs"].append({k: d[k] for k in ("job_id", "destination", "state")})
+            if d["destination"] is None:  # older ledgers: the destination is on the events
+                dests = {x["destination"] for x in out["dispatches"] if x["job_id"] == d["job_id"]}
+                out["dispatch_jobs"][-1]["destination"] = next(iter(dests)) if len(dests) == 1 else None
     return {"uid": uid, "sources": list(sources.values()), "jobs": list(jobs.values()),
-            "entries": [e.seq for e in events]}
+            "unattached_dispatches": unattached, "entries": [e.seq for e in events]}
 
 
 def iter_entries(ledger: Ledger, seqs: Iterable[int]) -> Iterator[StoredEntry]:

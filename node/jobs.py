@@ -71,6 +71,11 @@ _EVENT = {
 }
 
 
+#: keys of an engine job's result copied to the top of its job.finished payload (and
+#: ``model_id`` to the subject): which model ran, as the engine's provenance names it
+RESULT_MODEL_KEYS: tuple[str, ...] = ("model_id", "model_version", "weights_sha256")
+
+
 class InvalidTransition(RuntimeError):
     """The job is not in a state that allows this operation (or another worker won)."""
 
@@ -215,15 +220,26 @@ class JobStore:
         get = (lambda k: getattr(job, k)) if isinstance(job, Job) else job.get
         kind_value = get("kind")
         kind_value = kind_value.value if isinstance(kind_value, Enum) else kind_value
+        spec = get("spec")
+        spec = json.loads(spec or "{}") if isinstance(spec, str) else (spec or {})
         subject = {"job_id": get("id")}
         if get("study_uid"):
             subject["study_uid"] = get("study_uid")
-        if get("series_uid"):
-            if kind_value == JobKind.ENGINE.value:
+        if kind_value == JobKind.ENGINE.value:
+            # the model that runs: the one the rule names (job.queued / started), the one that
+            # ran (job.finished: model_id from the result; None in the spec = the task's
+            # default, resolved by the engine runner)
+            model_id = payload.get("model_id") or spec.get("model")
+            if model_id:
+                subject["model_id"] = str(model_id)
+            if get("series_uid"):
                 # audit vocabulary: an engine job's sources are payload source_series_uids
                 payload = {"source_series_uids": [get("series_uid")], **payload}
-            else:
-                subject["series_uid"] = get("series_uid")  # a dispatch job's output series
+        else:
+            if get("series_uid"):
+                subject["series_uid"] = get("series_uid")  # the series a dispatch job sends
+            if spec.get("destination"):
+                payload = {"destination": spec["destination"], **payload}
         outcome = {
             JobState.FAILED: Outcome.SERIOUS_FAILURE,
             JobState.CANCELLED: Outcome.MINOR_FAILURE,
@@ -356,7 +372,10 @@ class JobStore:
                 conn, job, JobState.SUCCEEDED,
                 {"finished_at": _now(), "lease_until": None,
                  "result": json.dumps(result or {}, sort_keys=True, default=str)},
-                {"attempts": job.attempts, "result": result or {}}, claim=claim,
+                {"attempts": job.attempts, "result": result or {},
+                 # lineage reads which model ran from the job.finished event itself
+                 **{k: str((result or {})[k]) for k in RESULT_MODEL_KEYS if (result or {}).get(k)}},
+                claim=claim,
             )
 
     def fail(self, job_id: str, error: str, *, transient: bool = False,

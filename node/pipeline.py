@@ -408,7 +408,8 @@ class Pipeline:
                 if report is not None and not report.passed:
                     held.append({"index": k, "reasons": list(report.reasons)})
                     self._event(EventType.OUTPUT_HELD,
-                                {"job_id": job.id, "study_uid": job.study_uid},
+                                {"job_id": job.id, "study_uid": job.study_uid,
+                                 "model_id": prov.model_id},
                                 {"source_series_uids": [job.series_uid],
                                  "reasons": list(report.reasons), "stats": report.stats,
                                  "output_index": k},
@@ -431,6 +432,7 @@ class Pipeline:
         if made:
             self.pool.wake()
         return {"outputs": made, "held": held, "model_id": prov.model_id,
+                "model_version": prov.model_version,
                 "weights_sha256": prov.weights_sha256, "seed": prov.seed,
                 "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
 
@@ -620,7 +622,8 @@ class Pipeline:
                          .values(digest=digest, instances=len(sop_uids)))
         event = Event(
             type=EventType.OUTPUT_CREATED, actor=ACTOR,
-            subject={"job_id": job.id, "study_uid": job.study_uid, "series_uid": series_uid},
+            subject={"job_id": job.id, "study_uid": job.study_uid, "series_uid": series_uid,
+                     "model_id": prov.model_id},
             payload={"source_series_uids": [job.series_uid], "output_series_uid": series_uid,
                      "output_sop_uids": sop_uids, "sha256": digests,
                      "watermark_payload": payload_hex, "output_format": built.output_format.value,

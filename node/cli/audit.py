@@ -5,7 +5,7 @@ verify       re-derive every hash and root, check checkpoint signatures and the 
 prove        inclusion proof of one entry (RFC 9162 2.1.3) as JSON
 consistency  consistency proof between two tree sizes (RFC 9162 2.1.4) as JSON
 query        entries by UID, time range, event type, actor (table or JSON lines)
-lineage      source instances -> jobs -> outputs -> dispatches of a UID, as a tree
+lineage      source series -> engine jobs -> outputs -> dispatches of a UID, as a tree
 export       verifiable JSON lines, DICOM audit messages (PS3.15 A.5) or FHIR R4 JSON
 pubkey       the checkpoint verifier key (for ``python -m audit.verify``)
 checkpoint   sign a checkpoint of the current tree now
@@ -20,6 +20,8 @@ from typing import Any
 
 import typer
 from rich.table import Table
+from rich.console import Console
+from rich.markup import escape
 from rich.tree import Tree
 
 from node.cli.common import ConfigOption, console, fail, settings_from
@@ -175,7 +177,8 @@ def lineage(
     config: Path | None = ConfigOption,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Source instances -> jobs -> outputs -> dispatches linked to UID."""
+    """Source series -> engine jobs (task, model) -> output series -> destinations, for
+    everything the ledger links to UID (--json: the same as a JSON object)."""
     from audit.export import lineage as build
 
     _settings, svc = _service(config)
@@ -185,28 +188,104 @@ def lineage(
         return
     if not tree["entries"]:
         fail(f"no ledger entry mentions {uid}")
-    root = Tree(f"[bold]{uid}[/bold] ({len(tree['entries'])} entries)")
-    src = root.add("sources")
+    # a terminal gets the tree at its width; a pipe or file gets one line per node, unwrapped
+    # (UIDs and digests stay whole for grep)
+    out = console if console.is_terminal else Console(width=100_000, highlight=False)
+    out.print(lineage_tree(tree))
+
+
+def _short(value: Any, n: int = 16) -> str:
+    return escape(str(value)[:n]) if value else "?"
+
+
+def _dispatch_nodes(parent: Tree, dispatches: list[dict[str, Any]],
+                    dispatch_jobs: list[dict[str, Any]] | None = None) -> None:
+    """Dispatches of one series: destination -> dispatch job (id, state) -> each attempt
+    and outcome; a destination served by one job (or none recorded) shows its events
+    directly."""
+    dests: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    state = {str(j["job_id"]): j.get("state") for j in dispatch_jobs or []}
+    for j in dispatch_jobs or []:
+        dests.setdefault(str(j.get("destination")), {}).setdefault(str(j["job_id"]), [])
+    for d in dispatches:
+        dests.setdefault(str(d.get("destination")), {}).setdefault(str(d.get("job_id") or ""), []).append(d)
+
+    def job_label(jid: str) -> str:
+        return f"dispatch job {_short(jid, 8)} {escape(str(state.get(jid) or ''))}".rstrip() if jid else ""
+
+    for dest, by_job in dests.items():
+        label = f"-> [bold]{escape(dest)}[/bold]"
+        if len(by_job) == 1:
+            (jid, items), = by_job.items()
+            dn = parent.add(f"{label} ({job_label(jid)})" if jid else label)
+            groups = [(dn, items)]
+        else:
+            dn = parent.add(label)
+            groups = [(dn.add(job_label(jid) or "no job id"), items) for jid, items in by_job.items()]
+        for node, items in groups:
+            for d in items:
+                extra = " ".join(f"{k}={escape(str(d[k]))[:60]}" for k in ("attempt", "state", "acknowledged", "error")
+                                 if d.get(k) not in (None, ""))
+                node.add(f"#{d['seq']} {d['type']} {d['time']} {extra}".rstrip())
+            if not items:
+                node.add("no send attempt yet")
+
+
+def _job_node(parent: Tree, j: dict[str, Any]) -> None:
+    model = escape(str(j.get("model_id") or "model not recorded"))
+    if j.get("model_version"):
+        model += f" {escape(str(j['model_version']))}"
+    if j.get("weights_sha256"):
+        model += f" weights sha256:{_short(j['weights_sha256'])}"
+    jn = parent.add(f"engine job [bold]{escape(str(j['job_id']))}[/bold] {escape(str(j.get('task') or ''))} "
+                    f"model {model}")
+    for e in j["events"]:
+        extra = " ".join(f"{k}={escape(str(e[k]))[:60]}" for k in ("attempt", "seed", "device", "error")
+                         if k in e)
+        jn.add(f"#{e['seq']} {e['type']} {e['time']} {extra}".rstrip())
+    for h in j.get("held") or []:
+        jn.add(f"#{h['seq']} [yellow]output {h.get('output_index')} held by the quality gate[/yellow]: "
+               + escape("; ".join(h["reasons"])))
+    for x in j.get("discarded") or []:
+        jn.add(f"#{x['seq']} partial output {escape(str(x['series_uid']))} discarded: {escape(str(x.get('reason')))}")
+    for o in j["outputs"]:
+        on = jn.add(f"#{o['seq']} output series [bold]{escape(str(o['series_uid']))}[/bold] "
+                    f"({o['sop_uids']} SOP, {escape(str(o.get('output_format') or '?'))}) "
+                    f"watermark {escape(str(o['watermark_payload']))}")
+        _dispatch_nodes(on, o["dispatches"], o.get("dispatch_jobs"))
+        if not o["dispatches"] and not o.get("dispatch_jobs"):
+            on.add("no dispatch")
+
+
+def lineage_tree(tree: dict[str, Any]) -> Tree:
+    """The ``audit lineage`` tree: source series -> engine jobs -> output series ->
+    destinations (each dispatch event); jobs whose source is not in the ledger under their
+    own branch."""
+    root = Tree(f"[bold]{escape(str(tree['uid']))}[/bold] ({len(tree['entries'])} entries)")
+    placed: set[str] = set()
     for s in tree["sources"]:
-        node = src.add(f"series {s['series_uid']} (study {s['study_uid']}) from {s['from']}: "
-                       f"{len(s['instances'])} instance(s)")
+        node = root.add(f"source series [bold]{escape(str(s['series_uid']))}[/bold] "
+                        f"(study {escape(str(s['study_uid']))}) from {escape(str(s['from']))}: "
+                        f"{len(s['instances'])} instance(s)")
+        inst = node.add("instances")
         for i in s["instances"][:5]:
-            node.add(f"#{i['seq']} {i['sop_uid']} sha256 {str(i['sha256'])[:16]}")
+            inst.add(f"#{i['seq']} {escape(str(i['sop_uid']))} sha256 {_short(i['sha256'])}")
         if len(s["instances"]) > 5:
-            node.add(f"... {len(s['instances']) - 5} more")
-    jobs = root.add("jobs")
-    for j in tree["jobs"]:
-        jn = jobs.add(f"job {j['job_id']} model {j['model_id']} sources {', '.join(j['source_series_uids'])}")
-        for e in j["events"]:
-            extra = " ".join(f"{k}={str(e[k])[:16]}" for k in ("weights_sha256", "seed", "device", "error") if k in e)
-            jn.add(f"#{e['seq']} {e['type']} {e['time']} {extra}")
-        for o in j["outputs"]:
-            on = jn.add(f"#{o['seq']} output series {o['series_uid']} ({o['sop_uids']} SOP) "
-                        f"watermark {o['watermark_payload']}")
-            for d in j["dispatches"]:
-                if d["series_uid"] in (None, o["series_uid"]):
-                    on.add(f"#{d['seq']} {d['type']} -> {d['destination']}")
-    console.print(root)
+            inst.add(f"... {len(s['instances']) - 5} more")
+        if s.get("dispatches"):
+            _dispatch_nodes(node.add("forwarded as received"), s["dispatches"])
+        for j in tree["jobs"]:
+            if s["series_uid"] in j["source_series_uids"]:
+                _job_node(node, j)
+                placed.add(str(j["job_id"]))
+    rest = [j for j in tree["jobs"] if str(j["job_id"]) not in placed]
+    if rest:
+        other = root.add("engine jobs whose source series is not in this lineage")
+        for j in rest:
+            _job_node(other, j)
+    if tree.get("unattached_dispatches"):
+        _dispatch_nodes(root.add("dispatches of series not in this lineage"), tree["unattached_dispatches"])
+    return root
 
 
 class ExportFormat(str, Enum):

@@ -119,3 +119,33 @@ def test_models_workflow(site: Path, tmp_path: Path) -> None:
     run("models", "revoke", "tiny-restore", "0.1", "--reason", "test", "-c", str(site))
     r = runner.invoke(app, ["models", "verify", "--all", "-c", str(site)])
     assert r.exit_code == 1 and "revoked" in r.output
+
+
+def test_lineage_cli_text_and_json(site: Path, migrated_db: str) -> None:
+    """`audit lineage`: the text tree nests source -> engine job (with its model) -> output
+    series -> destination -> each dispatch, unwrapped when not on a terminal; --json is the
+    same tree as audit.export.lineage."""
+    from test_ledger_export import OUT, SRC, STUDY, pipeline_events
+
+    from audit.export import lineage
+
+    ledger = Ledger(make_engine(migrated_db))
+    ledger.append_many(pipeline_events())
+    text = run("audit", "lineage", STUDY, "-c", str(site))
+    lines = text.splitlines()
+
+    def at(needle: str) -> tuple[int, int]:
+        (i,) = [k for k, line in enumerate(lines) if needle in line]
+        return i, len(lines[i]) - len(lines[i].lstrip("│├└─ "))
+
+    chain = [at(f"source series {SRC}"), at("engine job job-7"), at(f"output series {OUT}"),
+             at("-> PACS")]
+    assert [c[0] for c in chain] == sorted(c[0] for c in chain)
+    assert [c[1] for c in chain] == sorted({c[1] for c in chain})  # strictly deeper each step
+    assert "model ct-restore" in lines[chain[1][0]]
+    assert at("dispatch.failed")[1] > chain[3][1] and "error=association rejected" in text
+    assert max(len(x) for x in lines) > 80  # not wrapped at a default terminal width
+    tree = json.loads(run("audit", "lineage", OUT, "--json", "-c", str(site)))
+    assert tree == json.loads(json.dumps(lineage(ledger, OUT)))
+    r = runner.invoke(app, ["audit", "lineage", "1.2.3.4.5.6.7.8.9", "-c", str(site)])
+    assert r.exit_code == 1 and "no ledger entry mentions" in r.output

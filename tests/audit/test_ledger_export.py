@@ -78,9 +78,15 @@ def test_lineage_from_any_uid(pipeline: LedgerEnv, start: str) -> None:
     job = tree["jobs"][0]
     assert [e["type"] for e in job["events"]] == ["job.queued", "job.started", "job.finished"]
     assert job["events"][0]["weights_sha256"] == "ab" * 32 and job["events"][0]["seed"] == 1234
+    assert job["model_id"] == "ct-restore" and job["weights_sha256"] == "ab" * 32
     assert [o["series_uid"] for o in job["outputs"]] == [OUT]
-    assert [d["type"] for d in job["dispatches"]] == ["dispatch.attempted", "dispatch.failed",
+    # dispatches hang under the output series they sent (with or without a job id)
+    (out,) = job["outputs"]
+    assert [d["type"] for d in out["dispatches"]] == ["dispatch.attempted", "dispatch.failed",
                                                       "dispatch.succeeded"]
+    assert {d["destination"] for d in out["dispatches"]} == {"PACS"}
+    assert out["dispatches"][1]["error"] == "association rejected"
+    assert tree["unattached_dispatches"] == []
     src = {s["series_uid"]: s for s in tree["sources"]}
     assert list(src) == [SRC] and len(src[SRC]["instances"]) == 3
     assert OTHER not in json.dumps(tree)  # an unrelated study is not pulled in

@@ -272,21 +272,29 @@ def test_shipped_models_storescu_to_orthanc(tmp_path: Path, orthanc: OrthancServ
     tree = json.loads(r.output)
     (src,) = [s for s in tree["sources"] if s["series_uid"] == src_series]
     assert {i["sop_uid"] for i in src["instances"]} == originals
-    jobs_with_outputs = [j for j in tree["jobs"] if j["outputs"]]
-    assert len(jobs_with_outputs) == 2
-    for j in jobs_with_outputs:
+    # source -> engine job (task, the model that ran) -> output -> dispatches; the dispatch
+    # jobs are not jobs of the tree, their ids ride on the dispatches
+    assert [s["series_uid"] for s in tree["sources"]] == [src_series]  # outputs are not sources
+    assert len(tree["jobs"]) == 2 and tree["unattached_dispatches"] == []
+    for j in tree["jobs"]:
         assert j["source_series_uids"] == [src_series]
+        assert j["model_id"] == model_of["CT" if j["task"] == "ct_denoise" else "MR"]
+        assert j["weights_sha256"] == digests[j["model_id"]] and j["model_version"]
         types = [e["type"] for e in j["events"]]
         assert "job.started" in types and "job.finished" in types
         (o,) = j["outputs"]
         assert o["series_uid"] in by_series
         assert o["watermark_payload"] == ledger_outputs[o["series_uid"]]["watermark_payload"]
-    # each output series -> its dispatch job's dispatch.succeeded to the destination (the
-    # dispatch events carry the dispatch job's id and the output series UID)
-    for series_uid in by_series:
+        (dj,) = o["dispatch_jobs"]
+        assert dj["destination"] == "pacs" and dj["state"] == "succeeded"
         assert any(d["type"] == "dispatch.succeeded" and d["destination"] == "pacs"
-                   and d["series_uid"] == series_uid
-                   for j in tree["jobs"] for d in j["dispatches"]), tree["jobs"]
+                   and d["series_uid"] == o["series_uid"] and d["job_id"] == dj["job_id"]
+                   for d in o["dispatches"]), o
+    r = runner.invoke(app, ["audit", "lineage", study, "-c", str(cfg_file)])
+    assert r.exit_code == 0, r.output
+    assert "model not recorded" not in r.output
+    for j in tree["jobs"]:
+        assert f"engine job {j['job_id']}" in r.output and f"model {j['model_id']}" in r.output
     r = runner.invoke(app, ["audit", "verify", "-c", str(cfg_file)])
     assert r.exit_code == 0, r.output
     assert "OK" in r.output

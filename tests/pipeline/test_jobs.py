@@ -263,3 +263,161 @@ def test_job_timing_settings_are_checked_and_wired(tmp_path) -> None:  # type: i
     assert scaled.jobs.lease == timedelta(seconds=30)
     scaled.tracker.shutdown()
     ctx.engine.dispose()
+
+
+# -- what the job ledger events carry for lineage (issue 6) --------------------------------
+L_STUDY = "1.2.826.0.1.3680043.8.498.77"
+L_SRC = L_STUDY + ".1"
+L_OUT = L_STUDY + ".9001"
+
+
+def _fake_dispatcher(store: JobStore, fail_first: bool):  # type: ignore[no-untyped-def]
+    """The real Dispatcher (it writes the dispatch.* events) with an in-memory sender."""
+    from config.sections.pipeline import Destination
+    from node.dispatch import Dispatcher, Failure, SendReport, Sender
+
+    calls = []
+
+    class FakeSender(Sender):
+        def send(self, datasets):  # type: ignore[no-untyped-def]
+            calls.append(len(datasets))
+            uids = [str(ds.SOPInstanceUID) for ds in datasets]
+            if fail_first and len(calls) == 1:
+                return SendReport(failed={u: Failure("peer down", True) for u in uids})
+            return SendReport(acknowledged=uids)
+
+    dest = Destination(name="pacs", kind="dimse", ae_title="PACS", host="127.0.0.1", port=11112,
+                       accepts_synthetic=True)
+    return Dispatcher([dest], ledger=store.ledger, watermark=lambda ds: True,
+                      sender_factory=lambda d, ae: FakeSender(d, ae), sleep=lambda s: None)
+
+
+def _instances(series_uid: str, n: int):  # type: ignore[no-untyped-def]
+    from pydicom.dataset import Dataset
+
+    out = []
+    for i in range(n):
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = L_STUDY, series_uid
+        ds.SOPInstanceUID = f"{series_uid}.{i}"
+        out.append(ds)
+    return out
+
+
+def _run_pipeline_ledger(store: JobStore, model: str | None) -> tuple[str, list[str]]:
+    """Source received -> engine job (JobStore) -> output.created -> two dispatch jobs
+    (JobStore, parent = the engine job) sending through the Dispatcher, one after a failed
+    attempt. Returns the engine job id and the dispatch job ids."""
+    from audit.events import Event, EventType
+
+    for ds in _instances(L_SRC, 3):
+        store.ledger.append(Event(EventType.INSTANCE_RECEIVED, "ae:CT01", subject={
+            "study_uid": L_STUDY, "series_uid": L_SRC, "sop_uid": str(ds.SOPInstanceUID)},
+            payload={"sha256": "00" * 32, "source": "dimse"}))
+    eid = store.enqueue(JobKind.ENGINE, study_uid=L_STUDY, series_uid=L_SRC, rule="r",
+                        task="ct_denoise", spec={"model": model}, seed=7)
+    job = store.claim(kinds=(JobKind.ENGINE,))
+    assert job is not None and job.id == eid
+    outs = _instances(L_OUT, 2)
+    for ds in outs:  # the pipeline stores its output through ingest: instance.received too
+        store.ledger.append(Event(EventType.INSTANCE_RECEIVED, "component:pipeline", subject={
+            "study_uid": L_STUDY, "series_uid": L_OUT, "sop_uid": str(ds.SOPInstanceUID)},
+            payload={"sha256": "11" * 32, "source": "pipeline"}))
+    store.ledger.append(Event(EventType.OUTPUT_CREATED, "component:pipeline", subject={
+        "job_id": eid, "study_uid": L_STUDY, "series_uid": L_OUT, "model_id": "ct-denoise-wreg"},
+        payload={"source_series_uids": [L_SRC], "output_series_uid": L_OUT,
+                 "output_sop_uids": [str(d.SOPInstanceUID) for d in outs], "output_format": "sc",
+                 "watermark_payload": "0a0b0c", "model_id": "ct-denoise-wreg"}))
+    store.finish(eid, {"outputs": [L_OUT], "held": [], "model_id": "ct-denoise-wreg",
+                       "model_version": "1.1.0", "weights_sha256": "ab" * 32, "seed": 7},
+                 claim=job)
+    dids = []
+    for fail_first in (True, False):
+        did = store.enqueue(JobKind.DISPATCH, study_uid=L_STUDY, series_uid=L_OUT, rule="r",
+                            task="ct_denoise", spec={"destination": "pacs"}, parent_id=eid)
+        dids.append(did)
+        disp = _fake_dispatcher(store, fail_first)
+        for attempt in (1, 2):
+            dj = store.claim(kinds=(JobKind.DISPATCH,), job_id=did)
+            assert dj is not None
+            res = disp.send(outs, "pacs", job_id=did, max_attempts=1, first_attempt=attempt,
+                            terminal=False)
+            if res.acknowledged:
+                store.finish(did, {"destination": "pacs"}, claim=dj)
+                break
+            store.fail(did, res.reason, transient=True, claim=dj)
+    return eid, dids
+
+
+@pytest.mark.parametrize("model", ["ct-denoise-wreg", None], ids=["rule_model", "task_default"])
+def test_job_events_name_the_model(store: JobStore, model: str | None) -> None:
+    eid, _ = _run_pipeline_ledger(store, model)
+    evs = {e.event.type.value: e.event for e in store.ledger.entries()
+           if e.event.subject.get("job_id") == eid and e.event.type.value.startswith("job.")}
+    # the rule's model from the start; a task default only once the engine resolved it
+    assert evs["job.queued"].subject.get("model_id") == model
+    assert evs["job.started"].subject.get("model_id") == model
+    fin = evs["job.finished"]
+    assert fin.subject["model_id"] == "ct-denoise-wreg"
+    assert fin.payload["model_version"] == "1.1.0" and fin.payload["weights_sha256"] == "ab" * 32
+    # dispatch jobs carry no model, but their destination
+    for e in store.ledger.entries():
+        if e.event.type.value == "job.queued" and e.event.payload.get("kind") == "dispatch":
+            assert "model_id" not in e.event.subject
+            assert e.event.payload["destination"] == "pacs"
+            if not e.event.payload.get("requeued"):  # enqueue, not a transient requeue
+                assert e.event.payload["parent_id"] == eid
+
+
+@pytest.mark.parametrize("start", ["study", "src", "src_sop", "engine_job", "out", "out_sop",
+                                   "dispatch_job"])
+def test_lineage_tree_source_job_output_dispatch(store: JobStore, start: str) -> None:
+    """With the events node/jobs.py and node/dispatch.py really write, lineage hangs every
+    dispatch under the output series it sent; dispatch jobs are not jobs of the tree."""
+    from rich.console import Console
+
+    from audit.export import lineage
+    from node.cli.audit import lineage_tree
+
+    eid, dids = _run_pipeline_ledger(store, None)
+    uid = {"study": L_STUDY, "src": L_SRC, "src_sop": L_SRC + ".1", "engine_job": eid,
+           "out": L_OUT, "out_sop": L_OUT + ".0", "dispatch_job": dids[1]}[start]
+    tree = lineage(store.ledger, uid)
+    assert [s["series_uid"] for s in tree["sources"]] == [L_SRC]  # the output is not a source
+    (job,) = tree["jobs"]
+    assert job["job_id"] == eid and job["task"] == "ct_denoise"
+    assert (job["model_id"], job["model_version"], job["weights_sha256"]) == (
+        "ct-denoise-wreg", "1.1.0", "ab" * 32)
+    assert job["source_series_uids"] == [L_SRC]
+    assert [e["type"] for e in job["events"]] == ["job.queued", "job.started", "job.finished"]
+    (out,) = job["outputs"]
+    assert out["series_uid"] == L_OUT and out["sop_uids"] == 2
+    types = [(d["job_id"], d["type"]) for d in out["dispatches"]]
+    assert types == [(dids[0], "dispatch.attempted"), (dids[0], "dispatch.failed"),
+                     (dids[0], "dispatch.attempted"), (dids[0], "dispatch.succeeded"),
+                     (dids[1], "dispatch.attempted"), (dids[1], "dispatch.succeeded")]
+    assert out["dispatches"][1]["state"] == "retry_scheduled"
+    assert {d["destination"] for d in out["dispatches"]} == {"pacs"}
+    assert [(d["job_id"], d["destination"], d["state"]) for d in out["dispatch_jobs"]] == [
+        (dids[0], "pacs", "succeeded"), (dids[1], "pacs", "succeeded")]
+    assert tree["unattached_dispatches"] == []
+
+    console = Console(record=True, width=250, color_system=None)
+    console.print(lineage_tree(tree))
+    text = console.export_text()
+    lines = text.splitlines()
+
+    def at(needle: str) -> tuple[int, int]:
+        (i,) = [k for k, line in enumerate(lines) if needle in line]
+        return i, len(lines[i]) - len(lines[i].lstrip("│├└─ "))
+
+    src, job_l, out_l = at(f"source series {L_SRC}"), at(f"engine job {eid}"), at(f"output series {L_OUT}")
+    dest = at("-> pacs")
+    assert src[0] < job_l[0] < out_l[0] < dest[0]  # source -> job -> output -> destination
+    assert src[1] < job_l[1] < out_l[1] < dest[1]  # each one level deeper
+    assert "model ct-denoise-wreg 1.1.0" in lines[job_l[0]]
+    assert "model not recorded" not in text and "None" not in lines[job_l[0]]
+    assert text.count("dispatch.succeeded") == 2 and "engine jobs whose source" not in text
+    for did in dids:  # each dispatch job one level under the destination, its events below
+        line = at(f"dispatch job {did[:8]} succeeded")
+        assert dest[0] < line[0] and line[1] > dest[1]
