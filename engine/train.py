@@ -160,6 +160,18 @@ class TrainConfig:
     # wall-clock budget: after 10 steps the step count is lowered (never raised) so that the
     # run, cosine schedule included, fits in max_minutes; the final count is recorded
     max_minutes: float | None = None
+    # lesion emphasis (needs ``les`` in the data, prepare_data writes it): the per-pixel MSE
+    # weight is 1 + lesion_weight inside lesions grown by 2 px (normalised by the batch's mean
+    # weight), and with probability lesion_crop a crop is centred on a random lesion pixel
+    lesion_weight: float = 0.0
+    lesion_crop: float = 0.0
+    # CT restoration, the evaluation's real-scan protocol (LDCT practice: the target is the
+    # full-dose scan with its own noise): with this probability a pair is input =
+    # nd + sqrt(1 - d) (ld - ct), i.e. a dose-d scan derived from the full-dose one by adding
+    # independent projection-domain noise, target = nd (see make_batch)
+    fulldose_target: float = 0.0
+    # initialise the network (and EMA) from this model folder's weights (fine-tuning)
+    init_from: str | None = None
 
     def resolved_model_id(self) -> str:
         if self.model_id:
@@ -204,13 +216,15 @@ def prepare_data(path: Path | str, n: int, size: int = 256, split: str = "train"
 
     Arrays: ``ct`` clean HU, ``ld`` low dose, ``nd`` normal dose (dose 1.0), ``t1w``/``t2w``
     noise-free without bias field, each ``(n, 3, size, size)`` float32; ``dose`` (n,);
-    ``seeds`` (n,) phantom seeds; ``kinds`` (n,) 0 = abdomen, 1 = head.
+    ``seeds`` (n,) phantom seeds; ``kinds`` (n,) 0 = abdomen, 1 = head; ``les`` ``(n, 3, size, size)``
+    uint8, 1 inside a lesion (for the lesion-weighted loss, ``TrainConfig.lesion_weight``).
     """
     from engine import phantoms
     from engine.degrade import low_dose_ct
 
     path = Path(path)
     arrs: dict[str, list[np.ndarray]] = {k: [] for k in ("ct", "ld", "nd", "t1w", "t2w")}
+    les: list[np.ndarray] = []
     doses, seeds, kinds = [], [], []
     for i, s in enumerate(phantoms.iter_dataset(split, n, size=size, n_slices=3, kind="mixed", start=start,
                                                 mr_snr=None, bias_strength=0.0)):
@@ -221,13 +235,14 @@ def prepare_data(path: Path | str, n: int, size: int = 256, split: str = "train"
         arrs["nd"].append(res[1.0])
         arrs["t1w"].append(s.t1w)
         arrs["t2w"].append(s.t2w)
+        les.append((s.lesion_mask > 0).astype(np.uint8))
         doses.append(dose)
         seeds.append(s.seed)
         kinds.append(0 if s.kind == "abdomen" else 1)
         if progress:
             progress(i + 1, n)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{k: np.stack(v).astype(np.float32) for k, v in arrs.items()},
+    np.savez(tmp, **{k: np.stack(v).astype(np.float32) for k, v in arrs.items()}, les=np.stack(les),
              dose=np.array(doses, np.float32), seeds=np.array(seeds, np.int64), kinds=np.array(kinds, np.int8),
              meta=np.array(json.dumps({"data_version": DATA_VERSION, "split": split, "n": n, "size": size,
                                        "start": start, "angles": train_angles(size), "doses": LOW_DOSES})))
@@ -254,7 +269,8 @@ def _augment_geom(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 
 def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int, crop: int,
-               robust: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               robust: bool = False, *, lesion_crop: float = 0.0, fulldose_target: float = 0.0,
+               with_lesions: bool = False) -> tuple[torch.Tensor, ...]:
     """One training batch in network units (pixel domain, before the DWT).
 
     Returns ``(target, cond)``: ``(B, Ct, crop, crop)`` and ``(B, 3, crop, crop)`` (the slice
@@ -266,20 +282,40 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
     model trained only on 10-33 HU flattened real texture in a 2.4 HU scan); with probability
     ``p_single`` both neighbours are replaced by the centre slice, which is what a single-slice
     or edge input looks like to the network (``engine.tasks`` repeats edge slices).
+
+    ``fulldose_target`` (CT restoration): with this probability the pair mirrors the
+    real-scan evaluation (node.evaldata): the target is the normal-dose image ``nd`` (its own
+    noise included) and the input ``nd + sqrt(1 - d) (ld - ct)``, a scan of dose ``d`` derived
+    from it (``ld - ct`` is projection-domain noise of variance ``1/d``, drawn independently of
+    ``nd``'s, so the added part has variance ``1/d - 1`` as in evaldata's ``d / (1 - d)``).
+    ``lesion_crop``: probability of centring the crop on a random lesion pixel (``data["les"]``).
+    ``with_lesions``: also return the centre slice's lesion mask crop ``(B, 1, crop, crop)``.
+    With the defaults the random stream is the one of earlier versions (same batches).
     """
     n, _, h, w = data["ct"].shape
     idx = torch.randint(0, n, (batch,), generator=gen).tolist()
-    tg, cd = [], []
+    les_all = data.get("les")
+    tg, cd, lz = [], [], []
     for i in idx:
         if task == "ct_denoise":
             use_nd = torch.rand((), generator=gen).item() < 0.25
-            cond = torch.from_numpy(data["nd" if use_nd else "ld"][i]) / CT_SCALE
-            target = torch.from_numpy(data["ct"][i][1:2]) / CT_SCALE
+            derived = (not use_nd and fulldose_target > 0
+                       and torch.rand((), generator=gen).item() < fulldose_target)
+            if derived:  # the real-scan protocol: target = full dose, input = full dose + extra noise
+                d = float(data["dose"][i])
+                nd3 = torch.from_numpy(data["nd"][i]) / CT_SCALE
+                extra = math.sqrt(1.0 - d) * (torch.from_numpy(data["ld"][i]) - torch.from_numpy(data["ct"][i]))
+                cond = nd3 + extra / CT_SCALE
+                target = nd3[1:2]
+            else:
+                cond = torch.from_numpy(data["nd" if use_nd else "ld"][i]) / CT_SCALE
+                target = torch.from_numpy(data["ct"][i][1:2]) / CT_SCALE
             if robust:
                 if torch.rand((), generator=gen).item() < ROBUST_CT["p_scale"]:
                     lo = ROBUST_CT["scale_lo"]
                     a = lo + (1.0 - lo) * torch.rand((), generator=gen).item()
-                    clean3 = torch.from_numpy(data["ct"][i]) / CT_SCALE
+                    clean3 = (torch.from_numpy(data["nd"][i]) / CT_SCALE if derived
+                              else torch.from_numpy(data["ct"][i]) / CT_SCALE)
                     cond = clean3 + a * (cond - clean3)
                 if torch.rand((), generator=gen).item() < ROBUST_CT["p_single"]:
                     cond = cond[1:2].expand(3, -1, -1)
@@ -300,14 +336,34 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
             target = (2.0 * clean[1:2] / s - 1.0).float()
         else:
             raise ValueError(f"no training data recipe for task {task!r}")
+        les_i = (torch.from_numpy(les_all[i][1:2].astype(np.float32)) if les_all is not None
+                 else torch.zeros((1, h, w)))
         y0 = int(torch.randint(0, h - crop + 1, (), generator=gen))
         x0 = int(torch.randint(0, w - crop + 1, (), generator=gen))
+        if lesion_crop > 0 and torch.rand((), generator=gen).item() < lesion_crop:
+            ys, xs = torch.nonzero(les_i[0], as_tuple=True)
+            if len(ys):
+                j = int(torch.randint(0, len(ys), (), generator=gen))
+                y0 = min(max(int(ys[j]) - crop // 2, 0), h - crop)
+                x0 = min(max(int(xs[j]) - crop // 2, 0), w - crop)
         k = int(torch.randint(0, 4, (), generator=gen))
         flip = bool(torch.randint(0, 2, (), generator=gen))
         sl = (slice(None), slice(y0, y0 + crop), slice(x0, x0 + crop))
         tg.append(_augment_geom(target[sl], k, flip))
         cd.append(_augment_geom(cond[sl], k, flip))
-    return torch.stack(tg).float().contiguous(), torch.stack(cd).float().contiguous()
+        lz.append(_augment_geom(les_i[sl], k, flip))
+    out = (torch.stack(tg).float().contiguous(), torch.stack(cd).float().contiguous())
+    return (*out, torch.stack(lz).float().contiguous()) if with_lesions else out
+
+
+def lesion_loss_weight(lesions: torch.Tensor, lesion_weight: float, grow: int = 2) -> torch.Tensor:
+    """Per-pixel loss weight on the Haar grid (half resolution) from a pixel lesion mask
+    ``(B, 1, H, W)``: 1 + ``lesion_weight`` inside lesions grown by ``grow`` px, divided by its
+    mean so the loss keeps its scale."""
+    grown = torch.nn.functional.max_pool2d(lesions, 2 * grow + 1, stride=1, padding=grow)
+    half = torch.nn.functional.max_pool2d(grown, 2)
+    w = 1.0 + lesion_weight * half
+    return w / w.mean()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -401,6 +457,9 @@ def train(
     _, out_ch = in_out_channels(cfg["io"])
     t_max = sched.num_train_timesteps
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    if tc.init_from:
+        init = load_file(str(Path(tc.init_from) / "model.safetensors"))
+        net.load_state_dict({k: v.to(device) for k, v in init.items()}, strict=True)
     ema = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
     start_step = 0
     metrics_path = run_dir / "metrics.jsonl"
@@ -431,7 +490,15 @@ def train(
                     tc.steps = max(fit, 11)
             for g in opt.param_groups:  # warm-up + cosine decay, a pure function of the step
                 g["lr"] = tc.lr * _lr_lambda(step, tc.warmup, tc.steps)
-            target, cond = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop, robust=robust)
+            wmap = None
+            if tc.lesion_weight or tc.lesion_crop or tc.fulldose_target:
+                target, cond, les = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop,
+                                               robust=robust, lesion_crop=tc.lesion_crop,
+                                               fulldose_target=tc.fulldose_target, with_lesions=True)
+                if tc.lesion_weight:
+                    wmap = lesion_loss_weight(les, tc.lesion_weight).to(device)
+            else:
+                target, cond = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop, robust=robust)
             if k_res:  # residual parameterisation: r = k (clean - received centre slice)
                 ctr = int(cfg["io"]["context_slices"])
                 target = (target - cond[:, ctr:ctr + 1]) * k_res
@@ -448,7 +515,10 @@ def train(
                     loss = torch.nn.functional.mse_loss(pred.float(), x0 - noise)
                 else:
                     pred = regression_predict(net, c, out_ch, t_max)
-                    loss = torch.nn.functional.mse_loss(pred.float(), x0)
+                    if wmap is not None:
+                        loss = (wmap * (pred.float() - x0) ** 2).mean()
+                    else:
+                        loss = torch.nn.functional.mse_loss(pred.float(), x0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -492,11 +562,19 @@ def train(
         "ema_decay_used": ema_decay(tc.ema_decay, tc.steps),
         "robust_augmentation": ROBUST_CT if robust else None,
         "data": data.get("meta", {}),
+        "init_model": _init_description(tc.init_from) if tc.init_from else None,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
     write_model_card(model_dir, data_description=data_description)
     return model_dir
+
+
+def _init_description(model_dir: str) -> str:
+    d = Path(model_dir)
+    c = json.loads((d / "config.json").read_text())
+    return (f"{c['model_id']} {c['version']}, weights SHA-256 "
+            f"{_sha256_file(d / 'model.safetensors')}")
 
 
 # --------------------------------------------------------------------------- model card
@@ -577,12 +655,25 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
            f"received noise is scaled by U({tr['robust_augmentation']['scale_lo']}, 1); with probability "
            f"{tr['robust_augmentation']['p_single']} the 2.5D neighbours are replaced by the centre slice "
            "(`engine.train.make_batch`)"] if tr.get("robust_augmentation") else []),
+        *([f"- lesion emphasis: per-pixel loss weight 1 + {tr.get('lesion_weight', 0)} inside lesions grown by 2 px "
+           f"(normalised), crops centred on a lesion with probability {tr.get('lesion_crop', 0)}"]
+          if tr.get("lesion_weight") or tr.get("lesion_crop") else []),
+        *([f"- full-dose targets (the real-scan evaluation protocol, LDCT practice): with probability "
+           f"{tr['fulldose_target']} a pair is input = full-dose CT + independent extra noise bringing it to "
+           "dose d, target = that full-dose CT with its own noise (`engine.train.make_batch`)"]
+          if tr.get("fulldose_target") else []),
+        *([f"- initialised from `{tr['init_from']}`"
+           + (f" ({tr['init_model']})" if tr.get("init_model") else "")] if tr.get("init_from") else []),
         f"- seed {tr.get('seed')}; device {tr.get('device')}; torch {tr.get('torch')}; "
         f"{tr.get('seconds')} s; final training loss (EMA) {tr.get('final_loss_ema')}",
         f"- command: `synthnode engine train {cfg['task']} --objective {cfg['objective']} --steps {tr.get('steps')} "
         f"--crop {tr.get('crop')} --batch {tr.get('batch')} --lr {tr.get('lr')} --n-train {tr.get('n_train')} "
         f"--size {tr.get('size')} --seed {tr.get('seed')}"
-        + (f" --ema-decay {tr['ema_decay']}" if tr.get("ema_decay") is not None else "") + "`"
+        + (f" --ema-decay {tr['ema_decay']}" if tr.get("ema_decay") is not None else "")
+        + (f" --lesion-weight {tr['lesion_weight']}" if tr.get("lesion_weight") else "")
+        + (f" --lesion-crop {tr['lesion_crop']}" if tr.get("lesion_crop") else "")
+        + (f" --fulldose-target {tr['fulldose_target']}" if tr.get("fulldose_target") else "")
+        + (f" --init {tr['init_from']}" if tr.get("init_from") else "") + "`"
         + (" (the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)"
            if tr.get("max_minutes") else ""),
         "",

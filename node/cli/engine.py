@@ -33,6 +33,15 @@ def train_cmd(
     ema: float | None = typer.Option(None, "--ema-decay", min=0.0, max=1.0,
                                      help="EMA decay of the shipped weights (default: 0.995, window <= 10 % of the run)"),
     minutes: float | None = typer.Option(None, "--minutes", help="wall-clock budget: fewer steps if needed"),
+    lesion_weight: float = typer.Option(0.0, "--lesion-weight", min=0.0,
+                                        help="extra loss weight inside lesions (grown by 2 px); 0 = plain MSE"),
+    lesion_crop: float = typer.Option(0.0, "--lesion-crop", min=0.0, max=1.0,
+                                      help="probability of centring a crop on a lesion"),
+    fulldose_target: float = typer.Option(0.0, "--fulldose-target", min=0.0, max=1.0,
+                                          help="ct_denoise: share of pairs with the full-dose scan as target "
+                                               "(input = it + extra noise; the real-scan evaluation protocol)"),
+    init: Path | None = typer.Option(None, "--init", exists=True, file_okay=False,
+                                     help="initialise from this model folder's weights (same architecture)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda | auto (default: settings)"),
     config: Path | None = ConfigOption,
@@ -55,7 +64,12 @@ def train_cmd(
     arch = {**DEFAULT_ARCH, "channels": ch, "attention_levels": [False] * len(ch)}
     tc = TrainConfig(task=task, objective=objective, steps=steps, batch=batch, crop=crop, lr=lr, seed=seed,
                      n_train=n_train, size=size, architecture=arch, model_id=model_id, version=version,
-                     max_minutes=minutes, ema_decay=ema)
+                     max_minutes=minutes, ema_decay=ema, lesion_weight=lesion_weight, lesion_crop=lesion_crop,
+                     fulldose_target=fulldose_target, init_from=str(init) if init else None)
+    if (lesion_weight or lesion_crop) and task == "mr_denoise":
+        fail("--lesion-weight / --lesion-crop apply to ct_denoise and ct_to_mr")
+    if fulldose_target and task != "ct_denoise":
+        fail("--fulldose-target applies to ct_denoise only")
     out_root = out or settings.models_dir
     dev = resolve_device(device or settings.engine.device)
     threads = settings.engine.threads
@@ -70,7 +84,10 @@ def train_cmd(
         d = load_data(data_path)
         if d["ct"].shape[0] < n_train or d["ct"].shape[-1] != size:
             fail(f"{data_path} holds {d['ct'].shape[0]} phantoms of {d['ct'].shape[-1]} px, need {n_train} x {size}")
-        d = {**d, **{k: d[k][:n_train] for k in ("ct", "ld", "nd", "t1w", "t2w", "dose", "seeds", "kinds")}}
+        d = {**d, **{k: d[k][:n_train] for k in ("ct", "ld", "nd", "t1w", "t2w", "dose", "seeds", "kinds", "les")
+                     if k in d}}
+        if (lesion_weight or lesion_crop) and "les" not in d:
+            fail(f"{data_path} has no lesion masks (built before they were stored); rebuild it")
         t = prog.add_task(f"train {task} ({objective})", total=steps, info="")
 
         def on_step(i: int, n: int, rec: dict) -> None:

@@ -169,3 +169,75 @@ def test_robust_ct_batches_vary_the_noise_level_and_drop_the_context() -> None:
     assert single_plain == 0 and min(plain) > 0.85
     assert 20 <= single_robust <= 60  # p_single = 0.2 of 200
     assert min(robust) < 0.2 and sum(r < 0.85 for r in robust) >= 60  # p_scale = 0.5, a ~ U(0.05, 1)
+
+
+def test_default_batches_are_unchanged_by_the_new_options() -> None:
+    """The lesion / full-dose options off: the same random stream and batches as before."""
+    import torch
+
+    data = toy_data()
+    les = np.zeros(data["ct"].shape, np.uint8)
+    a = make_batch("ct_denoise", data, torch.Generator().manual_seed(3), 4, 16, robust=True)
+    b = make_batch("ct_denoise", {**data, "les": les}, torch.Generator().manual_seed(3), 4, 16, robust=True,
+                   with_lesions=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and b[2].shape == (4, 1, 16, 16)
+
+
+def test_fulldose_target_pairs_mirror_the_real_scan_protocol() -> None:
+    """Derived pairs: target = nd (its ~10 HU noise kept), input - target = sqrt(1 - d) (ld - ct)."""
+    import torch
+
+    data = toy_data(n=2, size=32)  # ld - ct ~ N(0, 40 HU), nd - ct ~ N(0, 10 HU), dose 0.25
+    tgt, cond = make_batch("ct_denoise", data, torch.Generator().manual_seed(0), 200, 32, fulldose_target=1.0)
+    inner = (slice(12, 20), slice(12, 20))  # inside every disc: the clean CT is flat there
+    kinds = {"derived": 0, "normal_dose": 0}
+    for b in range(tgt.shape[0]):
+        t_sd = float(tgt[b, 0][inner].std() * 1000)
+        extra = float((cond[b, 1] - tgt[b, 0])[inner].std() * 1000)
+        if t_sd < 1e-3:  # the 25 % normal-dose pairs: clean target, input = nd
+            kinds["normal_dose"] += 1
+            assert 6 < extra < 14
+        else:  # target = nd with its own noise; added noise sqrt(0.75) x 40 = 34.6 HU
+            kinds["derived"] += 1
+            assert 6 < t_sd < 14 and 25 < extra < 45
+    assert 25 <= kinds["normal_dose"] <= 75 and kinds["derived"] >= 125
+    # off: never a noisy target
+    tgt0, _ = make_batch("ct_denoise", data, torch.Generator().manual_seed(0), 50, 32)
+    assert all(float(tgt0[b, 0][inner].std()) < 1e-6 for b in range(50))
+
+
+def test_lesion_weight_and_lesion_crops() -> None:
+    import torch
+
+    from engine.train import lesion_loss_weight
+
+    data = toy_data(n=2, size=64)
+    les = np.zeros(data["ct"].shape, np.uint8)
+    les[:, :, 10:14, 50:54] = 1  # one 4 px lesion, off-centre
+    d = {**data, "les": les}
+    _, _, lz = make_batch("ct_to_mr", d, torch.Generator().manual_seed(0), 40, 16, lesion_crop=1.0,
+                          with_lesions=True)
+    assert all(lz[b].sum() > 0 for b in range(40))  # every crop holds the lesion
+    _, _, lz0 = make_batch("ct_to_mr", d, torch.Generator().manual_seed(0), 40, 16, with_lesions=True)
+    assert sum(lz0[b].sum() > 0 for b in range(40)) < 20
+    w = lesion_loss_weight(lz, 9.0)
+    assert w.shape == (40, 1, 8, 8) and abs(float(w.mean()) - 1) < 1e-5
+    inside = w[lz[:, :, ::2, ::2] > 0]
+    assert float(inside.min()) > 2 * float(w.min())
+
+
+def test_init_from_a_model_folder_and_the_card_records_it(tmp_path: Path) -> None:
+    kw = dict(task="ct_to_mr", objective="regression", batch=2, crop=16, architecture=dict(TINY_ARCH),
+              log_every=1, ckpt_every=10)
+    data = toy_data()
+    data["les"] = np.zeros(data["ct"].shape, np.uint8)
+    data["les"][:, :, 12:16, 12:16] = 1
+    a = train(TrainConfig(steps=2, model_id="base", **kw), tmp_path / "a", data)
+    b = train(TrainConfig(steps=1, lr=1e-9, warmup=1, model_id="tuned", init_from=str(a), lesion_weight=5.0,
+                          lesion_crop=0.5, **kw), tmp_path / "b", data)
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(float((wa[k].float() - wb[k].float()).abs().max()) < 1e-4 for k in wa)  # lr ~0: starts at a
+    card = (b / "MODEL_CARD.md").read_text()
+    digest = hashlib.sha256((a / "model.safetensors").read_bytes()).hexdigest()
+    assert f"initialised from `{a}` (base 1.0.0, weights SHA-256 {digest})" in card
+    assert "--lesion-weight 5.0 --lesion-crop 0.5" in card and "lesion emphasis" in card
