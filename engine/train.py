@@ -67,6 +67,25 @@ MR_TARGET_SCALE = 1000.0  # engine.phantoms.MR_SCALE: MR signal in [0, 1] * 1000
 LOW_DOSES = (0.1, 0.25, 0.5)
 # CT restoration robustness augmentation (make_batch ``robust``; preset key "robust")
 ROBUST_CT = {"p_scale": 0.5, "scale_lo": 0.05, "p_single": 0.2}
+# "own" texture of a full-dose image (make_batch ``own_texture``): white Gaussian noise blurred
+# by a Gaussian of sigma U(blur_lo, blur_hi) px, scaled to SD U(sd_lo, sd_hi) HU, per slice
+OWN_TEXTURE = {"blur_lo": 0.5, "blur_hi": 2.0, "sd_lo": 2.0, "sd_hi": 30.0}
+
+
+def _own_texture(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Correlated texture (HU) of ``shape`` ``(3, H, W)``: see ``OWN_TEXTURE``."""
+    o = OWN_TEXTURE
+    sig = o["blur_lo"] + (o["blur_hi"] - o["blur_lo"]) * torch.rand((), generator=gen).item()
+    sd = o["sd_lo"] + (o["sd_hi"] - o["sd_lo"]) * torch.rand((), generator=gen).item()
+    r = int(math.ceil(3 * sig))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sig) ** 2)
+    k = k / k.sum()
+    n = torch.randn((shape[0], 1, shape[1], shape[2]), generator=gen)
+    n = torch.nn.functional.conv2d(torch.nn.functional.pad(n, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    n = torch.nn.functional.conv2d(torch.nn.functional.pad(n, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    n = n[:, 0]
+    return n / n.std().clamp_min(1e-8) * sd
 TRAIN_ANGLES = 180  # views for training-data low dose up to 256 px (I0 is scaled by degrade; see docs)
 
 
@@ -170,6 +189,9 @@ class TrainConfig:
     # nd + sqrt(1 - d) (ld - ct), i.e. a dose-d scan derived from the full-dose one by adding
     # independent projection-domain noise, target = nd (see make_batch)
     fulldose_target: float = 0.0
+    # in those pairs, probability that the full-dose image's own noise is a synthetic
+    # correlated texture (OWN_TEXTURE) instead of the phantom's own projection-domain noise
+    own_texture: float = 0.0
     # initialise the network (and EMA) from this model folder's weights (fine-tuning)
     init_from: str | None = None
 
@@ -270,7 +292,7 @@ def _augment_geom(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int, crop: int,
                robust: bool = False, *, lesion_crop: float = 0.0, fulldose_target: float = 0.0,
-               with_lesions: bool = False) -> tuple[torch.Tensor, ...]:
+               own_texture: float = 0.0, with_lesions: bool = False) -> tuple[torch.Tensor, ...]:
     """One training batch in network units (pixel domain, before the DWT).
 
     Returns ``(target, cond)``: ``(B, Ct, crop, crop)`` and ``(B, 3, crop, crop)`` (the slice
@@ -288,6 +310,10 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
     noise included) and the input ``nd + sqrt(1 - d) (ld - ct)``, a scan of dose ``d`` derived
     from it (``ld - ct`` is projection-domain noise of variance ``1/d``, drawn independently of
     ``nd``'s, so the added part has variance ``1/d - 1`` as in evaldata's ``d / (1 - d)``).
+    ``own_texture``: in those pairs, probability that the full-dose image is ``ct + texture``
+    (``_own_texture``: a correlated texture unlike the projection-domain noise) instead of
+    ``nd``, so that the model learns to remove the simulated low-dose noise and keep a scan's
+    own texture.
     ``lesion_crop``: probability of centring the crop on a random lesion pixel (``data["les"]``).
     ``with_lesions``: also return the centre slice's lesion mask crop ``(B, 1, crop, crop)``.
     With the defaults the random stream is the one of earlier versions (same batches).
@@ -303,7 +329,11 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
                        and torch.rand((), generator=gen).item() < fulldose_target)
             if derived:  # the real-scan protocol: target = full dose, input = full dose + extra noise
                 d = float(data["dose"][i])
-                nd3 = torch.from_numpy(data["nd"][i]) / CT_SCALE
+                if own_texture > 0 and torch.rand((), generator=gen).item() < own_texture:
+                    ct3 = torch.from_numpy(data["ct"][i])
+                    nd3 = (ct3 + _own_texture(tuple(ct3.shape), gen)) / CT_SCALE
+                else:
+                    nd3 = torch.from_numpy(data["nd"][i]) / CT_SCALE
                 extra = math.sqrt(1.0 - d) * (torch.from_numpy(data["ld"][i]) - torch.from_numpy(data["ct"][i]))
                 cond = nd3 + extra / CT_SCALE
                 target = nd3[1:2]
@@ -494,7 +524,8 @@ def train(
             if tc.lesion_weight or tc.lesion_crop or tc.fulldose_target:
                 target, cond, les = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop,
                                                robust=robust, lesion_crop=tc.lesion_crop,
-                                               fulldose_target=tc.fulldose_target, with_lesions=True)
+                                               fulldose_target=tc.fulldose_target, own_texture=tc.own_texture,
+                                               with_lesions=True)
                 if tc.lesion_weight:
                     wmap = lesion_loss_weight(les, tc.lesion_weight).to(device)
             else:
@@ -561,6 +592,7 @@ def train(
         "final_loss_ema": ema_loss,
         "ema_decay_used": ema_decay(tc.ema_decay, tc.steps),
         "robust_augmentation": ROBUST_CT if robust else None,
+        "own_texture_recipe": OWN_TEXTURE if tc.own_texture else None,
         "data": data.get("meta", {}),
         "init_model": _init_description(tc.init_from) if tc.init_from else None,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -660,7 +692,9 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
           if tr.get("lesion_weight") or tr.get("lesion_crop") else []),
         *([f"- full-dose targets (the real-scan evaluation protocol, LDCT practice): with probability "
            f"{tr['fulldose_target']} a pair is input = full-dose CT + independent extra noise bringing it to "
-           "dose d, target = that full-dose CT with its own noise (`engine.train.make_batch`)"]
+           "dose d, target = that full-dose CT with its own noise (`engine.train.make_batch`)"
+           + (f"; in {tr['own_texture']} of them the full-dose image's own noise is a synthetic correlated texture "
+              f"{tr.get('own_texture_recipe')} instead of the phantom's projection-domain noise" if tr.get("own_texture") else "")]
           if tr.get("fulldose_target") else []),
         *([f"- initialised from `{tr['init_from']}`"
            + (f" ({tr['init_model']})" if tr.get("init_model") else "")] if tr.get("init_from") else []),
@@ -673,6 +707,7 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         + (f" --lesion-weight {tr['lesion_weight']}" if tr.get("lesion_weight") else "")
         + (f" --lesion-crop {tr['lesion_crop']}" if tr.get("lesion_crop") else "")
         + (f" --fulldose-target {tr['fulldose_target']}" if tr.get("fulldose_target") else "")
+        + (f" --own-texture {tr['own_texture']}" if tr.get("own_texture") else "")
         + (f" --init {tr['init_from']}" if tr.get("init_from") else "") + "`"
         + (" (the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)"
            if tr.get("max_minutes") else ""),

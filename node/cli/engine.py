@@ -40,6 +40,9 @@ def train_cmd(
     fulldose_target: float = typer.Option(0.0, "--fulldose-target", min=0.0, max=1.0,
                                           help="ct_denoise: share of pairs with the full-dose scan as target "
                                                "(input = it + extra noise; the real-scan evaluation protocol)"),
+    own_texture: float = typer.Option(0.0, "--own-texture", min=0.0, max=1.0,
+                                      help="ct_denoise: in full-dose-target pairs, share whose own noise is a "
+                                           "synthetic correlated texture instead of the phantom's"),
     init: Path | None = typer.Option(None, "--init", exists=True, file_okay=False,
                                      help="initialise from this model folder's weights (same architecture)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
@@ -65,7 +68,7 @@ def train_cmd(
     tc = TrainConfig(task=task, objective=objective, steps=steps, batch=batch, crop=crop, lr=lr, seed=seed,
                      n_train=n_train, size=size, architecture=arch, model_id=model_id, version=version,
                      max_minutes=minutes, ema_decay=ema, lesion_weight=lesion_weight, lesion_crop=lesion_crop,
-                     fulldose_target=fulldose_target, init_from=str(init) if init else None)
+                     fulldose_target=fulldose_target, own_texture=own_texture, init_from=str(init) if init else None)
     if (lesion_weight or lesion_crop) and task == "mr_denoise":
         fail("--lesion-weight / --lesion-crop apply to ct_denoise and ct_to_mr")
     if fulldose_target and task != "ct_denoise":

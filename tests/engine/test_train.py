@@ -241,3 +241,26 @@ def test_init_from_a_model_folder_and_the_card_records_it(tmp_path: Path) -> Non
     digest = hashlib.sha256((a / "model.safetensors").read_bytes()).hexdigest()
     assert f"initialised from `{a}` (base 1.0.0, weights SHA-256 {digest})" in card
     assert "--lesion-weight 5.0 --lesion-crop 0.5" in card and "lesion emphasis" in card
+
+
+def test_own_texture_targets_are_correlated_textures_not_the_phantom_noise() -> None:
+    import torch
+
+    data = toy_data(n=2, size=64)
+    data["nd"] = data["ct"].copy()  # the phantom's own noise 0: any noise in the target is the texture
+    tgt, cond = make_batch("ct_denoise", data, torch.Generator().manual_seed(0), 60, 64, fulldose_target=1.0,
+                           own_texture=1.0)
+    inner = (slice(26, 38), slice(26, 38))
+    textured = 0
+    for b in range(tgt.shape[0]):
+        t = tgt[b, 0][inner] * 1000
+        if float(t.std()) < 1e-3:
+            continue  # a normal-dose pair (clean target)
+        textured += 1
+        t = t - t.mean()
+        assert 0.5 < float(t.std()) < 40
+        lag1 = float((t[:, 1:] * t[:, :-1]).mean() / (t * t).mean())
+        assert lag1 > 0.2  # blurred: neighbours correlate (white noise would give ~0)
+        extra = float((cond[b, 1] - tgt[b, 0])[inner].std() * 1000)
+        assert 25 < extra < 45  # the simulated low-dose part is unchanged
+    assert textured >= 30
