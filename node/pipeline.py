@@ -198,12 +198,7 @@ class Pipeline:
                 self.jobs, self.settings.broker_url,
                 stale_after_s=self.settings.broker_stale_after_s,
                 sweep_every_s=self.settings.broker_sweep_every_s)
-        q = self.settings.quality
-        self.limits = QualityLimits(
-            hu_min=q.hu_min, hu_max=q.hu_max, max_abs_bias_hu=q.max_abs_bias_hu,
-            max_mean_abs_residual_hu=q.max_mean_abs_residual_hu,
-            min_correlation=q.min_correlation, min_foreground_dice=q.min_foreground_dice,
-        )
+        self.limits = QualityLimits.from_settings(self.settings.quality)
 
     @classmethod
     def from_context(cls, ctx: Any, **kwargs: Any) -> Pipeline:
@@ -406,13 +401,14 @@ class Pipeline:
                           if self.settings.quality.enabled else None)
                 timings["quality"] = timings.get("quality", 0.0) + time.perf_counter() - t0
                 if report is not None and not report.passed:
-                    held.append({"index": k, "reasons": list(report.reasons)})
+                    held.append({"index": k, "reasons": list(report.reasons),
+                                 "checks": list(report.checks)})
                     self._event(EventType.OUTPUT_HELD,
                                 {"job_id": job.id, "study_uid": job.study_uid,
                                  "model_id": prov.model_id},
                                 {"source_series_uids": [job.series_uid],
-                                 "reasons": list(report.reasons), "stats": report.stats,
-                                 "output_index": k},
+                                 "reasons": list(report.reasons), "checks": list(report.checks),
+                                 "stats": report.stats, "output_index": k},
                                 Outcome.MINOR_FAILURE)
                     continue
                 built.append(self._build_and_store(job, source, out, prov, k,

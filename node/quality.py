@@ -1,34 +1,63 @@
 """Quality gate before release: an engine output that fails is held back with its reasons.
 
-Checks (all on physical values, i.e. after the Modality LUT):
+Checks (all on physical values, i.e. after the Modality LUT), each named in
+:attr:`QualityReport.checks` when it fails:
 
-* finite: no NaN / infinity anywhere;
-* not constant: the volume and every slice vary (standard deviation above ``min_std``);
-* range: CT (HU) outputs within ``[hu_min, hu_max]`` (air -1000 HU to dense bone/metal);
-* residual statistics against the input, when input and output share the intensity meaning
-  (restoration): mean residual (bias) and mean absolute residual below limits, and the
-  input/output correlation above ``min_correlation`` (the output still depicts the input);
-* for cross-modality outputs (CT -> MR) the foreground (non-background) masks must overlap
-  (Dice >= ``min_foreground_dice``), so anatomy did not move or vanish.
+* ``non_finite``: no NaN / infinity anywhere (the reason names the slices);
+* ``constant`` / ``slice_constant``: the volume and every slice vary (standard deviation
+  above ``min_std``);
+* range per intensity meaning: ``hu_range``: CT (HU) outputs within ``[hu_min, hu_max]``
+  (air -1000 HU to dense bone / metal); ``mr_range``: MR outputs are magnitude images,
+  non-negative; the lowest value may undershoot 0 by at most ``mr_negative_tolerance`` x the
+  output's 99th percentile (regressors overshoot around air; 0 = require non-negative);
+* restoration (input and output share the intensity meaning), over the volume: ``bias``
+  (mean residual), ``mean_abs_residual`` and ``correlation`` (the output still depicts the
+  input); per slice, so a slice-local failure is not averaged away by the others:
+  ``slice_bias`` (mean residual of the slice, HU or in input SDs), ``slice_correlation``
+  and ``slice_edge_ratio`` (contrast kept: mean gradient magnitude, Gaussian sigma
+  ``EDGE_SIGMA_PX`` px, of output / input inside the input's body mask eroded by
+  ``BODY_EROSION_PX`` px; the smoothing keeps the input's noise from counting as contrast.
+  Below ``min_slice_edge_ratio``: edges lost (blurred, flattened soft tissue); above
+  ``max_slice_edge_ratio``: structure or noise that the input does not have);
+* cross-modality (CT -> MR): the foreground (non-background) masks overlap over the volume
+  (``foreground_dice`` >= ``min_foreground_dice``) and in every slice with foreground
+  (``slice_foreground_dice`` >= ``min_slice_foreground_dice``), so anatomy did not move or
+  vanish, also in one slice.
 
 The report's numbers are decimal strings (ledger events carry no floats).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from engine.api import Intensity, Volume
 
 logger = logging.getLogger(__name__)
 
+#: Gaussian sigma (pixels) of the gradient magnitude behind ``slice_edge_ratio``
+EDGE_SIGMA_PX = 2.0
+#: erosion (pixels) of the input's body mask for ``slice_edge_ratio``: the body outline (air
+#: against skin, ~1000 HU) is not the contrast being judged, and an output that blurs it by
+#: a few pixels must not bring its gradient into the judged area (measured: 3 px let a
+#: sigma 8 px blur of a 512 px abdomen keep a ratio of 0.75, 9 px gives 0.60)
+BODY_EROSION_PX = 9
+MR_INTENSITIES = (Intensity.MR, Intensity.MR_T1W, Intensity.MR_T2W)
+
 
 @dataclass(frozen=True)
 class QualityLimits:
+    """Limits of :func:`check` (config: ``[pipeline.quality]``, same names).
+
+    Raises ValueError naming the limit when a value is out of its range."""
+
     hu_min: float = -1100.0
     hu_max: float = 4000.0
+    mr_negative_tolerance: float = 0.1  # MR: min >= -tolerance * 99th percentile
     min_std: float = 1e-6
     max_abs_bias_hu: float = 30.0  # |mean(out - in)| for CT restoration
     max_mean_abs_residual_hu: float = 150.0
@@ -36,6 +65,41 @@ class QualityLimits:
     max_rel_mean_abs_residual: float = 1.0
     min_correlation: float = 0.8
     min_foreground_dice: float = 0.7
+    # per slice
+    max_slice_abs_bias_hu: float = 50.0
+    max_slice_rel_bias: float = 0.25  # non-HU: relative to the input volume's std
+    min_slice_correlation: float = 0.7
+    min_slice_edge_ratio: float = 0.8
+    max_slice_edge_ratio: float = 1.5
+    min_slice_foreground_dice: float = 0.5
+
+    def __post_init__(self) -> None:
+        positive = ("min_std", "max_abs_bias_hu", "max_mean_abs_residual_hu", "max_rel_bias",
+                    "max_rel_mean_abs_residual", "max_slice_abs_bias_hu", "max_slice_rel_bias",
+                    "min_slice_edge_ratio", "max_slice_edge_ratio")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("min_correlation", "min_slice_correlation"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [-1, 1], got {getattr(self, name)!r}")
+        for name in ("min_foreground_dice", "min_slice_foreground_dice", "mr_negative_tolerance"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not self.hu_min < self.hu_max:
+            raise ValueError(f"hu_min ({self.hu_min}) must be below hu_max ({self.hu_max})")
+        if not self.min_slice_edge_ratio < self.max_slice_edge_ratio:
+            raise ValueError(f"min_slice_edge_ratio ({self.min_slice_edge_ratio}) must be below "
+                             f"max_slice_edge_ratio ({self.max_slice_edge_ratio})")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> QualityLimits:
+        """The limits named in ``settings`` (a ``QualitySettings``); the rest default."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: float(v) for k, v in settings.model_dump().items() if k in names})
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -43,6 +107,7 @@ class QualityReport:
     passed: bool
     reasons: tuple[str, ...]
     stats: dict[str, str] = field(default_factory=dict)
+    checks: tuple[str, ...] = ()  # names of the failed checks (module docstring)
 
 
 def _fmt(x: float) -> str:
@@ -56,65 +121,173 @@ def _foreground(x: np.ndarray) -> np.ndarray:
     return x > lo + 0.15 * (hi - lo)
 
 
+def _slices(idx: list[int]) -> str:
+    shown = ", ".join(str(k) for k in idx[:8])
+    return f"{len(idx)} slice(s) ({shown}{', ...' if len(idx) > 8 else ''})"
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = float(a.std()), float(b.std())
+    if sa <= 0 or sb <= 0:
+        return 0.0
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def _edge_ratio(src: np.ndarray, out: np.ndarray, body: np.ndarray) -> float | None:
+    """Mean smoothed gradient magnitude of ``out`` over that of ``src`` inside ``body``
+    (None: no body pixels or an input without edges there)."""
+    if not body.any():
+        return None
+    gs = ndimage.gaussian_gradient_magnitude(src, EDGE_SIGMA_PX)[body].mean()
+    if gs <= 0:
+        return None
+    return float(ndimage.gaussian_gradient_magnitude(out, EDGE_SIGMA_PX)[body].mean() / gs)
+
+
+class _Gate:
+    """Collects reasons, failed check names and statistics of one run of :func:`check`."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.checks: list[str] = []
+        self.stats: dict[str, str] = {}
+
+    def fail(self, name: str, reason: str) -> None:
+        if name not in self.checks:
+            self.checks.append(name)
+        self.reasons.append(reason)
+
+
+def _restoration(g: _Gate, src: np.ndarray, data: np.ndarray, hu: bool, limits: QualityLimits) -> None:
+    """Residual statistics over the volume and per slice; per-slice edge ratio."""
+    resid = data - src
+    bias = float(resid.mean())
+    mar = float(np.abs(resid).mean())
+    sstd = float(src.std())
+    corr = _corr(src, data)
+    g.stats.update(residual_mean=_fmt(bias), residual_mean_abs=_fmt(mar),
+                   residual_std=_fmt(float(resid.std())), correlation=_fmt(corr))
+    if hu:
+        if abs(bias) > limits.max_abs_bias_hu:
+            g.fail("bias", f"mean residual {bias:.1f} HU exceeds {limits.max_abs_bias_hu:.0f}")
+        if mar > limits.max_mean_abs_residual_hu:
+            g.fail("mean_abs_residual",
+                   f"mean |residual| {mar:.1f} HU exceeds {limits.max_mean_abs_residual_hu:.0f}")
+    elif sstd > 0:
+        if abs(bias) / sstd > limits.max_rel_bias:
+            g.fail("bias", f"mean residual {bias / sstd:.2f} input SD exceeds {limits.max_rel_bias}")
+        if mar / sstd > limits.max_rel_mean_abs_residual:
+            g.fail("mean_abs_residual",
+                   f"mean |residual| {mar / sstd:.2f} input SD exceeds {limits.max_rel_mean_abs_residual}")
+    if corr < limits.min_correlation:
+        g.fail("correlation", f"correlation with input {corr:.3f} below {limits.min_correlation}")
+
+    # per slice
+    body_all = _foreground(src)
+    biases = resid.reshape(resid.shape[0], -1).mean(axis=1)
+    scale, unit, limit = ((1.0, "HU", limits.max_slice_abs_bias_hu) if hu
+                          else (sstd or 1.0, "input SD", limits.max_slice_rel_bias))
+    rel = np.abs(biases) / scale
+    worst = int(np.argmax(rel))
+    g.stats.update(slice_residual_mean_max_abs=_fmt(float(rel[worst])), slice_residual_mean_worst=str(worst))
+    bad = [k for k in range(len(rel)) if rel[k] > limit]
+    if bad:
+        g.fail("slice_bias", f"mean residual above {limit:g} {unit} in {_slices(bad)}; worst slice "
+                             f"{worst}: {biases[worst] / scale:.2f} {unit}")
+    corrs = [_corr(src[k], data[k]) for k in range(src.shape[0])]
+    k = int(np.argmin(corrs))
+    g.stats.update(slice_correlation_min=_fmt(corrs[k]), slice_correlation_worst=str(k))
+    bad = [i for i, c in enumerate(corrs) if c < limits.min_slice_correlation]
+    if bad:
+        g.fail("slice_correlation", f"correlation with input below {limits.min_slice_correlation} in "
+                                    f"{_slices(bad)}; worst slice {k}: {corrs[k]:.3f}")
+    ratios: dict[int, float] = {}
+    for i in range(src.shape[0]):
+        body = ndimage.binary_erosion(body_all[i], iterations=BODY_EROSION_PX)
+        r = _edge_ratio(src[i], data[i], body)
+        if r is not None:
+            ratios[i] = r
+    if ratios:
+        lo_k, hi_k = min(ratios, key=ratios.__getitem__), max(ratios, key=ratios.__getitem__)
+        g.stats.update(slice_edge_ratio_min=_fmt(ratios[lo_k]), slice_edge_ratio_max=_fmt(ratios[hi_k]))
+        low = [i for i, r in ratios.items() if r < limits.min_slice_edge_ratio]
+        high = [i for i, r in ratios.items() if r > limits.max_slice_edge_ratio]
+        if low:
+            g.fail("slice_edge_ratio", f"edges (contrast) lost: output/input edge ratio below "
+                                       f"{limits.min_slice_edge_ratio} in {_slices(low)}; worst slice "
+                                       f"{lo_k}: {ratios[lo_k]:.3f}")
+        if high:
+            g.fail("slice_edge_ratio", f"edges the input lacks: output/input edge ratio above "
+                                       f"{limits.max_slice_edge_ratio} in {_slices(high)}; worst slice "
+                                       f"{hi_k}: {ratios[hi_k]:.3f}")
+
+
+def _cross_modality(g: _Gate, src: np.ndarray, data: np.ndarray, limits: QualityLimits) -> None:
+    a, b = _foreground(src), _foreground(data)
+    denom = int(a.sum()) + int(b.sum())
+    dice = 2.0 * int((a & b).sum()) / denom if denom else 0.0
+    g.stats["foreground_dice"] = _fmt(dice)
+    if dice < limits.min_foreground_dice:
+        g.fail("foreground_dice", f"foreground Dice with input {dice:.3f} below {limits.min_foreground_dice}")
+    dices: dict[int, float] = {}
+    for k in range(src.shape[0]):
+        n = int(a[k].sum()) + int(b[k].sum())
+        if n:  # a slice with no foreground in either has nothing to overlap
+            dices[k] = 2.0 * int((a[k] & b[k]).sum()) / n
+    if dices:
+        k = min(dices, key=dices.__getitem__)
+        g.stats.update(slice_foreground_dice_min=_fmt(dices[k]), slice_foreground_dice_worst=str(k))
+        bad = [i for i, d in dices.items() if d < limits.min_slice_foreground_dice]
+        if bad:
+            g.fail("slice_foreground_dice", f"foreground Dice with input below "
+                                            f"{limits.min_slice_foreground_dice} in {_slices(bad)}; "
+                                            f"worst slice {k}: {dices[k]:.3f}")
+
+
 def check(output: Volume, source: Volume | None = None, limits: QualityLimits | None = None) -> QualityReport:
     """Run the gate on one output volume (optionally against its source volume)."""
     limits = limits or QualityLimits()
     data = np.asarray(output.data, dtype=np.float64)
-    reasons: list[str] = []
-    stats: dict[str, str] = {}
+    data = data[None] if data.ndim == 2 else data
+    g = _Gate()
     finite = np.isfinite(data)
     if not finite.all():
         n = int((~finite).sum())
-        return QualityReport(False, (f"{n} non-finite voxel(s) (NaN/inf)",), {"non_finite": str(n)})
+        where = [k for k in range(data.shape[0]) if not finite[k].all()]
+        g.fail("non_finite", f"{n} non-finite voxel(s) (NaN/inf) in {_slices(where)}")
+        return QualityReport(False, tuple(g.reasons), {"non_finite": str(n),
+                                                       "non_finite_slices": str(len(where))},
+                             tuple(g.checks))
     std = float(data.std())
-    stats.update(min=_fmt(float(data.min())), max=_fmt(float(data.max())), std=_fmt(std),
-                 mean=_fmt(float(data.mean())))
+    g.stats.update(min=_fmt(float(data.min())), max=_fmt(float(data.max())), std=_fmt(std),
+                   mean=_fmt(float(data.mean())))
     if std <= limits.min_std:
-        reasons.append("output is constant")
+        g.fail("constant", "output is constant")
     flat = [k for k in range(data.shape[0]) if float(data[k].std()) <= limits.min_std]
     if flat and std > limits.min_std:
-        reasons.append(f"{len(flat)} constant slice(s), first index {flat[0]}")
-    if output.intensity is Intensity.HU:
-        lo, hi = float(data.min()), float(data.max())
+        g.fail("slice_constant", f"{len(flat)} constant slice(s), first index {flat[0]}")
+    intensity = Intensity(output.intensity)
+    lo, hi = float(data.min()), float(data.max())
+    if intensity is Intensity.HU:
         if lo < limits.hu_min or hi > limits.hu_max:
-            reasons.append(
-                f"HU range [{lo:.0f}, {hi:.0f}] outside [{limits.hu_min:.0f}, {limits.hu_max:.0f}]"
-            )
+            g.fail("hu_range", f"HU range [{lo:.0f}, {hi:.0f}] outside "
+                               f"[{limits.hu_min:.0f}, {limits.hu_max:.0f}]")
+    elif intensity in MR_INTENSITIES:
+        p99 = float(np.percentile(data, 99.0))
+        floor = -limits.mr_negative_tolerance * max(p99, 0.0)
+        g.stats["p99"] = _fmt(p99)
+        if lo < floor:
+            g.fail("mr_range", f"MR magnitude below 0: minimum {lo:.4g} under {floor:.4g} "
+                               f"(-{limits.mr_negative_tolerance:g} x 99th percentile {p99:.4g})")
     if source is not None:
         src = np.asarray(source.data, dtype=np.float64)
+        src = src[None] if src.ndim == 2 else src
         if src.shape != data.shape:
-            reasons.append(f"shape {data.shape} differs from input {src.shape}")
-        elif Intensity(source.intensity) is Intensity(output.intensity):
-            resid = data - src
-            bias = float(resid.mean())
-            mar = float(np.abs(resid).mean())
-            sstd = float(src.std())
-            corr = float(np.corrcoef(src.ravel(), data.ravel())[0, 1]) if sstd > 0 and std > 0 else 0.0
-            stats.update(residual_mean=_fmt(bias), residual_mean_abs=_fmt(mar),
-                         residual_std=_fmt(float(resid.std())), correlation=_fmt(corr))
-            if output.intensity is Intensity.HU:
-                if abs(bias) > limits.max_abs_bias_hu:
-                    reasons.append(f"mean residual {bias:.1f} HU exceeds {limits.max_abs_bias_hu:.0f}")
-                if mar > limits.max_mean_abs_residual_hu:
-                    reasons.append(
-                        f"mean |residual| {mar:.1f} HU exceeds {limits.max_mean_abs_residual_hu:.0f}"
-                    )
-            elif sstd > 0:
-                if abs(bias) / sstd > limits.max_rel_bias:
-                    reasons.append(f"mean residual {bias / sstd:.2f} input SD exceeds {limits.max_rel_bias}")
-                if mar / sstd > limits.max_rel_mean_abs_residual:
-                    reasons.append(
-                        f"mean |residual| {mar / sstd:.2f} input SD exceeds {limits.max_rel_mean_abs_residual}"
-                    )
-            if corr < limits.min_correlation:
-                reasons.append(f"correlation with input {corr:.3f} below {limits.min_correlation}")
+            g.fail("shape", f"shape {data.shape} differs from input {src.shape}")
+        elif Intensity(source.intensity) is intensity:
+            _restoration(g, src, data, intensity is Intensity.HU, limits)
         else:
-            a, b = _foreground(src), _foreground(data)
-            denom = int(a.sum()) + int(b.sum())
-            dice = 2.0 * int((a & b).sum()) / denom if denom else 0.0
-            stats["foreground_dice"] = _fmt(dice)
-            if dice < limits.min_foreground_dice:
-                reasons.append(f"foreground Dice with input {dice:.3f} below {limits.min_foreground_dice}")
-    if reasons:
-        logger.warning("quality gate held an output: %s", "; ".join(reasons))
-    return QualityReport(not reasons, tuple(reasons), stats)
+            _cross_modality(g, src, data, limits)
+    if g.reasons:
+        logger.warning("quality gate held an output: %s", "; ".join(g.reasons))
+    return QualityReport(not g.reasons, tuple(g.reasons), g.stats, tuple(g.checks))

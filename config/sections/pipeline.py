@@ -67,15 +67,47 @@ class Rule(Section):
 
 
 class QualitySettings(Section):
-    """Quality gate limits (node/quality.py)."""
+    """Quality gate limits (node/quality.py, which documents each check; docs/pipeline.md
+    has the values measured with the shipped models)."""
 
     enabled: bool = True
-    hu_min: float = -1100.0
-    hu_max: float = 4000.0
+    hu_min: float = Field(default=-1100.0, description="lowest HU a CT output may hold")
+    hu_max: float = Field(default=4000.0, description="highest HU a CT output may hold")
+    mr_negative_tolerance: float = Field(
+        default=0.1, ge=0, le=1,
+        description="MR outputs are magnitude images: the minimum may undershoot 0 by at most "
+                    "this fraction of the output's 99th percentile (0 = require >= 0)")
     max_abs_bias_hu: float = Field(default=30.0, gt=0)
     max_mean_abs_residual_hu: float = Field(default=150.0, gt=0)
     min_correlation: float = Field(default=0.8, ge=-1, le=1)
     min_foreground_dice: float = Field(default=0.7, ge=0, le=1)
+    # -- per slice (a slice-local failure is not averaged away by the other slices) ----------
+    max_slice_abs_bias_hu: float = Field(
+        default=50.0, gt=0, description="CT restoration: |mean residual| of any one slice (HU)")
+    max_slice_rel_bias: float = Field(
+        default=0.25, gt=0,
+        description="other restoration: |mean residual| of any one slice in input-volume SDs")
+    min_slice_correlation: float = Field(
+        default=0.7, ge=-1, le=1, description="restoration: output/input correlation of every slice")
+    min_slice_edge_ratio: float = Field(
+        default=0.8, gt=0,
+        description="restoration: smoothed edge strength kept inside the body, output / input, "
+                    "in every slice (lower = contrast lost)")
+    max_slice_edge_ratio: float = Field(
+        default=1.5, gt=0, description="restoration: ... and at most this (higher = structure "
+                                       "or noise the input lacks)")
+    min_slice_foreground_dice: float = Field(
+        default=0.5, ge=0, le=1,
+        description="cross-modality: body mask overlap of every slice with foreground")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "QualitySettings":
+        if self.hu_min >= self.hu_max:
+            raise ValueError(f"hu_min ({self.hu_min:g}) must be below hu_max ({self.hu_max:g})")
+        if self.min_slice_edge_ratio >= self.max_slice_edge_ratio:
+            raise ValueError(f"min_slice_edge_ratio ({self.min_slice_edge_ratio:g}) must be below "
+                             f"max_slice_edge_ratio ({self.max_slice_edge_ratio:g})")
+        return self
 
 
 class PipelineSettings(Section):

@@ -149,7 +149,35 @@ def test_late_instance_replace_policy_and_held_output(tmp_path: Path, orthanc: O
     job = pipe.jobs.list(study_uid=str(other[0].StudyInstanceUID))[0]
     assert job.state is JobState.SUCCEEDED and job.result["outputs"] == []
     assert "non-finite" in job.result["held"][0]["reasons"][0]
+    assert job.result["held"][0]["checks"] == ["non_finite"]
     assert "output.held" in [e.event.type.value for e in ctx.ledger.entries()]
+
+    # a slice-local failure (one slice of 3 is 75 HU off: over the per-slice limit of 50 HU,
+    # while the volume's mean residual, 25 HU, stays under its 30 HU) is held back too, and
+    # the ledger says which check and which slice
+    def one_slice_off(task, volume, params, seed, model):  # type: ignore[no-untyped-def]
+        r = nlm_runner(task, volume, params, seed, model)
+        bad = r.outputs[0].data.copy()
+        bad[1] += 75.0
+        return TaskResult([Volume(bad, volume.spacing, volume.intensity)], r.provenance)
+
+    pipe.runner = one_slice_off
+    third = make_series(3, rows=256, cols=256)
+    _send(ctx, third)
+    pipe.complete_study(str(third[0].StudyInstanceUID))
+    pipe.pool.drain()
+    job = pipe.jobs.list(study_uid=str(third[0].StudyInstanceUID))[0]
+    assert job.state is JobState.SUCCEEDED and job.result["outputs"] == []
+    assert "slice_bias" in job.result["held"][0]["checks"]
+    assert "bias" not in job.result["held"][0]["checks"]
+    (held,) = [e.event for e in ctx.ledger.entries() if e.event.type.value == "output.held"
+               and e.event.subject["job_id"] == job.id]
+    assert held.outcome.value == "minor_failure" and held.subject["model_id"] == "baseline-nlm"
+    assert "slice_bias" in held.payload["checks"]
+    assert any("1 slice(s) (1)" in r for r in held.payload["reasons"]), held.payload["reasons"]
+    assert held.payload["stats"]["slice_residual_mean_worst"] == "1"
+    assert not [e for e in ctx.ledger.entries() if e.event.type.value == "output.created"
+                and e.event.subject["job_id"] == job.id]
     pipe.stop()
 
 

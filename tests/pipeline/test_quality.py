@@ -1,10 +1,14 @@
 """Quality gate: each check holds back what it should and passes a faithful output."""
 from __future__ import annotations
 
-import numpy as np
+import hashlib
 
+import numpy as np
+import pytest
+
+from config.sections.pipeline import QualitySettings
 from engine.api import Intensity, Volume
-from node.quality import check
+from node.quality import QualityLimits, check
 from tests.pipeline.factory import phantom_hu
 
 
@@ -48,3 +52,147 @@ def test_cross_modality_foreground_overlap() -> None:
     assert rep.passed, rep.reasons
     moved = Volume(np.roll(mr.data, 30, axis=2), mr.spacing, mr.intensity)
     assert any("Dice" in r for r in check(moved, src).reasons)
+
+
+# -- per slice, range per intensity meaning, limits (issue 6) --------------------------------
+def _abdomen(n: int = 8, size: int = 96) -> np.ndarray:
+    from engine.phantoms import make_sample
+
+    return make_sample(seed=3, size=size, n_slices=n, kind="abdomen", mr_snr=None,
+                       bias_strength=0.0).ct_hu.astype(np.float32)
+
+
+def test_faithful_restoration_reports_slice_statistics() -> None:
+    ct = _abdomen()
+    rng = np.random.default_rng(1)
+    src, out = _ct(ct + rng.normal(0, 10, ct.shape)), _ct(ct)  # the ideal: noise removed
+    rep = check(out, src)
+    assert rep.passed, rep.reasons
+    assert rep.checks == ()
+    assert float(rep.stats["slice_correlation_min"]) > 0.99
+    assert 0.8 < float(rep.stats["slice_edge_ratio_min"]) <= float(rep.stats["slice_edge_ratio_max"]) < 1.5
+    assert abs(float(rep.stats["slice_residual_mean_max_abs"])) < 5
+
+
+def test_slice_local_failures_are_not_averaged_away() -> None:
+    from scipy import ndimage
+
+    ct = _abdomen()
+    src = _ct(ct)
+    shifted = ct.copy()
+    shifted[5] += 120.0  # volume mean residual 15 HU: under the volume limit (30)
+    rep = check(_ct(shifted), src)
+    assert "bias" not in rep.checks and rep.checks == ("slice_bias",), rep.reasons
+    assert "1 slice(s) (5)" in rep.reasons[0] and rep.stats["slice_residual_mean_worst"] == "5"
+    scrambled = ct.copy()
+    scrambled[2] = np.random.default_rng(0).permutation(ct[2].ravel()).reshape(ct[2].shape)
+    rep = check(_ct(scrambled), src)
+    assert "correlation" not in rep.checks and "slice_correlation" in rep.checks, rep.reasons
+    assert rep.stats["slice_correlation_worst"] == "2"
+    blurred = ct.copy()
+    blurred[6] = ndimage.gaussian_filter(ct[6], 4)  # one slice lost its edges
+    rep = check(_ct(blurred), src)
+    assert rep.checks == ("slice_edge_ratio",), rep.reasons
+    assert "edges (contrast) lost" in rep.reasons[0] and "(6)" in rep.reasons[0]
+    striped = ct.copy()
+    striped[1, :, ::8] += 300.0  # streaks the input lacks (structure, not fine noise)
+    striped[1, :, 1::8] += 300.0
+    rep = check(_ct(striped), src)
+    assert "slice_edge_ratio" in rep.checks and "edges the input lacks" in " ".join(rep.reasons)
+    assert "(1)" in " ".join(rep.reasons)
+
+
+def test_flattened_soft_tissue_is_held() -> None:
+    """The gap the volume statistics had: every soft tissue set to 40 HU keeps the volume
+    correlation high (air vs body dominates) but loses the edges inside the body."""
+    ct = _abdomen()
+    flat = ct.copy()
+    flat[(ct > -300) & (ct < 200)] = 40.0
+    rep = check(_ct(flat), _ct(ct))
+    assert float(rep.stats["correlation"]) > 0.8  # the volume check alone would pass it
+    assert "slice_edge_ratio" in rep.checks, rep.reasons
+
+
+def test_non_finite_reason_names_the_slices() -> None:
+    ct = _abdomen()
+    ct[3, 10, 10] = np.nan
+    ct[7, 0, 0] = np.inf
+    rep = check(_ct(ct))
+    assert not rep.passed and rep.checks == ("non_finite",)
+    assert "2 non-finite voxel(s) (NaN/inf) in 2 slice(s) (3, 7)" == rep.reasons[0]
+
+
+def test_mr_magnitude_range() -> None:
+    ct = _abdomen()
+    mr = (ct + 1000.0) / 2.0  # >= 0 where the CT is >= -1000
+    ok = Volume(np.maximum(mr, 0), (2.0, 1.0, 1.0), Intensity.MR_T2W)
+    assert check(ok, _ct(ct)).passed
+    undershoot = np.maximum(mr, 0).copy()
+    undershoot[undershoot < 5] = -0.5 * np.percentile(mr, 99)  # background far below 0
+    rep = check(Volume(undershoot, ok.spacing, Intensity.MR_T2W), _ct(ct))
+    assert "mr_range" in rep.checks and "MR magnitude below 0" in rep.reasons[0]
+    small = np.maximum(mr, 0).copy()
+    small[0, 0, :4] = -1.0  # a little overshoot: tolerated by default, not with tolerance 0
+    vol = Volume(small, ok.spacing, Intensity.MR_T2W)
+    assert check(vol, _ct(ct)).passed
+    assert "mr_range" in check(vol, _ct(ct), QualityLimits(mr_negative_tolerance=0.0)).checks
+    # a CT output is judged in HU, not as MR
+    assert check(_ct(ct), _ct(ct)).passed
+
+
+def test_cross_modality_one_slice_moved() -> None:
+    ct = _abdomen()
+    mr = np.maximum((ct + 1000.0) / 2.0, 0).astype(np.float32)
+    mr[4] = np.roll(mr[4], mr.shape[2] // 2, axis=1)  # anatomy of one slice moved
+    rep = check(Volume(mr, (2.0, 1.0, 1.0), Intensity.MR_T2W), _ct(ct))
+    assert "foreground_dice" not in rep.checks and "slice_foreground_dice" in rep.checks, rep.reasons
+    assert rep.stats["slice_foreground_dice_worst"] == "4"
+
+
+def test_limits_are_validated_and_named() -> None:
+    with pytest.raises(ValueError, match="min_slice_correlation"):
+        QualityLimits(min_slice_correlation=1.5)
+    with pytest.raises(ValueError, match="hu_min"):
+        QualityLimits(hu_min=100, hu_max=0)
+    with pytest.raises(ValueError, match="min_slice_edge_ratio"):
+        QualityLimits(min_slice_edge_ratio=2.0)
+    assert QualityLimits.from_settings(QualitySettings()) == QualityLimits()
+    lim = QualityLimits.from_settings(QualitySettings(min_slice_foreground_dice=0.9, mr_negative_tolerance=0))
+    assert lim.min_slice_foreground_dice == 0.9 and lim.mr_negative_tolerance == 0.0
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("min_slice_correlation", 2, "pipeline.quality.min_slice_correlation"),
+    ("max_slice_abs_bias_hu", -1, "pipeline.quality.max_slice_abs_bias_hu"),
+    ("mr_negative_tolerance", 1.5, "pipeline.quality.mr_negative_tolerance"),
+    ("min_slice_foreground_dice", -0.1, "pipeline.quality.min_slice_foreground_dice"),
+    ("max_slice_edge_ratio", 0.5, "min_slice_edge_ratio"),
+    ("hu_max", -2000, "hu_min"),
+    ("min_slice_contrast", 0.5, "pipeline.quality.min_slice_contrast"),  # unknown key
+])
+def test_config_errors_name_the_key(tmp_path, key: str, value: float, needle: str) -> None:  # type: ignore[no-untyped-def]
+    from config.settings import ConfigFileError, load_settings
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'environment = "development"\ndata_dir = "{tmp_path}"\n'
+                   f"[pipeline.quality]\n{key} = {value}\n")
+    with pytest.raises(ConfigFileError) as exc:
+        load_settings(cfg)
+    assert needle in str(exc.value), str(exc.value)
+
+
+def test_ct_to_mr_output_is_non_negative() -> None:
+    """Engine output contract: ct_to_mr clamps the network's undershoot (an untrained tiny
+    model undershoots 0 widely), so its MR passes the gate's magnitude range check."""
+    from engine.api import run_task
+    from engine.models import load_model
+    from engine.train import TrainConfig, initial_model
+    from tests.pipeline.test_e2e import TINY_ARCH
+
+    cfg, weights = initial_model(TrainConfig(task="ct_to_mr", architecture=dict(TINY_ARCH)))
+    model = load_model(cfg, weights, hashlib.sha256(weights).hexdigest())
+    ct = _abdomen(n=2, size=32)
+    out = run_task("ct_to_mr", _ct(ct), model=model, params={"target": "t2w", "steps": 1}, seed=0).outputs[0]
+    assert out.intensity is Intensity.MR_T2W
+    assert float(out.data.min()) >= 0.0
+    assert "mr_range" not in check(out, _ct(ct), QualityLimits(mr_negative_tolerance=0.0)).checks
