@@ -248,6 +248,15 @@ def test_shipped_models_storescu_to_orthanc(tmp_path: Path, orthanc: OrthancServ
             assert det.payload_hex == payload["watermark_payload"], (det, payload["watermark_payload"])
             scores.append(f"{ds.Modality} {det.score:.1f}/{det.threshold:.1f}")
 
+    # -- the quality gate's per-slice statistics are in the ledger; MR output non-negative --
+    for series_uid, dss in by_series.items():
+        q = ledger_outputs[series_uid]["quality"]
+        if dss[0].Modality == "MR":
+            assert float(q["min"]) >= 0.0, q  # engine contract: magnitude, clamped
+            assert float(q["slice_foreground_dice_min"]) >= 0.5, q
+        else:
+            assert float(q["slice_edge_ratio_min"]) >= 0.8 and float(q["slice_correlation_min"]) >= 0.7, q
+
     # -- image quality against the phantom's ground truth --------------------------------
     restored = _volume(ct_series)
     assert restored.shape == sample.ct_hu.shape
