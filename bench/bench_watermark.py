@@ -308,6 +308,7 @@ def fidelity(s: Slice, marked: NDArray) -> dict[str, float]:
 
 
 KEY = WatermarkKey(hashlib.sha256(b"synthnode bench key").digest(), 7)
+MAX_DELTA: int | None = None  # --max-delta: bound for CT positives (None: the shipped 2 HU rule)
 OTHER_KEY = WatermarkKey(hashlib.sha256(b"synthnode bench other key").digest(), 8)
 
 
@@ -324,7 +325,8 @@ def run_positive(args: tuple[int, Slice, bool]) -> dict[str, object]:
     idx, s, slow = args
     rng = np.random.default_rng(10_000 + idx)
     payload = make_payload(KEY.key_id, int(rng.integers(0, 1 << 40)))
-    max_delta = suggest_max_delta(s.arr, hu_calibrated=s.ct)
+    max_delta = (suggest_max_delta(s.arr, hu_calibrated=s.ct) if MAX_DELTA is None
+                 else suggest_max_delta(s.arr, hu_calibrated=s.ct, floor=MAX_DELTA))
     marked = embed(s.arr, KEY, payload, bits_stored=s.bits, signed=s.signed, max_delta=max_delta)
     rec: dict[str, object] = {"source": s.source, "shape": list(s.arr.shape), "bits": s.bits,
                               "max_delta": max_delta,
@@ -495,16 +497,42 @@ def summarise(pos: list[dict], neg: list[dict], thr: float, command: str, elapse
     return "\n".join(lines) + "\n"
 
 
-MINI_TRANSFORMS = ("none", "png window soft", "png window brain", "jpeg q90 (soft)", "jpeg q75 (soft)",
-                   "jpeg q75 (lung)", "contrast x1.5 (8-bit)", "brightness x1.5 (8-bit)", "crop <=10%/side",
-                   "j2k lossy 10:1", "resize 0.5x")
+MINI_TRANSFORMS = ("none", "png window soft", "png window brain", "png window lung", "jpeg q90 (soft)",
+                   "jpeg q75 (soft)", "jpeg q75 (lung)", "contrast x1.5 (8-bit)", "brightness x1.5 (8-bit)",
+                   "crop <=10%/side", "j2k lossy 10:1", "resize 0.5x")
 MINI_HARD = ("explicit_VR-UN", "eCT_Supplemental", "examples_overlay", "MR-SIEMENS")
 
 
-def mini() -> None:
+def _apply_overrides(sets: list[str]) -> None:
+    """``--set core.NAME=VALUE`` / ``pattern.NAME=VALUE``: change a detector / embedder constant
+    for a variant run (the value is parsed as a Python literal, else kept as a string)."""
+    import ast
+
+    from audit.watermark import pattern as wm_pattern
+
+    mods = {"core": wm_core, "pattern": wm_pattern}
+    for item in sets:
+        lhs, _, rhs = item.partition("=")
+        mod, _, name = lhs.partition(".")
+        if mod not in mods or not hasattr(mods[mod], name):
+            raise SystemExit(f"--set: unknown constant {lhs!r}")
+        try:
+            value = ast.literal_eval(rhs)
+        except (ValueError, SyntaxError):
+            value = rhs
+        setattr(mods[mod], name, value)
+    wm_pattern._layout_cached.cache_clear()
+    wm_pattern._sync_reference_cached.cache_clear()
+
+
+def mini(max_delta: int | None = None, sets: tuple[str, ...] = (), json_out: Path | None = None,
+         negatives: bool = True) -> None:
     """Fast mini-benchmark (one process, ~1 min) used to compare detector / embedder variants:
     108 positives from the hardest sources x :data:`MINI_TRANSFORMS` and 1,000 negatives for
-    the null score tail. Prints TPR / payload-decoded % and median score per source."""
+    the null score tail. Prints TPR / payload-decoded % and median score per source, and the
+    embedding fidelity. ``max_delta``: bound for the HU-calibrated CT positives (others get
+    ``max(max_delta, 0.25 x noise sd)``); None: the shipped rule (2 HU / noise-relative)."""
+    _apply_overrides(list(sets))
     pos: list[Slice] = []
     neg: list[Slice] = []
     for sd in range(12):
@@ -515,30 +543,44 @@ def mini() -> None:
     rng = np.random.default_rng(5)
     hard = [r for r in reals if any(k in r.source for k in MINI_HARD)]
     pos += [augment(hard[i % len(hard)], rng, 256) for i in range(40)]
-    for sd in range(40):
-        neg += _phantom_one(4_000_000 + sd, 256, 4, ct_only=True)
-    for sd in range(8):
-        neg += _phantom_one(4_100_000 + sd, 512, 4)
-    neg += reals
-    while len(neg) < 1000:
-        neg.append(augment(reals[len(neg) % len(reals)], rng))
+    if negatives:
+        for sd in range(40):
+            neg += _phantom_one(4_000_000 + sd, 256, 4, ct_only=True)
+        for sd in range(8):
+            neg += _phantom_one(4_100_000 + sd, 512, 4)
+        neg += reals
+        while len(neg) < 1000:
+            neg.append(augment(reals[len(neg) % len(reals)], rng))
     t0 = time.time()
     res: dict[tuple[str, str], list[tuple[bool, bool, float]]] = {}
+    fids: list[dict[str, float]] = []
+    per: dict[str, list[list[object]]] = {}  # per positive (in order): [marked, score]
     for i, s in enumerate(pos):
         rng = np.random.default_rng(i)
         payload = make_payload(KEY.key_id, int(rng.integers(0, 1 << 40)))
-        md = suggest_max_delta(s.arr, hu_calibrated=s.ct)
+        if max_delta is None:
+            md = suggest_max_delta(s.arr, hu_calibrated=s.ct)
+        else:
+            md = suggest_max_delta(s.arr, hu_calibrated=s.ct, floor=max_delta)
         marked = embed(s.arr, KEY, payload, bits_stored=s.bits, signed=s.signed, max_delta=md)
         src = s.source.split(":")[1][:12] if s.source.startswith("real") else s.source.split(":")[0]
+        fids.append(dict(fidelity(s, marked), source=src, ct=s.ct, max_delta=md))
         for t in MINI_TRANSFORMS:
             d = detect(TRANSFORMS[t](s, marked, rng), [KEY])
             res.setdefault((src, t), []).append((d.marked, d.payload == payload, d.score))
-    ns = np.array([detect(s.arr, [KEY]).score for s in neg])
+            per.setdefault(t, []).append([bool(d.marked), round(float(d.score), 3)])
+    ns = np.array([detect(s.arr, [KEY]).score for s in neg]) if neg else np.zeros(1)
     thr = wm_core.threshold_for(1)
     print(f"mini: {len(pos)} positives, {len(neg)} negatives, {time.time() - t0:.0f} s; negatives flagged "
-          f"{int(np.sum(ns >= thr))}, score mean {ns.mean():.2f} sd {ns.std():.2f} max {ns.max():.2f}")
+          f"{int(np.sum(ns >= thr)) if neg else '-'}, score mean {ns.mean():.2f} sd {ns.std():.2f} max {ns.max():.2f}"
+          f"; max_delta {'shipped rule' if max_delta is None else max_delta}; overrides {list(sets) or 'none'}")
+    ct_f = [f for f in fids if f["ct"]]
+    print(f"fidelity (CT positives, n {len(ct_f)}): max |delta| {max(f['max_abs_delta'] for f in ct_f):.0f}, "
+          f"PSNR min {min(f['psnr_db'] for f in ct_f):.1f} median {np.median([f['psnr_db'] for f in ct_f]):.1f} dB, "
+          f"SSIM min {min(f['ssim'] for f in ct_f):.4f} median {np.median([f['ssim'] for f in ct_f]):.4f}")
     srcs = sorted({k[0] for k in res})
     print(f"{'transform':24s}" + "".join(f"{x[:13]:>15s}" for x in srcs) + "   ALL TPR / payload")
+    table: dict[str, dict[str, object]] = {}
     for t in MINI_TRANSFORMS:
         cells, every = [], []
         for x in srcs:
@@ -548,6 +590,73 @@ def mini() -> None:
                          f"{np.median([v[2] for v in r]):4.1f}")
         print(f"{t[:24]:24s}" + "".join(f"{c:>15s}" for c in cells)
               + f"   {100 * np.mean([v[0] for v in every]):5.1f} / {100 * np.mean([v[1] for v in every]):5.1f}")
+        table[t] = {"tpr": float(np.mean([v[0] for v in every])), "payload": float(np.mean([v[1] for v in every])),
+                    "n": len(every), "per_positive": per[t],
+                    "by_source": {x: float(np.mean([v[0] for v in res[(x, t)]])) for x in srcs}}
+    if json_out is not None:
+        json_out.write_text(json.dumps({
+            "max_delta": max_delta, "overrides": list(sets), "threshold": thr,
+            "neg": {"n": len(neg), "flagged": int(np.sum(ns >= thr)) if neg else None,
+                    "max": float(ns.max()) if neg else None,
+                    "top10": sorted(float(x) for x in ns)[-10:] if neg else None},
+            "fidelity": fids, "transforms": table}, indent=1))
+
+
+def sweep_report(paths: list[Path], png: Path | None) -> str:
+    """Markdown table (TPR per transform and fidelity at each max_delta) from ``--mini --json``
+    dumps of a max_delta sweep, and optionally a plot (TPR vs max_delta per transform; needs
+    matplotlib, which is not a project dependency)."""
+    runs = sorted((json.loads(p.read_text()) for p in paths), key=lambda d: d["max_delta"] or 2)
+    names = [t for t in MINI_TRANSFORMS if t in runs[0]["transforms"]]
+    head = "| max_delta (CT, stored units = HU) | " + " | ".join(
+        str(d["max_delta"] or "2 (shipped)") for d in runs) + " |"
+    lines = [head, "|---" * (len(runs) + 1) + "|"]
+    for label, key_, fmt in (("max \\|delta\\| (CT)", "max_abs_delta", "{:.0f}"),
+                             ("PSNR min / median (dB, CT)", "psnr_db", None),
+                             ("SSIM min / median (CT)", "ssim", None)):
+        cells = []
+        for d in runs:
+            v = [f[key_] for f in d["fidelity"] if f["ct"]]
+            if fmt:
+                cells.append(fmt.format(max(v)))
+            elif key_ == "psnr_db":
+                cells.append(f"{min(v):.1f} / {np.median(v):.1f}")
+            else:
+                cells.append(f"{min(v):.4f} / {np.median(v):.4f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    rms = [float(np.sqrt(np.mean(wm_core.mark_delta(KEY, 0, (512, 512), max_delta=d["max_delta"] or 2)
+                                 .astype(np.float64) ** 2))) for d in runs]
+    lines.append("| RMS change (stored units = HU, before range clipping) | "
+                 + " | ".join(f"{r:.2f}" for r in rms) + " |")
+    for t in names:
+        lines.append(f"| TPR {t} | " + " | ".join(
+            f"{100 * d['transforms'][t]['tpr']:.1f}" for d in runs) + " |")
+    lines.append("| payload decoded, no transform | " + " | ".join(
+        f"{100 * d['transforms']['none']['payload']:.1f}" for d in runs) + " |")
+    if png is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs = [d["max_delta"] or 2 for d in runs]
+        fig, ax = plt.subplots(figsize=(8.5, 5.2), dpi=110)
+        markers = "os^vD<>px*hH"
+        for i, t in enumerate(names):
+            ax.plot(xs, [100 * d["transforms"][t]["tpr"] for d in runs], marker=markers[i % len(markers)],
+                    label=t, linestyle="-" if i < 10 else "--")
+        ax.axhline(99, color="k", linewidth=0.8, linestyle=":")
+        ax.text(xs[0], 99.4, "aim 99 %", fontsize=8)
+        ax.set_xlabel("max_delta (stored units = HU on CT)")
+        ax.set_ylabel("TPR at FPR <= 0.1 % (%)")
+        ax.set_xticks(xs)
+        ax.set_title(f"Watermark mini-benchmark: TPR vs fidelity bound ({runs[0]['transforms']['none']['n']} positives)",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right", ncol=2)
+        fig.tight_layout()
+        fig.savefig(png)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -560,11 +669,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/watermark.md"))
     ap.add_argument("--json", type=Path, default=None, help="raw per-slice results (not committed)")
     ap.add_argument("--mini", action="store_true", help="fast mini-benchmark (see mini()); ignores the rest")
+    ap.add_argument("--max-delta", type=int, default=None,
+                    help="fidelity bound for HU-calibrated CT positives (others: max(N, 0.25 x noise sd)); "
+                         "default: the shipped rule (2 HU)")
+    ap.add_argument("--set", action="append", default=[], metavar="MOD.NAME=VALUE",
+                    help="--mini only: override a constant of audit.watermark.core / .pattern (variant runs)")
+    ap.add_argument("--no-negatives", action="store_true", help="--mini only: skip the 1,000 negatives")
+    ap.add_argument("--sweep-report", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="table (and --png plot) from --mini --max-delta N --json dumps; ignores the rest")
+    ap.add_argument("--png", type=Path, default=None, help="--sweep-report: plot file")
     args = ap.parse_args()
+    if args.sweep_report:
+        print(sweep_report(args.sweep_report, args.png))
+        return
     if args.mini:
-        mini()
+        mini(args.max_delta, tuple(args.set), args.json, negatives=not args.no_negatives)
         return
     command = "nice -n 10 python bench/bench_watermark.py " + " ".join(sys.argv[1:])
+    global MAX_DELTA
+    MAX_DELTA = args.max_delta
     t0 = time.time()
     pool = mp.get_context("fork").Pool(args.workers)
     pos, neg = build_sets(args.positives, args.negatives, pool)

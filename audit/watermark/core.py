@@ -59,6 +59,10 @@ WEIGHT_CAP = 4.0  # no bin weighs more than WEIGHT_CAP x the RMS weight of the b
 PIX_CAP = 3.0
 ENERGY_WEIGHT = 0.5  # score = (sync + ENERGY_WEIGHT x payload energy) / sqrt(1 + ENERGY_WEIGHT^2)
 PIX_POWER = 2.0  # pixel weight r / s**PIX_POWER (1: local z-score; 2: inverse variance)
+HOST = "gauss"  # host predictor: "gauss" (Gaussian low-pass), "median" (HOST_SIZE median), "wiener"
+HOST_SIZE = 5
+SYNC_HOST: str | None = None  # host predictor of the sync path (None: HOST for both paths)
+CLIP_MASK = False  # exclude saturated pixels (== image min / max) from the host estimate and the sums
 
 
 # ----------------------------------------------------------------------------- payload
@@ -256,7 +260,7 @@ def _to_float_slices(image: NDArray) -> list[NDArray[np.float32]]:
     raise ValueError(f"expected a 2-D or 3-D image, got shape {arr.shape}")
 
 
-def whiten(x: NDArray[np.floating]) -> NDArray[np.float32]:
+def whiten(x: NDArray[np.floating], host: str | None = None) -> NDArray[np.float32]:
     """High-pass residual r, as a clipped local z-score r / s times the weight
     min(PIX_CAP, s_ref / s) (s: local RMS over LOCAL_SIZE^2, s_ref its median): r / s^2
     up to a constant, the inverse-variance weight (invariant to a*x + b, a > 0).
@@ -265,8 +269,12 @@ def whiten(x: NDArray[np.floating]) -> NDArray[np.float32]:
     1e-4 of the image maximum is treated as flat, so float rounding is never amplified.
     """
     x = np.asarray(x, dtype=np.float32)
-    r = x - ndimage.gaussian_filter(x, HP_SIGMA, mode="reflect", truncate=3.0)
+    m = _unsaturated(x) if CLIP_MASK else None
+    r = _residual(x, m, host or HOST)
     e = ndimage.uniform_filter(r * r, LOCAL_SIZE, mode="reflect")
+    if m is not None:  # local energy over the unsaturated pixels only
+        cnt = ndimage.uniform_filter(m.astype(np.float32), LOCAL_SIZE, mode="reflect")
+        e = np.where(cnt > 0.05, e / np.maximum(cnt, 0.05), 0.0).astype(np.float32)
     if EDGE_SIZE:  # the high-pass rings for ~3 sigma around an edge: normalise by the largest
         e = ndimage.maximum_filter(e, EDGE_SIZE, mode="reflect")  # nearby energy there
     s = np.sqrt(np.maximum(e, 0.0))
@@ -281,7 +289,50 @@ def whiten(x: NDArray[np.floating]) -> NDArray[np.float32]:
         sref = np.float32(med) + eps  # where the mark dominates the host, count more
         u *= np.minimum(np.float32(PIX_CAP), (sref / (s + eps)) ** np.float32(PIX_POWER - 1.0))
     u[~active] = 0.0
+    if m is not None:
+        u[~m] = 0.0
     return u
+
+
+def _unsaturated(x: NDArray[np.float32]) -> NDArray[np.bool_] | None:
+    """Pixels not at the image's minimum or maximum (a display window or an 8-bit stretch
+    saturates to those values and removes the mark there); None when nothing is saturated
+    (fewer than 1 % of the pixels at either extreme)."""
+    lo, hi = float(x.min()), float(x.max())
+    m = (x > lo) & (x < hi)
+    if m.mean() > 0.99 or not m.any():
+        return None
+    return m
+
+
+def _residual(x: NDArray[np.float32], m: NDArray[np.bool_] | None = None, host: str = "gauss") -> NDArray[np.float32]:
+    """Image minus a host estimate (:data:`HOST`). With a mask ``m`` of valid pixels the
+    estimate is a normalised convolution over the valid pixels only (a saturated area does
+    not leak a step into the residual) and the residual is 0 outside ``m``."""
+    if m is not None:
+        mf = m.astype(np.float32)
+        if host == "gauss":
+            num = ndimage.gaussian_filter(x * mf, HP_SIGMA, mode="reflect", truncate=3.0)
+            den = ndimage.gaussian_filter(mf, HP_SIGMA, mode="reflect", truncate=3.0)
+            est = num / np.maximum(den, 1e-3)
+            return np.where(m, x - est, 0.0).astype(np.float32)
+        # other predictors: fill the saturated pixels with the valid neighbourhood mean first
+        num = ndimage.gaussian_filter(x * mf, HP_SIGMA, mode="reflect", truncate=3.0)
+        den = ndimage.gaussian_filter(mf, HP_SIGMA, mode="reflect", truncate=3.0)
+        x = np.where(m, x, num / np.maximum(den, 1e-3)).astype(np.float32)
+        return np.where(m, _residual(x, None, host), 0.0).astype(np.float32)
+    if host == "gauss":
+        return x - ndimage.gaussian_filter(x, HP_SIGMA, mode="reflect", truncate=3.0)
+    if host == "median":
+        return x - ndimage.median_filter(x, HOST_SIZE, mode="reflect")
+    if host == "median_hp":  # high-passed median residual: no edges, no low-frequency host
+        r = x - ndimage.median_filter(x, HOST_SIZE, mode="reflect")
+        return r - ndimage.gaussian_filter(r, HP_SIGMA, mode="reflect", truncate=3.0)
+    if host == "wiener":
+        from scipy.signal import wiener
+
+        return (x - wiener(x.astype(np.float64), HOST_SIZE)).astype(np.float32)
+    raise ValueError(f"unknown host predictor {host!r}")
 
 
 def fold(u: NDArray[np.floating], period: int = TILE) -> NDArray[np.float64]:
@@ -426,14 +477,15 @@ def _pay_amp(g: NDArray[np.complex128], key: WatermarkKey) -> NDArray[np.float64
     return np.abs(g[lay.pay_bins[..., 0] % period, lay.pay_bins[..., 1] % period])
 
 
-def _hypotheses(g: NDArray[np.complex128], key: WatermarkKey) -> tuple[float, float, tuple[int, int], NDArray[np.float64]]:
+def _hypotheses(g: NDArray[np.complex128], key: WatermarkKey,
+                g_sync: NDArray[np.complex128] | None = None) -> tuple[float, float, tuple[int, int], NDArray[np.float64]]:
     """Best (combined score, sync score, shift, soft bits) for one fold and one key.
 
     The combined score (sync + ENERGY_WEIGHT x payload energy) / sqrt(1 + ENERGY_WEIGHT^2) is evaluated at the TOP_K shifts
     with the highest sync score; its maximum over that subset is at most its maximum over all
     shifts, so the Bonferroni bound over all shifts still holds.
     """
-    zs = _sync_scores(g, key).ravel()
+    zs = _sync_scores(g if g_sync is None else g_sync, key).ravel()
     top = np.argpartition(zs, -TOP_K)[-TOP_K:]
     shifts = np.stack(np.unravel_index(top, g.shape), axis=1).astype(np.int64)
     soft = soft_bits_at(g, key, shifts)
@@ -468,13 +520,16 @@ def detect(image: NDArray, keys: list[WatermarkKey] | WatermarkKey, *,
         keys = [keys]
     if not keys:
         raise ValueError("no watermark keys given")
-    whitened = [whiten(x) for x in _to_float_slices(image)]
+    slices = _to_float_slices(image)
+    whitened = [whiten(x) for x in slices]
+    w_sync = [whiten(x, SYNC_HOST) for x in slices] if SYNC_HOST and SYNC_HOST != HOST else None
     thr = threshold_for(len(keys), scales, fpr)
     best: Detection | None = None
     for scale in scales:
         g = folded_phase(whitened, period_for(scale))
+        g_sync = None if w_sync is None else folded_phase(w_sync, period_for(scale))
         for key in keys:
-            score, sync, shift, soft = _hypotheses(g, key)
+            score, sync, shift, soft = _hypotheses(g, key, g_sync)
             payload = None
             errors = None
             if score >= DECODE_GATE:

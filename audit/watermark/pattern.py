@@ -31,6 +31,27 @@ R_HI = 16.0
 BINS_PER_BIT = 2
 SYNC_ENERGY = 0.50  # fraction of the mark's energy in the sync template (0.30 before 2026-11-22)
 TILT = 0.0  # spectral tilt exponent; 1.0 measured worse on phantom CT (docs/watermark.md)
+TILT_JPEG = 0.0  # amplitude ~ (JPEG luminance quantisation step at the bin)**-TILT_JPEG (0: flat)
+
+# ITU-T T.81 Annex K luminance quantisation table (rows: vertical DCT frequency v, columns: u).
+JPEG_LUMA = np.array([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
+    [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
+    [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=np.float64)
+
+
+def jpeg_step(ky: NDArray, kx: NDArray) -> NDArray[np.float64]:
+    """JPEG luminance quantisation step (relative) at tile bin (ky, kx): the bin's frequency
+    k / TILE cycles / pixel is DCT index 16 k / TILE of an 8-point block; bilinear in log Q."""
+    v = np.abs(np.asarray(ky, dtype=np.float64)) * 16.0 / TILE
+    u = np.abs(np.asarray(kx, dtype=np.float64)) * 16.0 / TILE
+    v0, u0 = np.minimum(np.floor(v).astype(int), 6), np.minimum(np.floor(u).astype(int), 6)
+    fv, fu = v - v0, u - u0
+    lq = np.log(JPEG_LUMA)
+    val = ((1 - fv) * (1 - fu) * lq[v0, u0] + fv * (1 - fu) * lq[v0 + 1, u0]
+           + (1 - fv) * fu * lq[v0, u0 + 1] + fv * fu * lq[v0 + 1, u0 + 1])
+    return np.exp(val)
 
 
 def _half_plane_bins() -> NDArray[np.int64]:
@@ -96,6 +117,8 @@ def _layout_cached(secret: bytes, key_id: int) -> Layout:
     # normalised to unit mean power within each group.
     radius = np.hypot(BINS[:, 0], BINS[:, 1]).astype(np.float64)
     tilt = radius ** (-TILT)
+    if TILT_JPEG:
+        tilt = tilt * jpeg_step(BINS[:, 0], BINS[:, 1]) ** (-TILT_JPEG)
     tilt_sync = tilt / np.sqrt(np.mean(tilt[sync_idx] ** 2))
     tilt_pay = tilt / np.sqrt(np.mean(tilt[pay_idx.ravel()] ** 2))
     sync_tile = _spectrum_to_tile(
