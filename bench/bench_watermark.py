@@ -659,6 +659,47 @@ def sweep_report(paths: list[Path], png: Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def flat_survival(deltas: tuple[int, ...] = (2, 3, 4, 6)) -> str:
+    """How much of the mark an 8-bit rendering and JPEG keep where the host cannot dither it:
+    the mark at max_delta d on a constant host (and on the host plus 5 HU Gaussian noise),
+    windowed to 8 bits (brain 80 / soft 400 / lung 1500 HU wide), PNG or JPEG (PIL) q90 / q75.
+    Reported: the projection of the decoded image on the mark in units of the mark's grey
+    amplitude (1 = intact, 0 = gone), mean over 16 host grey-level offsets."""
+    from audit.watermark.core import mark_delta
+
+    rng = np.random.default_rng(0)
+    lines = ["| window (width, HU) | max_delta | mark amplitude (grey levels) | flat: PNG | flat: JPEG q90 | "
+             "flat: JPEG q75 | 5 HU noise: JPEG q75 | mark DCT energy >= q75 half-step |",
+             "|---|---|---|---|---|---|---|---|"]
+    from scipy.fft import dctn
+
+    from audit.watermark.pattern import JPEG_LUMA
+
+    q75 = np.floor((JPEG_LUMA * 50 + 50) / 100)  # IJG scaling of the Annex K table at quality 75
+
+    def kept(img: NDArray, m: NDArray, width: float) -> float:
+        r = img.astype(np.float64) - img.mean()
+        return float(np.sum(r * m) / np.sum(m * m) / (255.0 / width))
+
+    for wname, width in (("brain", 80.0), ("soft", 400.0), ("lung", 1500.0)):
+        for d in deltas:
+            m = mark_delta(KEY, make_payload(KEY.key_id, 12345), (256, 256), max_delta=d).astype(np.float64)
+            acc = np.zeros(4)
+            offsets = (np.arange(16) + 0.5) / 16
+            for off in offsets:
+                x8 = np.clip(np.rint(127 + off + m * 255.0 / width), 0, 255).astype(np.uint8)
+                xn = np.clip(np.rint(127 + off + (m + rng.normal(0, 5, m.shape)) * 255.0 / width), 0, 255).astype(np.uint8)
+                acc += [kept(x8, m, width), kept(_jpeg(x8, 90), m, width), kept(_jpeg(x8, 75), m, width),
+                        kept(_jpeg(xn, 75), m, width)]
+            acc /= len(offsets)
+            c = dctn(m.reshape(32, 8, 32, 8).transpose(0, 2, 1, 3), axes=(2, 3), norm="ortho") * (255.0 / width)
+            e = c * c  # share of the mark's energy in coefficients that JPEG q75 does not round to 0
+            dead = float((e * (np.abs(c) >= q75 / 2)).sum() / e.sum())
+            lines.append(f"| {wname} ({width:.0f}) | {d} | {d * 255 / width:.2f} | "
+                         + " | ".join(f"{v:.2f}" for v in acc) + f" | {dead:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--positives", type=int, default=3000)
@@ -678,7 +719,12 @@ def main() -> None:
     ap.add_argument("--sweep-report", type=Path, nargs="+", default=None, metavar="JSON",
                     help="table (and --png plot) from --mini --max-delta N --json dumps; ignores the rest")
     ap.add_argument("--png", type=Path, default=None, help="--sweep-report: plot file")
+    ap.add_argument("--flat-survival", action="store_true",
+                    help="table: part of the mark kept by 8-bit windows / JPEG on a flat host; ignores the rest")
     args = ap.parse_args()
+    if args.flat_survival:
+        print(flat_survival())
+        return
     if args.sweep_report:
         print(sweep_report(args.sweep_report, args.png))
         return
