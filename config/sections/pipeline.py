@@ -90,9 +90,10 @@ class QualitySettings(Section):
     min_slice_correlation: float = Field(
         default=0.7, ge=-1, le=1, description="restoration: output/input correlation of every slice")
     min_slice_edge_ratio: float = Field(
-        default=0.8, gt=0,
-        description="restoration: smoothed edge strength kept inside the body, output / input, "
-                    "in every slice (lower = contrast lost)")
+        default=0.85, gt=0,
+        description="restoration: smoothed edge strength kept inside the body, output / the "
+                    "input's structure (its noise share taken out), in every slice (lower = "
+                    "contrast lost)")
     max_slice_edge_ratio: float = Field(
         default=1.5, gt=0, description="restoration: ... and at most this (higher = structure "
                                        "or noise the input lacks)")
