@@ -283,12 +283,14 @@ def test_unmarked_scores_below_threshold_and_uniform_bits() -> None:
     assert per_pos.min() > 3 and per_pos.max() < 37
 
 
-def test_weighted_scores_standardised_on_unmarked() -> None:
+@pytest.mark.parametrize("host", ["gauss", "median"])
+def test_weighted_scores_standardised_on_unmarked(host: str) -> None:
     """The SNR-weighted sync correlation is normalised by its conditional null standard
-    deviation: over every circular shift of unmarked images it has mean ~0 and sd ~1."""
+    deviation: over every circular shift of unmarked images it has mean ~0 and sd ~1 (also
+    with the median host predictor measured as a sync-path option, docs/watermark.md)."""
     zs = []
     for img in _unmarked_images(16):
-        g = core.folded_phase([core.whiten(img.astype(np.float32))])
+        g = core.folded_phase([core.whiten(img.astype(np.float32), host)])
         assert np.abs(g).max() <= core.WEIGHT_CAP + 1e-9  # no bin dominates
         zs.append(core._sync_scores(g, KEY).ravel())
     z = np.concatenate(zs)
