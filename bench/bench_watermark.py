@@ -609,7 +609,7 @@ def sweep_report(paths: list[Path], png: Path | None) -> str:
     runs = sorted((json.loads(p.read_text()) for p in paths), key=lambda d: d["max_delta"] or 2)
     names = [t for t in MINI_TRANSFORMS if t in runs[0]["transforms"]]
     head = "| max_delta (CT, stored units = HU) | " + " | ".join(
-        str(d["max_delta"] or "2 (shipped)") for d in runs) + " |"
+        str(d["max_delta"] or "2 (default)") for d in runs) + " |"
     lines = [head, "|---" * (len(runs) + 1) + "|"]
     for label, key_, fmt in (("max \\|delta\\| (CT)", "max_abs_delta", "{:.0f}"),
                              ("PSNR min / median (dB, CT)", "psnr_db", None),
