@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError
 
 from audit import merkle
 from audit.events import Event, EventType, Outcome, event_from_leaf, event_refs, event_to_leaf, parse_time
-from audit.tables import ledger_checkpoints, ledger_entries, ledger_head, ledger_nodes, ledger_refs
+from audit.tables import ledger_checkpoints, ledger_entries, ledger_head, ledger_refs
 
 log = logging.getLogger(__name__)
 

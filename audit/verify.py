@@ -271,11 +271,11 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
     """
     from sqlalchemy import func, select
 
-    from audit.tables import ledger_checkpoints, ledger_entries, ledger_head, ledger_nodes
+    from audit.tables import ledger_checkpoints, ledger_entries, ledger_head
 
     t0 = time.perf_counter()
     report = Report()
-    e, nd, c, h = ledger_entries.c, ledger_nodes.c, ledger_checkpoints.c, ledger_head.c
+    e, c, h = ledger_entries.c, ledger_checkpoints.c, ledger_head.c
     with engine.connect() as conn:
         db_notes = [(int(r.size), bytes(r.root_hash), r.note)
                     for r in conn.execute(select(c.size, c.root_hash, c.note).order_by(c.size))]

@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,18 @@ def get_port() -> int:
 @pytest.fixture
 def free_port() -> int:
     return get_port()
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:
+    """Poll ``pred`` until it returns something truthy (returned) or ``timeout`` seconds pass
+    (AssertionError naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def require_tool(name: str) -> str:

@@ -293,20 +293,8 @@ def test_start_up_sweep_discards_partial_series_of_a_cancelled_job(tmp_path: Pat
 
 
 def test_kill9_after_first_stored_instance_partial_series_discarded(tmp_path: Path) -> None:
+    ctx, pipe, study, job_id = _sc_node(tmp_path)
     data = tmp_path / "node"
-    settings = load_settings(None, environment="development", data_dir=str(data),
-                             pipeline=SC_PIPELINE)
-    ctx = build_context(settings, fsync=False)
-    pipe = Pipeline.from_context(ctx, runner=nlm)
-    series = make_series(N_SLICES, rows=64, cols=64)
-    ing = Ingestor(ctx)
-    for ds in series:
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        ing.ingest_part10(buf.getvalue(), calling_ae="CT", source="dimse")
-    study = str(series[0].StudyInstanceUID)
-    pipe.complete_study(study)
-    (job,) = pipe.jobs.list()
     script = tmp_path / "worker.py"
     script.write_text(PARTIAL_WORKER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -329,12 +317,12 @@ def test_kill9_after_first_stored_instance_partial_series_discarded(tmp_path: Pa
     (row,) = _output_rows(ctx)
     partial = row.series_uid
     assert row.state == "building" and len(_our_instances(ctx, study)[partial]) == 1
-    assert pipe.jobs.requeue_orphans() == [job.id]
+    assert pipe.jobs.requeue_orphans() == [job_id]
     assert pipe.pool.run_once()  # the engine job only (dispatch jobs stay queued)
-    _assert_one_complete_output(ctx, pipe, study, job.id, partial)
+    _assert_one_complete_output(ctx, pipe, study, job_id, partial)
     (ev,) = _discarded(ctx, partial)
     assert len(ev.payload["sop_uids"]) == 1 and ev.payload["planned_instances"] == N_SLICES
-    done = pipe.jobs.get(job.id)
+    done = pipe.jobs.get(job_id)
     assert done.attempts == 2
     pipe.tracker.shutdown()
 

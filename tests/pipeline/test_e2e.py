@@ -28,7 +28,7 @@ from config.settings import load_settings
 from engine.train import TrainConfig, initial_model
 from node.app import create_node
 from node.jobs import JobKind, JobState
-from tests.conftest import get_port, require_tool
+from tests.conftest import get_port, require_tool, wait_for
 from tests.node.conftest import dcmtk, node_settings_dict
 from tests.pipeline.conftest import OrthancServer
 from tests.pipeline.dicomcheck import dciodvfy_errors
@@ -50,16 +50,6 @@ def _approved_model(models: Path, ledger: Ledger, key: Ed25519PrivateKey) -> Non
     write_manifest(d, build_manifest(d, model_id=cfg["model_id"], version=cfg["version"],
                                      task="ct_to_mr", intended_use="tests"))
     ModelGate(ledger, [Approver("tester", key.public_key())]).approve(d, key)
-
-
-def _wait(pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_storescu_to_node_to_orthanc(tmp_path: Path, orthanc: OrthancServer) -> None:
@@ -110,7 +100,7 @@ def test_storescu_to_node_to_orthanc(tmp_path: Path, orthanc: OrthancServer) -> 
             uids = orthanc.instance_uids()
             return uids if len(uids) >= 5 else None
 
-        got = _wait(delivered, 240, "outputs and originals in Orthanc")
+        got = wait_for(delivered, 240, "outputs and originals in Orthanc")
         assert originals <= got
         (out_uid,) = got - originals
         out = pydicom.dcmread(BytesIO(orthanc.instance_file(out_uid)))

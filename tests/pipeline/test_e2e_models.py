@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from engine.phantoms import Tissue, make_sample
 from node.app import create_node
 from node.cli import app
 from node.jobs import JobKind, JobState
-from tests.conftest import get_port, require_tool
+from tests.conftest import get_port, require_tool, wait_for
 from tests.node.conftest import dcmtk, node_settings_dict
 from tests.pipeline.conftest import OrthancServer
 from tests.pipeline.dicomcheck import dciodvfy_errors
@@ -67,16 +66,6 @@ def _approve_bundled(models: Path, ledger: Ledger, key: Ed25519PrivateKey) -> di
         manifest = json.loads((d / "manifest.json").read_text())
         digests[manifest["model_id"]] = manifest["files"]["model.safetensors"]
     return digests
-
-
-def _wait(pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(1.0)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _physical(ds: Dataset) -> np.ndarray:
@@ -175,7 +164,7 @@ def test_shipped_models_storescu_to_orthanc(tmp_path: Path, orthanc: OrthancServ
             disp = [j for j in js if j.kind is JobKind.DISPATCH]
             return len(disp) == 2 and all(j.state is JobState.SUCCEEDED for j in disp)
 
-        _wait(delivered, 420, "both synthetic series delivered to Orthanc")
+        wait_for(delivered, 420, "both synthetic series delivered to Orthanc", every=1.0)
         engine_jobs = {j.task: j for j in pipe.jobs.list(study_uid=study) if j.kind is JobKind.ENGINE}
         assert set(engine_jobs) == {"ct_denoise", "ct_to_mr"}
         assert all(j.state is JobState.SUCCEEDED for j in engine_jobs.values())
