@@ -441,12 +441,13 @@ def summarise(pos: list[dict], neg: list[dict], thr: float, command: str, elapse
                   + ", ".join(f"{k} {sum(r['t'][k]['marked'] for r in tneg)}" for k in TRANSFORMS)
                   + " flagged.", ""]
     fid = [r["fidelity"] for r in pos]
+    md = 2 if MAX_DELTA is None else MAX_DELTA
     md = np.array([f["max_abs_delta"] for f in fid])
     ps = np.array([f["psnr_db"] for f in fid])
     ss = np.array([f["ssim"] for f in fid])
     lines += [
-        "## Fidelity of embedding (strength " f"{wm_core.DEFAULT_STRENGTH}; max_delta = 2 for CT (HU), "
-        "suggest_max_delta = max(2, 0.25 x noise sd) for MR / other)", "",
+        "## Fidelity of embedding (strength " f"{wm_core.DEFAULT_STRENGTH}; max_delta = {md} for CT (HU), "
+        f"suggest_max_delta = max({md}, 0.25 x noise sd) for MR / other)", "",
         f"- positives: {len(pos)}; max |delta| over all: {md.max():.0f}; outside valid range: "
         f"{sum(not f['in_range'] for f in fid)}",
         f"- PSNR at stored bit depth: min {ps.min():.1f} dB, median {np.median(ps):.1f} dB",
