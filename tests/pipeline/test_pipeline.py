@@ -135,19 +135,28 @@ def test_late_instance_replace_policy_and_held_output(tmp_path: Path, orthanc: O
     assert len(rows) == 2 and sum(not r.superseded for r in rows.values()) == 1
 
     # a runner whose output is broken is held back by the quality gate
-    def broken(task, volume, params, seed, model):  # type: ignore[no-untyped-def]
-        r = nlm_runner(task, volume, params, seed, model)
-        bad = r.outputs[0].data.copy()
-        bad[:] = np.nan
-        return TaskResult([Volume(bad, volume.spacing, volume.intensity)], r.provenance)
+    def held_job(corrupt):  # type: ignore[no-untyped-def]
+        """Run a new 3-slice study through a runner that corrupts the NLM output in place;
+        the job succeeds with no output released."""
+        def runner(task, volume, params, seed, model):  # type: ignore[no-untyped-def]
+            r = nlm_runner(task, volume, params, seed, model)
+            bad = r.outputs[0].data.copy()
+            corrupt(bad)
+            return TaskResult([Volume(bad, volume.spacing, volume.intensity)], r.provenance)
 
-    pipe.runner = broken
-    other = make_series(3, rows=256, cols=256)
-    _send(ctx, other)
-    pipe.complete_study(str(other[0].StudyInstanceUID))
-    pipe.pool.drain()
-    job = pipe.jobs.list(study_uid=str(other[0].StudyInstanceUID))[0]
-    assert job.state is JobState.SUCCEEDED and job.result["outputs"] == []
+        pipe.runner = runner
+        series = make_series(3, rows=256, cols=256)
+        _send(ctx, series)
+        pipe.complete_study(str(series[0].StudyInstanceUID))
+        pipe.pool.drain()
+        job = pipe.jobs.list(study_uid=str(series[0].StudyInstanceUID))[0]
+        assert job.state is JobState.SUCCEEDED and job.result["outputs"] == []
+        return job
+
+    def all_nan(a):  # type: ignore[no-untyped-def]
+        a[:] = np.nan
+
+    job = held_job(all_nan)
     assert "non-finite" in job.result["held"][0]["reasons"][0]
     assert job.result["held"][0]["checks"] == ["non_finite"]
     assert "output.held" in [e.event.type.value for e in ctx.ledger.entries()]
@@ -155,19 +164,10 @@ def test_late_instance_replace_policy_and_held_output(tmp_path: Path, orthanc: O
     # a slice-local failure (one slice of 3 is 75 HU off: over the per-slice limit of 50 HU,
     # while the volume's mean residual, 25 HU, stays under its 30 HU) is held back too, and
     # the ledger says which check and which slice
-    def one_slice_off(task, volume, params, seed, model):  # type: ignore[no-untyped-def]
-        r = nlm_runner(task, volume, params, seed, model)
-        bad = r.outputs[0].data.copy()
-        bad[1] += 75.0
-        return TaskResult([Volume(bad, volume.spacing, volume.intensity)], r.provenance)
+    def one_slice_off(a):  # type: ignore[no-untyped-def]
+        a[1] += 75.0
 
-    pipe.runner = one_slice_off
-    third = make_series(3, rows=256, cols=256)
-    _send(ctx, third)
-    pipe.complete_study(str(third[0].StudyInstanceUID))
-    pipe.pool.drain()
-    job = pipe.jobs.list(study_uid=str(third[0].StudyInstanceUID))[0]
-    assert job.state is JobState.SUCCEEDED and job.result["outputs"] == []
+    job = held_job(one_slice_off)
     assert "slice_bias" in job.result["held"][0]["checks"]
     assert "bias" not in job.result["held"][0]["checks"]
     (held,) = [e.event for e in ctx.ledger.entries() if e.event.type.value == "output.held"
