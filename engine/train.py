@@ -70,6 +70,7 @@ ROBUST_CT = {"p_scale": 0.5, "scale_lo": 0.05, "p_single": 0.2}
 # "own" texture of a full-dose image (make_batch ``own_texture``): white Gaussian noise blurred
 # by a Gaussian of sigma U(blur_lo, blur_hi) px, scaled to SD U(sd_lo, sd_hi) HU, per slice
 OWN_TEXTURE = {"blur_lo": 0.5, "blur_hi": 2.0, "sd_lo": 2.0, "sd_hi": 30.0}
+TRAIN_ANGLES = 180  # views for training-data low dose up to 256 px (I0 is scaled by degrade; see docs)
 
 
 def _own_texture(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -86,7 +87,6 @@ def _own_texture(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     n = torch.nn.functional.conv2d(torch.nn.functional.pad(n, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
     n = n[:, 0]
     return n / n.std().clamp_min(1e-8) * sd
-TRAIN_ANGLES = 180  # views for training-data low dose up to 256 px (I0 is scaled by degrade; see docs)
 
 
 def train_angles(size: int) -> int:
@@ -520,16 +520,11 @@ def train(
                     tc.steps = max(fit, 11)
             for g in opt.param_groups:  # warm-up + cosine decay, a pure function of the step
                 g["lr"] = tc.lr * _lr_lambda(step, tc.warmup, tc.steps)
-            wmap = None
-            if tc.lesion_weight or tc.lesion_crop or tc.fulldose_target:
-                target, cond, les = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop,
-                                               robust=robust, lesion_crop=tc.lesion_crop,
-                                               fulldose_target=tc.fulldose_target, own_texture=tc.own_texture,
-                                               with_lesions=True)
-                if tc.lesion_weight:
-                    wmap = lesion_loss_weight(les, tc.lesion_weight).to(device)
-            else:
-                target, cond = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop, robust=robust)
+            target, cond, les = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop,
+                                           robust=robust, lesion_crop=tc.lesion_crop,
+                                           fulldose_target=tc.fulldose_target, own_texture=tc.own_texture,
+                                           with_lesions=True)
+            wmap = lesion_loss_weight(les, tc.lesion_weight).to(device) if tc.lesion_weight else None
             if k_res:  # residual parameterisation: r = k (clean - received centre slice)
                 ctr = int(cfg["io"]["context_slices"])
                 target = (target - cond[:, ctr:ctr + 1]) * k_res
