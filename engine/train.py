@@ -54,7 +54,7 @@ from engine.nets import (
     training_prediction,
 )
 from engine.tasks import TASKS
-from engine.wavelet import dwt2
+from engine.wavelet import dwt2, idwt2
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ ROBUST_CT = {"p_scale": 0.5, "scale_lo": 0.05, "p_single": 0.2}
 # "own" texture of a full-dose image (make_batch ``own_texture``): white Gaussian noise blurred
 # by a Gaussian of sigma U(blur_lo, blur_hi) px, scaled to SD U(sd_lo, sd_hi) HU, per slice
 OWN_TEXTURE = {"blur_lo": 0.5, "blur_hi": 2.0, "sd_lo": 2.0, "sd_hi": 30.0}
+# pixel-sharp shapes pasted into a CT restoration pair (make_batch ``sharp_shapes``): 1-6
+# ellipses per crop, semi-axes U(r_lo, r_hi) px, no anti-aliasing, the same in the 3 slices;
+# inside, the image is set to air (-1000 HU) with probability p_air, else to U(hu_lo, hu_hi)
+SHARP_SHAPES = {"n_lo": 1, "n_hi": 6, "r_lo": 0.7, "r_hi": 6.0, "p_air": 0.5, "hu_lo": -300.0, "hu_hi": 1200.0}
 TRAIN_ANGLES = 180  # views for training-data low dose up to 256 px (I0 is scaled by degrade; see docs)
 
 
@@ -87,6 +91,27 @@ def _own_texture(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     n = torch.nn.functional.conv2d(torch.nn.functional.pad(n, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
     n = n[:, 0]
     return n / n.std().clamp_min(1e-8) * sd
+
+
+def _sharp_shapes(crop: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Mask ``(crop, crop)`` of pixel-sharp ellipses and the HU value inside (``SHARP_SHAPES``)."""
+    o = SHARP_SHAPES
+    yy, xx = torch.meshgrid(torch.arange(crop, dtype=torch.float32), torch.arange(crop, dtype=torch.float32),
+                            indexing="ij")
+    mask = torch.zeros((crop, crop), dtype=torch.bool)
+    n = int(torch.randint(o["n_lo"], o["n_hi"] + 1, (), generator=gen))
+    for _ in range(n):
+        cy, cx, a, b, ang = torch.rand(5, generator=gen).tolist()
+        cy, cx = cy * crop, cx * crop
+        a = o["r_lo"] + (o["r_hi"] - o["r_lo"]) * a
+        b = o["r_lo"] + (o["r_hi"] - o["r_lo"]) * b
+        c, s_ = math.cos(math.pi * ang), math.sin(math.pi * ang)
+        u = (yy - cy) * c + (xx - cx) * s_
+        v = -(yy - cy) * s_ + (xx - cx) * c
+        mask |= (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    air = torch.rand((), generator=gen).item() < o["p_air"]
+    val = -1000.0 if air else o["hu_lo"] + (o["hu_hi"] - o["hu_lo"]) * torch.rand((), generator=gen).item()
+    return mask, val
 
 
 def train_angles(size: int) -> int:
@@ -192,8 +217,14 @@ class TrainConfig:
     # in those pairs, probability that the full-dose image's own noise is a synthetic
     # correlated texture (OWN_TEXTURE) instead of the phantom's own projection-domain noise
     own_texture: float = 0.0
+    # CT restoration: probability of pasting pixel-sharp shapes (SHARP_SHAPES) into a pair
+    sharp_shapes: float = 0.0
     # initialise the network (and EMA) from this model folder's weights (fine-tuning)
     init_from: str | None = None
+    # CT->MR regression: loss = (weighted) MSE + ssim_weight * (1 - SSIM) of the pixel-domain
+    # prediction (MONAI SSIMLoss, Gaussian window sigma 1.5, data range 2 = the target range
+    # [-1, 1]), i.e. the structure term the evaluation scores, beside the PSNR term
+    ssim_weight: float = 0.0
 
     def resolved_model_id(self) -> str:
         if self.model_id:
@@ -292,7 +323,8 @@ def _augment_geom(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int, crop: int,
                robust: bool = False, *, lesion_crop: float = 0.0, fulldose_target: float = 0.0,
-               own_texture: float = 0.0, with_lesions: bool = False) -> tuple[torch.Tensor, ...]:
+               own_texture: float = 0.0, sharp_shapes: float = 0.0,
+               with_lesions: bool = False) -> tuple[torch.Tensor, ...]:
     """One training batch in network units (pixel domain, before the DWT).
 
     Returns ``(target, cond)``: ``(B, Ct, crop, crop)`` and ``(B, 3, crop, crop)`` (the slice
@@ -314,6 +346,11 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
     (``_own_texture``: a correlated texture unlike the projection-domain noise) instead of
     ``nd``, so that the model learns to remove the simulated low-dose noise and keep a scan's
     own texture.
+    ``sharp_shapes`` (CT restoration): with this probability, pixel-sharp ellipses
+    (``SHARP_SHAPES``: air pockets or constant-HU objects, no partial volume) are pasted into the
+    crop's clean image, target and input alike (the input keeps its noise there), so that the
+    model learns to keep edges sharper than the phantoms' smoothed ones (small gas pockets,
+    sharp-kernel or segmented images).
     ``lesion_crop``: probability of centring the crop on a random lesion pixel (``data["les"]``).
     ``with_lesions``: also return the centre slice's lesion mask crop ``(B, 1, crop, crop)``.
     With the defaults the random stream is the one of earlier versions (same batches).
@@ -337,18 +374,23 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
                 extra = math.sqrt(1.0 - d) * (torch.from_numpy(data["ld"][i]) - torch.from_numpy(data["ct"][i]))
                 cond = nd3 + extra / CT_SCALE
                 target = nd3[1:2]
+                base3 = nd3
             else:
                 cond = torch.from_numpy(data["nd" if use_nd else "ld"][i]) / CT_SCALE
                 target = torch.from_numpy(data["ct"][i][1:2]) / CT_SCALE
+                base3 = torch.from_numpy(data["ct"][i]) / CT_SCALE
             if robust:
                 if torch.rand((), generator=gen).item() < ROBUST_CT["p_scale"]:
                     lo = ROBUST_CT["scale_lo"]
                     a = lo + (1.0 - lo) * torch.rand((), generator=gen).item()
-                    clean3 = (torch.from_numpy(data["nd"][i]) / CT_SCALE if derived
-                              else torch.from_numpy(data["ct"][i]) / CT_SCALE)
-                    cond = clean3 + a * (cond - clean3)
+                    # scale only the noise the model must remove: the clean side is the
+                    # target-side image (ct, nd, or ct + own texture), not the phantom's nd
+                    # (until 2026-12-03 the own-texture pairs used nd here, which also scaled
+                    # their texture down in the input while the target kept it whole)
+                    cond = base3 + a * (cond - base3)
                 if torch.rand((), generator=gen).item() < ROBUST_CT["p_single"]:
                     cond = cond[1:2].expand(3, -1, -1)
+                    base3 = base3[1:2].expand(3, -1, -1)
         elif task == "ct_to_mr":
             use_ld = torch.rand((), generator=gen).item() < 0.2
             cond = torch.from_numpy(data["ld" if use_ld else "nd"][i]) / CT_SCALE
@@ -379,8 +421,14 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
         k = int(torch.randint(0, 4, (), generator=gen))
         flip = bool(torch.randint(0, 2, (), generator=gen))
         sl = (slice(None), slice(y0, y0 + crop), slice(x0, x0 + crop))
-        tg.append(_augment_geom(target[sl], k, flip))
-        cd.append(_augment_geom(cond[sl], k, flip))
+        tgt_c, cond_c = target[sl], cond[sl]
+        if task == "ct_denoise" and sharp_shapes > 0 and torch.rand((), generator=gen).item() < sharp_shapes:
+            m, val = _sharp_shapes(crop, gen)
+            delta = torch.where(m, val / CT_SCALE - base3[sl], torch.zeros(()))  # same shapes in the 3 slices
+            tgt_c = tgt_c + delta[1:2]
+            cond_c = cond_c + delta  # the noise stays (it comes from the rays through the whole body)
+        tg.append(_augment_geom(tgt_c, k, flip))
+        cd.append(_augment_geom(cond_c, k, flip))
         lz.append(_augment_geom(les_i[sl], k, flip))
     out = (torch.stack(tg).float().contiguous(), torch.stack(cd).float().contiguous())
     return (*out, torch.stack(lz).float().contiguous()) if with_lesions else out
@@ -506,6 +554,13 @@ def train(
     t_hi = float(cfg["train_t_max"])
     k_res = float(cfg["io"].get("residual_scale") or 0.0)
     robust = bool(PRESETS[tc.task].get("robust", False))
+    ssim_loss = None
+    if tc.ssim_weight:
+        if tc.task != "ct_to_mr" or tc.objective != "regression":
+            raise ValueError("ssim_weight applies to ct_to_mr regression only")
+        from monai.losses import SSIMLoss
+
+        ssim_loss = SSIMLoss(spatial_dims=2, data_range=2.0, kernel_sigma=1.5)
     net.train()
     t0 = time.perf_counter()
     ema_loss = None
@@ -523,7 +578,7 @@ def train(
             target, cond, les = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop,
                                            robust=robust, lesion_crop=tc.lesion_crop,
                                            fulldose_target=tc.fulldose_target, own_texture=tc.own_texture,
-                                           with_lesions=True)
+                                           sharp_shapes=tc.sharp_shapes, with_lesions=True)
             wmap = lesion_loss_weight(les, tc.lesion_weight).to(device) if tc.lesion_weight else None
             if k_res:  # residual parameterisation: r = k (clean - received centre slice)
                 ctr = int(cfg["io"]["context_slices"])
@@ -545,6 +600,12 @@ def train(
                         loss = (wmap * (pred.float() - x0) ** 2).mean()
                     else:
                         loss = torch.nn.functional.mse_loss(pred.float(), x0)
+                    if ssim_loss is not None:
+                        # per channel (t1w, t2w), on the pixel grid the evaluation scores
+                        pp, tp = idwt2(pred.float()), target.to(device)
+                        b, ch = pp.shape[:2]
+                        loss = loss + tc.ssim_weight * ssim_loss(pp.reshape(b * ch, 1, *pp.shape[2:]),
+                                                                  tp.reshape(b * ch, 1, *tp.shape[2:]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -588,6 +649,7 @@ def train(
         "ema_decay_used": ema_decay(tc.ema_decay, tc.steps),
         "robust_augmentation": ROBUST_CT if robust else None,
         "own_texture_recipe": OWN_TEXTURE if tc.own_texture else None,
+        "sharp_shapes_recipe": SHARP_SHAPES if tc.sharp_shapes else None,
         "data": data.get("meta", {}),
         "init_model": _init_description(tc.init_from) if tc.init_from else None,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -685,12 +747,17 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         *([f"- lesion emphasis: per-pixel loss weight 1 + {tr.get('lesion_weight', 0)} inside lesions grown by 2 px "
            f"(normalised), crops centred on a lesion with probability {tr.get('lesion_crop', 0)}"]
           if tr.get("lesion_weight") or tr.get("lesion_crop") else []),
+        *([f"- structure term: loss = MSE + {tr['ssim_weight']} x (1 - SSIM) of the pixel-domain prediction "
+           "(MONAI SSIMLoss, Gaussian sigma 1.5, data range 2, per output channel)"] if tr.get("ssim_weight") else []),
         *([f"- full-dose targets (the real-scan evaluation protocol, LDCT practice): with probability "
            f"{tr['fulldose_target']} a pair is input = full-dose CT + independent extra noise bringing it to "
            "dose d, target = that full-dose CT with its own noise (`engine.train.make_batch`)"
            + (f"; in {tr['own_texture']} of them the full-dose image's own noise is a synthetic correlated texture "
               f"{tr.get('own_texture_recipe')} instead of the phantom's projection-domain noise" if tr.get("own_texture") else "")]
           if tr.get("fulldose_target") else []),
+        *([f"- sharp shapes: with probability {tr['sharp_shapes']} pixel-sharp ellipses {tr.get('sharp_shapes_recipe')} "
+           "are pasted into the crop (target and input alike, the input keeps its noise), so edges sharper than "
+           "the phantoms' are kept"] if tr.get("sharp_shapes") else []),
         *([f"- initialised from `{tr['init_from']}`"
            + (f" ({tr['init_model']})" if tr.get("init_model") else "")] if tr.get("init_from") else []),
         f"- seed {tr.get('seed')}; device {tr.get('device')}; torch {tr.get('torch')}; "
@@ -701,8 +768,10 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         + (f" --ema-decay {tr['ema_decay']}" if tr.get("ema_decay") is not None else "")
         + (f" --lesion-weight {tr['lesion_weight']}" if tr.get("lesion_weight") else "")
         + (f" --lesion-crop {tr['lesion_crop']}" if tr.get("lesion_crop") else "")
+        + (f" --ssim-weight {tr['ssim_weight']}" if tr.get("ssim_weight") else "")
         + (f" --fulldose-target {tr['fulldose_target']}" if tr.get("fulldose_target") else "")
         + (f" --own-texture {tr['own_texture']}" if tr.get("own_texture") else "")
+        + (f" --sharp-shapes {tr['sharp_shapes']}" if tr.get("sharp_shapes") else "")
         + (f" --init {tr['init_from']}" if tr.get("init_from") else "") + "`"
         + (" (the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)"
            if tr.get("max_minutes") else ""),

@@ -43,6 +43,11 @@ def train_cmd(
     own_texture: float = typer.Option(0.0, "--own-texture", min=0.0, max=1.0,
                                       help="ct_denoise: in full-dose-target pairs, share whose own noise is a "
                                            "synthetic correlated texture instead of the phantom's"),
+    sharp_shapes: float = typer.Option(0.0, "--sharp-shapes", min=0.0, max=1.0,
+                                       help="ct_denoise: share of pairs with pasted pixel-sharp shapes "
+                                            "(air pockets, constant-HU objects)"),
+    ssim_weight: float = typer.Option(0.0, "--ssim-weight", min=0.0,
+                                      help="ct_to_mr regression: add this weight x (1 - SSIM) to the MSE loss"),
     init: Path | None = typer.Option(None, "--init", exists=True, file_okay=False,
                                      help="initialise from this model folder's weights (same architecture)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
@@ -68,11 +73,16 @@ def train_cmd(
     tc = TrainConfig(task=task, objective=objective, steps=steps, batch=batch, crop=crop, lr=lr, seed=seed,
                      n_train=n_train, size=size, architecture=arch, model_id=model_id, version=version,
                      max_minutes=minutes, ema_decay=ema, lesion_weight=lesion_weight, lesion_crop=lesion_crop,
-                     fulldose_target=fulldose_target, own_texture=own_texture, init_from=str(init) if init else None)
+                     fulldose_target=fulldose_target, own_texture=own_texture, init_from=str(init) if init else None,
+                     ssim_weight=ssim_weight, sharp_shapes=sharp_shapes)
     if (lesion_weight or lesion_crop) and task == "mr_denoise":
         fail("--lesion-weight / --lesion-crop apply to ct_denoise and ct_to_mr")
     if fulldose_target and task != "ct_denoise":
         fail("--fulldose-target applies to ct_denoise only")
+    if sharp_shapes and task != "ct_denoise":
+        fail("--sharp-shapes applies to ct_denoise only")
+    if ssim_weight and (task != "ct_to_mr" or objective != "regression"):
+        fail("--ssim-weight applies to ct_to_mr with --objective regression only")
     out_root = out or settings.models_dir
     dev = resolve_device(device or settings.engine.device)
     threads = settings.engine.threads

@@ -264,3 +264,76 @@ def test_own_texture_targets_are_correlated_textures_not_the_phantom_noise() -> 
         extra = float((cond[b, 1] - tgt[b, 0])[inner].std() * 1000)
         assert 25 < extra < 45  # the simulated low-dose part is unchanged
     assert textured >= 30
+
+
+def test_sharp_shapes_paste_pixel_sharp_objects_and_keep_the_noise() -> None:
+    """Inside a pasted shape the target is one constant (air or a fixed HU), the input keeps the
+    pair's noise there (input - target unchanged), and the default stream is unchanged when off."""
+    import torch
+
+    from engine.train import CT_SCALE
+
+    data = toy_data(n=2, size=64)
+    ramp = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64) * 37.0  # no two clean values alike
+    for k in ("ct", "ld", "nd"):
+        data[k] = data[k] + ramp
+    g = torch.Generator
+    t0, c0 = make_batch("ct_denoise", data, g().manual_seed(5), 40, 32, robust=True)
+    t1, c1 = make_batch("ct_denoise", data, g().manual_seed(5), 40, 32, robust=True, sharp_shapes=0.0)
+    assert torch.equal(t0, t1) and torch.equal(c0, c1)
+    tgt, cond = make_batch("ct_denoise", data, g().manual_seed(5), 40, 32, sharp_shapes=1.0)
+    ref, refc = make_batch("ct_denoise", data, g().manual_seed(5), 40, 32)
+    n_air = n_const = 0
+    for b in range(40):
+        t = tgt[b, 0] * CT_SCALE
+        vals, counts = torch.unique(t, return_counts=True)
+        top = float(vals[counts.argmax()])
+        assert int(counts.max()) >= 2  # a shape: pixels of exactly one value
+        if abs(top + 1000.0) < 1e-3:
+            n_air += 1
+        else:
+            assert -300.01 <= top <= 1200.01
+            n_const += 1
+    assert n_air > 5 and n_const > 5
+    # the same pairs without shapes have the same noise where the image was not replaced
+    # (the shape draw comes after the crop draw, so only the following batch items shift)
+    first = 0
+    assert torch.allclose((cond[first, 1] - tgt[first, 0]), (refc[first, 1] - ref[first, 0]), atol=1e-5)
+    edges = (tgt[:, 0, :, 1:] - tgt[:, 0, :, :-1]).abs() * CT_SCALE
+    assert float(edges.max()) > 500  # one-pixel steps of hundreds of HU: no partial volume
+
+
+def test_ssim_weight_adds_a_structure_term_for_ct_to_mr_only(tmp_path: Path) -> None:
+    kw = dict(objective="regression", batch=2, crop=16, architecture=dict(TINY_ARCH), log_every=1, ckpt_every=10)
+    data = toy_data()
+    a = train(TrainConfig(task="ct_to_mr", steps=2, model_id="plain", **kw), tmp_path / "a", data)
+    b = train(TrainConfig(task="ct_to_mr", steps=2, model_id="ssim", ssim_weight=0.5, **kw), tmp_path / "b", data)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a/.runs/plain/metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b/.runs/ssim/metrics.jsonl").read_text().splitlines()]
+    assert lb[0] > la[0] + 0.01  # same first batch and weights; the (1 - SSIM) term adds to it
+    assert "structure term" in (b / "MODEL_CARD.md").read_text() and "--ssim-weight 0.5" in (b / "MODEL_CARD.md").read_text()
+    with pytest.raises(ValueError, match="ssim_weight"):
+        train(TrainConfig(task="ct_denoise", steps=1, model_id="x", ssim_weight=0.5, **kw), tmp_path / "c", data)
+
+
+def test_noise_scaling_keeps_the_own_texture_in_the_input() -> None:
+    """Robust noise scaling on own-texture pairs scales the added noise only: input - target is
+    a x the added noise, never a texture the input lacks (the target would then hold texture the
+    network cannot see, teaching it to amplify)."""
+    import torch
+
+    data = toy_data(n=2, size=64)
+    data["nd"] = data["ct"].copy() + 40.0  # a distinct full-dose image: mixing it in shows as an offset
+    tgt, cond = make_batch("ct_denoise", data, torch.Generator().manual_seed(1), 80, 64, robust=True,
+                           fulldose_target=1.0, own_texture=1.0)
+    inner = (slice(26, 38), slice(26, 38))
+    textured = 0
+    for b in range(tgt.shape[0]):
+        t = tgt[b, 0][inner] * 1000
+        if float(t.std()) < 1e-3:
+            continue
+        textured += 1
+        diff = (cond[b, 1] - tgt[b, 0])[inner] * 1000  # a x sqrt(0.75) x N(0, 40 HU): mean ~0 (SE <= 3 HU)
+        assert abs(float(diff.mean())) < 12
+        assert float(diff.std()) < 45
+    assert textured >= 30
