@@ -199,6 +199,29 @@ def _autocast(device: str, opts: RunOptions):
     return torch.autocast(device_type="cpu", enabled=False)
 
 
+# test-time ensemble order: identity, horizontal flip, 180 degrees, 180 + flip, then the
+# 90 / 270 degree rotations with and without flip; (quarter turns k, flip)
+DIHEDRAL: tuple[tuple[int, bool], ...] = ((0, False), (0, True), (2, False), (2, True),
+                                          (1, False), (1, True), (3, False), (3, True))
+
+
+def _dihedral(x: torch.Tensor, g: tuple[int, bool], inverse: bool = False) -> torch.Tensor:
+    """Apply (or undo) a dihedral transform to the last two axes."""
+    k, flip = g
+    if inverse:
+        x = torch.flip(x, dims=(-1,)) if flip else x
+        return torch.rot90(x, -k, dims=(-2, -1))
+    x = torch.rot90(x, k, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def _ensemble(model: LoadedModel, params: dict[str, Any]) -> int:
+    n = int(params.get("ensemble") or 1)
+    if n > 1 and model.objective != "regression":
+        raise TaskInputError(f"ensemble applies to regression models; {model.model_id} is a {model.objective} model")
+    return n
+
+
 def _predict(
     model: LoadedModel,
     cond: torch.Tensor | None,
@@ -210,8 +233,13 @@ def _predict(
     opts: RunOptions,
     threshold: float | None,
     drop_condition: bool = False,
+    ensemble: int = 1,
 ) -> torch.Tensor:
     """Run the model over a slice stack in batches.
+
+    ``ensemble`` (regression models): the prediction is the mean over the first ``ensemble``
+    of ``DIHEDRAL`` (flips / rotations applied to the pixel-domain condition, undone on the
+    output), a test-time ensemble of the same weights.
 
     cond  ``(z, Cc, H, W)`` normalised condition image (before 2.5D stacking / DWT)
     init  ``(z, Ct, H, W)`` normalised start image for partial noising, or None (pure noise)
@@ -249,7 +277,17 @@ def _predict(
         for b0 in range(0, z, opts.batch_slices):
             sl = slice(b0, min(z, b0 + opts.batch_slices))
             c = cond_w[sl].to(device)
-            if model.objective == "regression":
+            if model.objective == "regression" and ensemble > 1:
+                pix = context_stack(cond, k)[sl] if cond is not None else None
+                acc = None
+                for g in DIHEDRAL[:ensemble]:
+                    cg = dwt2(_dihedral(pix, g)).to(device) if pix is not None else torch.zeros_like(c)
+                    with _autocast(device, opts):
+                        yg = regression_predict(model.net, cg, out_ch, t_max)
+                    yp = _dihedral(idwt2(yg.float()).cpu(), g, inverse=True)
+                    acc = yp if acc is None else acc + yp
+                y = dwt2(acc / ensemble)
+            elif model.objective == "regression":
                 with _autocast(device, opts):
                     y = regression_predict(model.net, c, out_ch, t_max)
             else:
@@ -328,7 +366,7 @@ def _restore(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
     t = torch.from_numpy(x)[:, None]
     steps = 1 if model.objective == "regression" else int(params["steps"])
     y = _predict(model, t, t, start=float(params["strength"]), steps=steps, seed=seed, opts=opts,
-                 threshold=_threshold(params))
+                 threshold=_threshold(params), ensemble=_ensemble(model, params))
     out_spec = norm.get("output", norm["input"])
     data = denormalise(y[:, 0].numpy(), out_spec, state)
     return _Run([Volume(data, vol.spacing, vol.intensity)], steps, {"normalisation_scale": state["scale"]})
@@ -344,7 +382,8 @@ def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str,
     x, _ = normalise(vol.data, norm["input"])
     t = torch.from_numpy(x)[:, None]
     steps = 1 if model.objective == "regression" else int(params["steps"])
-    y = _predict(model, t, None, start=1.0, steps=steps, seed=seed, opts=opts, threshold=_threshold(params))
+    y = _predict(model, t, None, start=1.0, steps=steps, seed=seed, opts=opts, threshold=_threshold(params),
+                 ensemble=_ensemble(model, params))
     ch = names.index(target)
     out_spec = norm["output"][target]
     data = denormalise(y[:, ch].numpy(), out_spec, {"scale": float(out_spec["scale"])})
@@ -373,6 +412,9 @@ def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
 
 
 _THR = ParamSpec(float, 0.995, 0.0, 1.0, help="dynamic-threshold percentile of |x0| per slice; 0 = off")
+_ENS = ParamSpec(int, None, 1, 8, choices=(1, 2, 4, 8),
+                 help="regression models: average over this many flips / rotations of the slice "
+                      "(1 = off; default from the model config, else 1); cost x ensemble")
 
 TASKS: dict[str, TaskSpec] = {
     "ct_denoise": TaskSpec(
@@ -383,6 +425,7 @@ TASKS: dict[str, TaskSpec] = {
             "steps": ParamSpec(int, 2, 1, 4, help="flow steps from the partially noised received image"),
             "strength": ParamSpec(float, 0.3, 0.002, 0.6, help="start time of the flow (fraction of T)"),
             "threshold_percentile": _THR,
+            "ensemble": _ENS,
         },
         _restore,
         contract={"output_intensity": "HU"},
@@ -395,6 +438,7 @@ TASKS: dict[str, TaskSpec] = {
             "steps": ParamSpec(int, 2, 1, 4),
             "strength": ParamSpec(float, 0.3, 0.002, 0.6, help="start time of the flow (fraction of T)"),
             "threshold_percentile": _THR,
+            "ensemble": _ENS,
         },
         _restore,
         contract={"output_intensity": "same as input"},
@@ -407,6 +451,7 @@ TASKS: dict[str, TaskSpec] = {
             "target": ParamSpec(str, "t1w", choices=("t1w", "t2w")),
             "steps": ParamSpec(int, 6, 1, 16, help="flow steps from pure noise (6-8 recommended)"),
             "threshold_percentile": _THR,
+            "ensemble": _ENS,
         },
         _ct_to_mr,
         contract={"output_intensity": "MR_T1W or MR_T2W in the phantom's arbitrary units, "

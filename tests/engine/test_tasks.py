@@ -213,3 +213,47 @@ def test_load_model_refuses_bad_bytes_and_digests() -> None:
         load_model(other, weights, sha256_hex(weights))
     with pytest.raises(ModelLoadError, match="lacks"):
         load_model({k: v for k, v in cfg.items() if k != "io"}, weights, sha256_hex(weights))
+
+
+def _randomised(m: LoadedModel, seed: int = 0) -> LoadedModel:
+    """The tiny model with random (non-zero) output weights: a net with no symmetry."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def test_ensemble_is_the_mean_of_flipped_predictions_and_equivariant() -> None:
+    m = _randomised(tiny("ct_denoise", objective="regression", seed=2))
+    vol = ct_volume(z=3, n=32, seed=4)
+
+    def run(v: Volume, **p: object) -> np.ndarray:
+        return run_task("ct_denoise", v, model=m, params=p, seed=0).outputs[0].data
+
+    flipped = Volume(np.ascontiguousarray(vol.data[:, :, ::-1]), vol.spacing, vol.intensity)
+    one = run(vol)
+    assert np.abs(one - vol.data).max() > 1.0  # the network does something
+    assert np.allclose(run(vol, ensemble=2), 0.5 * (one + run(flipped)[:, :, ::-1]), atol=1e-3)
+    assert not np.allclose(run(vol, ensemble=2), one, atol=1e-2)
+    # the full dihedral group makes the output exactly equivariant to rotating the input
+    rot = Volume(np.ascontiguousarray(np.rot90(vol.data, 1, axes=(1, 2))), vol.spacing, vol.intensity)
+    assert np.allclose(run(rot, ensemble=8), np.rot90(run(vol, ensemble=8), 1, axes=(1, 2)), atol=1e-3)
+    assert not np.allclose(run(rot), np.rot90(one, 1, axes=(1, 2)), atol=1e-2)
+
+
+def test_ensemble_default_from_the_model_config_and_refusals() -> None:
+    m = _randomised(tiny("ct_denoise", objective="regression"))
+    vol = ct_volume(z=2, n=32)
+    base = run_task("ct_denoise", vol, model=m, params={}, seed=0)
+    assert "ensemble" not in base.provenance.parameters
+    m.config["sampling"]["ct_denoise"] = {**m.config["sampling"]["ct_denoise"], "ensemble": 2}
+    r = run_task("ct_denoise", vol, model=m, params={}, seed=0)
+    assert r.provenance.parameters["ensemble"] == 2
+    assert np.array_equal(r.outputs[0].data, run_task("ct_denoise", vol, model=m, params={"ensemble": 2},
+                                                       seed=0).outputs[0].data)
+    assert not np.array_equal(r.outputs[0].data, base.outputs[0].data)
+    with pytest.raises(TaskInputError, match="ensemble"):
+        run_task("ct_denoise", vol, model=m, params={"ensemble": 3}, seed=0)
+    with pytest.raises(TaskInputError, match="regression"):
+        run_task("ct_denoise", vol, model=tiny("ct_denoise"), params={"ensemble": 2}, seed=0)
