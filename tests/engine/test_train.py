@@ -306,7 +306,7 @@ def test_sharp_shapes_paste_pixel_sharp_objects_and_keep_the_noise() -> None:
 def test_ssim_weight_adds_a_structure_term_for_ct_to_mr_only(tmp_path: Path) -> None:
     kw = dict(objective="regression", batch=2, crop=16, architecture=dict(TINY_ARCH), log_every=1, ckpt_every=10)
     data = toy_data()
-    a = train(TrainConfig(task="ct_to_mr", steps=2, model_id="plain", **kw), tmp_path / "a", data)
+    train(TrainConfig(task="ct_to_mr", steps=2, model_id="plain", **kw), tmp_path / "a", data)
     b = train(TrainConfig(task="ct_to_mr", steps=2, model_id="ssim", ssim_weight=0.5, **kw), tmp_path / "b", data)
     la = [json.loads(x)["loss"] for x in (tmp_path / "a/.runs/plain/metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b/.runs/ssim/metrics.jsonl").read_text().splitlines()]
