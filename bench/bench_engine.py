@@ -25,14 +25,12 @@ WEIGHTS = ROOT / "engine" / "weights"
 
 CASES = [
     # name, model folder, task, size, params
-    ("CT restoration (shipped: regression, 1 step, the model's default ensemble)", "ct-denoise-wreg",
-     "ct_denoise", 512, {}),
-    ("CT restoration (shipped weights, no ensemble)", "ct-denoise-wreg", "ct_denoise", 512, {"ensemble": 1}),
+    ("CT restoration (shipped: regression, 1 step)", "ct-denoise-wreg", "ct_denoise", 512, {}),
+    ("CT restoration (shipped weights, ensemble 2)", "ct-denoise-wreg", "ct_denoise", 512, {"ensemble": 2}),
     ("CT restoration (experimental diffusion, 2 steps)", "experimental/ct-denoise-wdiff", "ct_denoise", 512, {}),
-    ("CT->MR T1w (shipped: regression, 1 step, the model's default ensemble)", "ct-to-mr-wreg", "ct_to_mr", 256,
-     {"target": "t1w"}),
-    ("CT->MR T1w (shipped weights, no ensemble)", "ct-to-mr-wreg", "ct_to_mr", 256,
-     {"target": "t1w", "ensemble": 1}),
+    ("CT->MR T1w (shipped: regression, 1 step)", "ct-to-mr-wreg", "ct_to_mr", 256, {"target": "t1w"}),
+    ("CT->MR T1w (shipped weights, ensemble 4)", "ct-to-mr-wreg", "ct_to_mr", 256,
+     {"target": "t1w", "ensemble": 4}),
     ("CT->MR T1w (experimental diffusion, 6 steps)", "experimental/ct-to-mr-wdiff", "ct_to_mr", 256,
      {"target": "t1w"}),
     ("MR denoise (shipped: regression, 1 step)", "mr-denoise-wreg", "mr_denoise", 256, {}),

@@ -76,7 +76,7 @@ def _ct_scores(ref: list[np.ndarray], out: list[np.ndarray]) -> tuple[float, flo
 
 
 # floors: (min PSNR gain dB, min SSIM gain) over the low-dose input (dose 0.25, 256 px);
-# ct-denoise-wreg 1.3.0 (default ensemble 2) measured +4.71 dB / +0.039 (1.2.0 +4.12 dB / +0.038,
+# ct-denoise-wreg 1.3.0 measured +4.52 dB / +0.039 (+4.71 / +0.039 with ensemble 2; 1.2.0 +4.12 dB / +0.038,
 # 1.1.0 +4.1 dB / +0.038, 1.0.0 +1.3 dB / +0.014)
 CT_FLOORS = {"ct-denoise-wreg": (4.0, 0.033), "experimental/ct-denoise-wdiff": (-0.5, -0.005)}
 
@@ -107,8 +107,8 @@ def test_mr_restoration_beats_its_input() -> None:
     assert min(gains) > MR_FLOOR_DB, gains
 
 
-# SSIM floors (min over the 2 held-out phantoms; ct-to-mr-wreg 1.3.0 with its default ensemble 4 measured
-# 0.90-0.99, 1.2.0 0.78-0.96, 1.1.0 0.76-0.94, 1.0.0 0.61-0.78); the diffusion model is under-trained
+# SSIM floors (min over the 2 held-out phantoms; ct-to-mr-wreg 1.3.0 measured 0.88-0.98 (0.90-0.99 with
+# ensemble 4), 1.2.0 0.78-0.96, 1.1.0 0.76-0.94, 1.0.0 0.61-0.78); the diffusion model is under-trained
 # (see its card) and only guarded against breakage
 C2M_FLOORS = {"ct-to-mr-wreg": 0.85, "experimental/ct-to-mr-wdiff": 0.1}
 
