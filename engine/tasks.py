@@ -272,35 +272,37 @@ def _predict(
         def xform(x0w: torch.Tensor) -> torch.Tensor:
             return dwt2(dynamic_threshold(idwt2(x0w.float()), threshold, floor)).to(x0w.dtype)
 
+    # the 2.5D condition in pixels, for the flipped / rotated copies of the ensemble
+    ens_pix = (context_stack(cond, k) if model.objective == "regression" and ensemble > 1 and cond is not None
+               and not drop_condition else None)
     outs = []
     with torch.inference_mode():
         for b0 in range(0, z, opts.batch_slices):
             sl = slice(b0, min(z, b0 + opts.batch_slices))
             c = cond_w[sl].to(device)
-            if model.objective == "regression" and ensemble > 1:
-                pix = context_stack(cond, k)[sl] if cond is not None else None
-                acc = None
+            if ens_pix is not None:  # test-time ensemble: pixel-domain mean of the transformed predictions
+                out = torch.zeros(sl.stop - sl.start, out_ch, h, w)
                 for g in DIHEDRAL[:ensemble]:
-                    cg = dwt2(_dihedral(pix, g)).to(device) if pix is not None else torch.zeros_like(c)
+                    cg = c if g == DIHEDRAL[0] else dwt2(_dihedral(ens_pix[sl], g)).to(device)
                     with _autocast(device, opts):
                         yg = regression_predict(model.net, cg, out_ch, t_max)
-                    yp = _dihedral(idwt2(yg.float()).cpu(), g, inverse=True)
-                    acc = yp if acc is None else acc + yp
-                y = dwt2(acc / ensemble)
-            elif model.objective == "regression":
-                with _autocast(device, opts):
-                    y = regression_predict(model.net, c, out_ch, t_max)
+                    out += _dihedral(idwt2(yg.float()).cpu(), g, inverse=True)
+                out /= ensemble
             else:
-                n = noise[sl].to(device)
-                if init_w is not None and start < 1.0:
-                    t0 = torch.full((n.shape[0],), round(start * t_max), dtype=torch.long, device=device)
-                    x = scheduler.add_noise(init_w[sl].to(device), n, t0)
+                if model.objective == "regression":
+                    with _autocast(device, opts):
+                        y = regression_predict(model.net, c, out_ch, t_max)
                 else:
-                    x = n
-                with _autocast(device, opts):
-                    y = rflow_sample(model.net, scheduler, c, x, start if init_w is not None else 1.0,
-                                     steps, xform)
-            out = idwt2(y.float()).cpu()
+                    n = noise[sl].to(device)
+                    if init_w is not None and start < 1.0:
+                        t0 = torch.full((n.shape[0],), round(start * t_max), dtype=torch.long, device=device)
+                        x = scheduler.add_noise(init_w[sl].to(device), n, t0)
+                    else:
+                        x = n
+                    with _autocast(device, opts):
+                        y = rflow_sample(model.net, scheduler, c, x, start if init_w is not None else 1.0,
+                                         steps, xform)
+                out = idwt2(y.float()).cpu()
             if k_res:
                 out = init[sl] + out / float(k_res)
             outs.append(out)
