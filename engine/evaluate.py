@@ -40,6 +40,11 @@ FLAT_TISSUES = (1, 2, 4, 7, 8, 11, 12)  # fat, muscle, liver, kidney, spleen, GM
 ROI_NAMES = {"liver": (4,), "brain": (11, 12)}
 VESSEL = 5
 AIR = 0
+#: CT->MR lesion split: a lesion whose contrast in the received CT (core minus ring, as in
+#: engine.metrics.lesion_scores) is below this many HU is "CT-occult": below the phantom's
+#: grey / white matter contrast (12 HU), so attenuation alone cannot tell it from anatomy and a
+#: CT->MR model has nothing to draw it from (many brain lesions are CT-occult, MR-visible)
+CT_VISIBLE_HU = 10.0
 
 
 @dataclass
@@ -204,6 +209,16 @@ def score(case: Case, output: Volume) -> dict[str, float]:
         scores = M.lesion_scores(ref, out, case.lesion_mask, case.reference.spacing, exclude=excl)
         for k, v in M.summarize_lesions(scores).items():
             res[f"lesion_{k}"] = v
+        if case.input.intensity == Intensity.HU and not is_ct:  # CT->MR: can the CT show the lesion?
+            ct_contrast = {s.index: s.contrast_ref for s in
+                           M.lesion_scores(case.input.data, case.input.data, case.lesion_mask,
+                                           case.reference.spacing, exclude=excl)}
+            for key, keep in (("ct_visible", lambda c: abs(c) >= CT_VISIBLE_HU),
+                              ("ct_occult", lambda c: abs(c) < CT_VISIBLE_HU)):
+                sel = [s.dice for s in scores if s.diameter_mm >= 5.0 and s.index in ct_contrast
+                       and keep(ct_contrast[s.index])]
+                res[f"lesion_dice_ge5mm_{key}"] = float(np.mean(sel)) if sel else math.nan
+                res[f"lesion_n_ge5mm_{key}"] = float(len(sel))
     return res
 
 
@@ -310,6 +325,8 @@ _COLUMNS = [
     ("lesion_contrast_ratio_ge5mm", "contrast ratio >= 5 mm", 3),
     ("lesion_contrast_within_10pct", "lesions within 10 %", 2),
     ("lesion_dice_ge5mm", "Dice >= 5 mm", 3), ("lesion_dice_lt5mm", "Dice < 5 mm", 3),
+    ("lesion_dice_ge5mm_ct_visible", "Dice >= 5 mm, CT-visible", 3),
+    ("lesion_dice_ge5mm_ct_occult", "Dice >= 5 mm, CT-occult", 3),
     ("sec_per_slice", "s / slice", 3),
 ]
 
@@ -341,7 +358,9 @@ reference; MAE over the body; noise SD = SD of (output - reference) in eroded in
 fat, muscle, liver, kidney, spleen, grey and white matter (phantoms) or flat soft tissue of
 the reference (real slices); lesion contrast ratio = (lesion - ring background) of the output
 over that of the reference; lesion Dice of a threshold segmentation at the midpoint of the
-reference's lesion and background means (engine/metrics.py). Pictures: input | output |
+reference's lesion and background means (engine/metrics.py); CT->MR also splits lesions >= 5 mm
+by their contrast in the received CT: CT-visible |dHU| >= 10, CT-occult < 10 (below the grey /
+white matter contrast; no CT->MR model can draw them). Pictures: input | output |
 reference | output - reference, centre slice.
 """
 

@@ -69,6 +69,33 @@ def test_score_identity_and_known_answer():
                            case.reference.intensity))
 
 
+def test_ct_to_mr_lesion_dice_is_split_by_ct_visibility():
+    from engine.api import Intensity
+    from engine.evaluate import Case
+
+    yy, xx = np.mgrid[:64, :64]
+    a = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 16)  # two lesions of 9 px diameter, 1 mm pixels
+    b = ((yy - 44) ** 2 + (xx - 44) ** 2 <= 16)
+    les = np.zeros((1, 64, 64), np.int16)
+    les[0][a], les[0][b] = 1, 2
+    ct = np.full((1, 64, 64), 40.0, np.float32)
+    ct[0][a] = 90.0  # lesion 1: +50 HU in the CT; lesion 2: 45 HU, under the 10 HU line
+    ct[0][b] = 45.0
+    mr = np.full((1, 64, 64), 500.0, np.float32)
+    mr[0][a | b] = 900.0  # both bright in the MR reference
+    case = Case("two", Volume(ct, (2.0, 1.0, 1.0), Intensity.HU), Volume(mr, (2.0, 1.0, 1.0), Intensity.MR_T2W),
+                lesion_mask=les)
+    out = mr.copy()
+    out[0][b] = 500.0  # the model draws only the CT-visible lesion
+    r = score(case, Volume(out, (2.0, 1.0, 1.0), Intensity.MR_T2W))
+    assert r["lesion_dice_ge5mm_ct_visible"] > 0.95 and r["lesion_dice_ge5mm_ct_occult"] == 0.0
+    assert r["lesion_n_ge5mm_ct_visible"] == 1 and r["lesion_n_ge5mm_ct_occult"] == 1
+    assert math.isclose(r["lesion_dice_ge5mm"], 0.5 * r["lesion_dice_ge5mm_ct_visible"], rel_tol=1e-6)
+    ct_case = Case("ct", Volume(ct, (2.0, 1.0, 1.0), Intensity.HU), Volume(ct, (2.0, 1.0, 1.0), Intensity.HU),
+                   lesion_mask=les)
+    assert "lesion_dice_ge5mm_ct_visible" not in score(ct_case, ct_case.reference)  # CT restoration: no split
+
+
 def test_report_for_identity_nlm_and_tiny_model(tmp_path, tiny_model_dir):
     cases = phantom_cases("ct_denoise", 2, size=64, n_slices=3, dose=0.1)
     tiny, desc = model_method(tiny_model_dir, "ct_denoise", params={"steps": 1}, seed=0)
@@ -125,13 +152,38 @@ def test_real_ct_slices_decode_and_degrade():
         real_ct_cases(1.0, names=small)
 
 
+def test_real_mr_images_decode_crop_and_get_rician_noise():
+    """node.evaldata: pydicom(-data) MR files incl. JPEG 2000, centre-cropped to the engine's grid."""
+    from engine.degrade import foreground_mask
+    from node.evaldata import REAL_MR_FILES, real_mr_cases
+
+    cases = real_mr_cases(20.0)
+    assert {c.info["file"] for c in cases} == set(REAL_MR_FILES)
+    assert any("JPEG 2000" in c.info["transfer_syntax"] for c in cases)
+    for c in cases:
+        assert c.input.data.shape == c.reference.data.shape
+        assert all(n % 16 == 0 for n in c.input.data.shape[1:]), c.name
+        assert c.reference.intensity.value == "MR" and c.reference.data.min() >= 0
+    siemens = next(c for c in cases if c.info["file"].startswith("MR-SIEMENS"))
+    assert siemens.input.data.shape[1:] == (480, 480)  # 484 px, 2 px cut on each side
+    small = ("MR_small.dcm",)
+    sd = []
+    for snr in (20.0, 5.0):
+        (c,) = real_mr_cases(snr, names=small)
+        fg = foreground_mask(c.reference.data)
+        sd.append(float((c.input.data - c.reference.data)[fg].std()))
+        ratio = float(c.reference.data[fg].mean()) / sd[-1]
+        assert 0.6 * snr < ratio < 1.4 * snr, (snr, ratio)  # Rician noise at the asked SNR
+    assert sd[0] < sd[1]
+
+
 def test_cli_evaluate_writes_a_report(tmp_path):
     from typer.testing import CliRunner
 
     from node.cli import app
 
     res = CliRunner().invoke(app, ["engine", "evaluate", "mr_denoise", "--n", "1", "--size", "64",
-                                   "--slices", "1", "--snr", "10", "--out", str(tmp_path),
+                                   "--slices", "1", "--snr", "10", "--no-real", "--out", str(tmp_path),
                                    "--cache", str(tmp_path / "cache")])
     assert res.exit_code == 0, res.output
     text = (tmp_path / "mr_denoise" / "report.md").read_text()
