@@ -212,3 +212,28 @@ def test_ct_to_mr_output_is_non_negative() -> None:
     assert out.intensity is Intensity.MR_T2W
     assert float(out.data.min()) >= 0.0
     assert "mr_range" not in check(out, _ct(ct), QualityLimits(mr_negative_tolerance=0.0)).checks
+
+
+def test_mr_restoration_bias_allows_removing_the_rician_floor_but_not_a_shift() -> None:
+    """A perfect MR denoiser (output = the noise-free image) at SNR 8 lowers the mean level:
+    the received magnitude carries the Rician floor (background sigma sqrt(pi / 2), foreground
+    E[M^2] = A^2 + 2 sigma^2). The gate takes that noise power out and passes it; a shifted
+    output is still held. (Until 2026-12-03 the plain volume mean held the perfect output.)"""
+    from engine.degrade import mr_noise
+    from engine.phantoms import make_sample
+
+    s = make_sample(seed=9, size=128, n_slices=3, kind="head", mr_snr=None, bias_strength=0.0)
+    clean = s.t1w.astype(np.float32)
+    noisy = mr_noise(clean, 8.0, seed=1).astype(np.float32)
+
+    def mr(x: np.ndarray) -> Volume:
+        return Volume(x.astype(np.float32), s.spacing, Intensity.MR_T1W)
+
+    plain_mean = float((clean - noisy).mean()) / float(noisy.std())
+    assert plain_mean < -0.1  # what the plain volume mean used to read: a "bias" beyond the limit
+    rep = check(mr(clean), mr(noisy))
+    assert "bias" not in rep.checks and "slice_bias" not in rep.checks, rep.reasons
+    assert abs(float(rep.stats["residual_mean"])) < 0.03 * float(noisy.std())
+    for shift in (+0.15, -0.15):
+        held = check(mr(np.clip(clean + shift * noisy.std(), 0, None)), mr(noisy))
+        assert "bias" in held.checks, (shift, held.reasons)
