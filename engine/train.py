@@ -58,7 +58,7 @@ from engine.wavelet import dwt2, idwt2
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "PRESETS", "model_config", "prepare_data", "train", "write_model_card",
+__all__ = ["TrainConfig", "PRESETS", "model_config", "prepare_data", "train", "write_model_card", "average_models",
            "make_batch", "DATA_VERSION"]
 
 DATA_VERSION = 1
@@ -74,6 +74,11 @@ OWN_TEXTURE = {"blur_lo": 0.5, "blur_hi": 2.0, "sd_lo": 2.0, "sd_hi": 30.0}
 # ellipses per crop, semi-axes U(r_lo, r_hi) px, no anti-aliasing, the same in the 3 slices;
 # inside, the image is set to air (-1000 HU) with probability p_air, else to U(hu_lo, hu_hi)
 SHARP_SHAPES = {"n_lo": 1, "n_hi": 6, "r_lo": 0.7, "r_hi": 6.0, "p_air": 0.5, "hu_lo": -300.0, "hu_hi": 1200.0}
+# MR restoration, the real-scan protocol (make_batch ``own_noise``): the target is an
+# "acquired" image: the clean phantom times (1 + a correlated texture of relative SD
+# U(0, tex_sd_hi), Gaussian blur U(blur_lo, blur_hi) px) with its own Rician noise at SNR
+# U(snr_lo, snr_hi); the input adds Rician noise at the training SNR on top of it
+MR_OWN_NOISE = {"snr_lo": 25.0, "snr_hi": 80.0, "tex_sd_hi": 0.05, "blur_lo": 0.5, "blur_hi": 2.0}
 TRAIN_ANGLES = 180  # views for training-data low dose up to 256 px (I0 is scaled by degrade; see docs)
 
 
@@ -219,6 +224,9 @@ class TrainConfig:
     own_texture: float = 0.0
     # CT restoration: probability of pasting pixel-sharp shapes (SHARP_SHAPES) into a pair
     sharp_shapes: float = 0.0
+    # MR restoration: probability that a pair's target keeps its own noise and texture
+    # (MR_OWN_NOISE; input = target + Rician noise), the real-scan protocol
+    own_noise: float = 0.0
     # initialise the network (and EMA) from this model folder's weights (fine-tuning)
     init_from: str | None = None
     # CT->MR regression: loss = (weighted) MSE + ssim_weight * (1 - SSIM) of the pixel-domain
@@ -323,7 +331,7 @@ def _augment_geom(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int, crop: int,
                robust: bool = False, *, lesion_crop: float = 0.0, fulldose_target: float = 0.0,
-               own_texture: float = 0.0, sharp_shapes: float = 0.0,
+               own_texture: float = 0.0, sharp_shapes: float = 0.0, own_noise: float = 0.0,
                with_lesions: bool = False) -> tuple[torch.Tensor, ...]:
     """One training batch in network units (pixel domain, before the DWT).
 
@@ -351,6 +359,10 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
     crop's clean image, target and input alike (the input keeps its noise there), so that the
     model learns to keep edges sharper than the phantoms' smoothed ones (small gas pockets,
     sharp-kernel or segmented images).
+    ``own_noise`` (MR restoration): with this probability the target is an "acquired" image
+    that keeps its own Rician noise and a correlated texture (``MR_OWN_NOISE``) and the input
+    is that image plus Rician noise at the drawn SNR: the real-scan evaluation protocol, so the
+    model learns to remove the added noise, not everything that is not a smooth phantom.
     ``lesion_crop``: probability of centring the crop on a random lesion pixel (``data["les"]``).
     ``with_lesions``: also return the centre slice's lesion mask crop ``(B, 1, crop, crop)``.
     With the defaults the random stream is the one of earlier versions (same batches).
@@ -401,6 +413,13 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
             clean = torch.from_numpy(data[key][i]).double()
             snr = 8.0 + 32.0 * torch.rand((), generator=gen).item()
             fg = clean > 0.1 * torch.quantile(clean.flatten(), 0.99)
+            if own_noise > 0 and torch.rand((), generator=gen).item() < own_noise:
+                o = MR_OWN_NOISE
+                tex = _own_texture(tuple(clean.shape), gen).double()
+                tex = tex / tex.std().clamp_min(1e-6) * (o["tex_sd_hi"] * torch.rand((), generator=gen).item())
+                snr_own = o["snr_lo"] + (o["snr_hi"] - o["snr_lo"]) * torch.rand((), generator=gen).item()
+                base = clean * (1.0 + tex)
+                clean = _rician(base, base[fg].mean() / snr_own, gen)  # the "acquired" image = target
             sigma = clean[fg].mean() / snr
             noisy = _rician(clean, sigma, gen)
             s = float(torch.quantile(noisy.flatten(), 0.995))
@@ -578,7 +597,8 @@ def train(
             target, cond, les = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop,
                                            robust=robust, lesion_crop=tc.lesion_crop,
                                            fulldose_target=tc.fulldose_target, own_texture=tc.own_texture,
-                                           sharp_shapes=tc.sharp_shapes, with_lesions=True)
+                                           sharp_shapes=tc.sharp_shapes, own_noise=tc.own_noise,
+                                           with_lesions=True)
             wmap = lesion_loss_weight(les, tc.lesion_weight).to(device) if tc.lesion_weight else None
             if k_res:  # residual parameterisation: r = k (clean - received centre slice)
                 ctr = int(cfg["io"]["context_slices"])
@@ -650,6 +670,7 @@ def train(
         "robust_augmentation": ROBUST_CT if robust else None,
         "own_texture_recipe": OWN_TEXTURE if tc.own_texture else None,
         "sharp_shapes_recipe": SHARP_SHAPES if tc.sharp_shapes else None,
+        "own_noise_recipe": MR_OWN_NOISE if tc.own_noise else None,
         "data": data.get("meta", {}),
         "init_model": _init_description(tc.init_from) if tc.init_from else None,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -657,6 +678,48 @@ def train(
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
     write_model_card(model_dir, data_description=data_description)
     return model_dir
+
+
+def average_models(sources: list[Path | str], out_dir: Path | str, *, weights: list[float] | None = None,
+                   version: str | None = None, model_id: str | None = None) -> Path:
+    """Weight averaging ("model soup") of models of one architecture and task, e.g. a
+    fine-tune and the model it started from: ``out_dir`` gets the weighted mean of the
+    weights, the FIRST source's config (recipe, contract, sampling) with ``version`` /
+    ``model_id`` replaced and ``training.weight_average`` listing every source (model id,
+    version, weights SHA-256, weight), and a refreshed card. Refuses different architectures,
+    tasks or tensor names / shapes."""
+    if len(sources) < 2:
+        raise ValueError("averaging needs at least two models")
+    w = [1.0 / len(sources)] * len(sources) if weights is None else [float(x) for x in weights]
+    if len(w) != len(sources) or any(x < 0 for x in w) or abs(sum(w) - 1.0) > 1e-6:
+        raise ValueError(f"weights must be {len(sources)} non-negative numbers summing to 1, got {w}")
+    dirs = [Path(d) for d in sources]
+    cfgs = [json.loads((d / "config.json").read_text()) for d in dirs]
+    for d, c in zip(dirs[1:], cfgs[1:]):
+        for key in ("architecture", "tasks", "objective", "io", "normalisation"):
+            if c.get(key) != cfgs[0].get(key):
+                raise ValueError(f"{d}: {key} differs from {dirs[0]}; only models of one architecture and "
+                                 "task can be averaged")
+    states = [load_file(str(d / "model.safetensors")) for d in dirs]
+    for d, st in zip(dirs[1:], states[1:]):
+        if {k: tuple(v.shape) for k, v in st.items()} != {k: tuple(v.shape) for k, v in states[0].items()}:
+            raise ValueError(f"{d}: tensor names or shapes differ from {dirs[0]}")
+    avg = {k: sum(wi * st[k].double() for wi, st in zip(w, states)).to(states[0][k].dtype).contiguous()
+           for k in states[0]}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(avg, str(out / "model.safetensors"))
+    cfg = json.loads(json.dumps(cfgs[0]))
+    cfg["model_id"] = model_id or cfg["model_id"]
+    cfg["version"] = version or cfg["version"]
+    cfg.setdefault("training", {})["weight_average"] = [
+        {"model_id": c["model_id"], "version": c["version"], "weight": wi,
+         "weights_sha256": _sha256_file(d / "model.safetensors")} for d, c, wi in zip(dirs, cfgs, w)]
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    if dirs[0] != out and (dirs[0] / "MODEL_CARD.md").exists() and not (out / "MODEL_CARD.md").exists():
+        (out / "MODEL_CARD.md").write_text((dirs[0] / "MODEL_CARD.md").read_text())
+    write_model_card(out)
+    return out
 
 
 def _init_description(model_dir: str) -> str:
@@ -758,8 +821,15 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         *([f"- sharp shapes: with probability {tr['sharp_shapes']} pixel-sharp ellipses {tr.get('sharp_shapes_recipe')} "
            "are pasted into the crop (target and input alike, the input keeps its noise), so edges sharper than "
            "the phantoms' are kept"] if tr.get("sharp_shapes") else []),
+        *([f"- own-noise targets (MR, the real-scan evaluation protocol): with probability {tr['own_noise']} the "
+           f"target keeps its own Rician noise and a correlated texture {tr.get('own_noise_recipe')} and the input "
+           "is that image plus Rician noise at the drawn SNR (`engine.train.make_batch`)"] if tr.get("own_noise") else []),
         *([f"- initialised from `{tr['init_from']}`"
            + (f" ({tr['init_model']})" if tr.get("init_model") else "")] if tr.get("init_from") else []),
+        *(["- the recipe above is that of the first averaged model; shipped weights = weighted mean of the weights of "
+           + ", ".join(f"{a['model_id']} {a['version']} (weight {a['weight']:g}, SHA-256 {a['weights_sha256'][:12]}...)"
+                       for a in tr["weight_average"])
+           + " (`synthnode engine average`)"] if tr.get("weight_average") else []),
         f"- seed {tr.get('seed')}; device {tr.get('device')}; torch {tr.get('torch')}; "
         f"{tr.get('seconds')} s; final training loss (EMA) {tr.get('final_loss_ema')}",
         f"- command: `synthnode engine train {cfg['task']} --objective {cfg['objective']} --steps {tr.get('steps')} "
@@ -772,6 +842,7 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         + (f" --fulldose-target {tr['fulldose_target']}" if tr.get("fulldose_target") else "")
         + (f" --own-texture {tr['own_texture']}" if tr.get("own_texture") else "")
         + (f" --sharp-shapes {tr['sharp_shapes']}" if tr.get("sharp_shapes") else "")
+        + (f" --own-noise {tr['own_noise']}" if tr.get("own_noise") else "")
         + (f" --init {tr['init_from']}" if tr.get("init_from") else "") + "`"
         + (" (the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)"
            if tr.get("max_minutes") else ""),

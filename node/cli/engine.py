@@ -46,6 +46,9 @@ def train_cmd(
     sharp_shapes: float = typer.Option(0.0, "--sharp-shapes", min=0.0, max=1.0,
                                        help="ct_denoise: share of pairs with pasted pixel-sharp shapes "
                                             "(air pockets, constant-HU objects)"),
+    own_noise: float = typer.Option(0.0, "--own-noise", min=0.0, max=1.0,
+                                    help="mr_denoise: share of pairs whose target keeps its own noise and texture "
+                                         "(input = it + Rician noise; the real-scan evaluation protocol)"),
     ssim_weight: float = typer.Option(0.0, "--ssim-weight", min=0.0,
                                       help="ct_to_mr regression: add this weight x (1 - SSIM) to the MSE loss"),
     init: Path | None = typer.Option(None, "--init", exists=True, file_okay=False,
@@ -74,11 +77,13 @@ def train_cmd(
                      n_train=n_train, size=size, architecture=arch, model_id=model_id, version=version,
                      max_minutes=minutes, ema_decay=ema, lesion_weight=lesion_weight, lesion_crop=lesion_crop,
                      fulldose_target=fulldose_target, own_texture=own_texture, init_from=str(init) if init else None,
-                     ssim_weight=ssim_weight, sharp_shapes=sharp_shapes)
+                     ssim_weight=ssim_weight, sharp_shapes=sharp_shapes, own_noise=own_noise)
     if (lesion_weight or lesion_crop) and task == "mr_denoise":
         fail("--lesion-weight / --lesion-crop apply to ct_denoise and ct_to_mr")
     if fulldose_target and task != "ct_denoise":
         fail("--fulldose-target applies to ct_denoise only")
+    if own_noise and task != "mr_denoise":
+        fail("--own-noise applies to mr_denoise only")
     if sharp_shapes and task != "ct_denoise":
         fail("--sharp-shapes applies to ct_denoise only")
     if ssim_weight and (task != "ct_to_mr" or objective != "regression"):
@@ -165,6 +170,29 @@ def evaluate_cmd(
     except ValueError as exc:
         fail(str(exc))
     console.print(f"wrote {report}")
+
+
+@app.command("average")
+def average_cmd(
+    models: list[Path] = typer.Argument(..., exists=True, file_okay=False,
+                                        help="model folders (same architecture and task; the first one's recipe "
+                                             "and contract are kept)"),
+    out: Path = typer.Option(..., "--out", help="new model folder"),
+    weight: list[float] = typer.Option([], "--weight", help="weight per model (repeat; default equal)"),
+    version: str | None = typer.Option(None, "--version", help="version of the averaged model"),
+    model_id: str | None = typer.Option(None, "--model-id"),
+) -> None:
+    """Average the weights of models of one architecture (a fine-tune and its starting point):
+    a new model folder whose config and card name every source and its weight."""
+    from engine.train import average_models
+
+    if out.resolve() in [m.resolve() for m in models]:
+        fail("--out must be a new folder, not one of the averaged models")
+    try:
+        d = average_models(list(models), out, weights=list(weight) or None, version=version, model_id=model_id)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(f"wrote {d} (mean of {len(models)} models); evaluate it, then `synthnode engine package {d}`")
 
 
 @app.command("package")

@@ -337,3 +337,72 @@ def test_noise_scaling_keeps_the_own_texture_in_the_input() -> None:
         assert abs(float(diff.mean())) < 12
         assert float(diff.std()) < 45
     assert textured >= 30
+
+
+def test_average_models_is_the_weighted_mean_and_the_card_names_the_sources(tmp_path: Path) -> None:
+    from engine.train import average_models
+    from node.cli import app
+
+    kw = dict(task="ct_to_mr", objective="regression", batch=2, crop=16, architecture=dict(TINY_ARCH),
+              log_every=1, ckpt_every=10)
+    a = train(TrainConfig(steps=2, model_id="a", seed=0, **kw), tmp_path / "a", toy_data())
+    b = train(TrainConfig(steps=2, model_id="b", seed=1, **kw), tmp_path / "b", toy_data())
+    res = CliRunner().invoke(app, ["engine", "average", str(b), str(a), "--out", str(tmp_path / "soup"),
+                                   "--weight", "0.25", "--weight", "0.75", "--version", "2.0.0",
+                                   "--model-id", "c2m"])
+    assert res.exit_code == 0, res.output
+    soup = tmp_path / "soup"
+    wa, wb, ws = (load_file(str(d / "model.safetensors")) for d in (a, b, soup))
+    assert any(not np.allclose(wa[k], wb[k]) for k in wa)
+    for k in wa:
+        np.testing.assert_allclose(ws[k].numpy(), 0.25 * wb[k].numpy() + 0.75 * wa[k].numpy(), rtol=1e-5, atol=1e-6)
+    cfg = json.loads((soup / "config.json").read_text())
+    assert (cfg["model_id"], cfg["version"]) == ("c2m", "2.0.0")
+    assert [(x["model_id"], x["weight"]) for x in cfg["training"]["weight_average"]] == [("b", 0.25), ("a", 0.75)]
+    m = load_model_dir(soup)
+    card = (soup / "MODEL_CARD.md").read_text()
+    assert f"weights SHA-256: `{m.weights_sha256}`" in card
+    assert "b 1.0.0 (weight 0.25" in card and "a 1.0.0 (weight 0.75" in card
+    out = run_task("ct_to_mr", Volume(toy_data()["ct"][0], (2.0, 1.0, 1.0), Intensity.HU), model=m,
+                   params={"target": "t1w"}, seed=0, device="cpu").outputs[0]
+    assert np.isfinite(out.data).all()
+    # refusals: weights that do not sum to 1, a different task, writing over a source
+    with pytest.raises(ValueError, match="sum"):
+        average_models([a, b], tmp_path / "x", weights=[0.5, 0.6])
+    c = train(TrainConfig(task="ct_denoise", steps=1, batch=2, crop=16, architecture=dict(TINY_ARCH),
+                          model_id="c", log_every=1, ckpt_every=10), tmp_path / "c", toy_data())
+    with pytest.raises(ValueError, match="differs"):
+        average_models([a, c], tmp_path / "y")
+    res = CliRunner().invoke(app, ["engine", "average", str(a), str(b), "--out", str(a)])
+    assert res.exit_code != 0 and "new folder" in res.output
+
+
+def test_mr_own_noise_targets_keep_their_noise_and_the_input_adds_more(tmp_path: Path) -> None:
+    import torch
+
+    from node.cli import app
+
+    data = toy_data(size=48)  # t1w: a flat 600 disc on 0
+    inside = np.zeros((48, 48), bool)
+    inside[18:30, 18:30] = True  # well inside every disc (radius >= 12 px)
+
+    def batch(p: float, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        # crop = image: no geometric crop, only rotations / flips, which keep the centre block
+        return make_batch("mr_denoise", data, torch.Generator().manual_seed(seed), 6, 48, own_noise=p)
+
+    t0, c0 = batch(0.0)
+    t1, c1 = batch(1.0)
+    sd = lambda x: float(x[:, 0][:, inside].std(dim=1).mean())  # noqa: E731
+    assert sd(t0) < 1e-6  # plain pairs: the target is the flat phantom
+    assert sd(t1) > 0.01  # own-noise pairs: the target keeps noise / texture
+    assert sd(c1[:, 1:2]) > 1.5 * sd(t1)  # and the input has more on top
+    t0b, c0b = make_batch("mr_denoise", data, torch.Generator().manual_seed(5), 6, 48)
+    assert torch.equal(t0, t0b) and torch.equal(c0, c0b)  # off: the default stream is unchanged
+    tc = TrainConfig(task="mr_denoise", objective="regression", steps=1, batch=2, crop=16,
+                     architecture=dict(TINY_ARCH), own_noise=0.5, model_id="own", log_every=1, ckpt_every=10)
+    d = train(tc, tmp_path, toy_data())
+    card = (d / "MODEL_CARD.md").read_text()
+    assert "own-noise targets" in card and "--own-noise 0.5" in card
+    bad = CliRunner().invoke(app, ["engine", "train", "ct_denoise", "--own-noise", "0.5", "--steps", "1",
+                                   "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "--own-noise applies to mr_denoise only" in bad.output
