@@ -23,8 +23,9 @@ WEIGHTS = Path(__file__).resolve().parents[2] / "engine" / "weights"
 MR_MODEL = "mr-denoise-wreg"
 # MR restoration floors over the noisy input (SNR 15): PSNR gain (dB) and SSIM gain inside the
 # body (the whole-image SSIM is dominated by the background's Rician floor); mr-denoise-wreg
-# 1.1.0 measured +11.0..+14.1 dB and +0.14..+0.23; 1.0.0 (178 steps) +2.7..+4.1 dB and only
-# +0.003..+0.009 in the body (it left the body noise in place), which the SSIM floor rejects
+# 1.2.0 measured +9.5..+12.6 dB and +0.14..+0.22 (1.1.0 +11.0..+14.1 dB, +0.14..+0.23: it also
+# cleared the background); 1.0.0 (178 steps) +2.7..+4.1 dB and only +0.003..+0.009 in the body
+# (it left the body noise in place), which the SSIM floor rejects
 MR_FLOOR_DB = 8.0
 MR_FLOOR_SSIM_BODY = 0.08
 SHIPPED = sorted(
