@@ -10,18 +10,19 @@ Checks (all on physical values, i.e. after the Modality LUT), each named in
   (air -1000 HU to dense bone / metal); ``mr_range``: MR outputs are magnitude images,
   non-negative; the lowest value may undershoot 0 by at most ``mr_negative_tolerance`` x the
   output's 99th percentile (regressors overshoot around air; 0 = require non-negative);
-* restoration (input and output share the intensity meaning), over the volume: ``bias``
-  (mean residual; for MR the change of the foreground's RMS level against the input's with its
+* restoration (input and output share the intensity meaning), over the volume: ``bias`` (mean
+  residual; for MR the change of the foreground's RMS level against the input's with its
   Rician noise power ``2 sigma^2`` taken out, sigma from the background, see :func:`_mr_bias`:
-  removing the noise floor is what an MR denoiser should do), ``mean_abs_residual`` and ``correlation`` (the output still depicts the
-  input); per slice, so a slice-local failure is not averaged away by the others:
-  ``slice_bias`` (mean residual of the slice, HU or in input SDs), ``slice_correlation``
-  and ``slice_edge_ratio`` (contrast kept, see :func:`_edge_ratio`: mean gradient magnitude,
-  Gaussian sigma ``EDGE_SIGMA_PX`` px, of the output over that of the input's structure,
-  i.e. with the input's noise share taken out, inside the input's body mask eroded by
-  ``BODY_EROSION_PX`` px. Below ``min_slice_edge_ratio``: edges lost (blurred, flattened
-  soft tissue); above ``max_slice_edge_ratio``: structure the input does not have. A slice
-  whose input has less edge energy than noise energy is not judged);
+  removing the noise floor is what an MR denoiser should do), ``mean_abs_residual`` and
+  ``correlation`` (the output still depicts the input); per slice, so a slice-local failure is
+  not averaged away by the others: ``slice_bias`` (mean residual of the slice, HU or in input
+  SDs), ``slice_correlation`` and ``slice_edge_ratio`` (contrast kept, see
+  :func:`_edge_ratio`: mean gradient magnitude, Gaussian sigma ``EDGE_SIGMA_PX`` px, of the
+  output over that of the input's structure, i.e. with the input's noise share taken out,
+  inside the input's body mask eroded by ``BODY_EROSION_PX`` px. Below
+  ``min_slice_edge_ratio``: edges lost (blurred, flattened soft tissue); above
+  ``max_slice_edge_ratio``: structure the input does not have. A slice whose input has less
+  edge energy than noise energy is not judged);
 * cross-modality (CT -> MR): the foreground (non-background) masks overlap over the volume
   (``foreground_dice`` >= ``min_foreground_dice``) and in every slice with foreground
   (``slice_foreground_dice`` >= ``min_slice_foreground_dice``), so anatomy did not move or
