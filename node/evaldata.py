@@ -1,4 +1,5 @@
-"""Real CT slices for validating the engine: the CT test files shipped in pydicom / pydicom-data.
+"""Real CT slices (and MR images) for validating the engine: test files shipped in pydicom /
+pydicom-data.
 
 The engine never reads DICOM, so this module (node side) decodes the files with pydicom
 (+ pylibjpeg / openjpeg for JPEG 2000 and JPEG Lossless), converts them to HU through the
@@ -50,17 +51,18 @@ REAL_MR_FILES = (
 
 @dataclass(frozen=True)
 class RealSlices:
-    """One real CT file as a volume in HU."""
+    """One real test file as a volume (CT in HU, or MR in the scanner's units)."""
 
     name: str
     volume: Volume
     transfer_syntax: str
-    sha256: str  # of the HU array, to show the set is fixed
+    sha256: str  # of the pixel array (HU for CT), to show the set is fixed
 
 
 def load_real_ct(names: tuple[str, ...] = REAL_CT_FILES,
                  intensity: Intensity = Intensity.HU) -> list[RealSlices]:
-    """Decode the named test files (skipping any that are missing or not decodable)."""
+    """Decode the named test files (skipping any that are missing or not decodable); CT by
+    default, MR files with ``intensity=Intensity.MR`` (:func:`real_mr_cases`)."""
     import pydicom
     from pydicom.data import get_testdata_file
 
