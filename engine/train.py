@@ -715,11 +715,29 @@ def average_models(sources: list[Path | str], out_dir: Path | str, *, weights: l
     cfg.setdefault("training", {})["weight_average"] = [
         {"model_id": c["model_id"], "version": c["version"], "weight": wi,
          "weights_sha256": _sha256_file(d / "model.safetensors")} for d, c, wi in zip(dirs, cfgs, w)]
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    if dirs[0] != out and (dirs[0] / "MODEL_CARD.md").exists() and not (out / "MODEL_CARD.md").exists():
-        (out / "MODEL_CARD.md").write_text((dirs[0] / "MODEL_CARD.md").read_text())
-    write_model_card(out)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+    # the first source's training-data text carries over; its held-out metrics do not (other weights)
+    src_card = dirs[0] / "MODEL_CARD.md"
+    data_txt = _card_section(src_card.read_text(), "Training data") if src_card.exists() else None
+    (out / "MODEL_CARD.md").unlink(missing_ok=True)
+    write_model_card(out, data_description=data_txt or "")
     return out
+
+
+#: the sections write_model_card writes after "Training data", in order
+_CARD_TAIL = ("Training data", "Held-out metrics", "Limitations")
+
+
+def _card_section(card_text: str, title: str) -> str | None:
+    """The body of a ``## title`` section of a model card (one of ``_CARD_TAIL`` but the last),
+    or None. It ends at the card's NEXT section, not at any ``## `` line: held-out metrics
+    pasted from an evaluation report carry ``## `` headings of their own."""
+    head = f"## {title}\n"
+    if head not in card_text:
+        return None
+    body = card_text.split(head, 1)[1]
+    nxt = f"\n## {_CARD_TAIL[_CARD_TAIL.index(title) + 1]}\n"
+    return (body.split(nxt, 1)[0] if nxt in body else body.split("\n## ", 1)[0]).strip()
 
 
 def _init_description(model_dir: str) -> str:
@@ -750,14 +768,9 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
     digest = _sha256_file(model_dir / "model.safetensors")
     size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
     card = model_dir / "MODEL_CARD.md"
-    old_metrics = None
-    old_data = None
-    if card.exists():
-        txt = card.read_text()
-        if "## Held-out metrics\n" in txt:
-            old_metrics = txt.split("## Held-out metrics\n", 1)[1].split("\n## ", 1)[0].strip()
-        if "## Training data\n" in txt:
-            old_data = txt.split("## Training data\n", 1)[1].split("\n## ", 1)[0].strip()
+    txt = card.read_text() if card.exists() else ""
+    old_metrics = _card_section(txt, "Held-out metrics")
+    old_data = _card_section(txt, "Training data")
     tr = cfg.get("training", {})
     arch = cfg["architecture"]
     metrics = metrics_md or old_metrics or "Not evaluated yet (run `synthnode engine evaluate`)."

@@ -363,6 +363,7 @@ def test_average_models_is_the_weighted_mean_and_the_card_names_the_sources(tmp_
     card = (soup / "MODEL_CARD.md").read_text()
     assert f"weights SHA-256: `{m.weights_sha256}`" in card
     assert "b 1.0.0 (weight 0.25" in card and "a 1.0.0 (weight 0.75" in card
+    assert "Not evaluated yet" in card  # the sources' held-out metrics are not carried over
     out = run_task("ct_to_mr", Volume(toy_data()["ct"][0], (2.0, 1.0, 1.0), Intensity.HU), model=m,
                    params={"target": "t1w"}, seed=0, device="cpu").outputs[0]
     assert np.isfinite(out.data).all()
@@ -406,3 +407,19 @@ def test_mr_own_noise_targets_keep_their_noise_and_the_input_adds_more(tmp_path:
     bad = CliRunner().invoke(app, ["engine", "train", "ct_denoise", "--own-noise", "0.5", "--steps", "1",
                                    "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "--own-noise applies to mr_denoise only" in bad.output
+
+
+def test_card_refresh_keeps_held_out_metrics_with_their_own_headings(tmp_path: Path) -> None:
+    """`synthnode engine package DIR` without --metrics-md keeps the metrics section whole,
+    also when it holds `## ` headings pasted from an evaluation report (it used to end there)."""
+    from engine.train import write_model_card
+
+    tc = TrainConfig(task="ct_denoise", steps=1, batch=2, crop=16, architecture=dict(TINY_ARCH),
+                     model_id="m", log_every=1, ckpt_every=10)
+    d = train(tc, tmp_path, toy_data(), data_description="toy discs")
+    metrics = "From a report:\n\n## CT restoration, phantoms\n\n| a | b |\n\n## Real slices\n\nmore"
+    write_model_card(d, metrics_md=metrics)
+    write_model_card(d)  # refresh without new metrics
+    card = (d / "MODEL_CARD.md").read_text()
+    assert "## Real slices\n\nmore" in card and "toy discs" in card
+    assert card.count("## Limitations") == 1
