@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 
-from engine.nets import build_scheduler, build_unet, count_parameters, in_out_channels
+from engine.nets import PREDICTIONS, build_scheduler, build_unet, count_parameters, in_out_channels
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ def _validate_config(config: dict[str, Any]) -> None:
         raise ModelLoadError(f"model config lacks {missing}")
     if config["objective"] not in ("diffusion", "regression"):
         raise ModelLoadError(f"unknown objective {config['objective']!r}")
+    if config.get("prediction", "velocity") not in PREDICTIONS:
+        raise ModelLoadError(f"unknown prediction {config['prediction']!r}; known: {PREDICTIONS}")
     in_out_channels(config["io"])  # raises KeyError on a malformed io section
 
 

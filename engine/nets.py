@@ -7,7 +7,8 @@ Three separate pieces:
   + condition sub-bands (the received slice and its 2.5D neighbours, all Haar-transformed).
 * **noise process**: :func:`build_scheduler` builds MONAI's ``RFlowScheduler`` (rectified
   flow: ``x_t = (1 - t/T) x0 + (t/T) eps``, the network predicts the velocity
-  ``v = x0 - eps``); training forwards go through MONAI's ``DiffusionInferer`` in ``concat``
+  ``v = x0 - eps``, or, for models with ``prediction = "x0"``, the clean sample ``x0`` from
+  which the sampler derives the velocity); training forwards go through MONAI's ``DiffusionInferer`` in ``concat``
   mode (:func:`training_prediction`).
 * **sampling loop**: :func:`rflow_sample` integrates the flow with Euler steps from any start
   time (1.0 = pure noise; < 1.0 = start from a partially noised image as in SDEdit, which is
@@ -49,9 +50,12 @@ __all__ = [
     "rflow_sample",
     "dynamic_threshold",
     "count_parameters",
+    "PREDICTIONS",
 ]
 
 SUBBANDS_PER_LEVEL = 4
+# what a diffusion network outputs (config key ``prediction``; absent = "velocity")
+PREDICTIONS = ("velocity", "x0")
 
 
 def in_out_channels(io: dict[str, Any]) -> tuple[int, int]:
@@ -166,6 +170,7 @@ def rflow_sample(
     start: float,
     steps: int,
     x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prediction: str = "velocity",
 ) -> torch.Tensor:
     """Few-step Euler integration of the rectified flow from time ``start`` to 0.
 
@@ -185,6 +190,11 @@ def rflow_sample(
     x0_transform : callable, optional
         applied to the predicted clean sample at every step (dynamic thresholding); the
         velocity is then recomputed from the transformed clean sample before MONAI's step.
+    prediction : str
+        what the network outputs: ``"velocity"`` (``x0 - eps``, MONAI's convention) or
+        ``"x0"`` (the clean sample; the velocity of the step is ``(x0 - x_t) / tau``). An
+        x0-predicting network's first step from pure noise is its MMSE estimate, i.e. the
+        one-step regressor; later steps refine it from the re-noised sample.
 
     Returns
     -------
@@ -195,6 +205,8 @@ def rflow_sample(
         raise ValueError("steps must be >= 1")
     if not 0.0 < start <= 1.0:
         raise ValueError("start must be in (0, 1]")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     t_total = scheduler.num_train_timesteps
     grid = torch.linspace(start * t_total, 0.0, steps + 1).round().long().tolist()
     scheduler.num_inference_steps = steps  # MONAI's step() checks this attribute
@@ -205,11 +217,15 @@ def rflow_sample(
         if t <= t_next:
             continue
         tt = torch.full((b,), t, dtype=torch.long, device=x.device)
-        v = net(x=torch.cat([x, cond], dim=1), timesteps=tt).to(x.dtype)
-        if x0_transform is not None:
-            tau = t / t_total
-            x0 = x + v * tau
-            x0 = x0_transform(x0)
+        out = net(x=torch.cat([x, cond], dim=1), timesteps=tt).to(x.dtype)
+        tau = t / t_total
+        if prediction == "x0":
+            x0 = out if x0_transform is None else x0_transform(out)
             v = (x0 - x) / tau
+        else:
+            v = out
+            if x0_transform is not None:
+                x0 = x0_transform(x + v * tau)
+                v = (x0 - x) / tau
         x, _ = scheduler.step(v, t, x, t_next)
     return x

@@ -301,7 +301,7 @@ def _predict(
                         x = n
                     with _autocast(device, opts):
                         y = rflow_sample(model.net, scheduler, c, x, start if init_w is not None else 1.0,
-                                         steps, xform)
+                                         steps, xform, prediction=model.config.get("prediction", "velocity"))
                 out = idwt2(y.float()).cpu()
             if k_res:
                 out = init[sl] + out / float(k_res)
@@ -367,6 +367,10 @@ def _restore(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
     x, state = normalise(vol.data, norm["input"])
     t = torch.from_numpy(x)[:, None]
     steps = 1 if model.objective == "regression" else int(params["steps"])
+    t_hi = float(model.config.get("train_t_max", 1.0))
+    if model.objective != "regression" and float(params["strength"]) > t_hi + 1e-9:
+        raise TaskInputError(f"strength {params['strength']} is above {model.model_id}'s train_t_max {t_hi} "
+                             "(noise levels the model never saw)")
     y = _predict(model, t, t, start=float(params["strength"]), steps=steps, seed=seed, opts=opts,
                  threshold=_threshold(params), ensemble=_ensemble(model, params))
     out_spec = norm.get("output", norm["input"])
@@ -413,6 +417,8 @@ def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
     return _Run(outs, int(params["steps"]), {"variant_seeds": seeds})
 
 
+_STRENGTH_HELP = ("start time of the flow (fraction of T); 1 = from pure noise conditioned on the received "
+                  "image; at most the model's train_t_max")
 _THR = ParamSpec(float, 0.995, 0.0, 1.0, help="dynamic-threshold percentile of |x0| per slice; 0 = off")
 _ENS = ParamSpec(int, None, 1, 8, choices=(1, 2, 4, 8),
                  help="regression models: average over this many flips / rotations of the slice "
@@ -424,8 +430,8 @@ TASKS: dict[str, TaskSpec] = {
         "Low-dose CT restoration (HU in, HU out)",
         (Intensity.HU,),
         {
-            "steps": ParamSpec(int, 2, 1, 4, help="flow steps from the partially noised received image"),
-            "strength": ParamSpec(float, 0.3, 0.002, 0.6, help="start time of the flow (fraction of T)"),
+            "steps": ParamSpec(int, 2, 1, 8, help="flow steps from the (partially) noised start"),
+            "strength": ParamSpec(float, 0.3, 0.002, 1.0, help=_STRENGTH_HELP),
             "threshold_percentile": _THR,
             "ensemble": _ENS,
         },
@@ -437,8 +443,8 @@ TASKS: dict[str, TaskSpec] = {
         "MR restoration of Rician noise (arbitrary units, per-volume normalisation)",
         MR_KINDS,
         {
-            "steps": ParamSpec(int, 2, 1, 4),
-            "strength": ParamSpec(float, 0.3, 0.002, 0.6, help="start time of the flow (fraction of T)"),
+            "steps": ParamSpec(int, 2, 1, 8, help="flow steps from the (partially) noised start"),
+            "strength": ParamSpec(float, 0.3, 0.002, 1.0, help=_STRENGTH_HELP),
             "threshold_percentile": _THR,
             "ensemble": _ENS,
         },

@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from engine.nets import (
     build_scheduler,
     build_unet,
+    PREDICTIONS,
     count_parameters,
     in_out_channels,
     regression_predict,
@@ -233,6 +234,16 @@ class TrainConfig:
     # prediction (MONAI SSIMLoss, Gaussian window sigma 1.5, data range 2 = the target range
     # [-1, 1]), i.e. the structure term the evaluation scores, beside the PSNR term
     ssim_weight: float = 0.0
+    # diffusion: what the network predicts, "velocity" (x0 - eps) or "x0" (the clean sample;
+    # loss = (weighted) MSE to x0, so the lesion weight and the SSIM term apply as for the
+    # regressor, and a regressor's weights are a warm start: its output at t = T is x0)
+    prediction: str = "velocity"
+    # training times t ~ U(0, train_t_max T); None = the task preset's (0.6 for restoration,
+    # whose flow starts at strength <= 0.6; 1.0 to sample restoration from pure noise)
+    train_t_max: float | None = None
+    # sampling defaults written to the model config, over the preset's (e.g. {"steps": 4,
+    # "strength": 1.0, "threshold_percentile": 0.0}); validated against the task contract
+    sampling: dict[str, Any] | None = None
 
     def resolved_model_id(self) -> str:
         if self.model_id:
@@ -249,6 +260,28 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
         raise ValueError("objective must be 'diffusion' or 'regression'")
     p = json.loads(json.dumps(PRESETS[tc.task]))
     tasks = p["tasks"] if tc.objective == "diffusion" else [t for t in p["tasks"] if t != "augment"]
+    if tc.prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}")
+    if tc.prediction != "velocity" and tc.objective != "diffusion":
+        raise ValueError("prediction applies to the diffusion objective")
+    if tc.train_t_max is not None:
+        if not 0.0 < tc.train_t_max <= 1.0:
+            raise ValueError("train_t_max must be in (0, 1]")
+        p["train_t_max"] = float(tc.train_t_max)
+    if tc.sampling:
+        if tc.objective != "diffusion":
+            raise ValueError("sampling defaults apply to diffusion models")
+        for t in tasks:
+            spec = TASKS[t]
+            unknown = sorted(set(tc.sampling) - set(spec.params))
+            if unknown:
+                raise ValueError(f"sampling: unknown parameter(s) for {t}: {unknown}")
+            vals = {k: spec.params[k].coerce(k, v) for k, v in tc.sampling.items()}
+            if "strength" in vals and vals["strength"] > p["train_t_max"] + 1e-9:
+                raise ValueError(f"sampling strength {vals['strength']} is above train_t_max {p['train_t_max']}: "
+                                 "the model never saw such noise levels")
+            p["sampling"][t] = {**p["sampling"].get(t, {}), **vals}
+    cfg_pred = {"prediction": tc.prediction} if tc.objective == "diffusion" else {}
     return {
         "format": "synthnode-model/1",
         "model_id": tc.resolved_model_id(),
@@ -267,6 +300,7 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
         # start at t <= 0.6 T (their `strength` contract), so capacity is spent there
         "train_t_max": p["train_t_max"],
         "data_task": p.get("data_task", tc.task),
+        **cfg_pred,
     }
 
 
@@ -573,10 +607,11 @@ def train(
     t_hi = float(cfg["train_t_max"])
     k_res = float(cfg["io"].get("residual_scale") or 0.0)
     robust = bool(PRESETS[tc.task].get("robust", False))
+    x0_pred = cfg.get("prediction") == "x0"
     ssim_loss = None
     if tc.ssim_weight:
-        if tc.task != "ct_to_mr" or tc.objective != "regression":
-            raise ValueError("ssim_weight applies to ct_to_mr regression only")
+        if tc.task != "ct_to_mr" or not (tc.objective == "regression" or x0_pred):
+            raise ValueError("ssim_weight applies to ct_to_mr regression or x0-prediction diffusion only")
         from monai.losses import SSIMLoss
 
         ssim_loss = SSIMLoss(spatial_dims=2, data_range=2.0, kernel_sigma=1.5)
@@ -613,9 +648,11 @@ def train(
                         keep = (torch.rand(x0.shape[0], generator=gen) >= p_uncond).float().to(device)
                         c = c * keep.view(-1, 1, 1, 1)
                     pred = training_prediction(net, sched, x0, c, noise, tsteps)
-                    loss = torch.nn.functional.mse_loss(pred.float(), x0 - noise)
+                    if not x0_pred:
+                        loss = torch.nn.functional.mse_loss(pred.float(), x0 - noise)
                 else:
                     pred = regression_predict(net, c, out_ch, t_max)
+                if tc.objective == "regression" or x0_pred:  # the output is the clean sample
                     if wmap is not None:
                         loss = (wmap * (pred.float() - x0) ** 2).mean()
                     else:
@@ -794,8 +831,11 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         f"{arch['norm_num_groups']}; runs on one-level orthonormal Haar sub-bands (4 per image "
         f"channel, half resolution). Conditioning by concatenation: {cfg['io']['cond_channels']} condition "
         f"channel(s) x {2 * cfg['io']['context_slices'] + 1} slices (2.5D context). Noise process: MONAI "
-        f"`RFlowScheduler` (rectified flow, T = {cfg['scheduler']['num_train_timesteps']}, velocity "
-        "prediction); sampling: Euler steps with per-slice dynamic thresholding (clip form).",
+        f"`RFlowScheduler` (rectified flow, T = {cfg['scheduler']['num_train_timesteps']}, "
+        + (f"clean-sample (x0) prediction, the step's velocity derived from it, training times up to "
+           f"{cfg.get('train_t_max', 1.0)} T" if cfg.get("prediction") == "x0" else "velocity prediction")
+        + "); "
+        "sampling: Euler steps with per-slice dynamic thresholding (clip form).",
         "",
         "## Input contract",
         "",

@@ -51,6 +51,15 @@ def train_cmd(
                                          "(input = it + Rician noise; the real-scan evaluation protocol)"),
     ssim_weight: float = typer.Option(0.0, "--ssim-weight", min=0.0,
                                       help="ct_to_mr regression: add this weight x (1 - SSIM) to the MSE loss"),
+    prediction: str = typer.Option("velocity", "--prediction",
+                                   help="diffusion: what the network predicts, velocity (x0 - eps) or x0 (the clean "
+                                        "sample; a regressor's weights are then a warm start via --init)"),
+    train_t_max: float | None = typer.Option(None, "--train-t-max", min=0.01, max=1.0,
+                                             help="diffusion: train on t ~ U(0, this x T) (default: the task preset; "
+                                                  "1.0 to sample restoration from pure noise)"),
+    sample: list[str] = typer.Option([], "--sample", metavar="KEY=VALUE",
+                                     help="diffusion: a sampling default written to the model config, e.g. "
+                                          "steps=4, strength=1.0, threshold_percentile=0 (repeat)"),
     init: Path | None = typer.Option(None, "--init", exists=True, file_okay=False,
                                      help="initialise from this model folder's weights (same architecture)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
@@ -71,13 +80,25 @@ def train_cmd(
         fail("--objective must be diffusion or regression")
     if crop % 16 or crop > size:
         fail("--crop must be a multiple of 16 and <= --size")
+    sampling: dict[str, object] = {}
+    for item in sample:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--sample {item!r}: expected KEY=VALUE")
+        try:  # numbers as numbers ("4", "1.0", "0"); anything else stays a string
+            sampling[key.strip()] = json.loads(val.strip())
+        except ValueError:
+            sampling[key.strip()] = val.strip()
+    if (sampling or prediction != "velocity" or train_t_max is not None) and objective != "diffusion":
+        fail("--prediction / --train-t-max / --sample apply to --objective diffusion")
     ch = [int(c) for c in channels.split(",") if c.strip()]
     arch = {**DEFAULT_ARCH, "channels": ch, "attention_levels": [False] * len(ch)}
     tc = TrainConfig(task=task, objective=objective, steps=steps, batch=batch, crop=crop, lr=lr, seed=seed,
                      n_train=n_train, size=size, architecture=arch, model_id=model_id, version=version,
                      max_minutes=minutes, ema_decay=ema, lesion_weight=lesion_weight, lesion_crop=lesion_crop,
                      fulldose_target=fulldose_target, own_texture=own_texture, init_from=str(init) if init else None,
-                     ssim_weight=ssim_weight, sharp_shapes=sharp_shapes, own_noise=own_noise)
+                     ssim_weight=ssim_weight, sharp_shapes=sharp_shapes, own_noise=own_noise,
+                     prediction=prediction, train_t_max=train_t_max, sampling=sampling or None)
     if (lesion_weight or lesion_crop) and task == "mr_denoise":
         fail("--lesion-weight / --lesion-crop apply to ct_denoise and ct_to_mr")
     if fulldose_target and task != "ct_denoise":
@@ -86,8 +107,14 @@ def train_cmd(
         fail("--own-noise applies to mr_denoise only")
     if sharp_shapes and task != "ct_denoise":
         fail("--sharp-shapes applies to ct_denoise only")
-    if ssim_weight and (task != "ct_to_mr" or objective != "regression"):
-        fail("--ssim-weight applies to ct_to_mr with --objective regression only")
+    if ssim_weight and (task != "ct_to_mr" or not (objective == "regression" or prediction == "x0")):
+        fail("--ssim-weight applies to ct_to_mr with --objective regression or --prediction x0")
+    try:  # the recipe's own checks (prediction, train_t_max, sampling defaults vs the task contract)
+        from engine.train import model_config
+
+        model_config(tc)
+    except ValueError as exc:
+        fail(str(exc))
     out_root = out or settings.models_dir
     dev = resolve_device(device or settings.engine.device)
     threads = settings.engine.threads

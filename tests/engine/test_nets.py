@@ -78,6 +78,44 @@ def test_sampler_reaches_the_clean_sample_with_an_oracle(steps: int, start: floa
     assert torch.allclose(out, target, atol=1e-4)
 
 
+class _X0Oracle(torch.nn.Module):
+    """An x0-predicting network that knows the clean sample (read from the condition)."""
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return x[:, 4:8]
+
+
+class _X0FromVelocity(torch.nn.Module):
+    """Wraps a velocity network as an x0 network: x0 = x_t + tau v (the sampler's own identity)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        tau = (timesteps.float() / 1000).view(-1, 1, 1, 1)
+        return x[:, :4] + tau * self.net(x=x, timesteps=timesteps)
+
+
+@pytest.mark.parametrize("steps,start", [(1, 1.0), (3, 1.0), (2, 0.4)])
+def test_x0_prediction_sampler(steps: int, start: float) -> None:
+    sch = build_scheduler({})
+    target = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 4, 8, 8) * start
+    # an x0 oracle lands on the clean sample from any start, in any number of steps
+    assert torch.allclose(rflow_sample(_X0Oracle(), sch, target, x, start, steps, prediction="x0"), target, atol=1e-5)
+    # an x0 network and the velocity network it is derived from take the same path
+    torch.manual_seed(0)
+    net = build_unet(TINY).eval()
+    cond = torch.randn(2, 12, 8, 8)
+    with torch.no_grad():
+        a = rflow_sample(net, sch, cond, x, start, steps)
+        b = rflow_sample(_X0FromVelocity(net), sch, cond, x, start, steps, prediction="x0")
+    assert torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="prediction"):
+        rflow_sample(net, sch, cond, x, start, steps, prediction="eps")
+
+
 def test_sampler_with_identity_threshold_is_unchanged() -> None:
     sch = build_scheduler({})
     torch.manual_seed(0)

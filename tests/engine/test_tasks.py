@@ -213,6 +213,8 @@ def test_load_model_refuses_bad_bytes_and_digests() -> None:
         load_model(other, weights, sha256_hex(weights))
     with pytest.raises(ModelLoadError, match="lacks"):
         load_model({k: v for k, v in cfg.items() if k != "io"}, weights, sha256_hex(weights))
+    with pytest.raises(ModelLoadError, match="unknown prediction"):
+        load_model(dict(cfg, prediction="epsilon"), weights, sha256_hex(weights))
 
 
 def _randomised(m: LoadedModel, seed: int = 0) -> LoadedModel:

@@ -423,3 +423,81 @@ def test_card_refresh_keeps_held_out_metrics_with_their_own_headings(tmp_path: P
     card = (d / "MODEL_CARD.md").read_text()
     assert "## Real slices\n\nmore" in card and "toy discs" in card
     assert card.count("## Limitations") == 1
+
+
+def test_x0_prediction_diffusion_trains_from_a_regressor_and_samples_from_noise(tmp_path: Path) -> None:
+    """prediction = "x0": the loss is the regressor's (MSE to the clean sub-bands), a
+    regressor's weights are a warm start, the config carries the prediction, train_t_max and
+    the sampling defaults, and restoration then samples from pure noise (strength 1)."""
+    kw = dict(task="ct_denoise", batch=2, crop=16, architecture=dict(TINY_ARCH), log_every=1, ckpt_every=10)
+    data = toy_data()
+    reg = train(TrainConfig(objective="regression", steps=2, model_id="reg", **kw), tmp_path / "r", data)
+    d = train(TrainConfig(objective="diffusion", prediction="x0", train_t_max=1.0, steps=2, init_from=str(reg),
+                          sampling={"steps": 3, "strength": 1.0, "threshold_percentile": 0}, model_id="dx0", **kw),
+              tmp_path / "d", data)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["prediction"] == "x0" and cfg["train_t_max"] == 1.0
+    assert cfg["sampling"]["ct_denoise"] == {"steps": 3, "strength": 1.0, "threshold_percentile": 0.0}
+    card = (d / "MODEL_CARD.md").read_text()
+    assert "clean-sample (x0) prediction" in card and "training times up to 1.0 T" in card
+    m = load_model_dir(d)
+    vol = Volume(data["ld"][0], (2.0, 1.0, 1.0), Intensity.HU)
+    out = run_task("ct_denoise", vol, model=m, params={}, seed=0, device="cpu")
+    assert out.provenance.parameters["strength"] == 1.0 and out.provenance.parameters["steps"] == 3
+    again = run_task("ct_denoise", vol, model=m, params={}, seed=0, device="cpu")
+    assert np.array_equal(out.outputs[0].data, again.outputs[0].data)  # deterministic with the seed
+    other = run_task("ct_denoise", vol, model=m, params={}, seed=1, device="cpu")
+    assert not np.array_equal(out.outputs[0].data, other.outputs[0].data)  # a sample, not a fixed map
+    # velocity models keep their config as before (no new keys beyond "prediction")
+    v = train(TrainConfig(objective="diffusion", steps=1, model_id="vel", **kw), tmp_path / "v", data)
+    vcfg = json.loads((v / "config.json").read_text())
+    assert vcfg["prediction"] == "velocity" and vcfg["train_t_max"] == 0.6
+    assert "velocity prediction" in (v / "MODEL_CARD.md").read_text()
+
+
+def test_x0_recipe_refusals(tmp_path: Path) -> None:
+    from engine.tasks import TaskInputError
+    from engine.train import model_config
+
+    with pytest.raises(ValueError, match="prediction applies to the diffusion objective"):
+        model_config(TrainConfig(task="ct_denoise", objective="regression", prediction="x0"))
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        model_config(TrainConfig(task="ct_denoise", prediction="eps"))
+    with pytest.raises(ValueError, match="above train_t_max"):  # preset 0.6: never trained at t = T
+        model_config(TrainConfig(task="ct_denoise", prediction="x0", sampling={"strength": 1.0}))
+    with pytest.raises(ValueError, match="unknown parameter"):
+        model_config(TrainConfig(task="ct_denoise", sampling={"target": "t1w"}))
+    with pytest.raises(TaskInputError, match="steps"):
+        model_config(TrainConfig(task="ct_denoise", sampling={"steps": 99}))
+    # at run time: a velocity model trained up to 0.6 T refuses a start at 1.0
+    kw = dict(task="ct_denoise", batch=2, crop=16, architecture=dict(TINY_ARCH), steps=1)
+    m = load_model_dir(train(TrainConfig(model_id="v", **kw), tmp_path, toy_data()))
+    vol = Volume(toy_data()["ld"][0], (2.0, 1.0, 1.0), Intensity.HU)
+    with pytest.raises(TaskInputError, match="train_t_max"):
+        run_task("ct_denoise", vol, model=m, params={"strength": 1.0}, seed=0, device="cpu")
+
+
+def test_cli_x0_options_and_their_refusals(tmp_path: Path) -> None:
+    from node.cli import app
+
+    data = toy_data(n=2, size=32)
+    np.savez(tmp_path / "toy.npz", **{k: v for k, v in data.items() if k != "meta"},
+             meta=np.array(json.dumps({"toy": True})))
+    cfgfile = tmp_path / "c.toml"
+    cfgfile.write_text(f'environment = "development"\ndata_dir = "{tmp_path}"\n[engine]\nthreads = 1\n')
+    base = ["engine", "train", "ct_denoise", "--steps", "1", "--batch", "1", "--crop", "16", "--n-train", "2",
+            "--size", "32", "--data", str(tmp_path / "toy.npz"), "--out", str(tmp_path / "models"),
+            "--channels", "8,8", "--device", "cpu", "--config", str(cfgfile)]
+    run = CliRunner().invoke
+    res = run(app, [*base, "--prediction", "x0", "--train-t-max", "1.0", "--sample", "steps=4",
+                    "--sample", "strength=1.0", "--sample", "threshold_percentile=0"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "models/ct-denoise-wdiff/config.json").read_text())
+    assert cfg["prediction"] == "x0" and cfg["sampling"]["ct_denoise"]["steps"] == 4
+    assert cfg["sampling"]["ct_denoise"]["strength"] == 1.0 and cfg["train_t_max"] == 1.0
+    for extra, msg in ((["--objective", "regression", "--prediction", "x0"], "apply to --objective diffusion"),
+                       (["--sample", "strength=1.0"], "above train_t_max"),
+                       (["--sample", "steps"], "expected KEY=VALUE"),
+                       (["--sample", "steps=99"], "must be <= 8")):
+        res = run(app, [*base, *extra])
+        assert res.exit_code != 0 and msg in res.output, (extra, res.output)
