@@ -281,7 +281,8 @@ def _predict(
             sl = slice(b0, min(z, b0 + opts.batch_slices))
             c = cond_w[sl].to(device)
             if ens_pix is not None:  # test-time ensemble: pixel-domain mean of the transformed predictions
-                out = torch.zeros(sl.stop - sl.start, out_ch, h, w)
+                # image channels, not sub-bands (out_ch counts 4 Haar sub-bands per channel)
+                out = torch.zeros(sl.stop - sl.start, int(io["target_channels"]), h, w)
                 for g in DIHEDRAL[:ensemble]:
                     cg = c if g == DIHEDRAL[0] else dwt2(_dihedral(ens_pix[sl], g)).to(device)
                     with _autocast(device, opts):

@@ -244,6 +244,27 @@ def test_ensemble_is_the_mean_of_flipped_predictions_and_equivariant() -> None:
     assert not np.allclose(run(rot), np.rot90(one, 1, axes=(1, 2)), atol=1e-2)
 
 
+@pytest.mark.parametrize("target", ["t1w", "t2w"])
+def test_ct_to_mr_ensemble_averages_the_flipped_predictions_of_its_channel(target: str) -> None:
+    # two output channels (t1w, t2w): the ensemble accumulates images, not Haar sub-bands
+    # (a (z, 8, H, W) accumulator crashed with "size of tensor a (8) must match ... (2)")
+    m = _randomised(tiny("ct_to_mr", objective="regression", seed=3))
+    vol = ct_volume(z=2, n=32, seed=5)
+
+    def run(v: Volume, **p: object) -> np.ndarray:
+        return run_task("ct_to_mr", v, model=m, params={"target": target, **p}, seed=0).outputs[0].data
+
+    flipped = Volume(np.ascontiguousarray(vol.data[:, :, ::-1]), vol.spacing, vol.intensity)
+    one = run(vol)
+    two = run(vol, ensemble=2)
+    assert two.shape == vol.data.shape
+    # the output is clamped at 0 after averaging: compare where neither prediction is clamped
+    ref = 0.5 * (one + run(flipped)[:, :, ::-1])
+    ok = (one > 0) & (run(flipped)[:, :, ::-1] > 0)
+    assert ok.mean() > 0.2 and np.allclose(two[ok], ref[ok], atol=1e-2)
+    assert not np.allclose(two, one, atol=1e-2)
+
+
 def test_ensemble_default_from_the_model_config_and_refusals() -> None:
     m = _randomised(tiny("ct_denoise", objective="regression"))
     vol = ct_volume(z=2, n=32)
