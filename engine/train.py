@@ -810,6 +810,11 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
     old_data = _card_section(txt, "Training data")
     tr = cfg.get("training", {})
     arch = cfg["architecture"]
+    # sampling defaults the training command wrote vs those in the config now (edited after a
+    # validation-split choice); models without a preset or a training record are not compared
+    preset = PRESETS.get(cfg.get("task", ""), {}).get("sampling", {}).get(cfg.get("task", ""), {})
+    trained = {**preset, **(tr.get("sampling") or {})}
+    sampled = cfg.get("sampling", {}).get(cfg.get("task", ""), {}) if tr and preset else trained
     metrics = metrics_md or old_metrics or "Not evaluated yet (run `synthnode engine evaluate`)."
     data_txt = data_description or old_data or "see config.json training.data"
     lines = [
@@ -883,6 +888,9 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
            + ", ".join(f"{a['model_id']} {a['version']} (weight {a['weight']:g}, SHA-256 {a['weights_sha256'][:12]}...)"
                        for a in tr["weight_average"])
            + " (`synthnode engine average`)"] if tr.get("weight_average") else []),
+        *([f"- sampling defaults changed after training (chosen on the validation split): "
+           f"{json.dumps(sampled)} instead of the training command's {json.dumps(trained)}"]
+          if sampled != trained else []),
         f"- seed {tr.get('seed')}; device {tr.get('device')}; torch {tr.get('torch')}; "
         f"{tr.get('seconds')} s; final training loss (EMA) {tr.get('final_loss_ema')}",
         f"- command: `synthnode engine train {cfg['task']} --objective {cfg['objective']} --steps {tr.get('steps')} "
@@ -896,6 +904,9 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         + (f" --own-texture {tr['own_texture']}" if tr.get("own_texture") else "")
         + (f" --sharp-shapes {tr['sharp_shapes']}" if tr.get("sharp_shapes") else "")
         + (f" --own-noise {tr['own_noise']}" if tr.get("own_noise") else "")
+        + (f" --prediction {tr['prediction']}" if tr.get("prediction", "velocity") != "velocity" else "")
+        + (f" --train-t-max {tr['train_t_max']}" if tr.get("train_t_max") is not None else "")
+        + "".join(f" --sample {k}={v}" for k, v in (tr.get("sampling") or {}).items())
         + (f" --init {tr['init_from']}" if tr.get("init_from") else "") + "`"
         + (" (the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)"
            if tr.get("max_minutes") else ""),
