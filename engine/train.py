@@ -46,9 +46,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.nets import (
+    PREDICTIONS,
     build_scheduler,
     build_unet,
-    PREDICTIONS,
     count_parameters,
     in_out_channels,
     regression_predict,

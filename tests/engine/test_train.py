@@ -448,6 +448,16 @@ def test_x0_prediction_diffusion_trains_from_a_regressor_and_samples_from_noise(
     assert np.array_equal(out.outputs[0].data, again.outputs[0].data)  # deterministic with the seed
     other = run_task("ct_denoise", vol, model=m, params={}, seed=1, device="cpu")
     assert not np.array_equal(out.outputs[0].data, other.outputs[0].data)  # a sample, not a fixed map
+    assert "--prediction x0 --train-t-max 1.0 --sample steps=3 --sample strength=1.0" in card
+    assert "sampling defaults changed after training" not in card
+    # a validation-split choice edited into config.json afterwards is named on the card
+    from engine.train import write_model_card
+
+    cfg["sampling"]["ct_denoise"]["steps"] = 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    write_model_card(d)
+    assert ('sampling defaults changed after training (chosen on the validation split): {"steps": 2, '
+            in (d / "MODEL_CARD.md").read_text())
     # velocity models keep their config as before (no new keys beyond "prediction")
     v = train(TrainConfig(objective="diffusion", steps=1, model_id="vel", **kw), tmp_path / "v", data)
     vcfg = json.loads((v / "config.json").read_text())
