@@ -33,6 +33,18 @@ def toy_data(n: int = 4, size: int = 32, seed: int = 0) -> dict:
             "kinds": np.zeros(n, np.int8), "meta": {"toy": True}}
 
 
+def cli_train_args(tmp_path: Path, task: str, *extra: str) -> list[str]:
+    """``synthnode engine train TASK`` on 2 toy phantoms (cached .npz), a tiny UNet, 1 thread."""
+    data = toy_data(n=2, size=32)
+    np.savez(tmp_path / "toy.npz", **{k: v for k, v in data.items() if k != "meta"},
+             meta=np.array(json.dumps({"toy": True})))
+    cfgfile = tmp_path / "c.toml"
+    cfgfile.write_text(f'environment = "development"\ndata_dir = "{tmp_path}"\n[engine]\nthreads = 1\n')
+    return ["engine", "train", task, *extra, "--batch", "1", "--crop", "16", "--n-train", "2", "--size", "32",
+            "--data", str(tmp_path / "toy.npz"), "--out", str(tmp_path / "models"), "--channels", "8,8",
+            "--device", "cpu", "--config", str(cfgfile)]
+
+
 @pytest.mark.parametrize("task", ["ct_denoise", "mr_denoise", "ct_to_mr"])
 def test_batches_have_the_right_shapes(task: str) -> None:
     import torch
@@ -100,15 +112,7 @@ def test_regression_objective_trains_the_same_unet(tmp_path: Path) -> None:
 def test_cli_train_smoke(tmp_path: Path) -> None:
     from node.cli import app
 
-    data = toy_data(n=2, size=32)
-    np.savez(tmp_path / "toy.npz", **{k: v for k, v in data.items() if k != "meta"},
-             meta=np.array(json.dumps({"toy": True})))
-    cfgfile = tmp_path / "c.toml"
-    cfgfile.write_text(f'environment = "development"\ndata_dir = "{tmp_path}"\n[engine]\nthreads = 1\n')
-    res = CliRunner().invoke(app, ["engine", "train", "ct_denoise", "--steps", "2", "--batch", "1", "--crop", "16",
-                                   "--n-train", "2", "--size", "32", "--data", str(tmp_path / "toy.npz"),
-                                   "--out", str(tmp_path / "models"), "--channels", "8,8", "--device", "cpu",
-                                   "--config", str(cfgfile)])
+    res = CliRunner().invoke(app, cli_train_args(tmp_path, "ct_denoise", "--steps", "2"))
     assert res.exit_code == 0, res.output
     assert (tmp_path / "models/ct-denoise-wdiff/model.safetensors").exists()
     assert (tmp_path / "models/ct-denoise-wdiff/MODEL_CARD.md").read_text().count("train` split") == 1
@@ -126,14 +130,7 @@ def test_ema_window_is_capped_to_a_tenth_of_the_run() -> None:
 def test_cli_ema_decay_and_size_recorded_in_config_and_card(tmp_path: Path) -> None:
     from node.cli import app
 
-    data = toy_data(n=2, size=32)
-    np.savez(tmp_path / "toy.npz", **{k: v for k, v in data.items() if k != "meta"},
-             meta=np.array(json.dumps({"toy": True})))
-    cfgfile = tmp_path / "c.toml"
-    cfgfile.write_text(f'environment = "development"\ndata_dir = "{tmp_path}"\n[engine]\nthreads = 1\n')
-    args = ["engine", "train", "ct_to_mr", "--objective", "regression", "--steps", "2", "--batch", "1",
-            "--crop", "16", "--n-train", "2", "--size", "32", "--data", str(tmp_path / "toy.npz"),
-            "--out", str(tmp_path / "models"), "--channels", "8,8", "--device", "cpu", "--config", str(cfgfile)]
+    args = cli_train_args(tmp_path, "ct_to_mr", "--objective", "regression", "--steps", "2")
     res = CliRunner().invoke(app, [*args, "--ema-decay", "0.9"])
     assert res.exit_code == 0, res.output
     d = tmp_path / "models/ct-to-mr-wreg"
@@ -490,14 +487,7 @@ def test_x0_recipe_refusals(tmp_path: Path) -> None:
 def test_cli_x0_options_and_their_refusals(tmp_path: Path) -> None:
     from node.cli import app
 
-    data = toy_data(n=2, size=32)
-    np.savez(tmp_path / "toy.npz", **{k: v for k, v in data.items() if k != "meta"},
-             meta=np.array(json.dumps({"toy": True})))
-    cfgfile = tmp_path / "c.toml"
-    cfgfile.write_text(f'environment = "development"\ndata_dir = "{tmp_path}"\n[engine]\nthreads = 1\n')
-    base = ["engine", "train", "ct_denoise", "--steps", "1", "--batch", "1", "--crop", "16", "--n-train", "2",
-            "--size", "32", "--data", str(tmp_path / "toy.npz"), "--out", str(tmp_path / "models"),
-            "--channels", "8,8", "--device", "cpu", "--config", str(cfgfile)]
+    base = cli_train_args(tmp_path, "ct_denoise", "--steps", "1")
     run = CliRunner().invoke
     res = run(app, [*base, "--prediction", "x0", "--train-t-max", "1.0", "--sample", "steps=4",
                     "--sample", "strength=1.0", "--sample", "threshold_percentile=0"])
