@@ -122,8 +122,8 @@ def test_mr_restoration_beats_its_input(name: str) -> None:
 
 
 # SSIM floors (min over the 2 held-out phantoms; ct-to-mr-wreg 1.3.0 measured 0.88-0.98 (0.90-0.99 with
-# ensemble 4), 1.2.0 0.78-0.96, 1.1.0 0.76-0.94, 1.0.0 0.61-0.78); experimental/ct-to-mr-wdiff 2.0.0
-# (x0-diffusion, 4 steps) 0.88-0.96 (1.0.0, 540 velocity steps, reached ~0.2 and had floor 0.1)
+# ensemble 4), 1.2.0 0.78-0.96, 1.1.0 0.76-0.94, 1.0.0 0.61-0.78); experimental/ct-to-mr-wdiff 2.1.0
+# (x0-diffusion, 4 steps) 0.89-0.97, 2.0.0 0.88-0.96 (1.0.0, 540 velocity steps, reached ~0.2: floor 0.1)
 C2M_FLOORS = {"ct-to-mr-wreg": 0.85, "experimental/ct-to-mr-wdiff": 0.83}
 
 
