@@ -80,15 +80,7 @@ def train_cmd(
         fail("--objective must be diffusion or regression")
     if crop % 16 or crop > size:
         fail("--crop must be a multiple of 16 and <= --size")
-    sampling: dict[str, object] = {}
-    for item in sample:
-        key, sep, val = item.partition("=")
-        if not sep or not key.strip():
-            fail(f"--sample {item!r}: expected KEY=VALUE")
-        try:  # numbers as numbers ("4", "1.0", "0"); anything else stays a string
-            sampling[key.strip()] = json.loads(val.strip())
-        except ValueError:
-            sampling[key.strip()] = val.strip()
+    sampling = _key_values("--sample", sample)
     if (sampling or prediction != "velocity" or train_t_max is not None) and objective != "diffusion":
         fail("--prediction / --train-t-max / --sample apply to --objective diffusion")
     ch = [int(c) for c in channels.split(",") if c.strip()]
@@ -151,6 +143,18 @@ def train_cmd(
                   f"torch threads {torch.get_num_threads()}")
 
 
+def _key_values(option: str, items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` options as a dict; numbers ("4", "1.0", "-0.5") become numbers."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"{option} needs KEY=VALUE, got {item!r}")
+        val = val.strip()
+        out[key.strip()] = json.loads(val) if val.replace(".", "", 1).lstrip("-").isdigit() else val
+    return out
+
+
 def _phantom_version() -> int:
     from engine import phantoms
 
@@ -183,12 +187,7 @@ def evaluate_cmd(
     settings = settings_from(config)
     if settings.engine.threads:
         torch.set_num_threads(settings.engine.threads)
-    params = {}
-    for kv in param:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            fail(f"--param needs KEY=VALUE, got {kv!r}")
-        params[k] = json.loads(v) if v.replace(".", "", 1).lstrip("-").isdigit() else v
+    params = _key_values("--param", param)
     try:
         report = evaluate_task(task, out / task, models=list(model), n=n, size=size, n_slices=slices,
                                doses=tuple(dose), snrs=tuple(snr), real=real, seed=seed,

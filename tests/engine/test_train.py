@@ -497,7 +497,7 @@ def test_cli_x0_options_and_their_refusals(tmp_path: Path) -> None:
     assert cfg["sampling"]["ct_denoise"]["strength"] == 1.0 and cfg["train_t_max"] == 1.0
     for extra, msg in ((["--objective", "regression", "--prediction", "x0"], "apply to --objective diffusion"),
                        (["--sample", "strength=1.0"], "above train_t_max"),
-                       (["--sample", "steps"], "expected KEY=VALUE"),
+                       (["--sample", "steps"], "needs KEY=VALUE"),
                        (["--sample", "steps=99"], "must be <= 8")):
         res = run(app, [*base, *extra])
         assert res.exit_code != 0 and msg in res.output, (extra, res.output)
