@@ -264,6 +264,8 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"prediction must be one of {PREDICTIONS}")
     if tc.prediction != "velocity" and tc.objective != "diffusion":
         raise ValueError("prediction applies to the diffusion objective")
+    if tc.ssim_weight and (tc.task != "ct_to_mr" or not (tc.objective == "regression" or tc.prediction == "x0")):
+        raise ValueError("ssim_weight applies to ct_to_mr regression or x0-prediction diffusion only")
     if tc.train_t_max is not None:
         if not 0.0 < tc.train_t_max <= 1.0:
             raise ValueError("train_t_max must be in (0, 1]")
@@ -609,9 +611,7 @@ def train(
     robust = bool(PRESETS[tc.task].get("robust", False))
     x0_pred = cfg.get("prediction") == "x0"
     ssim_loss = None
-    if tc.ssim_weight:
-        if tc.task != "ct_to_mr" or not (tc.objective == "regression" or x0_pred):
-            raise ValueError("ssim_weight applies to ct_to_mr regression or x0-prediction diffusion only")
+    if tc.ssim_weight:  # model_config checked that the recipe allows it
         from monai.losses import SSIMLoss
 
         ssim_loss = SSIMLoss(spatial_dims=2, data_range=2.0, kernel_sigma=1.5)

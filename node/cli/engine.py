@@ -99,9 +99,7 @@ def train_cmd(
         fail("--own-noise applies to mr_denoise only")
     if sharp_shapes and task != "ct_denoise":
         fail("--sharp-shapes applies to ct_denoise only")
-    if ssim_weight and (task != "ct_to_mr" or not (objective == "regression" or prediction == "x0")):
-        fail("--ssim-weight applies to ct_to_mr with --objective regression or --prediction x0")
-    try:  # the recipe's own checks (prediction, train_t_max, sampling defaults vs the task contract)
+    try:  # the recipe's own checks (prediction, ssim_weight, train_t_max, sampling vs the task contract)
         from engine.train import model_config
 
         model_config(tc)
