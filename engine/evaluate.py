@@ -209,6 +209,8 @@ def score(case: Case, output: Volume) -> dict[str, float]:
         scores = M.lesion_scores(ref, out, case.lesion_mask, case.reference.spacing, exclude=excl)
         for k, v in M.summarize_lesions(scores).items():
             res[f"lesion_{k}"] = v
+        res["false_lesions_per_slice"] = M.false_lesions(ref, out, case.lesion_mask,
+                                                         case.reference.spacing, body, excl)
         if case.input.intensity == Intensity.HU and not is_ct:  # CT->MR: can the CT show the lesion?
             ct_contrast = {s.index: s.contrast_ref for s in
                            M.lesion_scores(case.input.data, case.input.data, case.lesion_mask,
@@ -327,6 +329,7 @@ _COLUMNS = [
     ("lesion_dice_ge5mm", "Dice >= 5 mm", 3), ("lesion_dice_lt5mm", "Dice < 5 mm", 3),
     ("lesion_dice_ge5mm_ct_visible", "Dice >= 5 mm, CT-visible", 3),
     ("lesion_dice_ge5mm_ct_occult", "Dice >= 5 mm, CT-occult", 3),
+    ("false_lesions_per_slice", "false lesions / slice", 2),
     ("sec_per_slice", "s / slice", 3),
 ]
 
@@ -360,7 +363,10 @@ the reference (real slices); lesion contrast ratio = (lesion - ring background) 
 over that of the reference; lesion Dice of a threshold segmentation at the midpoint of the
 reference's lesion and background means (engine/metrics.py); CT->MR also splits lesions >= 5 mm
 by their contrast in the received CT: CT-visible |dHU| >= 10, CT-occult < 10 (below the grey /
-white matter contrast; no CT->MR model can draw them). Pictures: input | output |
+white matter contrast; no CT->MR model can draw them); false lesions / slice = in-body blobs
+of at least a 5 mm disc where the output departs from the reference by over half the median
+lesion contrast, in the lesions' direction, away from true lesions (engine.metrics.false_lesions).
+Pictures: input | output |
 reference | output - reference, centre slice.
 """
 

@@ -205,6 +205,74 @@ def lesion_scores(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
     return scores
 
 
+def false_lesion_map(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
+                     spacing: tuple[float, float, float], region: np.ndarray | None = None,
+                     exclude: np.ndarray | None = None, min_diameter_mm: float = 5.0
+                     ) -> np.ndarray | None:
+    """Lesion-like blobs the output has and the reference does not: ``(z, y, x)`` labels.
+
+    The counterpart of lesion Dice: a model that draws every true lesion can still draw
+    lesions that are not there. For each lesion polarity present in ``lesion_mask``
+    (brighter or darker than its ring, as in :func:`lesion_scores`), the threshold is half
+    the median reference contrast of those lesions (the same midpoint rule as the Dice
+    segmentation). A false lesion is a connected in-plane region where the smoothed output
+    (Gaussian 0.75 px) exceeds the smoothed reference by more than that threshold in the
+    lesions' direction, that
+
+    - survives an opening with a disc of half ``min_diameter_mm`` (at least the 3 x 3 px
+      cross; a tissue edge drawn a pixel or two off is a thin strip and does not; a round
+      blob does),
+    - covers at least the area of a disc of ``min_diameter_mm``,
+    - lies inside ``region`` (e.g. the body) and touches neither a reference lesion grown
+      by 2 px nor ``exclude`` (e.g. vessels).
+
+    Blobs are numbered 1.. per slice (in-plane components); None without lesions to set the
+    threshold.
+    """
+    r, o = _check(ref, out)
+    lm = _stack(lesion_mask).astype(np.int64)
+    reg = _stack(region).astype(bool) if region is not None else np.ones(lm.shape, bool)
+    excl = _stack(exclude).astype(bool) if exclude is not None else np.zeros(lm.shape, bool)
+    contrasts = [s.contrast_ref for s in lesion_scores(r, r, lm, spacing, exclude=excl)
+                 if s.contrast_ref != 0]
+    if not contrasts:
+        return None
+    near = np.stack([ndimage.binary_dilation(sl, iterations=2) for sl in lm > 0]) | excl
+    d = np.stack([ndimage.gaussian_filter(a, 0.75) - ndimage.gaussian_filter(b, 0.75)
+                  for a, b in zip(o, r, strict=True)])
+    rad = max(1.0, 0.25 * min_diameter_mm / spacing[1])  # at least the 3 x 3 cross
+    yy, xx = np.mgrid[-math.ceil(rad):math.ceil(rad) + 1, -math.ceil(rad):math.ceil(rad) + 1]
+    disc = yy ** 2 + xx ** 2 <= rad ** 2
+    min_area = math.pi * (0.5 * min_diameter_mm) ** 2 / (spacing[1] * spacing[2])
+    res = np.zeros(lm.shape, np.int32)
+    for sign in (1.0, -1.0):
+        same = [abs(c) for c in contrasts if c * sign > 0]
+        if not same:
+            continue
+        thr = 0.5 * float(np.median(same))
+        for k in range(lm.shape[0]):
+            cand = ndimage.binary_opening((sign * d[k] > thr) & reg[k], structure=disc)
+            comp, n = ndimage.label(cand)
+            if n == 0:
+                continue
+            areas = ndimage.sum_labels(cand, comp, index=np.arange(1, n + 1))
+            touching = set(np.unique(comp[near[k] & cand]).tolist())
+            for i, area in enumerate(areas, start=1):
+                if area >= min_area and i not in touching:
+                    res[k][comp == i] = res[k].max() + 1
+    return res
+
+
+def false_lesions(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
+                  spacing: tuple[float, float, float], region: np.ndarray | None = None,
+                  exclude: np.ndarray | None = None, min_diameter_mm: float = 5.0) -> float:
+    """False lesions per slice (:func:`false_lesion_map`); NaN without reference lesions."""
+    m = false_lesion_map(ref, out, lesion_mask, spacing, region, exclude, min_diameter_mm)
+    if m is None:
+        return math.nan
+    return float(sum(int(sl.max()) for sl in m)) / m.shape[0]
+
+
 def summarize_lesions(scores: list[LesionScore], min_diameter_mm: float = 5.0
                       ) -> dict[str, float]:
     """Aggregate: lesions >= ``min_diameter_mm`` (Dice) and all lesions (contrast ratio)."""

@@ -9,6 +9,7 @@ import pytest
 from engine.metrics import (
     CT_RANGE,
     CT_WINDOW,
+    false_lesions,
     flat_mask_from_labels,
     flat_mask_from_reference,
     lesion_scores,
@@ -82,6 +83,34 @@ def test_lesion_contrast_and_dice():
     summ = summarize_lesions(list(own.values()))
     assert summ["lesions"] == 3 and summ["dice_ge5mm"] > 0.9
     assert summ["contrast_within_10pct"] == 1.0
+
+
+def test_false_lesions_counts_drawn_blobs_not_edges_or_noise():
+    ref, mask = _disc_image()  # lesions darker than background by 60
+    spacing = (1.0, 1.0, 1.0)
+    assert false_lesions(ref, ref, mask, spacing) == 0.0
+    yy, xx = np.mgrid[:96, :96]
+    drawn = ref.copy()
+    drawn[0][(yy - 75) ** 2 + (xx - 75) ** 2 <= 4 ** 2] = 40.0   # 8 mm: a false lesion
+    drawn[0][(yy - 15) ** 2 + (xx - 75) ** 2 <= 1.5 ** 2] = 40.0  # 3 mm: below 5 mm
+    drawn[0][(yy - 45) ** 2 + (xx - 80) ** 2 <= 4 ** 2] = 160.0   # brighter: not lesion-like
+    drawn[0][5:90, 90:92] = 40.0                                  # a 2 px strip (edge shift)
+    assert false_lesions(ref, drawn, mask, spacing) == 1.0
+    # a faint blob (a quarter of the lesion contrast) is not a lesion
+    faint = ref.copy()
+    faint[0][(yy - 75) ** 2 + (xx - 75) ** 2 <= 4 ** 2] = 85.0
+    assert false_lesions(ref, faint, mask, spacing) == 0.0
+    # outside the region, or over a true lesion: not counted; per slice over two slices
+    assert false_lesions(ref, drawn, mask, spacing, region=xx[None] < 60) == 0.0
+    two = np.concatenate([ref, ref]), np.concatenate([drawn, ref]), np.concatenate([mask, mask])
+    assert false_lesions(two[0], two[1], two[2], spacing) == 0.5
+    grown = ref.copy()
+    grown[0][(yy - 30) ** 2 + (xx - 30) ** 2 <= 12 ** 2] = 40.0  # a true lesion drawn larger
+    assert false_lesions(ref, grown, mask, spacing) == 0.0
+    # white noise of a quarter of the lesion contrast makes no 5 mm blobs after smoothing
+    rng = np.random.default_rng(3)
+    assert false_lesions(ref, ref + rng.normal(0, 15, ref.shape), mask, spacing) == 0.0
+    assert math.isnan(false_lesions(ref, drawn, np.zeros_like(mask), spacing))
 
 
 def test_shape_mismatch_raises():
