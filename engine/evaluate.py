@@ -10,6 +10,13 @@ and is scored with :mod:`engine.metrics`:
 * MR (``mr_denoise``, ``ct_to_mr``): PSNR / SSIM on 0..p99.9 of the reference (whole image and
   body only), MAE over the body, noise SD, ROI SSIM (liver / brain / lesions), lesion metrics.
 
+* Augmentation (``augment``): every method returns N variants of the received normal-dose
+  CT (:func:`run_augment_section`, :func:`score_variants`): how far they move from the input
+  (MAE, SSIM), how much they vary (SD across variants, also after smoothing: variation beyond
+  pixel noise), whether the anatomy stays (body and bone Dice), lesions stay (contrast ratio,
+  Dice) and none are added (false lesions), and whether the scan's texture stays (texture
+  ratio).
+
 Held-out phantoms come from the *test* split of :mod:`engine.phantoms` (seeds
 ``2e9 + i``), never from the training split. Low-dose inputs: :func:`engine.degrade.low_dose_ct`
 with ``seed = phantom seed``; MR noise: :func:`engine.degrade.mr_noise` at ``snr``.
@@ -34,7 +41,14 @@ from engine.api import Intensity, Volume
 log = logging.getLogger(__name__)
 
 Method = Callable[[Volume], Volume]
-EVAL_TASKS = ("ct_denoise", "mr_denoise", "ct_to_mr")
+#: augmentation: a received volume -> its variants
+VariantsMethod = Callable[[Volume], list[Volume]]
+EVAL_TASKS = ("ct_denoise", "mr_denoise", "ct_to_mr", "augment")
+#: augmentation metrics: body = HU above this, bone = (0.75 px smoothed) HU above that
+BODY_HU, BONE_HU = -500.0, 300.0
+#: augmentation: Gaussian sigma (px) of the "structural" variation (pixel noise averaged out)
+#: and of the high-pass whose SD in flat tissue is the texture measure
+STRUCT_SIGMA, TEXTURE_SIGMA = 2.0, 1.5
 # tissues whose interiors count as "flat" for the residual-noise SD (engine.phantoms.Tissue)
 FLAT_TISSUES = (1, 2, 4, 7, 8, 11, 12)  # fat, muscle, liver, kidney, spleen, GM, WM
 ROI_NAMES = {"liver": (4,), "brain": (11, 12)}
@@ -93,6 +107,8 @@ def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: f
                 reference the noise- and bias-free MR
     ct_to_mr    input the normal-dose CT (dose 1.0 simulation), reference the noise- and
                 bias-free ``target`` MR
+    augment     input the normal-dose CT (dose 1.0 simulation, what a modality sends),
+                reference the noise-free phantom CT
     """
     from engine.degrade import low_dose_ct, mr_noise
     from engine.phantoms import PHANTOM_VERSION, iter_dataset
@@ -123,6 +139,10 @@ def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: f
             noisy = mr_noise(clean, snr, seed=s.seed, mask=s.labels != AIR).astype(np.float32)
             inp, ref = Volume(noisy, s.spacing, ity), Volume(clean, s.spacing, ity)
             info.update(snr=snr, weighting=w)
+        elif task == "augment":
+            nd = low_dose_ct(s.ct_hu, s.spacing[1], 1.0, seed=s.seed)
+            inp, ref = Volume(nd, s.spacing, Intensity.HU), Volume(s.ct_hu, s.spacing, Intensity.HU)
+            info["dose"] = 1.0
         else:
             nd = low_dose_ct(s.ct_hu, s.spacing[1], 1.0, seed=s.seed)
             ity = Intensity.MR_T1W if target == "t1w" else Intensity.MR_T2W
@@ -330,6 +350,11 @@ _COLUMNS = [
     ("lesion_dice_ge5mm_ct_visible", "Dice >= 5 mm, CT-visible", 3),
     ("lesion_dice_ge5mm_ct_occult", "Dice >= 5 mm, CT-occult", 3),
     ("false_lesions_per_slice", "false lesions / slice", 2),
+    ("mae_to_input", "MAE to input HU", 1), ("ssim_to_input", "SSIM to input", 4),
+    ("variant_sd", "SD across variants HU", 1),
+    ("structural_sd", "SD across variants, smoothed HU", 1),
+    ("body_dice", "body Dice", 4), ("bone_dice", "bone Dice", 4),
+    ("texture_ratio", "texture ratio", 2),
     ("sec_per_slice", "s / slice", 3),
 ]
 
@@ -392,6 +417,162 @@ def _json_num(x: Any) -> Any:
     raise TypeError(type(x).__name__)
 
 
+# --------------------------------------------------------------------------- augmentation
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    den = float(a.sum() + b.sum())
+    return 2.0 * float((a & b).sum()) / den if den else math.nan
+
+
+def _smooth(a: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
+    return np.stack([ndimage.gaussian_filter(np.asarray(x, np.float64), sigma) for x in a])
+
+
+def _texture_sd(img: np.ndarray, flat: np.ndarray) -> float:
+    """SD of the high-pass (image minus its ``TEXTURE_SIGMA`` Gaussian) in flat tissue."""
+    hp = np.asarray(img, np.float64) - _smooth(img, TEXTURE_SIGMA)
+    return float(hp[flat].std()) if flat.any() else math.nan
+
+
+def score_variants(case: Case, variants: Sequence[Volume]) -> dict[str, float]:
+    """Augmentation metrics of ``variants`` of ``case.input`` (CT, HU).
+
+    Per variant (then averaged): MAE (body) and SSIM (soft-tissue window) to the input; body
+    (HU > ``BODY_HU``) and bone (smoothed HU > ``BONE_HU``) Dice with the input; texture ratio
+    = SD of the high-pass in flat tissue, variant over input (1: the scan's noise and texture
+    kept; < 1 smoothed; > 1 noisier); with a lesion mask, lesion contrast ratio and Dice
+    against the reference (as for restoration) and false lesions per slice. Across variants:
+    the per-pixel SD in the body, raw and after a ``STRUCT_SIGMA`` px Gaussian (variation
+    beyond pixel noise); NaN for a single variant.
+    """
+    if not variants:
+        raise ValueError("no variants")
+    inp = np.asarray(case.input.data, np.float64)
+    ref = np.asarray(case.reference.data, np.float64)
+    body = case.labels != AIR if case.labels is not None else inp > BODY_HU
+    flat = (M.flat_mask_from_labels(case.labels, FLAT_TISSUES) if case.labels is not None
+            else M.flat_mask_from_reference(ref))
+    bone_in = _smooth(inp, 0.75) > BONE_HU
+    tex_in = _texture_sd(inp, flat)
+    excl = case.labels == VESSEL if case.labels is not None else None
+    has_les = case.lesion_mask is not None and bool((case.lesion_mask > 0).any())
+    rows: list[dict[str, float]] = []
+    for v in variants:
+        o = np.asarray(v.data, np.float64)
+        if o.shape != inp.shape:
+            raise ValueError(f"variant shape {o.shape} != input shape {inp.shape}")
+        r = {"mae_to_input": M.mae(inp, o, body), "ssim_to_input": M.ssim(inp, o, M.CT_WINDOW),
+             "body_dice": _dice(inp > BODY_HU, o > BODY_HU),
+             "bone_dice": _dice(bone_in, _smooth(o, 0.75) > BONE_HU),
+             "texture_ratio": _texture_sd(o, flat) / tex_in if tex_in else math.nan}
+        if has_les:
+            assert case.lesion_mask is not None
+            scores = M.lesion_scores(ref, o, case.lesion_mask, case.reference.spacing, exclude=excl)
+            for k, val in M.summarize_lesions(scores).items():
+                r[f"lesion_{k}"] = val
+            r["false_lesions_per_slice"] = M.false_lesions(ref, o, case.lesion_mask,
+                                                           case.reference.spacing, body, excl)
+        rows.append(r)
+    res = {k: float(np.nanmean([r[k] for r in rows])) if any(not math.isnan(r[k]) for r in rows)
+           else math.nan for k in rows[0]}
+    if len(variants) > 1:
+        stack = np.stack([np.asarray(v.data, np.float64) for v in variants])
+        res["variant_sd"] = float(stack.std(axis=0)[body].mean())
+        sm = np.stack([_smooth(x, STRUCT_SIGMA) for x in stack])
+        res["structural_sd"] = float(sm.std(axis=0)[body].mean())
+    else:
+        res["variant_sd"] = res["structural_sd"] = math.nan
+    return res
+
+
+def variants_picture(case: Case, outputs: dict[str, list[Volume]], path: Path, tile: int = 256) -> Path:
+    """Grid PNG of the centre slice, one row per method: input | variant 1 | variant 2 |
+    variant 1 - input | SD across variants (soft-tissue window; the difference is mid-grey at
+    0 and saturates at +/- 100 HU, the SD is black at 0 and white at 100 HU)."""
+    k = case.input.data.shape[0] // 2
+    head = 18
+    cols = ("input", "variant 1", "variant 2", "variant 1 - input", "SD across variants")
+    canvas = Image.new("L", (tile * len(cols), head + len(outputs) * (tile + head)), 0)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(13)
+    for j, c in enumerate(cols):
+        draw.text((j * tile + 4, 2), c, fill=255, font=font)
+    lo, hi = M.CT_WINDOW
+    inp = case.input.data[k]
+    blank = np.zeros_like(inp, dtype=np.uint8)
+    for r, (name, vs) in enumerate(outputs.items()):
+        y0 = head + r * (tile + head)
+        draw.text((4, y0 + 2), name, fill=255, font=font)
+        sl = [v.data[k] for v in vs]
+        tiles = [_to_u8(inp, lo, hi), _to_u8(sl[0], lo, hi),
+                 _to_u8(sl[1], lo, hi) if len(sl) > 1 else blank, _to_u8(sl[0] - inp, -100.0, 100.0),
+                 _to_u8(np.std(np.stack(sl), axis=0), 0.0, 100.0) if len(sl) > 1 else blank]
+        for j, t in enumerate(tiles):
+            canvas.paste(Image.fromarray(t).resize((tile, tile), Image.Resampling.LANCZOS), (j * tile, y0 + head))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)
+    return path
+
+
+def run_augment_section(title: str, cases: Sequence[Case], methods: dict[str, VariantsMethod],
+                        out_dir: Path | str, description: str = "", n_pictures: int = 2) -> Section:
+    """Score every augmentation method's variants on every case (:func:`score_variants`),
+    with the received input itself as the first row ("no augmentation"); pictures of the
+    first ``n_pictures`` cases."""
+    out_dir = Path(out_dir)
+    all_methods: dict[str, VariantsMethod] = {"input (no augmentation)": lambda v: [v], **methods}
+    per_case: dict[str, list[dict[str, float]]] = {}
+    pics = []
+    slug = "".join(ch if ch.isalnum() else "_" for ch in title.lower()).strip("_")
+    for ci, case in enumerate(cases):
+        outputs: dict[str, list[Volume]] = {}
+        for name, fn in all_methods.items():
+            t0 = time.perf_counter()
+            vs = fn(case.input)
+            dt = time.perf_counter() - t0
+            row = score_variants(case, vs)
+            row["sec_per_slice"] = dt / (case.input.data.shape[0] * len(vs))
+            per_case.setdefault(name, []).append(row)
+            outputs[name] = vs
+            log.info("%s %s %s: %s", title, case.name, name,
+                     {k: round(v, 3) for k, v in row.items() if k in ("mae_to_input", "structural_sd")})
+        if ci < n_pictures:
+            pics.append(variants_picture(case, {k: v for k, v in outputs.items() if not k.startswith("input")}
+                                         or outputs, out_dir / f"{slug}_{ci}.png").name)
+    return Section(title, "augment", description, per_case, pics)
+
+
+def dose_resimulation(n: int, dose: float = 0.5, seed: int = 0) -> VariantsMethod:
+    """Classical CT augmentation baseline: ``n`` re-simulations of the received scan at
+    ``dose`` of its dose (projection-domain Poisson noise, :func:`engine.degrade.low_dose_ct`,
+    adding noise of dose ``dose / (1 - dose)`` to the scan's own, as for the real slices)."""
+    from engine.degrade import low_dose_ct
+
+    if not 0 < dose < 1:
+        raise ValueError("dose must be in (0, 1)")
+    added = dose / (1.0 - dose)
+
+    def run(v: Volume) -> list[Volume]:
+        return [Volume(np.asarray(low_dose_ct(v.data, v.spacing[1], added, seed=seed * 1000 + i), np.float32),
+                       v.spacing, v.intensity) for i in range(n)]
+
+    return run
+
+
+AUGMENT_CONVENTIONS = """Augmentation: each method makes N variants of the received normal-dose CT. MAE (body) and SSIM
+(-160..240 HU window) to the input: how far variants move; SD across variants (body, mean of the
+per-pixel SD), also after a 2 px Gaussian (variation beyond pixel noise: a noise-only method
+scores near 0 there); body (HU > -500) and bone (smoothed HU > 300) Dice with the input: anatomy
+kept; texture ratio = SD of the 1.5 px high-pass in flat tissue, variant over input (1 = the
+scan's texture kept); lesion metrics against the noise-free phantom (as for restoration) and
+false lesions / slice: lesions kept and none added. Pictures: input | variant 1 | variant 2 |
+variant 1 - input (+/- 100 HU) | SD across variants (0..100 HU), centre slice.
+"""
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -409,6 +590,23 @@ def model_method(model_dir: Path | str, task: str, params: dict[str, Any] | None
     def run(volume: Volume) -> Volume:
         return run_task(task, volume, model=model, params=params, seed=seed,
                         options=options).outputs[0]
+
+    desc = {"model_id": model.model_id, "version": model.version,
+            "objective": model.objective, "weights_sha256": model.weights_sha256}
+    return run, desc
+
+
+def model_variants(model_dir: Path | str, params: dict[str, Any] | None = None, seed: int = 0,
+                   options: Any = None) -> tuple[VariantsMethod, dict[str, Any]]:
+    """A ``Volume -> [variants]`` method from an augmentation model folder (task ``augment``)."""
+    from engine.api import run_task
+    from engine.models import load_model_dir
+
+    model = load_model_dir(model_dir)
+
+    def run(volume: Volume) -> list[Volume]:
+        return list(run_task("augment", volume, model=model, params=params, seed=seed,
+                             options=options).outputs)
 
     desc = {"model_id": model.model_id, "version": model.version,
             "objective": model.objective, "weights_sha256": model.weights_sha256}

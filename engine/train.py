@@ -241,6 +241,9 @@ class TrainConfig:
     # training times t ~ U(0, train_t_max T); None = the task preset's (0.6 for restoration,
     # whose flow starts at strength <= 0.6; 1.0 to sample restoration from pure noise)
     train_t_max: float | None = None
+    # diffusion: probability of dropping (zeroing) the condition in a training sample; None =
+    # the task preset's (0.15 for ct_augment, whose sampling always drops it; 0 otherwise)
+    p_uncond: float | None = None
     # sampling defaults written to the model config, over the preset's (e.g. {"steps": 4,
     # "strength": 1.0, "threshold_percentile": 0.0}); validated against the task contract
     sampling: dict[str, Any] | None = None
@@ -270,6 +273,12 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
         if not 0.0 < tc.train_t_max <= 1.0:
             raise ValueError("train_t_max must be in (0, 1]")
         p["train_t_max"] = float(tc.train_t_max)
+    if tc.p_uncond is not None:
+        if tc.objective != "diffusion":
+            raise ValueError("p_uncond applies to the diffusion objective")
+        if not 0.0 <= tc.p_uncond <= 1.0:
+            raise ValueError("p_uncond must be in [0, 1]")
+        p["p_uncond"] = float(tc.p_uncond)
     if tc.sampling:
         if tc.objective != "diffusion":
             raise ValueError("sampling defaults apply to diffusion models")
@@ -906,6 +915,7 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         + (f" --own-noise {tr['own_noise']}" if tr.get("own_noise") else "")
         + (f" --prediction {tr['prediction']}" if tr.get("prediction", "velocity") != "velocity" else "")
         + (f" --train-t-max {tr['train_t_max']}" if tr.get("train_t_max") is not None else "")
+        + (f" --p-uncond {tr['p_uncond']}" if tr.get("p_uncond") is not None else "")
         + "".join(f" --sample {k}={v}" for k, v in (tr.get("sampling") or {}).items())
         + (f" --init {tr['init_from']}" if tr.get("init_from") else "") + "`"
         + (" (the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)"

@@ -110,6 +110,21 @@ def real_ct_cases(dose: float, seed: int = 0,
     return cases
 
 
+def real_ct_originals(names: tuple[str, ...] = REAL_CT_FILES) -> list:
+    """:class:`engine.evaluate.Case` list: the real CT slices as received (input = reference =
+    the scan; for augmentation, which works on what a modality sends)."""
+    from engine.evaluate import Case
+
+    cases = []
+    for rs in load_real_ct(names):
+        v = rs.volume
+        img = np.clip(v.data, -1024.0, 3071.0).astype(np.float32)  # padding (-2000, -3024) -> air
+        vol = Volume(img, v.spacing, Intensity.HU)
+        cases.append(Case(f"real-{rs.name}", vol, vol, None, None,
+                          {"file": rs.name, "transfer_syntax": rs.transfer_syntax, "hu_sha256": rs.sha256}))
+    return cases
+
+
 def real_mr_cases(snr: float, seed: int = 0, names: tuple[str, ...] = REAL_MR_FILES) -> list:
     """:class:`engine.evaluate.Case` list: real MR images plus Rician noise at ``snr``.
 
@@ -153,10 +168,14 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
 
     from engine import baselines
     from engine.evaluate import (
+        AUGMENT_CONVENTIONS,
         EVAL_TASKS,
+        dose_resimulation,
         load_cases,
         model_method,
+        model_variants,
         phantom_cases,
+        run_augment_section,
         run_section,
         save_cases,
         write_report,
@@ -169,7 +188,8 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
     loaded = []
     for mdir in models:
         p = dict(params or {})
-        fn, desc = model_method(mdir, task, p, seed=seed, options=options)
+        fn, desc = (model_variants(mdir, p, seed=seed, options=options) if task == "augment"
+                    else model_method(mdir, task, p, seed=seed, options=options))
         loaded.append((f"{desc['model_id']} ({desc['objective']})", fn, desc, p))
     model_lines = [f"- `{d['model_id']}` {d['version']} ({d['objective']}), weights SHA-256 "
                    f"`{d['weights_sha256']}`, folder `{m}`, params {p or 'model defaults'}"
@@ -219,6 +239,21 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
                     f"({', '.join(c.info['file'] for c in rcases)}; centre-cropped to a multiple of 16 px); "
                     f"input: the scan plus Rician noise at SNR {snr:g} (mean foreground signal / sigma); "
                     "reference: the original scan (its own noise included).", n_pictures))
+    elif task == "augment":
+        n_var = int((params or {}).get("n") or 4)
+        methods = {f"dose re-simulation (half dose, {n_var} draws)": dose_resimulation(n_var, 0.5, seed=seed),
+                   **{k: fn for k, fn, _, _ in loaded}}
+        cases = phantom_cases(task, n, size=size, n_slices=n_slices, cache_dir=cache_dir)
+        sections.append(run_augment_section(
+            "CT augmentation, phantoms", cases, methods, out,
+            f"{common}; input: normal-dose CT (dose 1.0 simulation); lesion metrics against the "
+            "noise-free phantom CT.", n_pictures))
+        if real:
+            rcases = real_ct_originals()
+            sections.append(run_augment_section(
+                "CT augmentation, real slices", rcases, methods, out,
+                f"{len(rcases)} real CT images from pydicom / pydicom-data "
+                f"({', '.join(c.info['file'] for c in rcases)}) as received (no lesion masks).", n_pictures))
     else:
         luts = baselines.fit_phantom_luts(lut_train_n, size=size)
         for target in targets:
@@ -234,4 +269,6 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
                 f"{common}; input: normal-dose CT (dose 1.0 simulation); reference: the noise- and "
                 f"bias-free {target.upper()} of the same labels.", n_pictures))
     pre = "Models:\n" + ("\n".join(model_lines) if model_lines else "- (none: baselines only)")
+    if task == "augment":
+        pre += "\n\n" + AUGMENT_CONVENTIONS
     return write_report(sections, out, f"Evaluation: {task}", pre)

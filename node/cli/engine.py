@@ -16,7 +16,7 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command("train")
 def train_cmd(
-    task: str = typer.Argument(..., help="ct_denoise | mr_denoise | ct_to_mr"),
+    task: str = typer.Argument(..., help="ct_denoise | mr_denoise | ct_to_mr | augment"),
     objective: str = typer.Option("diffusion", "--objective", help="diffusion | regression (one-step baseline)"),
     steps: int = typer.Option(1500, "--steps", min=1),
     batch: int = typer.Option(8, "--batch", min=1),
@@ -38,7 +38,7 @@ def train_cmd(
     lesion_crop: float = typer.Option(0.0, "--lesion-crop", min=0.0, max=1.0,
                                       help="probability of centring a crop on a lesion"),
     fulldose_target: float = typer.Option(0.0, "--fulldose-target", min=0.0, max=1.0,
-                                          help="ct_denoise: share of pairs with the full-dose scan as target "
+                                          help="ct_denoise, ct_augment: share of pairs with the full-dose scan as target "
                                                "(input = it + extra noise; the real-scan evaluation protocol)"),
     own_texture: float = typer.Option(0.0, "--own-texture", min=0.0, max=1.0,
                                       help="ct_denoise: in full-dose-target pairs, share whose own noise is a "
@@ -57,6 +57,9 @@ def train_cmd(
     train_t_max: float | None = typer.Option(None, "--train-t-max", min=0.01, max=1.0,
                                              help="diffusion: train on t ~ U(0, this x T) (default: the task preset; "
                                                   "1.0 to sample restoration from pure noise)"),
+    p_uncond: float | None = typer.Option(None, "--p-uncond", min=0.0, max=1.0,
+                                          help="diffusion: probability of dropping the condition in training "
+                                               "(default: the task preset's; ct_augment samples without it)"),
     sample: list[str] = typer.Option([], "--sample", metavar="KEY=VALUE",
                                      help="diffusion: a sampling default written to the model config, e.g. "
                                           "steps=4, strength=1.0, threshold_percentile=0 (repeat)"),
@@ -81,8 +84,9 @@ def train_cmd(
     if crop % 16 or crop > size:
         fail("--crop must be a multiple of 16 and <= --size")
     sampling = _key_values("--sample", sample)
-    if (sampling or prediction != "velocity" or train_t_max is not None) and objective != "diffusion":
-        fail("--prediction / --train-t-max / --sample apply to --objective diffusion")
+    if (sampling or prediction != "velocity" or train_t_max is not None or p_uncond is not None) \
+            and objective != "diffusion":
+        fail("--prediction / --train-t-max / --p-uncond / --sample apply to --objective diffusion")
     ch = [int(c) for c in channels.split(",") if c.strip()]
     arch = {**DEFAULT_ARCH, "channels": ch, "attention_levels": [False] * len(ch)}
     tc = TrainConfig(task=task, objective=objective, steps=steps, batch=batch, crop=crop, lr=lr, seed=seed,
@@ -90,11 +94,12 @@ def train_cmd(
                      max_minutes=minutes, ema_decay=ema, lesion_weight=lesion_weight, lesion_crop=lesion_crop,
                      fulldose_target=fulldose_target, own_texture=own_texture, init_from=str(init) if init else None,
                      ssim_weight=ssim_weight, sharp_shapes=sharp_shapes, own_noise=own_noise,
-                     prediction=prediction, train_t_max=train_t_max, sampling=sampling or None)
+                     prediction=prediction, train_t_max=train_t_max, p_uncond=p_uncond,
+                     sampling=sampling or None)
     if (lesion_weight or lesion_crop) and task == "mr_denoise":
         fail("--lesion-weight / --lesion-crop apply to ct_denoise and ct_to_mr")
-    if fulldose_target and task != "ct_denoise":
-        fail("--fulldose-target applies to ct_denoise only")
+    if fulldose_target and task not in ("ct_denoise", "ct_augment"):
+        fail("--fulldose-target applies to ct_denoise and ct_augment (CT restoration data)")
     if own_noise and task != "mr_denoise":
         fail("--own-noise applies to mr_denoise only")
     if sharp_shapes and task != "ct_denoise":
@@ -161,7 +166,7 @@ def _phantom_version() -> int:
 
 @app.command("evaluate")
 def evaluate_cmd(
-    task: str = typer.Argument(..., help="ct_denoise | mr_denoise | ct_to_mr"),
+    task: str = typer.Argument(..., help="ct_denoise | mr_denoise | ct_to_mr | augment"),
     model: list[Path] = typer.Option([], "--model", help="model folder (repeat: diffusion, regressor)"),
     n: int = typer.Option(8, "--n", min=1, help="held-out test-split phantoms"),
     size: int | None = typer.Option(None, "--size", help="px (default 512 for ct_denoise, else 256)"),
@@ -175,7 +180,9 @@ def evaluate_cmd(
     cache: Path | None = typer.Option(None, "--cache", help="cache of simulated cases (default: temp dir)"),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Evaluate models and baselines on held-out phantoms (+ real CT): Markdown + PNG report."""
+    """Evaluate models and baselines on held-out phantoms (+ real CT): Markdown + PNG report.
+
+    augment: --model is an augmentation model; --param n=K sets the variants per input (default 4)."""
     import tempfile
 
     import torch

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from engine.api import Volume
 from engine.baselines import HuLut, NLMDenoiser
@@ -190,3 +192,101 @@ def test_cli_evaluate_writes_a_report(tmp_path):
     assert "MR restoration, phantoms, SNR 10" in text and "| NLM (h=0.6 sigma) |" in text
     bad = CliRunner().invoke(app, ["engine", "evaluate", "nonsense", "--out", str(tmp_path)])
     assert bad.exit_code != 0
+
+
+# --------------------------------------------------------------------------- augmentation
+def _aug_case():
+    return phantom_cases("augment", 1, size=128, n_slices=2)[0]
+
+
+def test_augment_cases_are_normal_dose_ct_with_the_clean_reference():
+    case = _aug_case()
+    assert case.info["dose"] == 1.0 and case.input.intensity.value == "HU"
+    low = phantom_cases("ct_denoise", 1, size=128, n_slices=2, dose=0.25)[0]
+    body = case.labels > 0
+    nd = float((case.input.data - case.reference.data)[body].std())
+    ld = float((low.input.data - low.reference.data)[body].std())
+    assert 0.0 < 1.5 * nd < ld  # a normal-dose scan: noisy, but less than a quarter-dose one
+
+
+def test_score_variants_known_answers():
+    from engine.evaluate import score_variants
+
+    case = _aug_case()
+    same = score_variants(case, [case.input, case.input])
+    assert same["mae_to_input"] == 0.0 and same["ssim_to_input"] == pytest.approx(1.0)
+    assert same["body_dice"] == 1.0 and same["bone_dice"] == 1.0
+    assert same["texture_ratio"] == pytest.approx(1.0) and same["variant_sd"] == 0.0
+    assert math.isnan(score_variants(case, [case.input])["variant_sd"])
+    # pixel noise varies a lot per pixel but little after smoothing; an offset blob is structural
+    rng = np.random.default_rng(0)
+    noisy = [Volume(case.input.data + rng.normal(0, 40, case.input.data.shape).astype(np.float32),
+                    case.input.spacing, case.input.intensity) for _ in range(4)]
+    sn = score_variants(case, noisy)
+    assert sn["variant_sd"] > 30.0 and sn["structural_sd"] < 0.3 * sn["variant_sd"]
+    assert sn["texture_ratio"] > 1.3 and sn["body_dice"] > 0.99
+    # smoothing every variant: texture ratio < 1; blanking the body: anatomy gone
+    smooth = Volume(np.stack([ndimage.gaussian_filter(s, 2.0) for s in case.input.data]),
+                    case.input.spacing, case.input.intensity)
+    assert score_variants(case, [smooth])["texture_ratio"] < 0.7
+    air = Volume(np.full_like(case.input.data, -1000.0), case.input.spacing, case.input.intensity)
+    gone = score_variants(case, [air])
+    assert gone["body_dice"] == 0.0 and gone["mae_to_input"] > 100.0
+    with pytest.raises(ValueError):
+        score_variants(case, [])
+
+
+def test_score_variants_counts_added_lesions():
+    from engine.evaluate import score_variants
+
+    case = phantom_cases("augment", 4, size=128, n_slices=1, kind="abdomen")[0]
+    assert case.lesion_mask is not None and case.lesion_mask.any()
+    base = score_variants(case, [case.input])
+    assert base["false_lesions_per_slice"] == 0.0 and base["lesion_dice_ge5mm"] > 0.7
+    # paint a 12 mm dark disc into the liver, away from the true lesions
+    liver = (case.labels[0] == 4) & ~ndimage.binary_dilation(case.lesion_mask[0] > 0, iterations=12)
+    dist = ndimage.distance_transform_edt(liver)
+    cy, cx = np.unravel_index(np.argmax(dist), dist.shape)
+    yy, xx = np.mgrid[:128, :128]
+    r_px = 6.0 / case.input.spacing[1]
+    painted = case.input.data.copy()
+    painted[0][(yy - cy) ** 2 + (xx - cx) ** 2 <= r_px ** 2] -= 60.0
+    got = score_variants(case, [Volume(painted, case.input.spacing, case.input.intensity)])
+    assert got["false_lesions_per_slice"] == 1.0
+
+
+def test_dose_resimulation_and_augment_section(tmp_path):
+    from engine.evaluate import dose_resimulation, run_augment_section
+
+    case = _aug_case()
+    fn = dose_resimulation(3, 0.5, seed=1)
+    vs = fn(case.input)
+    assert len(vs) == 3 and all(v.data.shape == case.input.data.shape for v in vs)
+    assert not np.array_equal(vs[0].data, vs[1].data)
+    np.testing.assert_array_equal(dose_resimulation(3, 0.5, seed=1)(case.input)[2].data, vs[2].data)
+    with pytest.raises(ValueError):
+        dose_resimulation(2, 1.0)
+    sec = run_augment_section("CT augmentation tiny", [case], {"resim": fn}, tmp_path, n_pictures=1)
+    assert list(sec.per_case) == ["input (no augmentation)", "resim"]
+    m = sec.mean("resim")
+    assert 0.0 < m["mae_to_input"] < 20.0 and m["body_dice"] > 0.99 and m["structural_sd"] < m["variant_sd"]
+    img = Image.open(tmp_path / sec.pictures[0])
+    assert img.size[0] == 5 * 256
+    text = write_report([sec], tmp_path, "aug").read_text()
+    assert "| resim |" in text and "SD across variants HU" in text and "texture ratio" in text
+
+
+def test_cli_evaluate_augment(tmp_path):
+    from typer.testing import CliRunner
+
+    from node.cli import app
+
+    shipped = Path(__file__).resolve().parents[2] / "engine" / "weights" / "ct-augment-wdiff"
+    res = CliRunner().invoke(app, ["engine", "evaluate", "augment", "--n", "1", "--size", "64",
+                                   "--slices", "1", "--no-real", "--param", "n=2",
+                                   "--model", str(shipped),
+                                   "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "augment" / "report.md").read_text()
+    assert "CT augmentation, phantoms" in text and "| ct-augment-wdiff (diffusion) |" in text
+    assert "dose re-simulation (half dose, 2 draws)" in text

@@ -476,6 +476,12 @@ def test_x0_recipe_refusals(tmp_path: Path) -> None:
         model_config(TrainConfig(task="ct_denoise", sampling={"target": "t1w"}))
     with pytest.raises(TaskInputError, match="steps"):
         model_config(TrainConfig(task="ct_denoise", sampling={"steps": 99}))
+    with pytest.raises(ValueError, match="p_uncond applies to the diffusion objective"):
+        model_config(TrainConfig(task="ct_augment", objective="regression", p_uncond=1.0))
+    with pytest.raises(ValueError, match=r"p_uncond must be in \[0, 1\]"):
+        model_config(TrainConfig(task="ct_augment", p_uncond=1.5))
+    assert model_config(TrainConfig(task="ct_augment"))["p_uncond"] == 0.15  # the preset's
+    assert model_config(TrainConfig(task="ct_augment", p_uncond=1.0))["p_uncond"] == 1.0
     # at run time: a velocity model trained up to 0.6 T refuses a start at 1.0
     kw = dict(task="ct_denoise", batch=2, crop=16, architecture=dict(TINY_ARCH), steps=1)
     m = load_model_dir(train(TrainConfig(model_id="v", **kw), tmp_path, toy_data()))
@@ -500,4 +506,24 @@ def test_cli_x0_options_and_their_refusals(tmp_path: Path) -> None:
                        (["--sample", "steps"], "needs KEY=VALUE"),
                        (["--sample", "steps=99"], "must be <= 8")):
         res = run(app, [*base, *extra])
-        assert res.exit_code != 0 and msg in res.output, (extra, res.output)
+        assert res.exit_code != 0 and msg in " ".join(res.output.split()), (extra, res.output)
+
+
+def test_cli_augment_recipe_options(tmp_path: Path) -> None:
+    """--p-uncond and --fulldose-target on the augmentation recipe (the 2.0.0 augment model's)."""
+    from node.cli import app
+
+    run = CliRunner().invoke
+    base = cli_train_args(tmp_path, "ct_augment", "--steps", "1")
+    res = run(app, [*base, "--prediction", "x0", "--p-uncond", "1.0", "--fulldose-target", "1.0"])
+    assert res.exit_code == 0, res.output
+    d = tmp_path / "models/ct-augment-wdiff"
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["p_uncond"] == 1.0 and cfg["training"]["fulldose_target"] == 1.0
+    card = (d / "MODEL_CARD.md").read_text()
+    assert "condition dropout 1.0" in card and "--p-uncond 1.0" in card
+    for extra, msg in ((["--objective", "regression", "--p-uncond", "1"], "apply to --objective diffusion"),):
+        res = run(app, [*base, *extra])
+        assert res.exit_code != 0 and msg in " ".join(res.output.split()), (extra, res.output)
+    res = run(app, [*cli_train_args(tmp_path, "mr_denoise", "--steps", "1"), "--fulldose-target", "0.5"])
+    assert res.exit_code != 0 and "applies to ct_denoise and ct_augment" in " ".join(res.output.split())
