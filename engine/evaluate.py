@@ -264,11 +264,26 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+#: outline colours in the pictures: true lesions (reference tile), false lesions (output tile)
+LESION_RGB, FALSE_LESION_RGB = (0, 200, 0), (255, 40, 40)
+
+
+def _outline(mask: np.ndarray, tile: int) -> np.ndarray:
+    """One-pixel outline of ``mask`` at ``tile`` x ``tile`` (nearest-neighbour resize)."""
+    from scipy import ndimage
+
+    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((tile, tile), Image.Resampling.NEAREST)) > 0
+    return m & ~ndimage.binary_erosion(m)
+
+
 def picture(case: Case, outputs: dict[str, Volume], path: Path, tile: int = 256) -> Path:
     """Grid PNG of the centre slice: one row per method, input | output | reference | difference.
 
     CT in the soft-tissue window (-160..240 HU), MR on 0..p99.5 of the reference; the
     difference (output - reference) is mid-grey at 0 and saturates at +/- 1/4 of that range.
+    With a lesion mask: the true lesions are outlined green on the reference, and the output's
+    false lesions (:func:`engine.metrics.false_lesion_map`, the "false lesions / slice" column)
+    red on the output.
     """
     k = case.reference.data.shape[0] // 2
     ref = case.reference.data[k]
@@ -276,23 +291,32 @@ def picture(case: Case, outputs: dict[str, Volume], path: Path, tile: int = 256)
     cols = ("input", "output", "reference", "difference")
     width = tile * len(cols)
     height = head + len(outputs) * (tile + head)
-    canvas = Image.new("L", (width, height), 0)
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     font = _font(13)
     for j, c in enumerate(cols):
-        draw.text((j * tile + 4, 2), c, fill=255, font=font)
+        draw.text((j * tile + 4, 2), c, fill=(255, 255, 255), font=font)
     in_lo, in_hi = _display_range(case.input, case.input)
     ref_lo, ref_hi = _display_range(case.reference, case.reference)
     span = (ref_hi - ref_lo) / 4
+    les = case.lesion_mask if case.lesion_mask is not None and case.lesion_mask.any() else None
+    body = case.labels != AIR if case.labels is not None else None
+    excl = case.labels == VESSEL if case.labels is not None else None
     for r, (name, out) in enumerate(outputs.items()):
         y0 = head + r * (tile + head)
-        draw.text((4, y0 + 2), name, fill=255, font=font)
+        draw.text((4, y0 + 2), name, fill=(255, 255, 255), font=font)
         o = out.data[k]
         tiles = [_to_u8(case.input.data[k], in_lo, in_hi), _to_u8(o, ref_lo, ref_hi),
                  _to_u8(ref, ref_lo, ref_hi), _to_u8(o - ref, -span, span)]
-        for j, t in enumerate(tiles):
-            im = Image.fromarray(t).resize((tile, tile), Image.Resampling.LANCZOS)
-            canvas.paste(im, (j * tile, y0 + head))
+        rgb = [np.asarray(Image.fromarray(t).resize((tile, tile), Image.Resampling.LANCZOS).convert("RGB")).copy()
+               for t in tiles]
+        if les is not None:
+            rgb[2][_outline(les[k] > 0, tile)] = LESION_RGB
+            fl = M.false_lesion_map(case.reference.data, out.data, les, case.reference.spacing, body, excl)
+            if fl is not None and fl[k].any():
+                rgb[1][_outline(fl[k] > 0, tile)] = FALSE_LESION_RGB
+        for j, t in enumerate(rgb):
+            canvas.paste(Image.fromarray(t), (j * tile, y0 + head))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, optimize=True)
     return path
@@ -392,7 +416,8 @@ white matter contrast; no CT->MR model can draw them); false lesions / slice = i
 of at least a 5 mm disc where the output departs from the reference by over half the median
 lesion contrast, in the lesions' direction, away from true lesions (engine.metrics.false_lesions).
 Pictures: input | output |
-reference | output - reference, centre slice.
+reference | output - reference, centre slice; true lesions outlined green on the reference,
+false lesions red on the output.
 """
 
 

@@ -290,3 +290,25 @@ def test_cli_evaluate_augment(tmp_path):
     text = (tmp_path / "augment" / "report.md").read_text()
     assert "CT augmentation, phantoms" in text and "| ct-augment-wdiff (diffusion) |" in text
     assert "dose re-simulation (half dose, 2 draws)" in text
+
+
+def test_picture_outlines_true_lesions_green_and_false_lesions_red(tmp_path):
+    from engine.evaluate import FALSE_LESION_RGB, LESION_RGB, picture
+
+    case = phantom_cases("augment", 4, size=128, n_slices=1, kind="abdomen")[0]
+    liver = (case.labels[0] == 4) & ~ndimage.binary_dilation(case.lesion_mask[0] > 0, iterations=12)
+    cy, cx = np.unravel_index(np.argmax(ndimage.distance_transform_edt(liver)), liver.shape)
+    yy, xx = np.mgrid[:128, :128]
+    painted = case.reference.data.copy()
+    painted[0][(yy - cy) ** 2 + (xx - cx) ** 2 <= (6.0 / case.input.spacing[1]) ** 2] -= 60.0
+    outs = {"painted": Volume(painted, case.input.spacing, case.input.intensity), "same": case.reference}
+    img = np.asarray(Image.open(picture(case, outs, tmp_path / "p.png", tile=128)).convert("RGB"))
+    head = 18
+
+    def has(rgb, row, col):
+        y0 = head + row * (128 + head) + head
+        t = img[y0:y0 + 128, col * 128:(col + 1) * 128]
+        return bool((t == rgb).all(axis=-1).any())
+
+    assert has(LESION_RGB, 0, 2) and has(LESION_RGB, 1, 2)             # reference tiles
+    assert has(FALSE_LESION_RGB, 0, 1) and not has(FALSE_LESION_RGB, 1, 1)  # only the painted output
