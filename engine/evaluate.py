@@ -61,6 +61,12 @@ AIR = 0
 CT_VISIBLE_HU = 10.0
 
 
+def _min_contrast(case: "Case") -> float:
+    """Reference lesions below this contrast do not set the false-lesion threshold: CT_VISIBLE_HU
+    for CT references (engine.metrics.false_lesion_map), none for MR."""
+    return CT_VISIBLE_HU if case.reference.intensity == Intensity.HU else 0.0
+
+
 @dataclass
 class Case:
     """One held-out example: what the method gets and what it should produce."""
@@ -229,8 +235,8 @@ def score(case: Case, output: Volume) -> dict[str, float]:
         scores = M.lesion_scores(ref, out, case.lesion_mask, case.reference.spacing, exclude=excl)
         for k, v in M.summarize_lesions(scores).items():
             res[f"lesion_{k}"] = v
-        res["false_lesions_per_slice"] = M.false_lesions(ref, out, case.lesion_mask,
-                                                         case.reference.spacing, body, excl)
+        res["false_lesions_per_slice"] = M.false_lesions(ref, out, case.lesion_mask, case.reference.spacing,
+                                                         body, excl, min_contrast=_min_contrast(case))
         if case.input.intensity == Intensity.HU and not is_ct:  # CT->MR: can the CT show the lesion?
             ct_contrast = {s.index: s.contrast_ref for s in
                            M.lesion_scores(case.input.data, case.input.data, case.lesion_mask,
@@ -312,7 +318,8 @@ def picture(case: Case, outputs: dict[str, Volume], path: Path, tile: int = 256)
                for t in tiles]
         if les is not None:
             rgb[2][_outline(les[k] > 0, tile)] = LESION_RGB
-            fl = M.false_lesion_map(case.reference.data, out.data, les, case.reference.spacing, body, excl)
+            fl = M.false_lesion_map(case.reference.data, out.data, les, case.reference.spacing, body, excl,
+                                    min_contrast=_min_contrast(case))
             if fl is not None and fl[k].any():
                 rgb[1][_outline(fl[k] > 0, tile)] = FALSE_LESION_RGB
         for j, t in enumerate(rgb):
@@ -414,7 +421,8 @@ reference's lesion and background means (engine/metrics.py); CT->MR also splits 
 by their contrast in the received CT: CT-visible |dHU| >= 10, CT-occult < 10 (below the grey /
 white matter contrast; no CT->MR model can draw them); false lesions / slice = in-body blobs
 of at least a 5 mm disc where the output departs from the reference by over half the median
-lesion contrast, in the lesions' direction, away from true lesions (engine.metrics.false_lesions).
+lesion contrast (CT: of lesions of >= 10 HU), in the lesions' direction, standing out from
+their own surroundings in the output, away from true lesions (engine.metrics.false_lesions).
 Pictures: input | output |
 reference | output - reference, centre slice; true lesions outlined green on the reference,
 false lesions red on the output.
@@ -498,8 +506,8 @@ def score_variants(case: Case, variants: Sequence[Volume]) -> dict[str, float]:
             scores = M.lesion_scores(ref, o, case.lesion_mask, case.reference.spacing, exclude=excl)
             for k, val in M.summarize_lesions(scores).items():
                 r[f"lesion_{k}"] = val
-            r["false_lesions_per_slice"] = M.false_lesions(ref, o, case.lesion_mask,
-                                                           case.reference.spacing, body, excl)
+            r["false_lesions_per_slice"] = M.false_lesions(ref, o, case.lesion_mask, case.reference.spacing,
+                                                           body, excl, min_contrast=_min_contrast(case))
         rows.append(r)
     res = {k: float(np.nanmean([r[k] for r in rows])) if any(not math.isnan(r[k]) for r in rows)
            else math.nan for k in rows[0]}

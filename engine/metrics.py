@@ -207,15 +207,17 @@ def lesion_scores(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
 
 def false_lesion_map(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
                      spacing: tuple[float, float, float], region: np.ndarray | None = None,
-                     exclude: np.ndarray | None = None, min_diameter_mm: float = 5.0
-                     ) -> np.ndarray | None:
+                     exclude: np.ndarray | None = None, min_diameter_mm: float = 5.0,
+                     min_contrast: float = 0.0) -> np.ndarray | None:
     """Lesion-like blobs the output has and the reference does not: ``(z, y, x)`` labels.
 
     The counterpart of lesion Dice: a model that draws every true lesion can still draw
     lesions that are not there. For each lesion polarity present in ``lesion_mask``
     (brighter or darker than its ring, as in :func:`lesion_scores`), the threshold is half
     the median reference contrast of those lesions (the same midpoint rule as the Dice
-    segmentation). A false lesion is a connected in-plane region where the smoothed output
+    segmentation); lesions whose reference contrast is below ``min_contrast`` do not count
+    there (a CT lesion of 2 HU would set a threshold that grey / white matter texture crosses;
+    the CT evaluation passes 10 HU, below the grey / white matter contrast). A false lesion is a connected in-plane region where the smoothed output
     (Gaussian 0.75 px) exceeds the smoothed reference by more than that threshold in the
     lesions' direction, that
 
@@ -224,22 +226,26 @@ def false_lesion_map(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
       blob does),
     - covers at least the area of a disc of ``min_diameter_mm``,
     - lies inside ``region`` (e.g. the body) and touches neither a reference lesion grown
-      by 2 px nor ``exclude`` (e.g. vessels).
+      by 2 px nor ``exclude`` (e.g. vessels),
+    - stands out in the output itself: its smoothed mean differs from that of a ring 2-4 px
+      around it by more than the threshold, in the lesions' direction (a restoration that
+      flattens the reference's texture departs from the reference in lesion-sized patches,
+      but draws nothing there).
 
-    Blobs are numbered 1.. per slice (in-plane components); None without lesions to set the
-    threshold.
+    Blobs are numbered 1.. per slice (in-plane components); None without lesions (of at least
+    ``min_contrast``) to set the threshold.
     """
     r, o = _check(ref, out)
     lm = _stack(lesion_mask).astype(np.int64)
     reg = _stack(region).astype(bool) if region is not None else np.ones(lm.shape, bool)
     excl = _stack(exclude).astype(bool) if exclude is not None else np.zeros(lm.shape, bool)
     contrasts = [s.contrast_ref for s in lesion_scores(r, r, lm, spacing, exclude=excl)
-                 if s.contrast_ref != 0]
+                 if s.contrast_ref != 0 and abs(s.contrast_ref) >= min_contrast]
     if not contrasts:
         return None
     near = np.stack([ndimage.binary_dilation(sl, iterations=2) for sl in lm > 0]) | excl
-    d = np.stack([ndimage.gaussian_filter(a, 0.75) - ndimage.gaussian_filter(b, 0.75)
-                  for a, b in zip(o, r, strict=True)])
+    o_s = np.stack([ndimage.gaussian_filter(a, 0.75) for a in o])
+    d = o_s - np.stack([ndimage.gaussian_filter(b, 0.75) for b in r])
     rad = max(1.0, 0.25 * min_diameter_mm / spacing[1])  # at least the 3 x 3 cross
     yy, xx = np.mgrid[-math.ceil(rad):math.ceil(rad) + 1, -math.ceil(rad):math.ceil(rad) + 1]
     disc = yy ** 2 + xx ** 2 <= rad ** 2
@@ -258,16 +264,22 @@ def false_lesion_map(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
             areas = ndimage.sum_labels(cand, comp, index=np.arange(1, n + 1))
             touching = set(np.unique(comp[near[k] & cand]).tolist())
             for i, area in enumerate(areas, start=1):
-                if area >= min_area and i not in touching:
-                    res[k][comp == i] = res[k].max() + 1
+                if area < min_area or i in touching:
+                    continue
+                blob = comp == i
+                ring = (ndimage.binary_dilation(blob, iterations=4)
+                        & ~ndimage.binary_dilation(blob, iterations=1) & reg[k] & ~near[k])
+                if ring.any() and sign * (o_s[k][blob].mean() - o_s[k][ring].mean()) > thr:
+                    res[k][blob] = res[k].max() + 1
     return res
 
 
 def false_lesions(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
                   spacing: tuple[float, float, float], region: np.ndarray | None = None,
-                  exclude: np.ndarray | None = None, min_diameter_mm: float = 5.0) -> float:
+                  exclude: np.ndarray | None = None, min_diameter_mm: float = 5.0,
+                  min_contrast: float = 0.0) -> float:
     """False lesions per slice (:func:`false_lesion_map`); NaN without reference lesions."""
-    m = false_lesion_map(ref, out, lesion_mask, spacing, region, exclude, min_diameter_mm)
+    m = false_lesion_map(ref, out, lesion_mask, spacing, region, exclude, min_diameter_mm, min_contrast)
     if m is None:
         return math.nan
     return float(sum(int(sl.max()) for sl in m)) / m.shape[0]

@@ -111,6 +111,15 @@ def test_false_lesions_counts_drawn_blobs_not_edges_or_noise():
     rng = np.random.default_rng(3)
     assert false_lesions(ref, ref + rng.normal(0, 15, ref.shape), mask, spacing) == 0.0
     assert math.isnan(false_lesions(ref, drawn, np.zeros_like(mask), spacing))
+    # a bright patch of the reference's texture that the output flattens: the output departs
+    # from the reference there but draws nothing that stands out; not a lesion
+    textured = ref.copy()
+    textured[0][(yy - 75) ** 2 + (xx - 75) ** 2 <= 4 ** 2] = 160.0
+    assert false_lesions(textured, ref, mask, spacing) == 0.0
+    assert false_lesions(textured, drawn, mask, spacing) == 1.0
+    # lesions fainter than min_contrast do not set the threshold (none left: NaN)
+    assert false_lesions(ref, drawn, mask, spacing, min_contrast=59.0) == 1.0
+    assert math.isnan(false_lesions(ref, drawn, mask, spacing, min_contrast=61.0))
 
 
 def test_shape_mismatch_raises():
