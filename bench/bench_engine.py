@@ -34,7 +34,7 @@ CASES = [
     ("CT->MR T1w (experimental x0-diffusion, 4 steps)", "experimental/ct-to-mr-wdiff", "ct_to_mr", 256,
      {"target": "t1w"}),
     ("MR denoise (shipped: regression, 1 step)", "mr-denoise-wreg", "mr_denoise", 256, {}),
-    ("Augment CT, n=4 (diffusion, 4 steps)", "ct-augment-wdiff", "augment", 256, {"n": 4}),
+    ("Augment CT, n=4 (x0-diffusion 2.0.0, 2 steps)", "ct-augment-wdiff", "augment", 256, {"n": 4}),
 ]
 
 

@@ -49,6 +49,8 @@ BODY_HU, BONE_HU = -500.0, 300.0
 #: augmentation: Gaussian sigma (px) of the "structural" variation (pixel noise averaged out)
 #: and of the high-pass whose SD in flat tissue is the texture measure
 STRUCT_SIGMA, TEXTURE_SIGMA = 2.0, 1.5
+#: augmentation: SSIM to the input inside these tissues (labels), where the anatomy is low-contrast
+AUG_ROIS = {"brain": (10, 11, 12), "liver": (4,)}
 # tissues whose interiors count as "flat" for the residual-noise SD (engine.phantoms.Tissue)
 FLAT_TISSUES = (1, 2, 4, 7, 8, 11, 12)  # fat, muscle, liver, kidney, spleen, GM, WM
 ROI_NAMES = {"liver": (4,), "brain": (11, 12)}
@@ -382,6 +384,7 @@ _COLUMNS = [
     ("lesion_dice_ge5mm_ct_occult", "Dice >= 5 mm, CT-occult", 3),
     ("false_lesions_per_slice", "false lesions / slice", 2),
     ("mae_to_input", "MAE to input HU", 1), ("ssim_to_input", "SSIM to input", 4),
+    ("ssim_to_input_brain", "SSIM to input, brain", 4), ("ssim_to_input_liver", "SSIM to input, liver", 4),
     ("variant_sd", "SD across variants HU", 1),
     ("structural_sd", "SD across variants, smoothed HU", 1),
     ("body_dice", "body Dice", 4), ("bone_dice", "bone Dice", 4),
@@ -473,7 +476,8 @@ def _texture_sd(img: np.ndarray, flat: np.ndarray) -> float:
 def score_variants(case: Case, variants: Sequence[Volume]) -> dict[str, float]:
     """Augmentation metrics of ``variants`` of ``case.input`` (CT, HU).
 
-    Per variant (then averaged): MAE (body) and SSIM (soft-tissue window) to the input; body
+    Per variant (then averaged): MAE (body) and SSIM (soft-tissue window; whole image and, with
+    labels, inside ``AUG_ROIS``: brain and liver, whose anatomy is low-contrast) to the input; body
     (HU > ``BODY_HU``) and bone (smoothed HU > ``BONE_HU``) Dice with the input; texture ratio
     = SD of the high-pass in flat tissue, variant over input (1: the scan's noise and texture
     kept; < 1 smoothed; > 1 noisier); with a lesion mask, lesion contrast ratio and Dice
@@ -497,10 +501,15 @@ def score_variants(case: Case, variants: Sequence[Volume]) -> dict[str, float]:
         o = np.asarray(v.data, np.float64)
         if o.shape != inp.shape:
             raise ValueError(f"variant shape {o.shape} != input shape {inp.shape}")
-        r = {"mae_to_input": M.mae(inp, o, body), "ssim_to_input": M.ssim(inp, o, M.CT_WINDOW),
+        smap = M.ssim_map(inp, o, M.CT_WINDOW)
+        r = {"mae_to_input": M.mae(inp, o, body), "ssim_to_input": float(smap.mean()),
              "body_dice": _dice(inp > BODY_HU, o > BODY_HU),
              "bone_dice": _dice(bone_in, _smooth(o, 0.75) > BONE_HU),
              "texture_ratio": _texture_sd(o, flat) / tex_in if tex_in else math.nan}
+        if case.labels is not None:  # low-contrast anatomy: ventricles and grey / white matter, liver
+            for name, tissues in AUG_ROIS.items():
+                roi = np.isin(case.labels, tissues)
+                r[f"ssim_to_input_{name}"] = float(smap[roi].mean()) if roi.any() else math.nan
         if has_les:
             assert case.lesion_mask is not None
             scores = M.lesion_scores(ref, o, case.lesion_mask, case.reference.spacing, exclude=excl)
@@ -596,7 +605,8 @@ def dose_resimulation(n: int, dose: float = 0.5, seed: int = 0) -> VariantsMetho
 
 
 AUGMENT_CONVENTIONS = """Augmentation: each method makes N variants of the received normal-dose CT. MAE (body) and SSIM
-(-160..240 HU window) to the input: how far variants move; SD across variants (body, mean of the
+(-160..240 HU window; also inside the brain, CSF + grey + white matter, and the liver, where the
+anatomy is low-contrast) to the input: how far variants move; SD across variants (body, mean of the
 per-pixel SD), also after a 2 px Gaussian (variation beyond pixel noise: a noise-only method
 scores near 0 there); body (HU > -500) and bone (smoothed HU > 300) Dice with the input: anatomy
 kept; texture ratio = SD of the 1.5 px high-pass in flat tissue, variant over input (1 = the

@@ -821,9 +821,11 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
     arch = cfg["architecture"]
     # sampling defaults the training command wrote vs those in the config now (edited after a
     # validation-split choice); models without a preset or a training record are not compared
-    preset = PRESETS.get(cfg.get("task", ""), {}).get("sampling", {}).get(cfg.get("task", ""), {})
+    # (keyed by the inference task: the ct_augment recipe's task is "augment")
+    task_key = (cfg.get("tasks") or [cfg.get("task", "")])[0]
+    preset = PRESETS.get(cfg.get("task", ""), {}).get("sampling", {}).get(task_key, {})
     trained = {**preset, **(tr.get("sampling") or {})}
-    sampled = cfg.get("sampling", {}).get(cfg.get("task", ""), {}) if tr and preset else trained
+    sampled = cfg.get("sampling", {}).get(task_key, {}) if tr and preset else trained
     metrics = metrics_md or old_metrics or "Not evaluated yet (run `synthnode engine evaluate`)."
     data_txt = data_description or old_data or "see config.json training.data"
     lines = [

@@ -215,6 +215,7 @@ def test_score_variants_known_answers():
     case = _aug_case()
     same = score_variants(case, [case.input, case.input])
     assert same["mae_to_input"] == 0.0 and same["ssim_to_input"] == pytest.approx(1.0)
+    assert same["ssim_to_input_liver"] == pytest.approx(1.0) or math.isnan(same["ssim_to_input_liver"])
     assert same["body_dice"] == 1.0 and same["bone_dice"] == 1.0
     assert same["texture_ratio"] == pytest.approx(1.0) and same["variant_sd"] == 0.0
     assert math.isnan(score_variants(case, [case.input])["variant_sd"])
@@ -228,7 +229,13 @@ def test_score_variants_known_answers():
     # smoothing every variant: texture ratio < 1; blanking the body: anatomy gone
     smooth = Volume(np.stack([ndimage.gaussian_filter(s, 2.0) for s in case.input.data]),
                     case.input.spacing, case.input.intensity)
-    assert score_variants(case, [smooth])["texture_ratio"] < 0.7
+    sm = score_variants(case, [smooth])
+    assert sm["texture_ratio"] < 0.7
+    head = phantom_cases("augment", 2, size=128, n_slices=1)[1]  # the head phantom: brain ROI
+    flat = Volume(np.where(np.isin(head.labels, (10, 11, 12)), 35.0, head.input.data).astype(np.float32),
+                  head.input.spacing, head.input.intensity)  # ventricles and grey / white matter erased
+    er = score_variants(head, [flat])
+    assert er["ssim_to_input_brain"] < 0.9 < er["body_dice"] and er["ssim_to_input"] > er["ssim_to_input_brain"]
     air = Volume(np.full_like(case.input.data, -1000.0), case.input.spacing, case.input.intensity)
     gone = score_variants(case, [air])
     assert gone["body_dice"] == 0.0 and gone["mae_to_input"] > 100.0

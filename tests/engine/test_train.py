@@ -522,6 +522,15 @@ def test_cli_augment_recipe_options(tmp_path: Path) -> None:
     assert cfg["p_uncond"] == 1.0 and cfg["training"]["fulldose_target"] == 1.0
     card = (d / "MODEL_CARD.md").read_text()
     assert "condition dropout 1.0" in card and "--p-uncond 1.0" in card
+    assert "sampling defaults changed" not in card
+    # sampling edited after training (a validation-split choice): the card says so (the recipe's
+    # task is ct_augment, its inference task and sampling key "augment")
+    from engine.train import write_model_card
+
+    cfg["sampling"]["augment"] = {**cfg["sampling"]["augment"], "strength": 0.05}
+    (d / "config.json").write_text(json.dumps(cfg))
+    write_model_card(d)
+    assert '"strength": 0.05' in (d / "MODEL_CARD.md").read_text().split("sampling defaults changed after training")[1]
     for extra, msg in ((["--objective", "regression", "--p-uncond", "1"], "apply to --objective diffusion"),):
         res = run(app, [*base, *extra])
         assert res.exit_code != 0 and msg in " ".join(res.output.split()), (extra, res.output)
