@@ -217,9 +217,9 @@ def false_lesion_map(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
     the median reference contrast of those lesions (the same midpoint rule as the Dice
     segmentation); lesions whose reference contrast is below ``min_contrast`` do not count
     there (a CT lesion of 2 HU would set a threshold that grey / white matter texture crosses;
-    the CT evaluation passes 10 HU, below the grey / white matter contrast). A false lesion is a connected in-plane region where the smoothed output
-    (Gaussian 0.75 px) exceeds the smoothed reference by more than that threshold in the
-    lesions' direction, that
+    the CT evaluation passes 10 HU, below the grey / white matter contrast). A false lesion is
+    a connected in-plane region where the smoothed output (Gaussian 0.75 px) exceeds the
+    smoothed reference by more than that threshold in the lesions' direction, that
 
     - survives an opening with a disc of half ``min_diameter_mm`` (at least the 3 x 3 px
       cross; a tissue edge drawn a pixel or two off is a thin strip and does not; a round
