@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from engine import metrics as M
 from engine.api import Intensity, Volume
@@ -278,8 +279,6 @@ LESION_RGB, FALSE_LESION_RGB = (0, 200, 0), (255, 40, 40)
 
 def _outline(mask: np.ndarray, tile: int) -> np.ndarray:
     """One-pixel outline of ``mask`` at ``tile`` x ``tile`` (nearest-neighbour resize)."""
-    from scipy import ndimage
-
     m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((tile, tile), Image.Resampling.NEAREST)) > 0
     return m & ~ndimage.binary_erosion(m)
 
@@ -456,14 +455,7 @@ def _json_num(x: Any) -> Any:
 # --------------------------------------------------------------------------- augmentation
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    den = float(a.sum() + b.sum())
-    return 2.0 * float((a & b).sum()) / den if den else math.nan
-
-
 def _smooth(a: np.ndarray, sigma: float) -> np.ndarray:
-    from scipy import ndimage
-
     return np.stack([ndimage.gaussian_filter(np.asarray(x, np.float64), sigma) for x in a])
 
 
@@ -503,8 +495,8 @@ def score_variants(case: Case, variants: Sequence[Volume]) -> dict[str, float]:
             raise ValueError(f"variant shape {o.shape} != input shape {inp.shape}")
         smap = M.ssim_map(inp, o, M.CT_WINDOW)
         r = {"mae_to_input": M.mae(inp, o, body), "ssim_to_input": float(smap.mean()),
-             "body_dice": _dice(inp > BODY_HU, o > BODY_HU),
-             "bone_dice": _dice(bone_in, _smooth(o, 0.75) > BONE_HU),
+             "body_dice": M.dice(inp > BODY_HU, o > BODY_HU),
+             "bone_dice": M.dice(bone_in, _smooth(o, 0.75) > BONE_HU),
              "texture_ratio": _texture_sd(o, flat) / tex_in if tex_in else math.nan}
         if case.labels is not None:  # low-contrast anatomy: ventricles and grey / white matter, liver
             for name, tissues in AUG_ROIS.items():

@@ -148,6 +148,12 @@ class LesionScore:
         return self.contrast_out / self.contrast_ref if self.contrast_ref else math.nan
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks; NaN when both are empty."""
+    den = float(a.sum() + b.sum())
+    return 2.0 * float((a & b).sum()) / den if den else math.nan
+
+
 def _ring(mask: np.ndarray, inner: int, outer: int) -> np.ndarray:
     """Pixels between ``inner`` and ``outer`` px from the mask, in plane, slice by slice."""
     res = np.zeros_like(mask)

@@ -89,6 +89,11 @@ def load_real_ct(names: tuple[str, ...] = REAL_CT_FILES,
     return out
 
 
+def _scan_hu(v: Volume) -> np.ndarray:
+    """A real scan's HU, padding values (-2000, -3024) clipped to air (-1024)."""
+    return np.clip(v.data, -1024.0, 3071.0).astype(np.float32)
+
+
 def real_ct_cases(dose: float, seed: int = 0,
                   names: tuple[str, ...] = REAL_CT_FILES) -> list:
     """:class:`engine.evaluate.Case` list: real slices with simulated dose fraction ``dose``."""
@@ -101,7 +106,7 @@ def real_ct_cases(dose: float, seed: int = 0,
     cases = []
     for i, rs in enumerate(load_real_ct(names)):
         v = rs.volume
-        ref = np.clip(v.data, -1024.0, 3071.0).astype(np.float32)  # padding (-2000, -3024) -> air
+        ref = _scan_hu(v)
         ld = low_dose_ct(ref, v.spacing[1], added, seed=seed * 1000 + i)
         cases.append(Case(f"real-{rs.name}", Volume(ld, v.spacing, Intensity.HU),
                           Volume(ref, v.spacing, Intensity.HU), None, None,
@@ -118,8 +123,7 @@ def real_ct_originals(names: tuple[str, ...] = REAL_CT_FILES) -> list:
     cases = []
     for rs in load_real_ct(names):
         v = rs.volume
-        img = np.clip(v.data, -1024.0, 3071.0).astype(np.float32)  # padding (-2000, -3024) -> air
-        vol = Volume(img, v.spacing, Intensity.HU)
+        vol = Volume(_scan_hu(v), v.spacing, Intensity.HU)
         cases.append(Case(f"real-{rs.name}", vol, vol, None, None,
                           {"file": rs.name, "transfer_syntax": rs.transfer_syntax, "hu_sha256": rs.sha256}))
     return cases
