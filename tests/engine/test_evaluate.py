@@ -152,6 +152,12 @@ def test_real_ct_slices_decode_and_degrade():
     assert 0 < sd[0] < sd[1]
     with pytest.raises(ValueError):
         real_ct_cases(1.0, names=small)
+    # as received (augmentation): input = reference = the scan, padding clipped to air
+    from node.evaldata import real_ct_originals
+
+    (orig,) = real_ct_originals(small)
+    assert orig.input.data is orig.reference.data and orig.input.data.min() >= -1024.0
+    np.testing.assert_array_equal(orig.reference.data, case.reference.data)
 
 
 def test_real_mr_images_decode_crop_and_get_rician_noise():
