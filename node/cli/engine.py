@@ -16,7 +16,7 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command("train")
 def train_cmd(
-    task: str = typer.Argument(..., help="ct_denoise | mr_denoise | ct_to_mr | augment"),
+    task: str = typer.Argument(..., help="training recipe: ct_denoise | mr_denoise | ct_to_mr | ct_augment"),
     objective: str = typer.Option("diffusion", "--objective", help="diffusion | regression (one-step baseline)"),
     steps: int = typer.Option(1500, "--steps", min=1),
     batch: int = typer.Option(8, "--batch", min=1),
