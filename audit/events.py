@@ -92,7 +92,9 @@ class Event:
                            model_id; payload source_series_uids, output_series_uid,
                            output_sop_uids (list), sha256 (list parallel to
                            output_sop_uids, or one digest), watermark_payload (hex string),
-                           output_format, model_id, model_version, weights_sha256, seed,
+                           watermark_max_delta (largest bound used, stored units),
+                           watermark_verified (the mark was found in every instance at
+                           build; both absent when unmarked), output_format, model_id, model_version, weights_sha256, seed,
                            quality (the gate's statistics, decimal strings)
     ``output.held``        subject job_id, study_uid, model_id; payload
                            source_series_uids, output_index, reasons (list of strings),

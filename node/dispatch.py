@@ -367,11 +367,15 @@ def is_synthetic(ds: Dataset) -> bool:
 WatermarkCheck = Callable[[Dataset], bool]
 
 
-def watermark_check(keys: Sequence[Any], *, max_frames: int = 8) -> WatermarkCheck:
+def watermark_check(keys: Sequence[Any], *, max_frames: int | None = None) -> WatermarkCheck:
     """A :data:`WatermarkCheck` running ``audit.watermark.detect`` with ``keys`` on the
     stored pixel values. Every frame carries the same mark, so a multi-frame instance is
-    judged on up to ``max_frames`` evenly spaced frames (pooled by the detector)."""
-    from audit.watermark import detect
+    judged on up to ``max_frames`` evenly spaced frames (pooled by the detector; default
+    ``audit.watermark.core.VERIFY_MAX_FRAMES``, the sample the pipeline verifies at build)."""
+    from audit.watermark import detect, sample_frames
+    from audit.watermark.core import VERIFY_MAX_FRAMES
+
+    frames = max_frames or VERIFY_MAX_FRAMES
 
     def check(ds: Dataset) -> bool:
         if not keys or ("PixelData" not in ds):
@@ -380,9 +384,8 @@ def watermark_check(keys: Sequence[Any], *, max_frames: int = 8) -> WatermarkChe
             arr = np.asarray(ds.pixel_array)
         except Exception:
             return False
-        if arr.ndim == 3 and arr.shape[0] > max_frames:
-            idx = np.linspace(0, arr.shape[0] - 1, max_frames).round().astype(int)
-            arr = arr[idx]
+        if arr.ndim == 3:
+            arr = arr[sample_frames(arr.shape[0], frames)]
         return bool(detect(arr, list(keys)).marked)
 
     return check

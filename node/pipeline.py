@@ -176,6 +176,7 @@ class Pipeline:
         self.mark_key = mark_key
         self.max_delta = max_delta
         keys = list(detect_keys) if detect_keys is not None else ([mark_key] if mark_key else [])
+        self.detect_keys = keys
         self.detect = watermark_check(keys) if keys else None
         self.jobs = JobStore(parts.engine, parts.ledger, lease_s=self.settings.lease_s)
         self.tracker = StudyTracker(
@@ -565,8 +566,10 @@ class Pipeline:
         series_uid = generate_uid()
         mark = None
         payload_hex = None
+        output_format = codes.OutputFormat(job.spec.get("output_format", "sc"))
+        verified: dict[str, Any] = {}
         if self.mark_key is not None:
-            from audit.watermark import embed, make_payload, payload_hex as phex
+            from audit.watermark import embed_verified, make_payload, payload_hex as phex
             from audit.watermark.core import suggest_max_delta
             from engine.api import Intensity
 
@@ -577,17 +580,38 @@ class Pipeline:
             hu = out.intensity is Intensity.HU
 
             def mark(a: Any) -> Any:
+                # checked as dispatch will check it: each single-frame instance on its own,
+                # a multi-frame instance on its pooled sample of frames
                 t = time.perf_counter()
                 try:
+                    n = a.shape[0]
+                    units = ([[z] for z in range(n)] if output_format is codes.OutputFormat.SC
+                             else [list(range(n))])
                     delta = suggest_max_delta(a, hu_calibrated=hu, floor=self.max_delta)
-                    return embed(a, key, payload, bits_stored=16, signed=False, max_delta=delta)
+                    marked, report = embed_verified(
+                        a, key, payload, units=units, bits_stored=16, signed=False,
+                        max_delta=delta, detect_keys=self.detect_keys or None)
+                    verified.update(watermark_max_delta=max(report.max_delta),
+                                    watermark_verified=report.verified)
+                    if report.raised:
+                        logger.info("watermark of %s: bound raised from %d to %d in %d of %d "
+                                    "unit(s) (below the image noise) to make it detectable",
+                                    series_uid, delta, max(report.max_delta), report.raised,
+                                    len(units))
+                    if not report.verified:
+                        logger.warning(
+                            "watermark of %s not detectable in %d of %d unit(s) within the "
+                            "fidelity bound (up to %d stored units): dispatch will refuse them",
+                            series_uid, report.detected.count(False), len(units),
+                            max(report.limit))
+                    return marked
                 finally:
                     timings["watermark"] = timings.get("watermark", 0.0) + time.perf_counter() - t
         wm_before = timings.get("watermark", 0.0)
         t0 = time.perf_counter()
         n_out = self.settings.output_series_number_base + int(job.spec.get("task_index", 0)) * 10 + k + 1
         spec = SeriesSpec(
-            job.spec.get("output_format", "sc"), prov, ledger_entry=f"job:{job.id}",
+            output_format, prov, ledger_entry=f"job:{job.id}",
             series_number=n_out, series_instance_uid=series_uid,
         )
         built = build_series(source, out, spec, mark=mark)
@@ -622,7 +646,8 @@ class Pipeline:
                      "model_id": prov.model_id},
             payload={"source_series_uids": [job.series_uid], "output_series_uid": series_uid,
                      "output_sop_uids": sop_uids, "sha256": digests,
-                     "watermark_payload": payload_hex, "output_format": built.output_format.value,
+                     "watermark_payload": payload_hex, **verified,
+                     "output_format": built.output_format.value,
                      "model_id": prov.model_id, "model_version": prov.model_version,
                      "weights_sha256": prov.weights_sha256, "seed": prov.seed,
                      "quality": stats},

@@ -45,6 +45,9 @@ DEFAULT_STRENGTH = 2.0
 DEFAULT_FPR = 1e-3
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 2.0, 0.5)
 DECODE_GATE = 4.0
+MAX_DELTA_LIMIT = 1024  # sanity bound of embed(); the bound in use comes from the caller
+VERIFY_NOISE_FRACTION = 0.5  # embed_verified() raises the bound up to this x the noise sd
+VERIFY_MAX_FRAMES = 8  # frames of one instance pooled by a receiver's check
 TOP_K = 16  # shifts per fold and key at which the payload energy is evaluated
 _ABS_MEAN = 0.81056  # E|cos a + cos b|, a, b uniform (Monte Carlo 1e8)
 _ABS_VAR = 0.34296
@@ -175,8 +178,8 @@ def embed(array: NDArray[np.integer], key: WatermarkKey, payload: int, *, bits_s
         raise TypeError(f"expected integer stored values, got {arr.dtype}")
     if not 0 <= payload < (1 << PAYLOAD_BITS):
         raise ValueError(f"payload must be an unsigned {PAYLOAD_BITS}-bit integer")
-    if not 1 <= max_delta <= 64:
-        raise ValueError("max_delta must be in 1..64")
+    if not 1 <= max_delta <= MAX_DELTA_LIMIT:
+        raise ValueError(f"max_delta must be in 1..{MAX_DELTA_LIMIT}")
     lo, hi = valid_limits(bits_stored, signed, valid_range)
     info = np.iinfo(arr.dtype)
     lo, hi = max(lo, int(info.min)), min(hi, int(info.max))
@@ -207,6 +210,89 @@ def suggest_max_delta(array: NDArray, *, hu_calibrated: bool, fraction: float = 
     if hu_calibrated:
         return floor
     return int(min(ceiling, max(floor, np.floor(fraction * noise_sigma(array)))))
+
+
+def sample_frames(n: int, max_frames: int = VERIFY_MAX_FRAMES) -> NDArray[np.int64]:
+    """The frames of an ``n``-frame instance that a check pools: all of them when
+    ``n <= max_frames``, else ``max_frames`` evenly spaced ones (first and last included).
+    Every frame carries the same mark, so a sample judges the instance."""
+    if n <= max_frames:
+        return np.arange(n)
+    return np.linspace(0, n - 1, max_frames).round().astype(np.int64)
+
+
+@dataclass(frozen=True)
+class VerifiedEmbedding:
+    """What :func:`embed_verified` did, per unit (a group of frames judged together).
+
+    ``max_delta``: the bound each unit was marked with (``start`` unless it had to be
+    raised); ``detected``: whether the mark was found in it at that bound and its payload
+    decoded (with the detection ``score``); ``limit``: the highest bound the unit's noise allowed."""
+
+    start: int
+    max_delta: list[int]
+    detected: list[bool]
+    score: list[float]
+    limit: list[int]
+
+    @property
+    def verified(self) -> bool:
+        return all(self.detected)
+
+    @property
+    def raised(self) -> int:
+        """How many units were marked above ``start``."""
+        return sum(d > self.start for d in self.max_delta)
+
+
+def embed_verified(array: NDArray[np.integer], key: WatermarkKey, payload: int, *,
+                   units: list[NDArray[np.int64]] | list[list[int]], bits_stored: int,
+                   signed: bool, max_delta: int = 2, valid_range: tuple[int, int] | None = None,
+                   detect_keys: list[WatermarkKey] | None = None,
+                   noise_fraction: float = VERIFY_NOISE_FRACTION,
+                   max_frames: int = VERIFY_MAX_FRAMES) -> tuple[NDArray[np.integer], VerifiedEmbedding]:
+    """Embed, then check that a receiver finds the mark; raise the bound where it does not.
+
+    ``array`` is (frames, rows, columns); ``units`` partitions the frame indices into the
+    groups a receiver judges together (one per single-frame instance, or all frames of a
+    multi-frame instance; the detector pools :func:`sample_frames` of a unit). Each unit is
+    marked with ``max_delta`` and run through :func:`detect` with ``detect_keys`` (default
+    ``[key]``); a unit whose mark is not found, or whose payload does not decode (the link to
+    the ledger), is marked again from its unmarked values with
+    the bound doubled, while the bound stays at most
+    ``max(max_delta, noise_fraction x noise_sigma(unit))`` (below the image noise,
+    governance.md "Watermark"). A unit still not detected at that limit keeps the highest
+    bound tried and is reported ``detected=False``; the caller decides what that means.
+    """
+    arr = np.asarray(array)
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 3-D (frames, rows, columns) array, got shape {arr.shape}")
+    seen = sorted(int(i) for u in units for i in u)
+    if seen != list(range(arr.shape[0])):
+        raise ValueError("units must partition the frame indices 0..frames-1")
+    keys = list(detect_keys) if detect_keys else [key]
+    out = np.empty_like(arr)
+    deltas, found, scores, limits = [], [], [], []
+    for unit in units:
+        idx = np.asarray(unit, dtype=np.int64)
+        host = arr[idx]
+        limit = int(min(MAX_DELTA_LIMIT, max(max_delta, np.floor(noise_fraction * noise_sigma(host)))))
+        probe = sample_frames(len(idx), max_frames)
+        delta = max_delta
+        while True:
+            marked = embed(host, key, payload, bits_stored=bits_stored, signed=signed,
+                           max_delta=delta, valid_range=valid_range)
+            det = detect(marked[probe] if len(idx) > 1 else marked[0], keys)
+            ok = det.marked and det.payload == payload
+            if ok or delta >= limit:
+                break
+            delta = min(limit, 2 * delta)
+        out[idx] = marked
+        deltas.append(delta)
+        found.append(bool(ok))
+        scores.append(float(det.score))
+        limits.append(limit)
+    return out, VerifiedEmbedding(max_delta, deltas, found, scores, limits)
 
 
 # ----------------------------------------------------------------------------- detect

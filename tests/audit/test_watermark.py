@@ -19,9 +19,11 @@ from audit.watermark import (
     codeword,
     detect,
     embed,
+    embed_verified,
     make_payload,
     noise_sigma,
     payload_hex,
+    sample_frames,
     split_payload,
     suggest_max_delta,
     threshold_for,
@@ -328,3 +330,74 @@ def test_noise_relative_max_delta() -> None:
     assert suggest_max_delta(rng.normal(3000, 12, (64, 64)), hu_calibrated=False) == 3
     assert suggest_max_delta(img, hu_calibrated=True) == 2
     assert codeword(KEY, 5).size == 140
+
+
+def _noise_host(n: int, size: int, sd: float, seed: int) -> np.ndarray:
+    """A host the default bound cannot mark detectably: white noise of ``sd`` stored units."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(2048, sd, (n, size, size)), 0, 4095).astype(np.uint16)
+
+
+def test_sample_frames() -> None:
+    assert sample_frames(3).tolist() == [0, 1, 2]
+    assert sample_frames(100, 8).tolist() == [0, 14, 28, 42, 57, 71, 85, 99]
+    assert sample_frames(8, 8).tolist() == list(range(8))
+
+
+def test_embed_verified_raises_bound_only_where_needed() -> None:
+    """Frame 0 is smooth (found at the starting bound), frames 1-2 are white noise of sd 600
+    where a 2-unit mark is lost: as single-frame units they are marked again with a doubled
+    bound until found; the bound stays below half the noise and each unit's change is
+    within its own bound."""
+    host = _noise_host(3, 128, 600.0, 4)
+    host[0] = _synthetic((128, 128), np.uint16, 12, False, 1)
+    payload = make_payload(5, 77)
+    assert not detect(embed(host[1], KEY, payload, bits_stored=12, signed=False, max_delta=2),
+                      [KEY]).marked
+    marked, rep = embed_verified(host, KEY, payload, units=[[0], [1], [2]], bits_stored=12,
+                                 signed=False, max_delta=2)
+    assert rep.verified and rep.detected == [True, True, True]
+    assert rep.max_delta[0] == 2 and all(d > 2 for d in rep.max_delta[1:]) and rep.raised == 2
+    assert all(d <= lim <= 0.5 * noise_sigma(host[k]) or d == 2
+               for k, (d, lim) in enumerate(zip(rep.max_delta, rep.limit)))
+    for k in range(3):
+        change = np.abs(marked[k].astype(np.int64) - host[k]).max()
+        assert change <= rep.max_delta[k]
+        det = detect(marked[k], [KEY])
+        assert det.marked and det.payload == payload
+
+
+def test_embed_verified_reports_what_it_cannot_mark() -> None:
+    """A noise fraction that keeps the limit at the starting bound: nothing is raised and the
+    unit is reported as not detected (the caller's dispatch check would refuse it)."""
+    host = _noise_host(1, 128, 600.0, 5)
+    marked, rep = embed_verified(host, KEY, make_payload(5, 1), units=[[0]], bits_stored=12,
+                                 signed=False, max_delta=2, noise_fraction=0.001)
+    assert rep.max_delta == [2] and rep.limit == [2] and rep.detected == [False]
+    assert not rep.verified and rep.raised == 0
+    assert np.abs(marked.astype(np.int64) - host).max() <= 2
+
+
+def test_embed_verified_pools_a_multiframe_unit() -> None:
+    """One unit of many frames is judged on its pooled sample: the starting bound suffices
+    where a single noisy frame would not, and every frame carries the mark."""
+    host = _noise_host(24, 96, 150.0, 6)
+    payload = make_payload(5, 99)
+    assert not detect(embed(host[0], KEY, payload, bits_stored=12, signed=False, max_delta=16),
+                      [KEY]).marked
+    marked, rep = embed_verified(host, KEY, payload, units=[list(range(24))], bits_stored=12,
+                                 signed=False, max_delta=16)
+    assert rep.verified and rep.max_delta == [16] and rep.raised == 0
+    assert detect(marked[sample_frames(24)], [KEY]).payload == payload
+    assert np.array_equal(marked, embed(host, KEY, payload, bits_stored=12, signed=False,
+                                        max_delta=16))
+
+
+def test_embed_verified_validation() -> None:
+    host = np.zeros((3, 64, 64), np.uint16)
+    with pytest.raises(ValueError, match="partition"):
+        embed_verified(host, KEY, 1, units=[[0], [1]], bits_stored=12, signed=False)
+    with pytest.raises(ValueError, match="partition"):
+        embed_verified(host, KEY, 1, units=[[0, 1], [1, 2]], bits_stored=12, signed=False)
+    with pytest.raises(ValueError, match="3-D"):
+        embed_verified(host[0], KEY, 1, units=[[0]], bits_stored=12, signed=False)

@@ -102,6 +102,9 @@ def test_study_to_pacs(tmp_path: Path, orthanc: OrthancServer) -> None:
         assert t in types, t
     created = [e.event for e in ctx.ledger.entries() if e.event.type.value == "output.created"][0]
     assert created.payload["watermark_payload"] == payload_hex(det.payload)
+    # verified at build as dispatch checks it; CT output keeps the 2 HU bound
+    assert created.payload["watermark_verified"] is True
+    assert created.payload["watermark_max_delta"] == 2
     assert created.payload["source_series_uids"] == [str(series[0].SeriesInstanceUID)]
     # completing again, or the synthetic series coming back, queues nothing
     assert pipe.complete_study(study) is False
