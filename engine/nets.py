@@ -162,6 +162,27 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float, floor: float) -> torc
     return torch.maximum(torch.minimum(x0, s), -s)
 
 
+def lowpass(x: torch.Tensor, sigma_px: tuple[float, float]) -> torch.Tensor:
+    """Gaussian low-pass of ``(B, C, H, W)`` images, ``sigma_px`` = (rows, columns) in pixels,
+    the border pixels repeated outwards (MONAI ``separable_filtering``)."""
+    from monai.networks.layers.convutils import gaussian_1d
+    from monai.networks.layers.simplelayers import separable_filtering
+
+    kernels = []
+    for s in sigma_px:
+        k = gaussian_1d(torch.tensor(float(s)), truncated=4.0).to(x)
+        kernels.append(k / k.sum())  # MONAI's truncated kernel sums to 1 - 1e-4: keep the mean
+    return separable_filtering(x, kernels, mode="replicate")
+
+
+def ilvr(x0: torch.Tensor, reference_low: torch.Tensor, sigma_px: tuple[float, float]) -> torch.Tensor:
+    """ILVR guidance (Choi et al., ICCV 2021, "Iterative Latent Variable Refinement"), on the
+    predicted clean image: its low-pass is replaced by the reference's, ``x0 - lp(x0) +
+    lp(ref)`` (``reference_low`` = ``lp(ref)``, computed once). Structures coarser than the
+    filter come from the reference; finer ones from the model."""
+    return x0 - lowpass(x0, sigma_px) + reference_low
+
+
 def rflow_sample(
     net: torch.nn.Module,
     scheduler: RFlowScheduler,

@@ -37,7 +37,7 @@ import torch
 
 from engine.api import Intensity, Provenance, TaskResult, Volume
 from engine.models import LoadedModel
-from engine.nets import dynamic_threshold, in_out_channels, regression_predict, rflow_sample
+from engine.nets import dynamic_threshold, ilvr, in_out_channels, lowpass, regression_predict, rflow_sample
 from engine.wavelet import dwt2, idwt2
 
 log = logging.getLogger(__name__)
@@ -234,8 +234,13 @@ def _predict(
     threshold: float | None,
     drop_condition: bool = False,
     ensemble: int = 1,
+    guide_sigma: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Run the model over a slice stack in batches.
+
+    ``guide_sigma`` (diffusion models, with ``init``): ILVR guidance, at every step the
+    predicted clean image keeps the Gaussian low-pass (sigma in pixels, rows / columns) of
+    ``init`` (:func:`engine.nets.ilvr`).
 
     ``ensemble`` (regression models): the prediction is the mean over the first ``ensemble``
     of ``DIHEDRAL`` (flips / rotations applied to the pixel-domain condition, undone on the
@@ -267,10 +272,23 @@ def _predict(
     model.to(device)
     scheduler = model.scheduler()
     t_max = scheduler.num_train_timesteps
-    xform = None
-    if threshold is not None:
+    if guide_sigma is not None and (init is None or k_res):
+        raise TaskInputError("guidance needs the received image and a non-residual model")
+
+    def make_xform(sl: slice) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """x0 transform of one batch: ILVR guidance, then dynamic thresholding."""
+        if guide_sigma is None and threshold is None:
+            return None
+        ref_low = lowpass(init[sl].to(device), guide_sigma) if guide_sigma is not None else None
+
         def xform(x0w: torch.Tensor) -> torch.Tensor:
-            return dwt2(dynamic_threshold(idwt2(x0w.float()), threshold, floor)).to(x0w.dtype)
+            x0 = idwt2(x0w.float())
+            if ref_low is not None:
+                x0 = ilvr(x0, ref_low, guide_sigma)
+            if threshold is not None:
+                x0 = dynamic_threshold(x0, threshold, floor)
+            return dwt2(x0).to(x0w.dtype)
+        return xform
 
     # the 2.5D condition in pixels, for the flipped / rotated copies of the ensemble
     ens_pix = (context_stack(cond, k) if model.objective == "regression" and ensemble > 1 and cond is not None
@@ -302,7 +320,7 @@ def _predict(
                         x = n
                     with _autocast(device, opts):
                         y = rflow_sample(model.net, scheduler, c, x, start if init_w is not None else 1.0,
-                                         steps, xform, prediction=model.config.get("prediction", "velocity"))
+                                         steps, make_xform(sl), prediction=model.config.get("prediction", "velocity"))
                 out = idwt2(y.float()).cpu()
             if k_res:
                 out = init[sl] + out / float(k_res)
@@ -409,11 +427,13 @@ def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
     x, state = normalise(vol.data, norm["input"])
     t = torch.from_numpy(x)[:, None]
     out_spec = norm.get("output", norm["input"])
+    keep = float(params.get("keep_sigma_mm") or 0.0)
+    guide = (keep / vol.spacing[1], keep / vol.spacing[2]) if keep > 0 else None
     outs = []
     seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(int(params["n"]), dtype=np.uint32)]
     for s in seeds:
         y = _predict(model, t, t, start=float(params["strength"]), steps=int(params["steps"]), seed=s, opts=opts,
-                     threshold=_threshold(params), drop_condition=True)
+                     threshold=_threshold(params), drop_condition=True, guide_sigma=guide)
         outs.append(Volume(denormalise(y[:, 0].numpy(), out_spec, state), vol.spacing, vol.intensity))
     return _Run(outs, int(params["steps"]), {"variant_seeds": seeds})
 
@@ -474,6 +494,10 @@ TASKS: dict[str, TaskSpec] = {
             "n": ParamSpec(int, 4, 1, 32, help="number of variants"),
             "strength": ParamSpec(float, 0.35, 0.05, 0.6, help="partial-noising strength (start time)"),
             "steps": ParamSpec(int, 4, 1, 8, help="denoising steps (3-5 recommended)"),
+            "keep_sigma_mm": ParamSpec(float, 0.0, 0.0, 50.0,
+                                       help="ILVR guidance: at every step the variant keeps the received "
+                                            "image's Gaussian low-pass of this sigma (mm), so anatomy coarser "
+                                            "than ~2 sigma is the received anatomy; 0 = off"),
             "threshold_percentile": _THR,
         },
         _augment,

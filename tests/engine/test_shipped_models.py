@@ -30,11 +30,14 @@ MR_MODEL = "mr-denoise-wreg"
 # +0.13..+0.22 (1.0.0, 185 velocity steps, was not tested: ~identity)
 MR_FLOORS = {MR_MODEL: (8.0, 0.08), "experimental/mr-denoise-wdiff": (7.0, 0.08)}
 # augmentation floors (engine.evaluate.score_variants, 2 variants, normal-dose input): ct-augment-wdiff
-# 2.0.0 measured MAE to input 17.2 / 14.8 HU, body Dice 1.000 / 0.999, bone Dice 0.989 / 0.988, texture
-# ratio 0.89 / 0.98, smoothed SD across variants 3.2 / 2.3 HU, false lesions 0.75 / 2.75 per slice
-# (abdomen / head); the 1.0.0 model it replaced: 47.4 / 46.3 HU, texture 2.1 / 7.1, 61 / 60 false lesions
-AUG_FLOORS = {"mae_to_input": 25.0, "body_dice": 0.99, "bone_dice": 0.97, "texture_ratio": (0.7, 1.4),
-              "structural_sd": 1.0, "false_lesions_per_slice": 6.0}
+# 2.1.0 (2.0.0 weights + ILVR guidance keep_sigma_mm 1.25) measured (abdomen / head) MAE to input 9.1 /
+# 10.9 HU, SSIM brain 0.952 / 0.896, liver 0.899 / -, body Dice 1.000 / 0.999, bone Dice 0.995 / 0.993,
+# texture ratio 0.89 / 0.83, lesion contrast ratio >= 5 mm 0.98 / 1.04, false lesions 0 / 0, SD across
+# variants 3.0 / 3.3 HU (smoothed 0.25 / 0.36). The same weights without guidance (2.0.0) fail the
+# anatomy floors: SSIM brain 0.907 / 0.794, liver 0.69, contrast 0.70 / 0.75, false lesions 0.75 / 2.75.
+AUG_FLOORS = {"mae_to_input": 15.0, "body_dice": 0.99, "bone_dice": 0.97, "texture_ratio": (0.7, 1.4),
+              "ssim_to_input_brain": 0.85, "ssim_to_input_liver": 0.85, "lesion_contrast_ratio_ge5mm": 0.9,
+              "false_lesions_per_slice": 0.5, "variant_sd": 1.5, "structural_sd": 0.1}
 SHIPPED = sorted(
     p.relative_to(WEIGHTS).as_posix()
     for p in [*WEIGHTS.iterdir(), *(WEIGHTS / "experimental").glob("*")]
@@ -150,10 +153,10 @@ def test_ct_to_mr_floor(name: str, target: str) -> None:
 
 def test_augment_keeps_anatomy_and_varies() -> None:
     """ct-augment-wdiff on normal-dose CT of the 2 held-out phantoms, scored as by
-    ``synthnode engine evaluate augment`` (engine.evaluate.score_variants).
-
-    2.0.0 (x0, 4000 + 6721 CPU steps) measured on these: see AUG_FLOORS, which the 1.0.0 model
-    (501 velocity steps) it replaced fails (MAE to input, texture ratio, false lesions).
+    ``synthnode engine evaluate augment`` (engine.evaluate.score_variants), with the model's
+    default sampling (2.1.0: ILVR guidance). The floors keep the low-contrast anatomy (brain,
+    liver, lesions >= 5 mm, no added lesions) and require variants that differ; the same
+    weights without guidance fail them (see AUG_FLOORS).
     """
     from engine.evaluate import Case, score_variants
 
@@ -168,6 +171,9 @@ def test_augment_keeps_anatomy_and_varies() -> None:
         assert sc["mae_to_input"] < AUG_FLOORS["mae_to_input"], sc
         assert sc["body_dice"] > AUG_FLOORS["body_dice"] and sc["bone_dice"] > AUG_FLOORS["bone_dice"], sc
         assert AUG_FLOORS["texture_ratio"][0] < sc["texture_ratio"] < AUG_FLOORS["texture_ratio"][1], sc
-        assert sc["structural_sd"] > AUG_FLOORS["structural_sd"], sc  # the variants differ beyond noise
-        if not np.isnan(sc.get("false_lesions_per_slice", np.nan)):
-            assert sc["false_lesions_per_slice"] <= AUG_FLOORS["false_lesions_per_slice"], sc
+        for key in ("ssim_to_input_brain", "ssim_to_input_liver", "lesion_contrast_ratio_ge5mm"):
+            if not np.isnan(sc.get(key, np.nan)):  # brain / liver / lesions present in this phantom
+                assert sc[key] > AUG_FLOORS[key], (key, sc)
+        assert sc["false_lesions_per_slice"] <= AUG_FLOORS["false_lesions_per_slice"], sc
+        # the variants differ, also beyond pixel noise
+        assert sc["variant_sd"] > AUG_FLOORS["variant_sd"] and sc["structural_sd"] > AUG_FLOORS["structural_sd"], sc
