@@ -175,7 +175,7 @@ def lowpass(x: torch.Tensor, sigma_px: tuple[float, float]) -> torch.Tensor:
     return separable_filtering(x, kernels, mode="replicate")
 
 
-def ilvr(x0: torch.Tensor, reference_low: torch.Tensor, sigma_px: tuple[float, float]) -> torch.Tensor:
+def ilvr(x0: torch.Tensor, reference_low: torch.Tensor | float, sigma_px: tuple[float, float]) -> torch.Tensor:
     """ILVR guidance (Choi et al., ICCV 2021, "Iterative Latent Variable Refinement"), on the
     predicted clean image: its low-pass is replaced by the reference's, ``x0 - lp(x0) +
     lp(ref)`` (``reference_low`` = ``lp(ref)``, computed once). Structures coarser than the

@@ -238,9 +238,11 @@ def _predict(
 ) -> torch.Tensor:
     """Run the model over a slice stack in batches.
 
-    ``guide_sigma`` (diffusion models, with ``init``): ILVR guidance, at every step the
-    predicted clean image keeps the Gaussian low-pass (sigma in pixels, rows / columns) of
-    ``init`` (:func:`engine.nets.ilvr`).
+    ``guide_sigma`` (with ``init``): low-frequency fidelity to the received image, the
+    prediction keeps the Gaussian low-pass (sigma in pixels, rows / columns) of ``init``
+    (:func:`engine.nets.ilvr`): a diffusion model at every step (ILVR), a regressor once on
+    its output. For a residual model the flow's sample is ``k (clean - received)``, so keeping
+    the received low-pass means a residual without low-pass: ``r - lp(r)``.
 
     ``ensemble`` (regression models): the prediction is the mean over the first ``ensemble``
     of ``DIHEDRAL`` (flips / rotations applied to the pixel-domain condition, undone on the
@@ -272,14 +274,20 @@ def _predict(
     model.to(device)
     scheduler = model.scheduler()
     t_max = scheduler.num_train_timesteps
-    if guide_sigma is not None and (init is None or k_res):
-        raise TaskInputError("guidance needs the received image and a non-residual model")
+    if guide_sigma is not None and init is None:
+        raise TaskInputError("low-pass guidance needs the received image")
+
+    def reference_low(sl: slice) -> torch.Tensor | float | None:
+        """The low-pass the prediction keeps: the received image's, or 0 for a residual."""
+        if guide_sigma is None:
+            return None
+        return 0.0 if k_res else lowpass(init[sl].to(device), guide_sigma)
 
     def make_xform(sl: slice) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """x0 transform of one batch: ILVR guidance, then dynamic thresholding."""
         if guide_sigma is None and threshold is None:
             return None
-        ref_low = lowpass(init[sl].to(device), guide_sigma) if guide_sigma is not None else None
+        ref_low = reference_low(sl)
 
         def xform(x0w: torch.Tensor) -> torch.Tensor:
             x0 = idwt2(x0w.float())
@@ -322,6 +330,8 @@ def _predict(
                         y = rflow_sample(model.net, scheduler, c, x, start if init_w is not None else 1.0,
                                          steps, make_xform(sl), prediction=model.config.get("prediction", "velocity"))
                 out = idwt2(y.float()).cpu()
+            if guide_sigma is not None and model.objective == "regression":
+                out = ilvr(out.to(device), reference_low(sl), guide_sigma).cpu()
             if k_res:
                 out = init[sl] + out / float(k_res)
             outs.append(out)
@@ -380,6 +390,12 @@ def _threshold(params: dict[str, Any]) -> float | None:
     return None if not p else float(p)
 
 
+def _guide_sigma(params: dict[str, Any], vol: Volume) -> tuple[float, float] | None:
+    """``keep_sigma_mm`` in pixels (rows, columns) of ``vol``; None when off."""
+    keep = float(params.get("keep_sigma_mm") or 0.0)
+    return (keep / vol.spacing[1], keep / vol.spacing[2]) if keep > 0 else None
+
+
 def _restore(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,
              opts: RunOptions) -> _Run:
     norm = model.config["normalisation"]
@@ -391,7 +407,8 @@ def _restore(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
         raise TaskInputError(f"strength {params['strength']} is above {model.model_id}'s train_t_max {t_hi} "
                              "(noise levels the model never saw)")
     y = _predict(model, t, t, start=float(params["strength"]), steps=steps, seed=seed, opts=opts,
-                 threshold=_threshold(params), ensemble=_ensemble(model, params))
+                 threshold=_threshold(params), ensemble=_ensemble(model, params),
+                 guide_sigma=_guide_sigma(params, vol))
     out_spec = norm.get("output", norm["input"])
     data = denormalise(y[:, 0].numpy(), out_spec, state)
     return _Run([Volume(data, vol.spacing, vol.intensity)], steps, {"normalisation_scale": state["scale"]})
@@ -427,8 +444,7 @@ def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
     x, state = normalise(vol.data, norm["input"])
     t = torch.from_numpy(x)[:, None]
     out_spec = norm.get("output", norm["input"])
-    keep = float(params.get("keep_sigma_mm") or 0.0)
-    guide = (keep / vol.spacing[1], keep / vol.spacing[2]) if keep > 0 else None
+    guide = _guide_sigma(params, vol)
     outs = []
     seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(int(params["n"]), dtype=np.uint32)]
     for s in seeds:
@@ -441,6 +457,11 @@ def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
 _STRENGTH_HELP = ("start time of the flow (fraction of T); 1 = from pure noise conditioned on the received "
                   "image; at most the model's train_t_max")
 _THR = ParamSpec(float, 0.995, 0.0, 1.0, help="dynamic-threshold percentile of |x0| per slice; 0 = off")
+_KEEP_RESTORE = ParamSpec(float, None, 0.0, 50.0,
+                          help="low-frequency fidelity: the output keeps the received image's Gaussian "
+                               "low-pass of this sigma (mm), which a regressor shrinks at low-contrast "
+                               "lesions; a regressor applies it once, a diffusion model at every step "
+                               "(ILVR); default from the model config, else 0 = off")
 _ENS = ParamSpec(int, None, 1, 8, choices=(1, 2, 4, 8),
                  help="regression models: average over this many flips / rotations of the slice "
                       "(1 = off; default from the model config, else 1); cost x ensemble")
@@ -455,6 +476,7 @@ TASKS: dict[str, TaskSpec] = {
             "strength": ParamSpec(float, 0.3, 0.002, 1.0, help=_STRENGTH_HELP),
             "threshold_percentile": _THR,
             "ensemble": _ENS,
+            "keep_sigma_mm": _KEEP_RESTORE,
         },
         _restore,
         contract={"output_intensity": "HU"},
@@ -468,6 +490,7 @@ TASKS: dict[str, TaskSpec] = {
             "strength": ParamSpec(float, 0.3, 0.002, 1.0, help=_STRENGTH_HELP),
             "threshold_percentile": _THR,
             "ensemble": _ENS,
+            "keep_sigma_mm": _KEEP_RESTORE,
         },
         _restore,
         contract={"output_intensity": "same as input"},

@@ -320,3 +320,55 @@ def test_augment_guidance_keeps_the_coarse_image() -> None:
     assert not np.array_equal(kept.outputs[0].data, kept.outputs[1].data)
     with pytest.raises(TaskInputError, match="keep_sigma_mm"):
         run_task("augment", vol, model=m, params={"keep_sigma_mm": -1.0}, seed=0)
+
+
+def test_restoration_keep_sigma_regressor_keeps_the_received_low_pass() -> None:
+    """keep_sigma_mm on a (residual) regressor: output = prediction + lp(received - prediction),
+    exactly the one-shot ILVR step; 0 is the plain prediction; a model-config default applies."""
+    from engine.nets import lowpass
+
+    m = _randomised(tiny("ct_denoise", objective="regression", seed=2), seed=5)
+    vol = ct_volume(z=3, n=48, seed=6)
+    plain = run_task("ct_denoise", vol, model=m, params={}, seed=0)
+    assert "keep_sigma_mm" not in plain.provenance.parameters
+    off = run_task("ct_denoise", vol, model=m, params={"keep_sigma_mm": 0.0}, seed=0).outputs[0].data
+    assert np.array_equal(off, plain.outputs[0].data)
+    kept = run_task("ct_denoise", vol, model=m, params={"keep_sigma_mm": 1.4}, seed=0).outputs[0].data
+    p = torch.from_numpy(plain.outputs[0].data)[:, None]
+    want = p + lowpass(torch.from_numpy(vol.data)[:, None] - p, (2.0, 2.0))  # 1.4 mm / 0.7 mm
+    np.testing.assert_allclose(kept, want[:, 0].numpy(), atol=0.02)
+    # the coarse difference to the received image shrinks (a random net's residual is coarse junk)
+    def coarse(a: np.ndarray) -> torch.Tensor:
+        return lowpass(torch.from_numpy(np.asarray(a - vol.data, np.float32))[:, None], (4.0, 4.0))
+    assert float(coarse(kept).abs().mean()) < 0.3 * float(coarse(plain.outputs[0].data).abs().mean())
+    m.config["sampling"]["ct_denoise"] = {**m.config["sampling"]["ct_denoise"], "keep_sigma_mm": 1.4}
+    r = run_task("ct_denoise", vol, model=m, params={}, seed=0)
+    assert r.provenance.parameters["keep_sigma_mm"] == 1.4 and np.array_equal(r.outputs[0].data, kept)
+    with pytest.raises(TaskInputError, match="keep_sigma_mm"):
+        run_task("ct_denoise", vol, model=m, params={"keep_sigma_mm": -0.5}, seed=0)
+
+
+def test_restoration_keep_sigma_diffusion_removes_a_coarse_residual() -> None:
+    """A residual diffusion model that adds a constant 20 HU (pure low frequency): with
+    keep_sigma_mm the received image's low-pass is kept at every step, so the offset goes."""
+    m = tiny("ct_denoise")
+    m.net = _ConstResidual(1.0)
+    vol = ct_volume(z=2, n=32)
+    params = {"threshold_percentile": 0.0, "strength": 0.3, "steps": 2}
+    out = run_task("ct_denoise", vol, model=m, params=params, seed=3).outputs[0].data
+    assert np.allclose(out - vol.data, 20.0, atol=0.05)
+    kept = run_task("ct_denoise", vol, model=m, params={**params, "keep_sigma_mm": 2.0}, seed=3).outputs[0].data
+    assert np.abs(kept - vol.data).max() < 1.0, np.abs(kept - vol.data).max()
+
+
+def test_mr_denoise_accepts_keep_sigma() -> None:
+    m = _randomised(tiny("mr_denoise", objective="regression"), seed=1)
+    vol = mr_volume(z=2, n=32)
+    a = run_task("mr_denoise", vol, model=m, params={}, seed=0).outputs[0].data
+    b = run_task("mr_denoise", vol, model=m, params={"keep_sigma_mm": 2.0}, seed=0).outputs[0].data
+    assert b.shape == vol.data.shape and not np.array_equal(a, b)
+
+    def mean_shift(x: np.ndarray) -> float:  # per-slice mean moved away from the received one
+        return float(np.abs(x.mean(axis=(1, 2)) - vol.data.mean(axis=(1, 2))).max())
+
+    assert mean_shift(b) < 0.3 * mean_shift(a), (mean_shift(a), mean_shift(b))
