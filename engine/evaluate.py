@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -236,7 +237,7 @@ def score(case: Case, output: Volume) -> dict[str, float]:
     if case.lesion_mask is not None and (case.lesion_mask > 0).any():
         excl = case.labels == VESSEL if case.labels is not None else None
         scores = M.lesion_scores(ref, out, case.lesion_mask, case.reference.spacing, exclude=excl)
-        for k, v in M.summarize_lesions(scores).items():
+        for k, v in M.summarize_lesions(scores, visible_contrast=CT_VISIBLE_HU if is_ct else None).items():
             res[f"lesion_{k}"] = v
         res["false_lesions_per_slice"] = M.false_lesions(ref, out, case.lesion_mask, case.reference.spacing,
                                                          body, excl, min_contrast=_min_contrast(case))
@@ -330,6 +331,69 @@ def picture(case: Case, outputs: dict[str, Volume], path: Path, tile: int = 256)
     return path
 
 
+def lesion_picture(case: Case, outputs: dict[str, Volume], path: Path, max_lesions: int = 4,
+                   tile: int = 128) -> Path | None:
+    """Zoomed crops of up to ``max_lesions`` lesions, one row each (smallest first), columns
+    input | each method | reference, in a narrow window around each lesion so that contrast
+    lost or kept is visible: centred on the reference's median outside the lesion, +/- 2x the
+    lesion's reference contrast. Under each output tile: its contrast ratio for that lesion
+    (engine.metrics.lesion_scores). CT references: only lesions of >= CT_VISIBLE_HU. Returns
+    None when the case has no such lesion.
+    """
+    les = case.lesion_mask
+    if les is None or not les.any():
+        return None
+    ref = case.reference.data
+    excl = case.labels == VESSEL if case.labels is not None else None
+    sp = case.reference.spacing
+    own = [s for s in M.lesion_scores(ref, ref, les, sp, exclude=excl)
+           if abs(s.contrast_ref) >= _min_contrast(case) and s.contrast_ref != 0]
+    if not own:
+        return None
+    own = sorted(own, key=lambda s: s.diameter_mm)
+    if len(own) > max_lesions:  # spread over the sizes, smallest and largest kept
+        own = [own[round(i)] for i in np.linspace(0, len(own) - 1, max_lesions)]
+    ratios = {name: {s.index: s.contrast_ratio for s in M.lesion_scores(ref, out.data, les, sp, exclude=excl)}
+              for name, out in outputs.items()}
+    names = list(outputs)
+    cols = ["input", *names, "reference"]
+    head, foot = 30, 16
+    canvas = Image.new("RGB", (tile * len(cols), head + len(own) * (tile + foot)), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(11)
+    for j, c in enumerate(cols):
+        lines = textwrap.wrap(c, max(8, tile // 6))  # at most two short lines per column header
+        draw.text((j * tile + 3, 2), "\n".join(lines[:2]), fill=(255, 255, 255), font=font)
+    same_units = case.input.intensity == case.reference.intensity
+    for r, sc in enumerate(own):
+        m = les == sc.index
+        k = int(np.argmax(m.sum(axis=(1, 2))))
+        yy, xx = np.nonzero(m[k])
+        cy, cx = int(yy.mean()), int(xx.mean())
+        half = max(12, int(2.0 * sc.diameter_mm / sp[1]))
+        box = (slice(max(cy - half, 0), cy + half), slice(max(cx - half, 0), cx + half))
+        outside = ~m[k][box]
+        bg = float(np.median(ref[k][box][outside]))
+        w = 2.0 * abs(sc.contrast_ref)
+        in_img = case.input.data[k][box]
+        in_lo, in_hi = ((bg - w, bg + w) if same_units else
+                        (float(np.percentile(in_img, 1)), float(np.percentile(in_img, 99)) + 1e-6))
+        imgs = [(in_img, in_lo, in_hi, "")]
+        imgs += [(outputs[n].data[k][box], bg - w, bg + w, f"x{ratios[n].get(sc.index, math.nan):.2f}") for n in names]
+        imgs.append((ref[k][box], bg - w, bg + w, f"{sc.diameter_mm:.1f} mm, {sc.contrast_ref:+.0f}"))
+        y0 = head + r * (tile + foot)
+        for j, (img, lo, hi, label) in enumerate(imgs):
+            t = Image.fromarray(_to_u8(img, lo, hi)).resize((tile, tile), Image.Resampling.NEAREST).convert("RGB")
+            arr = np.asarray(t).copy()
+            if j == len(imgs) - 1:
+                arr[_outline(m[k][box], tile)] = LESION_RGB
+            canvas.paste(Image.fromarray(arr), (j * tile, y0))
+            draw.text((j * tile + 3, y0 + tile + 1), label, fill=(255, 255, 255), font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)
+    return path
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -364,9 +428,12 @@ def run_section(title: str, task: str, cases: Sequence[Case], methods: dict[str,
             log.info("%s %s %s: %s", title, case.name, name,
                      {k: round(v, 4) for k, v in row.items() if k in ("psnr", "ssim")})
         if ci < n_pictures:
-            p = picture(case, {k: v for k, v in outputs.items() if not k.startswith("input")}
-                        or outputs, out_dir / f"{slug}_{ci}.png")
+            shown = {k: v for k, v in outputs.items() if not k.startswith("input")} or outputs
+            p = picture(case, shown, out_dir / f"{slug}_{ci}.png")
             pics.append(p.name)
+            lp = lesion_picture(case, shown, out_dir / f"{slug}_{ci}_lesions.png")
+            if lp is not None:
+                pics.append(lp.name)
     return Section(title, task, description, per_case, pics)
 
 
@@ -378,6 +445,11 @@ _COLUMNS = [
     ("lesion_contrast_ratio", "lesion contrast ratio", 3),
     ("lesion_contrast_ratio_ge5mm", "contrast ratio >= 5 mm", 3),
     ("lesion_contrast_within_10pct", "lesions within 10 %", 2),
+    ("lesion_contrast_error", "lesion contrast error", 2),
+    ("lesion_contrast_ratio_visible", "contrast ratio, >= 10 HU lesions", 3),
+    ("lesion_contrast_within_10pct_visible", "within 10 %, >= 10 HU lesions", 2),
+    ("lesion_contrast_within_10pct_ge5mm_visible", "within 10 %, >= 10 HU, >= 5 mm", 2),
+    ("lesion_contrast_within_10pct_lt5mm_visible", "within 10 %, >= 10 HU, < 5 mm", 2),
     ("lesion_dice_ge5mm", "Dice >= 5 mm", 3), ("lesion_dice_lt5mm", "Dice < 5 mm", 3),
     ("lesion_dice_ge5mm_ct_visible", "Dice >= 5 mm, CT-visible", 3),
     ("lesion_dice_ge5mm_ct_occult", "Dice >= 5 mm, CT-occult", 3),
@@ -418,7 +490,10 @@ window (data range 400, Gaussian window sigma 1.5); MR PSNR / SSIM on 0..p99.9 o
 reference; MAE over the body; noise SD = SD of (output - reference) in eroded interiors of
 fat, muscle, liver, kidney, spleen, grey and white matter (phantoms) or flat soft tissue of
 the reference (real slices); lesion contrast ratio = (lesion - ring background) of the output
-over that of the reference; lesion Dice of a threshold segmentation at the midpoint of the
+over that of the reference; lesion contrast error = mean |output contrast - reference contrast| (HU for CT); CT
+restoration also reports the contrast ratio over the lesions whose reference contrast is
+>= 10 HU (a ratio to a reference contrast near 0, e.g. a 1 HU brain lesion, is noise: the
+residual noise of 1 HU moves it by 100 %); lesion Dice of a threshold segmentation at the midpoint of the
 reference's lesion and background means (engine/metrics.py); CT->MR also splits lesions >= 5 mm
 by their contrast in the received CT: CT-visible |dHU| >= 10, CT-occult < 10 (below the grey /
 white matter contrast; no CT->MR model can draw them); false lesions / slice = in-body blobs

@@ -1,6 +1,7 @@
 """Evaluation report (engine.evaluate) for identity, NLM and a tiny seeded model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -325,3 +326,28 @@ def test_picture_outlines_true_lesions_green_and_false_lesions_red(tmp_path):
 
     assert has(LESION_RGB, 0, 2) and has(LESION_RGB, 1, 2)             # reference tiles
     assert has(FALSE_LESION_RGB, 0, 1) and not has(FALSE_LESION_RGB, 1, 1)  # only the painted output
+
+
+def test_lesion_picture_zooms_each_visible_lesion(tmp_path):
+    """One row per CT-visible lesion, columns input | methods | reference, windowed around the
+    lesion: an output that erased the lesion shows a flat tile where the reference is dark."""
+    from engine.evaluate import lesion_picture
+
+    case = phantom_cases("augment", 4, size=128, n_slices=1, kind="abdomen")[0]
+    les = case.lesion_mask > 0
+    erased = case.reference.data.copy()
+    grown = ndimage.binary_dilation(les[0], iterations=3)
+    erased[0][grown] = float(np.median(case.reference.data[0][ndimage.binary_dilation(grown, iterations=4) & ~grown]))
+    outs = {"same": case.reference, "erased": Volume(erased, case.input.spacing, case.input.intensity)}
+    p = lesion_picture(case, outs, tmp_path / "l.png", tile=96)
+    assert p is not None
+    img = np.asarray(Image.open(p).convert("L")).astype(float)
+    n_rows = (img.shape[0] - 30) // (96 + 16)
+    assert img.shape[1] == 4 * 96 and n_rows >= 1
+    # centre of the first (smallest) lesion's tiles: 'same' (col 1) dark like the reference (col 3),
+    # 'erased' (col 2) at the background grey
+    cy = 30 + 48
+    same, gone, ref = (img[cy - 3:cy + 3, c * 96 + 45:c * 96 + 51].mean() for c in (1, 2, 3))
+    assert abs(same - ref) < 10 and gone - same > 40, (same, gone, ref)
+    no_les = dataclasses.replace(case, lesion_mask=np.zeros_like(case.lesion_mask))
+    assert lesion_picture(no_les, outs, tmp_path / "none.png") is None

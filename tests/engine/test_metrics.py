@@ -85,6 +85,26 @@ def test_lesion_contrast_and_dice():
     assert summ["contrast_within_10pct"] == 1.0
 
 
+def test_lesion_summary_visible_split_and_contrast_error():
+    """A lesion of 1 HU reference contrast gets a meaningless ratio from 1 HU of error; the
+    *_visible keys leave it out, the contrast error (HU) counts it at its true size."""
+    from engine.metrics import LesionScore
+
+    scores = [LesionScore(1, 8.0, -40.0, -38.0, 0.9),   # >= 5 mm, ratio 0.95: within 10 %
+              LesionScore(2, 3.0, -30.0, -21.0, 0.5),   # < 5 mm, ratio 0.70
+              LesionScore(3, 9.0, 1.0, 0.0, 0.0)]       # 1 HU "lesion": ratio 0, error 1 HU
+    plain = summarize_lesions(scores)
+    assert plain["contrast_within_10pct"] == pytest.approx(1 / 3)
+    assert plain["contrast_error"] == pytest.approx((2 + 9 + 1) / 3)
+    assert "contrast_within_10pct_visible" not in plain
+    vis = summarize_lesions(scores, visible_contrast=10.0)
+    assert vis["n_visible"] == 2
+    assert vis["contrast_within_10pct_visible"] == pytest.approx(0.5)
+    assert vis["contrast_within_10pct_ge5mm_visible"] == 1.0
+    assert vis["contrast_within_10pct_lt5mm_visible"] == 0.0
+    assert vis["contrast_ratio_visible"] == pytest.approx((0.95 + 0.7) / 2)
+
+
 def test_false_lesions_counts_drawn_blobs_not_edges_or_noise():
     ref, mask = _disc_image()  # lesions darker than background by 60
     spacing = (1.0, 1.0, 1.0)
