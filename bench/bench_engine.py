@@ -25,16 +25,19 @@ WEIGHTS = ROOT / "engine" / "weights"
 
 CASES = [
     # name, model folder, task, size, params
-    ("CT restoration (shipped: regression, 1 step)", "ct-denoise-wreg", "ct_denoise", 512, {}),
+    ("CT restoration (shipped: regression, 1 step, keep_sigma_mm 1.0)", "ct-denoise-wreg", "ct_denoise", 512, {}),
+    ("CT restoration (shipped weights, keep_sigma_mm 0 = 1.3.0)", "ct-denoise-wreg", "ct_denoise", 512,
+     {"keep_sigma_mm": 0.0}),
     ("CT restoration (shipped weights, ensemble 2)", "ct-denoise-wreg", "ct_denoise", 512, {"ensemble": 2}),
-    ("CT restoration (experimental x0-diffusion, 2 steps from noise)", "experimental/ct-denoise-wdiff", "ct_denoise", 512, {}),
+    ("CT restoration (experimental x0-diffusion, 2 steps from noise, keep_sigma_mm 1.25)", "experimental/ct-denoise-wdiff",
+     "ct_denoise", 512, {}),
     ("CT->MR T1w (shipped: regression, 1 step)", "ct-to-mr-wreg", "ct_to_mr", 256, {"target": "t1w"}),
     ("CT->MR T1w (shipped weights, ensemble 4)", "ct-to-mr-wreg", "ct_to_mr", 256,
      {"target": "t1w", "ensemble": 4}),
     ("CT->MR T1w (experimental x0-diffusion, 4 steps)", "experimental/ct-to-mr-wdiff", "ct_to_mr", 256,
      {"target": "t1w"}),
     ("MR denoise (shipped: regression, 1 step)", "mr-denoise-wreg", "mr_denoise", 256, {}),
-    ("Augment CT, n=4 (x0-diffusion 2.0.0, 2 steps)", "ct-augment-wdiff", "augment", 256, {"n": 4}),
+    ("Augment CT, n=4 (x0-diffusion 2.1.0, 2 steps, ILVR keep_sigma_mm 1.25)", "ct-augment-wdiff", "augment", 256, {"n": 4}),
 ]
 
 

@@ -17,6 +17,7 @@ import pytest
 from engine import metrics, phantoms
 from engine.api import Intensity, Volume, run_task
 from engine.degrade import low_dose_ct, mr_noise
+from engine.evaluate import CT_VISIBLE_HU, VESSEL
 from engine.models import load_model_dir
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "engine" / "weights"
@@ -91,11 +92,14 @@ def _ct_scores(ref: list[np.ndarray], out: list[np.ndarray]) -> tuple[float, flo
     return float(p), float(s)
 
 
-# floors: (min PSNR gain dB, min SSIM gain) over the low-dose input (dose 0.25, 256 px);
-# ct-denoise-wreg 1.3.0 measured +4.52 dB / +0.039 (+4.71 / +0.039 with ensemble 2; 1.2.0 +4.12 dB / +0.038,
-# 1.1.0 +4.1 dB / +0.038, 1.0.0 +1.3 dB / +0.014); experimental/ct-denoise-wdiff 2.0.0 (x0-diffusion,
-# 2 steps from noise) +4.03 dB / +0.038 (1.0.0, 361 velocity steps, was ~identity and had floor -0.5 dB)
-CT_FLOORS = {"ct-denoise-wreg": (4.0, 0.033), "experimental/ct-denoise-wdiff": (3.5, 0.033)}
+# floors: (min PSNR gain dB, min SSIM gain, min mean contrast ratio of the lesions of >= 10 HU) over
+# the low-dose input (dose 0.25, 256 px); ct-denoise-wreg 1.4.0 (1.3.0 weights + keep_sigma_mm 1.0)
+# measured +4.27 dB / +0.037, contrast ratio 0.959 over 8 lesions; the 1.3.0 weights without it +4.52 dB /
+# +0.039 but ratio 0.892, which the lesion floor rejects (1.2.0 +4.12 dB / +0.038, 1.1.0 +4.1 dB / +0.038,
+# 1.0.0 +1.3 dB / +0.014); experimental/ct-denoise-wdiff 2.1.0 (x0-diffusion, 2 steps from noise,
+# keep_sigma_mm 1.25) +4.10 dB / +0.038, ratio 0.937 (2.0.0 without it: +4.03 / +0.038, ratio 0.869;
+# 1.0.0, 361 velocity steps, was ~identity and had floor -0.5 dB)
+CT_FLOORS = {"ct-denoise-wreg": (4.0, 0.033, 0.93), "experimental/ct-denoise-wdiff": (3.5, 0.033, 0.92)}
 
 
 @pytest.mark.parametrize("name", sorted(CT_FLOORS))
@@ -106,9 +110,14 @@ def test_ct_restoration_floor(name: str) -> None:
                      device="cpu").outputs[0].data for ld, s in zip(low_dose(), heldout())]
     p_in, s_in = _ct_scores(refs, low_dose())
     p_out, s_out = _ct_scores(refs, outs)
-    dp, ds = CT_FLOORS[name]
+    dp, ds, dc = CT_FLOORS[name]
     assert p_out > p_in + dp, (p_in, p_out)
     assert s_out > s_in + ds, (s_in, s_out)
+    # lesions keep their contrast (engine.evaluate's CT-visible lesions: >= 10 HU in the reference)
+    ratios = [x.contrast_ratio for s, o in zip(heldout(), outs)
+              for x in metrics.lesion_scores(s.ct_hu, o, s.lesion_mask, s.spacing, exclude=s.labels == VESSEL)
+              if abs(x.contrast_ref) >= CT_VISIBLE_HU]
+    assert len(ratios) >= 5 and float(np.mean(ratios)) > dc, ratios
 
 
 @pytest.mark.parametrize("name", [MR_MODEL, "experimental/mr-denoise-wdiff"])
