@@ -154,6 +154,16 @@ def real_mr_cases(snr: float, seed: int = 0, names: tuple[str, ...] = REAL_MR_FI
     return cases
 
 
+def method_labels(descs: list[dict]) -> list[str]:
+    """Report labels for the evaluated models: ``model_id (objective)``, with the version where two
+    models share an id (a model beside its previous version), and the position where even that
+    repeats; every label is unique, so no model's row replaces another's."""
+    base = [f"{d['model_id']} ({d['objective']})" for d in descs]
+    labels = [f"{d['model_id']} {d['version']} ({d['objective']})" if base.count(b) > 1 else b
+              for b, d in zip(base, descs)]
+    return [f"{lab} #{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+
+
 def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
                   size: int | None = None, n_slices: int = 3, doses: tuple[float, ...] = (0.25,),
                   snrs: tuple[float, ...] = (15.0,), targets: tuple[str, ...] = ("t1w", "t2w"),
@@ -189,12 +199,13 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
         raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
     out = Path(out_dir)
     size = size or (512 if task == "ct_denoise" else 256)
-    loaded = []
+    runs = []
     for mdir in models:
         p = dict(params or {})
         fn, desc = (model_variants(mdir, p, seed=seed, options=options) if task == "augment"
                     else model_method(mdir, task, p, seed=seed, options=options))
-        loaded.append((f"{desc['model_id']} ({desc['objective']})", fn, desc, p))
+        runs.append((fn, desc, p))
+    loaded = [(lab, *r) for lab, r in zip(method_labels([d for _, d, _ in runs]), runs)]
     model_lines = [f"- `{d['model_id']}` {d['version']} ({d['objective']}), weights SHA-256 "
                    f"`{d['weights_sha256']}`, folder `{m}`, params {p or 'model defaults'}"
                    for (_, _, d, p), m in zip(loaded, models)]
@@ -262,9 +273,8 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
         luts = baselines.fit_phantom_luts(lut_train_n, size=size)
         for target in targets:
             methods: dict = {f"HU lookup ({lut_train_n} training phantoms)": luts[target]}
-            for k, _, d, p in loaded:
-                fn, _ = model_method(models[[x[0] for x in loaded].index(k)], task,
-                                     {**p, "target": target}, seed=seed, options=options)
+            for (k, _, _, p), mdir in zip(loaded, models):
+                fn, _ = model_method(mdir, task, {**p, "target": target}, seed=seed, options=options)
                 methods[k] = fn
             cases = phantom_cases(task, n, size=size, n_slices=n_slices, target=target,
                                   cache_dir=cache_dir)

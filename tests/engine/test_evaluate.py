@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,41 @@ def test_cli_evaluate_writes_a_report(tmp_path):
     assert "MR restoration, phantoms, SNR 10" in text and "| NLM (h=0.6 sigma) |" in text
     bad = CliRunner().invoke(app, ["engine", "evaluate", "nonsense", "--out", str(tmp_path)])
     assert bad.exit_code != 0
+
+
+def test_method_labels_are_unique():
+    from node.evaldata import method_labels
+
+    d = [{"model_id": "ct-denoise-wreg", "version": v, "objective": "regression"} for v in ("1.4.0", "1.3.0")]
+    other = {"model_id": "ct-denoise-wdiff", "version": "2.1.0", "objective": "diffusion"}
+    assert method_labels([d[0], other]) == ["ct-denoise-wreg (regression)", "ct-denoise-wdiff (diffusion)"]
+    assert method_labels([d[0], d[1], other]) == ["ct-denoise-wreg 1.4.0 (regression)",
+                                                  "ct-denoise-wreg 1.3.0 (regression)",
+                                                  "ct-denoise-wdiff (diffusion)"]
+    assert method_labels([d[0], d[0]]) == ["ct-denoise-wreg 1.4.0 (regression) #1",
+                                           "ct-denoise-wreg 1.4.0 (regression) #2"]
+
+
+def test_cli_evaluate_keeps_a_row_per_model_when_ids_repeat(tmp_path, tiny_model_dir):
+    """A model beside its previous version (same model id): two rows, not one overwriting the other."""
+    from typer.testing import CliRunner
+
+    from node.cli import app
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, old)
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["version"] = "0.9.0"
+    (old / "config.json").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(app, ["engine", "evaluate", "ct_denoise", "--n", "1", "--size", "64",
+                                   "--slices", "1", "--no-real", "--model", str(tiny_model_dir),
+                                   "--model", str(old), "--out", str(tmp_path / "rep"),
+                                   "--param", "steps=1"])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "rep" / "ct_denoise" / "report.md").read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ct-denoise-wdiff ")]
+    assert [r.split(" |")[0] for r in rows] == ["| ct-denoise-wdiff 1.0.0 (diffusion)",
+                                                "| ct-denoise-wdiff 0.9.0 (diffusion)"]
 
 
 # --------------------------------------------------------------------------- augmentation
