@@ -29,8 +29,10 @@ CASES = [
     ("CT restoration (shipped weights, keep_sigma_mm 0 = 1.3.0)", "ct-denoise-wreg", "ct_denoise", 512,
      {"keep_sigma_mm": 0.0}),
     ("CT restoration (shipped weights, ensemble 2)", "ct-denoise-wreg", "ct_denoise", 512, {"ensemble": 2}),
-    ("CT restoration (experimental x0-diffusion, 2 steps from noise, keep_sigma_mm 1.25)", "experimental/ct-denoise-wdiff",
-     "ct_denoise", 512, {}),
+    ("CT restoration (experimental x0-diffusion 2.2.0: mean of 2 samples, 2 steps from noise each, keep_sigma_mm 1.25)",
+     "experimental/ct-denoise-wdiff", "ct_denoise", 512, {}),
+    ("CT restoration (experimental x0-diffusion, samples 1 = 2.1.0)", "experimental/ct-denoise-wdiff",
+     "ct_denoise", 512, {"samples": 1}),
     ("CT->MR T1w (shipped: regression, 1 step)", "ct-to-mr-wreg", "ct_to_mr", 256, {"target": "t1w"}),
     ("CT->MR T1w (shipped weights, ensemble 4)", "ct-to-mr-wreg", "ct_to_mr", 256,
      {"target": "t1w", "ensemble": 4}),
@@ -75,6 +77,7 @@ def one(model_dir: str, task: str, size: int, params: dict, slices: int, repeats
     return {"per_slice_s": min(per_slice), "per_slice_mean_s": sum(per_slice) / len(per_slice),
             "steps": res.provenance.steps, "n_params": m.n_parameters,
             "ensemble": int(res.provenance.parameters.get("ensemble") or 1),
+            "samples": int(res.provenance.parameters.get("samples") or 1),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "gpu_peak_mb": (torch.cuda.max_memory_allocated() / 2**20) if device.startswith("cuda") else None}
 
@@ -122,17 +125,19 @@ def main() -> None:
         f"Machine: {cpu}, torch threads {a.threads}, device {a.device}, {platform.python_version()}; "
         "the machine's 2 cores are shared with other work, so these are upper bounds.",
         "",
-        "`ensemble`: test-time flips / rotations averaged (engine.tasks `ensemble`, one forward each). "
+        "`ensemble`: test-time flips / rotations averaged (engine.tasks `ensemble`, one forward each); "
+        "`samples`: diffusion samples averaged (engine.tasks `samples`, the steps run once per sample). "
         "Per-slice latency = best of the repeats of one `run_task` call on a "
         f"{a.slices}-slice volume (batch {a.batch} slices), divided by slices (x variants for augment). "
         "Peak memory = `ru_maxrss` of a fresh process that loads the model and runs the case "
         "(interpreter + torch + MONAI included).",
         "",
-        "| case | size | params | steps | ensemble | s / slice (best) | s / slice (mean) | peak RSS (MB) |",
-        "|---|---|---|---|---:|---|---|---|",
+        "| case | size | params | steps | ensemble | samples | s / slice (best) | s / slice (mean) | peak RSS (MB) |",
+        "|---|---|---|---|---:|---:|---|---|---|",
     ]
     for name, size, r in rows:
         lines.append(f"| {name} | {size}x{size} | {r['n_params'] / 1e6:.2f} M | {r['steps']} | {r.get('ensemble', 1)} | "
+                     f"{r.get('samples', 1)} | "
                      f"{r['per_slice_s']:.3f} | {r['per_slice_mean_s']:.3f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "Targets: <= 1 s per slice (CT restoration at 512x512, CT->MR at 256x256), peak < 2 GB.", ""]
     Path(a.out).write_text("\n".join(lines))

@@ -222,6 +222,30 @@ def _ensemble(model: LoadedModel, params: dict[str, Any]) -> int:
     return n
 
 
+def _sample_seeds(model: LoadedModel, params: dict[str, Any], seed: int) -> list[int]:
+    """Seeds of the posterior samples whose mean is the output (``samples``, diffusion models).
+
+    Sample 0 uses ``seed`` itself, so ``samples`` 1 is the single-sample output; sample j > 0
+    uses ``SeedSequence([seed, j])``.
+    """
+    n = int(params.get("samples") or 1)
+    if n > 1 and model.objective != "diffusion":
+        raise TaskInputError(f"samples applies to diffusion models; {model.model_id} is a {model.objective} model "
+                             "(its output is already a mean: see ensemble)")
+    return [int(seed)] + [int(np.random.SeedSequence([int(seed), j]).generate_state(1, dtype=np.uint32)[0])
+                          for j in range(1, n)]
+
+
+def _predict_mean(model: LoadedModel, cond: torch.Tensor | None, init: torch.Tensor | None, *,
+                  seeds: list[int], **kw: Any) -> torch.Tensor:
+    """:func:`_predict` once per seed, averaged (the mean of posterior samples moves a sampler
+    towards the posterior mean, which PSNR rewards; cost x len(seeds))."""
+    y = _predict(model, cond, init, seed=seeds[0], **kw)
+    for s in seeds[1:]:
+        y += _predict(model, cond, init, seed=s, **kw)
+    return y / len(seeds) if len(seeds) > 1 else y
+
+
 def _predict(
     model: LoadedModel,
     cond: torch.Tensor | None,
@@ -279,7 +303,7 @@ def _predict(
 
     def reference_low(sl: slice) -> torch.Tensor | float | None:
         """The low-pass the prediction keeps: the received image's, or 0 for a residual."""
-        if guide_sigma is None:
+        if guide_sigma is None or init is None:
             return None
         return 0.0 if k_res else lowpass(init[sl].to(device), guide_sigma)
 
@@ -291,7 +315,7 @@ def _predict(
 
         def xform(x0w: torch.Tensor) -> torch.Tensor:
             x0 = idwt2(x0w.float())
-            if ref_low is not None:
+            if ref_low is not None and guide_sigma is not None:
                 x0 = ilvr(x0, ref_low, guide_sigma)
             if threshold is not None:
                 x0 = dynamic_threshold(x0, threshold, floor)
@@ -331,8 +355,10 @@ def _predict(
                                          steps, make_xform(sl), prediction=model.config.get("prediction", "velocity"))
                 out = idwt2(y.float()).cpu()
             if guide_sigma is not None and model.objective == "regression":
-                out = ilvr(out.to(device), reference_low(sl), guide_sigma).cpu()
-            if k_res:
+                ref_low = reference_low(sl)
+                assert ref_low is not None  # guide_sigma needs init (refused above)
+                out = ilvr(out.to(device), ref_low, guide_sigma).cpu()
+            if k_res and init is not None:  # (a residual model without init was refused above)
                 out = init[sl] + out / float(k_res)
             outs.append(out)
     return torch.cat(outs, dim=0)
@@ -406,12 +432,16 @@ def _restore(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
     if model.objective != "regression" and float(params["strength"]) > t_hi + 1e-9:
         raise TaskInputError(f"strength {params['strength']} is above {model.model_id}'s train_t_max {t_hi} "
                              "(noise levels the model never saw)")
-    y = _predict(model, t, t, start=float(params["strength"]), steps=steps, seed=seed, opts=opts,
-                 threshold=_threshold(params), ensemble=_ensemble(model, params),
-                 guide_sigma=_guide_sigma(params, vol))
+    seeds = _sample_seeds(model, params, seed)
+    y = _predict_mean(model, t, t, seeds=seeds, start=float(params["strength"]), steps=steps, opts=opts,
+                      threshold=_threshold(params), ensemble=_ensemble(model, params),
+                      guide_sigma=_guide_sigma(params, vol))
     out_spec = norm.get("output", norm["input"])
     data = denormalise(y[:, 0].numpy(), out_spec, state)
-    return _Run([Volume(data, vol.spacing, vol.intensity)], steps, {"normalisation_scale": state["scale"]})
+    extra: dict[str, Any] = {"normalisation_scale": state["scale"]}
+    if len(seeds) > 1:
+        extra["sample_seeds"] = seeds
+    return _Run([Volume(data, vol.spacing, vol.intensity)], steps, extra)
 
 
 def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,
@@ -424,8 +454,9 @@ def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str,
     x, _ = normalise(vol.data, norm["input"])
     t = torch.from_numpy(x)[:, None]
     steps = 1 if model.objective == "regression" else int(params["steps"])
-    y = _predict(model, t, None, start=1.0, steps=steps, seed=seed, opts=opts, threshold=_threshold(params),
-                 ensemble=_ensemble(model, params))
+    seeds = _sample_seeds(model, params, seed)
+    y = _predict_mean(model, t, None, seeds=seeds, start=1.0, steps=steps, opts=opts,
+                      threshold=_threshold(params), ensemble=_ensemble(model, params))
     ch = names.index(target)
     out_spec = norm["output"][target]
     data = denormalise(y[:, ch].numpy(), out_spec, {"scale": float(out_spec["scale"])})
@@ -433,7 +464,10 @@ def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str,
     # (shipped ct-to-mr-wreg: down to -77 on the 512 px abdomen phantom), clamped here
     data = np.maximum(data, 0.0).astype(np.float32, copy=False)
     intensity = Intensity.MR_T1W if target == "t1w" else Intensity.MR_T2W
-    return _Run([Volume(data, vol.spacing, intensity)], steps, {"target": target})
+    extra: dict[str, Any] = {"target": target}
+    if len(seeds) > 1:
+        extra["sample_seeds"] = seeds
+    return _Run([Volume(data, vol.spacing, intensity)], steps, extra)
 
 
 def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,
@@ -465,6 +499,10 @@ _KEEP_RESTORE = ParamSpec(float, None, 0.0, 50.0,
 _ENS = ParamSpec(int, None, 1, 8, choices=(1, 2, 4, 8),
                  help="regression models: average over this many flips / rotations of the slice "
                       "(1 = off; default from the model config, else 1); cost x ensemble")
+_SAMPLES = ParamSpec(int, None, 1, 8,
+                     help="diffusion models: the output is the mean of this many posterior samples "
+                          "(each its own noise; 1 = one sample; default from the model config, else 1); "
+                          "cost x samples")
 
 TASKS: dict[str, TaskSpec] = {
     "ct_denoise": TaskSpec(
@@ -476,6 +514,7 @@ TASKS: dict[str, TaskSpec] = {
             "strength": ParamSpec(float, 0.3, 0.002, 1.0, help=_STRENGTH_HELP),
             "threshold_percentile": _THR,
             "ensemble": _ENS,
+            "samples": _SAMPLES,
             "keep_sigma_mm": _KEEP_RESTORE,
         },
         _restore,
@@ -490,6 +529,7 @@ TASKS: dict[str, TaskSpec] = {
             "strength": ParamSpec(float, 0.3, 0.002, 1.0, help=_STRENGTH_HELP),
             "threshold_percentile": _THR,
             "ensemble": _ENS,
+            "samples": _SAMPLES,
             "keep_sigma_mm": _KEEP_RESTORE,
         },
         _restore,
@@ -504,6 +544,7 @@ TASKS: dict[str, TaskSpec] = {
             "steps": ParamSpec(int, 6, 1, 16, help="flow steps from pure noise (6-8 recommended)"),
             "threshold_percentile": _THR,
             "ensemble": _ENS,
+            "samples": _SAMPLES,
         },
         _ct_to_mr,
         contract={"output_intensity": "MR_T1W or MR_T2W in the phantom's arbitrary units, "

@@ -372,3 +372,40 @@ def test_mr_denoise_accepts_keep_sigma() -> None:
         return float(np.abs(x.mean(axis=(1, 2)) - vol.data.mean(axis=(1, 2))).max())
 
     assert mean_shift(b) < 0.3 * mean_shift(a), (mean_shift(a), mean_shift(b))
+
+
+def test_samples_is_the_mean_of_seeded_diffusion_samples() -> None:
+    """``samples`` K: the mean of K posterior samples; sample 0 is the single-sample output of the
+    same seed, sample j > 0 the output of seed SeedSequence([seed, j]); regressors refuse it."""
+    m = _randomised(tiny("ct_denoise", seed=5), seed=5)
+    vol = ct_volume(z=2, n=32, seed=6)
+    params = {"strength": 0.6, "steps": 2}
+    one = run_task("ct_denoise", vol, model=m, params=params, seed=7)
+    assert np.array_equal(one.outputs[0].data,
+                          run_task("ct_denoise", vol, model=m, params={**params, "samples": 1}, seed=7).outputs[0].data)
+    two = run_task("ct_denoise", vol, model=m, params={**params, "samples": 2}, seed=7)
+    s1 = int(np.random.SeedSequence([7, 1]).generate_state(1, dtype=np.uint32)[0])
+    assert two.provenance.extra["sample_seeds"] == [7, s1] and two.provenance.parameters["samples"] == 2
+    other = run_task("ct_denoise", vol, model=m, params=params, seed=s1).outputs[0].data
+    assert not np.allclose(one.outputs[0].data, other, atol=1e-2)  # the two samples differ
+    np.testing.assert_allclose(two.outputs[0].data, (one.outputs[0].data + other) / 2, atol=1e-3)
+    # deterministic with the seed
+    assert np.array_equal(two.outputs[0].data, run_task("ct_denoise", vol, model=m, params={**params, "samples": 2},
+                                                        seed=7).outputs[0].data)
+    with pytest.raises(TaskInputError, match="diffusion"):
+        run_task("ct_denoise", vol, model=tiny("ct_denoise", objective="regression"), params={"samples": 2}, seed=0)
+    with pytest.raises(TaskInputError, match="samples"):
+        run_task("ct_denoise", vol, model=m, params={"samples": 9}, seed=0)
+
+
+def test_samples_default_from_the_model_config_and_ct_to_mr() -> None:
+    m = _randomised(tiny("ct_denoise", seed=1), seed=1)
+    vol = ct_volume(z=2, n=32)
+    m.config["sampling"]["ct_denoise"] = {**m.config["sampling"]["ct_denoise"], "samples": 2}
+    r = run_task("ct_denoise", vol, model=m, params={}, seed=0)
+    assert r.provenance.parameters["samples"] == 2 and len(r.provenance.extra["sample_seeds"]) == 2
+    mr = _randomised(tiny("ct_to_mr", seed=2), seed=2)
+    a = run_task("ct_to_mr", vol, model=mr, params={"target": "t2w", "steps": 2}, seed=4).outputs[0].data
+    b = run_task("ct_to_mr", vol, model=mr, params={"target": "t2w", "steps": 2, "samples": 4}, seed=4)
+    assert b.outputs[0].data.shape == a.shape and b.outputs[0].data.min() >= 0
+    assert len(b.provenance.extra["sample_seeds"]) == 4 and not np.array_equal(a, b.outputs[0].data)
