@@ -243,7 +243,12 @@ def _predict_mean(model: LoadedModel, cond: torch.Tensor | None, init: torch.Ten
     y = _predict(model, cond, init, seed=seeds[0], **kw)
     for s in seeds[1:]:
         y += _predict(model, cond, init, seed=s, **kw)
-    return y / len(seeds) if len(seeds) > 1 else y
+    return y / len(seeds)
+
+
+def _seeds_record(seeds: list[int]) -> dict[str, Any]:
+    """Provenance ``extra`` for a mean of samples: the seeds, where there is more than one."""
+    return {"sample_seeds": seeds} if len(seeds) > 1 else {}
 
 
 def _predict(
@@ -438,10 +443,8 @@ def _restore(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
                       guide_sigma=_guide_sigma(params, vol))
     out_spec = norm.get("output", norm["input"])
     data = denormalise(y[:, 0].numpy(), out_spec, state)
-    extra: dict[str, Any] = {"normalisation_scale": state["scale"]}
-    if len(seeds) > 1:
-        extra["sample_seeds"] = seeds
-    return _Run([Volume(data, vol.spacing, vol.intensity)], steps, extra)
+    return _Run([Volume(data, vol.spacing, vol.intensity)], steps,
+                {"normalisation_scale": state["scale"], **_seeds_record(seeds)})
 
 
 def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,
@@ -464,10 +467,7 @@ def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str,
     # (shipped ct-to-mr-wreg: down to -77 on the 512 px abdomen phantom), clamped here
     data = np.maximum(data, 0.0).astype(np.float32, copy=False)
     intensity = Intensity.MR_T1W if target == "t1w" else Intensity.MR_T2W
-    extra: dict[str, Any] = {"target": target}
-    if len(seeds) > 1:
-        extra["sample_seeds"] = seeds
-    return _Run([Volume(data, vol.spacing, intensity)], steps, extra)
+    return _Run([Volume(data, vol.spacing, intensity)], steps, {"target": target, **_seeds_record(seeds)})
 
 
 def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,

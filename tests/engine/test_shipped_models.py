@@ -17,7 +17,7 @@ import pytest
 from engine import metrics, phantoms
 from engine.api import Intensity, Volume, run_task
 from engine.degrade import low_dose_ct, mr_noise
-from engine.evaluate import CT_VISIBLE_HU, VESSEL
+from engine.evaluate import CT_VISIBLE_HU
 from engine.models import load_model_dir
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "engine" / "weights"
@@ -116,7 +116,8 @@ def test_ct_restoration_floor(name: str) -> None:
     assert s_out > s_in + ds, (s_in, s_out)
     # lesions keep their contrast (engine.evaluate's CT-visible lesions: >= 10 HU in the reference)
     ratios = [x.contrast_ratio for s, o in zip(heldout(), outs)
-              for x in metrics.lesion_scores(s.ct_hu, o, s.lesion_mask, s.spacing, exclude=s.labels == VESSEL)
+              for x in metrics.lesion_scores(s.ct_hu, o, s.lesion_mask, s.spacing,
+                                             exclude=s.labels == phantoms.Tissue.VESSEL)
               if abs(x.contrast_ref) >= CT_VISIBLE_HU]
     assert len(ratios) >= 5 and float(np.mean(ratios)) > dc, ratios
 
