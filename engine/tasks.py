@@ -103,7 +103,7 @@ class RunOptions:
     """Runtime options (from ``settings.engine``): device, slices per batch, bf16, threads."""
 
     device: str = "cpu"
-    batch_slices: int = 8
+    batch_slices: int = 1
     bf16_on_gpu: bool = True
     threads: int = 0
 
@@ -580,6 +580,23 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+CPU_BATCH_PIXELS = 512 * 512
+
+
+def default_batch_slices(device: str, rows: int, columns: int) -> int:
+    """Slices per forward pass when the settings leave it unset.
+
+    On the CPU a UNet forward is bound by cache, not arithmetic, so a batch holds about one
+    512 x 512 slice's worth of pixels (:data:`CPU_BATCH_PIXELS`): 1 slice at 512 px, 4 at 256 px.
+    Measured with 2 threads on the AMD EPYC bench VM: at 512 px batches of 4 / 8 took 1.3-2x
+    the time per slice of one slice at a time, at 256 px batches of 2-4 were the fastest
+    (bench/results/engine_speed.md). On CUDA 8 slices, to fill the device.
+    """
+    if device != "cpu":
+        return 8
+    return max(1, CPU_BATCH_PIXELS // max(1, rows * columns))
+
+
 def execute(task: str, volume: Volume, *, model: LoadedModel, params: dict[str, Any] | None, seed: int,
             device: str | None = None, options: Any = None) -> TaskResult:
     """Validate and run ``task`` (see :func:`engine.api.run_task`)."""
@@ -593,7 +610,8 @@ def execute(task: str, volume: Volume, *, model: LoadedModel, params: dict[str, 
     dev = resolve_device(device if device is not None else getattr(options, "device", None))
     opts = RunOptions(
         device=dev,
-        batch_slices=int(getattr(options, "batch_slices", 8)),
+        batch_slices=int(getattr(options, "batch_slices", None)
+                         or default_batch_slices(dev, *volume.data.shape[1:])),
         bf16_on_gpu=bool(getattr(options, "bf16_on_gpu", True)),
         threads=int(getattr(options, "threads", 0)),
     )

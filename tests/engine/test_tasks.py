@@ -9,7 +9,14 @@ import torch
 
 from engine.api import Intensity, Volume, load_model, run_task
 from engine.models import LoadedModel, ModelLoadError, sha256_hex
-from engine.tasks import TASKS, TaskInputError, context_stack, denormalise, normalise
+from engine.tasks import (
+    TASKS,
+    TaskInputError,
+    context_stack,
+    default_batch_slices,
+    denormalise,
+    normalise,
+)
 from engine.train import TrainConfig, initial_model
 
 TINY_ARCH = {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False],
@@ -126,6 +133,38 @@ def test_batching_does_not_change_the_result() -> None:
     a = run_task("ct_denoise", vol, model=m, params={}, seed=1, options=Opt(1)).outputs[0].data
     b = run_task("ct_denoise", vol, model=m, params={}, seed=1, options=Opt(8)).outputs[0].data
     assert np.allclose(a, b, atol=1e-3)
+
+
+def test_default_batch_is_one_slice_on_cpu_and_recorded() -> None:
+    m = tiny("ct_denoise")
+
+    @dataclasses.dataclass
+    class Opt:  # settings.engine with batch_slices unset
+        batch_slices: int | None = None
+        bf16_on_gpu: bool = True
+        threads: int = 0
+        device: str = "cpu"
+
+    assert default_batch_slices("cpu", 512, 512) == 1 and default_batch_slices("cpu", 256, 256) == 4
+    assert default_batch_slices("cpu", 1024, 1024) == 1 and default_batch_slices("cuda", 512, 512) == 8
+    p = run_task("ct_denoise", ct_volume(z=2, n=512), model=m, params={}, seed=0, options=Opt()).provenance
+    assert p.extra["batch_slices"] == 1
+    p = run_task("ct_denoise", ct_volume(z=2, n=256), model=m, params={}, seed=0, options=Opt()).provenance
+    assert p.extra["batch_slices"] == 4
+    p = run_task("ct_denoise", ct_volume(), model=m, params={}, seed=0, options=Opt(batch_slices=3)).provenance
+    assert p.extra["batch_slices"] == 3
+
+
+def test_loaded_weights_are_channels_last_and_give_the_contiguous_result() -> None:
+    m = tiny("ct_denoise")
+    convs = [mod.weight for mod in m.net.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    vol = ct_volume(z=2, n=32)
+    a = run_task("ct_denoise", vol, model=m, params={}, seed=4).outputs[0].data
+    m.net.to(memory_format=torch.contiguous_format)
+    assert any(not w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    b = run_task("ct_denoise", vol, model=m, params={}, seed=4).outputs[0].data
+    assert np.allclose(a, b, atol=1e-2)  # HU; the layout changes float rounding only
 
 
 def test_contract_violations_are_refused() -> None:
