@@ -39,6 +39,7 @@ from scipy import ndimage
 
 from engine import metrics as M
 from engine.api import Intensity, Volume
+from engine.phantoms import Tissue
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,13 @@ BODY_HU, BONE_HU = -500.0, 300.0
 #: and of the high-pass whose SD in flat tissue is the texture measure
 STRUCT_SIGMA, TEXTURE_SIGMA = 2.0, 1.5
 #: augmentation: SSIM to the input inside these tissues (labels), where the anatomy is low-contrast
-AUG_ROIS = {"brain": (10, 11, 12), "liver": (4,)}
-# tissues whose interiors count as "flat" for the residual-noise SD (engine.phantoms.Tissue)
-FLAT_TISSUES = (1, 2, 4, 7, 8, 11, 12)  # fat, muscle, liver, kidney, spleen, GM, WM
-ROI_NAMES = {"liver": (4,), "brain": (11, 12)}
-VESSEL = 5
-AIR = 0
+AUG_ROIS = {"brain": (Tissue.CSF, Tissue.GM, Tissue.WM), "liver": (Tissue.LIVER,)}
+#: tissues whose interiors count as "flat" for the residual-noise SD
+FLAT_TISSUES = (Tissue.FAT, Tissue.MUSCLE, Tissue.LIVER, Tissue.KIDNEY, Tissue.SPLEEN, Tissue.GM, Tissue.WM)
+#: ROI SSIM of the restoration / CT->MR reports
+ROI_NAMES = {"liver": (Tissue.LIVER,), "brain": (Tissue.GM, Tissue.WM)}
+VESSEL = Tissue.VESSEL  # excluded from the lesion ring
+AIR = Tissue.AIR  # outside the body
 #: CT->MR lesion split: a lesion whose contrast in the received CT (core minus ring, as in
 #: engine.metrics.lesion_scores) is below this many HU is "CT-occult": below the phantom's
 #: grey / white matter contrast (12 HU), so attenuation alone cannot tell it from anatomy and a
