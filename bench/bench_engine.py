@@ -30,7 +30,8 @@ CASES: list[tuple] = [
     ("CT restoration (shipped weights, keep_sigma_mm 0 = 1.3.0)", "ct-denoise-wreg", "ct_denoise", 512,
      {"keep_sigma_mm": 0.0}),
     ("CT restoration (shipped weights, ensemble 2)", "ct-denoise-wreg", "ct_denoise", 512, {"ensemble": 2}),
-    ("CT restoration (experimental x0-diffusion 2.2.0: mean of 2 samples, 2 steps from noise each, keep_sigma_mm 1.25)",
+    ("CT restoration (experimental x0-diffusion 2.3.0: mean of 2 samples, the second on flipped slices, "
+     + "2 steps from noise each, keep_sigma_mm 1.25)",
      "experimental/ct-denoise-wdiff", "ct_denoise", 512, {}),
     ("CT restoration (experimental x0-diffusion, samples 1 = 2.1.0)", "experimental/ct-denoise-wdiff",
      "ct_denoise", 512, {"samples": 1}),
@@ -44,9 +45,9 @@ CASES: list[tuple] = [
     # the runtime before channels-last weights and the one-slice CPU batch, side by side
     ("CT restoration (shipped regression; NCHW weights, batch 4: the runtime before)", "ct-denoise-wreg",
      "ct_denoise", 512, {}, {"batch": 4, "contiguous": True}),
-    ("CT restoration (experimental x0-diffusion 2.2.0; NCHW weights, batch 4: the runtime before)",
+    ("CT restoration (experimental x0-diffusion 2.3.0; NCHW weights, batch 4: the runtime before)",
      "experimental/ct-denoise-wdiff", "ct_denoise", 512, {}, {"batch": 4, "contiguous": True}),
-    ("CT restoration (experimental x0-diffusion 2.2.0; channels-last weights, batch 4: the layout alone)",
+    ("CT restoration (experimental x0-diffusion 2.3.0; channels-last weights, batch 4: the layout alone)",
      "experimental/ct-denoise-wdiff", "ct_denoise", 512, {}, {"batch": 4}),
     ("CT->MR T1w (shipped regression; NCHW weights, batch 4: the runtime before)", "ct-to-mr-wreg", "ct_to_mr", 256,
      {"target": "t1w"}, {"batch": 4, "contiguous": True}),

@@ -3,7 +3,8 @@
 Usage::
 
     SYNTHNODE_ENGINE__THREADS=2 python bench/diffusion_seed_mean.py \
-        [--k 1 2 4] [--n 6] [--dose 0.25 0.1] [--split val] [--out bench/results/eval/diffusion_seed_mean]
+        [--k 1 2 4] [--n 6] [--dose 0.25 0.1] [--split val] [--flips] [--regressor-ensemble 2] \
+        [--out bench/results/eval/diffusion_seed_mean]
 
 The diffusion model samples the posterior; the regressor is trained for its mean (MMSE), which
 PSNR rewards. The mean of ``k`` samples, each with its own noise and the model's other defaults,
@@ -12,6 +13,13 @@ moves a sampler towards that mean at ``k`` times the cost: the task parameter ``
 phantoms of ``--split`` (validation by default; engine.evaluate.phantom_cases), 3 slices of
 512 px, beside NLM and the shipped regressor, scored by engine.evaluate.run_section. Writes
 ``report.md`` + ``metrics.json`` under ``--out/<split>``.
+
+``--flips`` adds, for every k > 1, the same mean with ``sample_transforms`` "flips" (sample j
+on the slices flipped / rotated 180 degrees, its output turned back); the rule that decides
+whether a model ships with it (written before the first run): on the validation split, PSNR
+and SSIM at least those of the independent samples at every dose. ``--regressor-ensemble N``
+adds the regressor with its test-time ensemble of N flips / rotations (the regressor's
+equivalent, for comparison).
 """
 from __future__ import annotations
 
@@ -38,16 +46,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("val", "test"), default="val")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "eval" / "diffusion_seed_mean")
     ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--flips", action="store_true")
+    ap.add_argument("--regressor-ensemble", type=int, default=0)
+    ap.add_argument("--diffusion", type=Path, default=DIFFUSION)
     a = ap.parse_args(argv)
 
     nlm = baselines.nlm_ct()
     reg, reg_desc = model_method(REGRESSOR, "ct_denoise", {}, seed=0)
-    _, diff_desc = model_method(DIFFUSION, "ct_denoise", {}, seed=0)
+    _, diff_desc = model_method(a.diffusion, "ct_denoise", {}, seed=0)
     methods = {f"NLM (h={nlm.h_factor} sigma)": nlm,
                f"{reg_desc['model_id']} {reg_desc['version']} (regression)": reg}
+    if a.regressor_ensemble > 1:
+        methods[f"{reg_desc['model_id']} {reg_desc['version']} (regression), ensemble {a.regressor_ensemble}"] = \
+            model_method(REGRESSOR, "ct_denoise", {"ensemble": a.regressor_ensemble}, seed=0)[0]
+    pairs = []
     for k in a.k:
-        methods[f"{diff_desc['model_id']} {diff_desc['version']}, samples {k}"] = model_method(
-            DIFFUSION, "ct_denoise", {"samples": k}, seed=0)[0]
+        name = f"{diff_desc['model_id']} {diff_desc['version']}, samples {k}"
+        methods[name] = model_method(a.diffusion, "ct_denoise", {"samples": k, "sample_transforms": "none"},
+                                     seed=0)[0]
+        if a.flips and k > 1:
+            methods[f"{name}, flips"] = model_method(
+                a.diffusion, "ct_denoise", {"samples": k, "sample_transforms": "flips"}, seed=0)[0]
+            pairs.append((name, f"{name}, flips"))
     out = a.out / a.split
     sections = []
     for dose in a.dose:
@@ -59,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             n_pictures=0))
     report = write_report(sections, out, f"Diffusion sample means vs the regressor ({a.split} split)",
                           f"Command: `python bench/diffusion_seed_mean.py --k {' '.join(map(str, a.k))} "
-                          f"--n {a.n} --split {a.split}`")
+                          f"--n {a.n} --split {a.split}{' --flips' if a.flips else ''}"
+                          f"{f' --regressor-ensemble {a.regressor_ensemble}' if a.regressor_ensemble > 1 else ''}`")
     for sec in sections:
         print(sec.title)
         for name in methods:
@@ -67,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: PSNR {m['psnr']:.2f} SSIM {m['ssim']:.4f} "
                   f"contrast >= 10 HU {m.get('lesion_contrast_ratio_visible', float('nan')):.3f} "
                   f"s/slice {m['sec_per_slice']:.2f}")
+    for plain, flipped in pairs:
+        ok = all(sec.mean(flipped)["psnr"] >= sec.mean(plain)["psnr"] and sec.mean(flipped)["ssim"] >= sec.mean(plain)["ssim"]
+                 for sec in sections)
+        print(f"rule (PSNR and SSIM >= independent samples at every dose): {flipped}: {'met' if ok else 'not met'}")
     print(f"wrote {report}")
     return 0
 

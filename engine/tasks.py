@@ -236,19 +236,53 @@ def _sample_seeds(model: LoadedModel, params: dict[str, Any], seed: int) -> list
                           for j in range(1, n)]
 
 
+#: ``sample_transforms`` "flips": sample j runs in the frame of ``SAMPLE_FLIPS[j % 4]`` (the
+#: shape-keeping part of ``DIHEDRAL``: identity, left-right flip, 180 degree rotation, both)
+SAMPLE_FLIPS = DIHEDRAL[:4]
+
+
+def _sample_frames(model: LoadedModel, params: dict[str, Any], n: int) -> list[tuple[int, bool]]:
+    """The frame each posterior sample runs in (``sample_transforms``, diffusion models)."""
+    mode = params.get("sample_transforms") or "none"
+    if mode == "none":
+        return [DIHEDRAL[0]] * n
+    if model.objective != "diffusion":
+        raise TaskInputError(f"sample_transforms applies to diffusion models; {model.model_id} is a "
+                             f"{model.objective} model (see ensemble)")
+    return [SAMPLE_FLIPS[j % len(SAMPLE_FLIPS)] for j in range(n)]
+
+
 def _predict_mean(model: LoadedModel, cond: torch.Tensor | None, init: torch.Tensor | None, *,
-                  seeds: list[int], **kw: Any) -> torch.Tensor:
+                  seeds: list[int], frames: list[tuple[int, bool]] | None = None, **kw: Any) -> torch.Tensor:
     """:func:`_predict` once per seed, averaged (the mean of posterior samples moves a sampler
-    towards the posterior mean, which PSNR rewards; cost x len(seeds))."""
-    y = _predict(model, cond, init, seed=seeds[0], **kw)
-    for s in seeds[1:]:
-        y += _predict(model, cond, init, seed=s, **kw)
-    return y / len(seeds)
+    towards the posterior mean, which PSNR rewards; cost x len(seeds)).
+
+    ``frames[j]`` (a ``DIHEDRAL`` element): sample j runs on the flipped / rotated slices and its
+    output is turned back, so the mean also averages the network's orientation-dependent errors
+    (a test-time ensemble inside the sample mean, at no extra cost).
+    """
+    frames = frames or [DIHEDRAL[0]] * len(seeds)
+    total: torch.Tensor | None = None
+    for s, g in zip(seeds, frames, strict=True):
+        if g == DIHEDRAL[0]:
+            y = _predict(model, cond, init, seed=s, **kw)
+        else:
+            y = _dihedral(_predict(model, None if cond is None else _dihedral(cond, g),
+                                   None if init is None else _dihedral(init, g), seed=s, **kw), g, inverse=True)
+        total = y if total is None else total + y
+    assert total is not None
+    return total / len(seeds)
 
 
-def _seeds_record(seeds: list[int]) -> dict[str, Any]:
-    """Provenance ``extra`` for a mean of samples: the seeds, where there is more than one."""
-    return {"sample_seeds": seeds} if len(seeds) > 1 else {}
+def _seeds_record(seeds: list[int], frames: list[tuple[int, bool]] | None = None) -> dict[str, Any]:
+    """Provenance ``extra`` for a mean of samples: the seeds (and the frames, where any sample
+    was flipped), where there is more than one."""
+    if len(seeds) < 2:
+        return {}
+    rec: dict[str, Any] = {"sample_seeds": seeds}
+    if frames and any(g != DIHEDRAL[0] for g in frames):
+        rec["sample_frames"] = [{"rot90": k, "flip_lr": f} for k, f in frames]
+    return rec
 
 
 def _predict(
@@ -438,13 +472,14 @@ def _restore(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
         raise TaskInputError(f"strength {params['strength']} is above {model.model_id}'s train_t_max {t_hi} "
                              "(noise levels the model never saw)")
     seeds = _sample_seeds(model, params, seed)
-    y = _predict_mean(model, t, t, seeds=seeds, start=float(params["strength"]), steps=steps, opts=opts,
-                      threshold=_threshold(params), ensemble=_ensemble(model, params),
+    frames = _sample_frames(model, params, len(seeds))
+    y = _predict_mean(model, t, t, seeds=seeds, frames=frames, start=float(params["strength"]), steps=steps,
+                      opts=opts, threshold=_threshold(params), ensemble=_ensemble(model, params),
                       guide_sigma=_guide_sigma(params, vol))
     out_spec = norm.get("output", norm["input"])
     data = denormalise(y[:, 0].numpy(), out_spec, state)
     return _Run([Volume(data, vol.spacing, vol.intensity)], steps,
-                {"normalisation_scale": state["scale"], **_seeds_record(seeds)})
+                {"normalisation_scale": state["scale"], **_seeds_record(seeds, frames)})
 
 
 def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,
@@ -458,7 +493,8 @@ def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str,
     t = torch.from_numpy(x)[:, None]
     steps = 1 if model.objective == "regression" else int(params["steps"])
     seeds = _sample_seeds(model, params, seed)
-    y = _predict_mean(model, t, None, seeds=seeds, start=1.0, steps=steps, opts=opts,
+    frames = _sample_frames(model, params, len(seeds))
+    y = _predict_mean(model, t, None, seeds=seeds, frames=frames, start=1.0, steps=steps, opts=opts,
                       threshold=_threshold(params), ensemble=_ensemble(model, params))
     ch = names.index(target)
     out_spec = norm["output"][target]
@@ -467,7 +503,7 @@ def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str,
     # (shipped ct-to-mr-wreg: down to -77 on the 512 px abdomen phantom), clamped here
     data = np.maximum(data, 0.0).astype(np.float32, copy=False)
     intensity = Intensity.MR_T1W if target == "t1w" else Intensity.MR_T2W
-    return _Run([Volume(data, vol.spacing, intensity)], steps, {"target": target, **_seeds_record(seeds)})
+    return _Run([Volume(data, vol.spacing, intensity)], steps, {"target": target, **_seeds_record(seeds, frames)})
 
 
 def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,
@@ -503,6 +539,11 @@ _SAMPLES = ParamSpec(int, None, 1, 8,
                      help="diffusion models: the output is the mean of this many posterior samples "
                           "(each its own noise; 1 = one sample; default from the model config, else 1); "
                           "cost x samples")
+_SAMPLE_TRANSFORMS = ParamSpec(str, None, choices=("none", "flips"),
+                               help="diffusion models with samples > 1: 'flips' runs sample j on the "
+                                    "slices flipped left-right / rotated 180 degrees / both (in turn) and "
+                                    "turns its output back, so the mean also averages orientation errors "
+                                    "(no extra cost); default from the model config, else 'none'")
 
 TASKS: dict[str, TaskSpec] = {
     "ct_denoise": TaskSpec(
@@ -515,6 +556,7 @@ TASKS: dict[str, TaskSpec] = {
             "threshold_percentile": _THR,
             "ensemble": _ENS,
             "samples": _SAMPLES,
+            "sample_transforms": _SAMPLE_TRANSFORMS,
             "keep_sigma_mm": _KEEP_RESTORE,
         },
         _restore,
@@ -530,6 +572,7 @@ TASKS: dict[str, TaskSpec] = {
             "threshold_percentile": _THR,
             "ensemble": _ENS,
             "samples": _SAMPLES,
+            "sample_transforms": _SAMPLE_TRANSFORMS,
             "keep_sigma_mm": _KEEP_RESTORE,
         },
         _restore,
@@ -545,6 +588,7 @@ TASKS: dict[str, TaskSpec] = {
             "threshold_percentile": _THR,
             "ensemble": _ENS,
             "samples": _SAMPLES,
+            "sample_transforms": _SAMPLE_TRANSFORMS,
         },
         _ct_to_mr,
         contract={"output_intensity": "MR_T1W or MR_T2W in the phantom's arbitrary units, "

@@ -99,7 +99,8 @@ def _ct_scores(ref: list[np.ndarray], out: list[np.ndarray]) -> tuple[float, flo
 # 1.0.0 +1.3 dB / +0.014); experimental/ct-denoise-wdiff 2.1.0 (x0-diffusion, 2 steps from noise,
 # keep_sigma_mm 1.25) +4.10 dB / +0.038, ratio 0.937 (2.0.0 without it: +4.03 / +0.038, ratio 0.869;
 # 1.0.0, 361 velocity steps, was ~identity and had floor -0.5 dB); 2.2.0 (2.1.0 + samples 2, the mean
-# of two posterior samples) +4.20 dB / +0.038, ratio 0.937
+# of two posterior samples) +4.20 dB / +0.038, ratio 0.937; 2.3.0 (2.2.0 + sample_transforms flips, the
+# second sample on the flipped slices) +4.33 dB / +0.038, ratio 0.935
 CT_FLOORS = {"ct-denoise-wreg": (4.0, 0.033, 0.93), "experimental/ct-denoise-wdiff": (3.5, 0.033, 0.92)}
 
 

@@ -448,3 +448,31 @@ def test_samples_default_from_the_model_config_and_ct_to_mr() -> None:
     b = run_task("ct_to_mr", vol, model=mr, params={"target": "t2w", "steps": 2, "samples": 4}, seed=4)
     assert b.outputs[0].data.shape == a.shape and b.outputs[0].data.min() >= 0
     assert len(b.provenance.extra["sample_seeds"]) == 4 and not np.array_equal(a, b.outputs[0].data)
+
+
+def test_sample_transforms_flips_runs_each_sample_in_its_frame() -> None:
+    """``sample_transforms`` "flips": sample j runs on the slices in the j-th frame of identity /
+    left-right flip / 180 degree rotation / both and its output is turned back; the mean is then
+    the mean of those per-frame outputs (checked against running the flipped volume itself)."""
+    m = _randomised(tiny("ct_denoise", seed=5), seed=5)
+    vol = ct_volume(z=2, n=32, seed=6)
+    vol.data[:, :, :6] += 300.0  # not symmetric: a flip changes the input
+    params = {"strength": 0.6, "steps": 2, "keep_sigma_mm": 1.0}
+    seeds = [7] + [int(np.random.SeedSequence([7, j]).generate_state(1, dtype=np.uint32)[0]) for j in (1, 2)]
+    flips = run_task("ct_denoise", vol, model=m, params={**params, "samples": 3, "sample_transforms": "flips"}, seed=7)
+    frames = [lambda a: a, lambda a: a[:, :, ::-1], lambda a: a[:, ::-1, ::-1]]  # identity, flip lr, rot 180
+    expected = np.zeros_like(vol.data)
+    for s, f in zip(seeds, frames, strict=True):
+        turned = Volume(np.ascontiguousarray(f(vol.data)), vol.spacing, vol.intensity)
+        expected += f(run_task("ct_denoise", turned, model=m, params=params, seed=s).outputs[0].data)  # f is its own inverse
+    np.testing.assert_allclose(flips.outputs[0].data, expected / 3, atol=2e-3)
+    plain = run_task("ct_denoise", vol, model=m, params={**params, "samples": 3}, seed=7)
+    assert not np.allclose(plain.outputs[0].data, flips.outputs[0].data, atol=1e-2)
+    assert flips.provenance.extra["sample_frames"] == [{"rot90": 0, "flip_lr": False}, {"rot90": 0, "flip_lr": True},
+                                                       {"rot90": 2, "flip_lr": False}]
+    assert "sample_frames" not in plain.provenance.extra
+    with pytest.raises(TaskInputError, match="sample_transforms"):
+        run_task("ct_denoise", vol, model=tiny("ct_denoise", objective="regression"),
+                 params={"sample_transforms": "flips"}, seed=0)
+    with pytest.raises(TaskInputError, match="one of"):
+        run_task("ct_denoise", vol, model=m, params={"sample_transforms": "rotate"}, seed=0)
