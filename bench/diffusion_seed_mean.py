@@ -3,7 +3,8 @@
 Usage::
 
     SYNTHNODE_ENGINE__THREADS=2 python bench/diffusion_seed_mean.py \
-        [--task ct_denoise] [--k 1 2 4] [--n 6] [--dose 0.25 0.1] [--snr 10 20] [--split val] [--flips] \
+        [--task ct_denoise] [--k 1 2 4] [--n 6] [--dose 0.25 0.1] [--snr 10 20] [--target t1w t2w] \
+        [--split val] [--flips] \
         [--regressor-ensemble 2] \
         [--out bench/results/eval/diffusion_seed_mean]
 
@@ -12,8 +13,9 @@ PSNR rewards. The mean of ``k`` samples, each with its own noise and the model's
 moves a sampler towards that mean at ``k`` times the cost: the task parameter ``samples``
 (engine.tasks; sample 0 with the seed, sample j with ``SeedSequence([seed, j])``). Cases: ``n``
 phantoms of ``--split`` (validation by default; engine.evaluate.phantom_cases), 3 slices of
-512 px at each ``--dose`` (``--task mr_denoise``: 256 px at each ``--snr``, the MR models), beside
-NLM and the shipped regressor, scored by engine.evaluate.run_section. Writes
+512 px at each ``--dose`` (``--task mr_denoise``: 256 px at each ``--snr``, the MR models;
+``--task ct_to_mr``: 256 px, each ``--target``, no classical baseline), beside NLM and the shipped
+regressor, scored by engine.evaluate.run_section. Writes
 ``report.md`` + ``metrics.json`` under ``--out/<split>``.
 
 ``--flips`` adds, for every k > 1, the same mean with ``sample_transforms`` "flips" (sample j
@@ -23,7 +25,10 @@ and SSIM at least those of the independent samples at every dose. ``--regressor-
 adds the regressor with its test-time ensemble of N flips / rotations (the regressor's
 equivalent, for comparison). MR rule (written before the first ``--task mr_denoise`` run): the
 MR diffusion model ships with ``samples`` 2 if on the validation split its PSNR, SSIM and body
-SSIM reach those of one sample at every SNR, and with flips on top under the flips rule.
+SSIM reach those of one sample at every SNR, and with flips on top under the flips rule. CT->MR
+rule (written before the first ``--task ct_to_mr`` run): the CT->MR diffusion model ships with
+``samples`` 2 and flips if on the validation split, for both targets, PSNR, SSIM and lesion Dice
+(>= 5 mm) reach those of one sample and false lesions per slice do not rise.
 """
 from __future__ import annotations
 
@@ -38,12 +43,13 @@ from engine import baselines
 from engine.evaluate import model_method, phantom_cases, run_section, write_report
 
 WEIGHTS = ROOT / "engine" / "weights"
-#: task -> (diffusion model, regressor, NLM baseline, pixel size, "dose" / "snr")
+#: task -> (diffusion model, regressor, classical baseline or None, pixel size, level: "dose" / "snr" / "target")
 SETUPS = {
     "ct_denoise": (WEIGHTS / "experimental" / "ct-denoise-wdiff", WEIGHTS / "ct-denoise-wreg", baselines.nlm_ct, 512,
                    "dose"),
     "mr_denoise": (WEIGHTS / "experimental" / "mr-denoise-wdiff", WEIGHTS / "mr-denoise-wreg", baselines.nlm_mr, 256,
                    "snr"),
+    "ct_to_mr": (WEIGHTS / "experimental" / "ct-to-mr-wdiff", WEIGHTS / "ct-to-mr-wreg", None, 256, "target"),
 }
 
 
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=6)
     ap.add_argument("--dose", type=float, nargs="+", default=[0.25, 0.1])
     ap.add_argument("--snr", type=float, nargs="+", default=[10.0, 20.0])
+    ap.add_argument("--target", nargs="+", default=["t1w", "t2w"], choices=["t1w", "t2w"])
     ap.add_argument("--split", choices=("val", "test"), default="val")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "eval" / "diffusion_seed_mean")
     ap.add_argument("--cache", type=Path, default=None)
@@ -62,35 +69,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--diffusion", type=Path, default=None, help="diffusion model folder (default: the task's)")
     a = ap.parse_args(argv)
 
-    diffusion, regressor, nlm_fn, size, level = SETUPS[a.task]
+    diffusion, regressor, baseline_fn, size, level = SETUPS[a.task]
     diffusion = a.diffusion or diffusion
     task = a.task
-    nlm = nlm_fn()
-    reg, reg_desc = model_method(regressor, task, {}, seed=0)
-    _, diff_desc = model_method(diffusion, task, {}, seed=0)
-    methods = {f"NLM (h={nlm.h_factor} sigma)": nlm,
-               f"{reg_desc['model_id']} {reg_desc['version']} (regression)": reg}
-    if a.regressor_ensemble > 1:
-        methods[f"{reg_desc['model_id']} {reg_desc['version']} (regression), ensemble {a.regressor_ensemble}"] = \
-            model_method(regressor, task, {"ensemble": a.regressor_ensemble}, seed=0)[0]
-    pairs = []
-    for k in a.k:
-        name = f"{diff_desc['model_id']} {diff_desc['version']}, samples {k}"
-        methods[name] = model_method(diffusion, task, {"samples": k, "sample_transforms": "none"}, seed=0)[0]
-        if a.flips and k > 1:
-            methods[f"{name}, flips"] = model_method(
-                diffusion, task, {"samples": k, "sample_transforms": "flips"}, seed=0)[0]
-            pairs.append((name, f"{name}, flips"))
+    _, reg_desc = model_method(regressor, task, {"target": "t1w"} if task == "ct_to_mr" else {}, seed=0)
+    _, diff_desc = model_method(diffusion, task, {"target": "t1w"} if task == "ct_to_mr" else {}, seed=0)
+    reg_name = f"{reg_desc['model_id']} {reg_desc['version']} (regression)"
+    pairs: list[tuple[str, str]] = []
+
+    def build_methods(extra: dict) -> dict:
+        """The compared methods for one level (``extra``: the CT->MR target)."""
+        ms = {}
+        if baseline_fn is not None:
+            b = baseline_fn()
+            ms[f"NLM (h={b.h_factor} sigma)"] = b
+        ms[reg_name] = model_method(regressor, task, dict(extra), seed=0)[0]
+        if a.regressor_ensemble > 1:
+            ms[f"{reg_name}, ensemble {a.regressor_ensemble}"] = model_method(
+                regressor, task, {**extra, "ensemble": a.regressor_ensemble}, seed=0)[0]
+        for k in a.k:
+            name = f"{diff_desc['model_id']} {diff_desc['version']}, samples {k}"
+            ms[name] = model_method(diffusion, task, {**extra, "samples": k, "sample_transforms": "none"}, seed=0)[0]
+            if a.flips and k > 1:
+                ms[f"{name}, flips"] = model_method(
+                    diffusion, task, {**extra, "samples": k, "sample_transforms": "flips"}, seed=0)[0]
+                if (name, f"{name}, flips") not in pairs:
+                    pairs.append((name, f"{name}, flips"))
+        return ms
+
     out = a.out / a.split if task == "ct_denoise" else a.out / f"{task}-{a.split}"
     sections = []
-    what = "CT restoration" if task == "ct_denoise" else "MR restoration"
-    for value in (a.dose if level == "dose" else a.snr):
-        cases = (phantom_cases(task, a.n, size=size, n_slices=3, dose=value, split=a.split, cache_dir=a.cache)
-                 if level == "dose" else
-                 phantom_cases(task, a.n, size=size, n_slices=3, snr=value, target="both", split=a.split,
-                               cache_dir=a.cache))
+    what = {"ct_denoise": "CT restoration", "mr_denoise": "MR restoration", "ct_to_mr": "CT->MR"}[task]
+    levels = {"dose": a.dose, "snr": a.snr, "target": a.target}[level]
+    methods: dict = {}
+    for value in levels:
+        if level == "dose":
+            cases = phantom_cases(task, a.n, size=size, n_slices=3, dose=value, split=a.split, cache_dir=a.cache)
+        elif level == "snr":
+            cases = phantom_cases(task, a.n, size=size, n_slices=3, snr=value, target="both", split=a.split,
+                                  cache_dir=a.cache)
+        else:
+            cases = phantom_cases(task, a.n, size=size, n_slices=3, target=value, split=a.split, cache_dir=a.cache)
+        methods = build_methods({"target": value} if level == "target" else {})
+        label = f"{value:g}" if level != "target" else value
         sections.append(run_section(
-            f"{what}, {a.split} phantoms, {level} {value:g}", task, cases, methods, out,
+            f"{what}, {a.split} phantoms, {level} {label}", task, cases, methods, out,
             f"{a.n} {a.split}-split phantoms, 3 slices of {size} px; the diffusion model with samples k (mean of k samples)",
             n_pictures=0))
     report = write_report(sections, out, f"Diffusion sample means vs the regressor ({a.split} split)",
@@ -104,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             body = f"SSIM body {m['ssim_body']:.4f} " if "ssim_body" in m else ""
             print(f"  {name}: PSNR {m['psnr']:.2f} SSIM {m['ssim']:.4f} {body}"
                   f"contrast >= 10 HU {m.get('lesion_contrast_ratio_visible', float('nan')):.3f} "
+                  f"Dice >= 5 mm {m.get('lesion_dice_ge5mm', float('nan')):.3f} "
+                  f"false lesions / slice {m.get('false_lesions_per_slice', float('nan')):.2f} "
                   f"s/slice {m['sec_per_slice']:.2f}")
     for plain, flipped in pairs:
         ok = all(sec.mean(flipped)["psnr"] >= sec.mean(plain)["psnr"] and sec.mean(flipped)["ssim"] >= sec.mean(plain)["ssim"]
