@@ -63,7 +63,7 @@ def one(model_dir: str, task: str, size: int, params: dict, slices: int, repeats
     from engine import phantoms
     from engine.api import Intensity, Volume, run_task
     from engine.models import load_model_dir
-    from engine.tasks import RunOptions
+    from engine.tasks import RunOptions, default_batch_slices
 
     s = phantoms.make_sample(phantoms.split_seed("test", 0), size=size, n_slices=slices, kind="abdomen")
     rng = np.random.default_rng(0)
@@ -71,8 +71,6 @@ def one(model_dir: str, task: str, size: int, params: dict, slices: int, repeats
         vol = Volume(s.t1w, s.spacing, Intensity.MR_T1W)
     else:
         vol = Volume((s.ct_hu + rng.normal(0, 30, s.ct_hu.shape)).astype(np.float32), s.spacing, Intensity.HU)
-    from engine.tasks import default_batch_slices
-
     m = load_model_dir(WEIGHTS / model_dir)
     if contiguous:
         m.net.to(memory_format=torch.contiguous_format)

@@ -119,16 +119,19 @@ def test_ct_denoise_shapes_determinism_and_provenance() -> None:
     assert p.parameters == {"steps": 2, "strength": 0.3, "threshold_percentile": 0.995}
 
 
+@dataclasses.dataclass
+class Opt:
+    """What run_task reads of settings.engine (``batch_slices`` None: unset)."""
+
+    batch_slices: int | None = None
+    bf16_on_gpu: bool = True
+    threads: int = 0
+    device: str = "cpu"
+
+
 def test_batching_does_not_change_the_result() -> None:
     m = tiny("ct_denoise")
     vol = ct_volume(z=5)
-
-    @dataclasses.dataclass
-    class Opt:
-        batch_slices: int
-        bf16_on_gpu: bool = True
-        threads: int = 0
-        device: str = "cpu"
 
     a = run_task("ct_denoise", vol, model=m, params={}, seed=1, options=Opt(1)).outputs[0].data
     b = run_task("ct_denoise", vol, model=m, params={}, seed=1, options=Opt(8)).outputs[0].data
@@ -137,13 +140,6 @@ def test_batching_does_not_change_the_result() -> None:
 
 def test_default_batch_is_one_slice_on_cpu_and_recorded() -> None:
     m = tiny("ct_denoise")
-
-    @dataclasses.dataclass
-    class Opt:  # settings.engine with batch_slices unset
-        batch_slices: int | None = None
-        bf16_on_gpu: bool = True
-        threads: int = 0
-        device: str = "cpu"
 
     assert default_batch_slices("cpu", 512, 512) == 1 and default_batch_slices("cpu", 256, 256) == 4
     assert default_batch_slices("cpu", 1024, 1024) == 1 and default_batch_slices("cuda", 512, 512) == 8
