@@ -1,7 +1,7 @@
 """Alembic environment: one migration history, one branch per component.
 
 Each component declares its tables on its own ``MetaData`` (``storage.tables``,
-``audit.tables``, ``node.tables``); migrations live in ``alembic/versions`` with
+``audit.tables``, ``node.pipeline.tables``); migrations live in ``alembic/versions`` with
 branch labels ``storage``, ``audit`` and ``node``. The URL comes from the
 ``sqlalchemy.url`` main option, set by ``node.db.upgrade``, or ``$SYNTHNODE_DATABASE__URL``.
 """
@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib
 import os
 
-from alembic import context
 from sqlalchemy import create_engine, pool
+
+from alembic import context
 
 config = context.config
 
 target_metadata = []
-for _mod in ("storage.tables", "audit.tables", "node.tables"):
+for _mod in ("storage.tables", "audit.tables", "node.pipeline.tables"):
     try:
         target_metadata.append(importlib.import_module(_mod).metadata)
     except ModuleNotFoundError:  # component not built yet

@@ -98,7 +98,7 @@ class Event:
                            quality (the gate's statistics, decimal strings)
     ``output.held``        subject job_id, study_uid, model_id; payload
                            source_series_uids, output_index, reasons (list of strings),
-                           checks (names of the failed checks, node/quality.py), stats
+                           checks (names of the failed checks, node/pipeline/quality.py), stats
                            (decimal strings)
     ``output.discarded``   subject job_id, study_uid, series_uid (= the partial output
                            series); payload source_series_uids, sop_uids (the removed

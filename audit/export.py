@@ -304,9 +304,9 @@ JOB_TYPES = {EventType.JOB_QUEUED, EventType.JOB_STARTED, EventType.JOB_FINISHED
              EventType.JOB_CANCELLED}
 OUTPUT_TYPES = {EventType.OUTPUT_CREATED, EventType.OUTPUT_HELD, EventType.OUTPUT_DISCARDED}
 DISPATCH_TYPES = {EventType.DISPATCH_ATTEMPTED, EventType.DISPATCH_SUCCEEDED, EventType.DISPATCH_FAILED}
-#: job.* payload ``kind`` of the jobs that send a series (node/jobs.py JobKind.DISPATCH)
+#: job.* payload ``kind`` of the jobs that send a series (node/pipeline/jobs.py JobKind.DISPATCH)
 DISPATCH_JOB_KIND = "dispatch"
-#: the job state each job event records (node/jobs.py JobState)
+#: the job state each job event records (node/pipeline/jobs.py JobState)
 JOB_STATE_OF = {EventType.JOB_QUEUED: "queued", EventType.JOB_STARTED: "running",
                 EventType.JOB_FINISHED: "succeeded", EventType.JOB_FAILED: "failed",
                 EventType.JOB_CANCELLED: "cancelled"}
@@ -388,7 +388,7 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
         frontier = new
     events = [seen[s] for s in sorted(seen)]
 
-    # which job ids are dispatch jobs (kind recorded by node/jobs.py) and which are engine jobs
+    # which job ids are dispatch jobs (kind recorded by node/pipeline/jobs.py) and which are engine jobs
     dispatch_jobs: dict[str, dict[str, Any]] = {}
     engine_ids: list[str] = []
     for e in events:

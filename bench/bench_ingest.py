@@ -563,11 +563,11 @@ def summarise_profile(path: Path, n: int, wall: float) -> str:
     stages: dict[str, float] = {}
     wanted = {
         "C-STORE handler total (node.dimse.store.handle_store)": ("store.py", "handle_store"),
-        "ingest (node.ingest.Ingestor._ingest)": ("ingest.py", "_ingest"),
-        "  parse / checks (Ingestor._parse)": ("ingest.py", "_parse"),
+        "ingest (node.ingest.ingestor.Ingestor._ingest)": ("ingestor.py", "_ingest"),
+        "  parse / checks (Ingestor._parse)": ("ingestor.py", "_parse"),
         "  file write + fsync + rename (FileStore.write)": ("filestore.py", "write"),
         "  os.fsync": ("~", "<built-in method posix.fsync>"),
-        "  index + ledger commit (Ingestor._record)": ("ingest.py", "_record"),
+        "  index row (attributes.index_record)": ("attributes.py", "index_record"),
         "  ledger append (Ledger._append_locked)": ("ledger.py", "_append_locked"),
         "pynetdicom DUL receive (dul.DULServiceProvider.run)": ("dul.py", "run"),
         "pynetdicom PDU decode (pdu.P_DATA_RF.decode)": ("pdu.py", "decode"),

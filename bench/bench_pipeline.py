@@ -15,11 +15,11 @@ Study content (``--content``):
 * ``abdomen``  engine.phantoms abdomen (``size`` x ``size``, 2 mm slices) with simulated
                low dose (engine.degrade.low_dose_ct, 0.25 of full dose); rendered once per
                invocation and shared by all runs;
-* ``simple``   the test factory's cylinder phantom (tests/pipeline/factory.py).
+* ``simple``   the test factory's cylinder phantom (tests/support/factory.py).
 
 Runners:
 
-* ``gated``    the production pipeline (node.pipeline.build_pipeline): models admitted by the
+* ``gated``    the production pipeline (node.pipeline.orchestrator.build_pipeline): models admitted by the
                model gate from a copy of the bundled ``engine/weights`` folders, approved here
                with a throw-away approver key; one run per ``--tasks`` entry;
 * ``nlm``      the non-local-means restoration baseline (engine.baselines), no model.
@@ -88,11 +88,11 @@ def run_once(content: Any, task_text: str, fmt: str, runner_name: str, threads: 
     from audit.watermark import WatermarkKey
     from config.settings import load_settings
     from node.app import build_context
-    from node.ingest import Ingestor
-    from node.jobs import JobKind
-    from node.pipeline import Pipeline, build_pipeline
-    from tests.pipeline.conftest import OrthancServer
-    from tests.pipeline.factory import make_series
+    from node.ingest.ingestor import Ingestor
+    from node.pipeline.jobs import JobKind
+    from node.pipeline.orchestrator import Pipeline, build_pipeline
+    from tests.support.orthanc import OrthancServer
+    from tests.support.factory import make_series
 
     hu, slice_mm, pixel_mm, slices, size = content
     task, params = parse_task(task_text)

@@ -391,7 +391,7 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
     or edge input looks like to the network (``engine.tasks`` repeats edge slices).
 
     ``fulldose_target`` (CT restoration): with this probability the pair mirrors the
-    real-scan evaluation (node.evaldata): the target is the normal-dose image ``nd`` (its own
+    real-scan evaluation (node.evaluation.realdata): the target is the normal-dose image ``nd`` (its own
     noise included) and the input ``nd + sqrt(1 - d) (ld - ct)``, a scan of dose ``d`` derived
     from it (``ld - ct`` is projection-domain noise of variance ``1/d``, drawn independently of
     ``nd``'s, so the added part has variance ``1/d - 1`` as in evaldata's ``d / (1 - d)``).

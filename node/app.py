@@ -108,7 +108,7 @@ class Node:
         self.dimse = dimse
         self.recovery = recovery
         self.role = role  # "node" | "acceptor" (a child of a multi-process node)
-        self.pipeline: Any = None  # node.pipeline.Pipeline (set by create_node)
+        self.pipeline: Any = None  # node.pipeline.orchestrator.Pipeline (set by create_node)
         self.stop_requested = threading.Event()
         self._stopped = False
 
@@ -226,7 +226,7 @@ def _pipeline(ctx: NodeContext) -> Any:
     """The pipeline (study completion -> engine jobs -> dispatch), when enabled."""
     if not ctx.settings.pipeline.enabled:
         return None
-    from node.pipeline import build_pipeline
+    from node.pipeline.orchestrator import build_pipeline
 
     return build_pipeline(ctx)
 

@@ -22,7 +22,7 @@ from storage.filestore import FileStore
 from storage.index import Index
 
 if TYPE_CHECKING:
-    from node.ingest import StoredInstance
+    from node.ingest.results import StoredInstance
 
 __all__ = ["InFlight", "LedgerWriter", "NodeContext", "InstanceStoredHook"]
 

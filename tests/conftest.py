@@ -5,53 +5,22 @@ Component fixtures live in ``tests/<package>/conftest.py``.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.net import IN_CI, get_port
+
 PG_ADMIN_URL = os.environ.get(
     "SYNTHNODE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def get_port() -> int:
-    """A free TCP port on loopback (bind to 0 and release, as pynetdicom's tests do)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def free_port() -> int:
     return get_port()
-
-
-def wait_for(pred: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:
-    """Poll ``pred`` until it returns something truthy (returned) or ``timeout`` seconds pass
-    (AssertionError naming ``what``)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def require_tool(name: str) -> str:
-    """Path of an external tool; in CI a missing tool is a failure, locally a skip."""
-    path = shutil.which(name)
-    if path is None:
-        if IN_CI:
-            pytest.fail(f"{name} is not installed (scripts/test installs it)")
-        pytest.skip(f"{name} not installed")
-    return path
 
 
 def _pg_available() -> bool:

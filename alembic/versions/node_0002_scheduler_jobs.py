@@ -7,6 +7,7 @@ Create Date: 2026-11-22 04:40:00
 from __future__ import annotations
 
 import sqlalchemy as sa
+
 from alembic import op
 
 revision = "node_0002"

@@ -11,6 +11,7 @@ Create Date: 2026-11-22 07:45:00
 from __future__ import annotations
 
 import sqlalchemy as sa
+
 from alembic import op
 
 revision = "node_0003"

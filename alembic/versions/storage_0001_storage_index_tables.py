@@ -7,8 +7,8 @@ Create Date: 2026-11-22 04:09:55.607723
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
 
+from alembic import op
 
 revision = 'storage_0001'
 down_revision = None

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 from rich.tree import Tree
 
 from node.cli.common import ConfigOption, console, fail, settings_from
@@ -309,7 +309,13 @@ def export(
                                       "to udp://host:port or tcp://host:port (RFC 5424)"),
 ) -> None:
     """Export the ledger."""
-    from audit.export import export_ledger, parse_when, write_dicom_audit, write_fhir_bundle, write_path
+    from audit.export import (
+        export_ledger,
+        parse_when,
+        write_dicom_audit,
+        write_fhir_bundle,
+        write_path,
+    )
 
     settings, svc = _service(config)
     fh = write_path(out)

@@ -71,7 +71,13 @@ def train_cmd(
 ) -> None:
     """Train a model on phantoms and write <models_dir>/<model_id>/ (weights, config, card)."""
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from engine.tasks import resolve_device
     from engine.train import DEFAULT_ARCH, PRESETS, TrainConfig, load_data, prepare_data, train
@@ -187,7 +193,7 @@ def evaluate_cmd(
 
     import torch
 
-    from node.evaldata import evaluate_task
+    from node.evaluation.realdata import evaluate_task
 
     settings = settings_from(config)
     if settings.engine.threads:

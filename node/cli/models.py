@@ -84,7 +84,13 @@ def manifest(
 ) -> None:
     """(Re)write manifest.json with the SHA-256 of every file; metadata defaults come from an
     existing manifest.json, then config.json."""
-    from audit.modelgate import MANIFEST, ModelRefused, build_manifest, manifest_sha256, write_manifest
+    from audit.modelgate import (
+        MANIFEST,
+        ModelRefused,
+        build_manifest,
+        manifest_sha256,
+        write_manifest,
+    )
 
     meta: dict[str, str] = {}
     for src in (folder / "config.json", folder / MANIFEST):

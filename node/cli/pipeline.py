@@ -50,7 +50,7 @@ def rules_test(
     """Show which rule routes each series of FILES, and why every rule matched or not."""
     import pydicom
 
-    from node.rules import SeriesFacts, check_rules, route
+    from node.pipeline.rules import SeriesFacts, check_rules, route
 
     settings = settings_from(config)
     problems = check_rules(settings.pipeline)
@@ -65,7 +65,7 @@ def rules_test(
     key_file = settings.watermark_key_file
     if key_file.exists():
         from audit.watermark import WatermarkKey
-        from node.dispatch import watermark_check
+        from node.dispatch.dispatcher import watermark_check
 
         detect = watermark_check([WatermarkKey.from_file(key_file)])
     report = []
@@ -118,7 +118,7 @@ def rules_test(
 def _store(config: Path | None):  # type: ignore[no-untyped-def]
     from audit.ledger import Ledger
     from node.db import make_engine
-    from node.jobs import JobStore
+    from node.pipeline.jobs import JobStore
 
     settings = settings_from(config)
     engine = make_engine(settings.database_url)
@@ -160,7 +160,7 @@ def jobs_list(
     """Jobs, newest first: id (first 8 characters; any unique prefix works in show / retry /
     cancel), kind, state, task, rule, attempts used / allowed, last change (UTC) and the
     last error."""
-    from node.jobs import JobKind, JobState
+    from node.pipeline.jobs import JobKind, JobState
 
     try:
         st = JobState(state) if state else None
@@ -203,7 +203,7 @@ def jobs_retry(job_id: str = typer.Argument(..., help="job id or a unique prefix
     removes any partial output series its earlier attempts left, and a dispatch job never
     re-sends an instance the destination already acknowledged. Queued, running and
     succeeded jobs cannot be retried."""
-    from node.jobs import InvalidTransition
+    from node.pipeline.jobs import InvalidTransition
 
     store = _store(config)
     try:
@@ -222,7 +222,7 @@ def jobs_cancel(job_id: str = typer.Argument(..., help="job id or a unique prefi
     """Cancel a queued or running job. A running attempt is not interrupted: it runs to its
     end, but its outcome is not recorded and an engine job's outputs are discarded, never
     dispatched. Instances a dispatch job already sent stay sent. `jobs retry` undoes it."""
-    from node.jobs import InvalidTransition
+    from node.pipeline.jobs import InvalidTransition
 
     store = _store(config)
     try:
@@ -242,7 +242,7 @@ def study_complete(study_uid: str = typer.Argument(..., help="Study Instance UID
     """Declare a study complete now: route its series and queue engine jobs (the running
     node's workers pick them up)."""
     from node.app import build_context
-    from node.pipeline import Pipeline
+    from node.pipeline.orchestrator import Pipeline
 
     settings = settings_from(config)
     ctx = build_context(settings, migrate=False)

@@ -28,9 +28,9 @@ def worker(
     database, run it, record the outcome. The node's context (database, ledger, store,
     model gate, watermark key) is built from the config as ``synthnode serve`` builds it."""
     from node.app import build_context
-    from node.celery_app import BrokerPool, WorkerRuntime, make_celery, worker_queues
-    from node.jobs import JobKind
-    from node.pipeline import build_pipeline
+    from node.pipeline.broker import BrokerPool, WorkerRuntime, make_celery, worker_queues
+    from node.pipeline.jobs import JobKind
+    from node.pipeline.orchestrator import build_pipeline
 
     settings = settings_from(config)
     url = settings.pipeline.broker_url

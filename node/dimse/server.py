@@ -39,7 +39,6 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from audit.events import Event, EventType, Outcome
-
 from node.context import NodeContext
 from node.dimse.status import General
 

@@ -3,7 +3,7 @@
 Accepts every storage SOP class pynetdicom knows (PS3.4 B.5) in every transfer syntax
 pydicom knows: uncompressed (explicit VR little endian preferred, then implicit, deflated,
 big endian), JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE, MPEG/HEVC.
-What was sent is stored unchanged (see :mod:`node.ingest`); decoding happens later, off
+What was sent is stored unchanged (see :mod:`node.ingest.ingestor`); decoding happens later, off
 the receive path (pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-rle and pyjpegls are installed
 so every compressed syntax above can be decoded).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     AllTransferSyntaxes,
@@ -23,15 +24,19 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pydicom._uid_dict import UID_dictionary
 from pynetdicom import evt, register_uid
-from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext, build_context
+from pynetdicom.presentation import (
+    AllStoragePresentationContexts,
+    PresentationContext,
+    build_context,
+)
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from node.context import NodeContext
 from node.dimse.status import General, Storage, status_dataset
-from node.ingest import IngestError, IngestOutcome, Ingestor, RejectReason
+from node.ingest.ingestor import Ingestor
+from node.ingest.results import IngestError, IngestOutcome, RejectReason
 
 logger = logging.getLogger(__name__)
 

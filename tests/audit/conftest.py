@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from audit_helpers import LedgerEnv
+from tests.support.ledger import LedgerEnv
 
 from audit.service import open_ledger
 from node.db import make_engine

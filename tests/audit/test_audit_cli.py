@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from audit_helpers import make_event
+from tests.support.ledger import make_event
 from safetensors.numpy import save as st_save
 from sqlalchemy import update
 from typer.testing import CliRunner
@@ -125,7 +125,7 @@ def test_lineage_cli_text_and_json(site: Path, migrated_db: str) -> None:
     """`audit lineage`: the text tree nests source -> engine job (with its model) -> output
     series -> destination -> each dispatch, unwrapped when not on a terminal; --json is the
     same tree as audit.export.lineage."""
-    from test_ledger_export import OUT, SRC, STUDY, pipeline_events
+    from tests.support.ledger import OUT, SRC, STUDY, pipeline_events
 
     from audit.export import lineage
 

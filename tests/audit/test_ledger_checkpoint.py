@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.support.ledger import LedgerEnv, make_event
 from sqlalchemy import delete, update
 
 from audit import merkle
@@ -28,8 +29,6 @@ from audit.ledger import LedgerError
 from audit.tables import ledger_checkpoints, ledger_entries, ledger_head, ledger_nodes
 from audit.verify import verify_database
 from node.db import make_engine
-
-from audit_helpers import LedgerEnv, make_event
 
 REPO = Path(__file__).resolve().parents[2]
 

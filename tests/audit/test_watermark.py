@@ -17,11 +17,14 @@ from scipy import stats
 from audit.watermark import (
     WatermarkKey,
     codeword,
+    core,
     detect,
+    ecc,
     embed,
     embed_verified,
     make_payload,
     noise_sigma,
+    pattern,
     payload_hex,
     sample_frames,
     split_payload,
@@ -29,7 +32,6 @@ from audit.watermark import (
     threshold_for,
     valid_limits,
 )
-from audit.watermark import core, ecc, pattern
 
 KEY = WatermarkKey(hashlib.sha256(b"test key").digest(), 5)
 OTHER = [

@@ -68,7 +68,7 @@ def test_keygen_embed_detect_dicom_and_png(env: Path) -> None:
 def test_detect_resolves_ledger_entry(env: Path) -> None:
     from audit.events import Event, EventType
     from audit.ledger import Ledger
-    from config.settings import load_settings, DEFAULT_CONFIG
+    from config.settings import DEFAULT_CONFIG, load_settings
     from node.db import make_engine, upgrade
 
     _run("watermark", "keygen", "--key-id", "2")

@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 from engine.diagnose import diagnose, raw_model_dir
 from engine.models import load_model_dir
 from engine.train import TrainConfig, train
-
-from test_train import TINY_ARCH, toy_data
+from tests.support.engine import TINY_ARCH, toy_data
 
 
 def test_raw_model_dir_holds_the_checkpoint_net_not_the_ema(tmp_path: Path) -> None:

@@ -23,20 +23,13 @@ from engine.evaluate import (
 )
 from engine.metrics import CT_RANGE, psnr
 from engine.phantoms import SPLIT_BASE
-from engine.train import TrainConfig, initial_model
+from tests.support.engine import tiny_model_dir as make_tiny_model_dir
 
-TINY_ARCH = {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False],
-             "norm_num_groups": 4, "wavelet": {"kind": "haar", "levels": 1}}
 
 
 @pytest.fixture()
 def tiny_model_dir(tmp_path):
-    cfg, weights = initial_model(TrainConfig(task="ct_denoise", architecture=dict(TINY_ARCH)))
-    d = tmp_path / "tiny"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(cfg))
-    (d / "model.safetensors").write_bytes(weights)
-    return d
+    return make_tiny_model_dir(tmp_path, "ct_denoise", name="tiny", manifest=False)
 
 
 def test_cases_come_from_the_test_split():
@@ -132,9 +125,9 @@ def test_ct_to_mr_section_with_lut(tmp_path):
 
 
 def test_real_ct_slices_decode_and_degrade():
-    """node.evaldata: pydicom(-data) CT files incl. JPEG 2000 / JPEG Lossless, in HU."""
+    """node.evaluation.realdata: pydicom(-data) CT files incl. JPEG 2000 / JPEG Lossless, in HU."""
     from engine.metrics import flat_mask_from_reference, noise_sd
-    from node.evaldata import load_real_ct, real_ct_cases
+    from node.evaluation.realdata import load_real_ct, real_ct_cases
 
     real = load_real_ct()
     names = {r.name for r in real}
@@ -155,7 +148,7 @@ def test_real_ct_slices_decode_and_degrade():
     with pytest.raises(ValueError):
         real_ct_cases(1.0, names=small)
     # as received (augmentation): input = reference = the scan, padding clipped to air
-    from node.evaldata import real_ct_originals
+    from node.evaluation.realdata import real_ct_originals
 
     (orig,) = real_ct_originals(small)
     assert orig.input.data is orig.reference.data and orig.input.data.min() >= -1024.0
@@ -163,9 +156,9 @@ def test_real_ct_slices_decode_and_degrade():
 
 
 def test_real_mr_images_decode_crop_and_get_rician_noise():
-    """node.evaldata: pydicom(-data) MR files incl. JPEG 2000, centre-cropped to the engine's grid."""
+    """node.evaluation.realdata: pydicom(-data) MR files incl. JPEG 2000, centre-cropped to the engine's grid."""
     from engine.degrade import foreground_mask
-    from node.evaldata import REAL_MR_FILES, real_mr_cases
+    from node.evaluation.realdata import REAL_MR_FILES, real_mr_cases
 
     cases = real_mr_cases(20.0)
     assert {c.info["file"] for c in cases} == set(REAL_MR_FILES)
@@ -203,7 +196,7 @@ def test_cli_evaluate_writes_a_report(tmp_path):
 
 
 def test_method_labels_are_unique():
-    from node.evaldata import method_labels
+    from node.evaluation.realdata import method_labels
 
     d = [{"model_id": "ct-denoise-wreg", "version": v, "objective": "regression"} for v in ("1.4.0", "1.3.0")]
     other = {"model_id": "ct-denoise-wdiff", "version": "2.1.0", "objective": "diffusion"}

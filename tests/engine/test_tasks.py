@@ -18,15 +18,9 @@ from engine.tasks import (
     normalise,
 )
 from engine.train import TrainConfig, initial_model
+from tests.support.engine import TINY_ARCH
+from tests.support.engine import tiny_model as tiny
 
-TINY_ARCH = {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False],
-             "norm_num_groups": 4, "wavelet": {"kind": "haar", "levels": 1}}
-
-
-def tiny(task: str, objective: str = "diffusion", seed: int = 0) -> LoadedModel:
-    cfg, weights = initial_model(TrainConfig(task=task, objective=objective, seed=seed,
-                                             architecture=dict(TINY_ARCH)))
-    return load_model(cfg, weights, sha256_hex(weights))
 
 
 def ct_volume(z: int = 3, n: int = 16, seed: int = 0) -> Volume:

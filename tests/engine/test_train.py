@@ -13,24 +13,8 @@ from typer.testing import CliRunner
 from engine.api import Intensity, Volume, run_task
 from engine.models import load_model_dir
 from engine.train import TrainConfig, make_batch, train
+from tests.support.engine import TINY_ARCH, toy_data
 
-TINY_ARCH = {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False],
-             "norm_num_groups": 4, "wavelet": {"kind": "haar", "levels": 1}}
-
-
-def toy_data(n: int = 4, size: int = 32, seed: int = 0) -> dict:
-    """Arrays shaped like engine.train.prepare_data output (disc phantoms, Gaussian 'low dose')."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    ct = np.full((n, 3, size, size), -1000.0, np.float32)
-    for i in range(n):
-        r = size * rng.uniform(0.25, 0.45)
-        ct[i][:, (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r * r] = 40.0
-    ld = ct + rng.normal(0, 40, ct.shape).astype(np.float32)
-    t1w = np.where(ct > -500, 600.0, 0.0).astype(np.float32)
-    return {"ct": ct, "ld": ld, "nd": ct + rng.normal(0, 10, ct.shape).astype(np.float32), "t1w": t1w,
-            "t2w": 0.5 * t1w, "dose": np.full(n, 0.25, np.float32), "seeds": np.arange(n),
-            "kinds": np.zeros(n, np.int8), "meta": {"toy": True}}
 
 
 def cli_train_args(tmp_path: Path, task: str, *extra: str) -> list[str]:

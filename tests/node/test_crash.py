@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from config.settings import load_settings
 from node.app import build_context
-from tests.node.conftest import dcmtk
+from tests.support.dimse import dcmtk
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 

@@ -1,0 +1,288 @@
+"""Real CT slices (and MR images) for validating the engine: test files shipped in pydicom /
+pydicom-data.
+
+The engine never reads DICOM, so this module (node side) decodes the files with pydicom
+(+ pylibjpeg / openjpeg for JPEG 2000 and JPEG Lossless), converts them to HU through the
+node's own ingest path (:func:`node.dicom.volume.assemble`: Rescale Slope / Intercept, or the
+Pixel Value Transformation functional group for enhanced CT), and hands
+:class:`engine.evaluate.Case` objects with a simulated low dose to the evaluation.
+
+Low dose on a real scan: the scan already carries its own quantum noise. Treating it as full
+dose, a dose fraction ``d`` needs extra noise of variance ``(1/d - 1)`` times the full-dose
+variance; :func:`engine.degrade.low_dose_ct` adds noise of variance ``1/d'`` times that for
+dose ``d'``, so it is called with ``d' = d / (1 - d)`` (Yu et al., Med Phys 39:5035, 2012,
+eq. 8 in the same spirit). The reference is the original slice, noise included, so PSNR /
+SSIM against it are bounded by the scan's own noise.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.api import Intensity, Volume
+
+log = logging.getLogger(__name__)
+
+# pydicom / pydicom-data CT files, each a distinct image (693_UNCR / 693_J2KI hold the same
+# slice as 693_J2KR; the lossless JPEG 2000 one is used).
+REAL_CT_FILES = (
+    "CT_small.dcm",  # 128 x 128, Explicit VR Little Endian
+    "693_J2KR.dcm",  # 512 x 512, JPEG 2000 lossless
+    "eCT_Supplemental.dcm",  # Enhanced CT, 2 frames 512 x 512
+    "J2K_pixelrep_mismatch.dcm",  # head, 512 x 512, JPEG 2000 lossless
+    "explicit_VR-UN.dcm",  # pancreas, 512 x 512, JPEG 2000 lossless
+    "bad_sequence.dcm",  # neck, 512 x 512, JPEG Lossless SV1
+)
+
+
+# pydicom / pydicom-data MR files, each a distinct image (the other MR_small_* / emri_small_*
+# files hold the same pixels in other transfer syntaxes; MR2_UNCR / MR2_J2KI the same as MR2_J2KR;
+# emri_small's frames carry no position / orientation / spacing, which the node's assembly refuses)
+REAL_MR_FILES = (
+    "MR_small.dcm",  # 64 x 64, Explicit VR Little Endian
+    "MR-SIEMENS-DICOM-WithOverlays.dcm",  # 484 x 484 (centre-cropped to 480)
+    "MR2_J2KR.dcm",  # 1024 x 1024, JPEG 2000 lossless
+)
+
+
+@dataclass(frozen=True)
+class RealSlices:
+    """One real test file as a volume (CT in HU, or MR in the scanner's units)."""
+
+    name: str
+    volume: Volume
+    transfer_syntax: str
+    sha256: str  # of the pixel array (HU for CT), to show the set is fixed
+
+
+def load_real_ct(names: tuple[str, ...] = REAL_CT_FILES,
+                 intensity: Intensity = Intensity.HU) -> list[RealSlices]:
+    """Decode the named test files (skipping any that are missing or not decodable); CT by
+    default, MR files with ``intensity=Intensity.MR`` (:func:`real_mr_cases`)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from node.dicom.volume import assemble
+
+    out: list[RealSlices] = []
+    for name in names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = get_testdata_file(name)
+            if path is None:
+                log.warning("real CT test file %s not available", name)
+                continue
+            try:
+                ds = pydicom.dcmread(path)
+                av = assemble([ds], intensity=intensity)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the others
+                log.warning("cannot use %s: %s", name, exc)
+                continue
+        data = np.ascontiguousarray(av.volume.data, dtype=np.float32)
+        digest = hashlib.sha256(data.tobytes()).hexdigest()
+        out.append(RealSlices(name, Volume(data, av.volume.spacing, intensity),
+                              str(ds.file_meta.TransferSyntaxUID.name), digest))
+    return out
+
+
+def _scan_hu(v: Volume) -> np.ndarray:
+    """A real scan's HU, padding values (-2000, -3024) clipped to air (-1024)."""
+    return np.clip(v.data, -1024.0, 3071.0).astype(np.float32)
+
+
+def real_ct_cases(dose: float, seed: int = 0,
+                  names: tuple[str, ...] = REAL_CT_FILES) -> list:
+    """:class:`engine.evaluate.Case` list: real slices with simulated dose fraction ``dose``."""
+    from engine.degrade import low_dose_ct
+    from engine.evaluate import Case
+
+    if not 0 < dose < 1:
+        raise ValueError("dose must be in (0, 1) for a real scan (its own dose counts as 1)")
+    added = dose / (1.0 - dose)
+    cases = []
+    for i, rs in enumerate(load_real_ct(names)):
+        v = rs.volume
+        ref = _scan_hu(v)
+        ld = low_dose_ct(ref, v.spacing[1], added, seed=seed * 1000 + i)
+        cases.append(Case(f"real-{rs.name}", Volume(ld, v.spacing, Intensity.HU),
+                          Volume(ref, v.spacing, Intensity.HU), None, None,
+                          {"file": rs.name, "transfer_syntax": rs.transfer_syntax,
+                           "dose": dose, "added_noise_dose": added, "hu_sha256": rs.sha256}))
+    return cases
+
+
+def real_ct_originals(names: tuple[str, ...] = REAL_CT_FILES) -> list:
+    """:class:`engine.evaluate.Case` list: the real CT slices as received (input = reference =
+    the scan; for augmentation, which works on what a modality sends)."""
+    from engine.evaluate import Case
+
+    cases = []
+    for rs in load_real_ct(names):
+        v = rs.volume
+        vol = Volume(_scan_hu(v), v.spacing, Intensity.HU)
+        cases.append(Case(f"real-{rs.name}", vol, vol, None, None,
+                          {"file": rs.name, "transfer_syntax": rs.transfer_syntax, "hu_sha256": rs.sha256}))
+    return cases
+
+
+def real_mr_cases(snr: float, seed: int = 0, names: tuple[str, ...] = REAL_MR_FILES) -> list:
+    """:class:`engine.evaluate.Case` list: real MR images plus Rician noise at ``snr``.
+
+    The scan's own noise is kept in the reference (as for real CT): the input is the scan plus
+    Rician noise of sigma = mean foreground signal / ``snr`` (engine.degrade.mr_noise), so PSNR /
+    SSIM against the reference are bounded by the scan's own noise. Images are centre-cropped
+    to a multiple of 16 px (the engine's contract).
+    """
+    from engine.degrade import mr_noise
+    from engine.evaluate import Case
+
+    cases = []
+    for i, rs in enumerate(load_real_ct(names, intensity=Intensity.MR)):
+        v = rs.volume
+        h, w = v.data.shape[1:]
+        y0, x0 = (h - h // 16 * 16) // 2, (w - w // 16 * 16) // 2
+        ref = np.clip(v.data[:, y0:y0 + h // 16 * 16, x0:x0 + w // 16 * 16], 0.0, None).astype(np.float32)
+        noisy = mr_noise(ref, snr, seed=seed * 1000 + i).astype(np.float32)
+        cases.append(Case(f"real-{rs.name}", Volume(noisy, v.spacing, Intensity.MR),
+                          Volume(ref, v.spacing, Intensity.MR), None, None,
+                          {"file": rs.name, "transfer_syntax": rs.transfer_syntax, "snr": snr,
+                           "shape": list(ref.shape), "pixels_sha256": rs.sha256}))
+    return cases
+
+
+def method_labels(descs: list[dict]) -> list[str]:
+    """Report labels for the evaluated models: ``model_id (objective)``, with the version where two
+    models share an id (a model beside its previous version), and the position where even that
+    repeats; every label is unique, so no model's row replaces another's."""
+    base = [f"{d['model_id']} ({d['objective']})" for d in descs]
+    labels = [f"{d['model_id']} {d['version']} ({d['objective']})" if base.count(b) > 1 else b
+              for b, d in zip(base, descs)]
+    return [f"{lab} #{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+
+
+def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
+                  size: int | None = None, n_slices: int = 3, doses: tuple[float, ...] = (0.25,),
+                  snrs: tuple[float, ...] = (15.0,), targets: tuple[str, ...] = ("t1w", "t2w"),
+                  real: bool = True, seed: int = 0, params: dict | None = None,
+                  options: object = None, lut_train_n: int = 24, n_pictures: int = 2,
+                  cache_dir=None) -> object:
+    """Run the evaluation behind ``synthnode engine evaluate TASK`` and write the report.
+
+    Methods: every model folder in ``models`` (through ``engine.api.run_task``) plus the
+    classical baseline of the task (NLM for restoration, the HU lookup fitted on ``lut_train_n``
+    training-split phantoms for CT->MR), all on the same held-out test-split phantoms (and, for
+    ``ct_denoise`` with ``real``, on the real pydicom CT slices). ``cache_dir`` caches the
+    simulated cases between runs. Returns the report path.
+    """
+    from pathlib import Path
+
+    from engine import baselines
+    from engine.evaluate import (
+        AUGMENT_CONVENTIONS,
+        EVAL_TASKS,
+        dose_resimulation,
+        load_cases,
+        model_method,
+        model_variants,
+        phantom_cases,
+        run_augment_section,
+        run_section,
+        save_cases,
+        write_report,
+    )
+
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
+    out = Path(out_dir)
+    size = size or (512 if task == "ct_denoise" else 256)
+    runs = []
+    for mdir in models:
+        p = dict(params or {})
+        fn, desc = (model_variants(mdir, p, seed=seed, options=options) if task == "augment"
+                    else model_method(mdir, task, p, seed=seed, options=options))
+        runs.append((fn, desc, p))
+    loaded = [(lab, *r) for lab, r in zip(method_labels([d for _, d, _ in runs]), runs)]
+    model_lines = [f"- `{d['model_id']}` {d['version']} ({d['objective']}), weights SHA-256 "
+                   f"`{d['weights_sha256']}`, folder `{m}`, params {p or 'model defaults'}"
+                   for (_, _, d, p), m in zip(loaded, models)]
+    sections = []
+    common = (f"{n} test-split phantoms (seeds {2_000_000_000}-{2_000_000_000 + n - 1}, abdomen and "
+              f"MNI152 head alternating), {n_slices} slices of {size}x{size} px each")
+    if task == "ct_denoise":
+        nlm = baselines.nlm_ct()
+        for dose in doses:
+            methods = {f"NLM (h={nlm.h_factor} sigma)": nlm, **{k: fn for k, fn, _, _ in loaded}}
+            cases = phantom_cases(task, n, size=size, n_slices=n_slices, dose=dose,
+                                  cache_dir=cache_dir)
+            sections.append(run_section(
+                f"CT restoration, phantoms, dose {dose:g}", task, cases, methods, out,
+                f"{common}; input: projection-domain low dose at {dose:g} of full dose; "
+                "reference: the noise-free phantom CT.", n_pictures))
+            if real:
+                rpath = Path(cache_dir) / f"real-ct-d{dose:g}-seed{seed}.npz" if cache_dir else None
+                if rpath is not None and rpath.exists():
+                    rcases = load_cases(rpath)
+                else:
+                    rcases = real_ct_cases(dose, seed=seed)
+                    if rpath is not None:
+                        save_cases(rcases, rpath)
+                sections.append(run_section(
+                    f"CT restoration, real slices, dose {dose:g}", task, rcases, methods, out,
+                    f"{len(rcases)} real CT images from pydicom / pydicom-data "
+                    f"({', '.join(c.info['file'] for c in rcases)}); input: the scan plus "
+                    f"projection-domain noise bringing it to {dose:g} of its dose; reference: "
+                    "the original scan (its own noise included).", n_pictures))
+    elif task == "mr_denoise":
+        nlm = baselines.nlm_mr()
+        for snr in snrs:
+            methods = {f"NLM (h={nlm.h_factor} sigma)": nlm, **{k: fn for k, fn, _, _ in loaded}}
+            cases = phantom_cases(task, n, size=size, n_slices=n_slices, snr=snr, target="both",
+                                  cache_dir=cache_dir)
+            sections.append(run_section(
+                f"MR restoration, phantoms, SNR {snr:g}", task, cases, methods, out,
+                f"{common}; T1w and T2w alternating; input: Rician noise at SNR {snr:g} (mean body "
+                "signal / sigma); reference: the noise- and bias-free MR.", n_pictures))
+            if real:
+                rcases = real_mr_cases(snr, seed=seed)
+                sections.append(run_section(
+                    f"MR restoration, real images, SNR {snr:g}", task, rcases, methods, out,
+                    f"{len(rcases)} real MR images from pydicom / pydicom-data "
+                    f"({', '.join(c.info['file'] for c in rcases)}; centre-cropped to a multiple of 16 px); "
+                    f"input: the scan plus Rician noise at SNR {snr:g} (mean foreground signal / sigma); "
+                    "reference: the original scan (its own noise included).", n_pictures))
+    elif task == "augment":
+        n_var = int((params or {}).get("n") or 4)
+        methods = {f"dose re-simulation (half dose, {n_var} draws)": dose_resimulation(n_var, 0.5, seed=seed),
+                   **{k: fn for k, fn, _, _ in loaded}}
+        cases = phantom_cases(task, n, size=size, n_slices=n_slices, cache_dir=cache_dir)
+        sections.append(run_augment_section(
+            "CT augmentation, phantoms", cases, methods, out,
+            f"{common}; input: normal-dose CT (dose 1.0 simulation); lesion metrics against the "
+            "noise-free phantom CT.", n_pictures))
+        if real:
+            rcases = real_ct_originals()
+            sections.append(run_augment_section(
+                "CT augmentation, real slices", rcases, methods, out,
+                f"{len(rcases)} real CT images from pydicom / pydicom-data "
+                f"({', '.join(c.info['file'] for c in rcases)}) as received (no lesion masks).", n_pictures))
+    else:
+        luts = baselines.fit_phantom_luts(lut_train_n, size=size)
+        for target in targets:
+            methods: dict = {f"HU lookup ({lut_train_n} training phantoms)": luts[target]}
+            for (k, _, _, p), mdir in zip(loaded, models):
+                fn, _ = model_method(mdir, task, {**p, "target": target}, seed=seed, options=options)
+                methods[k] = fn
+            cases = phantom_cases(task, n, size=size, n_slices=n_slices, target=target,
+                                  cache_dir=cache_dir)
+            sections.append(run_section(
+                f"CT to {target.upper()}, phantoms", task, cases, methods, out,
+                f"{common}; input: normal-dose CT (dose 1.0 simulation); reference: the noise- and "
+                f"bias-free {target.upper()} of the same labels.", n_pictures))
+    pre = "Models:\n" + ("\n".join(model_lines) if model_lines else "- (none: baselines only)")
+    if task == "augment":
+        pre += "\n\n" + AUGMENT_CONVENTIONS
+    return write_report(sections, out, f"Evaluation: {task}", pre)

@@ -1,0 +1,330 @@
+"""Durable ingest of one received object, shared by the DIMSE C-STORE SCP and STOW-RS.
+
+Order (design.md section 4, durability contract)::
+
+    check encoding + keys -> temp file -> fsync -> rename -> fsync(dir)
+        -> ONE transaction { index rows + ledger entry } -> success
+
+Only after that transaction commits does the caller answer success. Bad input raises
+:class:`IngestError` with a :class:`RejectReason` after a ``instance.rejected`` ledger
+entry; the transport maps the reason to its status (DIMSE: ``node.dimse.store``; HTTP:
+the DICOMweb layer) at exactly one boundary each.
+
+What is stored is exactly what was sent: the data set bytes in the negotiated transfer
+syntax, behind a File Meta Information header built here (PS3.10 7.1). The file meta
+holds no sender-specific value, so an identical re-send gives an identical file (same
+SHA-256) and is recognised as such.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from io import BytesIO
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
+from sqlalchemy.exc import IntegrityError
+
+from audit.events import Event, EventType, Outcome
+from config.sections.dimse import DuplicatePolicy
+from node.context import NodeContext
+from node.dicom.encoding import PIXEL_TAGS, EncodingError, check_encoding
+from node.dicom.part10 import build_part10, split_part10
+from node.ingest.attributes import INDEX_TAGS, index_record, text_value
+from node.ingest.results import IngestError, IngestOutcome, RejectReason, StoredInstance
+from storage.filestore import OutOfSpaceError, StoreError, instance_rel_path
+from storage.index import InstanceRecord
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GroupCommit", "Ingestor"]
+
+
+# -- ingest -----------------------------------------------------------------------------
+class _Pending:
+    __slots__ = ("rec", "event", "finished", "entry", "error")
+
+    def __init__(self, rec: InstanceRecord, event: Event):
+        self.rec, self.event = rec, event
+        self.finished = False
+        self.entry: Any = None
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """Commits new instances' index rows + ledger entries, several per transaction when
+    they arrive together (group commit).
+
+    A caller whose instance is queued while another caller's transaction is running waits;
+    when that transaction ends, one waiting caller commits everything queued meanwhile in
+    ONE transaction (one WAL fsync, one ``Ledger.append_many``), and every caller returns
+    only after the transaction holding its instance has committed. A lone caller commits
+    at once, alone: no added latency. If a batch fails, its instances are retried one
+    transaction each, so one bad instance cannot fail the others.
+    """
+
+    def __init__(self, ctx: NodeContext, max_batch: int = 64):
+        self.ctx = ctx
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._leader = False
+
+    def commit(self, rec: InstanceRecord, event: Event) -> Any:
+        """Index ``rec`` and append ``event`` durably; returns the ledger entry. Raises
+        what the transaction raised (IntegrityError for a duplicate SOP Instance UID)."""
+        p = _Pending(rec, event)
+        with self._cond:
+            self._queue.append(p)
+            while True:
+                if p.finished:
+                    break
+                if not self._leader:
+                    self._leader = True
+                    batch = self._queue[:self.max_batch]
+                    del self._queue[:self.max_batch]
+                    break
+                self._cond.wait()
+        if not p.finished:
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._leader = False
+                    self._cond.notify_all()
+        if p.error is not None:
+            raise p.error
+        return p.entry
+
+    def _one(self, items: list[_Pending]) -> None:
+        ctx = self.ctx
+        with ctx.engine.begin() as conn:
+            for it in items:
+                ctx.index.add_instance(conn, it.rec)
+            entries = ctx.ledger.append_many([it.event for it in items], conn=conn)
+        for it, e in zip(items, entries):
+            it.entry = e
+
+    def _run(self, batch: list[_Pending]) -> None:
+        try:
+            self._one(batch)
+        except Exception as exc:
+            self.ctx.index.clear_cache()
+            if len(batch) == 1:
+                batch[0].error = exc
+            else:
+                for it in batch:
+                    try:
+                        self._one([it])
+                    except Exception as one_exc:
+                        self.ctx.index.clear_cache()
+                        it.error = one_exc
+        finally:
+            for it in batch:
+                it.finished = True
+
+
+class Ingestor:
+    """Durable ingest on a :class:`~node.context.NodeContext` (thread-safe)."""
+
+    def __init__(self, ctx: NodeContext):
+        self.ctx = ctx
+        self._commits = GroupCommit(ctx)
+
+    # public API -------------------------------------------------------------------
+    def ingest_dataset(self, dataset: bytes, transfer_syntax: str, *,
+                       sop_class_uid: str | None = None, sop_instance_uid: str | None = None,
+                       calling_ae: str | None = None, called_ae: str | None = None,
+                       peer: str | None = None, source: str = "dimse") -> StoredInstance:
+        """Ingest one data set as sent (no file meta) in ``transfer_syntax``.
+
+        ``sop_class_uid`` / ``sop_instance_uid`` are the Affected SOP Class / Instance
+        UIDs of the C-STORE request; the data set must agree with them (PS3.4 B.2.1.1).
+
+        Raises
+        ------
+        IngestError
+            After recording ``instance.rejected`` in the ledger.
+        """
+        actor = f"ae:{calling_ae}" if calling_ae else f"component:{source}"
+        ctx_info = {"calling_ae": calling_ae, "called_ae": called_ae, "peer": peer,
+                    "source": source, "transfer_syntax_uid": str(transfer_syntax),
+                    "sop_class_uid": sop_class_uid, "sop_instance_uid": sop_instance_uid}
+        try:
+            return self._ingest(dataset, str(transfer_syntax), sop_class_uid,
+                                sop_instance_uid, calling_ae, called_ae, source, actor)
+        except IngestError as exc:
+            self._record_rejection(exc, actor, ctx_info, len(dataset))
+            raise
+
+    def ingest_part10(self, data: bytes, *, calling_ae: str | None = None,
+                      called_ae: str | None = None, peer: str | None = None,
+                      source: str = "stow") -> StoredInstance:
+        """Ingest a DICOM file (PS3.10) as received over HTTP (STOW-RS): the data set
+        bytes after the file meta are stored unchanged."""
+        try:
+            meta, body = split_part10(data)
+            ts = meta.get("TransferSyntaxUID")
+            if not ts:
+                raise EncodingError("file meta has no Transfer Syntax UID")
+            sop_class = meta.get("MediaStorageSOPClassUID")
+            sop_inst = meta.get("MediaStorageSOPInstanceUID")
+        except Exception as exc:
+            err = IngestError(RejectReason.UNPARSEABLE, f"cannot read file meta: {exc}"[:64])
+            self._record_rejection(err, f"component:{source}",
+                                   {"source": source, "calling_ae": calling_ae}, len(data))
+            raise err from None
+        return self.ingest_dataset(body, str(ts), sop_class_uid=sop_class,
+                                   sop_instance_uid=sop_inst, calling_ae=calling_ae,
+                                   called_ae=called_ae, peer=peer, source=source)
+
+    # internals ----------------------------------------------------------------------
+    def _record_rejection(self, exc: IngestError, actor: str, info: dict[str, Any],
+                          size: int) -> None:
+        # subject keys as in the ledger vocabulary (audit.events): sop_uid, sop_class_uid
+        subject = {"sop_uid": info.get("sop_instance_uid"),
+                   "sop_class_uid": info.get("sop_class_uid")}
+        subject = {k: str(v) for k, v in subject.items() if v}
+        payload = {k: v for k, v in info.items()
+                   if v is not None and k not in ("sop_instance_uid", "sop_class_uid")}
+        payload.update(reason=exc.reason.value, detail=exc.comment, size=size)
+        outcome = (Outcome.SERIOUS_FAILURE if exc.reason in
+                   (RejectReason.OUT_OF_SPACE, RejectReason.STORE_FAILED)
+                   else Outcome.MINOR_FAILURE)
+        logger.warning("instance rejected (%s): %s", exc.reason.value, exc.comment)
+        try:
+            self.ctx.ledger.append(Event(type=EventType.INSTANCE_REJECTED, actor=actor,
+                                         outcome=outcome, subject=subject, payload=payload))
+        except Exception:
+            logger.exception("could not record the rejection in the ledger")
+
+    def _parse(self, dataset: bytes, ts: str, sop_class_uid: str | None,
+               sop_instance_uid: str | None) -> tuple[Dataset, bytes]:
+        try:
+            enc = check_encoding(dataset, ts)
+        except EncodingError as exc:
+            raise IngestError(RejectReason.UNPARSEABLE, str(exc)[:64]) from None
+        # decode only what precedes the pixel data: every index attribute is there
+        try:
+            probe = read_dataset(BytesIO(enc.plain[:enc.header_end()]),
+                                 is_implicit_VR=enc.implicit_vr,
+                                 is_little_endian=enc.little_endian,
+                                 specific_tags=INDEX_TAGS)
+        except Exception as exc:
+            raise IngestError(RejectReason.UNPARSEABLE, f"cannot decode: {exc}"[:64]) from None
+        for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not text_value(probe, kw):
+                raise IngestError(RejectReason.MISSING_ATTRIBUTE, f"{kw} missing or empty")
+        ds_class, ds_inst = text_value(probe, "SOPClassUID"), text_value(probe, "SOPInstanceUID")
+        if sop_class_uid and ds_class != sop_class_uid.strip():
+            raise IngestError(RejectReason.SOP_CLASS_MISMATCH,
+                              "SOP Class UID differs from the request's")
+        if sop_instance_uid and ds_inst != sop_instance_uid.strip():
+            raise IngestError(RejectReason.SOP_CLASS_MISMATCH,
+                              "SOP Instance UID differs from the request's")
+        cls_name = UID(ds_class or "").name
+        if cls_name.endswith("Image Storage") and not cls_name.startswith("Retired"):
+            # every image IOD has the Image Pixel module with Pixel Data Type 1C/1 (PS3.3)
+            if not enc.tags.keys() & PIXEL_TAGS:
+                raise IngestError(RejectReason.SOP_CLASS_MISMATCH,
+                                  "image SOP class without pixel data")
+        return probe, build_part10(dataset, ds_class or "", ds_inst or "", ts)
+
+    def _received_event(self, rec: InstanceRecord, actor: str, outcome: IngestOutcome) -> Event:
+        return Event(
+            type=EventType.INSTANCE_RECEIVED, actor=actor,
+            subject={"study_uid": rec.study_instance_uid, "series_uid": rec.series_instance_uid,
+                     "sop_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid},
+            payload={"sha256": rec.sha256, "size": rec.file_size,
+                     "transfer_syntax_uid": rec.transfer_syntax_uid, "file": rec.file_path,
+                     "calling_ae": rec.calling_ae, "called_ae": rec.called_ae,
+                     "source": rec.source, "result": outcome.value},
+        )
+
+    def _ingest(self, dataset: bytes, ts: str, sop_class_uid: str | None,
+                sop_instance_uid: str | None, calling_ae: str | None, called_ae: str | None,
+                source: str, actor: str) -> StoredInstance:
+        ctx = self.ctx
+        probe, part10 = self._parse(dataset, ts, sop_class_uid, sop_instance_uid)
+        sha = hashlib.sha256(part10).hexdigest()
+        study = text_value(probe, "StudyInstanceUID") or ""
+        series = text_value(probe, "SeriesInstanceUID") or ""
+        sop = text_value(probe, "SOPInstanceUID") or ""
+        rel = instance_rel_path(study, series, sop, sha)
+        rec = index_record(probe, ts, rel, len(part10), sha, calling_ae, called_ae, source)
+        policy = ctx.settings.dimse.duplicate_policy
+        for attempt in range(4):
+            # optimistic first attempt: a new SOP Instance (the common case) costs no
+            # lookup; a duplicate shows up as an IntegrityError and is decided on retry
+            existing = ctx.index.get_instance(sop) if attempt else None
+            if existing is not None and existing.sha256 == sha:
+                if not ctx.store.exists(existing.file_path):  # heal a lost file
+                    self._write(existing.file_path, part10)
+                entry = ctx.ledger.append(
+                    self._received_event(rec, actor, IngestOutcome.IDENTICAL_DUPLICATE))
+                return StoredInstance(IngestOutcome.IDENTICAL_DUPLICATE, rec, entry)
+            if existing is not None and policy == DuplicatePolicy.REJECT:
+                raise IngestError(RejectReason.DUPLICATE_CONFLICT,
+                                  "SOP Instance UID stored with other content")
+            if existing is not None and policy == DuplicatePolicy.KEEP_FIRST:
+                self._record_rejection(
+                    IngestError(RejectReason.DUPLICATE_CONFLICT, "kept the stored copy"),
+                    actor, {"sop_instance_uid": sop, "sop_class_uid": rec.sop_class_uid,
+                            "calling_ae": calling_ae, "policy": policy.value,
+                            "received_sha256": sha}, len(part10))
+                return StoredInstance(IngestOutcome.KEPT_FIRST, rec, None)
+            self._write(rel, part10)
+            try:
+                if existing is None:
+                    outcome, old_path = IngestOutcome.STORED, None
+                    entry = self._commits.commit(
+                        rec, self._received_event(rec, actor, outcome))
+                else:
+                    with ctx.engine.begin() as conn:
+                        _, old_path = ctx.index.replace_instance(conn, rec)
+                        outcome = IngestOutcome.REPLACED
+                        entry = ctx.ledger.append(self._received_event(rec, actor, outcome),
+                                                  conn=conn)
+            except IntegrityError:
+                # another association indexed this SOP Instance UID meanwhile: decide again
+                # (the file just written stays only if it is the one now indexed)
+                ctx.index.clear_cache()
+                self._forget(rel)
+                continue
+            except Exception as exc:
+                logger.exception("index/ledger commit failed")
+                ctx.index.clear_cache()
+                self._forget(rel)
+                raise IngestError(RejectReason.STORE_FAILED,
+                                  f"index commit failed: {type(exc).__name__}") from None
+            if old_path and old_path != rel:
+                try:
+                    ctx.store.delete(old_path)
+                except Exception:
+                    logger.exception("could not remove replaced file %s", old_path)
+            info = StoredInstance(outcome, rec, entry)
+            ctx.run_stored_hooks(info)
+            return info
+        raise IngestError(RejectReason.STORE_FAILED, "concurrent writers kept conflicting")
+
+    def _write(self, rel: str, part10: bytes) -> None:
+        try:
+            self.ctx.store.write(rel, part10)
+        except OutOfSpaceError as exc:
+            raise IngestError(RejectReason.OUT_OF_SPACE, str(exc)[:64]) from None
+        except StoreError as exc:
+            logger.error("file store write failed: %s", exc)
+            raise IngestError(RejectReason.STORE_FAILED, "file store write failed") from None
+
+    def _forget(self, rel: str) -> None:
+        """Remove a file written for a transaction that did not commit, unless the index
+        references it (an identical object indexed by a concurrent association)."""
+        try:
+            if not self.ctx.index.references(rel):
+                self.ctx.store.delete(rel)
+        except Exception:
+            logger.exception("could not clean up %s", rel)
+

@@ -1,0 +1,675 @@
+"""The pipeline: completed study -> routing -> engine jobs -> synthetic series -> dispatch jobs.
+
+Stages (mercure-style router / processor / dispatcher, one bookkeeper each):
+
+1. ingest hook (:meth:`Pipeline.on_instance_stored`) feeds :class:`~node.pipeline.completion.StudyTracker`
+   (instances the pipeline stored itself, and any with Synthetic Data YES, are ignored);
+2. on completion (:meth:`Pipeline.on_study_complete`) every series of the study is routed
+   (:mod:`node.pipeline.rules`, loop guard included) and one engine job per task of the matching rule
+   is queued, unless a job for the same source instances exists (a re-sent or unchanged
+   series never runs twice); for a re-opened study the re-process policy decides;
+3. an engine job (:meth:`Pipeline.run_engine_job`) reads the series from the store, assembles
+   the volume, runs the engine (through the model gate), applies the quality gate, builds
+   the output series with the watermark, records it as ``building``, stores it in the node
+   (so C-FIND / QIDO see it), then in one transaction marks it ``complete``, records
+   ``output.created`` and queues one dispatch job per destination. A series still
+   ``building`` is the partial output of an attempt that died: the next attempt (or the
+   node's start) removes it through storage's delete path and records ``output.discarded``;
+4. a dispatch job (:meth:`Pipeline.run_dispatch_job`) makes one send attempt per job attempt,
+   records every acknowledged instance in ``pipeline_dispatch_acks`` (never re-sent, also
+   after a restart) and retries with the destination's exponential backoff.
+
+The database is the truth about jobs; the local worker pool polls it. A scale-out broker
+would carry the same job ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import and_, select, update
+
+from audit.events import Event, EventType, Outcome
+from config.sections.pipeline import Destination, PipelineSettings, ReprocessPolicy
+from engine.api import Volume
+from node.dicom import codes
+from node.dicom.series import SeriesSpec, build_series
+from node.dicom.volume import VolumeError, assemble
+from node.dispatch.base import DispatchState
+from node.dispatch.dispatcher import Dispatcher, watermark_check
+from node.pipeline.completion import StudyTracker
+from node.pipeline.jobs import (
+    Job,
+    JobClaimLost,
+    JobKind,
+    JobState,
+    JobStore,
+    PermanentJobError,
+    TransientJobError,
+    WorkerPool,
+)
+from node.pipeline.quality import QualityLimits, check
+from node.pipeline.rules import SeriesFacts, route
+from node.pipeline.runner import EngineRunner, GatedEngineRunner
+from node.pipeline.tables import dispatch_acks, jobs, outputs
+
+logger = logging.getLogger(__name__)
+
+ACTOR = "component:pipeline"
+SOURCE = "pipeline"  # ingest source of the outputs the pipeline stores
+OUTPUT_BUILDING = "building"  # pipeline_outputs.state: instances being stored
+OUTPUT_COMPLETE = "complete"  # output.created + dispatch jobs written (one transaction)
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def fingerprint(sop_uids: Sequence[str]) -> str:
+    """Identity of a set of source instances (order-free)."""
+    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
+
+
+def mark_id_for(series_uid: str) -> int:
+    """40-bit watermark mark id derived from the output Series Instance UID."""
+    from audit.watermark import MARK_ID_BITS
+
+    return int.from_bytes(hashlib.sha256(series_uid.encode()).digest()[:8], "big") & (
+        (1 << MARK_ID_BITS) - 1
+    )
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the pipeline needs from the node (a :class:`node.context.NodeContext` has it)."""
+
+    settings: PipelineSettings
+    engine: Any  # sqlalchemy Engine
+    store: Any  # storage.filestore.FileStore
+    index: Any  # storage.index.Index
+    ledger: Any  # the ledger's append API
+    ingest: Callable[[bytes], Any]  # stores one Part 10 file, returns StoredInstance
+
+
+class Pipeline:
+    """Routing, engine and dispatch jobs on one node.
+
+    Parameters
+    ----------
+    parts
+        node services (see :meth:`from_context`).
+    runner
+        engine runner (:class:`GatedEngineRunner` in production).
+    mark_key
+        watermark key used to mark outputs; None = outputs are not marked (and dispatch
+        will refuse them).
+    detect_keys
+        keys whose marks identify our outputs (loop guard, dispatch policy); default
+        ``[mark_key]``.
+    max_delta
+        watermark fidelity bound in stored units for HU outputs (governance: 2 HU); other
+        intensities get a bound below the image noise (``suggest_max_delta``), at least this.
+    """
+
+    def __init__(self, parts: Parts, *, runner: EngineRunner | None = None,
+                 mark_key: Any = None, detect_keys: Sequence[Any] | None = None,
+                 max_delta: int = 2, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.parts = parts
+        self.settings = parts.settings
+        self.runner = runner
+        self.mark_key = mark_key
+        self.max_delta = max_delta
+        keys = list(detect_keys) if detect_keys is not None else ([mark_key] if mark_key else [])
+        self.detect_keys = keys
+        self.detect = watermark_check(keys) if keys else None
+        self.jobs = JobStore(parts.engine, parts.ledger, lease_s=self.settings.lease_s)
+        self.tracker = StudyTracker(
+            parts.engine, self.settings, ledger=parts.ledger, on_complete=self.on_study_complete,
+            series_of=self._series_of,
+        )
+        self.dispatcher = Dispatcher(
+            self.settings.destinations, ledger=parts.ledger, watermark=self.detect,
+            calling_ae=self.settings.calling_ae, sleep=sleep,
+        )
+        self.pool = WorkerPool(
+            self.jobs, {JobKind.ENGINE: self.run_engine_job, JobKind.DISPATCH: self.run_dispatch_job},
+            workers=self.settings.workers, poll_s=self.settings.poll_s,
+            backoff_s=self.settings.retry_backoff_s,
+        )
+        if self.settings.broker_url:  # scale-out: the broker carries job ids (node/pipeline/broker.py)
+            from node.pipeline.broker import BrokerPool
+
+            self.pool = BrokerPool(  # type: ignore[assignment]
+                self.jobs, self.settings.broker_url,
+                stale_after_s=self.settings.broker_stale_after_s,
+                sweep_every_s=self.settings.broker_sweep_every_s)
+        self.limits = QualityLimits.from_settings(self.settings.quality)
+
+    @classmethod
+    def from_context(cls, ctx: Any, **kwargs: Any) -> Pipeline:
+        from node.ingest.ingestor import Ingestor
+
+        ingestor = Ingestor(ctx)
+        parts = Parts(
+            settings=ctx.settings.pipeline, engine=ctx.engine, store=ctx.store, index=ctx.index,
+            ledger=ctx.ledger,
+            ingest=lambda data: ingestor.ingest_part10(data, source=SOURCE),
+        )
+        pipeline = cls(parts, **kwargs)
+        ctx.on_instance_stored.append(pipeline.on_instance_stored)
+        return pipeline
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self.tracker.start_scheduler()
+        # partial output series of attempts that died, whose job is not running now (failed,
+        # cancelled, queued); a running job's next attempt discards its own
+        self.discard_partial_outputs(reason="partial output of an attempt that died "
+                                            "(found at start-up)")
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+        self.tracker.shutdown()
+        self.dispatcher.close()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _event(self, type_: EventType, subject: dict[str, Any], payload: dict[str, Any],
+               outcome: Outcome = Outcome.SUCCESS) -> None:
+        self.parts.ledger.append(Event(type=type_, actor=ACTOR, outcome=outcome,
+                                       subject=subject, payload=payload))
+
+    def _series_of(self, study_uid: str) -> list[str]:
+        return sorted({i.series_instance_uid for i in
+                       self.parts.index.instances(study_instance_uid=study_uid)})
+
+    def _read(self, rel_path: str, *, headers_only: bool = False) -> Dataset:
+        data = self.parts.store.read(rel_path)
+        return pydicom.dcmread(BytesIO(data), stop_before_pixels=headers_only)
+
+    def _our_output(self, series_uid: str) -> bool:
+        with self.parts.engine.connect() as c:
+            return c.execute(select(outputs.c.series_uid).where(
+                outputs.c.series_uid == series_uid)).first() is not None
+
+    # -- stage 1: ingest hook -----------------------------------------------------------------
+    def on_instance_stored(self, info: Any) -> None:
+        rec = info.record
+        if rec.source == SOURCE:
+            return
+        if str(rec.synthetic_data or "").upper() == codes.SYNTHETIC_YES:
+            logger.info("synthetic instance received: study not (re)opened")
+            return
+        self.tracker.instance_received(rec.study_instance_uid, called_ae=rec.called_ae,
+                                       calling_ae=rec.calling_ae)
+
+    def complete_study(self, study_uid: str, trigger: str = "manual") -> bool:
+        """Explicit completion trigger (``synthnode study complete UID``)."""
+        return self.tracker.complete(study_uid, trigger=trigger)
+
+    # -- stage 2: routing ----------------------------------------------------------------------
+    def on_study_complete(self, study_uid: str, generation: int) -> list[str]:
+        """Route every series of the study; queue engine jobs. Returns the new job ids."""
+        status = self.tracker.status(study_uid)
+        instances = self.parts.index.instances(study_instance_uid=study_uid)
+        by_series: dict[str, list[Any]] = {}
+        for inst in instances:
+            by_series.setdefault(inst.series_instance_uid, []).append(inst)
+        queued: list[str] = []
+        for series_uid, insts in sorted(by_series.items()):
+            if self._our_output(series_uid):
+                continue
+            headers = [self._read(i.file_path, headers_only=True) for i in insts]
+            synthetic = any(str(h.get("SyntheticData", "")).upper() == codes.SYNTHETIC_YES
+                            for h in headers)
+            marked = False
+            if not synthetic and self.detect is not None:
+                probe = self._read(insts[len(insts) // 2].file_path)
+                marked = "PixelData" in probe and self.detect(probe)
+            facts = SeriesFacts(headers[0], len(headers),
+                                status.called_ae if status else None,
+                                status.calling_ae if status else None, synthetic, marked)
+            routing = route(self.settings, facts)
+            if routing.rule is None:
+                logger.info("series not routed: %s", routing.skipped or "no rule matched")
+                continue
+            rule = routing.rule
+            fp = fingerprint([i.sop_instance_uid for i in insts])
+            if rule.forward_originals:
+                queued += self._forward_original(study_uid, series_uid, rule, fp, generation)
+            for k, task in enumerate(rule.tasks):
+                decision = self._reprocess_decision(series_uid, rule.name, task.task, fp, generation,
+                                                    rule.reprocess or self.settings.reprocess)
+                if decision is None:
+                    continue
+                spec = {
+                    "params": task.params, "output_format": task.output_format,
+                    "model": task.model, "destinations": list(rule.destinations),
+                    "fingerprint": fp, "task_index": k, "replace": decision == "replace",
+                }
+                seed = task.seed if task.seed is not None else int(fp[:12], 16)
+                jid = self.jobs.enqueue(
+                    JobKind.ENGINE, study_uid=study_uid, series_uid=series_uid, rule=rule.name,
+                    task=task.task, spec=spec, seed=seed,
+                    max_attempts=self.settings.job_max_attempts, generation=generation,
+                )
+                queued.append(jid)
+        if queued:
+            self.pool.wake()
+        return queued
+
+    def _forward_original(self, study_uid: str, series_uid: str, rule: Any, fp: str,
+                          generation: int) -> list[str]:
+        """Dispatch jobs for the original series itself (scanner -> node -> PACS), once per
+        set of source instances and destination."""
+        with self.parts.engine.connect() as c:
+            rows = c.execute(select(jobs.c.spec).where(and_(
+                jobs.c.kind == JobKind.DISPATCH.value, jobs.c.series_uid == series_uid,
+                jobs.c.state.not_in([JobState.FAILED.value, JobState.CANCELLED.value]),
+            ))).fetchall()
+        sent = {(json.loads(r[0]).get("destination"), json.loads(r[0]).get("fingerprint"))
+                for r in rows}
+        out = []
+        for dest in rule.destinations:
+            if (dest, fp) in sent:
+                continue
+            d = self._destination(dest)
+            out.append(self.jobs.enqueue(
+                JobKind.DISPATCH, study_uid=study_uid, series_uid=series_uid, rule=rule.name,
+                spec={"destination": dest, "fingerprint": fp, "original": True},
+                max_attempts=d.max_attempts, generation=generation,
+            ))
+        return out
+
+    def _reprocess_decision(self, series_uid: str, rule: str, task: str, fp: str,
+                            generation: int, policy: ReprocessPolicy) -> str | None:
+        """None = do not queue; "new" / "always" / "replace" = queue (and how)."""
+        with self.parts.engine.connect() as c:
+            rows = c.execute(select(jobs).where(and_(
+                jobs.c.kind == JobKind.ENGINE.value, jobs.c.series_uid == series_uid,
+                jobs.c.rule == rule, jobs.c.task == task,
+            ))).fetchall()
+        earlier = [Job.from_row(r) for r in rows]
+        live = [j for j in earlier if j.state not in (JobState.FAILED, JobState.CANCELLED)]
+        if any(j.spec.get("fingerprint") == fp for j in live):
+            return None  # same source instances: already done or under way
+        if not live:
+            return "new"
+        if policy is ReprocessPolicy.NEVER:
+            logger.info("series changed after completion; reprocess policy 'never'")
+            return None
+        return policy.value
+
+    # -- stage 3: engine job -------------------------------------------------------------------
+    def run_engine_job(self, job: Job) -> dict[str, Any]:
+        # a series still "building" was left by an earlier attempt that died mid-store
+        # (kill -9, power loss): it is partial, never dispatched; remove it before redoing
+        self.discard_partial_outputs(job_id=job.id,
+                                     reason=f"left by an earlier attempt; attempt {job.attempts} "
+                                            "builds the output again")
+        with self.parts.engine.connect() as c:
+            done = [r[0] for r in c.execute(select(outputs.c.series_uid).where(and_(
+                outputs.c.job_id == job.id, outputs.c.state == OUTPUT_COMPLETE,
+            )).order_by(outputs.c.created_at))]
+        if done:
+            # an earlier attempt recorded its outputs (and their dispatch jobs, in the same
+            # transaction) and then died: finish, do not redo
+            self._queue_dispatch(job, done)
+            return {"outputs": done, "held": [], "resumed": True}
+        if self.runner is None:
+            raise PermanentJobError("no engine runner configured")
+        insts = self.parts.index.instances(series_instance_uid=job.series_uid)
+        if not insts:
+            raise PermanentJobError(f"source series {job.series_uid} has no instances")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        datasets = [self._read(i.file_path) for i in insts]
+        try:
+            source = assemble(datasets)
+        except VolumeError as exc:
+            raise PermanentJobError(f"volume assembly: {exc}") from exc
+        timings["load"] = time.perf_counter() - t0
+        spec = job.spec
+        seed = int(job.seed if job.seed is not None else 0)
+        t0 = time.perf_counter()
+        result = self.runner(job.task or "", source.volume, dict(spec.get("params") or {}),
+                             seed, spec.get("model"))
+        timings["engine"] = time.perf_counter() - t0
+        prov = result.provenance
+        built: list[tuple[str, Event]] = []
+        held: list[dict[str, Any]] = []
+        started: list[str] = []  # output series this attempt recorded as building
+        try:
+            for k, out in enumerate(result.outputs):
+                t0 = time.perf_counter()
+                report = (check(out, source.volume, self.limits)
+                          if self.settings.quality.enabled else None)
+                timings["quality"] = timings.get("quality", 0.0) + time.perf_counter() - t0
+                if report is not None and not report.passed:
+                    held.append({"index": k, "reasons": list(report.reasons),
+                                 "checks": list(report.checks)})
+                    self._event(EventType.OUTPUT_HELD,
+                                {"job_id": job.id, "study_uid": job.study_uid,
+                                 "model_id": prov.model_id},
+                                {"source_series_uids": [job.series_uid],
+                                 "reasons": list(report.reasons), "checks": list(report.checks),
+                                 "stats": report.stats, "output_index": k},
+                                Outcome.MINOR_FAILURE)
+                    continue
+                built.append(self._build_and_store(job, source, out, prov, k,
+                                                   report.stats if report else {}, timings,
+                                                   started))
+            made = self._complete_outputs(job, built)
+        except Exception as exc:
+            # this attempt failed before its outputs were complete: what it stored is partial
+            reason = (f"attempt {job.attempts} failed before its outputs were complete: "
+                      f"{type(exc).__name__}: {exc}")[:500]
+            try:
+                for series_uid in started:
+                    self._discard_output(series_uid, reason, orphans_of=job)
+            except Exception:  # noqa: BLE001 - the next attempt (or start-up) discards it
+                logger.exception("could not discard the partial outputs of job %s", job.id)
+            raise
+        if made:
+            self.pool.wake()
+        return {"outputs": made, "held": held, "model_id": prov.model_id,
+                "model_version": prov.model_version,
+                "weights_sha256": prov.weights_sha256, "seed": prov.seed,
+                "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
+
+    def _complete_outputs(self, job: Job, built: list[tuple[str, Event]]) -> list[str]:
+        """One transaction: every output series of this attempt ``building`` -> ``complete``
+        with its ``output.created`` entry, the replace policy's supersede mark and the
+        dispatch jobs. Before it commits, a crash leaves only partial (building) series."""
+        made = [uid for uid, _ in built]
+        with self.parts.engine.begin() as conn:
+            # only while this attempt's claim is current (not cancelled, lease not lost to
+            # another worker): the conditional UPDATE also locks the job row until commit
+            still = conn.execute(update(jobs).where(and_(
+                jobs.c.id == job.id, jobs.c.state == JobState.RUNNING.value,
+                jobs.c.attempts == job.attempts, jobs.c.worker == job.worker,
+            )).values(lease_until=_now() + self.jobs.lease))
+            if still.rowcount != 1:
+                raise JobClaimLost(f"job {job.id} was cancelled or claimed again while attempt "
+                                   f"{job.attempts} built its outputs: they are not released")
+            for series_uid, event in built:
+                res = conn.execute(update(outputs).where(and_(
+                    outputs.c.series_uid == series_uid, outputs.c.state == OUTPUT_BUILDING,
+                )).values(state=OUTPUT_COMPLETE, created_at=_now()))
+                if res.rowcount != 1:
+                    raise RuntimeError(f"output series {series_uid} was discarded while this "
+                                       "attempt built it (the job was claimed again)")
+                self.parts.ledger.append(event, conn=conn)
+            if job.spec.get("replace") and made:
+                self._supersede(job, made, conn)
+            self._queue_dispatch(job, made, conn=conn)
+        return made
+
+    def _queue_dispatch(self, job: Job, made: list[str], conn: Any = None) -> None:
+        """One dispatch job per (output series, destination), never two."""
+        if conn is None:
+            with self.parts.engine.begin() as c:
+                self._queue_dispatch(job, made, conn=c)
+            if made:
+                self.pool.wake()
+            return
+        existing = {(r.series_uid, json.loads(r.spec).get("destination"))
+                    for r in conn.execute(select(jobs.c.series_uid, jobs.c.spec).where(
+                        jobs.c.parent_id == job.id))}
+        for series_uid in made:
+            for dest in job.spec.get("destinations") or []:
+                if (series_uid, dest) in existing:
+                    continue
+                d = self._destination(dest)
+                self.jobs.enqueue(
+                    JobKind.DISPATCH, study_uid=job.study_uid, series_uid=series_uid,
+                    rule=job.rule, task=job.task, spec={"destination": dest},
+                    max_attempts=d.max_attempts, parent_id=job.id, generation=job.generation,
+                    conn=conn,
+                )
+
+    def discard_partial_outputs(self, *, job_id: str | None = None,
+                                reason: str = "") -> list[str]:
+        """Remove output series still ``building``: the partial output of an attempt that
+        died (or failed) between storing its first instance and completing the series.
+
+        ``job_id`` None = every such series whose job is not running (start-up sweep: a
+        running job's attempt may still be building).
+        Each series goes through storage's own delete path (index rows in one transaction
+        with the outputs row and an ``output.discarded`` ledger entry naming the removed
+        instances and why; files after the commit). Returns the discarded series UIDs.
+        """
+        q = select(outputs.c.series_uid).where(outputs.c.state == OUTPUT_BUILDING)
+        if job_id is not None:
+            q = q.where(outputs.c.job_id == job_id)
+        else:
+            q = q.where(outputs.c.job_id.in_(select(jobs.c.id).where(
+                jobs.c.state != JobState.RUNNING.value)))
+        with self.parts.engine.connect() as c:
+            uids = [r[0] for r in c.execute(q)]
+        reason = reason or "partial output of an attempt that died"
+        return [uid for uid in uids if self._discard_output(uid, reason)]
+
+    def _discard_output(self, series_uid: str, reason: str, *,
+                        orphans_of: Job | None = None) -> bool:
+        """Remove one ``building`` output series. ``orphans_of`` (the job whose attempt
+        built it): also instances of the series when its row is already gone (an attempt
+        that lost its claim kept storing into a series the next attempt had discarded).
+        A ``complete`` series is never touched."""
+        insts = self.parts.index.instances(series_instance_uid=series_uid)
+        with self.parts.engine.begin() as conn:
+            row = conn.execute(select(outputs).where(outputs.c.series_uid == series_uid)).first()
+            if row is None:
+                if orphans_of is None or not insts:
+                    return False
+            elif row.state != OUTPUT_BUILDING:
+                return False
+            else:
+                res = conn.execute(outputs.delete().where(and_(
+                    outputs.c.series_uid == series_uid, outputs.c.state == OUTPUT_BUILDING)))
+                if res.rowcount != 1:
+                    return False  # completed or discarded by someone else meanwhile
+            self.parts.index.delete_instances(conn, [i.pk for i in insts])
+            if row is not None:
+                job_id, study_uid, source = row.job_id, row.study_uid, row.source_series_uid
+                attempt, planned = row.attempt, row.instances
+            else:
+                assert orphans_of is not None
+                job_id, study_uid = orphans_of.id, orphans_of.study_uid
+                source, attempt, planned = orphans_of.series_uid, orphans_of.attempts, None
+            self.parts.ledger.append(Event(
+                type=EventType.OUTPUT_DISCARDED, actor=ACTOR, outcome=Outcome.MINOR_FAILURE,
+                subject={"job_id": job_id, "study_uid": study_uid, "series_uid": series_uid},
+                payload={"source_series_uids": [source],
+                         "sop_uids": [i.sop_instance_uid for i in insts],
+                         "sha256": [i.sha256 for i in insts],
+                         "attempt": attempt, "planned_instances": planned, "reason": reason},
+            ), conn=conn)
+        for i in insts:  # after the commit; a crash here leaves unreferenced files that
+            try:         # start-up recovery removes
+                self.parts.store.delete(i.file_path)
+            except Exception:  # noqa: BLE001
+                logger.exception("could not remove discarded file %s", i.file_path)
+        logger.warning("discarded partial output series %s (%d instance(s)): %s",
+                       series_uid, len(insts), reason)
+        return True
+
+    def _destination(self, name: str) -> Destination:
+        for d in self.settings.destinations:
+            if d.name == name:
+                return d
+        raise PermanentJobError(f"unknown destination {name!r}")
+
+    def _build_and_store(self, job: Job, source: Any, out: Volume, prov: Any, k: int,
+                         stats: dict[str, str], timings: dict[str, float],
+                         started: list[str]) -> tuple[str, Event]:
+        """Build one output series, record it as ``building``, store its instances.
+        Returns the series UID and its ``output.created`` event (appended on completion)."""
+        from pydicom.uid import generate_uid
+
+        series_uid = generate_uid()
+        mark = None
+        payload_hex = None
+        output_format = codes.OutputFormat(job.spec.get("output_format", "sc"))
+        verified: dict[str, Any] = {}
+        if self.mark_key is not None:
+            from audit.watermark import embed_verified, make_payload
+            from audit.watermark import payload_hex as phex
+            from audit.watermark.core import suggest_max_delta
+            from engine.api import Intensity
+
+            payload = make_payload(self.mark_key.key_id, mark_id_for(series_uid))
+            payload_hex = phex(payload)
+            key = self.mark_key
+
+            hu = out.intensity is Intensity.HU
+
+            def mark(a: Any) -> Any:
+                # checked as dispatch will check it: each single-frame instance on its own,
+                # a multi-frame instance on its pooled sample of frames
+                t = time.perf_counter()
+                try:
+                    n = a.shape[0]
+                    units = ([[z] for z in range(n)] if output_format is codes.OutputFormat.SC
+                             else [list(range(n))])
+                    delta = suggest_max_delta(a, hu_calibrated=hu, floor=self.max_delta)
+                    marked, report = embed_verified(
+                        a, key, payload, units=units, bits_stored=16, signed=False,
+                        max_delta=delta, detect_keys=self.detect_keys or None)
+                    verified.update(watermark_max_delta=max(report.max_delta),
+                                    watermark_verified=report.verified)
+                    if report.raised:
+                        logger.info("watermark of %s: bound raised from %d to %d in %d of %d "
+                                    "unit(s) (below the image noise) to make it detectable",
+                                    series_uid, delta, max(report.max_delta), report.raised,
+                                    len(units))
+                    if not report.verified:
+                        logger.warning(
+                            "watermark of %s not detectable in %d of %d unit(s) within the "
+                            "fidelity bound (up to %d stored units): dispatch will refuse them",
+                            series_uid, report.detected.count(False), len(units),
+                            max(report.limit))
+                    return marked
+                finally:
+                    timings["watermark"] = timings.get("watermark", 0.0) + time.perf_counter() - t
+        wm_before = timings.get("watermark", 0.0)
+        t0 = time.perf_counter()
+        n_out = self.settings.output_series_number_base + int(job.spec.get("task_index", 0)) * 10 + k + 1
+        spec = SeriesSpec(
+            output_format, prov, ledger_entry=f"job:{job.id}",
+            series_number=n_out, series_instance_uid=series_uid,
+        )
+        built = build_series(source, out, spec, mark=mark)
+        wm = timings.get("watermark", 0.0) - wm_before
+        timings["build"] = timings.get("build", 0.0) + time.perf_counter() - t0 - wm
+        # the plan first: a crash while storing leaves a row that names the partial series
+        with self.parts.engine.begin() as conn:
+            conn.execute(outputs.insert().values(
+                series_uid=series_uid, job_id=job.id, study_uid=job.study_uid,
+                source_series_uid=job.series_uid, generation=job.generation,
+                output_format=built.output_format.value, instances=len(built.datasets),
+                watermark_payload=payload_hex, digest=None, held=False, superseded=False,
+                state=OUTPUT_BUILDING, attempt=job.attempts, created_at=_now(),
+            ))
+        started.append(series_uid)
+        t0 = time.perf_counter()
+        sop_uids, digests = [], []
+        for ds in built.datasets:
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            stored = self.parts.ingest(buf.getvalue())
+            sop_uids.append(str(ds.SOPInstanceUID))
+            digests.append(stored.record.sha256)
+        timings["store"] = timings.get("store", 0.0) + time.perf_counter() - t0
+        digest = "sha256:" + hashlib.sha256("".join(digests).encode()).hexdigest()
+        with self.parts.engine.begin() as conn:
+            conn.execute(update(outputs).where(outputs.c.series_uid == series_uid)
+                         .values(digest=digest, instances=len(sop_uids)))
+        event = Event(
+            type=EventType.OUTPUT_CREATED, actor=ACTOR,
+            subject={"job_id": job.id, "study_uid": job.study_uid, "series_uid": series_uid,
+                     "model_id": prov.model_id},
+            payload={"source_series_uids": [job.series_uid], "output_series_uid": series_uid,
+                     "output_sop_uids": sop_uids, "sha256": digests,
+                     "watermark_payload": payload_hex, **verified,
+                     "output_format": built.output_format.value,
+                     "model_id": prov.model_id, "model_version": prov.model_version,
+                     "weights_sha256": prov.weights_sha256, "seed": prov.seed,
+                     "quality": stats},
+        )
+        return series_uid, event
+
+    def _supersede(self, job: Job, made: list[str], conn: Any) -> None:
+        earlier = select(jobs.c.id).where(and_(
+            jobs.c.series_uid == job.series_uid, jobs.c.rule == job.rule,
+            jobs.c.task == job.task, jobs.c.id != job.id))
+        conn.execute(update(outputs).where(and_(
+            outputs.c.job_id.in_(earlier), outputs.c.series_uid.not_in(made),
+        )).values(superseded=True))
+
+    # -- stage 4: dispatch job -----------------------------------------------------------------
+    def run_dispatch_job(self, job: Job) -> dict[str, Any]:
+        dest_name = str(job.spec.get("destination"))
+        dest = self._destination(dest_name)
+        insts = self.parts.index.instances(series_instance_uid=job.series_uid)
+        if not insts:
+            raise PermanentJobError(f"output series {job.series_uid} has no instances")
+        with self.parts.engine.connect() as c:
+            acked = {r[0] for r in c.execute(select(dispatch_acks.c.sop_instance_uid).where(and_(
+                dispatch_acks.c.job_id == job.id, dispatch_acks.c.destination == dest_name)))}
+        todo = [i for i in insts if i.sop_instance_uid not in acked]
+        datasets = [self._read(i.file_path) for i in todo]
+        terminal = job.attempts >= job.max_attempts
+        t0 = time.perf_counter()
+        result = self.dispatcher.send(
+            datasets, dest_name, job_id=job.id, already_acknowledged=acked, max_attempts=1,
+            first_attempt=job.attempts, terminal=terminal,
+        )
+        if result.acknowledged:
+            now = _now()
+            with self.parts.engine.begin() as conn:
+                for uid in result.acknowledged:
+                    conn.execute(dispatch_acks.insert().values(
+                        job_id=job.id, destination=dest_name, sop_instance_uid=uid,
+                        acknowledged_at=now))
+        if result.state is DispatchState.SUCCEEDED:
+            return {"destination": dest_name, "acknowledged": len(acked) + len(result.acknowledged),
+                    "timings_ms": {"send": int((time.perf_counter() - t0) * 1000)}}
+        if result.state is DispatchState.REFUSED:
+            raise PermanentJobError(f"refused by policy: {result.reason}")
+        if any(not f.transient for f in result.failed.values()):
+            raise PermanentJobError(f"dispatch failed: {result.reason}")
+        raise TransientJobError(f"dispatch to {dest_name}: {result.reason}",
+                                retry_after_s=self.dispatcher.backoff(dest, max(1, job.attempts)))
+
+
+def build_pipeline(ctx: Any) -> Pipeline:
+    """The production pipeline for a node context: gated engine runner on
+    ``settings.models_dir`` with the configured approvers, outputs marked with the key in
+    ``settings.watermark_key_file`` (generated on first start; older keys from
+    ``watermark.extra_key_files`` are also recognised)."""
+    from audit.modelgate import Approver, ModelGate
+    from audit.watermark import WatermarkKey
+
+    s = ctx.settings
+    gate = ModelGate(ctx.ledger, Approver.from_config(s.audit.approvers))
+    runner = GatedEngineRunner(gate, s.models_dir, options=s.engine, device=s.engine.device)
+    if not s.watermark_key_file.exists():
+        # First start: generate the site's secret marking key (mode 0600, never overwritten),
+        # as the ledger signing key is generated. Rotate with `synthnode watermark keygen`.
+        WatermarkKey.generate(key_id=1).to_file(s.watermark_key_file)
+        logger.info("generated watermark key %s (key id 1)", s.watermark_key_file)
+    key = WatermarkKey.from_file(s.watermark_key_file)
+    extra = [WatermarkKey.from_file(p) for p in s.watermark.extra_key_files if Path(p).exists()]
+    detect_keys = ([key] if key else []) + extra
+    return Pipeline.from_context(ctx, runner=runner, mark_key=key, detect_keys=detect_keys,
+                                 max_delta=s.watermark.max_delta)

@@ -1,0 +1,216 @@
+"""Volume assembly: sorting, splitting, rejection reasons, enhanced and compressed inputs."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from engine.api import Intensity
+from node.dicom.volume import (
+    Reason,
+    VolumeError,
+    assemble,
+    assemble_split,
+    frames_of,
+    intensity_of,
+    to_stored,
+)
+from tests.support.factory import make_series, phantom_hu
+
+
+def test_sorts_along_normal_and_maps_to_hu() -> None:
+    series = make_series(8, shuffle=True)
+    av = assemble(series)
+    assert av.volume.data.shape == (8, 32, 32)
+    assert av.volume.intensity is Intensity.HU
+    assert av.volume.spacing == pytest.approx((2.5, 0.7, 0.8))
+    # data equals the phantom in HU (rounded), in slice order
+    expected = np.rint(phantom_hu(8, 32, 32))
+    np.testing.assert_array_equal(av.volume.data, expected.astype(np.float32))
+    z = [p[2] for p in av.geometry.positions]
+    assert z == sorted(z)
+    assert len(av.geometry.sources) == 8
+    assert "PixelData" not in av.reference
+
+
+def test_oblique_orientation_sorted_by_projection_not_z() -> None:
+    ori = (1, 0, 0, 0, np.cos(0.5), -np.sin(0.5))
+    series = make_series(6, orientation=ori, shuffle=True)
+    av = assemble(series)
+    normal = av.geometry.normal
+    d = [float(np.dot(normal, p)) for p in av.geometry.positions]
+    assert d == sorted(d)
+    assert av.volume.spacing[0] == pytest.approx(2.5, abs=1e-3)
+
+
+def test_reversed_stack_is_sorted_ascending() -> None:
+    series = make_series(5, shuffle=False)
+    av1 = assemble(series)
+    av2 = assemble(list(reversed(series)))
+    np.testing.assert_array_equal(av1.volume.data, av2.volume.data)
+
+
+def test_mixed_orientation_rejected_and_split() -> None:
+    a = make_series(4, shuffle=False)
+    b = make_series(4, orientation=(0, 1, 0, 0, 0, -1), shuffle=False, for_uid=a[0].FrameOfReferenceUID)
+    for ds in b:
+        ds.SeriesInstanceUID = a[0].SeriesInstanceUID
+    with pytest.raises(VolumeError) as exc:
+        assemble(a + b)
+    assert exc.value.reason is Reason.MIXED_ORIENTATION
+    vols, rejected = assemble_split(a + b)
+    assert sorted(v.volume.data.shape[0] for v in vols) == [4, 4]
+    assert rejected == []
+
+
+def test_spacing_gap_rejected_and_split() -> None:
+    series = make_series(10, shuffle=False)
+    del series[4]
+    with pytest.raises(VolumeError) as exc:
+        assemble(series)
+    assert exc.value.reason is Reason.SPACING_GAP
+    vols, rejected = assemble_split(series, min_slices=2)
+    assert sorted(v.volume.data.shape[0] for v in vols) == [4, 5]
+
+
+def test_different_sizes_rejected() -> None:
+    a = make_series(3, rows=32, shuffle=False)
+    b = make_series(3, rows=16, shuffle=False, for_uid=a[0].FrameOfReferenceUID, origin=(-10, -20, 60))
+    with pytest.raises(VolumeError) as exc:
+        assemble(a + b)
+    assert exc.value.reason is Reason.DIFFERENT_SIZES
+    vols, _ = assemble_split(a + b)
+    assert sorted(v.volume.data.shape[1] for v in vols) == [16, 32]
+
+
+def test_missing_geometry_and_duplicates() -> None:
+    series = make_series(3, shuffle=False)
+    del series[1].ImagePositionPatient
+    with pytest.raises(VolumeError) as exc:
+        assemble(series)
+    assert exc.value.reason is Reason.MISSING_GEOMETRY
+    assert "Image Position" in str(exc.value)
+    vols, rejected = assemble_split(series)
+    assert [r.reason for r in rejected] == [Reason.MISSING_GEOMETRY]
+    dup = make_series(3, shuffle=False)
+    dup.append(copy.deepcopy(dup[0]))
+    dup[-1].SOPInstanceUID = pydicom.uid.generate_uid()
+    with pytest.raises(VolumeError) as exc:
+        assemble(dup)
+    assert exc.value.reason is Reason.DUPLICATE_POSITION
+
+
+def test_empty_and_mixed_frame_of_reference() -> None:
+    with pytest.raises(VolumeError) as exc:
+        assemble([])
+    assert exc.value.reason is Reason.EMPTY
+    a = make_series(3, shuffle=False)
+    b = make_series(3, shuffle=False, origin=(-10, -20, 100))
+    with pytest.raises(VolumeError) as exc:
+        assemble(a + b)
+    assert exc.value.reason is Reason.MIXED_FRAME_OF_REFERENCE
+
+
+def test_real_ct_small() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    av = assemble([ds])
+    assert av.volume.intensity is Intensity.HU
+    raw = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(av.volume.data[0], raw)
+    assert av.geometry.frame_of_reference_uid == ds.FrameOfReferenceUID
+    assert av.geometry.sources[0].sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_real_mr_small() -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    av = assemble([ds])
+    assert av.volume.intensity in (Intensity.MR, Intensity.MR_T1W, Intensity.MR_T2W)
+    np.testing.assert_array_equal(av.volume.data[0], ds.pixel_array.astype(np.float32))
+
+
+def test_enhanced_ct_functional_groups() -> None:
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    if path is None:
+        pytest.skip("pydicom-data not installed")
+    ds = pydicom.dcmread(path)
+    frames = frames_of(ds)
+    assert len(frames) == 2
+    assert frames[0].slope == 1.0 and frames[0].intercept == -1024.0
+    av = assemble([ds])
+    assert av.volume.data.shape == (2, 512, 512)
+    assert av.geometry.sources[0].frame_number in (1, 2)
+    assert {s.frame_number for s in av.geometry.sources} == {1, 2}
+    raw = ds.pixel_array.astype(np.float32) - 1024
+    d = [float(np.dot(av.geometry.normal, p)) for p in av.geometry.positions]
+    assert d == sorted(d)
+    first = av.geometry.sources[0].frame_number - 1
+    np.testing.assert_array_equal(av.volume.data[0], raw[first])
+
+
+def test_enhanced_mr_without_geometry_rejected() -> None:
+    path = get_testdata_file("emri_small.dcm")
+    if path is None:
+        pytest.skip("pydicom-data not installed")
+    ds = pydicom.dcmread(path)
+    with pytest.raises(VolumeError) as exc:
+        assemble([ds])
+    assert exc.value.reason is Reason.MISSING_GEOMETRY
+
+
+@pytest.mark.parametrize(
+    "name", ["emri_small_jpeg_2k_lossless.dcm", "emri_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm"]
+)
+def test_compressed_frames_decode_like_uncompressed(name: str) -> None:
+    ref_path, path = get_testdata_file("emri_small.dcm"), get_testdata_file(name)
+    if path is None or ref_path is None:
+        pytest.skip("pydicom-data not installed")
+    ref = frames_of(pydicom.dcmread(ref_path))
+    got = frames_of(pydicom.dcmread(path))
+    assert len(got) == len(ref) == 10
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a.stored, b.stored)
+
+
+def test_lossy_source_flagged() -> None:
+    path = get_testdata_file("MR2_J2KI.dcm")
+    if path is None:
+        pytest.skip("pydicom-data not installed")
+    j2k = pydicom.dcmread(path)  # JPEG 2000 irreversible: lossy by transfer syntax
+    assert assemble([j2k]).geometry.lossy
+    series = make_series(3, modality="MR", shuffle=False)
+    for ds in series:
+        ds.LossyImageCompression = "01"
+    av = assemble(series)
+    assert av.geometry.lossy
+    assert not assemble(make_series(3, shuffle=False)).geometry.lossy
+
+
+def test_intensity_heuristic() -> None:
+    mr = make_series(1, modality="MR")[0]
+    assert intensity_of(mr) is Intensity.MR_T2W
+    mr.RepetitionTime, mr.EchoTime = "500", "15"
+    assert intensity_of(mr) is Intensity.MR_T1W
+
+
+def test_to_stored_round_trip_hu_exact() -> None:
+    hu = np.rint(phantom_hu(3, 16, 16))
+    sp = to_stored(hu, Intensity.HU)
+    assert sp.slope == 1.0 and sp.intercept == -1024.0
+    np.testing.assert_array_equal(sp.to_physical(), hu)
+    low = hu.copy()
+    low[0, 0, 0] = -3000
+    sp = to_stored(low, Intensity.HU)
+    assert sp.intercept == -3000.0
+    np.testing.assert_array_equal(sp.to_physical(), low)
+
+
+def test_to_stored_mr_scaling_and_nan() -> None:
+    x = np.linspace(0, 1, 1000, dtype=np.float32).reshape(10, 10, 10)
+    sp = to_stored(x, Intensity.MR_T2W)
+    assert sp.array.max() == 4095
+    assert np.max(np.abs(sp.to_physical() - x)) <= sp.slope / 2 + 1e-6
+    with pytest.raises(ValueError):
+        to_stored(np.array([[[np.nan]]]), Intensity.HU)
