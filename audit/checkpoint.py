@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -55,7 +55,9 @@ def raw_public(key: Ed25519PublicKey) -> bytes:
 
 def key_id(name: str, public: Ed25519PublicKey) -> bytes:
     """C2SP signed-note key id: ``SHA-256(name || 0x0A || 0x01 || pubkey)[:4]``."""
-    return hashlib.sha256(name.encode() + b"\n" + bytes([ALG_ED25519]) + raw_public(public)).digest()[:4]
+    return hashlib.sha256(
+        name.encode() + b"\n" + bytes([ALG_ED25519]) + raw_public(public)
+    ).digest()[:4]
 
 
 def _check_name(name: str) -> None:
@@ -85,7 +87,7 @@ class Verifier:
         try:
             name, hexid, blob = text.strip().split("+", 2)
             raw = base64.b64decode(blob, validate=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ValueError(f"not a note verifier key: {exc}") from None
         if len(raw) != 33 or raw[0] != ALG_ED25519:
             raise ValueError("verifier key is not an Ed25519 (0x01) key")
@@ -172,7 +174,7 @@ def parse_checkpoint_body(body: str) -> Checkpoint:
         raise InvalidCheckpoint(f"bad tree size {size_s!r}")
     try:
         root = base64.b64decode(root_s, validate=True)
-    except Exception:  # noqa: BLE001
+    except Exception:
         raise InvalidCheckpoint("root hash is not base64") from None
     if len(root) != merkle.HASH_SIZE:
         raise InvalidCheckpoint("root hash is not 32 bytes")
@@ -202,7 +204,7 @@ def open_checkpoint(note: str, verifier: Verifier, origin: str | None = None) ->
             continue
         try:
             blob = base64.b64decode(parts[2], validate=True)
-        except Exception:  # noqa: BLE001
+        except Exception:
             raise InvalidCheckpoint("signature is not base64") from None
         if len(blob) != 68 or blob[:4] != verifier.key_id:
             continue
@@ -223,7 +225,11 @@ def split_notes(text: str) -> tuple[list[str], list[str]]:
     i = 0
     while i < len(pieces):
         body = pieces[i]
-        if i + 1 < len(pieces) and pieces[i + 1].startswith(EM_DASH + " ") and not body.startswith(EM_DASH):
+        if (
+            i + 1 < len(pieces)
+            and pieces[i + 1].startswith(EM_DASH + " ")
+            and not body.startswith(EM_DASH)
+        ):
             notes.append(f"{body}\n\n{pieces[i + 1]}\n")
             i += 2
         else:
@@ -259,7 +265,9 @@ def append_checkpoint_file(path: Path, note: str) -> None:
         os.close(fd)
 
 
-def syslog_send(target: str, message: str, *, msgid: str = "CHECKPOINT", app: str = "synthnode") -> None:
+def syslog_send(
+    target: str, message: str, *, msgid: str = "CHECKPOINT", app: str = "synthnode"
+) -> None:
     """Send one RFC 5424 message (facility 13 "log audit", severity 6 "informational").
 
     ``target`` is ``udp://host:port`` (RFC 5426) or ``tcp://host:port`` with RFC 6587
@@ -269,9 +277,13 @@ def syslog_send(target: str, message: str, *, msgid: str = "CHECKPOINT", app: st
     if url.scheme not in ("udp", "tcp") or not url.hostname or not url.port:
         raise ValueError(f"syslog target {target!r} must be udp://host:port or tcp://host:port")
     pri = 13 * 8 + 6
-    ts = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     host = socket.gethostname() or "-"
-    msg = f"<{pri}>1 {ts} {host} {app} {os.getpid()} {msgid} - ".encode() + b"\xef\xbb\xbf" + message.encode()
+    msg = (
+        f"<{pri}>1 {ts} {host} {app} {os.getpid()} {msgid} - ".encode()
+        + b"\xef\xbb\xbf"
+        + message.encode()
+    )
     if url.scheme == "udp":
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(msg, (url.hostname, url.port))
@@ -315,7 +327,9 @@ class Checkpointer:
             try:
                 return open_checkpoint(note, self.verifier, self.origin)
             except InvalidCheckpoint:
-                log.warning("ignoring a checkpoint note in %s that does not verify", self.checkpoint_file)
+                log.warning(
+                    "ignoring a checkpoint note in %s that does not verify", self.checkpoint_file
+                )
         return None
 
     def checkpoint(self, *, force: bool = False) -> Checkpoint | None:
@@ -382,4 +396,4 @@ class Checkpointer:
     @staticmethod
     def _store(conn, cp: Checkpoint) -> None:  # type: ignore[no-untyped-def]
         conn.execute(insert(ledger_checkpoints).values(
-            size=cp.size, root_hash=cp.root, note=cp.note, signed_at=datetime.now(timezone.utc)))
+            size=cp.size, root_hash=cp.root, note=cp.note, signed_at=datetime.now(UTC)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -118,7 +118,7 @@ class Event:
     outcome: Outcome = Outcome.SUCCESS
     subject: dict[str, Any] = field(default_factory=dict)
     payload: dict[str, Any] = field(default_factory=dict)
-    time: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    time: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 # -- canonical leaf form ----------------------------------------------------------------
@@ -175,11 +175,11 @@ def format_time(t: datetime) -> str:
     """UTC time in the one textual form leaves use: ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
     if t.tzinfo is None:
         raise CanonicalError("event time must be timezone-aware (UTC)")
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 def event_to_leaf(event: Event) -> bytes:

@@ -19,7 +19,7 @@ import base64
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -92,7 +92,9 @@ def export_ledger(ledger: Ledger, out: IO[str], origin: str = "", start: int = 0
     size = ledger.size() if stop is None else stop
     if start != 0:
         raise ValueError("a verifiable export starts at entry 0")
-    out.write(json.dumps({"format": EXPORT_FORMAT, "version": 1, "size": size, "origin": origin}) + "\n")
+    out.write(
+        json.dumps({"format": EXPORT_FORMAT, "version": 1, "size": size, "origin": origin}) + "\n"
+    )
     n = 0
     for e in ledger.entries(0, size):
         out.write(json.dumps({"seq": e.seq, "leaf_hash": e.leaf_hash.hex(),
@@ -106,7 +108,9 @@ def export_ledger(ledger: Ledger, out: IO[str], origin: str = "", start: int = 0
 
 # -- DICOM audit message (PS3.15 A.5) -------------------------------------------------------
 def _code(parent: ET.Element, tag: str, code: tuple[str, str], system: str = DCM) -> ET.Element:
-    return ET.SubElement(parent, tag, {"csd-code": code[0], "codeSystemName": system, "originalText": code[1]})
+    return ET.SubElement(
+        parent, tag, {"csd-code": code[0], "codeSystemName": system, "originalText": code[1]}
+    )
 
 
 def _actor_ids(actor: str) -> tuple[str, str | None]:
@@ -116,7 +120,9 @@ def _actor_ids(actor: str) -> tuple[str, str | None]:
     return actor, None
 
 
-def dicom_audit_message(entry: StoredEntry, node_ae: str = "SYNTHNODE", site: str = "synthnode") -> ET.Element:
+def dicom_audit_message(
+    entry: StoredEntry, node_ae: str = "SYNTHNODE", site: str = "synthnode"
+) -> ET.Element:
     """One PS3.15 A.5 ``AuditMessage`` element for a ledger entry."""
     ev = entry.event
     event_id, action, type_code = EVENT_MAP.get(ev.type, (APPLICATION_ACTIVITY, "E", None))
@@ -129,7 +135,9 @@ def dicom_audit_message(entry: StoredEntry, node_ae: str = "SYNTHNODE", site: st
     _code(ei, "EventID", event_id)
     if type_code:
         _code(ei, "EventTypeCode", type_code)
-    if ev.outcome != Outcome.SUCCESS and (reason := ev.payload.get("reason") or ev.payload.get("error")):
+    if ev.outcome != Outcome.SUCCESS and (
+        reason := ev.payload.get("reason") or ev.payload.get("error")
+    ):
         ET.SubElement(ei, "EventOutcomeDescription").text = str(reason)[:256]
     # participants: the requestor (remote AE / user / component) and this node
     user, alt = _actor_ids(ev.actor)
@@ -142,17 +150,31 @@ def dicom_audit_message(entry: StoredEntry, node_ae: str = "SYNTHNODE", site: st
     ap = ET.SubElement(msg, "ActiveParticipant", src)
     if ev.type in (EventType.INSTANCE_RECEIVED, EventType.INSTANCE_REJECTED):
         _code(ap, "RoleIDCode", ("110153", "Source Role ID"))
-    me = ET.SubElement(msg, "ActiveParticipant", {"UserID": node_ae, "AlternativeUserID": f"AETITLE={node_ae}",
-                                                  "UserIsRequestor": "false"})
+    me = ET.SubElement(
+        msg,
+        "ActiveParticipant",
+        {"UserID": node_ae, "AlternativeUserID": f"AETITLE={node_ae}", "UserIsRequestor": "false"},
+    )
     if ev.type in (EventType.INSTANCE_RECEIVED, EventType.INSTANCE_REJECTED):
         _code(me, "RoleIDCode", ("110152", "Destination Role ID"))
-    if ev.type in (EventType.DISPATCH_ATTEMPTED, EventType.DISPATCH_SUCCEEDED, EventType.DISPATCH_FAILED):
+    if ev.type in (
+        EventType.DISPATCH_ATTEMPTED,
+        EventType.DISPATCH_SUCCEEDED,
+        EventType.DISPATCH_FAILED,
+    ):
         _code(me, "RoleIDCode", ("110153", "Source Role ID"))
-        dest = ET.SubElement(msg, "ActiveParticipant", {"UserID": str(ev.subject.get("destination", "?")),
-                                                        "UserIsRequestor": "false"})
+        dest = ET.SubElement(
+            msg,
+            "ActiveParticipant",
+            {"UserID": str(ev.subject.get("destination", "?")), "UserIsRequestor": "false"},
+        )
         _code(dest, "RoleIDCode", ("110152", "Destination Role ID"))
-    asi = ET.SubElement(msg, "AuditSourceIdentification", {"AuditSourceID": node_ae, "AuditEnterpriseSiteID": site})
-    ET.SubElement(asi, "AuditSourceTypeCode", {"csd-code": "4", "originalText": "Application Server Process"})
+    asi = ET.SubElement(
+        msg, "AuditSourceIdentification", {"AuditSourceID": node_ae, "AuditEnterpriseSiteID": site}
+    )
+    ET.SubElement(
+        asi, "AuditSourceTypeCode", {"csd-code": "4", "originalText": "Application Server Process"}
+    )
     # participant objects: the study (with SOP instances), a job / model, the ledger leaf
     study = ev.subject.get("study_uid")
     if study:
@@ -160,7 +182,11 @@ def dicom_audit_message(entry: StoredEntry, node_ae: str = "SYNTHNODE", site: st
             "ParticipantObjectID": str(study), "ParticipantObjectTypeCode": "2",
             "ParticipantObjectTypeCodeRole": "3"})
         _code(po, "ParticipantObjectIDTypeCode", ("110180", "Study Instance UID"))
-        sops = [ev.subject["sop_uid"]] if ev.subject.get("sop_uid") else list(ev.payload.get("output_sop_uids") or [])
+        sops = (
+            [ev.subject["sop_uid"]]
+            if ev.subject.get("sop_uid")
+            else list(ev.payload.get("output_sop_uids") or [])
+        )
         _detail(po, entry)
         if sops:
             sc = ET.SubElement(po, "SOPClass", {"UID": str(ev.subject.get("sop_class_uid", "")),
@@ -168,7 +194,12 @@ def dicom_audit_message(entry: StoredEntry, node_ae: str = "SYNTHNODE", site: st
             for uid in sops:
                 ET.SubElement(sc, "Instance", {"UID": str(uid)})
     else:
-        other = ev.subject.get("job_id") or ev.subject.get("model_id") or ev.subject.get("key_id") or f"ledger:{entry.seq}"
+        other = (
+            ev.subject.get("job_id")
+            or ev.subject.get("model_id")
+            or ev.subject.get("key_id")
+            or f"ledger:{entry.seq}"
+        )
         po = ET.SubElement(msg, "ParticipantObjectIdentification", {
             "ParticipantObjectID": str(other), "ParticipantObjectTypeCode": "2",
             "ParticipantObjectTypeCodeRole": "4" if ev.subject.get("model_id") else "13"})
@@ -178,12 +209,21 @@ def dicom_audit_message(entry: StoredEntry, node_ae: str = "SYNTHNODE", site: st
 
 
 def _detail(po: ET.Element, entry: StoredEntry) -> None:
-    ET.SubElement(po, "ParticipantObjectDetail", {
-        "type": "ledger-leaf",
-        "value": base64.b64encode(f"{entry.seq}:{entry.leaf_hash.hex()}:{entry.event.type.value}".encode()).decode()})
+    ET.SubElement(
+        po,
+        "ParticipantObjectDetail",
+        {
+            "type": "ledger-leaf",
+            "value": base64.b64encode(
+                f"{entry.seq}:{entry.leaf_hash.hex()}:{entry.event.type.value}".encode()
+            ).decode(),
+        },
+    )
 
 
-def write_dicom_audit(entries: Iterable[StoredEntry], out: IO[str], node_ae: str = "SYNTHNODE") -> int:
+def write_dicom_audit(
+    entries: Iterable[StoredEntry], out: IO[str], node_ae: str = "SYNTHNODE"
+) -> int:
     """Write one ``<AuditMessage>`` XML document per line (syslog-ready); returns count."""
     n = 0
     for e in entries:
@@ -218,10 +258,28 @@ def fhir_audit_event(entry: StoredEntry, node: str = "synthnode") -> dict[str, A
                              "name": label})
     for key in ("job_id", "model_id", "destination", "key_id"):
         if ev.subject.get(key):
-            entities.append({"what": {"identifier": {"system": f"urn:synthnode:{key}", "value": str(ev.subject[key])}}})
-    entities.append({"what": {"identifier": {"system": "urn:synthnode:ledger", "value": str(entry.seq)}},
-                     "detail": [{"type": "leaf_hash", "valueBase64Binary": base64.b64encode(entry.leaf_hash).decode()},
-                                {"type": "event", "valueString": ev.type.value}]})
+            entities.append(
+                {
+                    "what": {
+                        "identifier": {
+                            "system": f"urn:synthnode:{key}",
+                            "value": str(ev.subject[key]),
+                        }
+                    }
+                }
+            )
+    entities.append(
+        {
+            "what": {"identifier": {"system": "urn:synthnode:ledger", "value": str(entry.seq)}},
+            "detail": [
+                {
+                    "type": "leaf_hash",
+                    "valueBase64Binary": base64.b64encode(entry.leaf_hash).decode(),
+                },
+                {"type": "event", "valueString": ev.type.value},
+            ],
+        }
+    )
     res: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": f"ledger-{entry.seq}",
@@ -237,13 +295,18 @@ def fhir_audit_event(entry: StoredEntry, node: str = "synthnode") -> dict[str, A
     }
     if type_code:
         res["subtype"] = [{"system": DCM_SYSTEM, "code": type_code[0], "display": type_code[1]}]
-    if ev.outcome != Outcome.SUCCESS and (reason := ev.payload.get("reason") or ev.payload.get("error")):
+    if ev.outcome != Outcome.SUCCESS and (
+        reason := ev.payload.get("reason") or ev.payload.get("error")
+    ):
         res["outcomeDesc"] = str(reason)
     return json.loads(AuditEvent.model_validate(res).model_dump_json(exclude_none=True))
 
 
-def fhir_provenance(entry: StoredEntry, model: dict[str, Any] | None = None,
-                    policy: str = "urn:synthnode:policy:governed-generative-imaging") -> dict[str, Any]:
+def fhir_provenance(
+    entry: StoredEntry,
+    model: dict[str, Any] | None = None,
+    policy: str = "urn:synthnode:policy:governed-generative-imaging",
+) -> dict[str, Any]:
     """FHIR R4 Provenance of an ``output.created`` entry: target = output series, source =
     the source series, agent = the model Device (id, version, weights digest)."""
     from fhir.resources.R4B.provenance import Provenance
@@ -264,24 +327,60 @@ def fhir_provenance(entry: StoredEntry, model: dict[str, Any] | None = None,
         "target": targets,
         "recorded": format_time(ev.time),
         "policy": [policy],
-        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-                                 "code": "CREATE", "display": "create"}],
-                     "text": "generative synthesis"},
-        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                                        "code": "assembler", "display": "Assembler"}]},
-                   "who": {"display": f"Device {device}" + (f" weights sha256:{digest}" if digest else ""),
-                           "identifier": {"system": "urn:synthnode:model", "value": str(ev.subject.get("model_id", device))}}},
-                  {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                                        "code": "custodian", "display": "Custodian"}]},
-                   "who": {"display": ev.actor}}],
-        "entity": [{"role": "source", "what": {"identifier": _ident(str(u))}}
-                   for u in ev.payload.get("source_series_uids") or []]
-                  or [{"role": "source", "what": {"display": "unknown source"}}],
+        "activity": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                    "code": "CREATE",
+                    "display": "create",
+                }
+            ],
+            "text": "generative synthesis",
+        },
+        "agent": [
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "assembler",
+                            "display": "Assembler",
+                        }
+                    ]
+                },
+                "who": {
+                    "display": f"Device {device}" + (f" weights sha256:{digest}" if digest else ""),
+                    "identifier": {
+                        "system": "urn:synthnode:model",
+                        "value": str(ev.subject.get("model_id", device)),
+                    },
+                },
+            },
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "custodian",
+                            "display": "Custodian",
+                        }
+                    ]
+                },
+                "who": {"display": ev.actor},
+            },
+        ],
+        "entity": [
+            {"role": "source", "what": {"identifier": _ident(str(u))}}
+            for u in ev.payload.get("source_series_uids") or []
+        ]
+        or [{"role": "source", "what": {"display": "unknown source"}}],
     }
     return json.loads(Provenance.model_validate(res).model_dump_json(exclude_none=True))
 
 
-def write_fhir_bundle(entries: Iterable[StoredEntry], out: IO[str], models: dict[str, dict[str, Any]] | None = None) -> int:
+def write_fhir_bundle(
+    entries: Iterable[StoredEntry], out: IO[str], models: dict[str, dict[str, Any]] | None = None
+) -> int:
     """A FHIR R4 ``collection`` Bundle with one AuditEvent per entry plus a Provenance per
     ``output.created``; returns the number of resources."""
     from fhir.resources.R4B.bundle import Bundle
@@ -290,9 +389,17 @@ def write_fhir_bundle(entries: Iterable[StoredEntry], out: IO[str], models: dict
     for e in entries:
         resources.append(fhir_audit_event(e))
         if e.event.type == EventType.OUTPUT_CREATED:
-            resources.append(fhir_provenance(e, (models or {}).get(str(e.event.subject.get("job_id")))))
-    bundle = {"resourceType": "Bundle", "type": "collection",
-              "entry": [{"fullUrl": f"urn:synthnode:{r['resourceType']}/{r['id']}", "resource": r} for r in resources]}
+            resources.append(
+                fhir_provenance(e, (models or {}).get(str(e.event.subject.get("job_id"))))
+            )
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": f"urn:synthnode:{r['resourceType']}/{r['id']}", "resource": r}
+            for r in resources
+        ],
+    }
     Bundle.model_validate(bundle)
     json.dump(bundle, out, indent=1)
     out.write("\n")
@@ -300,10 +407,19 @@ def write_fhir_bundle(entries: Iterable[StoredEntry], out: IO[str], models: dict
 
 
 # -- lineage -----------------------------------------------------------------------------
-JOB_TYPES = {EventType.JOB_QUEUED, EventType.JOB_STARTED, EventType.JOB_FINISHED, EventType.JOB_FAILED,
-             EventType.JOB_CANCELLED}
+JOB_TYPES = {
+    EventType.JOB_QUEUED,
+    EventType.JOB_STARTED,
+    EventType.JOB_FINISHED,
+    EventType.JOB_FAILED,
+    EventType.JOB_CANCELLED,
+}
 OUTPUT_TYPES = {EventType.OUTPUT_CREATED, EventType.OUTPUT_HELD, EventType.OUTPUT_DISCARDED}
-DISPATCH_TYPES = {EventType.DISPATCH_ATTEMPTED, EventType.DISPATCH_SUCCEEDED, EventType.DISPATCH_FAILED}
+DISPATCH_TYPES = {
+    EventType.DISPATCH_ATTEMPTED,
+    EventType.DISPATCH_SUCCEEDED,
+    EventType.DISPATCH_FAILED,
+}
 #: job.* payload ``kind`` of the jobs that send a series (node/pipeline/jobs.py JobKind.DISPATCH)
 DISPATCH_JOB_KIND = "dispatch"
 #: the job state each job event records (node/pipeline/jobs.py JobState)
@@ -427,15 +543,25 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
         for u in _uids(ev.payload.get("source_series_uids")):
             if u not in job["source_series_uids"]:
                 job["source_series_uids"].append(u)
-        job["model_id"] = ev.subject.get("model_id") or ev.payload.get("model_id") or job["model_id"]
+        job["model_id"] = (
+            ev.subject.get("model_id") or ev.payload.get("model_id") or job["model_id"]
+        )
         for k in ("model_version", "weights_sha256"):
             job[k] = ev.payload.get(k) or job[k]
         job["task"] = job["task"] or ev.payload.get("task")
         if ev.type in JOB_TYPES:
-            job["events"].append({"seq": e.seq, "type": ev.type.value, "time": format_time(ev.time),
-                                  **{k: ev.payload[k] for k in ("attempt", "worker", "weights_sha256",
-                                                                "seed", "device", "error")
-                                     if k in ev.payload}})
+            job["events"].append(
+                {
+                    "seq": e.seq,
+                    "type": ev.type.value,
+                    "time": format_time(ev.time),
+                    **{
+                        k: ev.payload[k]
+                        for k in ("attempt", "worker", "weights_sha256", "seed", "device", "error")
+                        if k in ev.payload
+                    },
+                }
+            )
         elif ev.type == EventType.OUTPUT_CREATED:
             series = ev.payload.get("output_series_uid") or ev.subject.get("series_uid")
             out = {"seq": e.seq, "series_uid": series,
@@ -482,7 +608,9 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
             out["dispatch_jobs"].append({k: d[k] for k in ("job_id", "destination", "state")})
             if d["destination"] is None:  # older ledgers: the destination is on the events
                 dests = {x["destination"] for x in out["dispatches"] if x["job_id"] == d["job_id"]}
-                out["dispatch_jobs"][-1]["destination"] = next(iter(dests)) if len(dests) == 1 else None
+                out["dispatch_jobs"][-1]["destination"] = (
+                    next(iter(dests)) if len(dests) == 1 else None
+                )
     return {"uid": uid, "sources": list(sources.values()), "jobs": list(jobs.values()),
             "unattached_dispatches": unattached, "entries": [e.seq for e in events]}
 
@@ -496,10 +624,9 @@ def parse_when(text: str | None) -> datetime | None:
     """``YYYY-MM-DD`` or ISO 8601 (naive = UTC) for ``audit query --since/--until``."""
     if not text:
         return None
-    from datetime import timezone
 
     t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def event_json(entry: StoredEntry) -> dict[str, Any]:
@@ -512,4 +639,6 @@ def event_json(entry: StoredEntry) -> dict[str, Any]:
 def write_path(path: Path | None) -> IO[str]:
     import sys
 
-    return sys.stdout if path is None or str(path) == "-" else Path(path).open("w", encoding="utf-8")
+    return (
+        sys.stdout if path is None or str(path) == "-" else Path(path).open("w", encoding="utf-8")
+    )

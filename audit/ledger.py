@@ -33,14 +33,22 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from audit import merkle
-from audit.events import Event, EventType, Outcome, event_from_leaf, event_refs, event_to_leaf, parse_time
+from audit.events import (
+    Event,
+    EventType,
+    Outcome,
+    event_from_leaf,
+    event_refs,
+    event_to_leaf,
+    parse_time,
+)
 from audit.tables import ledger_checkpoints, ledger_entries, ledger_head, ledger_refs
 
 log = logging.getLogger(__name__)
@@ -145,7 +153,9 @@ class Ledger:
         """
         return self.append_many([event], conn=conn)[0]
 
-    def append_many(self, events: Iterable[Event], conn: Connection | None = None) -> list[LedgerEntry]:
+    def append_many(
+        self, events: Iterable[Event], conn: Connection | None = None
+    ) -> list[LedgerEntry]:
         """Append several events as consecutive leaves, atomically.
 
         Without ``conn``, concurrent callers in this process are group-committed: one
@@ -192,8 +202,10 @@ class Ledger:
 
         cached = {
             "lock": q("UPDATE ledger_head SET size = size WHERE id = ? RETURNING size, frontier"),
-            "entry": q("INSERT INTO ledger_entries (seq, leaf_hash, data, event_type, time, actor, outcome) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)"),
+            "entry": q(
+                "INSERT INTO ledger_entries (seq, leaf_hash, data, event_type, time, actor, outcome) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)"
+            ),
             "node": q("INSERT INTO ledger_nodes (level, idx, hash) VALUES (?, ?, ?)"),
             "ref": q("INSERT INTO ledger_refs (seq, role, uid) VALUES (?, ?, ?)"),
             "head": q("UPDATE ledger_head SET size = ?, frontier = ? WHERE id = ?"),
@@ -224,7 +236,7 @@ class Ledger:
                 seq = size + i
                 nodes.extend(merkle.frontier_append(frontier, seq, p.leaf))
                 ev = p.event
-                t = ev.time.astimezone(timezone.utc)
+                t = ev.time.astimezone(UTC)
                 entries.append((seq, p.leaf, p.data, EventType(ev.type).value,
                                 t.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else t,
                                 ev.actor[:128], Outcome(ev.outcome).value))
@@ -235,7 +247,9 @@ class Ledger:
                 cur.executemany(sql["node"], nodes)
             if refs:
                 cur.executemany(sql["ref"], refs)
-            cur.execute(sql["head"], (size + len(prepared), merkle.pack_frontier(frontier), HEAD_ID))
+            cur.execute(
+                sql["head"], (size + len(prepared), merkle.pack_frontier(frontier), HEAD_ID)
+            )
         finally:
             cur.close()
         return out
@@ -246,7 +260,9 @@ class Ledger:
         if conn is None:
             with self.engine.connect() as c:
                 return self.size(c)
-        return int(conn.execute(select(ledger_head.c.size).where(ledger_head.c.id == HEAD_ID)).scalar_one())
+        return int(
+            conn.execute(select(ledger_head.c.size).where(ledger_head.c.id == HEAD_ID)).scalar_one()
+        )
 
     def head(self, conn: Connection | None = None) -> tuple[int, bytes]:
         """``(size, root)`` of the committed tree (from the head frontier)."""
@@ -322,8 +338,11 @@ class Ledger:
         if conn is None:
             with self.engine.connect() as c:
                 return self.entry(seq, c)
-        row = conn.execute(select(ledger_entries.c.seq, ledger_entries.c.leaf_hash, ledger_entries.c.data)
-                           .where(ledger_entries.c.seq == seq)).first()
+        row = conn.execute(
+            select(ledger_entries.c.seq, ledger_entries.c.leaf_hash, ledger_entries.c.data).where(
+                ledger_entries.c.seq == seq
+            )
+        ).first()
         if row is None:
             raise LedgerError(f"no ledger entry {seq}")
         return StoredEntry(int(row.seq), bytes(row.leaf_hash), bytes(row.data))
@@ -363,7 +382,9 @@ class Ledger:
         e = ledger_entries.c
         q = select(e.seq, e.leaf_hash, e.data).order_by(e.seq)
         if uids:
-            q = q.where(e.seq.in_(select(ledger_refs.c.seq).where(ledger_refs.c.uid.in_(list(uids)))))
+            q = q.where(
+                e.seq.in_(select(ledger_refs.c.seq).where(ledger_refs.c.uid.in_(list(uids))))
+            )
         if event_types:
             q = q.where(e.event_type.in_([EventType(t).value for t in event_types]))
         if actor:
@@ -409,7 +430,7 @@ def open_ledger(engine: Engine, **kwargs: Any):  # type: ignore[no-untyped-def]
 
 
 class _Pending:
-    __slots__ = ("prepared", "done", "result", "error")
+    __slots__ = ("done", "error", "prepared", "result")
 
     def __init__(self, prepared: Sequence[_Prepared]) -> None:
         self.prepared = prepared
@@ -493,7 +514,7 @@ class _GroupCommitter:
     def _commit(self, batch: list[_Pending]) -> None:
         try:
             res = self.ledger._commit_batch([p for it in batch for p in it.prepared])
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             if len(batch) == 1:
                 batch[0].error = exc
                 batch[0].done.set()

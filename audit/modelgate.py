@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("config.json", "MODEL_CARD.md")
 WEIGHTS_SUFFIX = ".safetensors"
-PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"})
+PICKLE_SUFFIXES = frozenset(
+    {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
+)
 MANIFEST_KEYS = ("model_id", "version", "task", "intended_use", "files")
 
 
@@ -188,9 +190,15 @@ def build_manifest(model_dir: Path, *, model_id: str, version: str, task: str,
     bad = [f for f in files if _is_pickle(f)]
     if bad:
         raise ModelRefused(model_id, f"pickle-based file(s) {bad}: convert to safetensors")
-    manifest = {"model_id": model_id, "version": version, "task": task,
-                "intended_use": intended_use,
-                "files": {f: hashlib.sha256(_read_nofollow(Path(model_dir) / f)).hexdigest() for f in files}}
+    manifest = {
+        "model_id": model_id,
+        "version": version,
+        "task": task,
+        "intended_use": intended_use,
+        "files": {
+            f: hashlib.sha256(_read_nofollow(Path(model_dir) / f)).hexdigest() for f in files
+        },
+    }
     validate_manifest(manifest)
     return manifest
 
@@ -220,7 +228,9 @@ def validate_manifest(m: Any, label: str = "?") -> dict[str, Any]:
         if rel.startswith("/") or ".." in rel.split("/") or rel == MANIFEST:
             raise ModelRefused(label, f"manifest path {rel!r} is not a plain relative path")
         if _is_pickle(rel):
-            raise ModelRefused(label, f"{rel} is a pickle-based format; only safetensors is allowed")
+            raise ModelRefused(
+                label, f"{rel} is a pickle-based format; only safetensors is allowed"
+            )
     for req in REQUIRED_FILES:
         if req not in files:
             raise ModelRefused(label, f"manifest does not list {req}")
@@ -296,14 +306,18 @@ class ModelGate:
         ledger actor for events this gate writes (``"component:modelgate"``, ``"user:alice"``).
     """
 
-    def __init__(self, ledger: Ledger, approvers: Sequence[Approver], actor: str = "component:modelgate") -> None:
+    def __init__(
+        self, ledger: Ledger, approvers: Sequence[Approver], actor: str = "component:modelgate"
+    ) -> None:
         self.ledger = ledger
         self.approvers = {a.key_id: a for a in approvers}
         self.actor = actor
 
     # -- ledger lookups --------------------------------------------------------------
     def _events(self, uid: str, types: Sequence[EventType]) -> list[Event]:
-        return [e.event for e in self.ledger.query(uids=[uid], event_types=[t.value for t in types])]
+        return [
+            e.event for e in self.ledger.query(uids=[uid], event_types=[t.value for t in types])
+        ]
 
     def revoked_keys(self) -> set[str]:
         return {str(e.subject.get("key_id")) for e in
@@ -340,18 +354,22 @@ class ModelGate:
         return "; ".join(reasons)
 
     # -- refusing ---------------------------------------------------------------------
-    def _refuse(self, label: str, reason: str, model_dir: Path, extra: dict[str, Any] | None = None) -> ModelRefused:
+    def _refuse(
+        self, label: str, reason: str, model_dir: Path, extra: dict[str, Any] | None = None
+    ) -> ModelRefused:
         subject = {"model_id": label}
         payload = {"reason": reason, "folder": Path(model_dir).name, **(extra or {})}
         try:
             self.ledger.append(Event(EventType.MODEL_REFUSED, self.actor, Outcome.SERIOUS_FAILURE,
                                      subject=subject, payload=payload))
-        except Exception:  # noqa: BLE001 - the refusal itself must still happen
+        except Exception:
             log.exception("could not record model.refused")
         log.warning("model %s refused: %s", label, reason)
         return ModelRefused(label, reason)
 
-    def _read_checked(self, model_dir: Path) -> tuple[dict[str, Any], str, dict[str, bytes], dict[str, str]]:
+    def _read_checked(
+        self, model_dir: Path
+    ) -> tuple[dict[str, Any], str, dict[str, bytes], dict[str, str]]:
         """Structure + byte checks; raises ModelRefused (without ledger event)."""
         model_dir = Path(model_dir)
         files_on_disk = scan_folder(model_dir)
@@ -410,7 +428,9 @@ class ModelGate:
             raise self._refuse(exc.model, exc.reason, model_dir) from None
         mid, ver = manifest["model_id"], manifest["version"]
         if self.is_revoked(mid, ver):
-            raise self._refuse(mid, f"version {ver} is revoked", model_dir, {"manifest_sha256": digest})
+            raise self._refuse(
+                mid, f"version {ver} is revoked", model_dir, {"manifest_sha256": digest}
+            )
         approval = self._valid_approval(manifest, digest)
         if isinstance(approval, str):
             raise self._refuse(mid, approval, model_dir, {"manifest_sha256": digest})
@@ -428,7 +448,9 @@ class ModelGate:
         """Like :meth:`load` (same checks and events); used by ``models verify``."""
         return self.load(model_dir)
 
-    def approve(self, model_dir: Path, key: Ed25519PrivateKey, approver_name: str | None = None) -> dict[str, Any]:
+    def approve(
+        self, model_dir: Path, key: Ed25519PrivateKey, approver_name: str | None = None
+    ) -> dict[str, Any]:
         """Sign the folder's manifest with ``key`` and record ``model.approved``.
 
         The folder must match its manifest byte for byte. The key should be a configured
@@ -449,13 +471,21 @@ class ModelGate:
         self.ledger.append(Event(EventType.MODEL_APPROVED, self.actor, subject={"model_id": mid},
                                  payload=payload))
         if kid not in self.approvers:
-            log.warning("approval by key %s recorded, but that key is not a configured approver", kid)
+            log.warning(
+                "approval by key %s recorded, but that key is not a configured approver", kid
+            )
         return payload
 
     def revoke(self, model_id: str, version: str, reason: str) -> None:
         """Revoke one model version (permanent; a ``model.revoked`` event)."""
-        self.ledger.append(Event(EventType.MODEL_REVOKED, self.actor, subject={"model_id": model_id},
-                                 payload={"version": version, "reason": reason}))
+        self.ledger.append(
+            Event(
+                EventType.MODEL_REVOKED,
+                self.actor,
+                subject={"model_id": model_id},
+                payload={"version": version, "reason": reason},
+            )
+        )
 
     def revoke_key(self, key_id: str, reason: str) -> None:
         """Revoke an approver key: its approvals stop counting (a ``key.revoked`` event)."""
@@ -476,7 +506,9 @@ class ModelGate:
         approval = self._valid_approval(manifest, digest)
         if isinstance(approval, str):
             return ModelStatus(model_dir, mid, ver, digest, "unapproved", approval)
-        return ModelStatus(model_dir, mid, ver, digest, "approved", f"by {approval[0].name} ({approval[1]})")
+        return ModelStatus(
+            model_dir, mid, ver, digest, "approved", f"by {approval[0].name} ({approval[1]})"
+        )
 
     @staticmethod
     def folders(models_dir: Path) -> list[Path]:

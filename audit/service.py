@@ -43,7 +43,7 @@ class AuditService:
                     self.checkpointer.checkpoint()
                 except LedgerError:
                     log.exception("checkpoint refused")
-                except Exception:  # noqa: BLE001 - keep the timer alive; the DB may be busy
+                except Exception:
                     log.exception("checkpoint failed")
 
         self._thread = threading.Thread(target=run, name="ledger-checkpoint", daemon=True)
@@ -57,7 +57,7 @@ class AuditService:
         self._thread = None
         try:
             self.checkpointer.checkpoint()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("final checkpoint failed")
 
 

@@ -54,7 +54,11 @@ class Problem:
     def __str__(self) -> str:
         where = ""
         if self.seq is not None:
-            where = f"entry {self.seq}" if self.last in (None, self.seq) else f"entries {self.seq}..{self.last}"
+            where = (
+                f"entry {self.seq}"
+                if self.last in (None, self.seq)
+                else f"entries {self.seq}..{self.last}"
+            )
             where += ": "
         return f"[{self.kind}] {where}{self.message}"
 
@@ -154,7 +158,11 @@ def _check_leaves(batches: Iterable[Batch], report: Report) -> bytearray:
             if b"".join(bytes(r[1]) for r in batch) != joined:
                 for r, lh in zip(batch, computed):
                     if bytes(r[1]) != lh:
-                        report.add(Problem("leaf", "stored leaf hash does not match the entry data", int(r[0])))
+                        report.add(
+                            Problem(
+                                "leaf", "stored leaf hash does not match the entry data", int(r[0])
+                            )
+                        )
             leaves += joined
             expected = last + 1
             continue
@@ -162,7 +170,14 @@ def _check_leaves(batches: Iterable[Batch], report: Report) -> bytearray:
             seq = int(r[0])
             if seq != expected:
                 if seq > expected:
-                    report.add(Problem("missing", f"entries {expected}..{seq - 1} are missing", expected, seq - 1))
+                    report.add(
+                        Problem(
+                            "missing",
+                            f"entries {expected}..{seq - 1} are missing",
+                            expected,
+                            seq - 1,
+                        )
+                    )
                 else:
                     report.add(Problem("order", f"entry {seq} appears out of order", seq))
                 expected = seq
@@ -188,16 +203,32 @@ def _check_checkpoint_notes(notes: list[tuple[str, str]], verifier: Verifier, le
         if cp.size in by_size and by_size[cp.size] != cp.root:
             report.add(Problem("fork", f"{where}: two different roots signed for size {cp.size}"))
         if cp.size < last_size:
-            report.add(Problem("checkpoint", f"{where}: size {cp.size} signed after size {last_size}"))
+            report.add(
+                Problem("checkpoint", f"{where}: size {cp.size} signed after size {last_size}")
+            )
         last_size = max(last_size, cp.size)
         by_size[cp.size] = cp.root
         if cp.size > levels.size:
-            report.add(Problem("truncated", f"{where}: checkpoint of size {cp.size} but the ledger has "
-                               f"{levels.size} entries (entries deleted)", levels.size, cp.size - 1))
+            report.add(
+                Problem(
+                    "truncated",
+                    f"{where}: checkpoint of size {cp.size} but the ledger has "
+                    f"{levels.size} entries (entries deleted)",
+                    levels.size,
+                    cp.size - 1,
+                )
+            )
             continue
         if levels.root(cp.size) != cp.root:
-            report.add(Problem("rewritten", f"{where}: root at size {cp.size} differs from the signed "
-                               "checkpoint (an entry in this range was changed)", prev_good, cp.size - 1))
+            report.add(
+                Problem(
+                    "rewritten",
+                    f"{where}: root at size {cp.size} differs from the signed "
+                    "checkpoint (an entry in this range was changed)",
+                    prev_good,
+                    cp.size - 1,
+                )
+            )
         else:
             prev_good = max(prev_good, cp.size)
     return by_size
@@ -225,10 +256,19 @@ def _verify(rows: Iterable[Batch], verifier: Verifier,
                 lo, hi = idx << level, ((idx + 1) << level) - 1
                 h = have.get(idx)
                 if h is None:
-                    report.add(Problem("node", f"node (level {level}, index {idx}) is missing", lo, hi))
+                    report.add(
+                        Problem("node", f"node (level {level}, index {idx}) is missing", lo, hi)
+                    )
                 elif h != want[idx * 32:(idx + 1) * 32]:
-                    report.add(Problem("node", f"stored node (level {level}, index {idx}) does not match "
-                                       "the hash of these entries", lo, hi))
+                    report.add(
+                        Problem(
+                            "node",
+                            f"stored node (level {level}, index {idx}) does not match "
+                            "the hash of these entries",
+                            lo,
+                            hi,
+                        )
+                    )
     if head is not None:
         hsize, frontier = head
         if hsize != n:
@@ -241,15 +281,23 @@ def _verify(rows: Iterable[Batch], verifier: Verifier,
                                  verifier, levels, report)
     for s, root, _ in db_notes:
         if db.get(s) not in (None, root):
-            report.add(Problem("checkpoint", f"database checkpoint {s}: root column differs from its note"))
+            report.add(
+                Problem("checkpoint", f"database checkpoint {s}: root column differs from its note")
+            )
     report.checkpoints = len(db_notes)
     if file_notes is not None:
-        fsigned = _check_checkpoint_notes([(f"checkpoint file note {i + 1}", t) for i, t in enumerate(file_notes)],
-                                          verifier, levels, report)
+        fsigned = _check_checkpoint_notes(
+            [(f"checkpoint file note {i + 1}", t) for i, t in enumerate(file_notes)],
+            verifier,
+            levels,
+            report,
+        )
         report.file_checkpoints = len(file_notes)
         for s, root in db.items():
             if s not in fsigned:
-                report.add(Problem("checkpoint", f"database checkpoint {s} is not in the checkpoint file"))
+                report.add(
+                    Problem("checkpoint", f"database checkpoint {s} is not in the checkpoint file")
+                )
             elif fsigned[s] != root:
                 report.add(Problem("fork", f"database and file disagree on the root of size {s}"))
     report.sort()
@@ -304,8 +352,10 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
         def entry_batches() -> Iterator[Batch]:
             cur = cursor()
             try:
-                cur.execute(f"SELECT seq, leaf_hash, data FROM ledger_entries WHERE seq < {ph} ORDER BY seq",
-                            (bound,))
+                cur.execute(
+                    f"SELECT seq, leaf_hash, data FROM ledger_entries WHERE seq < {ph} ORDER BY seq",
+                    (bound,),
+                )
                 while True:
                     rows = cur.fetchmany(batch)
                     if not rows:
@@ -318,8 +368,10 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
             cur = cursor()
             cols = "idx, hash" if with_idx else "hash"
             try:
-                cur.execute(f"SELECT {cols} FROM ledger_nodes WHERE level = {ph} AND idx < {ph} ORDER BY idx",
-                            (level, count))
+                cur.execute(
+                    f"SELECT {cols} FROM ledger_nodes WHERE level = {ph} AND idx < {ph} ORDER BY idx",
+                    (level, count),
+                )
                 rows = cur.fetchall()
                 return rows if with_idx else [bytes(r[0]) for r in rows]
             finally:
@@ -354,7 +406,10 @@ def _deep_rows(batches: Iterable[Batch], conn, ph: str, report: Report) -> Itera
             lo, hi = int(batch[0][0]), int(batch[-1][0])
             cur = dbapi.cursor()
             try:
-                cur.execute(f"SELECT seq, role, uid FROM ledger_refs WHERE seq >= {ph} AND seq <= {ph}", (lo, hi))
+                cur.execute(
+                    f"SELECT seq, role, uid FROM ledger_refs WHERE seq >= {ph} AND seq <= {ph}",
+                    (lo, hi),
+                )
                 stored: dict[int, set[tuple[str, str]]] = {}
                 for seq, role, uid in cur.fetchall():
                     stored.setdefault(int(seq), set()).add((role, uid))
@@ -366,7 +421,7 @@ def _deep_rows(batches: Iterable[Batch], conn, ph: str, report: Report) -> Itera
                     ev = event_from_leaf(data)
                     if event_to_leaf(ev) != data:
                         raise ValueError("leaf is not in canonical form")
-                except Exception as exc:  # noqa: BLE001 - any parse failure is a finding
+                except Exception as exc:
                     report.add(Problem("leaf", f"leaf data is not a canonical event: {exc}", seq))
                     continue
                 if set(event_refs(ev)) != stored.get(seq, set()):
@@ -390,7 +445,13 @@ def read_export(path: Path) -> tuple[dict, list[tuple[int, bytes, bytes]], list[
             elif "checkpoint" in obj:
                 notes.append(obj["checkpoint"])
             else:
-                rows.append((int(obj["seq"]), bytes.fromhex(obj["leaf_hash"]), base64.b64decode(obj["data"])))
+                rows.append(
+                    (
+                        int(obj["seq"]),
+                        bytes.fromhex(obj["leaf_hash"]),
+                        base64.b64decode(obj["data"]),
+                    )
+                )
     return header, rows, notes
 
 
@@ -410,13 +471,19 @@ def verify_export(path: Path, verifier: Verifier, checkpoint_file: Path | None =
         file_notes, _ = read_checkpoint_file(checkpoint_file)
     report = _verify([rows], verifier, db_notes, file_notes, Report())
     if int(header.get("size", report.size)) != report.size:
-        report.add(Problem("truncated", f"export header says {header['size']} entries, found {report.size}"))
+        report.add(
+            Problem(
+                "truncated", f"export header says {header['size']} entries, found {report.size}"
+            )
+        )
     report.elapsed_s = time.perf_counter() - t0
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m audit.verify", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m audit.verify", description=__doc__.split("\n\n")[0]
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--db", help="database URL (sqlite:///..., postgresql+psycopg://...)")
     src.add_argument("--export", type=Path, help="ledger export file (JSON lines)")
@@ -425,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--origin", help="key name / origin (needed with a PEM public key)")
     ap.add_argument("--checkpoints", type=Path, help="external checkpoint file to cross-check")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    ap.add_argument("--deep", action="store_true", help="also parse every leaf and check the UID index")
+    ap.add_argument(
+        "--deep", action="store_true", help="also parse every leaf and check the UID index"
+    )
     args = ap.parse_args(argv)
     try:
         verifier = load_verifier(args.pubkey, args.origin)

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     @model_validator(mode="after")
-    def _production_rules(self) -> "Settings":
+    def _production_rules(self) -> Settings:
         if self.environment == "production" and self.dimse.accept_any_calling_ae:
             raise ValueError(
                 "dimse.accept_any_calling_ae=true is allowed only with environment='development'"
@@ -131,7 +131,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigFileError(str(path), [ConfigError("<file>", "file not found")]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigFileError(str(path), [ConfigError("<file>", f"not valid TOML: {exc}")]) from None
+        raise ConfigFileError(
+            str(path), [ConfigError("<file>", f"not valid TOML: {exc}")]
+        ) from None
 
 
 def _errors(exc: ValidationError) -> list[ConfigError]:

@@ -100,7 +100,9 @@ def run_task(
     """
     from engine.tasks import execute
 
-    return execute(task, volume, model=model, params=params, seed=seed, device=device, options=options)
+    return execute(
+        task, volume, model=model, params=params, seed=seed, device=device, options=options
+    )
 
 
 def load_model(config: dict[str, Any], weights: bytes, weights_sha256: str) -> Any:

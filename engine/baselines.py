@@ -113,7 +113,7 @@ class HuLut:
 
     @classmethod
     def fit(cls, pairs: Iterable[tuple[np.ndarray, np.ndarray]], target: Intensity | str,
-            smooth_px: float = 1.0) -> "HuLut":
+            smooth_px: float = 1.0) -> HuLut:
         """Median MR per HU bin over ``(ct_hu, mr)`` training pairs (same shapes)."""
         hu_all, mr_all = [], []
         for ct, mr in pairs:
@@ -152,7 +152,7 @@ class HuLut:
                            "target": self.target.value, "smooth_px": self.smooth_px})
 
     @classmethod
-    def from_json(cls, text: str) -> "HuLut":
+    def from_json(cls, text: str) -> HuLut:
         d = json.loads(text)
         return cls(tuple(d["knots"]), tuple(d["values"]), Intensity(d["target"]),
                    float(d["smooth_px"]))

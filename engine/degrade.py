@@ -77,7 +77,9 @@ def _line_integrals(mu: np.ndarray, pixel_mm: float, theta: np.ndarray,
     mu = mu * _circle(n)
     if n > variance_size:
         f = variance_size / n
-        small = ndimage.zoom(mu, f, order=1, grid_mode=True, mode="nearest") * _circle(variance_size)
+        small = ndimage.zoom(mu, f, order=1, grid_mode=True, mode="nearest") * _circle(
+            variance_size
+        )
         p_small = radon(small, theta, circle=True) * (pixel_mm / f)
         x_small = (np.arange(p_small.shape[0]) + 0.5) / p_small.shape[0]
         x_full = (np.arange(n) + 0.5) / n
@@ -212,4 +214,6 @@ def measure(n: int = 3, sizes: tuple[int, ...] = (256, 512),
 
 if __name__ == "__main__":  # pragma: no cover - measurement entry point
     for r in measure():
-        print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+        print(
+            " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
+        )

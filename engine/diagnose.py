@@ -29,7 +29,10 @@ def raw_model_dir(run_dir: Path | str, model_dir: Path | str, dst: Path | str) -
     run_dir, model_dir, dst = Path(run_dir), Path(model_dir), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     t = load_file(str(run_dir / "checkpoint.safetensors"))
-    save_file({k[4:]: v.contiguous() for k, v in t.items() if k.startswith("net.")}, str(dst / "model.safetensors"))
+    save_file(
+        {k[4:]: v.contiguous() for k, v in t.items() if k.startswith("net.")},
+        str(dst / "model.safetensors"),
+    )
     shutil.copyfile(model_dir / "config.json", dst / "config.json")
     return dst
 
@@ -42,7 +45,9 @@ def diagnose(task: str, models: list[Path], raw: list[Path], n: int, size: int, 
     for i, r in enumerate(raw):
         cfg = json.loads((Path(r) / "checkpoint.json").read_text())
         mdir = Path(r).parent.parent / cfg["model_id"]
-        paths[f"{cfg['model_id']} raw step {cfg['step']} ({r})"] = raw_model_dir(r, mdir, tmp / f"raw{i}")
+        paths[f"{cfg['model_id']} raw step {cfg['step']} ({r})"] = raw_model_dir(
+            r, mdir, tmp / f"raw{i}"
+        )
     for m in models:
         paths[f"{Path(m).name} EMA ({m})"] = Path(m)
     if task == "ct_denoise":
@@ -56,18 +61,43 @@ def diagnose(task: str, models: list[Path], raw: list[Path], n: int, size: int, 
     for key, val in settings:
         methods: dict[str, Method]
         if task == "ct_denoise":
-            cases = phantom_cases(task, n, size=size, n_slices=n_slices, dose=float(val), split="val", start=500)
-            methods = {"NLM": baselines.nlm_ct(), **{k: model_method(p, task)[0] for k, p in paths.items()}}
+            cases = phantom_cases(
+                task, n, size=size, n_slices=n_slices, dose=float(val), split="val", start=500
+            )
+            methods = {
+                "NLM": baselines.nlm_ct(),
+                **{k: model_method(p, task)[0] for k, p in paths.items()},
+            }
         else:
-            cases = phantom_cases(task, n, size=size, n_slices=n_slices, target=str(val), split="val", start=500)
-            methods = {"HU lookup": luts[str(val)],
-                       **{k: model_method(p, task, params={"target": val})[0] for k, p in paths.items()}}
-        sec = run_section(f"{task} val {key} {val}", task, cases, methods, tmp / "pics", n_pictures=0)
+            cases = phantom_cases(
+                task, n, size=size, n_slices=n_slices, target=str(val), split="val", start=500
+            )
+            methods = {
+                "HU lookup": luts[str(val)],
+                **{k: model_method(p, task, params={"target": val})[0] for k, p in paths.items()},
+            }
+        sec = run_section(
+            f"{task} val {key} {val}", task, cases, methods, tmp / "pics", n_pictures=0
+        )
         for name in sec.per_case:
             mean = sec.mean(name)
-            row = {"task": task, key: val, "method": name,
-                   **{k: round(v, 4) for k, v in mean.items()
-                      if k in ("psnr", "ssim", "noise_sd", "lesion_contrast_ratio_ge5mm", "lesion_dice_ge5mm")}}
+            row = {
+                "task": task,
+                key: val,
+                "method": name,
+                **{
+                    k: round(v, 4)
+                    for k, v in mean.items()
+                    if k
+                    in (
+                        "psnr",
+                        "ssim",
+                        "noise_sd",
+                        "lesion_contrast_ratio_ge5mm",
+                        "lesion_dice_ge5mm",
+                    )
+                },
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -77,7 +107,9 @@ def main() -> None:  # pragma: no cover - measurement entry point
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("task", choices=["ct_denoise", "ct_to_mr"])
     ap.add_argument("--model", type=Path, action="append", default=[])
-    ap.add_argument("--raw", type=Path, action="append", default=[], help="training run folder (.runs/ID)")
+    ap.add_argument(
+        "--raw", type=Path, action="append", default=[], help="training run folder (.runs/ID)"
+    )
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--slices", type=int, default=1)

@@ -55,7 +55,15 @@ STRUCT_SIGMA, TEXTURE_SIGMA = 2.0, 1.5
 #: augmentation: SSIM to the input inside these tissues (labels), where the anatomy is low-contrast
 AUG_ROIS = {"brain": (Tissue.CSF, Tissue.GM, Tissue.WM), "liver": (Tissue.LIVER,)}
 #: tissues whose interiors count as "flat" for the residual-noise SD
-FLAT_TISSUES = (Tissue.FAT, Tissue.MUSCLE, Tissue.LIVER, Tissue.KIDNEY, Tissue.SPLEEN, Tissue.GM, Tissue.WM)
+FLAT_TISSUES = (
+    Tissue.FAT,
+    Tissue.MUSCLE,
+    Tissue.LIVER,
+    Tissue.KIDNEY,
+    Tissue.SPLEEN,
+    Tissue.GM,
+    Tissue.WM,
+)
 #: ROI SSIM of the restoration / CT->MR reports
 ROI_NAMES = {"liver": (Tissue.LIVER,), "brain": (Tissue.GM, Tissue.WM)}
 VESSEL = Tissue.VESSEL  # excluded from the lesion ring
@@ -67,7 +75,7 @@ AIR = Tissue.AIR  # outside the body
 CT_VISIBLE_HU = 10.0
 
 
-def _min_contrast(case: "Case") -> float:
+def _min_contrast(case: Case) -> float:
     """Reference lesions below this contrast do not set the false-lesion threshold: CT_VISIBLE_HU
     for CT references (engine.metrics.false_lesion_map), none for MR."""
     return CT_VISIBLE_HU if case.reference.intensity == Intensity.HU else 0.0
@@ -213,9 +221,15 @@ def score(case: Case, output: Volume) -> dict[str, float]:
         flat = M.flat_mask_from_labels(case.labels, FLAT_TISSUES)
     else:
         body = (ref > -500) if is_ct else (ref > 0.1 * np.percentile(ref, 99))
-        flat = (M.flat_mask_from_reference(ref) if is_ct
-                else M.flat_mask_from_reference(ref, (0.1 * float(np.percentile(ref, 99)), math.inf),
-                                                max_gradient=0.02 * float(np.percentile(ref, 99))))
+        flat = (
+            M.flat_mask_from_reference(ref)
+            if is_ct
+            else M.flat_mask_from_reference(
+                ref,
+                (0.1 * float(np.percentile(ref, 99)), math.inf),
+                max_gradient=0.02 * float(np.percentile(ref, 99)),
+            )
+        )
     res: dict[str, float] = {}
     if is_ct:
         res["psnr"] = M.psnr(ref, out, M.CT_RANGE)
@@ -239,11 +253,22 @@ def score(case: Case, output: Volume) -> dict[str, float]:
     if case.lesion_mask is not None and (case.lesion_mask > 0).any():
         excl = case.labels == VESSEL if case.labels is not None else None
         scores = M.lesion_scores(ref, out, case.lesion_mask, case.reference.spacing, exclude=excl)
-        for k, v in M.summarize_lesions(scores, visible_contrast=CT_VISIBLE_HU if is_ct else None).items():
+        for k, v in M.summarize_lesions(
+            scores, visible_contrast=CT_VISIBLE_HU if is_ct else None
+        ).items():
             res[f"lesion_{k}"] = v
-        res["false_lesions_per_slice"] = M.false_lesions(ref, out, case.lesion_mask, case.reference.spacing,
-                                                         body, excl, min_contrast=_min_contrast(case))
-        if case.input.intensity == Intensity.HU and not is_ct:  # CT->MR: can the CT show the lesion?
+        res["false_lesions_per_slice"] = M.false_lesions(
+            ref,
+            out,
+            case.lesion_mask,
+            case.reference.spacing,
+            body,
+            excl,
+            min_contrast=_min_contrast(case),
+        )
+        if (
+            case.input.intensity == Intensity.HU and not is_ct
+        ):  # CT->MR: can the CT show the lesion?
             ct_contrast = {s.index: s.contrast_ref for s in
                            M.lesion_scores(case.input.data, case.input.data, case.lesion_mask,
                                            case.reference.spacing, exclude=excl)}
@@ -282,7 +307,14 @@ LESION_RGB, FALSE_LESION_RGB = (0, 200, 0), (255, 40, 40)
 
 def _outline(mask: np.ndarray, tile: int) -> np.ndarray:
     """One-pixel outline of ``mask`` at ``tile`` x ``tile`` (nearest-neighbour resize)."""
-    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((tile, tile), Image.Resampling.NEAREST)) > 0
+    m = (
+        np.asarray(
+            Image.fromarray(mask.astype(np.uint8) * 255).resize(
+                (tile, tile), Image.Resampling.NEAREST
+            )
+        )
+        > 0
+    )
     return m & ~ndimage.binary_erosion(m)
 
 
@@ -318,12 +350,23 @@ def picture(case: Case, outputs: dict[str, Volume], path: Path, tile: int = 256)
         o = out.data[k]
         tiles = [_to_u8(case.input.data[k], in_lo, in_hi), _to_u8(o, ref_lo, ref_hi),
                  _to_u8(ref, ref_lo, ref_hi), _to_u8(o - ref, -span, span)]
-        rgb = [np.asarray(Image.fromarray(t).resize((tile, tile), Image.Resampling.LANCZOS).convert("RGB")).copy()
-               for t in tiles]
+        rgb = [
+            np.asarray(
+                Image.fromarray(t).resize((tile, tile), Image.Resampling.LANCZOS).convert("RGB")
+            ).copy()
+            for t in tiles
+        ]
         if les is not None:
             rgb[2][_outline(les[k] > 0, tile)] = LESION_RGB
-            fl = M.false_lesion_map(case.reference.data, out.data, les, case.reference.spacing, body, excl,
-                                    min_contrast=_min_contrast(case))
+            fl = M.false_lesion_map(
+                case.reference.data,
+                out.data,
+                les,
+                case.reference.spacing,
+                body,
+                excl,
+                min_contrast=_min_contrast(case),
+            )
             if fl is not None and fl[k].any():
                 rgb[1][_outline(fl[k] > 0, tile)] = FALSE_LESION_RGB
         for j, t in enumerate(rgb):
@@ -355,8 +398,12 @@ def lesion_picture(case: Case, outputs: dict[str, Volume], path: Path, max_lesio
     own = sorted(own, key=lambda s: s.diameter_mm)
     if len(own) > max_lesions:  # spread over the sizes, smallest and largest kept
         own = [own[round(i)] for i in np.linspace(0, len(own) - 1, max_lesions)]
-    ratios = {name: {s.index: s.contrast_ratio for s in M.lesion_scores(ref, out.data, les, sp, exclude=excl)}
-              for name, out in outputs.items()}
+    ratios = {
+        name: {
+            s.index: s.contrast_ratio for s in M.lesion_scores(ref, out.data, les, sp, exclude=excl)
+        }
+        for name, out in outputs.items()
+    }
     names = list(outputs)
     cols = ["input", *names, "reference"]
     head, foot = 30, 16
@@ -381,11 +428,20 @@ def lesion_picture(case: Case, outputs: dict[str, Volume], path: Path, max_lesio
         in_lo, in_hi = ((bg - w, bg + w) if same_units else
                         (float(np.percentile(in_img, 1)), float(np.percentile(in_img, 99)) + 1e-6))
         imgs = [(in_img, in_lo, in_hi, "")]
-        imgs += [(outputs[n].data[k][box], bg - w, bg + w, f"x{ratios[n].get(sc.index, math.nan):.2f}") for n in names]
-        imgs.append((ref[k][box], bg - w, bg + w, f"{sc.diameter_mm:.1f} mm, {sc.contrast_ref:+.0f}"))
+        imgs += [
+            (outputs[n].data[k][box], bg - w, bg + w, f"x{ratios[n].get(sc.index, math.nan):.2f}")
+            for n in names
+        ]
+        imgs.append(
+            (ref[k][box], bg - w, bg + w, f"{sc.diameter_mm:.1f} mm, {sc.contrast_ref:+.0f}")
+        )
         y0 = head + r * (tile + foot)
         for j, (img, lo, hi, label) in enumerate(imgs):
-            t = Image.fromarray(_to_u8(img, lo, hi)).resize((tile, tile), Image.Resampling.NEAREST).convert("RGB")
+            t = (
+                Image.fromarray(_to_u8(img, lo, hi))
+                .resize((tile, tile), Image.Resampling.NEAREST)
+                .convert("RGB")
+            )
             arr = np.asarray(t).copy()
             if j == len(imgs) - 1:
                 arr[_outline(m[k][box], tile)] = LESION_RGB
@@ -440,9 +496,14 @@ def run_section(title: str, task: str, cases: Sequence[Case], methods: dict[str,
 
 
 _COLUMNS = [
-    ("psnr", "PSNR dB", 2), ("ssim", "SSIM", 4), ("ssim_body", "SSIM body", 4),
-    ("mae_hu", "MAE HU", 1), ("mae", "MAE", 1), ("noise_sd", "noise SD", 1),
-    ("ssim_liver", "SSIM liver", 4), ("ssim_brain", "SSIM brain", 4),
+    ("psnr", "PSNR dB", 2),
+    ("ssim", "SSIM", 4),
+    ("ssim_body", "SSIM body", 4),
+    ("mae_hu", "MAE HU", 1),
+    ("mae", "MAE", 1),
+    ("noise_sd", "noise SD", 1),
+    ("ssim_liver", "SSIM liver", 4),
+    ("ssim_brain", "SSIM brain", 4),
     ("ssim_lesions", "SSIM lesions", 4),
     ("lesion_contrast_ratio", "lesion contrast ratio", 3),
     ("lesion_contrast_ratio_ge5mm", "contrast ratio >= 5 mm", 3),
@@ -452,15 +513,19 @@ _COLUMNS = [
     ("lesion_contrast_within_10pct_visible", "within 10 %, >= 10 HU lesions", 2),
     ("lesion_contrast_within_10pct_ge5mm_visible", "within 10 %, >= 10 HU, >= 5 mm", 2),
     ("lesion_contrast_within_10pct_lt5mm_visible", "within 10 %, >= 10 HU, < 5 mm", 2),
-    ("lesion_dice_ge5mm", "Dice >= 5 mm", 3), ("lesion_dice_lt5mm", "Dice < 5 mm", 3),
+    ("lesion_dice_ge5mm", "Dice >= 5 mm", 3),
+    ("lesion_dice_lt5mm", "Dice < 5 mm", 3),
     ("lesion_dice_ge5mm_ct_visible", "Dice >= 5 mm, CT-visible", 3),
     ("lesion_dice_ge5mm_ct_occult", "Dice >= 5 mm, CT-occult", 3),
     ("false_lesions_per_slice", "false lesions / slice", 2),
-    ("mae_to_input", "MAE to input HU", 1), ("ssim_to_input", "SSIM to input", 4),
-    ("ssim_to_input_brain", "SSIM to input, brain", 4), ("ssim_to_input_liver", "SSIM to input, liver", 4),
+    ("mae_to_input", "MAE to input HU", 1),
+    ("ssim_to_input", "SSIM to input", 4),
+    ("ssim_to_input_brain", "SSIM to input, brain", 4),
+    ("ssim_to_input_liver", "SSIM to input, liver", 4),
     ("variant_sd", "SD across variants HU", 1),
     ("structural_sd", "SD across variants, smoothed HU", 1),
-    ("body_dice", "body Dice", 4), ("bone_dice", "bone Dice", 4),
+    ("body_dice", "body Dice", 4),
+    ("bone_dice", "bone Dice", 4),
     ("texture_ratio", "texture ratio", 2),
     ("sec_per_slice", "s / slice", 3),
 ]
@@ -469,7 +534,9 @@ _COLUMNS = [
 def section_markdown(sec: Section) -> str:
     """Markdown table (means over cases) plus picture links."""
     means = {m: sec.mean(m) for m in sec.per_case}
-    cols = [c for c in _COLUMNS if any(c[0] in v and not math.isnan(v[c[0]]) for v in means.values())]
+    cols = [
+        c for c in _COLUMNS if any(c[0] in v and not math.isnan(v[c[0]]) for v in means.values())
+    ]
     n = len(next(iter(sec.per_case.values()))) if sec.per_case else 0
     lines = [f"## {sec.title}", "", sec.description, "", f"Mean over {n} case(s).", "",
              "| method | " + " | ".join(c[1] for c in cols) + " |",
@@ -575,7 +642,9 @@ def score_variants(case: Case, variants: Sequence[Volume]) -> dict[str, float]:
              "body_dice": M.dice(inp > BODY_HU, o > BODY_HU),
              "bone_dice": M.dice(bone_in, _smooth(o, 0.75) > BONE_HU),
              "texture_ratio": _texture_sd(o, flat) / tex_in if tex_in else math.nan}
-        if case.labels is not None:  # low-contrast anatomy: ventricles and grey / white matter, liver
+        if (
+            case.labels is not None
+        ):  # low-contrast anatomy: ventricles and grey / white matter, liver
             for name, tissues in AUG_ROIS.items():
                 roi = np.isin(case.labels, tissues)
                 r[f"ssim_to_input_{name}"] = float(smap[roi].mean()) if roi.any() else math.nan
@@ -584,8 +653,15 @@ def score_variants(case: Case, variants: Sequence[Volume]) -> dict[str, float]:
             scores = M.lesion_scores(ref, o, case.lesion_mask, case.reference.spacing, exclude=excl)
             for k, val in M.summarize_lesions(scores).items():
                 r[f"lesion_{k}"] = val
-            r["false_lesions_per_slice"] = M.false_lesions(ref, o, case.lesion_mask, case.reference.spacing,
-                                                           body, excl, min_contrast=_min_contrast(case))
+            r["false_lesions_per_slice"] = M.false_lesions(
+                ref,
+                o,
+                case.lesion_mask,
+                case.reference.spacing,
+                body,
+                excl,
+                min_contrast=_min_contrast(case),
+            )
         rows.append(r)
     res = {k: float(np.nanmean([r[k] for r in rows])) if any(not math.isnan(r[k]) for r in rows)
            else math.nan for k in rows[0]}
@@ -599,7 +675,9 @@ def score_variants(case: Case, variants: Sequence[Volume]) -> dict[str, float]:
     return res
 
 
-def variants_picture(case: Case, outputs: dict[str, list[Volume]], path: Path, tile: int = 256) -> Path:
+def variants_picture(
+    case: Case, outputs: dict[str, list[Volume]], path: Path, tile: int = 256
+) -> Path:
     """Grid PNG of the centre slice, one row per method: input | variant 1 | variant 2 |
     variant 1 - input | SD across variants (soft-tissue window; the difference is mid-grey at
     0 and saturates at +/- 100 HU, the SD is black at 0 and white at 100 HU)."""
@@ -618,11 +696,18 @@ def variants_picture(case: Case, outputs: dict[str, list[Volume]], path: Path, t
         y0 = head + r * (tile + head)
         draw.text((4, y0 + 2), name, fill=255, font=font)
         sl = [v.data[k] for v in vs]
-        tiles = [_to_u8(inp, lo, hi), _to_u8(sl[0], lo, hi),
-                 _to_u8(sl[1], lo, hi) if len(sl) > 1 else blank, _to_u8(sl[0] - inp, -100.0, 100.0),
-                 _to_u8(np.std(np.stack(sl), axis=0), 0.0, 100.0) if len(sl) > 1 else blank]
+        tiles = [
+            _to_u8(inp, lo, hi),
+            _to_u8(sl[0], lo, hi),
+            _to_u8(sl[1], lo, hi) if len(sl) > 1 else blank,
+            _to_u8(sl[0] - inp, -100.0, 100.0),
+            _to_u8(np.std(np.stack(sl), axis=0), 0.0, 100.0) if len(sl) > 1 else blank,
+        ]
         for j, t in enumerate(tiles):
-            canvas.paste(Image.fromarray(t).resize((tile, tile), Image.Resampling.LANCZOS), (j * tile, y0 + head))
+            canvas.paste(
+                Image.fromarray(t).resize((tile, tile), Image.Resampling.LANCZOS),
+                (j * tile, y0 + head),
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, optimize=True)
     return path
@@ -648,11 +733,21 @@ def run_augment_section(title: str, cases: Sequence[Case], methods: dict[str, Va
             row["sec_per_slice"] = dt / (case.input.data.shape[0] * len(vs))
             per_case.setdefault(name, []).append(row)
             outputs[name] = vs
-            log.info("%s %s %s: %s", title, case.name, name,
-                     {k: round(v, 3) for k, v in row.items() if k in ("mae_to_input", "structural_sd")})
+            log.info(
+                "%s %s %s: %s",
+                title,
+                case.name,
+                name,
+                {k: round(v, 3) for k, v in row.items() if k in ("mae_to_input", "structural_sd")},
+            )
         if ci < n_pictures:
-            pics.append(variants_picture(case, {k: v for k, v in outputs.items() if not k.startswith("input")}
-                                         or outputs, out_dir / f"{slug}_{ci}.png").name)
+            pics.append(
+                variants_picture(
+                    case,
+                    {k: v for k, v in outputs.items() if not k.startswith("input")} or outputs,
+                    out_dir / f"{slug}_{ci}.png",
+                ).name
+            )
     return Section(title, "augment", description, per_case, pics)
 
 
@@ -667,8 +762,16 @@ def dose_resimulation(n: int, dose: float = 0.5, seed: int = 0) -> VariantsMetho
     added = dose / (1.0 - dose)
 
     def run(v: Volume) -> list[Volume]:
-        return [Volume(np.asarray(low_dose_ct(v.data, v.spacing[1], added, seed=seed * 1000 + i), np.float32),
-                       v.spacing, v.intensity) for i in range(n)]
+        return [
+            Volume(
+                np.asarray(
+                    low_dose_ct(v.data, v.spacing[1], added, seed=seed * 1000 + i), np.float32
+                ),
+                v.spacing,
+                v.intensity,
+            )
+            for i in range(n)
+        ]
 
     return run
 

@@ -285,7 +285,9 @@ def false_lesions(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
                   exclude: np.ndarray | None = None, min_diameter_mm: float = 5.0,
                   min_contrast: float = 0.0) -> float:
     """False lesions per slice (:func:`false_lesion_map`); NaN without reference lesions."""
-    m = false_lesion_map(ref, out, lesion_mask, spacing, region, exclude, min_diameter_mm, min_contrast)
+    m = false_lesion_map(
+        ref, out, lesion_mask, spacing, region, exclude, min_diameter_mm, min_contrast
+    )
     if m is None:
         return math.nan
     return float(sum(int(sl.max()) for sl in m)) / m.shape[0]
@@ -309,7 +311,9 @@ def summarize_lesions(scores: list[LesionScore], min_diameter_mm: float = 5.0,
         return float(np.mean(v)) if v else math.nan
 
     def within(v: list[LesionScore]) -> float:
-        return mean([float(abs(s.contrast_ratio - 1) <= 0.1) for s in v if not math.isnan(s.contrast_ratio)])
+        return mean(
+            [float(abs(s.contrast_ratio - 1) <= 0.1) for s in v if not math.isnan(s.contrast_ratio)]
+        )
 
     res = {
         "lesions": float(len(scores)),
@@ -322,11 +326,17 @@ def summarize_lesions(scores: list[LesionScore], min_diameter_mm: float = 5.0,
     }
     if visible_contrast is not None:
         vis = [s for s in scores if abs(s.contrast_ref) >= visible_contrast]
-        res.update({
-            "n_visible": float(len(vis)),
-            "contrast_ratio_visible": mean([s.contrast_ratio for s in vis]),
-            "contrast_within_10pct_visible": within(vis),
-            "contrast_within_10pct_ge5mm_visible": within([s for s in vis if s.diameter_mm >= min_diameter_mm]),
-            "contrast_within_10pct_lt5mm_visible": within([s for s in vis if s.diameter_mm < min_diameter_mm]),
-        })
+        res.update(
+            {
+                "n_visible": float(len(vis)),
+                "contrast_ratio_visible": mean([s.contrast_ratio for s in vis]),
+                "contrast_within_10pct_visible": within(vis),
+                "contrast_within_10pct_ge5mm_visible": within(
+                    [s for s in vis if s.diameter_mm >= min_diameter_mm]
+                ),
+                "contrast_within_10pct_lt5mm_visible": within(
+                    [s for s in vis if s.diameter_mm < min_diameter_mm]
+                ),
+            }
+        )
     return res

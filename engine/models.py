@@ -63,7 +63,7 @@ class LoadedModel:
     def scheduler(self):  # a fresh scheduler per run: MONAI schedulers hold sampling state
         return build_scheduler(self.config)
 
-    def to(self, device: str) -> "LoadedModel":
+    def to(self, device: str) -> LoadedModel:
         if device != self._device:
             self.net.to(device)
             self._device = device
@@ -120,7 +120,12 @@ def load_model(config: dict[str, Any], weights: bytes, weights_sha256: str) -> L
     # forward on the 2-core bench machine (bench/results/engine_speed.md); on CUDA the layout
     # tensor cores prefer for bf16 (not measured here: no GPU was lent)
     net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (torch stubs lack the keyword)
-    log.info("loaded model %s %s (%d parameters)", config["model_id"], config["version"], count_parameters(net))
+    log.info(
+        "loaded model %s %s (%d parameters)",
+        config["model_id"],
+        config["version"],
+        count_parameters(net),
+    )
     return LoadedModel(copy.deepcopy(config), net, digest, count_parameters(net))
 
 

@@ -42,15 +42,15 @@ from monai.networks.schedulers import RFlowScheduler
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "in_out_channels",
-    "build_unet",
+    "PREDICTIONS",
     "build_scheduler",
-    "training_prediction",
+    "build_unet",
+    "count_parameters",
+    "dynamic_threshold",
+    "in_out_channels",
     "regression_predict",
     "rflow_sample",
-    "dynamic_threshold",
-    "count_parameters",
-    "PREDICTIONS",
+    "training_prediction",
 ]
 
 SUBBANDS_PER_LEVEL = 4
@@ -87,7 +87,11 @@ def build_unet(config: dict[str, Any]) -> DiffusionModelUNet:
     channels = tuple(int(c) for c in arch["channels"])
     attention = tuple(bool(a) for a in arch.get("attention_levels", [False] * len(channels)))
     nrb = arch.get("num_res_blocks", 1)
-    nrb = tuple(int(n) for n in nrb) if isinstance(nrb, (list, tuple)) else (int(nrb),) * len(channels)
+    nrb = (
+        tuple(int(n) for n in nrb)
+        if isinstance(nrb, (list, tuple))
+        else (int(nrb),) * len(channels)
+    )
     return DiffusionModelUNet(
         spatial_dims=2,
         in_channels=in_ch,
@@ -134,11 +138,18 @@ def training_prediction(
     """
     inferer = DiffusionInferer(scheduler)
     return inferer(
-        inputs=x0, diffusion_model=net, noise=noise, timesteps=timesteps, condition=cond, mode="concat"
+        inputs=x0,
+        diffusion_model=net,
+        noise=noise,
+        timesteps=timesteps,
+        condition=cond,
+        mode="concat",
     )
 
 
-def regression_predict(net: torch.nn.Module, cond: torch.Tensor, out_channels: int, t_max: int) -> torch.Tensor:
+def regression_predict(
+    net: torch.nn.Module, cond: torch.Tensor, out_channels: int, t_max: int
+) -> torch.Tensor:
     """One-step regressor: same UNet, zero target slot, timestep fixed at ``t_max``."""
     b, _, h, w = cond.shape
     slot = torch.zeros(b, out_channels, h, w, dtype=cond.dtype, device=cond.device)
@@ -175,7 +186,9 @@ def lowpass(x: torch.Tensor, sigma_px: tuple[float, float]) -> torch.Tensor:
     return separable_filtering(x, kernels, mode="replicate")
 
 
-def ilvr(x0: torch.Tensor, reference_low: torch.Tensor | float, sigma_px: tuple[float, float]) -> torch.Tensor:
+def ilvr(
+    x0: torch.Tensor, reference_low: torch.Tensor | float, sigma_px: tuple[float, float]
+) -> torch.Tensor:
     """ILVR guidance (Choi et al., ICCV 2021, "Iterative Latent Variable Refinement"), on the
     predicted clean image: its low-pass is replaced by the reference's, ``x0 - lp(x0) +
     lp(ref)`` (``reference_low`` = ``lp(ref)``, computed once). Structures coarser than the

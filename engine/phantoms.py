@@ -267,7 +267,12 @@ def _abdomen_labels(rng: np.random.Generator, size: int, z_mm: np.ndarray
     kid_off = rng.uniform(45, 60), rng.uniform(-8, 8), rng.uniform(24, 30), rng.uniform(33, 42)
     kid_rot = rng.uniform(0.2, 0.6)
     spl = rng.uniform(0.5, 0.7), rng.uniform(0.15, 0.45), rng.uniform(22, 32), rng.uniform(38, 55)
-    liv = rng.uniform(0.3, 0.4), rng.uniform(-0.1, 0.05), rng.uniform(0.5, 0.62), rng.uniform(0.7, 0.85)
+    liv = (
+        rng.uniform(0.3, 0.4),
+        rng.uniform(-0.1, 0.05),
+        rng.uniform(0.5, 0.62),
+        rng.uniform(0.7, 0.85),
+    )
     left_lobe = rng.uniform(0.4, 0.75)
     ao_r, ivc_a, ivc_b = rng.uniform(9, 13), rng.uniform(10, 14), rng.uniform(7, 10)
     vb_r = rng.uniform(16, 21)

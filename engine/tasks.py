@@ -37,23 +37,30 @@ import torch
 
 from engine.api import Intensity, Provenance, TaskResult, Volume
 from engine.models import LoadedModel
-from engine.nets import dynamic_threshold, ilvr, in_out_channels, lowpass, regression_predict, rflow_sample
+from engine.nets import (
+    dynamic_threshold,
+    ilvr,
+    in_out_channels,
+    lowpass,
+    regression_predict,
+    rflow_sample,
+)
 from engine.wavelet import dwt2, idwt2
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "TASKS",
-    "TaskSpec",
     "ParamSpec",
-    "TaskInputError",
     "RunOptions",
-    "validate_params",
+    "TaskInputError",
+    "TaskSpec",
     "check_input",
+    "context_stack",
+    "denormalise",
     "execute",
     "normalise",
-    "denormalise",
-    "context_stack",
+    "validate_params",
 ]
 
 MR_KINDS = (Intensity.MR, Intensity.MR_T1W, Intensity.MR_T2W)
@@ -83,14 +90,18 @@ class ParamSpec:
                     raise TaskInputError(f"parameter {name!r} must be an integer, got {value!r}")
             value = int(value)
         elif self.type is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            if isinstance(value, bool) or not isinstance(
+                value, (int, float, np.floating, np.integer)
+            ):
                 raise TaskInputError(f"parameter {name!r} must be a number, got {value!r}")
             value = float(value)
         elif self.type is str:
             if not isinstance(value, str):
                 raise TaskInputError(f"parameter {name!r} must be a string, got {value!r}")
         if self.choices is not None and value not in self.choices:
-            raise TaskInputError(f"parameter {name!r} must be one of {list(self.choices)}, got {value!r}")
+            raise TaskInputError(
+                f"parameter {name!r} must be one of {list(self.choices)}, got {value!r}"
+            )
         if self.minimum is not None and value < self.minimum:
             raise TaskInputError(f"parameter {name!r} must be >= {self.minimum}, got {value!r}")
         if self.maximum is not None and value > self.maximum:
@@ -116,7 +127,7 @@ class TaskSpec:
     description: str
     input_intensities: tuple[Intensity, ...]
     params: dict[str, ParamSpec]
-    run: Callable[["TaskSpec", LoadedModel, Volume, dict[str, Any], int, RunOptions], "_Run"]
+    run: Callable[[TaskSpec, LoadedModel, Volume, dict[str, Any], int, RunOptions], _Run]
     size_multiple: int = 16
     min_size: int = 16
     contract: dict[str, Any] = field(default_factory=dict)
@@ -218,7 +229,9 @@ def _dihedral(x: torch.Tensor, g: tuple[int, bool], inverse: bool = False) -> to
 def _ensemble(model: LoadedModel, params: dict[str, Any]) -> int:
     n = int(params.get("ensemble") or 1)
     if n > 1 and model.objective != "regression":
-        raise TaskInputError(f"ensemble applies to regression models; {model.model_id} is a {model.objective} model")
+        raise TaskInputError(
+            f"ensemble applies to regression models; {model.model_id} is a {model.objective} model"
+        )
     return n
 
 
@@ -230,10 +243,14 @@ def _sample_seeds(model: LoadedModel, params: dict[str, Any], seed: int) -> list
     """
     n = int(params.get("samples") or 1)
     if n > 1 and model.objective != "diffusion":
-        raise TaskInputError(f"samples applies to diffusion models; {model.model_id} is a {model.objective} model "
-                             "(its output is already a mean: see ensemble)")
-    return [int(seed)] + [int(np.random.SeedSequence([int(seed), j]).generate_state(1, dtype=np.uint32)[0])
-                          for j in range(1, n)]
+        raise TaskInputError(
+            f"samples applies to diffusion models; {model.model_id} is a {model.objective} model "
+            "(its output is already a mean: see ensemble)"
+        )
+    return [int(seed)] + [
+        int(np.random.SeedSequence([int(seed), j]).generate_state(1, dtype=np.uint32)[0])
+        for j in range(1, n)
+    ]
 
 
 #: ``sample_transforms`` "flips": sample j runs in the frame of ``SAMPLE_FLIPS[j % 4]`` (the
@@ -247,13 +264,22 @@ def _sample_frames(model: LoadedModel, params: dict[str, Any], n: int) -> list[t
     if mode == "none":
         return [DIHEDRAL[0]] * n
     if model.objective != "diffusion":
-        raise TaskInputError(f"sample_transforms applies to diffusion models; {model.model_id} is a "
-                             f"{model.objective} model (see ensemble)")
+        raise TaskInputError(
+            f"sample_transforms applies to diffusion models; {model.model_id} is a "
+            f"{model.objective} model (see ensemble)"
+        )
     return [SAMPLE_FLIPS[j % len(SAMPLE_FLIPS)] for j in range(n)]
 
 
-def _predict_mean(model: LoadedModel, cond: torch.Tensor | None, init: torch.Tensor | None, *,
-                  seeds: list[int], frames: list[tuple[int, bool]] | None = None, **kw: Any) -> torch.Tensor:
+def _predict_mean(
+    model: LoadedModel,
+    cond: torch.Tensor | None,
+    init: torch.Tensor | None,
+    *,
+    seeds: list[int],
+    frames: list[tuple[int, bool]] | None = None,
+    **kw: Any,
+) -> torch.Tensor:
     """:func:`_predict` once per seed, averaged (the mean of posterior samples moves a sampler
     towards the posterior mean, which PSNR rewards; cost x len(seeds)).
 
@@ -267,8 +293,17 @@ def _predict_mean(model: LoadedModel, cond: torch.Tensor | None, init: torch.Ten
         if g == DIHEDRAL[0]:
             y = _predict(model, cond, init, seed=s, **kw)
         else:
-            y = _dihedral(_predict(model, None if cond is None else _dihedral(cond, g),
-                                   None if init is None else _dihedral(init, g), seed=s, **kw), g, inverse=True)
+            y = _dihedral(
+                _predict(
+                    model,
+                    None if cond is None else _dihedral(cond, g),
+                    None if init is None else _dihedral(init, g),
+                    seed=s,
+                    **kw,
+                ),
+                g,
+                inverse=True,
+            )
         total = y if total is None else total + y
     assert total is not None
     return total / len(seeds)
@@ -362,14 +397,22 @@ def _predict(
         return xform
 
     # the 2.5D condition in pixels, for the flipped / rotated copies of the ensemble
-    ens_pix = (context_stack(cond, k) if model.objective == "regression" and ensemble > 1 and cond is not None
-               and not drop_condition else None)
+    ens_pix = (
+        context_stack(cond, k)
+        if model.objective == "regression"
+        and ensemble > 1
+        and cond is not None
+        and not drop_condition
+        else None
+    )
     outs = []
     with torch.inference_mode():
         for b0 in range(0, z, opts.batch_slices):
             sl = slice(b0, min(z, b0 + opts.batch_slices))
             c = cond_w[sl].to(device)
-            if ens_pix is not None:  # test-time ensemble: pixel-domain mean of the transformed predictions
+            if (
+                ens_pix is not None
+            ):  # test-time ensemble: pixel-domain mean of the transformed predictions
                 # image channels, not sub-bands (out_ch counts 4 Haar sub-bands per channel)
                 out = torch.zeros(sl.stop - sl.start, int(io["target_channels"]), h, w)
                 for g in DIHEDRAL[:ensemble]:
@@ -385,13 +428,23 @@ def _predict(
                 else:
                     n = noise[sl].to(device)
                     if init_w is not None and start < 1.0:
-                        t0 = torch.full((n.shape[0],), round(start * t_max), dtype=torch.long, device=device)
+                        t0 = torch.full(
+                            (n.shape[0],), round(start * t_max), dtype=torch.long, device=device
+                        )
                         x = scheduler.add_noise(init_w[sl].to(device), n, t0)
                     else:
                         x = n
                     with _autocast(device, opts):
-                        y = rflow_sample(model.net, scheduler, c, x, start if init_w is not None else 1.0,
-                                         steps, make_xform(sl), prediction=model.config.get("prediction", "velocity"))
+                        y = rflow_sample(
+                            model.net,
+                            scheduler,
+                            c,
+                            x,
+                            start if init_w is not None else 1.0,
+                            steps,
+                            make_xform(sl),
+                            prediction=model.config.get("prediction", "velocity"),
+                        )
                 out = idwt2(y.float()).cpu()
             if guide_sigma is not None and model.objective == "regression":
                 ref_low = reference_low(sl)
@@ -404,7 +457,9 @@ def _predict(
 
 
 # --------------------------------------------------------------------------- validation
-def validate_params(spec: TaskSpec, params: dict[str, Any] | None, model: LoadedModel) -> dict[str, Any]:
+def validate_params(
+    spec: TaskSpec, params: dict[str, Any] | None, model: LoadedModel
+) -> dict[str, Any]:
     """Check ``params`` against the task contract; fill defaults (task, then model config)."""
     params = dict(params or {})
     unknown = sorted(set(params) - set(spec.params))
@@ -425,7 +480,9 @@ def validate_params(spec: TaskSpec, params: dict[str, Any] | None, model: Loaded
 def check_input(spec: TaskSpec, volume: Volume, model: LoadedModel) -> None:
     """Raise :class:`TaskInputError` unless volume and model satisfy the task contract."""
     if spec.name not in model.tasks:
-        raise TaskInputError(f"model {model.model_id} is not made for task {spec.name} (it serves {model.tasks})")
+        raise TaskInputError(
+            f"model {model.model_id} is not made for task {spec.name} (it serves {model.tasks})"
+        )
     if volume.intensity not in spec.input_intensities:
         raise TaskInputError(
             f"{spec.name} needs intensity in {[i.value for i in spec.input_intensities]}, got {volume.intensity.value}"
@@ -438,7 +495,9 @@ def check_input(spec: TaskSpec, volume: Volume, model: LoadedModel) -> None:
         raise TaskInputError("volume has no slices")
     for n, v in (("rows", y), ("columns", x)):
         if v < spec.min_size or v % spec.size_multiple:
-            raise TaskInputError(f"{spec.name}: {n}={v} must be >= {spec.min_size} and divisible by {spec.size_multiple}")
+            raise TaskInputError(
+                f"{spec.name}: {n}={v} must be >= {spec.min_size} and divisible by {spec.size_multiple}"
+            )
     if not np.all(np.isfinite(data)):
         raise TaskInputError("volume contains NaN or infinite values")
     norm_in = model.config["normalisation"]["input"]["kind"]
@@ -469,13 +528,25 @@ def _restore(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
     steps = 1 if model.objective == "regression" else int(params["steps"])
     t_hi = float(model.config.get("train_t_max", 1.0))
     if model.objective != "regression" and float(params["strength"]) > t_hi + 1e-9:
-        raise TaskInputError(f"strength {params['strength']} is above {model.model_id}'s train_t_max {t_hi} "
-                             "(noise levels the model never saw)")
+        raise TaskInputError(
+            f"strength {params['strength']} is above {model.model_id}'s train_t_max {t_hi} "
+            "(noise levels the model never saw)"
+        )
     seeds = _sample_seeds(model, params, seed)
     frames = _sample_frames(model, params, len(seeds))
-    y = _predict_mean(model, t, t, seeds=seeds, frames=frames, start=float(params["strength"]), steps=steps,
-                      opts=opts, threshold=_threshold(params), ensemble=_ensemble(model, params),
-                      guide_sigma=_guide_sigma(params, vol))
+    y = _predict_mean(
+        model,
+        t,
+        t,
+        seeds=seeds,
+        frames=frames,
+        start=float(params["strength"]),
+        steps=steps,
+        opts=opts,
+        threshold=_threshold(params),
+        ensemble=_ensemble(model, params),
+        guide_sigma=_guide_sigma(params, vol),
+    )
     out_spec = norm.get("output", norm["input"])
     data = denormalise(y[:, 0].numpy(), out_spec, state)
     return _Run([Volume(data, vol.spacing, vol.intensity)], steps,
@@ -503,7 +574,11 @@ def _ct_to_mr(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str,
     # (shipped ct-to-mr-wreg: down to -77 on the 512 px abdomen phantom), clamped here
     data = np.maximum(data, 0.0).astype(np.float32, copy=False)
     intensity = Intensity.MR_T1W if target == "t1w" else Intensity.MR_T2W
-    return _Run([Volume(data, vol.spacing, intensity)], steps, {"target": target, **_seeds_record(seeds, frames)})
+    return _Run(
+        [Volume(data, vol.spacing, intensity)],
+        steps,
+        {"target": target, **_seeds_record(seeds, frames)},
+    )
 
 
 def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, Any], seed: int,
@@ -516,34 +591,67 @@ def _augment(spec: TaskSpec, model: LoadedModel, vol: Volume, params: dict[str, 
     out_spec = norm.get("output", norm["input"])
     guide = _guide_sigma(params, vol)
     outs = []
-    seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(int(params["n"]), dtype=np.uint32)]
+    seeds = [
+        int(s)
+        for s in np.random.SeedSequence(seed).generate_state(int(params["n"]), dtype=np.uint32)
+    ]
     for s in seeds:
-        y = _predict(model, t, t, start=float(params["strength"]), steps=int(params["steps"]), seed=s, opts=opts,
-                     threshold=_threshold(params), drop_condition=True, guide_sigma=guide)
-        outs.append(Volume(denormalise(y[:, 0].numpy(), out_spec, state), vol.spacing, vol.intensity))
+        y = _predict(
+            model,
+            t,
+            t,
+            start=float(params["strength"]),
+            steps=int(params["steps"]),
+            seed=s,
+            opts=opts,
+            threshold=_threshold(params),
+            drop_condition=True,
+            guide_sigma=guide,
+        )
+        outs.append(
+            Volume(denormalise(y[:, 0].numpy(), out_spec, state), vol.spacing, vol.intensity)
+        )
     return _Run(outs, int(params["steps"]), {"variant_seeds": seeds})
 
 
-_STRENGTH_HELP = ("start time of the flow (fraction of T); 1 = from pure noise conditioned on the received "
-                  "image; at most the model's train_t_max")
-_THR = ParamSpec(float, 0.995, 0.0, 1.0, help="dynamic-threshold percentile of |x0| per slice; 0 = off")
-_KEEP_RESTORE = ParamSpec(float, None, 0.0, 50.0,
-                          help="low-frequency fidelity: the output keeps the received image's Gaussian "
-                               "low-pass of this sigma (mm), which a regressor shrinks at low-contrast "
-                               "lesions; a regressor applies it once, a diffusion model at every step "
-                               "(ILVR); default from the model config, else 0 = off")
+_STRENGTH_HELP = (
+    "start time of the flow (fraction of T); 1 = from pure noise conditioned on the received "
+    "image; at most the model's train_t_max"
+)
+_THR = ParamSpec(
+    float, 0.995, 0.0, 1.0, help="dynamic-threshold percentile of |x0| per slice; 0 = off"
+)
+_KEEP_RESTORE = ParamSpec(
+    float,
+    None,
+    0.0,
+    50.0,
+    help="low-frequency fidelity: the output keeps the received image's Gaussian "
+    "low-pass of this sigma (mm), which a regressor shrinks at low-contrast "
+    "lesions; a regressor applies it once, a diffusion model at every step "
+    "(ILVR); default from the model config, else 0 = off",
+)
 _ENS = ParamSpec(int, None, 1, 8, choices=(1, 2, 4, 8),
                  help="regression models: average over this many flips / rotations of the slice "
                       "(1 = off; default from the model config, else 1); cost x ensemble")
-_SAMPLES = ParamSpec(int, None, 1, 8,
-                     help="diffusion models: the output is the mean of this many posterior samples "
-                          "(each its own noise; 1 = one sample; default from the model config, else 1); "
-                          "cost x samples")
-_SAMPLE_TRANSFORMS = ParamSpec(str, None, choices=("none", "flips"),
-                               help="diffusion models with samples > 1: 'flips' runs sample j on the "
-                                    "slices flipped left-right / rotated 180 degrees / both (in turn) and "
-                                    "turns its output back, so the mean also averages orientation errors "
-                                    "(no extra cost); default from the model config, else 'none'")
+_SAMPLES = ParamSpec(
+    int,
+    None,
+    1,
+    8,
+    help="diffusion models: the output is the mean of this many posterior samples "
+    "(each its own noise; 1 = one sample; default from the model config, else 1); "
+    "cost x samples",
+)
+_SAMPLE_TRANSFORMS = ParamSpec(
+    str,
+    None,
+    choices=("none", "flips"),
+    help="diffusion models with samples > 1: 'flips' runs sample j on the "
+    "slices flipped left-right / rotated 180 degrees / both (in turn) and "
+    "turns its output back, so the mean also averages orientation errors "
+    "(no extra cost); default from the model config, else 'none'",
+)
 
 TASKS: dict[str, TaskSpec] = {
     "ct_denoise": TaskSpec(
@@ -591,8 +699,10 @@ TASKS: dict[str, TaskSpec] = {
             "sample_transforms": _SAMPLE_TRANSFORMS,
         },
         _ct_to_mr,
-        contract={"output_intensity": "MR_T1W or MR_T2W in the phantom's arbitrary units, "
-                                      ">= 0 (magnitude; negative network output clamped to 0)"},
+        contract={
+            "output_intensity": "MR_T1W or MR_T2W in the phantom's arbitrary units, "
+            ">= 0 (magnitude; negative network output clamped to 0)"
+        },
     ),
     "augment": TaskSpec(
         "augment",
@@ -600,12 +710,19 @@ TASKS: dict[str, TaskSpec] = {
         (Intensity.HU, *MR_KINDS),
         {
             "n": ParamSpec(int, 4, 1, 32, help="number of variants"),
-            "strength": ParamSpec(float, 0.35, 0.05, 0.6, help="partial-noising strength (start time)"),
+            "strength": ParamSpec(
+                float, 0.35, 0.05, 0.6, help="partial-noising strength (start time)"
+            ),
             "steps": ParamSpec(int, 4, 1, 8, help="denoising steps (3-5 recommended)"),
-            "keep_sigma_mm": ParamSpec(float, 0.0, 0.0, 50.0,
-                                       help="ILVR guidance: at every step the variant keeps the received "
-                                            "image's Gaussian low-pass of this sigma (mm), so anatomy coarser "
-                                            "than ~2 sigma is the received anatomy; 0 = off"),
+            "keep_sigma_mm": ParamSpec(
+                float,
+                0.0,
+                0.0,
+                50.0,
+                help="ILVR guidance: at every step the variant keeps the received "
+                "image's Gaussian low-pass of this sigma (mm), so anatomy coarser "
+                "than ~2 sigma is the received anatomy; 0 = off",
+            ),
             "threshold_percentile": _THR,
         },
         _augment,
@@ -641,8 +758,16 @@ def default_batch_slices(device: str, rows: int, columns: int) -> int:
     return max(1, CPU_BATCH_PIXELS // max(1, rows * columns))
 
 
-def execute(task: str, volume: Volume, *, model: LoadedModel, params: dict[str, Any] | None, seed: int,
-            device: str | None = None, options: Any = None) -> TaskResult:
+def execute(
+    task: str,
+    volume: Volume,
+    *,
+    model: LoadedModel,
+    params: dict[str, Any] | None,
+    seed: int,
+    device: str | None = None,
+    options: Any = None,
+) -> TaskResult:
     """Validate and run ``task`` (see :func:`engine.api.run_task`)."""
     spec = TASKS.get(task)
     if spec is None:
@@ -664,7 +789,14 @@ def execute(task: str, volume: Volume, *, model: LoadedModel, params: dict[str, 
     t0 = time.perf_counter()
     run = spec.run(spec, model, volume, p, int(seed), opts)
     seconds = time.perf_counter() - t0
-    log.info("task %s model %s: %d slice(s) in %.2f s on %s", task, model.model_id, volume.data.shape[0], seconds, dev)
+    log.info(
+        "task %s model %s: %d slice(s) in %.2f s on %s",
+        task,
+        model.model_id,
+        volume.data.shape[0],
+        seconds,
+        dev,
+    )
     prov = Provenance(
         task=task,
         model_id=model.model_id,

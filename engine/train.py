@@ -59,8 +59,17 @@ from engine.wavelet import dwt2, idwt2
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "PRESETS", "model_config", "prepare_data", "train", "write_model_card", "average_models",
-           "make_batch", "DATA_VERSION"]
+__all__ = [
+    "DATA_VERSION",
+    "PRESETS",
+    "TrainConfig",
+    "average_models",
+    "make_batch",
+    "model_config",
+    "prepare_data",
+    "train",
+    "write_model_card",
+]
 
 DATA_VERSION = 1
 CT_SCALE = 1000.0  # HU / 1000
@@ -74,13 +83,23 @@ OWN_TEXTURE = {"blur_lo": 0.5, "blur_hi": 2.0, "sd_lo": 2.0, "sd_hi": 30.0}
 # pixel-sharp shapes pasted into a CT restoration pair (make_batch ``sharp_shapes``): 1-6
 # ellipses per crop, semi-axes U(r_lo, r_hi) px, no anti-aliasing, the same in the 3 slices;
 # inside, the image is set to air (-1000 HU) with probability p_air, else to U(hu_lo, hu_hi)
-SHARP_SHAPES = {"n_lo": 1, "n_hi": 6, "r_lo": 0.7, "r_hi": 6.0, "p_air": 0.5, "hu_lo": -300.0, "hu_hi": 1200.0}
+SHARP_SHAPES = {
+    "n_lo": 1,
+    "n_hi": 6,
+    "r_lo": 0.7,
+    "r_hi": 6.0,
+    "p_air": 0.5,
+    "hu_lo": -300.0,
+    "hu_hi": 1200.0,
+}
 # MR restoration, the real-scan protocol (make_batch ``own_noise``): the target is an
 # "acquired" image: the clean phantom times (1 + a correlated texture of relative SD
 # U(0, tex_sd_hi), Gaussian blur U(blur_lo, blur_hi) px) with its own Rician noise at SNR
 # U(snr_lo, snr_hi); the input adds Rician noise at the training SNR on top of it
 MR_OWN_NOISE = {"snr_lo": 25.0, "snr_hi": 80.0, "tex_sd_hi": 0.05, "blur_lo": 0.5, "blur_hi": 2.0}
-TRAIN_ANGLES = 180  # views for training-data low dose up to 256 px (I0 is scaled by degrade; see docs)
+TRAIN_ANGLES = (
+    180  # views for training-data low dose up to 256 px (I0 is scaled by degrade; see docs)
+)
 
 
 def _own_texture(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -93,8 +112,12 @@ def _own_texture(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     k = torch.exp(-0.5 * (x / sig) ** 2)
     k = k / k.sum()
     n = torch.randn((shape[0], 1, shape[1], shape[2]), generator=gen)
-    n = torch.nn.functional.conv2d(torch.nn.functional.pad(n, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    n = torch.nn.functional.conv2d(torch.nn.functional.pad(n, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    n = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(n, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1)
+    )
+    n = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(n, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1)
+    )
     n = n[:, 0]
     return n / n.std().clamp_min(1e-8) * sd
 
@@ -102,8 +125,11 @@ def _own_texture(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 def _sharp_shapes(crop: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
     """Mask ``(crop, crop)`` of pixel-sharp ellipses and the HU value inside (``SHARP_SHAPES``)."""
     o = SHARP_SHAPES
-    yy, xx = torch.meshgrid(torch.arange(crop, dtype=torch.float32), torch.arange(crop, dtype=torch.float32),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(crop, dtype=torch.float32),
+        torch.arange(crop, dtype=torch.float32),
+        indexing="ij",
+    )
     mask = torch.zeros((crop, crop), dtype=torch.bool)
     n = int(torch.randint(o["n_lo"], o["n_hi"] + 1, (), generator=gen))
     for _ in range(n):
@@ -116,7 +142,11 @@ def _sharp_shapes(crop: int, gen: torch.Generator) -> tuple[torch.Tensor, float]
         v = -(yy - cy) * s_ + (xx - cx) * c
         mask |= (u / a) ** 2 + (v / b) ** 2 <= 1.0
     air = torch.rand((), generator=gen).item() < o["p_air"]
-    val = -1000.0 if air else o["hu_lo"] + (o["hu_hi"] - o["hu_lo"]) * torch.rand((), generator=gen).item()
+    val = (
+        -1000.0
+        if air
+        else o["hu_lo"] + (o["hu_hi"] - o["hu_lo"]) * torch.rand((), generator=gen).item()
+    )
     return mask, val
 
 
@@ -131,9 +161,17 @@ def train_angles(size: int) -> int:
 PRESETS: dict[str, dict[str, Any]] = {
     "ct_denoise": {
         "tasks": ["ct_denoise"],
-        "io": {"target_channels": 1, "cond_channels": 1, "context_slices": 1, "target_names": ["ct"],
-               "residual_scale": 50.0},
-        "normalisation": {"input": {"kind": "hu", "scale": CT_SCALE}, "output": {"kind": "hu", "scale": CT_SCALE}},
+        "io": {
+            "target_channels": 1,
+            "cond_channels": 1,
+            "context_slices": 1,
+            "target_names": ["ct"],
+            "residual_scale": 50.0,
+        },
+        "normalisation": {
+            "input": {"kind": "hu", "scale": CT_SCALE},
+            "output": {"kind": "hu", "scale": CT_SCALE},
+        },
         "sampling": {"ct_denoise": {"steps": 2, "strength": 0.3}},
         "p_uncond": 0.0,
         "train_t_max": 0.6,
@@ -143,8 +181,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # also an unconditional denoiser of partially noised CT (SDEdit variants)
     "ct_augment": {
         "tasks": ["augment"],
-        "io": {"target_channels": 1, "cond_channels": 1, "context_slices": 1, "target_names": ["ct"]},
-        "normalisation": {"input": {"kind": "hu", "scale": CT_SCALE}, "output": {"kind": "hu", "scale": CT_SCALE}},
+        "io": {
+            "target_channels": 1,
+            "cond_channels": 1,
+            "context_slices": 1,
+            "target_names": ["ct"],
+        },
+        "normalisation": {
+            "input": {"kind": "hu", "scale": CT_SCALE},
+            "output": {"kind": "hu", "scale": CT_SCALE},
+        },
         "sampling": {"augment": {"steps": 4, "strength": 0.35}},
         "p_uncond": 0.15,
         "train_t_max": 0.6,
@@ -152,20 +198,35 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "mr_denoise": {
         "tasks": ["mr_denoise"],
-        "io": {"target_channels": 1, "cond_channels": 1, "context_slices": 1, "target_names": ["mr"],
-               "residual_scale": 10.0},
-        "normalisation": {"input": {"kind": "percentile", "q": 0.995}, "output": {"kind": "percentile", "q": 0.995}},
+        "io": {
+            "target_channels": 1,
+            "cond_channels": 1,
+            "context_slices": 1,
+            "target_names": ["mr"],
+            "residual_scale": 10.0,
+        },
+        "normalisation": {
+            "input": {"kind": "percentile", "q": 0.995},
+            "output": {"kind": "percentile", "q": 0.995},
+        },
         "sampling": {"mr_denoise": {"steps": 2, "strength": 0.3}},
         "p_uncond": 0.0,
         "train_t_max": 0.6,
     },
     "ct_to_mr": {
         "tasks": ["ct_to_mr"],
-        "io": {"target_channels": 2, "cond_channels": 1, "context_slices": 1, "target_names": ["t1w", "t2w"]},
+        "io": {
+            "target_channels": 2,
+            "cond_channels": 1,
+            "context_slices": 1,
+            "target_names": ["t1w", "t2w"],
+        },
         "normalisation": {
             "input": {"kind": "hu", "scale": CT_SCALE},
-            "output": {"t1w": {"kind": "fixed", "scale": MR_TARGET_SCALE},
-                       "t2w": {"kind": "fixed", "scale": MR_TARGET_SCALE}},
+            "output": {
+                "t1w": {"kind": "fixed", "scale": MR_TARGET_SCALE},
+                "t2w": {"kind": "fixed", "scale": MR_TARGET_SCALE},
+            },
         },
         "sampling": {"ct_to_mr": {"steps": 6}},
         "p_uncond": 0.0,
@@ -202,7 +263,9 @@ class TrainConfig:
     n_train: int = 96
     size: int = 256
     data_seed_split: str = "train"
-    architecture: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_ARCH)))
+    architecture: dict[str, Any] = field(
+        default_factory=lambda: json.loads(json.dumps(DEFAULT_ARCH))
+    )
     model_id: str | None = None
     version: str = "1.0.0"
     log_every: int = 25
@@ -267,8 +330,12 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"prediction must be one of {PREDICTIONS}")
     if tc.prediction != "velocity" and tc.objective != "diffusion":
         raise ValueError("prediction applies to the diffusion objective")
-    if tc.ssim_weight and (tc.task != "ct_to_mr" or not (tc.objective == "regression" or tc.prediction == "x0")):
-        raise ValueError("ssim_weight applies to ct_to_mr regression or x0-prediction diffusion only")
+    if tc.ssim_weight and (
+        tc.task != "ct_to_mr" or not (tc.objective == "regression" or tc.prediction == "x0")
+    ):
+        raise ValueError(
+            "ssim_weight applies to ct_to_mr regression or x0-prediction diffusion only"
+        )
     if tc.train_t_max is not None:
         if not 0.0 < tc.train_t_max <= 1.0:
             raise ValueError("train_t_max must be in (0, 1]")
@@ -289,8 +356,10 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
                 raise ValueError(f"sampling: unknown parameter(s) for {t}: {unknown}")
             vals = {k: spec.params[k].coerce(k, v) for k, v in tc.sampling.items()}
             if "strength" in vals and vals["strength"] > p["train_t_max"] + 1e-9:
-                raise ValueError(f"sampling strength {vals['strength']} is above train_t_max {p['train_t_max']}: "
-                                 "the model never saw such noise levels")
+                raise ValueError(
+                    f"sampling strength {vals['strength']} is above train_t_max {p['train_t_max']}: "
+                    "the model never saw such noise levels"
+                )
             p["sampling"][t] = {**p["sampling"].get(t, {}), **vals}
     cfg_pred = {"prediction": tc.prediction} if tc.objective == "diffusion" else {}
     return {
@@ -302,7 +371,11 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
         "objective": tc.objective,
         "architecture": tc.architecture,
         "io": p["io"],
-        "scheduler": {"kind": "RFlowScheduler", "num_train_timesteps": 1000, "sample_method": "uniform"},
+        "scheduler": {
+            "kind": "RFlowScheduler",
+            "num_train_timesteps": 1000,
+            "sample_method": "uniform",
+        },
         "normalisation": p["normalisation"],
         "sampling": {**p["sampling"], "threshold_floor": 1.0},
         "input_contract": {t: TASKS[t].describe() for t in tasks},
@@ -332,10 +405,22 @@ def prepare_data(path: Path | str, n: int, size: int = 256, split: str = "train"
     arrs: dict[str, list[np.ndarray]] = {k: [] for k in ("ct", "ld", "nd", "t1w", "t2w")}
     les: list[np.ndarray] = []
     doses, seeds, kinds = [], [], []
-    for i, s in enumerate(phantoms.iter_dataset(split, n, size=size, n_slices=3, kind="mixed", start=start,
-                                                mr_snr=None, bias_strength=0.0)):
+    for i, s in enumerate(
+        phantoms.iter_dataset(
+            split,
+            n,
+            size=size,
+            n_slices=3,
+            kind="mixed",
+            start=start,
+            mr_snr=None,
+            bias_strength=0.0,
+        )
+    ):
         dose = LOW_DOSES[(start + i) % len(LOW_DOSES)]
-        res = low_dose_ct(s.ct_hu, s.spacing[1], (dose, 1.0), seed=s.seed, n_angles=train_angles(size))
+        res = low_dose_ct(
+            s.ct_hu, s.spacing[1], (dose, 1.0), seed=s.seed, n_angles=train_angles(size)
+        )
         arrs["ct"].append(s.ct_hu)
         arrs["ld"].append(res[dose])
         arrs["nd"].append(res[1.0])
@@ -348,10 +433,27 @@ def prepare_data(path: Path | str, n: int, size: int = 256, split: str = "train"
         if progress:
             progress(i + 1, n)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{k: np.stack(v).astype(np.float32) for k, v in arrs.items()}, les=np.stack(les),
-             dose=np.array(doses, np.float32), seeds=np.array(seeds, np.int64), kinds=np.array(kinds, np.int8),
-             meta=np.array(json.dumps({"data_version": DATA_VERSION, "split": split, "n": n, "size": size,
-                                       "start": start, "angles": train_angles(size), "doses": LOW_DOSES})))
+    np.savez(
+        tmp,
+        **{k: np.stack(v).astype(np.float32) for k, v in arrs.items()},
+        les=np.stack(les),
+        dose=np.array(doses, np.float32),
+        seeds=np.array(seeds, np.int64),
+        kinds=np.array(kinds, np.int8),
+        meta=np.array(
+            json.dumps(
+                {
+                    "data_version": DATA_VERSION,
+                    "split": split,
+                    "n": n,
+                    "size": size,
+                    "start": start,
+                    "angles": train_angles(size),
+                    "doses": LOW_DOSES,
+                }
+            )
+        ),
+    )
     os.replace(tmp, path)
     return path
 
@@ -421,14 +523,18 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
             use_nd = torch.rand((), generator=gen).item() < 0.25
             derived = (not use_nd and fulldose_target > 0
                        and torch.rand((), generator=gen).item() < fulldose_target)
-            if derived:  # the real-scan protocol: target = full dose, input = full dose + extra noise
+            if (
+                derived
+            ):  # the real-scan protocol: target = full dose, input = full dose + extra noise
                 d = float(data["dose"][i])
                 if own_texture > 0 and torch.rand((), generator=gen).item() < own_texture:
                     ct3 = torch.from_numpy(data["ct"][i])
                     nd3 = (ct3 + _own_texture(tuple(ct3.shape), gen)) / CT_SCALE
                 else:
                     nd3 = torch.from_numpy(data["nd"][i]) / CT_SCALE
-                extra = math.sqrt(1.0 - d) * (torch.from_numpy(data["ld"][i]) - torch.from_numpy(data["ct"][i]))
+                extra = math.sqrt(1.0 - d) * (
+                    torch.from_numpy(data["ld"][i]) - torch.from_numpy(data["ct"][i])
+                )
                 cond = nd3 + extra / CT_SCALE
                 target = nd3[1:2]
                 base3 = nd3
@@ -461,10 +567,18 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
             if own_noise > 0 and torch.rand((), generator=gen).item() < own_noise:
                 o = MR_OWN_NOISE
                 tex = _own_texture(tuple(clean.shape), gen).double()
-                tex = tex / tex.std().clamp_min(1e-6) * (o["tex_sd_hi"] * torch.rand((), generator=gen).item())
-                snr_own = o["snr_lo"] + (o["snr_hi"] - o["snr_lo"]) * torch.rand((), generator=gen).item()
+                tex = (
+                    tex
+                    / tex.std().clamp_min(1e-6)
+                    * (o["tex_sd_hi"] * torch.rand((), generator=gen).item())
+                )
+                snr_own = (
+                    o["snr_lo"] + (o["snr_hi"] - o["snr_lo"]) * torch.rand((), generator=gen).item()
+                )
                 base = clean * (1.0 + tex)
-                clean = _rician(base, base[fg].mean() / snr_own, gen)  # the "acquired" image = target
+                clean = _rician(
+                    base, base[fg].mean() / snr_own, gen
+                )  # the "acquired" image = target
             sigma = clean[fg].mean() / snr
             noisy = _rician(clean, sigma, gen)
             s = float(torch.quantile(noisy.flatten(), 0.995))
@@ -486,11 +600,19 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
         flip = bool(torch.randint(0, 2, (), generator=gen))
         sl = (slice(None), slice(y0, y0 + crop), slice(x0, x0 + crop))
         tgt_c, cond_c = target[sl], cond[sl]
-        if task == "ct_denoise" and sharp_shapes > 0 and torch.rand((), generator=gen).item() < sharp_shapes:
+        if (
+            task == "ct_denoise"
+            and sharp_shapes > 0
+            and torch.rand((), generator=gen).item() < sharp_shapes
+        ):
             m, val = _sharp_shapes(crop, gen)
-            delta = torch.where(m, val / CT_SCALE - base3[sl], torch.zeros(()))  # same shapes in the 3 slices
+            delta = torch.where(
+                m, val / CT_SCALE - base3[sl], torch.zeros(())
+            )  # same shapes in the 3 slices
             tgt_c = tgt_c + delta[1:2]
-            cond_c = cond_c + delta  # the noise stays (it comes from the rays through the whole body)
+            cond_c = (
+                cond_c + delta
+            )  # the noise stays (it comes from the rays through the whole body)
         tg.append(_augment_geom(tgt_c, k, flip))
         cd.append(_augment_geom(cond_c, k, flip))
         lz.append(_augment_geom(les_i[sl], k, flip))
@@ -509,8 +631,15 @@ def lesion_loss_weight(lesions: torch.Tensor, lesion_weight: float, grow: int = 
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _save_checkpoint(run_dir: Path, net: torch.nn.Module, ema: dict[str, torch.Tensor],
-                     opt: torch.optim.Optimizer, step: int, gen: torch.Generator, extra: dict[str, Any]) -> None:
+def _save_checkpoint(
+    run_dir: Path,
+    net: torch.nn.Module,
+    ema: dict[str, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    step: int,
+    gen: torch.Generator,
+    extra: dict[str, Any],
+) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for k, v in net.state_dict().items():
         tensors[f"net.{k}"] = v.detach().cpu().contiguous()
@@ -638,23 +767,43 @@ def train(
                     tc.steps = max(fit, 11)
             for g in opt.param_groups:  # warm-up + cosine decay, a pure function of the step
                 g["lr"] = tc.lr * _lr_lambda(step, tc.warmup, tc.steps)
-            target, cond, les = make_batch(cfg.get("data_task", tc.task), data, gen, tc.batch, tc.crop,
-                                           robust=robust, lesion_crop=tc.lesion_crop,
-                                           fulldose_target=tc.fulldose_target, own_texture=tc.own_texture,
-                                           sharp_shapes=tc.sharp_shapes, own_noise=tc.own_noise,
-                                           with_lesions=True)
-            wmap = lesion_loss_weight(les, tc.lesion_weight).to(device) if tc.lesion_weight else None
+            target, cond, les = make_batch(
+                cfg.get("data_task", tc.task),
+                data,
+                gen,
+                tc.batch,
+                tc.crop,
+                robust=robust,
+                lesion_crop=tc.lesion_crop,
+                fulldose_target=tc.fulldose_target,
+                own_texture=tc.own_texture,
+                sharp_shapes=tc.sharp_shapes,
+                own_noise=tc.own_noise,
+                with_lesions=True,
+            )
+            wmap = (
+                lesion_loss_weight(les, tc.lesion_weight).to(device) if tc.lesion_weight else None
+            )
             if k_res:  # residual parameterisation: r = k (clean - received centre slice)
                 ctr = int(cfg["io"]["context_slices"])
                 target = (target - cond[:, ctr:ctr + 1]) * k_res
             x0 = dwt2(target).to(device)
             c = dwt2(cond).to(device)
-            with torch.autocast(device_type="cuda" if use_amp else "cpu", dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(
+                device_type="cuda" if use_amp else "cpu", dtype=torch.bfloat16, enabled=use_amp
+            ):
                 if tc.objective == "diffusion":
                     noise = torch.randn(x0.shape, generator=gen).to(device)
-                    tsteps = (torch.rand(x0.shape[0], generator=gen) * (t_max * t_hi)).long().clamp_min(1).to(device)
+                    tsteps = (
+                        (torch.rand(x0.shape[0], generator=gen) * (t_max * t_hi))
+                        .long()
+                        .clamp_min(1)
+                        .to(device)
+                    )
                     if p_uncond > 0:
-                        keep = (torch.rand(x0.shape[0], generator=gen) >= p_uncond).float().to(device)
+                        keep = (
+                            (torch.rand(x0.shape[0], generator=gen) >= p_uncond).float().to(device)
+                        )
                         c = c * keep.view(-1, 1, 1, 1)
                     pred = training_prediction(net, sched, x0, c, noise, tsteps)
                     if not x0_pred:
@@ -670,8 +819,10 @@ def train(
                         # per channel (t1w, t2w), on the pixel grid the evaluation scores
                         pp, tp = idwt2(pred.float()), target.to(device)
                         b, ch = pp.shape[:2]
-                        loss = loss + tc.ssim_weight * ssim_loss(pp.reshape(b * ch, 1, *pp.shape[2:]),
-                                                                  tp.reshape(b * ch, 1, *tp.shape[2:]))
+                        loss = loss + tc.ssim_weight * ssim_loss(
+                            pp.reshape(b * ch, 1, *pp.shape[2:]),
+                            tp.reshape(b * ch, 1, *tp.shape[2:]),
+                        )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -699,8 +850,12 @@ def train(
             step += 1
     seconds = time.perf_counter() - t0
     model_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.to(next(iter(net.state_dict().values())).dtype if v.is_floating_point() else v.dtype)
-               .cpu().contiguous() for k, v in ema.items()}
+    weights = {
+        k: v.to(next(iter(net.state_dict().values())).dtype if v.is_floating_point() else v.dtype)
+        .cpu()
+        .contiguous()
+        for k, v in ema.items()
+    }
     tmp = model_dir / "model.tmp.safetensors"
     save_file(weights, str(tmp), metadata={"model_id": cfg["model_id"], "version": tc.version})
     os.replace(tmp, model_dir / "model.safetensors")
@@ -719,15 +874,21 @@ def train(
         "own_noise_recipe": MR_OWN_NOISE if tc.own_noise else None,
         "data": data.get("meta", {}),
         "init_model": _init_description(tc.init_from) if tc.init_from else None,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
     write_model_card(model_dir, data_description=data_description)
     return model_dir
 
 
-def average_models(sources: list[Path | str], out_dir: Path | str, *, weights: list[float] | None = None,
-                   version: str | None = None, model_id: str | None = None) -> Path:
+def average_models(
+    sources: list[Path | str],
+    out_dir: Path | str,
+    *,
+    weights: list[float] | None = None,
+    version: str | None = None,
+    model_id: str | None = None,
+) -> Path:
     """Weight averaging ("model soup") of models of one architecture and task, e.g. a
     fine-tune and the model it started from: ``out_dir`` gets the weighted mean of the
     weights, the FIRST source's config (recipe, contract, sampling) with ``version`` /
@@ -738,20 +899,28 @@ def average_models(sources: list[Path | str], out_dir: Path | str, *, weights: l
         raise ValueError("averaging needs at least two models")
     w = [1.0 / len(sources)] * len(sources) if weights is None else [float(x) for x in weights]
     if len(w) != len(sources) or any(x < 0 for x in w) or abs(sum(w) - 1.0) > 1e-6:
-        raise ValueError(f"weights must be {len(sources)} non-negative numbers summing to 1, got {w}")
+        raise ValueError(
+            f"weights must be {len(sources)} non-negative numbers summing to 1, got {w}"
+        )
     dirs = [Path(d) for d in sources]
     cfgs = [json.loads((d / "config.json").read_text()) for d in dirs]
     for d, c in zip(dirs[1:], cfgs[1:]):
         for key in ("architecture", "tasks", "objective", "io", "normalisation"):
             if c.get(key) != cfgs[0].get(key):
-                raise ValueError(f"{d}: {key} differs from {dirs[0]}; only models of one architecture and "
-                                 "task can be averaged")
+                raise ValueError(
+                    f"{d}: {key} differs from {dirs[0]}; only models of one architecture and "
+                    "task can be averaged"
+                )
     states = [load_file(str(d / "model.safetensors")) for d in dirs]
     for d, st in zip(dirs[1:], states[1:]):
-        if {k: tuple(v.shape) for k, v in st.items()} != {k: tuple(v.shape) for k, v in states[0].items()}:
+        if {k: tuple(v.shape) for k, v in st.items()} != {
+            k: tuple(v.shape) for k, v in states[0].items()
+        }:
             raise ValueError(f"{d}: tensor names or shapes differ from {dirs[0]}")
-    avg = {k: sum(wi * st[k].double() for wi, st in zip(w, states)).to(states[0][k].dtype).contiguous()
-           for k in states[0]}
+    avg = {
+        k: sum(wi * st[k].double() for wi, st in zip(w, states)).to(states[0][k].dtype).contiguous()
+        for k in states[0]
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(avg, str(out / "model.safetensors"))
@@ -759,8 +928,14 @@ def average_models(sources: list[Path | str], out_dir: Path | str, *, weights: l
     cfg["model_id"] = model_id or cfg["model_id"]
     cfg["version"] = version or cfg["version"]
     cfg.setdefault("training", {})["weight_average"] = [
-        {"model_id": c["model_id"], "version": c["version"], "weight": wi,
-         "weights_sha256": _sha256_file(d / "model.safetensors")} for d, c, wi in zip(dirs, cfgs, w)]
+        {
+            "model_id": c["model_id"],
+            "version": c["version"],
+            "weight": wi,
+            "weights_sha256": _sha256_file(d / "model.safetensors"),
+        }
+        for d, c, wi in zip(dirs, cfgs, w)
+    ]
     (out / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
     # the first source's training-data text carries over; its held-out metrics do not (other weights)
     src_card = dirs[0] / "MODEL_CARD.md"
@@ -848,8 +1023,12 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         f"channel, half resolution). Conditioning by concatenation: {cfg['io']['cond_channels']} condition "
         f"channel(s) x {2 * cfg['io']['context_slices'] + 1} slices (2.5D context). Noise process: MONAI "
         f"`RFlowScheduler` (rectified flow, T = {cfg['scheduler']['num_train_timesteps']}, "
-        + (f"clean-sample (x0) prediction, the step's velocity derived from it, training times up to "
-           f"{cfg.get('train_t_max', 1.0)} T" if cfg.get("prediction") == "x0" else "velocity prediction")
+        + (
+            f"clean-sample (x0) prediction, the step's velocity derived from it, training times up to "
+            f"{cfg.get('train_t_max', 1.0)} T"
+            if cfg.get("prediction") == "x0"
+            else "velocity prediction"
+        )
         + "); "
         "sampling: Euler steps with per-slice dynamic thresholding (clip form).",
         "",
@@ -872,36 +1051,93 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         f"then cosine decay to 5 %, gradient clip 1.0, EMA {tr.get('ema_decay_used', tr.get('ema_decay'))} "
         "(shipped weights = EMA), "
         f"condition dropout {cfg.get('p_uncond')}",
-        *([f"- robustness augmentation (CT restoration): with probability {tr['robust_augmentation']['p_scale']} the "
-           f"received noise is scaled by U({tr['robust_augmentation']['scale_lo']}, 1); with probability "
-           f"{tr['robust_augmentation']['p_single']} the 2.5D neighbours are replaced by the centre slice "
-           "(`engine.train.make_batch`)"] if tr.get("robust_augmentation") else []),
-        *([f"- lesion emphasis: per-pixel loss weight 1 + {tr.get('lesion_weight', 0)} inside lesions grown by 2 px "
-           f"(normalised), crops centred on a lesion with probability {tr.get('lesion_crop', 0)}"]
-          if tr.get("lesion_weight") or tr.get("lesion_crop") else []),
-        *([f"- structure term: loss = MSE + {tr['ssim_weight']} x (1 - SSIM) of the pixel-domain prediction "
-           "(MONAI SSIMLoss, Gaussian sigma 1.5, data range 2, per output channel)"] if tr.get("ssim_weight") else []),
-        *([f"- full-dose targets (the real-scan evaluation protocol, LDCT practice): with probability "
-           f"{tr['fulldose_target']} a pair is input = full-dose CT + independent extra noise bringing it to "
-           "dose d, target = that full-dose CT with its own noise (`engine.train.make_batch`)"
-           + (f"; in {tr['own_texture']} of them the full-dose image's own noise is a synthetic correlated texture "
-              f"{tr.get('own_texture_recipe')} instead of the phantom's projection-domain noise" if tr.get("own_texture") else "")]
-          if tr.get("fulldose_target") else []),
-        *([f"- sharp shapes: with probability {tr['sharp_shapes']} pixel-sharp ellipses {tr.get('sharp_shapes_recipe')} "
-           "are pasted into the crop (target and input alike, the input keeps its noise), so edges sharper than "
-           "the phantoms' are kept"] if tr.get("sharp_shapes") else []),
-        *([f"- own-noise targets (MR, the real-scan evaluation protocol): with probability {tr['own_noise']} the "
-           f"target keeps its own Rician noise and a correlated texture {tr.get('own_noise_recipe')} and the input "
-           "is that image plus Rician noise at the drawn SNR (`engine.train.make_batch`)"] if tr.get("own_noise") else []),
-        *([f"- initialised from `{tr['init_from']}`"
-           + (f" ({tr['init_model']})" if tr.get("init_model") else "")] if tr.get("init_from") else []),
-        *(["- the recipe above is that of the first averaged model; shipped weights = weighted mean of the weights of "
-           + ", ".join(f"{a['model_id']} {a['version']} (weight {a['weight']:g}, SHA-256 {a['weights_sha256'][:12]}...)"
-                       for a in tr["weight_average"])
-           + " (`synthnode engine average`)"] if tr.get("weight_average") else []),
-        *([f"- sampling defaults changed after training (chosen on the validation split): "
-           f"{json.dumps(sampled)} instead of the training command's {json.dumps(trained)}"]
-          if sampled != trained else []),
+        *(
+            [
+                f"- robustness augmentation (CT restoration): with probability {tr['robust_augmentation']['p_scale']} the "
+                f"received noise is scaled by U({tr['robust_augmentation']['scale_lo']}, 1); with probability "
+                f"{tr['robust_augmentation']['p_single']} the 2.5D neighbours are replaced by the centre slice "
+                "(`engine.train.make_batch`)"
+            ]
+            if tr.get("robust_augmentation")
+            else []
+        ),
+        *(
+            [
+                f"- lesion emphasis: per-pixel loss weight 1 + {tr.get('lesion_weight', 0)} inside lesions grown by 2 px "
+                f"(normalised), crops centred on a lesion with probability {tr.get('lesion_crop', 0)}"
+            ]
+            if tr.get("lesion_weight") or tr.get("lesion_crop")
+            else []
+        ),
+        *(
+            [
+                f"- structure term: loss = MSE + {tr['ssim_weight']} x (1 - SSIM) of the pixel-domain prediction "
+                "(MONAI SSIMLoss, Gaussian sigma 1.5, data range 2, per output channel)"
+            ]
+            if tr.get("ssim_weight")
+            else []
+        ),
+        *(
+            [
+                f"- full-dose targets (the real-scan evaluation protocol, LDCT practice): with probability "
+                f"{tr['fulldose_target']} a pair is input = full-dose CT + independent extra noise bringing it to "
+                "dose d, target = that full-dose CT with its own noise (`engine.train.make_batch`)"
+                + (
+                    f"; in {tr['own_texture']} of them the full-dose image's own noise is a synthetic correlated texture "
+                    f"{tr.get('own_texture_recipe')} instead of the phantom's projection-domain noise"
+                    if tr.get("own_texture")
+                    else ""
+                )
+            ]
+            if tr.get("fulldose_target")
+            else []
+        ),
+        *(
+            [
+                f"- sharp shapes: with probability {tr['sharp_shapes']} pixel-sharp ellipses {tr.get('sharp_shapes_recipe')} "
+                "are pasted into the crop (target and input alike, the input keeps its noise), so edges sharper than "
+                "the phantoms' are kept"
+            ]
+            if tr.get("sharp_shapes")
+            else []
+        ),
+        *(
+            [
+                f"- own-noise targets (MR, the real-scan evaluation protocol): with probability {tr['own_noise']} the "
+                f"target keeps its own Rician noise and a correlated texture {tr.get('own_noise_recipe')} and the input "
+                "is that image plus Rician noise at the drawn SNR (`engine.train.make_batch`)"
+            ]
+            if tr.get("own_noise")
+            else []
+        ),
+        *(
+            [
+                f"- initialised from `{tr['init_from']}`"
+                + (f" ({tr['init_model']})" if tr.get("init_model") else "")
+            ]
+            if tr.get("init_from")
+            else []
+        ),
+        *(
+            [
+                "- the recipe above is that of the first averaged model; shipped weights = weighted mean of the weights of "
+                + ", ".join(
+                    f"{a['model_id']} {a['version']} (weight {a['weight']:g}, SHA-256 {a['weights_sha256'][:12]}...)"
+                    for a in tr["weight_average"]
+                )
+                + " (`synthnode engine average`)"
+            ]
+            if tr.get("weight_average")
+            else []
+        ),
+        *(
+            [
+                f"- sampling defaults changed after training (chosen on the validation split): "
+                f"{json.dumps(sampled)} instead of the training command's {json.dumps(trained)}"
+            ]
+            if sampled != trained
+            else []
+        ),
         f"- seed {tr.get('seed')}; device {tr.get('device')}; torch {tr.get('torch')}; "
         f"{tr.get('seconds')} s; final training loss (EMA) {tr.get('final_loss_ema')}",
         f"- command: `synthnode engine train {cfg['task']} --objective {cfg['objective']} --steps {tr.get('steps')} "
@@ -915,13 +1151,21 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         + (f" --own-texture {tr['own_texture']}" if tr.get("own_texture") else "")
         + (f" --sharp-shapes {tr['sharp_shapes']}" if tr.get("sharp_shapes") else "")
         + (f" --own-noise {tr['own_noise']}" if tr.get("own_noise") else "")
-        + (f" --prediction {tr['prediction']}" if tr.get("prediction", "velocity") != "velocity" else "")
+        + (
+            f" --prediction {tr['prediction']}"
+            if tr.get("prediction", "velocity") != "velocity"
+            else ""
+        )
         + (f" --train-t-max {tr['train_t_max']}" if tr.get("train_t_max") is not None else "")
         + (f" --p-uncond {tr['p_uncond']}" if tr.get("p_uncond") is not None else "")
         + "".join(f" --sample {k}={v}" for k, v in (tr.get("sampling") or {}).items())
-        + (f" --init {tr['init_from']}" if tr.get("init_from") else "") + "`"
-        + (" (the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)"
-           if tr.get("max_minutes") else ""),
+        + (f" --init {tr['init_from']}" if tr.get("init_from") else "")
+        + "`"
+        + (
+            " (the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)"
+            if tr.get("max_minutes")
+            else ""
+        ),
         "",
         "## Training data",
         "",
@@ -967,11 +1211,19 @@ def derive_model(src_dir: Path | str, dst_dir: Path | str, *, model_id: str, tas
         raise ValueError(f"{cfg['model_id']} cannot serve {bad}")
     dst_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src_dir / "model.safetensors", dst_dir / "model.safetensors")
-    cfg.update(model_id=model_id, tasks=tasks, input_contract={t: TASKS[t].describe() for t in tasks},
-               derived_from={"model_id": cfg["model_id"], "version": cfg["version"], "note": note})
+    cfg.update(
+        model_id=model_id,
+        tasks=tasks,
+        input_contract={t: TASKS[t].describe() for t in tasks},
+        derived_from={"model_id": cfg["model_id"], "version": cfg["version"], "note": note},
+    )
     (dst_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
     old = (src_dir / "MODEL_CARD.md").read_text()
-    data = old.split("## Training data\n", 1)[1].split("\n## ", 1)[0].strip() if "## Training data\n" in old else ""
+    data = (
+        old.split("## Training data\n", 1)[1].split("\n## ", 1)[0].strip()
+        if "## Training data\n" in old
+        else ""
+    )
     write_model_card(dst_dir, data_description=data, metrics_md="Not evaluated yet.")
     return dst_dir
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dwt2", "idwt2", "wavedec2", "waverec2", "level_noise_scale", "SUBBANDS"]
+__all__ = ["SUBBANDS", "dwt2", "idwt2", "level_noise_scale", "wavedec2", "waverec2"]
 
 SUBBANDS = ("LL", "LH", "HL", "HH")
 

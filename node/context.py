@@ -24,7 +24,7 @@ from storage.index import Index
 if TYPE_CHECKING:
     from node.ingest.results import StoredInstance
 
-__all__ = ["InFlight", "LedgerWriter", "NodeContext", "InstanceStoredHook"]
+__all__ = ["InFlight", "InstanceStoredHook", "LedgerWriter", "NodeContext"]
 
 
 class LedgerWriter(Protocol):

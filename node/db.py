@@ -10,10 +10,9 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
-
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
 
 __all__ = ["alembic_config", "make_engine", "migrations_dir", "upgrade"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, select, update
@@ -27,8 +27,8 @@ from storage.tables import Instance, Patient, Series, Study
 
 __all__ = [
     "Index",
-    "InstanceRecord",
     "IndexedInstance",
+    "InstanceRecord",
     "StudySummary",
 ]
 
@@ -51,7 +51,7 @@ class InstanceRecord:
     file_path: str
     file_size: int
     sha256: str
-    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     calling_ae: str | None = None
     called_ae: str | None = None
     source: str = "dimse"

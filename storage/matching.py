@@ -273,7 +273,9 @@ def _time_bounds(keyword: str, v: str) -> tuple[str, str]:
     """(first second, last second) of a possibly partial TM value, as ``HHMMSS``."""
     m = _TM.match(v.replace(":", ""))
     if not m:
-        raise InvalidQuery(keyword, f"time value must be HH[MM[SS[.F{{1,6}}]]] (PS3.5 TM), got {v!r}")
+        raise InvalidQuery(
+            keyword, f"time value must be HH[MM[SS[.F{{1,6}}]]] (PS3.5 TM), got {v!r}"
+        )
     hh, mm, ss = m.group(1), m.group(2), m.group(3)
     lo = hh + (mm or "00") + (ss or "00")
     hi = hh + (mm or "59") + (ss or "59")
@@ -592,12 +594,12 @@ def keywords_at(level: QueryLevel | str) -> list[str]:
 
 __all__: Iterable[str] = [
     "ATTRIBUTES",
+    "UNIQUE_KEYS",
+    "WILDCARD_VRS",
     "Attribute",
     "InvalidQuery",
     "Query",
     "QueryLevel",
-    "UNIQUE_KEYS",
-    "WILDCARD_VRS",
     "build_query",
     "dicom_to_glob",
     "dicom_to_like",

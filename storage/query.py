@@ -12,10 +12,17 @@ from typing import Any
 
 from sqlalchemy import select
 
-from storage.matching import UNIQUE_KEYS, Executor, InvalidQuery, QueryLevel, build_query, is_universal
+from storage.matching import (
+    UNIQUE_KEYS,
+    Executor,
+    InvalidQuery,
+    QueryLevel,
+    build_query,
+    is_universal,
+)
 from storage.tables import Instance, Series, Study
 
-__all__ = ["InstanceRef", "retrieve_set", "instances_by_uid"]
+__all__ = ["InstanceRef", "instances_by_uid", "retrieve_set"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,9 @@ def _columns() -> tuple[Any, ...]:
     )
 
 
-def retrieve_set(conn: Executor, level: QueryLevel | str, keys: Mapping[str, Any]) -> list[InstanceRef]:
+def retrieve_set(
+    conn: Executor, level: QueryLevel | str, keys: Mapping[str, Any]
+) -> list[InstanceRef]:
     """Instances under the entities a C-GET / C-MOVE identifier names (PS3.4 C.4.2.2.1).
 
     The identifier must carry the unique key of ``level`` with a value (a single value or,
@@ -59,7 +68,9 @@ def retrieve_set(conn: Executor, level: QueryLevel | str, keys: Mapping[str, Any
     level = QueryLevel(level)
     unique = UNIQUE_KEYS[level]
     if unique not in keys or is_universal(keys[unique]):
-        raise InvalidQuery(unique, f"a {level.value} level retrieve needs {unique} (PS3.4 C.4.2.2.1)")
+        raise InvalidQuery(
+            unique, f"a {level.value} level retrieve needs {unique} (PS3.4 C.4.2.2.1)"
+        )
     match_keys = {
         kw: keys[kw]
         for lvl, kw in UNIQUE_KEYS.items()

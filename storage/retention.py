@@ -8,7 +8,7 @@ removed in the ledger; storage knows no ledger.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from storage.filestore import FileStore
 from storage.index import Index, IndexedInstance
@@ -22,7 +22,7 @@ def cutoff_for(retention_days: int, now: datetime | None = None) -> datetime:
     """The received-before cutoff for a retention period in days."""
     if retention_days < 1:
         raise ValueError(f"retention_days must be >= 1, got {retention_days}")
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     return now - timedelta(days=retention_days)

@@ -67,7 +67,9 @@ PIX_POWER = 2.0  # pixel weight r / s**PIX_POWER (1: local z-score; 2: inverse v
 HOST = "gauss"  # host predictor: "gauss" (Gaussian low-pass), "median" (HOST_SIZE median), "wiener"
 HOST_SIZE = 5
 SYNC_HOST: str | None = None  # host predictor of the sync path (None: HOST for both paths)
-CLIP_MASK = False  # exclude saturated pixels (== image min / max) from the host estimate and the sums
+CLIP_MASK = (
+    False  # exclude saturated pixels (== image min / max) from the host estimate and the sums
+)
 
 
 # ----------------------------------------------------------------------------- payload
@@ -94,7 +96,9 @@ def payload_hex(payload: int) -> str:
 
 def _info_bits(key: WatermarkKey, payload: int) -> NDArray[np.uint8]:
     crc = ecc.crc16_ccitt(bytes([key.key_id]) + payload.to_bytes(6, "big"))
-    bits = np.concatenate([ecc.int_to_bits(payload, PAYLOAD_BITS), ecc.int_to_bits(crc, ecc.CRC_BITS)])
+    bits = np.concatenate(
+        [ecc.int_to_bits(payload, PAYLOAD_BITS), ecc.int_to_bits(crc, ecc.CRC_BITS)]
+    )
     return bits ^ layout(key).scramble
 
 
@@ -114,11 +118,17 @@ def _check_info(key: WatermarkKey, info: NDArray[np.uint8]) -> tuple[int, bool]:
 # ----------------------------------------------------------------------------- embed
 
 
-def valid_limits(bits_stored: int, signed: bool, valid_range: tuple[int, int] | None) -> tuple[int, int]:
+def valid_limits(
+    bits_stored: int, signed: bool, valid_range: tuple[int, int] | None
+) -> tuple[int, int]:
     """Range allowed by Bits Stored / Pixel Representation (PS3.3 C.7.6.3.1) and the caller."""
     if not 1 <= bits_stored <= 16:
         raise ValueError("bits_stored must be in 1..16")
-    lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    lo, hi = (
+        (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1)
+        if signed
+        else (0, (1 << bits_stored) - 1)
+    )
     if valid_range is not None:
         vlo, vhi = int(valid_range[0]), int(valid_range[1])
         if vlo > vhi:
@@ -245,12 +255,20 @@ class VerifiedEmbedding:
         return sum(d > self.start for d in self.max_delta)
 
 
-def embed_verified(array: NDArray[np.integer], key: WatermarkKey, payload: int, *,
-                   units: list[NDArray[np.int64]] | list[list[int]], bits_stored: int,
-                   signed: bool, max_delta: int = 2, valid_range: tuple[int, int] | None = None,
-                   detect_keys: list[WatermarkKey] | None = None,
-                   noise_fraction: float = VERIFY_NOISE_FRACTION,
-                   max_frames: int = VERIFY_MAX_FRAMES) -> tuple[NDArray[np.integer], VerifiedEmbedding]:
+def embed_verified(
+    array: NDArray[np.integer],
+    key: WatermarkKey,
+    payload: int,
+    *,
+    units: list[NDArray[np.int64]] | list[list[int]],
+    bits_stored: int,
+    signed: bool,
+    max_delta: int = 2,
+    valid_range: tuple[int, int] | None = None,
+    detect_keys: list[WatermarkKey] | None = None,
+    noise_fraction: float = VERIFY_NOISE_FRACTION,
+    max_frames: int = VERIFY_MAX_FRAMES,
+) -> tuple[NDArray[np.integer], VerifiedEmbedding]:
     """Embed, then check that a receiver finds the mark; raise the bound where it does not.
 
     ``array`` is (frames, rows, columns); ``units`` partitions the frame indices into the
@@ -276,7 +294,9 @@ def embed_verified(array: NDArray[np.integer], key: WatermarkKey, payload: int, 
     for unit in units:
         idx = np.asarray(unit, dtype=np.int64)
         host = arr[idx]
-        limit = int(min(MAX_DELTA_LIMIT, max(max_delta, np.floor(noise_fraction * noise_sigma(host)))))
+        limit = int(
+            min(MAX_DELTA_LIMIT, max(max_delta, np.floor(noise_fraction * noise_sigma(host))))
+        )
         probe = sample_frames(len(idx), max_frames)
         delta = max_delta
         while True:
@@ -327,7 +347,9 @@ class Detection:
         return None if self.payload is None else payload_hex(self.payload)
 
 
-def threshold_for(n_keys: int, scales: tuple[float, ...] = DEFAULT_SCALES, fpr: float = DEFAULT_FPR) -> float:
+def threshold_for(
+    n_keys: int, scales: tuple[float, ...] = DEFAULT_SCALES, fpr: float = DEFAULT_FPR
+) -> float:
     """Score threshold giving false-positive rate <= ``fpr`` by the Bonferroni bound.
 
     The hypotheses are every circular shift at every scale for every key; on an unmarked
@@ -393,7 +415,9 @@ def _unsaturated(x: NDArray[np.float32]) -> NDArray[np.bool_] | None:
     return m
 
 
-def _residual(x: NDArray[np.float32], m: NDArray[np.bool_] | None = None, host: str = "gauss") -> NDArray[np.float32]:
+def _residual(
+    x: NDArray[np.float32], m: NDArray[np.bool_] | None = None, host: str = "gauss"
+) -> NDArray[np.float32]:
     """Image minus a host estimate (:data:`HOST`). With a mask ``m`` of valid pixels the
     estimate is a normalised convolution over the valid pixels only (a saturated area does
     not leak a step into the residual) and the residual is 0 outside ``m``."""
@@ -443,7 +467,9 @@ def period_for(scale: float) -> int:
     return int(round(period))
 
 
-def folded_phase(whitened: list[NDArray[np.floating]], period: int = TILE) -> NDArray[np.complex128]:
+def folded_phase(
+    whitened: list[NDArray[np.floating]], period: int = TILE
+) -> NDArray[np.complex128]:
     """Weighted Fourier transform of the folded, whitened slices: (period, period) complex.
 
     A resize by ``s`` stretches the tile to period ``TILE * s`` while each bin keeps its
@@ -503,7 +529,9 @@ def _sync_scores(g: NDArray[np.complex128], key: WatermarkKey) -> NDArray[np.flo
     return c / np.sqrt(var)
 
 
-def soft_bits_at(g: NDArray[np.complex128], key: WatermarkKey, shifts: NDArray[np.int64]) -> NDArray[np.float64]:
+def soft_bits_at(
+    g: NDArray[np.complex128], key: WatermarkKey, shifts: NDArray[np.int64]
+) -> NDArray[np.float64]:
     """Soft coded bits at each of ``shifts`` (K, 2): (K, CODED_BITS).
 
     Per coded bit: the sum over its bins of Re(phase x conj(reference)) after undoing the
@@ -517,7 +545,9 @@ def soft_bits_at(g: NDArray[np.complex128], key: WatermarkKey, shifts: NDArray[n
     return np.real(base[None] * np.exp(2j * np.pi * phase)).sum(axis=2)
 
 
-def soft_bits(g: NDArray[np.complex128], key: WatermarkKey, shift: tuple[int, int]) -> NDArray[np.float64]:
+def soft_bits(
+    g: NDArray[np.complex128], key: WatermarkKey, shift: tuple[int, int]
+) -> NDArray[np.float64]:
     """Soft coded bits at one shift: (CODED_BITS,)."""
     return soft_bits_at(g, key, np.array([shift], dtype=np.int64))[0]
 
@@ -533,7 +563,9 @@ def _abs_table() -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     return r, f
 
 
-def payload_energy(soft: NDArray[np.float64], amp: NDArray[np.float64] | None = None) -> NDArray[np.float64]:
+def payload_energy(
+    soft: NDArray[np.float64], amp: NDArray[np.float64] | None = None
+) -> NDArray[np.float64]:
     """Non-coherent payload statistic: standardised sum of |soft bit| (last axis).
 
     On an unmarked image each soft bit is a1 cos(a) + a2 cos(b) (a1, a2: the weights of the
@@ -556,7 +588,11 @@ def payload_energy(soft: NDArray[np.float64], amp: NDArray[np.float64] | None = 
     mean = hi * np.interp(ratio, r_tab, f_tab)
     var = np.maximum((hi * hi + lo * lo) / 2.0 - mean * mean, 0.0)
     tot = var.sum(axis=-1)
-    return np.where(tot > 0, (np.abs(soft).sum(axis=-1) - mean.sum(axis=-1)) / np.sqrt(np.where(tot > 0, tot, 1.0)), 0.0)
+    return np.where(
+        tot > 0,
+        (np.abs(soft).sum(axis=-1) - mean.sum(axis=-1)) / np.sqrt(np.where(tot > 0, tot, 1.0)),
+        0.0,
+    )
 
 
 def _pay_amp(g: NDArray[np.complex128], key: WatermarkKey) -> NDArray[np.float64]:
@@ -565,8 +601,9 @@ def _pay_amp(g: NDArray[np.complex128], key: WatermarkKey) -> NDArray[np.float64
     return np.abs(g[lay.pay_bins[..., 0] % period, lay.pay_bins[..., 1] % period])
 
 
-def _hypotheses(g: NDArray[np.complex128], key: WatermarkKey,
-                g_sync: NDArray[np.complex128] | None = None) -> tuple[float, float, tuple[int, int], NDArray[np.float64]]:
+def _hypotheses(
+    g: NDArray[np.complex128], key: WatermarkKey, g_sync: NDArray[np.complex128] | None = None
+) -> tuple[float, float, tuple[int, int], NDArray[np.float64]]:
     """Best (combined score, sync score, shift, soft bits) for one fold and one key.
 
     The combined score (sync + ENERGY_WEIGHT x payload energy) / sqrt(1 + ENERGY_WEIGHT^2) is evaluated at the TOP_K shifts

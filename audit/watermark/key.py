@@ -87,7 +87,9 @@ class WatermarkKey:
             os.write(fd, data + b"\n")
         finally:
             os.close(fd)
-        logger.info("wrote watermark key id=%d fingerprint=%s to %s", self.key_id, self.fingerprint, path)
+        logger.info(
+            "wrote watermark key id=%d fingerprint=%s to %s", self.key_id, self.fingerprint, path
+        )
         return path
 
     @classmethod

@@ -122,12 +122,18 @@ def _layout_cached(secret: bytes, key_id: int) -> Layout:
     tilt_sync = tilt / np.sqrt(np.mean(tilt[sync_idx] ** 2))
     tilt_pay = tilt / np.sqrt(np.mean(tilt[pay_idx.ravel()] ** 2))
     sync_tile = _spectrum_to_tile(
-        {(int(BINS[i, 0]), int(BINS[i, 1])): a_sync * tilt_sync[i] * np.exp(1j * phases[i]) for i in sync_idx}
+        {
+            (int(BINS[i, 0]), int(BINS[i, 1])): a_sync * tilt_sync[i] * np.exp(1j * phases[i])
+            for i in sync_idx
+        }
     )
     pay_tiles = np.stack(
         [
             _spectrum_to_tile(
-                {(int(BINS[i, 0]), int(BINS[i, 1])): a_pay * tilt_pay[i] * np.exp(1j * phases[i]) for i in group}
+                {
+                    (int(BINS[i, 0]), int(BINS[i, 1])): a_pay * tilt_pay[i] * np.exp(1j * phases[i])
+                    for i in group
+                }
             )
             for group in pay_idx
         ]

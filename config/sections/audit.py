@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.sections import Section
 from pydantic import Field
+
+from config.sections import Section
 
 
 class ApproverKey(Section):
@@ -16,9 +17,17 @@ class ApproverKey(Section):
 
 class AuditSettings(Section):
     origin: str = Field(default="synthnode.local/ledger", description="checkpoint origin line")
-    key_file: Path | None = Field(default=None, description="Ed25519 signing key; empty = <data_dir>/keys/ledger.key")
-    checkpoint_file: Path | None = Field(default=None, description="append-only; empty = <data_dir>/checkpoints.log")
+    key_file: Path | None = Field(
+        default=None, description="Ed25519 signing key; empty = <data_dir>/keys/ledger.key"
+    )
+    checkpoint_file: Path | None = Field(
+        default=None, description="append-only; empty = <data_dir>/checkpoints.log"
+    )
     checkpoint_interval_s: float = Field(default=60.0, gt=0)
-    syslog_target: str | None = Field(default=None, description="udp://host:port or tcp://host:port (RFC 5424)")
+    syslog_target: str | None = Field(
+        default=None, description="udp://host:port or tcp://host:port (RFC 5424)"
+    )
     approvers: list[ApproverKey] = Field(default_factory=list)
-    models_dir: Path | None = Field(default=None, description="approved model folders; empty = bundled engine/weights")
+    models_dir: Path | None = Field(
+        default=None, description="approved model folders; empty = bundled engine/weights"
+    )

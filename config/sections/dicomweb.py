@@ -1,8 +1,9 @@
 """DICOMweb (QIDO-RS / WADO-RS / STOW-RS) server settings."""
 from __future__ import annotations
 
-from config.sections import Section
 from pydantic import Field, SecretStr
+
+from config.sections import Section
 
 
 class Token(Section):

@@ -4,8 +4,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-from config.sections import Section
 from pydantic import Field, field_validator
+
+from config.sections import Section
 
 _AE_MAX = 16
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from config.sections import Section
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from config.sections import Section
 
 
 class ReprocessPolicy(str, Enum):
@@ -37,7 +38,7 @@ class Destination(Section):
     backoff_s: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
-    def _complete(self) -> "Destination":
+    def _complete(self) -> Destination:
         if self.kind == "dimse" and not (self.ae_title and self.host and self.port):
             raise ValueError("a dimse destination needs ae_title, host and port")
         if self.kind == "dicomweb" and not self.url:
@@ -88,7 +89,8 @@ class QualitySettings(Section):
         default=0.25, gt=0,
         description="other restoration: |mean residual| of any one slice in input-volume SDs")
     min_slice_correlation: float = Field(
-        default=0.7, ge=-1, le=1, description="restoration: output/input correlation of every slice")
+        default=0.7, ge=-1, le=1, description="restoration: output/input correlation of every slice"
+    )
     min_slice_edge_ratio: float = Field(
         default=0.85, gt=0,
         description="restoration: smoothed edge strength kept inside the body, output / the "
@@ -102,7 +104,7 @@ class QualitySettings(Section):
         description="cross-modality: body mask overlap of every slice with foreground")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "QualitySettings":
+    def _ordered(self) -> QualitySettings:
         if self.hu_min >= self.hu_max:
             raise ValueError(f"hu_min ({self.hu_min:g}) must be below hu_max ({self.hu_max:g})")
         if self.min_slice_edge_ratio >= self.max_slice_edge_ratio:
@@ -161,7 +163,7 @@ class PipelineSettings(Section):
         return v
 
     @model_validator(mode="after")
-    def _references(self) -> "PipelineSettings":
+    def _references(self) -> PipelineSettings:
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ValueError("destination names must be unique")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.sections import Section
 from pydantic import Field, field_validator
+
+from config.sections import Section
 
 
 class DatabaseSettings(Section):

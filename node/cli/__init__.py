@@ -23,7 +23,9 @@ app = typer.Typer(
 _core.register(app)  # serve, echo, db, studies
 app.add_typer(_config.app, name="config", help="Check and show configuration.")
 app.add_typer(_audit.app, name="audit", help="Verify, query and export the audit ledger.")
-app.add_typer(_models.app, name="models", help="Model admission gate: list, approve, revoke, verify.")
+app.add_typer(
+    _models.app, name="models", help="Model admission gate: list, approve, revoke, verify."
+)
 app.add_typer(_engine.app, name="engine", help="Train and evaluate engine models.")
 app.add_typer(_watermark.app, name="watermark", help="Embed and detect the invisible watermark.")
 _pipeline.register(app)  # rules, jobs

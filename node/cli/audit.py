@@ -41,19 +41,26 @@ def _service(config: Path | None):  # type: ignore[no-untyped-def]
                           syslog_target=settings.audit.syslog_target)
     except LedgerError as exc:
         fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - e.g. tables missing
-        fail(f"cannot open the ledger at {settings.database_url}: {exc} (run `synthnode db upgrade`)")
+    except Exception as exc:
+        fail(
+            f"cannot open the ledger at {settings.database_url}: {exc} (run `synthnode db upgrade`)"
+        )
     return settings, svc
 
 
 @app.command()
 def verify(
     config: Path | None = ConfigOption,
-    checkpoints: Path | None = typer.Option(None, "--checkpoints", help="external checkpoint file "
-                                            "(default: the configured one)"),
+    checkpoints: Path | None = typer.Option(
+        None, "--checkpoints", help="external checkpoint file (default: the configured one)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
-    record: bool = typer.Option(True, "--record/--no-record", help="append a verification.run event"),
-    deep: bool = typer.Option(False, "--deep", help="also parse every leaf and check the UID index"),
+    record: bool = typer.Option(
+        True, "--record/--no-record", help="append a verification.run event"
+    ),
+    deep: bool = typer.Option(
+        False, "--deep", help="also parse every leaf and check the UID index"
+    ),
 ) -> None:
     """Re-derive every leaf, node and root; check every checkpoint signature and the
     checkpoint file. Exit 1 naming the first bad entry."""
@@ -61,8 +68,9 @@ def verify(
     from audit.verify import print_report, verify_database
 
     settings, svc = _service(config)
-    report = verify_database(svc.ledger.engine, svc.verifier, checkpoints or settings.checkpoint_file,
-                             deep=deep)
+    report = verify_database(
+        svc.ledger.engine, svc.verifier, checkpoints or settings.checkpoint_file, deep=deep
+    )
     print_report(report, as_json=as_json)
     if record:
         svc.ledger.append(Event(EventType.VERIFICATION_RUN, "user:cli",
@@ -142,7 +150,9 @@ def query(
     event_type: list[str] = typer.Option([], "--type", help="event type, e.g. instance.received"),
     actor: str | None = typer.Option(None, "--actor", help="exact actor, e.g. ae:CT01"),
     since: str | None = typer.Option(None, "--since", help="ISO 8601 / YYYY-MM-DD (UTC)"),
-    until: str | None = typer.Option(None, "--until", help="ISO 8601 / YYYY-MM-DD (UTC), exclusive"),
+    until: str | None = typer.Option(
+        None, "--until", help="ISO 8601 / YYYY-MM-DD (UTC), exclusive"
+    ),
     limit: int | None = typer.Option(None, "--limit"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
 ) -> None:
@@ -208,10 +218,16 @@ def _dispatch_nodes(parent: Tree, dispatches: list[dict[str, Any]],
     for j in dispatch_jobs or []:
         dests.setdefault(str(j.get("destination")), {}).setdefault(str(j["job_id"]), [])
     for d in dispatches:
-        dests.setdefault(str(d.get("destination")), {}).setdefault(str(d.get("job_id") or ""), []).append(d)
+        dests.setdefault(str(d.get("destination")), {}).setdefault(
+            str(d.get("job_id") or ""), []
+        ).append(d)
 
     def job_label(jid: str) -> str:
-        return f"dispatch job {_short(jid, 8)} {escape(str(state.get(jid) or ''))}".rstrip() if jid else ""
+        return (
+            f"dispatch job {_short(jid, 8)} {escape(str(state.get(jid) or ''))}".rstrip()
+            if jid
+            else ""
+        )
 
     for dest, by_job in dests.items():
         label = f"-> [bold]{escape(dest)}[/bold]"
@@ -221,11 +237,16 @@ def _dispatch_nodes(parent: Tree, dispatches: list[dict[str, Any]],
             groups = [(dn, items)]
         else:
             dn = parent.add(label)
-            groups = [(dn.add(job_label(jid) or "no job id"), items) for jid, items in by_job.items()]
+            groups = [
+                (dn.add(job_label(jid) or "no job id"), items) for jid, items in by_job.items()
+            ]
         for node, items in groups:
             for d in items:
-                extra = " ".join(f"{k}={escape(str(d[k]))[:60]}" for k in ("attempt", "state", "acknowledged", "error")
-                                 if d.get(k) not in (None, ""))
+                extra = " ".join(
+                    f"{k}={escape(str(d[k]))[:60]}"
+                    for k in ("attempt", "state", "acknowledged", "error")
+                    if d.get(k) not in (None, "")
+                )
                 node.add(f"#{d['seq']} {d['type']} {d['time']} {extra}".rstrip())
             if not items:
                 node.add("no send attempt yet")
@@ -237,17 +258,26 @@ def _job_node(parent: Tree, j: dict[str, Any]) -> None:
         model += f" {escape(str(j['model_version']))}"
     if j.get("weights_sha256"):
         model += f" weights sha256:{_short(j['weights_sha256'])}"
-    jn = parent.add(f"engine job [bold]{escape(str(j['job_id']))}[/bold] {escape(str(j.get('task') or ''))} "
-                    f"model {model}")
+    jn = parent.add(
+        f"engine job [bold]{escape(str(j['job_id']))}[/bold] {escape(str(j.get('task') or ''))} "
+        f"model {model}"
+    )
     for e in j["events"]:
-        extra = " ".join(f"{k}={escape(str(e[k]))[:60]}" for k in ("attempt", "seed", "device", "error")
-                         if k in e)
+        extra = " ".join(
+            f"{k}={escape(str(e[k]))[:60]}"
+            for k in ("attempt", "seed", "device", "error")
+            if k in e
+        )
         jn.add(f"#{e['seq']} {e['type']} {e['time']} {extra}".rstrip())
     for h in j.get("held") or []:
-        jn.add(f"#{h['seq']} [yellow]output {h.get('output_index')} held by the quality gate[/yellow]: "
-               + escape("; ".join(h["reasons"])))
+        jn.add(
+            f"#{h['seq']} [yellow]output {h.get('output_index')} held by the quality gate[/yellow]: "
+            + escape("; ".join(h["reasons"]))
+        )
     for x in j.get("discarded") or []:
-        jn.add(f"#{x['seq']} partial output {escape(str(x['series_uid']))} discarded: {escape(str(x.get('reason')))}")
+        jn.add(
+            f"#{x['seq']} partial output {escape(str(x['series_uid']))} discarded: {escape(str(x.get('reason')))}"
+        )
     for o in j["outputs"]:
         on = jn.add(f"#{o['seq']} output series [bold]{escape(str(o['series_uid']))}[/bold] "
                     f"({o['sop_uids']} SOP, {escape(str(o.get('output_format') or '?'))}) "
@@ -284,7 +314,9 @@ def lineage_tree(tree: dict[str, Any]) -> Tree:
         for j in rest:
             _job_node(other, j)
     if tree.get("unattached_dispatches"):
-        _dispatch_nodes(root.add("dispatches of series not in this lineage"), tree["unattached_dispatches"])
+        _dispatch_nodes(
+            root.add("dispatches of series not in this lineage"), tree["unattached_dispatches"]
+        )
     return root
 
 
@@ -297,16 +329,26 @@ class ExportFormat(str, Enum):
 @app.command()
 def export(
     config: Path | None = ConfigOption,
-    fmt: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", "-f",
-                                     help="jsonl (verifiable), dicom (PS3.15 A.5 XML, one message "
-                                     "per line), fhir (R4 Bundle of AuditEvent + Provenance)"),
+    fmt: ExportFormat = typer.Option(
+        ExportFormat.jsonl,
+        "--format",
+        "-f",
+        help="jsonl (verifiable), dicom (PS3.15 A.5 XML, one message "
+        "per line), fhir (R4 Bundle of AuditEvent + Provenance)",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="output file (default stdout)"),
-    uid: list[str] = typer.Option([], "--uid", help="only entries mentioning these UIDs (dicom/fhir)"),
+    uid: list[str] = typer.Option(
+        [], "--uid", help="only entries mentioning these UIDs (dicom/fhir)"
+    ),
     event_type: list[str] = typer.Option([], "--type", help="only these event types (dicom/fhir)"),
     since: str | None = typer.Option(None, "--since"),
     until: str | None = typer.Option(None, "--until"),
-    syslog: str | None = typer.Option(None, "--syslog", help="with -f dicom: also send each message "
-                                      "to udp://host:port or tcp://host:port (RFC 5424)"),
+    syslog: str | None = typer.Option(
+        None,
+        "--syslog",
+        help="with -f dicom: also send each message "
+        "to udp://host:port or tcp://host:port (RFC 5424)",
+    ),
 ) -> None:
     """Export the ledger."""
     from audit.export import (
@@ -356,7 +398,9 @@ def _tee_syslog(rows: list[Any], target: str, node_ae: str) -> list[Any]:
 @app.command()
 def pubkey(
     config: Path | None = ConfigOption,
-    pem: bool = typer.Option(False, "--pem", help="PEM SubjectPublicKeyInfo instead of the note verifier key"),
+    pem: bool = typer.Option(
+        False, "--pem", help="PEM SubjectPublicKeyInfo instead of the note verifier key"
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="write to a file"),
 ) -> None:
     """The checkpoint verifier key (generated with the node key on first use)."""
@@ -364,8 +408,13 @@ def pubkey(
 
     _settings, svc = _service(config)
     v = svc.verifier
-    text = (v.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-            if pem else v.vkey() + "\n")
+    text = (
+        v.public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+        if pem
+        else v.vkey() + "\n"
+    )
     if out:
         out.write_text(text)
         print(f"wrote {out}", file=sys.stderr)
@@ -376,7 +425,9 @@ def pubkey(
 @app.command()
 def checkpoint(
     config: Path | None = ConfigOption,
-    force: bool = typer.Option(False, "--force", help="sign even if only a checkpoint event is new"),
+    force: bool = typer.Option(
+        False, "--force", help="sign even if only a checkpoint event is new"
+    ),
 ) -> None:
     """Sign a checkpoint of the current tree (database + checkpoint file + syslog)."""
     from audit.ledger import LedgerError

@@ -16,8 +16,12 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command("train")
 def train_cmd(
-    task: str = typer.Argument(..., help="training recipe: ct_denoise | mr_denoise | ct_to_mr | ct_augment"),
-    objective: str = typer.Option("diffusion", "--objective", help="diffusion | regression (one-step baseline)"),
+    task: str = typer.Argument(
+        ..., help="training recipe: ct_denoise | mr_denoise | ct_to_mr | ct_augment"
+    ),
+    objective: str = typer.Option(
+        "diffusion", "--objective", help="diffusion | regression (one-step baseline)"
+    ),
     steps: int = typer.Option(1500, "--steps", min=1),
     batch: int = typer.Option(8, "--batch", min=1),
     crop: int = typer.Option(128, "--crop", min=16, help="training crop (px); multiple of 16"),
@@ -25,48 +29,112 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed", min=0),
     n_train: int = typer.Option(96, "--n-train", min=1, help="training phantoms (3 slices each)"),
     size: int = typer.Option(256, "--size", min=32, help="phantom size (px)"),
-    data: Path | None = typer.Option(None, "--data", help="cached training data (.npz); built if missing"),
-    out: Path | None = typer.Option(None, "--out", help="models folder (default: settings models_dir)"),
+    data: Path | None = typer.Option(
+        None, "--data", help="cached training data (.npz); built if missing"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="models folder (default: settings models_dir)"
+    ),
     model_id: str | None = typer.Option(None, "--model-id"),
     version: str = typer.Option("1.0.0", "--version"),
     channels: str = typer.Option("32,32,64,64", "--channels", help="UNet channels per level"),
-    ema: float | None = typer.Option(None, "--ema-decay", min=0.0, max=1.0,
-                                     help="EMA decay of the shipped weights (default: 0.995, window <= 10 % of the run)"),
-    minutes: float | None = typer.Option(None, "--minutes", help="wall-clock budget: fewer steps if needed"),
-    lesion_weight: float = typer.Option(0.0, "--lesion-weight", min=0.0,
-                                        help="extra loss weight inside lesions (grown by 2 px); 0 = plain MSE"),
-    lesion_crop: float = typer.Option(0.0, "--lesion-crop", min=0.0, max=1.0,
-                                      help="probability of centring a crop on a lesion"),
-    fulldose_target: float = typer.Option(0.0, "--fulldose-target", min=0.0, max=1.0,
-                                          help="ct_denoise, ct_augment: share of pairs with the full-dose scan as target "
-                                               "(input = it + extra noise; the real-scan evaluation protocol)"),
-    own_texture: float = typer.Option(0.0, "--own-texture", min=0.0, max=1.0,
-                                      help="ct_denoise: in full-dose-target pairs, share whose own noise is a "
-                                           "synthetic correlated texture instead of the phantom's"),
-    sharp_shapes: float = typer.Option(0.0, "--sharp-shapes", min=0.0, max=1.0,
-                                       help="ct_denoise: share of pairs with pasted pixel-sharp shapes "
-                                            "(air pockets, constant-HU objects)"),
-    own_noise: float = typer.Option(0.0, "--own-noise", min=0.0, max=1.0,
-                                    help="mr_denoise: share of pairs whose target keeps its own noise and texture "
-                                         "(input = it + Rician noise; the real-scan evaluation protocol)"),
-    ssim_weight: float = typer.Option(0.0, "--ssim-weight", min=0.0,
-                                      help="ct_to_mr regression: add this weight x (1 - SSIM) to the MSE loss"),
-    prediction: str = typer.Option("velocity", "--prediction",
-                                   help="diffusion: what the network predicts, velocity (x0 - eps) or x0 (the clean "
-                                        "sample; a regressor's weights are then a warm start via --init)"),
-    train_t_max: float | None = typer.Option(None, "--train-t-max", min=0.01, max=1.0,
-                                             help="diffusion: train on t ~ U(0, this x T) (default: the task preset; "
-                                                  "1.0 to sample restoration from pure noise)"),
-    p_uncond: float | None = typer.Option(None, "--p-uncond", min=0.0, max=1.0,
-                                          help="diffusion: probability of dropping the condition in training "
-                                               "(default: the task preset's; ct_augment samples without it)"),
-    sample: list[str] = typer.Option([], "--sample", metavar="KEY=VALUE",
-                                     help="diffusion: a sampling default written to the model config, e.g. "
-                                          "steps=4, strength=1.0, threshold_percentile=0 (repeat)"),
-    init: Path | None = typer.Option(None, "--init", exists=True, file_okay=False,
-                                     help="initialise from this model folder's weights (same architecture)"),
+    ema: float | None = typer.Option(
+        None,
+        "--ema-decay",
+        min=0.0,
+        max=1.0,
+        help="EMA decay of the shipped weights (default: 0.995, window <= 10 % of the run)",
+    ),
+    minutes: float | None = typer.Option(
+        None, "--minutes", help="wall-clock budget: fewer steps if needed"
+    ),
+    lesion_weight: float = typer.Option(
+        0.0,
+        "--lesion-weight",
+        min=0.0,
+        help="extra loss weight inside lesions (grown by 2 px); 0 = plain MSE",
+    ),
+    lesion_crop: float = typer.Option(
+        0.0, "--lesion-crop", min=0.0, max=1.0, help="probability of centring a crop on a lesion"
+    ),
+    fulldose_target: float = typer.Option(
+        0.0,
+        "--fulldose-target",
+        min=0.0,
+        max=1.0,
+        help="ct_denoise, ct_augment: share of pairs with the full-dose scan as target "
+        "(input = it + extra noise; the real-scan evaluation protocol)",
+    ),
+    own_texture: float = typer.Option(
+        0.0,
+        "--own-texture",
+        min=0.0,
+        max=1.0,
+        help="ct_denoise: in full-dose-target pairs, share whose own noise is a "
+        "synthetic correlated texture instead of the phantom's",
+    ),
+    sharp_shapes: float = typer.Option(
+        0.0,
+        "--sharp-shapes",
+        min=0.0,
+        max=1.0,
+        help="ct_denoise: share of pairs with pasted pixel-sharp shapes "
+        "(air pockets, constant-HU objects)",
+    ),
+    own_noise: float = typer.Option(
+        0.0,
+        "--own-noise",
+        min=0.0,
+        max=1.0,
+        help="mr_denoise: share of pairs whose target keeps its own noise and texture "
+        "(input = it + Rician noise; the real-scan evaluation protocol)",
+    ),
+    ssim_weight: float = typer.Option(
+        0.0,
+        "--ssim-weight",
+        min=0.0,
+        help="ct_to_mr regression: add this weight x (1 - SSIM) to the MSE loss",
+    ),
+    prediction: str = typer.Option(
+        "velocity",
+        "--prediction",
+        help="diffusion: what the network predicts, velocity (x0 - eps) or x0 (the clean "
+        "sample; a regressor's weights are then a warm start via --init)",
+    ),
+    train_t_max: float | None = typer.Option(
+        None,
+        "--train-t-max",
+        min=0.01,
+        max=1.0,
+        help="diffusion: train on t ~ U(0, this x T) (default: the task preset; "
+        "1.0 to sample restoration from pure noise)",
+    ),
+    p_uncond: float | None = typer.Option(
+        None,
+        "--p-uncond",
+        min=0.0,
+        max=1.0,
+        help="diffusion: probability of dropping the condition in training "
+        "(default: the task preset's; ct_augment samples without it)",
+    ),
+    sample: list[str] = typer.Option(
+        [],
+        "--sample",
+        metavar="KEY=VALUE",
+        help="diffusion: a sampling default written to the model config, e.g. "
+        "steps=4, strength=1.0, threshold_percentile=0 (repeat)",
+    ),
+    init: Path | None = typer.Option(
+        None,
+        "--init",
+        exists=True,
+        file_okay=False,
+        help="initialise from this model folder's weights (same architecture)",
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
-    device: str | None = typer.Option(None, "--device", help="cpu | cuda | auto (default: settings)"),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu | cuda | auto (default: settings)"
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Train a model on phantoms and write <models_dir>/<model_id>/ (weights, config, card)."""
@@ -84,7 +152,9 @@ def train_cmd(
 
     settings = settings_from(config)
     if task not in PRESETS:
-        fail(f"no training recipe for {task!r}; choose from {sorted(PRESETS)} (augment reuses the restoration models)")
+        fail(
+            f"no training recipe for {task!r}; choose from {sorted(PRESETS)} (augment reuses the restoration models)"
+        )
     if objective not in ("diffusion", "regression"):
         fail("--objective must be diffusion or regression")
     if crop % 16 or crop > size:
@@ -95,13 +165,34 @@ def train_cmd(
         fail("--prediction / --train-t-max / --p-uncond / --sample apply to --objective diffusion")
     ch = [int(c) for c in channels.split(",") if c.strip()]
     arch = {**DEFAULT_ARCH, "channels": ch, "attention_levels": [False] * len(ch)}
-    tc = TrainConfig(task=task, objective=objective, steps=steps, batch=batch, crop=crop, lr=lr, seed=seed,
-                     n_train=n_train, size=size, architecture=arch, model_id=model_id, version=version,
-                     max_minutes=minutes, ema_decay=ema, lesion_weight=lesion_weight, lesion_crop=lesion_crop,
-                     fulldose_target=fulldose_target, own_texture=own_texture, init_from=str(init) if init else None,
-                     ssim_weight=ssim_weight, sharp_shapes=sharp_shapes, own_noise=own_noise,
-                     prediction=prediction, train_t_max=train_t_max, p_uncond=p_uncond,
-                     sampling=sampling or None)
+    tc = TrainConfig(
+        task=task,
+        objective=objective,
+        steps=steps,
+        batch=batch,
+        crop=crop,
+        lr=lr,
+        seed=seed,
+        n_train=n_train,
+        size=size,
+        architecture=arch,
+        model_id=model_id,
+        version=version,
+        max_minutes=minutes,
+        ema_decay=ema,
+        lesion_weight=lesion_weight,
+        lesion_crop=lesion_crop,
+        fulldose_target=fulldose_target,
+        own_texture=own_texture,
+        init_from=str(init) if init else None,
+        ssim_weight=ssim_weight,
+        sharp_shapes=sharp_shapes,
+        own_noise=own_noise,
+        prediction=prediction,
+        train_t_max=train_t_max,
+        p_uncond=p_uncond,
+        sampling=sampling or None,
+    )
     if (lesion_weight or lesion_crop) and task == "mr_denoise":
         fail("--lesion-weight / --lesion-crop apply to ct_denoise and ct_to_mr")
     if fulldose_target and task not in ("ct_denoise", "ct_augment"):
@@ -121,35 +212,65 @@ def train_cmd(
     threads = settings.engine.threads
     data_path = data or (out_root / ".runs" / f"train-{n_train}x{size}.npz")
     data_path.parent.mkdir(parents=True, exist_ok=True)
-    cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    cols = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*cols, console=console) as prog:
         if not data_path.exists():
             t = prog.add_task("phantoms + low dose", total=n_train, info="")
-            prepare_data(data_path, n_train, size, "train", progress=lambda i, n: prog.update(t, completed=i))
+            prepare_data(
+                data_path, n_train, size, "train", progress=lambda i, n: prog.update(t, completed=i)
+            )
         d = load_data(data_path)
         if d["ct"].shape[0] < n_train or d["ct"].shape[-1] != size:
-            fail(f"{data_path} holds {d['ct'].shape[0]} phantoms of {d['ct'].shape[-1]} px, need {n_train} x {size}")
-        d = {**d, **{k: d[k][:n_train] for k in ("ct", "ld", "nd", "t1w", "t2w", "dose", "seeds", "kinds", "les")
-                     if k in d}}
+            fail(
+                f"{data_path} holds {d['ct'].shape[0]} phantoms of {d['ct'].shape[-1]} px, need {n_train} x {size}"
+            )
+        d = {
+            **d,
+            **{
+                k: d[k][:n_train]
+                for k in ("ct", "ld", "nd", "t1w", "t2w", "dose", "seeds", "kinds", "les")
+                if k in d
+            },
+        }
         if (lesion_weight or lesion_crop) and "les" not in d:
             fail(f"{data_path} has no lesion masks (built before they were stored); rebuild it")
         t = prog.add_task(f"train {task} ({objective})", total=steps, info="")
 
         def on_step(i: int, n: int, rec: dict) -> None:
-            prog.update(t, completed=i, total=n, info=f"loss {rec['loss_ema']:.4g} lr {rec['lr']:.2e}")
+            prog.update(
+                t, completed=i, total=n, info=f"loss {rec['loss_ema']:.4g} lr {rec['lr']:.2e}"
+            )
 
-        desc = (f"{n_train} phantoms of the `train` split (seeds {int(d['seeds'].min())}-{int(d['seeds'].max())}, "
-                f"engine.phantoms v{_phantom_version()}), abdomen and MNI152 head alternating, 3 contiguous "
-                f"slices of {size}x{size} px (2 mm apart); low-dose CT by projection-domain Poisson noise "
-                f"(engine.degrade, {d['meta'].get('angles')} views) at doses {d['meta'].get('doses')} plus dose 1.0; "
-                "MR targets noise-free without bias field, Rician noise (SNR 8-40) drawn during training. "
-                "No validation/test-split phantom and no real image was used for training.")
-        model_dir = train(tc, out_root, d, resume=resume, device=dev, threads=threads, progress=on_step,
-                          data_description=desc)
+        desc = (
+            f"{n_train} phantoms of the `train` split (seeds {int(d['seeds'].min())}-{int(d['seeds'].max())}, "
+            f"engine.phantoms v{_phantom_version()}), abdomen and MNI152 head alternating, 3 contiguous "
+            f"slices of {size}x{size} px (2 mm apart); low-dose CT by projection-domain Poisson noise "
+            f"(engine.degrade, {d['meta'].get('angles')} views) at doses {d['meta'].get('doses')} plus dose 1.0; "
+            "MR targets noise-free without bias field, Rician noise (SNR 8-40) drawn during training. "
+            "No validation/test-split phantom and no real image was used for training."
+        )
+        model_dir = train(
+            tc,
+            out_root,
+            d,
+            resume=resume,
+            device=dev,
+            threads=threads,
+            progress=on_step,
+            data_description=desc,
+        )
     cfg = json.loads((model_dir / "config.json").read_text())
-    console.print(f"wrote {model_dir} ({cfg['n_parameters']} parameters, {cfg['training']['seconds']} s); "
-                  f"torch threads {torch.get_num_threads()}")
+    console.print(
+        f"wrote {model_dir} ({cfg['n_parameters']} parameters, {cfg['training']['seconds']} s); "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
 
 def _key_values(option: str, items: list[str]) -> dict[str, object]:
@@ -173,17 +294,25 @@ def _phantom_version() -> int:
 @app.command("evaluate")
 def evaluate_cmd(
     task: str = typer.Argument(..., help="ct_denoise | mr_denoise | ct_to_mr | augment"),
-    model: list[Path] = typer.Option([], "--model", help="model folder (repeat: diffusion, regressor)"),
+    model: list[Path] = typer.Option(
+        [], "--model", help="model folder (repeat: diffusion, regressor)"
+    ),
     n: int = typer.Option(8, "--n", min=1, help="held-out test-split phantoms"),
-    size: int | None = typer.Option(None, "--size", help="px (default 512 for ct_denoise, else 256)"),
+    size: int | None = typer.Option(
+        None, "--size", help="px (default 512 for ct_denoise, else 256)"
+    ),
     slices: int = typer.Option(3, "--slices", min=1),
     dose: list[float] = typer.Option([0.25], "--dose", help="dose fraction(s) for ct_denoise"),
     snr: list[float] = typer.Option([15.0], "--snr", help="SNR(s) for mr_denoise"),
     real: bool = typer.Option(True, "--real/--no-real", help="also the real pydicom CT slices"),
     param: list[str] = typer.Option([], "--param", help="task parameter KEY=VALUE (repeat)"),
     seed: int = typer.Option(0, "--seed", min=0),
-    out: Path = typer.Option(Path("bench/results/eval"), "--out", help="report folder (TASK appended)"),
-    cache: Path | None = typer.Option(None, "--cache", help="cache of simulated cases (default: temp dir)"),
+    out: Path = typer.Option(
+        Path("bench/results/eval"), "--out", help="report folder (TASK appended)"
+    ),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="cache of simulated cases (default: temp dir)"
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Evaluate models and baselines on held-out phantoms (+ real CT): Markdown + PNG report.
@@ -200,10 +329,21 @@ def evaluate_cmd(
         torch.set_num_threads(settings.engine.threads)
     params = _key_values("--param", param)
     try:
-        report = evaluate_task(task, out / task, models=list(model), n=n, size=size, n_slices=slices,
-                               doses=tuple(dose), snrs=tuple(snr), real=real, seed=seed,
-                               params=params, options=settings.engine,
-                               cache_dir=cache or Path(tempfile.gettempdir()) / "synthnode-eval-cache")
+        report = evaluate_task(
+            task,
+            out / task,
+            models=list(model),
+            n=n,
+            size=size,
+            n_slices=slices,
+            doses=tuple(dose),
+            snrs=tuple(snr),
+            real=real,
+            seed=seed,
+            params=params,
+            options=settings.engine,
+            cache_dir=cache or Path(tempfile.gettempdir()) / "synthnode-eval-cache",
+        )
     except ValueError as exc:
         fail(str(exc))
     console.print(f"wrote {report}")
@@ -211,11 +351,17 @@ def evaluate_cmd(
 
 @app.command("average")
 def average_cmd(
-    models: list[Path] = typer.Argument(..., exists=True, file_okay=False,
-                                        help="model folders (same architecture and task; the first one's recipe "
-                                             "and contract are kept)"),
+    models: list[Path] = typer.Argument(
+        ...,
+        exists=True,
+        file_okay=False,
+        help="model folders (same architecture and task; the first one's recipe "
+        "and contract are kept)",
+    ),
     out: Path = typer.Option(..., "--out", help="new model folder"),
-    weight: list[float] = typer.Option([], "--weight", help="weight per model (repeat; default equal)"),
+    weight: list[float] = typer.Option(
+        [], "--weight", help="weight per model (repeat; default equal)"
+    ),
     version: str | None = typer.Option(None, "--version", help="version of the averaged model"),
     model_id: str | None = typer.Option(None, "--model-id"),
 ) -> None:
@@ -226,20 +372,30 @@ def average_cmd(
     if out.resolve() in [m.resolve() for m in models]:
         fail("--out must be a new folder, not one of the averaged models")
     try:
-        d = average_models(list(models), out, weights=list(weight) or None, version=version, model_id=model_id)
+        d = average_models(
+            list(models), out, weights=list(weight) or None, version=version, model_id=model_id
+        )
     except ValueError as exc:
         fail(str(exc))
-    console.print(f"wrote {d} (mean of {len(models)} models); evaluate it, then `synthnode engine package {d}`")
+    console.print(
+        f"wrote {d} (mean of {len(models)} models); evaluate it, then `synthnode engine package {d}`"
+    )
 
 
 @app.command("package")
 def package_cmd(
     model_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="model folder"),
-    metrics_md: Path | None = typer.Option(None, "--metrics-md", exists=True, dir_okay=False,
-                                           help="Markdown with held-out metrics for the model card"),
+    metrics_md: Path | None = typer.Option(
+        None,
+        "--metrics-md",
+        exists=True,
+        dir_okay=False,
+        help="Markdown with held-out metrics for the model card",
+    ),
     intended_use: str = typer.Option(
         "research and engineering validation on phantoms; not for diagnosis; outputs are synthetic",
-        "--intended-use"),
+        "--intended-use",
+    ),
 ) -> None:
     """Refresh MODEL_CARD.md (digest, metrics) and write manifest.json through the model gate."""
     from audit.modelgate import build_manifest, write_manifest
@@ -250,7 +406,14 @@ def package_cmd(
     man = model_dir / "manifest.json"
     if man.exists():
         man.unlink()
-    m = build_manifest(model_dir, model_id=cfg["model_id"], version=cfg["version"], task=cfg["tasks"][0],
-                       intended_use=intended_use)
+    m = build_manifest(
+        model_dir,
+        model_id=cfg["model_id"],
+        version=cfg["version"],
+        task=cfg["tasks"][0],
+        intended_use=intended_use,
+    )
     write_manifest(model_dir, m)
-    console.print(f"{model_dir}: card refreshed, manifest with {len(m['files'])} file(s) written (not approved)")
+    console.print(
+        f"{model_dir}: card refreshed, manifest with {len(m['files'])} file(s) written (not approved)"
+    )

@@ -32,8 +32,10 @@ def _gate(config: Path | None, actor: str = "user:cli"):  # type: ignore[no-unty
         fail(f"audit.approvers: {exc}")
     try:
         ledger = Ledger(make_engine(settings.database_url))
-    except Exception as exc:  # noqa: BLE001
-        fail(f"cannot open the ledger at {settings.database_url}: {exc} (run `synthnode db upgrade`)")
+    except Exception as exc:
+        fail(
+            f"cannot open the ledger at {settings.database_url}: {exc} (run `synthnode db upgrade`)"
+        )
     return settings, ModelGate(ledger, approvers, actor=actor)
 
 
@@ -99,7 +101,9 @@ def manifest(
                 d = json.loads(src.read_text())
             except ValueError:
                 continue
-            meta.update({k: str(d[k]) for k in ("model_id", "version", "task", "intended_use") if d.get(k)})
+            meta.update(
+                {k: str(d[k]) for k in ("model_id", "version", "task", "intended_use") if d.get(k)}
+            )
             if not d.get("task") and isinstance(d.get("tasks"), list) and d["tasks"]:
                 meta.setdefault("task", str(d["tasks"][0]))  # engine config.json lists its tasks
     given = {"model_id": model_id, "version": version, "task": task, "intended_use": intended_use}
@@ -108,8 +112,13 @@ def manifest(
     if missing:
         fail(f"missing {', '.join('--' + m.replace('_', '-') for m in missing)}")
     try:
-        m = build_manifest(folder, model_id=meta["model_id"], version=meta["version"], task=meta["task"],
-                           intended_use=meta["intended_use"])
+        m = build_manifest(
+            folder,
+            model_id=meta["model_id"],
+            version=meta["version"],
+            task=meta["task"],
+            intended_use=meta["intended_use"],
+        )
     except ModelRefused as exc:
         fail(str(exc))
         return
@@ -136,13 +145,17 @@ def approve(
         return
     kid = key_fingerprint(priv.public_key())
     if kid not in gate.approvers:
-        err_console.print(f"[yellow]warning:[/yellow] key {kid} is not in audit.approvers of this config; "
-                          "the gate will not accept this approval until it is")
+        err_console.print(
+            f"[yellow]warning:[/yellow] key {kid} is not in audit.approvers of this config; "
+            "the gate will not accept this approval until it is"
+        )
     bad = 0
     for folder in _folders(settings, folders or [], all_):
         try:
             p = gate.approve(folder, priv, name)
-            console.print(f"approved {folder.name}: version {p['version']} manifest {p['manifest_sha256'][:16]} key {kid}")
+            console.print(
+                f"approved {folder.name}: version {p['version']} manifest {p['manifest_sha256'][:16]} key {kid}"
+            )
         except ModelRefused as exc:
             err_console.print(f"[red]{exc}[/red]")
             bad += 1
@@ -185,8 +198,10 @@ def verify(
     for folder in _folders(settings, folders or [], all_):
         try:
             vm = gate.verify(folder)
-            console.print(f"[green]OK[/green] {vm.model_id} {vm.version}: weights sha256 {vm.weights_sha256} "
-                          f"approved by {vm.approver} ({vm.key_id})")
+            console.print(
+                f"[green]OK[/green] {vm.model_id} {vm.version}: weights sha256 {vm.weights_sha256} "
+                f"approved by {vm.approver} ({vm.key_id})"
+            )
         except ModelRefused as exc:
             err_console.print(f"[red]REFUSED[/red] {exc}")
             bad += 1
@@ -210,11 +225,23 @@ def list_(
     rows = [gate.status(f) for f in folders]
     if as_json:
         for s in rows:
-            print(json.dumps({"folder": str(s.model_dir), "model_id": s.model_id, "version": s.version,
-                              "manifest_sha256": s.manifest_sha256, "state": s.state, "detail": s.detail}))
+            print(
+                json.dumps(
+                    {
+                        "folder": str(s.model_dir),
+                        "model_id": s.model_id,
+                        "version": s.version,
+                        "manifest_sha256": s.manifest_sha256,
+                        "state": s.state,
+                        "detail": s.detail,
+                    }
+                )
+            )
         return
     table = Table("folder", "model_id", "version", "state", "detail", title=str(root))
     for s in rows:
         color = {"approved": "green", "revoked": "red", "invalid": "red"}.get(s.state, "yellow")
-        table.add_row(s.model_dir.name, s.model_id, s.version, f"[{color}]{s.state}[/{color}]", s.detail)
+        table.add_row(
+            s.model_dir.name, s.model_id, s.version, f"[{color}]{s.state}[/{color}]", s.detail
+        )
     console.print(table)

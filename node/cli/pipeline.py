@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,8 @@ def _store(config: Path | None):  # type: ignore[no-untyped-def]
 def _utc(t: Any) -> Any:
     """SQLite gives naive datetimes (written as UTC), PostgreSQL aware ones in its session
     time zone: show both in UTC."""
-    from datetime import timezone
 
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def _job_dict(job: Any) -> dict[str, Any]:

@@ -76,8 +76,12 @@ def _load_keys(settings: Any, extra: list[Path]) -> list[WatermarkKey]:
 
 @app.command()
 def keygen(
-    key_id: int = typer.Option(0, "--key-id", min=0, max=255, help="public key id carried in payloads"),
-    out: Path | None = typer.Option(None, "--out", help="key file (default: the configured watermark key)"),
+    key_id: int = typer.Option(
+        0, "--key-id", min=0, max=255, help="public key id carried in payloads"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="key file (default: the configured watermark key)"
+    ),
     force: bool = typer.Option(False, "--force", help="overwrite an existing key file"),
     config: Path | None = ConfigOption,
 ) -> None:
@@ -93,7 +97,9 @@ def keygen(
 # ----------------------------------------------------------------------------- embed
 
 
-def _embed_dicom(src: Path, dst: Path, key: WatermarkKey, payload: int, max_delta: int | None) -> int:
+def _embed_dicom(
+    src: Path, dst: Path, key: WatermarkKey, payload: int, max_delta: int | None
+) -> int:
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian
 
@@ -109,7 +115,10 @@ def _embed_dicom(src: Path, dst: Path, key: WatermarkKey, payload: int, max_delt
     delta = max_delta if max_delta is not None else suggest_max_delta(arr, hu_calibrated=hu)
     valid_range = None
     if "PixelPaddingValue" in ds:  # keep padding untouched: mark only values above it
-        valid_range = (int(ds.PixelPaddingValue) + 1, (1 << bits) - 1 if not signed else (1 << (bits - 1)) - 1)
+        valid_range = (
+            int(ds.PixelPaddingValue) + 1,
+            (1 << bits) - 1 if not signed else (1 << (bits - 1)) - 1,
+        )
     marked = embed(arr, key, payload, bits_stored=bits, signed=signed, max_delta=delta,
                    valid_range=valid_range)
     if "PixelPaddingValue" in ds:
@@ -123,7 +132,9 @@ def _embed_dicom(src: Path, dst: Path, key: WatermarkKey, payload: int, max_delt
     return delta
 
 
-def _embed_image(src: Path, dst: Path, key: WatermarkKey, payload: int, max_delta: int | None) -> int:
+def _embed_image(
+    src: Path, dst: Path, key: WatermarkKey, payload: int, max_delta: int | None
+) -> int:
     from PIL import Image
 
     img = np.asarray(Image.open(src).convert("L"))
@@ -139,11 +150,22 @@ def _embed_image(src: Path, dst: Path, key: WatermarkKey, payload: int, max_delt
 def embed_cmd(
     paths: list[Path] = typer.Argument(..., help="DICOM files, PNG / JPEG files or directories"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (same relative names)"),
-    mark_id: int | None = typer.Option(None, "--mark-id", help=f"{MARK_ID_BITS}-bit mark id (payload = key id || mark id)"),
-    payload_hex_opt: str | None = typer.Option(None, "--payload", help="full 48-bit payload as hex"),
-    max_delta: int | None = typer.Option(None, "--max-delta", min=1, max=64,
-                                         help="largest change in stored units (default: 2 for CT, noise-relative otherwise)"),
-    key_file: Path | None = typer.Option(None, "--key", help="key file (default: the configured key)"),
+    mark_id: int | None = typer.Option(
+        None, "--mark-id", help=f"{MARK_ID_BITS}-bit mark id (payload = key id || mark id)"
+    ),
+    payload_hex_opt: str | None = typer.Option(
+        None, "--payload", help="full 48-bit payload as hex"
+    ),
+    max_delta: int | None = typer.Option(
+        None,
+        "--max-delta",
+        min=1,
+        max=64,
+        help="largest change in stored units (default: 2 for CT, noise-relative otherwise)",
+    ),
+    key_file: Path | None = typer.Option(
+        None, "--key", help="key file (default: the configured key)"
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Embed the watermark; writes marked copies under --out."""
@@ -156,7 +178,11 @@ def embed_cmd(
     if (mark_id is None) == (payload_hex_opt is None):
         fail("give exactly one of --mark-id or --payload")
     try:
-        payload = make_payload(key.key_id, mark_id) if mark_id is not None else int(str(payload_hex_opt), 16)
+        payload = (
+            make_payload(key.key_id, mark_id)
+            if mark_id is not None
+            else int(str(payload_hex_opt), 16)
+        )
         if not 0 <= payload < (1 << 48):
             raise ValueError("payload must fit in 48 bits")
     except ValueError as exc:
@@ -167,8 +193,12 @@ def embed_cmd(
     for f, rel in files:
         dst = out / rel
         try:
-            delta = (_embed_image if _is_image(f) else _embed_dicom)(f, dst, key, payload, max_delta)
-            console.print(f"{f}: marked (payload {payload_hex(payload)}, max delta {delta}) -> {dst}")
+            delta = (_embed_image if _is_image(f) else _embed_dicom)(
+                f, dst, key, payload, max_delta
+            )
+            console.print(
+                f"{f}: marked (payload {payload_hex(payload)}, max delta {delta}) -> {dst}"
+            )
         except Exception as exc:  # one bad file never stops a directory run
             failures += 1
             err_console.print(f"[red]{f}: not marked: {exc}[/red]")
@@ -238,7 +268,10 @@ def _describe(path: Path, det: Detection, ledger: _LedgerIndex) -> dict[str, Any
         if ledger.error:
             row["ledger"] = ledger.error
         else:
-            row["ledger"] = ledger.by_payload.get(det.payload_hex or "") or "no output.created event with this payload"
+            row["ledger"] = (
+                ledger.by_payload.get(det.payload_hex or "")
+                or "no output.created event with this payload"
+            )
     return row
 
 
@@ -247,7 +280,9 @@ def detect_cmd(
     paths: list[Path] = typer.Argument(..., help="DICOM files, PNG / JPEG files or directories"),
     key_files: list[Path] = typer.Option([], "--key", help="extra key files to try"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
-    fail_unmarked: bool = typer.Option(False, "--fail-unmarked", help="exit 1 if any file is not marked"),
+    fail_unmarked: bool = typer.Option(
+        False, "--fail-unmarked", help="exit 1 if any file is not marked"
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Detect the watermark and resolve its payload to the ledger entry."""
@@ -261,7 +296,11 @@ def detect_cmd(
             dets.append((f, detect(_read_pixels(f), keys), None))
         except Exception as exc:
             dets.append((f, None, str(exc)))
-    ledger = _ledger_index(settings) if any(d and d.payload is not None for _, d, _ in dets) else _LedgerIndex({})
+    ledger = (
+        _ledger_index(settings)
+        if any(d and d.payload is not None for _, d, _ in dets)
+        else _LedgerIndex({})
+    )
     any_unmarked = False
     for f, det, error in dets:
         if det is None:
@@ -284,8 +323,11 @@ def detect_cmd(
         if row["payload"]:
             line += f" payload {row['payload']} (mark id {row['mark_id']})"
             led = row["ledger"]
-            line += (f" -> ledger entry {led['seq']} {led['time']} {led['subject']}" if isinstance(led, dict)
-                     else f" -> {led}")
+            line += (
+                f" -> ledger entry {led['seq']} {led['time']} {led['subject']}"
+                if isinstance(led, dict)
+                else f" -> {led}"
+            )
         elif row["marked"]:
             line += " payload unreadable (mark present, payload damaged)"
         console.print(line, highlight=False, soft_wrap=True)

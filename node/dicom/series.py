@@ -31,7 +31,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -181,7 +181,7 @@ def _dsv(value: float) -> DS:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc).astimezone()
+    return datetime.now(UTC).astimezone()
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -309,7 +309,13 @@ class _Context:
         for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
             if kw not in ds:
                 setattr(ds, kw, "")
-        for kw in ("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        for kw in (
+            "StudyDate",
+            "StudyTime",
+            "ReferringPhysicianName",
+            "StudyID",
+            "AccessionNumber",
+        ):
             if kw not in ds:
                 setattr(ds, kw, "")
 
@@ -365,7 +371,9 @@ class _Context:
     def frame_of_reference(self, ds: Dataset) -> None:
         if self.geometry.frame_of_reference_uid:
             ds.FrameOfReferenceUID = self.geometry.frame_of_reference_uid
-            ds.PositionReferenceIndicator = self.reference.get("PositionReferenceIndicator", "") or ""
+            ds.PositionReferenceIndicator = (
+                self.reference.get("PositionReferenceIndicator", "") or ""
+            )
 
     def synthetic_tags(self, ds: Dataset) -> None:
         ds.SyntheticData = codes.SYNTHETIC_YES
@@ -393,7 +401,9 @@ class _Context:
         for i in indices:
             ref = self.geometry.sources[i]
             items.append(
-                source_image_item(ref.sop_class_uid, ref.sop_instance_uid, ref.frame_number, self.lossy)
+                source_image_item(
+                    ref.sop_class_uid, ref.sop_instance_uid, ref.frame_number, self.lossy
+                )
             )
         ds.SourceImageSequence = DicomSequence(items)
 
@@ -401,7 +411,9 @@ class _Context:
         ds.RescaleIntercept = _dsv(self.stored.intercept)
         ds.RescaleSlope = _dsv(self.stored.slope)
         ds.RescaleType = (
-            codes.RESCALE_TYPE_HU if self.intensity is Intensity.HU else codes.RESCALE_TYPE_UNSPECIFIED
+            codes.RESCALE_TYPE_HU
+            if self.intensity is Intensity.HU
+            else codes.RESCALE_TYPE_UNSPECIFIED
         )
 
     def voi(self, ds: Dataset) -> None:
@@ -458,7 +470,11 @@ def _build_sc(ctx: _Context) -> list[Dataset]:
         ds = Dataset(sc)
         ds.file_meta = sc.file_meta
         # highdicom defaults that are wrong for a synthetic output
-        for kw in ("ContributingEquipmentSequence", "DateOfSecondaryCapture", "TimeOfSecondaryCapture"):
+        for kw in (
+            "ContributingEquipmentSequence",
+            "DateOfSecondaryCapture",
+            "TimeOfSecondaryCapture",
+        ):
             if kw in ds:
                 del ds[kw]
         ctx.patient_study(ds)
@@ -516,8 +532,12 @@ def _build_mf_word_sc(ctx: _Context) -> list[Dataset]:
     ctx.synthetic_tags(ds)
     ds.ConversionType = codes.CONVERSION_TYPE_SYNTHETIC
     ds.SecondaryCaptureDeviceManufacturer = codes.MANUFACTURER
-    ds.SecondaryCaptureDeviceManufacturerModelName = _truncate(ctx.spec.provenance.model_id, _LO_MAX)
-    ds.SecondaryCaptureDeviceSoftwareVersions = _truncate(ctx.spec.provenance.model_version, _LO_MAX)
+    ds.SecondaryCaptureDeviceManufacturerModelName = _truncate(
+        ctx.spec.provenance.model_id, _LO_MAX
+    )
+    ds.SecondaryCaptureDeviceSoftwareVersions = _truncate(
+        ctx.spec.provenance.model_version, _LO_MAX
+    )
     ds.DateOfSecondaryCapture = ctx.when.strftime("%Y%m%d")
     ds.TimeOfSecondaryCapture = ctx.when.strftime("%H%M%S")
     ds.InstanceNumber = 1
@@ -687,11 +707,18 @@ def build_series(
                 f"{marked.shape}/{marked.dtype}"
             )
         stored = StoredPixels(
-            np.ascontiguousarray(marked), stored.slope, stored.intercept, stored.bits_stored, stored.signed
+            np.ascontiguousarray(marked),
+            stored.slope,
+            stored.intercept,
+            stored.bits_stored,
+            stored.signed,
         )
     ctx = _Context(source, output, spec, stored)
     modality = ctx.modality
-    if spec.output_format is OutputFormat.ENHANCED and modality not in codes.ENHANCED_SOP_CLASS_BY_MODALITY:
+    if (
+        spec.output_format is OutputFormat.ENHANCED
+        and modality not in codes.ENHANCED_SOP_CLASS_BY_MODALITY
+    ):
         raise ValueError(f"no enhanced form for modality {modality}")
     datasets = BUILDERS[OutputFormat(spec.output_format)](ctx)
     for ds in datasets:

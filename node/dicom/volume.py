@@ -185,8 +185,12 @@ def _is_lossy(ds: Dataset) -> bool:
 
 def _pixels(ds: Dataset) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise VolumeError(Reason.NO_PIXEL_DATA, f"instance {ds.get('SOPInstanceUID')} has no pixel data")
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or str(ds.get("PhotometricInterpretation", "MONOCHROME2")) not in (
+        raise VolumeError(
+            Reason.NO_PIXEL_DATA, f"instance {ds.get('SOPInstanceUID')} has no pixel data"
+        )
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or str(
+        ds.get("PhotometricInterpretation", "MONOCHROME2")
+    ) not in (
         "MONOCHROME1",
         "MONOCHROME2",
     ):
@@ -364,7 +368,9 @@ def intensity_of(ds: Dataset) -> Intensity:
         tr = _floats(ds.get("RepetitionTime"))
         te = _floats(ds.get("EchoTime"))
         if tr is None or te is None:
-            mr = _first(_first(ds, "SharedFunctionalGroupsSequence"), "MRTimingAndRelatedParametersSequence")
+            mr = _first(
+                _first(ds, "SharedFunctionalGroupsSequence"), "MRTimingAndRelatedParametersSequence"
+            )
             tr = tr or (_floats(mr.get("RepetitionTime")) if mr else None)
             mr_echo = _first(_first(ds, "SharedFunctionalGroupsSequence"), "MREchoSequence")
             te = te or (_floats(mr_echo.get("EffectiveEchoTime")) if mr_echo else None)
@@ -468,7 +474,10 @@ def _assemble_stack(
     else:
         slice_spacing = float(first.thickness or 1.0)
     data = np.stack(
-        [f.stored.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept) for f in frames]
+        [
+            f.stored.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
+            for f in frames
+        ]
     ).astype(np.float32)
     head = datasets[0]
     slopes = {f.slope for f in frames}
@@ -497,7 +506,11 @@ def _assemble_stack(
         intensity=intensity,
     )
     logger.debug(
-        "assembled %d slices %dx%d spacing %s", len(frames), first.rows, first.columns, volume.spacing
+        "assembled %d slices %dx%d spacing %s",
+        len(frames),
+        first.rows,
+        first.columns,
+        volume.spacing,
     )
     return AssembledVolume(volume, geometry, _reference(head))
 
@@ -584,7 +597,9 @@ def assemble_split(
             uids = tuple(dict.fromkeys(f.ref.sop_instance_uid for f in part))
             if len(part) < min_slices:
                 rejected.append(
-                    Rejected(uids, Reason.SPACING_GAP, f"stack of {len(part)} < {min_slices} slices")
+                    Rejected(
+                        uids, Reason.SPACING_GAP, f"stack of {len(part)} < {min_slices} slices"
+                    )
                 )
                 continue
             dsets = [by_uid[u] for u in uids]

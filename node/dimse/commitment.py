@@ -165,7 +165,9 @@ def _parse_request(event: Any) -> tuple[str, list[tuple[str, str]]]:
     try:
         info = event.action_information
     except Exception:
-        raise _BadRequest(Commitment.INVALID_ARGUMENT_VALUE, "Action Information unreadable") from None
+        raise _BadRequest(
+            Commitment.INVALID_ARGUMENT_VALUE, "Action Information unreadable"
+        ) from None
     tx = str(info.get("TransactionUID", "") or "").strip()
     seq = info.get("ReferencedSOPSequence")
     if not tx or not seq:
@@ -248,7 +250,9 @@ class CommitmentService:
                     with self._lock:
                         self._active.discard(tx)
 
-    def _deliver(self, assoc: Any, calling: str, result: CommitmentResult) -> tuple[str, int | None]:
+    def _deliver(
+        self, assoc: Any, calling: str, result: CommitmentResult
+    ) -> tuple[str, int | None]:
         mode = self.ctx.settings.dimse.commitment_report
         ds = result.report(self.ctx.settings.dimse.ae_title)
         if mode in ("auto", "same_association") and assoc.is_established:
@@ -293,7 +297,9 @@ class CommitmentService:
                     assoc.release()
                 if status is not None:
                     return "new_association", int(status)
-            log.warning("storage commitment report: attempt %d to %s failed", attempt, dest.ae_title)
+            log.warning(
+                "storage commitment report: attempt %d to %s failed", attempt, dest.ae_title
+            )
             if self.ctx.stopping.is_set():
                 break
             time.sleep(attempt)

@@ -57,7 +57,7 @@ from storage.query import InstanceRef, retrieve_set
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QueryRoot", "contexts", "handlers", "handle_find", "handle_get", "handle_move"]
+__all__ = ["QueryRoot", "contexts", "handle_find", "handle_get", "handle_move", "handlers"]
 
 
 class QueryRoot(str, Enum):
@@ -101,7 +101,10 @@ _QR_TRANSFER_SYNTAXES = [
 
 def contexts(ctx: NodeContext) -> list[PresentationContext]:
     """Q/R models as SCP, and role selection on storage SOP classes for C-GET."""
-    out = [build_context(uid, _QR_TRANSFER_SYNTAXES) for uid in (*FIND_MODELS, *GET_MODELS, *MOVE_MODELS)]
+    out = [
+        build_context(uid, _QR_TRANSFER_SYNTAXES)
+        for uid in (*FIND_MODELS, *GET_MODELS, *MOVE_MODELS)
+    ]
     for cx in AllStoragePresentationContexts:
         # The requestor of a C-GET proposes SCP role on storage SOP classes; we accept both
         # roles (PS3.7 D.3.3.4). Transfer syntaxes are merged with the C-STORE SCP's.
@@ -401,7 +404,12 @@ def _resolve(
     event.assoc.bind(evt.EVT_DIMSE_SENT, hook)
     root = models.get(model)
     if root is None:
-        return None, QueryRetrieve.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"not a {service} model", hook
+        return (
+            None,
+            QueryRetrieve.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            f"not a {service} model",
+            hook,
+        )
     try:
         parsed = parse_identifier(event.identifier, root)
         hook.payload["level"] = parsed.level.value
@@ -470,7 +478,9 @@ def _move_contexts(refs: list[InstanceRef]) -> list[PresentationContext]:
 def handle_move(ctx: NodeContext, event: Any) -> Iterator[Any]:
     """EVT_C_MOVE handler (PS3.4 C.4.2.3): destination, number of sub-operations, datasets."""
     dest_ae = str(event.move_destination or "").strip()
-    refs, status, reason, hook = _resolve(ctx, event, MOVE_MODELS, "C-MOVE", {"destination": dest_ae})
+    refs, status, reason, hook = _resolve(
+        ctx, event, MOVE_MODELS, "C-MOVE", {"destination": dest_ae}
+    )
     hook.subject["destination"] = dest_ae
     dest = next((d for d in ctx.settings.dimse.move_destinations if d.ae_title == dest_ae), None)
     if dest is None:

@@ -56,7 +56,9 @@ class Sender(ABC):
         """Release transport resources."""
 
 
-def all_failed(datasets: Sequence[Dataset], reason: str, transient: bool, status: int | None = None) -> SendReport:
+def all_failed(
+    datasets: Sequence[Dataset], reason: str, transient: bool, status: int | None = None
+) -> SendReport:
     return SendReport(
         failed={str(ds.SOPInstanceUID): Failure(reason, transient, status) for ds in datasets}
     )

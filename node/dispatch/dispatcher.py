@@ -119,9 +119,13 @@ class Dispatcher:
         """Wait after failed attempt ``attempt`` (1-based): backoff_s * 2**(attempt-1), capped."""
         return float(min(MAX_BACKOFF_S, destination.backoff_s * (2 ** (attempt - 1))))
 
-    def _event(self, type_: EventType, outcome: Outcome, subject: dict[str, Any], payload: dict[str, Any]) -> None:
+    def _event(
+        self, type_: EventType, outcome: Outcome, subject: dict[str, Any], payload: dict[str, Any]
+    ) -> None:
         if self.ledger is not None:
-            self.ledger.append(Event(type=type_, actor=ACTOR, outcome=outcome, subject=subject, payload=payload))
+            self.ledger.append(
+                Event(type=type_, actor=ACTOR, outcome=outcome, subject=subject, payload=payload)
+            )
 
     def check_policy(self, datasets: Sequence[Dataset], destination: Destination) -> None:
         """Raise :class:`PolicyRefused` unless every instance may go to ``destination``."""

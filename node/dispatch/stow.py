@@ -25,7 +25,9 @@ def _failure_code(item: Dataset) -> int | None:
         return None
 
 
-def parse_stow_response(datasets: Sequence[Dataset], response: Dataset, http_status: int) -> SendReport:
+def parse_stow_response(
+    datasets: Sequence[Dataset], response: Dataset, http_status: int
+) -> SendReport:
     """Interpret a STOW-RS response (PS3.18 10.5.3, Table 10.5.3-1).
 
     Instances in Referenced SOP Sequence (0008,1199) are acknowledged (Warning Reason
@@ -113,7 +115,9 @@ class StowSender(Sender):
                 body = Dataset.from_json(response.json())
             except Exception:
                 body = None
-            if body is not None and ("FailedSOPSequence" in body or "ReferencedSOPSequence" in body):
+            if body is not None and (
+                "FailedSOPSequence" in body or "ReferencedSOPSequence" in body
+            ):
                 return parse_stow_response(batch, body, status)
         transient = status >= 500 or status in (408, 429) or status == 0
         return all_failed(batch, f"STOW-RS HTTP {status}", transient)

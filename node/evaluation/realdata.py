@@ -79,7 +79,7 @@ def load_real_ct(names: tuple[str, ...] = REAL_CT_FILES,
             try:
                 ds = pydicom.dcmread(path)
                 av = assemble([ds], intensity=intensity)
-            except Exception as exc:  # noqa: BLE001 - report and go on with the others
+            except Exception as exc:
                 log.warning("cannot use %s: %s", name, exc)
                 continue
         data = np.ascontiguousarray(av.volume.data, dtype=np.float32)
@@ -124,8 +124,16 @@ def real_ct_originals(names: tuple[str, ...] = REAL_CT_FILES) -> list:
     for rs in load_real_ct(names):
         v = rs.volume
         vol = Volume(_scan_hu(v), v.spacing, Intensity.HU)
-        cases.append(Case(f"real-{rs.name}", vol, vol, None, None,
-                          {"file": rs.name, "transfer_syntax": rs.transfer_syntax, "hu_sha256": rs.sha256}))
+        cases.append(
+            Case(
+                f"real-{rs.name}",
+                vol,
+                vol,
+                None,
+                None,
+                {"file": rs.name, "transfer_syntax": rs.transfer_syntax, "hu_sha256": rs.sha256},
+            )
+        )
     return cases
 
 
@@ -145,7 +153,9 @@ def real_mr_cases(snr: float, seed: int = 0, names: tuple[str, ...] = REAL_MR_FI
         v = rs.volume
         h, w = v.data.shape[1:]
         y0, x0 = (h - h // 16 * 16) // 2, (w - w // 16 * 16) // 2
-        ref = np.clip(v.data[:, y0:y0 + h // 16 * 16, x0:x0 + w // 16 * 16], 0.0, None).astype(np.float32)
+        ref = np.clip(v.data[:, y0 : y0 + h // 16 * 16, x0 : x0 + w // 16 * 16], 0.0, None).astype(
+            np.float32
+        )
         noisy = mr_noise(ref, snr, seed=seed * 1000 + i).astype(np.float32)
         cases.append(Case(f"real-{rs.name}", Volume(noisy, v.spacing, Intensity.MR),
                           Volume(ref, v.spacing, Intensity.MR), None, None,
@@ -210,8 +220,10 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
                    f"`{d['weights_sha256']}`, folder `{m}`, params {p or 'model defaults'}"
                    for (_, _, d, p), m in zip(loaded, models)]
     sections = []
-    common = (f"{n} test-split phantoms (seeds {2_000_000_000}-{2_000_000_000 + n - 1}, abdomen and "
-              f"MNI152 head alternating), {n_slices} slices of {size}x{size} px each")
+    common = (
+        f"{n} test-split phantoms (seeds {2_000_000_000}-{2_000_000_000 + n - 1}, abdomen and "
+        f"MNI152 head alternating), {n_slices} slices of {size}x{size} px each"
+    )
     if task == "ct_denoise":
         nlm = baselines.nlm_ct()
         for dose in doses:
@@ -248,16 +260,28 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
                 "signal / sigma); reference: the noise- and bias-free MR.", n_pictures))
             if real:
                 rcases = real_mr_cases(snr, seed=seed)
-                sections.append(run_section(
-                    f"MR restoration, real images, SNR {snr:g}", task, rcases, methods, out,
-                    f"{len(rcases)} real MR images from pydicom / pydicom-data "
-                    f"({', '.join(c.info['file'] for c in rcases)}; centre-cropped to a multiple of 16 px); "
-                    f"input: the scan plus Rician noise at SNR {snr:g} (mean foreground signal / sigma); "
-                    "reference: the original scan (its own noise included).", n_pictures))
+                sections.append(
+                    run_section(
+                        f"MR restoration, real images, SNR {snr:g}",
+                        task,
+                        rcases,
+                        methods,
+                        out,
+                        f"{len(rcases)} real MR images from pydicom / pydicom-data "
+                        f"({', '.join(c.info['file'] for c in rcases)}; centre-cropped to a multiple of 16 px); "
+                        f"input: the scan plus Rician noise at SNR {snr:g} (mean foreground signal / sigma); "
+                        "reference: the original scan (its own noise included).",
+                        n_pictures,
+                    )
+                )
     elif task == "augment":
         n_var = int((params or {}).get("n") or 4)
-        methods = {f"dose re-simulation (half dose, {n_var} draws)": dose_resimulation(n_var, 0.5, seed=seed),
-                   **{k: fn for k, fn, _, _ in loaded}}
+        methods = {
+            f"dose re-simulation (half dose, {n_var} draws)": dose_resimulation(
+                n_var, 0.5, seed=seed
+            ),
+            **{k: fn for k, fn, _, _ in loaded},
+        }
         cases = phantom_cases(task, n, size=size, n_slices=n_slices, cache_dir=cache_dir)
         sections.append(run_augment_section(
             "CT augmentation, phantoms", cases, methods, out,
@@ -265,16 +289,25 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
             "noise-free phantom CT.", n_pictures))
         if real:
             rcases = real_ct_originals()
-            sections.append(run_augment_section(
-                "CT augmentation, real slices", rcases, methods, out,
-                f"{len(rcases)} real CT images from pydicom / pydicom-data "
-                f"({', '.join(c.info['file'] for c in rcases)}) as received (no lesion masks).", n_pictures))
+            sections.append(
+                run_augment_section(
+                    "CT augmentation, real slices",
+                    rcases,
+                    methods,
+                    out,
+                    f"{len(rcases)} real CT images from pydicom / pydicom-data "
+                    f"({', '.join(c.info['file'] for c in rcases)}) as received (no lesion masks).",
+                    n_pictures,
+                )
+            )
     else:
         luts = baselines.fit_phantom_luts(lut_train_n, size=size)
         for target in targets:
             methods: dict = {f"HU lookup ({lut_train_n} training phantoms)": luts[target]}
             for (k, _, _, p), mdir in zip(loaded, models):
-                fn, _ = model_method(mdir, task, {**p, "target": target}, seed=seed, options=options)
+                fn, _ = model_method(
+                    mdir, task, {**p, "target": target}, seed=seed, options=options
+                )
                 methods[k] = fn
             cases = phantom_cases(task, n, size=size, n_slices=n_slices, target=target,
                                   cache_dir=cache_dir)

@@ -3,7 +3,7 @@ converting every element (PS3.5 6.1 character sets, 6.2 value representations)."
 from __future__ import annotations
 
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydicom.datadict import dictionary_VR as dictionary_vr
@@ -37,7 +37,7 @@ _DEFAULT_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"}
 def _raw_value(ds: Dataset, keyword: str) -> tuple[str, bytes] | None:
     """(VR, raw bytes) of a not-yet-converted element, or None."""
     tag = Tag(tag_for_keyword(keyword))
-    elem = ds._dict.get(tag)  # noqa: SLF001 - raw access avoids per-element conversion
+    elem = ds._dict.get(tag)
     if elem is None or not hasattr(elem, "value") or not isinstance(elem.value, bytes):
         return None
     vr = elem.VR or dictionary_vr(tag)
@@ -95,28 +95,38 @@ def index_record(probe: Dataset, ts: str, rel_path: str, size: int, sha: str,
         sop_class_uid=text_value(probe, "SOPClassUID") or "",
         series_instance_uid=text_value(probe, "SeriesInstanceUID") or "",
         study_instance_uid=text_value(probe, "StudyInstanceUID") or "",
-        transfer_syntax_uid=ts, file_path=rel_path, file_size=size, sha256=sha,
-        received_at=datetime.now(timezone.utc), calling_ae=calling_ae,
-        called_ae=called_ae, source=source,
+        transfer_syntax_uid=ts,
+        file_path=rel_path,
+        file_size=size,
+        sha256=sha,
+        received_at=datetime.now(UTC),
+        calling_ae=calling_ae,
+        called_ae=called_ae,
+        source=source,
         patient_id=text_value(probe, "PatientID") or "",
         issuer_of_patient_id=text_value(probe, "IssuerOfPatientID") or "",
         patient_name=text_value(probe, "PatientName"),
         patient_birth_date=text_value(probe, "PatientBirthDate"),
         patient_sex=text_value(probe, "PatientSex"),
-        study_date=text_value(probe, "StudyDate"), study_time=text_value(probe, "StudyTime"),
+        study_date=text_value(probe, "StudyDate"),
+        study_time=text_value(probe, "StudyTime"),
         accession_number=text_value(probe, "AccessionNumber"),
         study_id=text_value(probe, "StudyID"),
         study_description=text_value(probe, "StudyDescription"),
         referring_physician_name=text_value(probe, "ReferringPhysicianName"),
-        modality=text_value(probe, "Modality"), series_number=int_value(probe, "SeriesNumber"),
+        modality=text_value(probe, "Modality"),
+        series_number=int_value(probe, "SeriesNumber"),
         series_description=text_value(probe, "SeriesDescription"),
         body_part_examined=text_value(probe, "BodyPartExamined"),
-        series_date=text_value(probe, "SeriesDate"), series_time=text_value(probe, "SeriesTime"),
+        series_date=text_value(probe, "SeriesDate"),
+        series_time=text_value(probe, "SeriesTime"),
         frame_of_reference_uid=text_value(probe, "FrameOfReferenceUID"),
         instance_number=int_value(probe, "InstanceNumber"),
         number_of_frames=int_value(probe, "NumberOfFrames"),
-        rows=int_value(probe, "Rows"), columns=int_value(probe, "Columns"),
+        rows=int_value(probe, "Rows"),
+        columns=int_value(probe, "Columns"),
         bits_allocated=int_value(probe, "BitsAllocated"),
-        content_date=text_value(probe, "ContentDate"), content_time=text_value(probe, "ContentTime"),
+        content_date=text_value(probe, "ContentDate"),
+        content_time=text_value(probe, "ContentTime"),
         synthetic_data=text_value(probe, "SyntheticData"),
     )

@@ -45,7 +45,7 @@ __all__ = ["GroupCommit", "Ingestor"]
 
 # -- ingest -----------------------------------------------------------------------------
 class _Pending:
-    __slots__ = ("rec", "event", "finished", "entry", "error")
+    __slots__ = ("entry", "error", "event", "finished", "rec")
 
     def __init__(self, rec: InstanceRecord, event: Event):
         self.rec, self.event = rec, event

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -48,8 +48,15 @@ from node.pipeline.tables import jobs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BrokerPool", "QUEUE_PREFIX_ENV", "TASK_NAME", "WorkerRuntime", "make_celery",
-           "process_message", "queue_names"]
+__all__ = [
+    "QUEUE_PREFIX_ENV",
+    "TASK_NAME",
+    "BrokerPool",
+    "WorkerRuntime",
+    "make_celery",
+    "process_message",
+    "queue_names",
+]
 
 TASK_NAME = "synthnode.run_job"
 QUEUE_PREFIX_ENV = "SYNTHNODE_CELERY_QUEUE_PREFIX"
@@ -92,7 +99,7 @@ def process_message(runtime: WorkerRuntime, job_id: str) -> str:
                     logger.warning("job %s: lease not renewed (no longer this worker's "
                                    "claim)", job.id)
                     return
-            except Exception:  # noqa: BLE001 - database busy: next beat
+            except Exception:
                 logger.warning("lease heartbeat for job %s failed", job.id, exc_info=True)
 
     beater = threading.Thread(target=beat, name=f"lease-{job.id[:8]}", daemon=True)
@@ -219,7 +226,7 @@ class BrokerPool:
         (lost message). Idempotent: a second call right after the first sends nothing, and
         surplus messages are no-ops in the workers. Returns the ids published."""
         stale = self.stale_after_s if stale_after_s is None else stale_after_s
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         with self.store.engine.connect() as c:
             rows = c.execute(
                 select(jobs.c.id, jobs.c.kind, jobs.c.updated_at)

@@ -23,7 +23,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, and_, select, update
@@ -65,12 +65,12 @@ def sweep_quiet_studies(tracker_key: str) -> None:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _aware(t: datetime | None) -> datetime | None:
     if t is not None and t.tzinfo is None:
-        return t.replace(tzinfo=timezone.utc)  # SQLite hands back naive UTC
+        return t.replace(tzinfo=UTC)  # SQLite hands back naive UTC
     return t
 
 
@@ -140,7 +140,7 @@ class StudyTracker:
             self.scheduler = BackgroundScheduler(
                 jobstores={"default": store},
                 job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
-                timezone=timezone.utc,
+                timezone=UTC,
             )
         if not self.scheduler.running:
             self.scheduler.start()

@@ -24,7 +24,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -149,13 +149,13 @@ class Job:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _aware(t: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes: they were written as UTC."""
     if t is not None and t.tzinfo is None:
-        return t.replace(tzinfo=timezone.utc)
+        return t.replace(tzinfo=UTC)
     return t
 
 
@@ -255,7 +255,9 @@ class JobStore:
         kind = get("kind")
         payload = {"kind": kind.value if isinstance(kind, Enum) else kind, **payload}
         self.ledger.append(
-            Event(type=_EVENT[state], actor=ACTOR, outcome=outcome, subject=subject, payload=payload),
+            Event(
+                type=_EVENT[state], actor=ACTOR, outcome=outcome, subject=subject, payload=payload
+            ),
             conn=conn,
         )
 
@@ -322,7 +324,9 @@ class JobStore:
         claim: Job | None = None,
     ) -> Job:
         if new not in TRANSITIONS[job.state]:
-            raise InvalidTransition(f"job {job.id}: {job.state.value} -> {new.value} is not allowed")
+            raise InvalidTransition(
+                f"job {job.id}: {job.state.value} -> {new.value} is not allowed"
+            )
         values = {**values, "state": new.value, "updated_at": _now()}
         where = [jobs.c.id == job.id, jobs.c.state == job.state.value]
         if claim is not None:

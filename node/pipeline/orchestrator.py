@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ OUTPUT_BUILDING = "building"  # pipeline_outputs.state: instances being stored
 OUTPUT_COMPLETE = "complete"  # output.created + dispatch jobs written (one transaction)
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def fingerprint(sop_uids: Sequence[str]) -> str:
@@ -141,11 +141,15 @@ class Pipeline:
             calling_ae=self.settings.calling_ae, sleep=sleep,
         )
         self.pool = WorkerPool(
-            self.jobs, {JobKind.ENGINE: self.run_engine_job, JobKind.DISPATCH: self.run_dispatch_job},
-            workers=self.settings.workers, poll_s=self.settings.poll_s,
+            self.jobs,
+            {JobKind.ENGINE: self.run_engine_job, JobKind.DISPATCH: self.run_dispatch_job},
+            workers=self.settings.workers,
+            poll_s=self.settings.poll_s,
             backoff_s=self.settings.retry_backoff_s,
         )
-        if self.settings.broker_url:  # scale-out: the broker carries job ids (node/pipeline/broker.py)
+        if (
+            self.settings.broker_url
+        ):  # scale-out: the broker carries job ids (node/pipeline/broker.py)
             from node.pipeline.broker import BrokerPool
 
             self.pool = BrokerPool(  # type: ignore[assignment]
@@ -247,8 +251,14 @@ class Pipeline:
             if rule.forward_originals:
                 queued += self._forward_original(study_uid, series_uid, rule, fp, generation)
             for k, task in enumerate(rule.tasks):
-                decision = self._reprocess_decision(series_uid, rule.name, task.task, fp, generation,
-                                                    rule.reprocess or self.settings.reprocess)
+                decision = self._reprocess_decision(
+                    series_uid,
+                    rule.name,
+                    task.task,
+                    fp,
+                    generation,
+                    rule.reprocess or self.settings.reprocess,
+                )
                 if decision is None:
                     continue
                 spec = {
@@ -376,7 +386,7 @@ class Pipeline:
             try:
                 for series_uid in started:
                     self._discard_output(series_uid, reason, orphans_of=job)
-            except Exception:  # noqa: BLE001 - the next attempt (or start-up) discards it
+            except Exception:
                 logger.exception("could not discard the partial outputs of job %s", job.id)
             raise
         if made:
@@ -497,7 +507,7 @@ class Pipeline:
         for i in insts:  # after the commit; a crash here leaves unreferenced files that
             try:         # start-up recovery removes
                 self.parts.store.delete(i.file_path)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("could not remove discarded file %s", i.file_path)
         logger.warning("discarded partial output series %s (%d instance(s)): %s",
                        series_uid, len(insts), reason)
@@ -563,7 +573,12 @@ class Pipeline:
                     timings["watermark"] = timings.get("watermark", 0.0) + time.perf_counter() - t
         wm_before = timings.get("watermark", 0.0)
         t0 = time.perf_counter()
-        n_out = self.settings.output_series_number_base + int(job.spec.get("task_index", 0)) * 10 + k + 1
+        n_out = (
+            self.settings.output_series_number_base
+            + int(job.spec.get("task_index", 0)) * 10
+            + k
+            + 1
+        )
         spec = SeriesSpec(
             output_format, prov, ledger_entry=f"job:{job.id}",
             series_number=n_out, series_instance_uid=series_uid,

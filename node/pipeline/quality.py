@@ -226,11 +226,15 @@ def _mr_bias(src: np.ndarray, out: np.ndarray, sigma: float) -> float:
     that removes that floor is right, not biased. Returned: RMS(out) - sqrt(max(mean(M^2) -
     2 sigma^2, 0)) over the given voxels, a level change in the image's units (a shift by c of a
     uniform region changes it by exactly c)."""
-    expected = float(np.sqrt(max(float(np.mean(np.square(src, dtype=np.float64))) - 2.0 * sigma * sigma, 0.0)))
+    expected = float(
+        np.sqrt(max(float(np.mean(np.square(src, dtype=np.float64))) - 2.0 * sigma * sigma, 0.0))
+    )
     return float(np.sqrt(np.mean(np.square(out, dtype=np.float64)))) - expected
 
 
-def _restoration(g: _Gate, src: np.ndarray, data: np.ndarray, hu: bool, limits: QualityLimits) -> None:
+def _restoration(
+    g: _Gate, src: np.ndarray, data: np.ndarray, hu: bool, limits: QualityLimits
+) -> None:
     """Residual statistics over the volume and per slice; per-slice edge ratio."""
     resid = data - src
     body_all = _foreground(src)
@@ -252,10 +256,14 @@ def _restoration(g: _Gate, src: np.ndarray, data: np.ndarray, hu: bool, limits: 
                    f"mean |residual| {mar:.1f} HU exceeds {limits.max_mean_abs_residual_hu:.0f}")
     elif sstd > 0:
         if abs(bias) / sstd > limits.max_rel_bias:
-            g.fail("bias", f"mean residual {bias / sstd:.2f} input SD exceeds {limits.max_rel_bias}")
+            g.fail(
+                "bias", f"mean residual {bias / sstd:.2f} input SD exceeds {limits.max_rel_bias}"
+            )
         if mar / sstd > limits.max_rel_mean_abs_residual:
-            g.fail("mean_abs_residual",
-                   f"mean |residual| {mar / sstd:.2f} input SD exceeds {limits.max_rel_mean_abs_residual}")
+            g.fail(
+                "mean_abs_residual",
+                f"mean |residual| {mar / sstd:.2f} input SD exceeds {limits.max_rel_mean_abs_residual}",
+            )
     if corr < limits.min_correlation:
         g.fail("correlation", f"correlation with input {corr:.3f} below {limits.min_correlation}")
 
@@ -269,7 +277,9 @@ def _restoration(g: _Gate, src: np.ndarray, data: np.ndarray, hu: bool, limits: 
                           else (sstd or 1.0, "input SD", limits.max_slice_rel_bias))
     rel = np.abs(biases) / scale
     worst = int(np.argmax(rel))
-    g.stats.update(slice_residual_mean_max_abs=_fmt(float(rel[worst])), slice_residual_mean_worst=str(worst))
+    g.stats.update(
+        slice_residual_mean_max_abs=_fmt(float(rel[worst])), slice_residual_mean_worst=str(worst)
+    )
     bad = [k for k in range(len(rel)) if rel[k] > limit]
     if bad:
         g.fail("slice_bias", f"mean residual above {limit:g} {unit} in {_slices(bad)}; worst slice "
@@ -279,8 +289,11 @@ def _restoration(g: _Gate, src: np.ndarray, data: np.ndarray, hu: bool, limits: 
     g.stats.update(slice_correlation_min=_fmt(corrs[k]), slice_correlation_worst=str(k))
     bad = [i for i, c in enumerate(corrs) if c < limits.min_slice_correlation]
     if bad:
-        g.fail("slice_correlation", f"correlation with input below {limits.min_slice_correlation} in "
-                                    f"{_slices(bad)}; worst slice {k}: {corrs[k]:.3f}")
+        g.fail(
+            "slice_correlation",
+            f"correlation with input below {limits.min_slice_correlation} in "
+            f"{_slices(bad)}; worst slice {k}: {corrs[k]:.3f}",
+        )
     ratios: dict[int, float] = {}
     for i in range(src.shape[0]):
         body = ndimage.binary_erosion(body_all[i], iterations=BODY_EROSION_PX)
@@ -289,19 +302,27 @@ def _restoration(g: _Gate, src: np.ndarray, data: np.ndarray, hu: bool, limits: 
             ratios[i] = r
     if ratios:
         lo_k, hi_k = min(ratios, key=ratios.__getitem__), max(ratios, key=ratios.__getitem__)
-        g.stats.update(slice_edge_ratio_min=_fmt(ratios[lo_k]), slice_edge_ratio_max=_fmt(ratios[hi_k]))
+        g.stats.update(
+            slice_edge_ratio_min=_fmt(ratios[lo_k]), slice_edge_ratio_max=_fmt(ratios[hi_k])
+        )
     g.stats["slice_edge_ratio_judged"] = f"{len(ratios)}/{src.shape[0]}"
     if ratios:
         low = [i for i, r in ratios.items() if r < limits.min_slice_edge_ratio]
         high = [i for i, r in ratios.items() if r > limits.max_slice_edge_ratio]
         if low:
-            g.fail("slice_edge_ratio", f"edges (contrast) lost: output/input edge ratio below "
-                                       f"{limits.min_slice_edge_ratio} in {_slices(low)}; worst slice "
-                                       f"{lo_k}: {ratios[lo_k]:.3f}")
+            g.fail(
+                "slice_edge_ratio",
+                f"edges (contrast) lost: output/input edge ratio below "
+                f"{limits.min_slice_edge_ratio} in {_slices(low)}; worst slice "
+                f"{lo_k}: {ratios[lo_k]:.3f}",
+            )
         if high:
-            g.fail("slice_edge_ratio", f"edges the input lacks: output/input edge ratio above "
-                                       f"{limits.max_slice_edge_ratio} in {_slices(high)}; worst slice "
-                                       f"{hi_k}: {ratios[hi_k]:.3f}")
+            g.fail(
+                "slice_edge_ratio",
+                f"edges the input lacks: output/input edge ratio above "
+                f"{limits.max_slice_edge_ratio} in {_slices(high)}; worst slice "
+                f"{hi_k}: {ratios[hi_k]:.3f}",
+            )
 
 
 def _cross_modality(g: _Gate, src: np.ndarray, data: np.ndarray, limits: QualityLimits) -> None:
@@ -310,7 +331,10 @@ def _cross_modality(g: _Gate, src: np.ndarray, data: np.ndarray, limits: Quality
     dice = 2.0 * int((a & b).sum()) / denom if denom else 0.0
     g.stats["foreground_dice"] = _fmt(dice)
     if dice < limits.min_foreground_dice:
-        g.fail("foreground_dice", f"foreground Dice with input {dice:.3f} below {limits.min_foreground_dice}")
+        g.fail(
+            "foreground_dice",
+            f"foreground Dice with input {dice:.3f} below {limits.min_foreground_dice}",
+        )
     dices: dict[int, float] = {}
     for k in range(src.shape[0]):
         n = int(a[k].sum()) + int(b[k].sum())
@@ -321,12 +345,17 @@ def _cross_modality(g: _Gate, src: np.ndarray, data: np.ndarray, limits: Quality
         g.stats.update(slice_foreground_dice_min=_fmt(dices[k]), slice_foreground_dice_worst=str(k))
         bad = [i for i, d in dices.items() if d < limits.min_slice_foreground_dice]
         if bad:
-            g.fail("slice_foreground_dice", f"foreground Dice with input below "
-                                            f"{limits.min_slice_foreground_dice} in {_slices(bad)}; "
-                                            f"worst slice {k}: {dices[k]:.3f}")
+            g.fail(
+                "slice_foreground_dice",
+                f"foreground Dice with input below "
+                f"{limits.min_slice_foreground_dice} in {_slices(bad)}; "
+                f"worst slice {k}: {dices[k]:.3f}",
+            )
 
 
-def check(output: Volume, source: Volume | None = None, limits: QualityLimits | None = None) -> QualityReport:
+def check(
+    output: Volume, source: Volume | None = None, limits: QualityLimits | None = None
+) -> QualityReport:
     """Run the gate on one output volume (optionally against its source volume)."""
     limits = limits or QualityLimits()
     data = np.asarray(output.data, dtype=np.float64)
