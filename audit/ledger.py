@@ -203,7 +203,8 @@ class Ledger:
         cached = {
             "lock": q("UPDATE ledger_head SET size = size WHERE id = ? RETURNING size, frontier"),
             "entry": q(
-                "INSERT INTO ledger_entries (seq, leaf_hash, data, event_type, time, actor, outcome) "
+                "INSERT INTO ledger_entries "
+                "(seq, leaf_hash, data, event_type, time, actor, outcome) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)"
             ),
             "node": q("INSERT INTO ledger_nodes (level, idx, hash) VALUES (?, ?, ?)"),
@@ -351,7 +352,7 @@ class Ledger:
                 conn: Connection | None = None, batch: int = 5000) -> Iterator[StoredEntry]:
         """Stored entries in sequence order (streamed)."""
         own = conn is None
-        c = self.engine.connect() if own else conn
+        c = self.engine.connect() if conn is None else conn
         try:
             q = select(ledger_entries.c.seq, ledger_entries.c.leaf_hash, ledger_entries.c.data) \
                 .where(ledger_entries.c.seq >= start).order_by(ledger_entries.c.seq)
@@ -402,9 +403,10 @@ class Ledger:
         if conn is None:
             with self.engine.connect() as c:
                 return self.checkpoints(c)
-        c = ledger_checkpoints.c
+        cols = ledger_checkpoints.c
         return [(int(r.size), bytes(r.root_hash), r.note)
-                for r in conn.execute(select(c.size, c.root_hash, c.note).order_by(c.size))]
+                for r in conn.execute(
+                    select(cols.size, cols.root_hash, cols.note).order_by(cols.size))]
 
     def latest_checkpoint(self, conn: Connection) -> tuple[int, bytes, str] | None:
         c = ledger_checkpoints.c
@@ -420,13 +422,6 @@ def entry_time(entry: StoredEntry) -> datetime:
     import json
 
     return parse_time(json.loads(entry.data)["time"])
-
-
-def open_ledger(engine: Engine, **kwargs: Any):  # type: ignore[no-untyped-def]
-    """See :func:`audit.service.open_ledger` (re-exported here for the composition root)."""
-    from audit.service import open_ledger as _open
-
-    return _open(engine, **kwargs)
 
 
 class _Pending:

@@ -20,12 +20,13 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
-from engine.api import Intensity, Volume
+from engine.types import Intensity, Volume
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class HuLut:
     def __post_init__(self) -> None:
         if len(self.knots) != len(self.values) or len(self.knots) < 2:
             raise ValueError("knots and values must have the same length >= 2")
-        if any(b <= a for a, b in zip(self.knots, self.knots[1:])):
+        if any(b <= a for a, b in pairwise(self.knots)):
             raise ValueError("knots must increase strictly")
 
     @classmethod

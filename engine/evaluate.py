@@ -38,8 +38,8 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from engine import metrics as M
-from engine.api import Intensity, Volume
 from engine.phantoms import Tissue
+from engine.types import Intensity, Volume
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: f
 def save_cases(cases: Sequence[Case], path: Path) -> None:
     """Cache cases (the low-dose simulation at 512 px costs seconds per slice)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}  # name -> array (Any: np.savez's keywords include allow_pickle)
     meta = []
     for i, c in enumerate(cases):
         arrays[f"in{i}"], arrays[f"ref{i}"] = c.input.data, c.reference.data
@@ -559,10 +559,12 @@ window (data range 400, Gaussian window sigma 1.5); MR PSNR / SSIM on 0..p99.9 o
 reference; MAE over the body; noise SD = SD of (output - reference) in eroded interiors of
 fat, muscle, liver, kidney, spleen, grey and white matter (phantoms) or flat soft tissue of
 the reference (real slices); lesion contrast ratio = (lesion - ring background) of the output
-over that of the reference; lesion contrast error = mean |output contrast - reference contrast| (HU for CT); CT
+over that of the reference; lesion contrast error = mean |output contrast - reference \
+contrast| (HU for CT); CT
 restoration also reports the contrast ratio over the lesions whose reference contrast is
 >= 10 HU (a ratio to a reference contrast near 0, e.g. a 1 HU brain lesion, is noise: the
-residual noise of 1 HU moves it by 100 %); lesion Dice of a threshold segmentation at the midpoint of the
+residual noise of 1 HU moves it by 100 %); lesion Dice of a threshold segmentation at the \
+midpoint of the
 reference's lesion and background means (engine/metrics.py); CT->MR also splits lesions >= 5 mm
 by their contrast in the received CT: CT-visible |dHU| >= 10, CT-occult < 10 (below the grey /
 white matter contrast; no CT->MR model can draw them); false lesions / slice = in-body blobs
@@ -776,7 +778,8 @@ def dose_resimulation(n: int, dose: float = 0.5, seed: int = 0) -> VariantsMetho
     return run
 
 
-AUGMENT_CONVENTIONS = """Augmentation: each method makes N variants of the received normal-dose CT. MAE (body) and SSIM
+AUGMENT_CONVENTIONS = """\
+Augmentation: each method makes N variants of the received normal-dose CT. MAE (body) and SSIM
 (-160..240 HU window; also inside the brain, CSF + grey + white matter, and the liver, where the
 anatomy is low-contrast) to the input: how far variants move; SD across variants (body, mean of the
 per-pixel SD), also after a 2 px Gaussian (variation beyond pixel noise: a noise-only method

@@ -30,12 +30,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from engine.api import Intensity, Provenance, TaskResult, Volume
 from engine.models import LoadedModel
 from engine.nets import (
     dynamic_threshold,
@@ -45,7 +44,11 @@ from engine.nets import (
     regression_predict,
     rflow_sample,
 )
+from engine.types import Intensity, Provenance, TaskResult, Volume
 from engine.wavelet import dwt2, idwt2
+
+if TYPE_CHECKING:
+    from monai.networks.schedulers import RFlowScheduler
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,10 @@ class TaskSpec:
         return {
             "task": self.name,
             "input_intensities": [i.value for i in self.input_intensities],
-            "shape": f"(z, y, x) float32; y and x divisible by {self.size_multiple}, >= {self.min_size}",
+            "shape": (
+                f"(z, y, x) float32; y and x divisible by {self.size_multiple}, "
+                f">= {self.min_size}"
+            ),
             "params": {
                 k: {
                     "type": p.type.__name__,
@@ -352,21 +358,11 @@ def _predict(
     """
     io = model.config["io"]
     k = int(io.get("context_slices", 0))
-    in_ch, out_ch = in_out_channels(io)
-    ref = cond if cond is not None else init
-    assert ref is not None
-    z, _, h, w = ref.shape
-    cond_w = dwt2(context_stack(cond, k)) if cond is not None else None
-    if drop_condition or cond_w is None:
-        cond_w = torch.zeros(z, in_ch - out_ch, h // 2, w // 2)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    noise = torch.randn(z, out_ch, h // 2, w // 2, generator=gen)
-    # residual models (io.residual_scale = k) learn r = k * (clean - received) for restoration:
-    # the start sample of the flow is then r = 0 (the received image itself)
+    _, out_ch = in_out_channels(io)
     k_res = io.get("residual_scale")
-    if k_res and init is None:
-        raise TaskInputError("a residual model needs the received image")
-    init_w = (torch.zeros_like(dwt2(init)) if k_res else dwt2(init)) if init is not None else None
+    cond_w, noise, init_w = _network_inputs(model, cond, init, seed=seed,
+                                            drop_condition=drop_condition)
+    z = cond_w.shape[0]
     floor = float(model.config.get("sampling", {}).get("threshold_floor", 1.0))
     device = opts.device
     model.to(device)
@@ -380,21 +376,6 @@ def _predict(
         if guide_sigma is None or init is None:
             return None
         return 0.0 if k_res else lowpass(init[sl].to(device), guide_sigma)
-
-    def make_xform(sl: slice) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """x0 transform of one batch: ILVR guidance, then dynamic thresholding."""
-        if guide_sigma is None and threshold is None:
-            return None
-        ref_low = reference_low(sl)
-
-        def xform(x0w: torch.Tensor) -> torch.Tensor:
-            x0 = idwt2(x0w.float())
-            if ref_low is not None and guide_sigma is not None:
-                x0 = ilvr(x0, ref_low, guide_sigma)
-            if threshold is not None:
-                x0 = dynamic_threshold(x0, threshold, floor)
-            return dwt2(x0).to(x0w.dtype)
-        return xform
 
     # the 2.5D condition in pixels, for the flipped / rotated copies of the ensemble
     ens_pix = (
@@ -410,42 +391,30 @@ def _predict(
         for b0 in range(0, z, opts.batch_slices):
             sl = slice(b0, min(z, b0 + opts.batch_slices))
             c = cond_w[sl].to(device)
-            if (
-                ens_pix is not None
-            ):  # test-time ensemble: pixel-domain mean of the transformed predictions
-                # image channels, not sub-bands (out_ch counts 4 Haar sub-bands per channel)
-                out = torch.zeros(sl.stop - sl.start, int(io["target_channels"]), h, w)
-                for g in DIHEDRAL[:ensemble]:
-                    cg = c if g == DIHEDRAL[0] else dwt2(_dihedral(ens_pix[sl], g)).to(device)
-                    with _autocast(device, opts):
-                        yg = regression_predict(model.net, cg, out_ch, t_max)
-                    out += _dihedral(idwt2(yg.float()).cpu(), g, inverse=True)
-                out /= ensemble
-            else:
-                if model.objective == "regression":
-                    with _autocast(device, opts):
-                        y = regression_predict(model.net, c, out_ch, t_max)
-                else:
-                    n = noise[sl].to(device)
-                    if init_w is not None and start < 1.0:
-                        t0 = torch.full(
-                            (n.shape[0],), round(start * t_max), dtype=torch.long, device=device
-                        )
-                        x = scheduler.add_noise(init_w[sl].to(device), n, t0)
-                    else:
-                        x = n
-                    with _autocast(device, opts):
-                        y = rflow_sample(
-                            model.net,
-                            scheduler,
-                            c,
-                            x,
-                            start if init_w is not None else 1.0,
-                            steps,
-                            make_xform(sl),
-                            prediction=model.config.get("prediction", "velocity"),
-                        )
+            if ens_pix is not None:
+                # test-time ensemble: pixel-domain mean of the transformed predictions
+                out = _ensemble_regression(model, c, ens_pix[sl], ensemble, out_ch, t_max, opts)
+            elif model.objective == "regression":
+                with _autocast(device, opts):
+                    y = regression_predict(model.net, c, out_ch, t_max)
                 out = idwt2(y.float()).cpu()
+            else:
+                xform = (
+                    None
+                    if guide_sigma is None and threshold is None
+                    else _x0_transform(reference_low(sl), guide_sigma, threshold, floor)
+                )
+                out = _sample_slices(
+                    model,
+                    scheduler,
+                    c,
+                    noise[sl],
+                    None if init_w is None else init_w[sl],
+                    start=start,
+                    steps=steps,
+                    xform=xform,
+                    opts=opts,
+                )
             if guide_sigma is not None and model.objective == "regression":
                 ref_low = reference_low(sl)
                 assert ref_low is not None  # guide_sigma needs init (refused above)
@@ -454,6 +423,108 @@ def _predict(
                 out = init[sl] + out / float(k_res)
             outs.append(out)
     return torch.cat(outs, dim=0)
+
+
+def _network_inputs(
+    model: LoadedModel,
+    cond: torch.Tensor | None,
+    init: torch.Tensor | None,
+    *,
+    seed: int,
+    drop_condition: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The whole stack's network inputs in sub-bands: ``(cond_w, noise, init_w)``, the 2.5D
+    condition (zeros when dropped or absent), the seeded start noise and the start image
+    (None without ``init``; zeros for a residual model)."""
+    io = model.config["io"]
+    k = int(io.get("context_slices", 0))
+    in_ch, out_ch = in_out_channels(io)
+    ref = cond if cond is not None else init
+    assert ref is not None
+    z, _, h, w = ref.shape
+    cond_w = dwt2(context_stack(cond, k)) if cond is not None else None
+    if drop_condition or cond_w is None:
+        cond_w = torch.zeros(z, in_ch - out_ch, h // 2, w // 2)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    noise = torch.randn(z, out_ch, h // 2, w // 2, generator=gen)
+    # residual models (io.residual_scale = k) learn r = k * (clean - received) for restoration:
+    # the start sample of the flow is then r = 0 (the received image itself)
+    k_res = io.get("residual_scale")
+    if k_res and init is None:
+        raise TaskInputError("a residual model needs the received image")
+    init_w = (torch.zeros_like(dwt2(init)) if k_res else dwt2(init)) if init is not None else None
+    return cond_w, noise, init_w
+
+
+def _ensemble_regression(model: LoadedModel, c: torch.Tensor, cond_pix: torch.Tensor,
+                         ensemble: int, out_ch: int, t_max: int,
+                         opts: RunOptions) -> torch.Tensor:
+    """A regressor's test-time ensemble over one batch: the pixel-domain mean of its
+    predictions on the first ``ensemble`` of ``DIHEDRAL`` (the 2.5D condition ``cond_pix``
+    ``(b, Cc, H, W)`` in pixels flipped / rotated, each output turned back); ``c`` is the
+    untransformed condition in sub-bands. Returns ``(b, Ct, H, W)`` on the CPU."""
+    b, _, h, w = cond_pix.shape
+    device = opts.device
+    # image channels, not sub-bands (out_ch counts 4 Haar sub-bands per channel)
+    out = torch.zeros(b, int(model.config["io"]["target_channels"]), h, w)
+    for g in DIHEDRAL[:ensemble]:
+        cg = c if g == DIHEDRAL[0] else dwt2(_dihedral(cond_pix, g)).to(device)
+        with _autocast(device, opts):
+            yg = regression_predict(model.net, cg, out_ch, t_max)
+        out += _dihedral(idwt2(yg.float()).cpu(), g, inverse=True)
+    out /= ensemble
+    return out
+
+
+def _x0_transform(ref_low: torch.Tensor | float | None, guide_sigma: tuple[float, float] | None,
+                  threshold: float | None, floor: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x0 transform of one batch: ILVR guidance towards ``ref_low``, then dynamic
+    thresholding."""
+
+    def xform(x0w: torch.Tensor) -> torch.Tensor:
+        x0 = idwt2(x0w.float())
+        if ref_low is not None and guide_sigma is not None:
+            x0 = ilvr(x0, ref_low, guide_sigma)
+        if threshold is not None:
+            x0 = dynamic_threshold(x0, threshold, floor)
+        return dwt2(x0).to(x0w.dtype)
+    return xform
+
+
+def _sample_slices(
+    model: LoadedModel,
+    scheduler: RFlowScheduler,
+    c: torch.Tensor,
+    noise: torch.Tensor,
+    init_w: torch.Tensor | None,
+    *,
+    start: float,
+    steps: int,
+    xform: Callable[[torch.Tensor], torch.Tensor] | None,
+    opts: RunOptions,
+) -> torch.Tensor:
+    """A diffusion model's flow over one batch: from ``init_w`` noised to ``start`` (or from
+    pure ``noise`` without a start image), ``steps`` Euler steps. Returns pixels on the CPU."""
+    device = opts.device
+    t_max = scheduler.num_train_timesteps
+    n = noise.to(device)
+    if init_w is not None and start < 1.0:
+        t0 = torch.full((n.shape[0],), round(start * t_max), dtype=torch.long, device=device)
+        x = scheduler.add_noise(init_w.to(device), n, t0)
+    else:
+        x = n
+    with _autocast(device, opts):
+        y = rflow_sample(
+            model.net,
+            scheduler,
+            c,
+            x,
+            start if init_w is not None else 1.0,
+            steps,
+            xform,
+            prediction=model.config.get("prediction", "velocity"),
+        )
+    return idwt2(y.float()).cpu()
 
 
 # --------------------------------------------------------------------------- validation
@@ -485,7 +556,8 @@ def check_input(spec: TaskSpec, volume: Volume, model: LoadedModel) -> None:
         )
     if volume.intensity not in spec.input_intensities:
         raise TaskInputError(
-            f"{spec.name} needs intensity in {[i.value for i in spec.input_intensities]}, got {volume.intensity.value}"
+            f"{spec.name} needs intensity in {[i.value for i in spec.input_intensities]}, "
+            f"got {volume.intensity.value}"
         )
     data = volume.data
     if data.dtype.kind != "f":
@@ -496,7 +568,8 @@ def check_input(spec: TaskSpec, volume: Volume, model: LoadedModel) -> None:
     for n, v in (("rows", y), ("columns", x)):
         if v < spec.min_size or v % spec.size_multiple:
             raise TaskInputError(
-                f"{spec.name}: {n}={v} must be >= {spec.min_size} and divisible by {spec.size_multiple}"
+                f"{spec.name}: {n}={v} must be >= {spec.min_size} and divisible by "
+                f"{spec.size_multiple}"
             )
     if not np.all(np.isfinite(data)):
         raise TaskInputError("volume contains NaN or infinite values")
@@ -504,7 +577,8 @@ def check_input(spec: TaskSpec, volume: Volume, model: LoadedModel) -> None:
     is_ct = volume.intensity == Intensity.HU
     if (norm_in == "hu") != is_ct:
         raise TaskInputError(
-            f"model {model.model_id} expects {'CT (HU)' if norm_in == 'hu' else 'MR'} input, got {volume.intensity.value}"
+            f"model {model.model_id} expects {'CT (HU)' if norm_in == 'hu' else 'MR'} input, "
+            f"got {volume.intensity.value}"
         )
 
 

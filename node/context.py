@@ -2,7 +2,7 @@
 (:mod:`node.app`) and injected into every service module (design.md section 3;
 style.md 8: settings injected, not a mutable global).
 
-Service modules (DIMSE, DICOMweb, pipeline) receive a :class:`NodeContext`; nothing
+Service modules (DIMSE, pipeline, and any HTTP service) receive a :class:`NodeContext`; nothing
 reaches for a module-level singleton.
 """
 from __future__ import annotations
@@ -12,11 +12,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
-from audit.events import Event
+from audit.ledger import Ledger
+from audit.service import AuditService
 from config.settings import Settings
 from storage.filestore import FileStore
 from storage.index import Index
@@ -24,17 +25,7 @@ from storage.index import Index
 if TYPE_CHECKING:
     from node.ingest.results import StoredInstance
 
-__all__ = ["InFlight", "InstanceStoredHook", "LedgerWriter", "NodeContext"]
-
-
-class LedgerWriter(Protocol):
-    """The one append API of the audit ledger (``audit.ledger.Ledger``).
-
-    ``conn`` is an open connection inside ``engine.begin()``: the ledger row then commits
-    in the caller's transaction (index row + ledger entry in one unit, design.md 4).
-    """
-
-    def append(self, event: Event, conn: Connection | None = None) -> Any: ...
+__all__ = ["InFlight", "InstanceStoredHook", "NodeContext"]
 
 
 #: Called after an instance is durably stored and indexed (after the commit, before the
@@ -89,7 +80,7 @@ class NodeContext:
         Durable file store.
     index : storage.index.Index
         Instance index on ``engine``.
-    ledger : LedgerWriter
+    ledger : audit.ledger.Ledger
         The audit ledger (single writer API).
     logger : logging.Logger
         Node logger (no PHI at INFO).
@@ -108,12 +99,12 @@ class NodeContext:
     engine: Engine
     store: FileStore
     index: Index
-    ledger: LedgerWriter
+    ledger: Ledger
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("node"))
     on_instance_stored: list[InstanceStoredHook] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
     inflight: InFlight = field(default_factory=InFlight)
-    audit: Any = None
+    audit: AuditService | None = None
 
     def run_stored_hooks(self, info: StoredInstance) -> None:
         """Run every ``on_instance_stored`` hook; a failing hook is logged, never raised."""

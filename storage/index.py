@@ -23,6 +23,7 @@ from sqlalchemy import Connection, Engine, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from storage.synthetic import is_synthetic
 from storage.tables import Instance, Patient, Series, Study
 
 __all__ = [
@@ -200,7 +201,7 @@ class Index:
     def _series_pk(self, conn: Connection, rec: InstanceRecord, study_pk: int) -> int:
         t = Series.__table__
         now = rec.received_at
-        synthetic = (rec.synthetic_data or "").strip().upper() == "YES"
+        synthetic = is_synthetic(rec.synthetic_data)
         conn.execute(
             _insert(conn, t)
             .values(series_instance_uid=rec.series_instance_uid, study_pk=study_pk,
@@ -223,18 +224,18 @@ class Index:
         return pk
 
     def _instance_values(self, rec: InstanceRecord, series_pk: int) -> dict[str, Any]:
-        return dict(
-            sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
-            series_pk=series_pk, instance_number=rec.instance_number,
-            transfer_syntax_uid=rec.transfer_syntax_uid,
-            number_of_frames=rec.number_of_frames, rows=rec.rows, columns=rec.columns,
-            bits_allocated=rec.bits_allocated, content_date=_trunc(rec.content_date, 8),
-            content_time=_trunc(rec.content_time, 16),
-            synthetic_data=_trunc(rec.synthetic_data, 3), file_path=rec.file_path,
-            file_size=rec.file_size, sha256=rec.sha256, received_at=rec.received_at,
-            calling_ae=_trunc(rec.calling_ae, 16), called_ae=_trunc(rec.called_ae, 16),
-            source=rec.source,
-        )
+        return {
+            "sop_instance_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid,
+            "series_pk": series_pk, "instance_number": rec.instance_number,
+            "transfer_syntax_uid": rec.transfer_syntax_uid,
+            "number_of_frames": rec.number_of_frames, "rows": rec.rows, "columns": rec.columns,
+            "bits_allocated": rec.bits_allocated, "content_date": _trunc(rec.content_date, 8),
+            "content_time": _trunc(rec.content_time, 16),
+            "synthetic_data": _trunc(rec.synthetic_data, 3), "file_path": rec.file_path,
+            "file_size": rec.file_size, "sha256": rec.sha256, "received_at": rec.received_at,
+            "calling_ae": _trunc(rec.calling_ae, 16), "called_ae": _trunc(rec.called_ae, 16),
+            "source": rec.source,
+        }
 
     def add_instance(self, conn: Connection, rec: InstanceRecord) -> int:
         """Insert an instance (and its patient / study / series if new).
@@ -244,7 +245,7 @@ class Index:
         """
         now = time.monotonic()
         cached = self._parents.get(rec.series_instance_uid)
-        synthetic = (rec.synthetic_data or "").strip().upper() == "YES"
+        synthetic = is_synthetic(rec.synthetic_data)
         if cached is not None and now - cached[1] < self.PARENT_CACHE_S and not synthetic:
             series_pk = cached[0]  # parents written moments ago by this process
         else:
@@ -257,7 +258,9 @@ class Index:
         self._parents[rec.series_instance_uid] = (series_pk, cached[1] if (
             cached is not None and now - cached[1] < self.PARENT_CACHE_S and not synthetic)
             else now)
-        return int(result.inserted_primary_key[0])
+        inserted = result.inserted_primary_key
+        assert inserted is not None  # a single-row INSERT
+        return int(inserted[0])
 
     def replace_instance(self, conn: Connection, rec: InstanceRecord) -> tuple[int, str]:
         """Point an indexed SOP Instance at a new file (duplicate policy ``replace``).

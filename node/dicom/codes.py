@@ -65,9 +65,8 @@ IMAGE_TYPE_DERIVED_SECONDARY: tuple[str, str] = ("DERIVED", "SECONDARY")
 #: for Enhanced / Legacy Converted Enhanced CT and MR (PS3.3 C.8.16.1), values 3-4 VOLUME\NONE.
 IMAGE_TYPE_ENHANCED_DERIVED: tuple[str, str, str, str] = ("DERIVED", "PRIMARY", "VOLUME", "NONE")
 
-#: Synthetic Data (0008,001C) values (PS3.3 C.12.1).
-SYNTHETIC_YES = "YES"
-SYNTHETIC_NO = "NO"
+#: Synthetic Data (0008,001C) values (PS3.3 C.12.1): their home and the predicate
+#: ``is_synthetic`` are in storage.synthetic (the index needs them too)
 
 #: Lossy Image Compression (0028,2110) "has been subjected to lossy compression"; never reset.
 LOSSY_COMPRESSION_YES = "01"

@@ -44,12 +44,13 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pydicom.valuerep import DS
+from pydicom.valuerep import DS, DSdecimal, DSfloat
 
 from engine.api import Intensity, Provenance, Volume
 from node.dicom import codes
 from node.dicom.codes import OutputFormat
 from node.dicom.volume import AssembledVolume, Geometry, StoredPixels, to_stored
+from storage.synthetic import SYNTHETIC_YES
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +177,10 @@ class BuiltSeries:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _dsv(value: float) -> DS:
-    return DS(value, auto_format=True)
+def _dsv(value: float) -> DSfloat | DSdecimal:
+    ds = DS(value, auto_format=True)
+    assert isinstance(ds, (DSfloat, DSdecimal))  # DS of a number (pydicom types it wider)
+    return ds
 
 
 def _now() -> datetime:
@@ -376,7 +379,7 @@ class _Context:
             )
 
     def synthetic_tags(self, ds: Dataset) -> None:
-        ds.SyntheticData = codes.SYNTHETIC_YES
+        ds.SyntheticData = SYNTHETIC_YES
         ds.ImageType = list(codes.IMAGE_TYPE_DERIVED_SECONDARY)
         ds.DerivationDescription = derivation_description(
             self.spec.provenance, self.spec.ledger_entry

@@ -30,7 +30,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from engine.api import Intensity, Volume
-from node.dicom.codes import LOSSY_COMPRESSION_YES, LOSSY_TRANSFER_SYNTAXES, SYNTHETIC_YES
+from node.dicom.codes import LOSSY_COMPRESSION_YES, LOSSY_TRANSFER_SYNTAXES
+from storage.synthetic import is_synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -496,7 +497,7 @@ def _assemble_stack(
         modality=str(head.get("Modality", "OT")),
         sources=tuple(f.ref for f in frames),
         lossy=any(_is_lossy(ds) for ds in datasets),
-        synthetic=any(str(ds.get("SyntheticData", "")).upper() == SYNTHETIC_YES for ds in datasets),
+        synthetic=any(is_synthetic(ds) for ds in datasets),
         rescale_slope=slopes.pop() if len(slopes) == 1 else 1.0,
         rescale_intercept=intercepts.pop() if len(intercepts) == 1 else 0.0,
     )

@@ -32,9 +32,12 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import StorageCommitmentPushModel
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import time
+    StorageCommitmentPushModel,
+)
 
 from audit.events import Event, EventType, Outcome
 from node.context import NodeContext
@@ -60,7 +63,7 @@ __all__ = [
 #: Well-known SOP Instance UID of the Storage Commitment Push Model (PS3.4 J.3.5).
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 
-_TS = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+_TS: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 _REPORT_WAIT_S = 10.0  # wait for the N-ACTION response to leave before reporting
 _NEW_ASSOC_ATTEMPTS = 3
 

@@ -36,10 +36,15 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import time
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -92,10 +97,10 @@ _NON_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUT
 _SCP_ANSWERED = {"RetrieveAETitle", "InstanceAvailability"}
 
 # Transfer syntaxes of the Q/R information models themselves.
-_QR_TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+_QR_TRANSFER_SYNTAXES: list[str | UID] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
 ]
 
 
@@ -108,6 +113,7 @@ def contexts(ctx: NodeContext) -> list[PresentationContext]:
     for cx in AllStoragePresentationContexts:
         # The requestor of a C-GET proposes SCP role on storage SOP classes; we accept both
         # roles (PS3.7 D.3.3.4). Transfer syntaxes are merged with the C-STORE SCP's.
+        assert cx.abstract_syntax is not None  # each of pynetdicom's storage contexts has one
         role = build_context(cx.abstract_syntax, list(cx.transfer_syntax))
         role.scu_role = True
         role.scp_role = True
@@ -244,8 +250,11 @@ def _record(ctx: NodeContext, ev: Event) -> None:
 # --------------------------------------------------------------------------------------------
 # C-FIND
 # --------------------------------------------------------------------------------------------
-def handle_find(ctx: NodeContext, event: Any) -> Iterator[tuple[int, Dataset | None]]:
-    """EVT_C_FIND handler (PS3.4 C.4.1.3.1). Yields ``(status, identifier)`` pairs."""
+def handle_find(
+    ctx: NodeContext, event: Any
+) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """EVT_C_FIND handler (PS3.4 C.4.1.3.1). Yields ``(status, identifier)`` pairs (a status
+    is a code or, with a comment, a status Dataset)."""
     started = time.monotonic()
     model = str(event.request.AffectedSOPClassUID)
     root = FIND_MODELS.get(model)
@@ -433,7 +442,7 @@ def _resolve(
 
 def _sub_operations(
     ctx: NodeContext, event: Any, refs: list[InstanceRef], hook: _RetrieveLog,
-) -> Iterator[tuple[int, Dataset | None]]:
+) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """The pending yields shared by C-GET and C-MOVE; stops at cancel."""
     for ref in refs:
         if event.is_cancelled:
@@ -468,7 +477,7 @@ def _move_contexts(refs: list[InstanceRef]) -> list[PresentationContext]:
     out = []
     for sop_class, tss in by_class.items():
         if not any(UID(ts).is_compressed for ts in tss):
-            for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"):
+            for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
                 if ts not in tss:
                     tss.append(ts)
         out.append(build_context(sop_class, tss))

@@ -10,8 +10,7 @@ accepts as SCP; ``handlers`` returns the pynetdicom event handlers to bind. Cont
 several modules declare are merged (union of transfer syntaxes, roles OR-ed), so e.g. the
 C-GET SCP can declare SCP/SCU role selection on the storage SOP classes that the C-STORE
 SCP also accepts. :func:`default_services` is the registration point: access control,
-echo, store, and
-the query/retrieve and storage commitment modules once they exist.
+verification, storage, query / retrieve and storage commitment.
 
 The server sets TCP_NODELAY on every accepted socket (DIMSE is request/response: Nagle's
 algorithm would add a delayed-ACK round trip per message), can share its port with other
@@ -23,7 +22,6 @@ References: PS3.7 (DIMSE), PS3.8 (upper layer: association, PDU size, ARTIM), py
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import socket
 import threading
@@ -40,6 +38,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from audit.events import Event, EventType, Outcome
 from node.context import NodeContext
+from node.dimse import access, commitment, echo, qr, store
 from node.dimse.status import General
 
 logger = logging.getLogger(__name__)
@@ -54,11 +53,6 @@ __all__ = [
 
 Handler = tuple[evt.EventType, Callable[..., Any]]
 
-#: Modules registered as DIMSE services, in order. A module listed as optional is used
-#: once it exists in the code base (query/retrieve and storage commitment are built by
-#: their own issue); the core services are required.
-CORE_SERVICES: tuple[str, ...] = ("node.dimse.access", "node.dimse.echo", "node.dimse.store")
-OPTIONAL_SERVICES: tuple[str, ...] = ("node.dimse.qr", "node.dimse.commitment")
 
 
 class ServiceModule(Protocol):
@@ -70,16 +64,9 @@ class ServiceModule(Protocol):
 
 
 def default_services() -> list[ModuleType]:
-    """The service modules of a standard node: core ones plus those optional ones that
-    are present (a missing optional module is skipped; any other import error raises)."""
-    mods = [importlib.import_module(m) for m in CORE_SERVICES]
-    for name in OPTIONAL_SERVICES:
-        try:
-            mods.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-    return mods
+    """The service modules of a standard node, in order: access control (association
+    requests), verification, storage, query / retrieve, storage commitment."""
+    return [access, echo, store, qr, commitment]
 
 
 def merge_contexts(groups: Iterable[Sequence[PresentationContext]]) -> list[PresentationContext]:
@@ -92,14 +79,16 @@ def merge_contexts(groups: Iterable[Sequence[PresentationContext]]) -> list[Pres
     merged: dict[str, PresentationContext] = {}
     for group in groups:
         for cx in group:
-            have = merged.get(cx.abstract_syntax)
+            syntax = cx.abstract_syntax
+            assert syntax is not None  # build_context requires one
+            have = merged.get(syntax)
             if have is None:
                 new = PresentationContext()
-                new.abstract_syntax = cx.abstract_syntax
+                new.abstract_syntax = syntax
                 new.transfer_syntax = list(cx.transfer_syntax)
                 new.scu_role = cx.scu_role
                 new.scp_role = cx.scp_role
-                merged[cx.abstract_syntax] = new
+                merged[syntax] = new
                 continue
             for ts in cx.transfer_syntax:
                 if ts not in have.transfer_syntax:
@@ -121,7 +110,9 @@ def prefer_requestor_order(event: evt.Event) -> None:
     """
     try:
         proposed: dict[str, list[str]] = {}
-        for cx in event.assoc.requestor.primitive.presentation_context_definition_list:
+        request = event.assoc.requestor.primitive
+        assert request is not None  # the A-ASSOCIATE-RQ, received before EVT_REQUESTED
+        for cx in request.presentation_context_definition_list:
             order = proposed.setdefault(str(cx.abstract_syntax), [])
             order.extend(str(ts) for ts in cx.transfer_syntax if str(ts) not in order)
         for ac in event.assoc.acceptor.supported_contexts:
@@ -131,7 +122,7 @@ def prefer_requestor_order(event: evt.Event) -> None:
             ours = [str(ts) for ts in ac.transfer_syntax]
             first = [ts for ts in rq if ts in ours]
             if first and ours[:len(first)] != first:
-                ac.transfer_syntax = first + [ts for ts in ours if ts not in first]
+                ac.transfer_syntax = [*first, *(ts for ts in ours if ts not in first)]
     except Exception:  # a preference must never break negotiation
         logger.exception("could not apply the requestor's transfer syntax order")
 
@@ -152,7 +143,8 @@ class GuardedAssociation(Association):
                 rsp.AffectedSOPClassUID = cx.abstract_syntax
                 rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
                 rsp.Status = int(General.SOP_CLASS_NOT_SUPPORTED)
-                rsp.ErrorComment = "Affected SOP Class UID is not the context's"
+                # pynetdicom declares ErrorComment by assigning None, so its type is None
+                rsp.ErrorComment = "Affected SOP Class UID is not the context's"  # type: ignore[assignment]
                 ctx: NodeContext | None = getattr(self._server, "node_ctx", None)
                 if ctx is not None:
                     try:
@@ -190,6 +182,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
 
     reuse_port: bool = False
     daemon_threads = True
+    #: the node's context, for GuardedAssociation's ledger entries (set by DimseServer.start)
+    node_ctx: NodeContext | None = None
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -254,6 +248,7 @@ class DimseServer:
         self.contexts = merge_contexts(m.contexts(ctx) for m in self.services)
         # not ``ae.supported_contexts = ...``: pynetdicom's setter drops the SCP/SCU roles
         for cx in self.contexts:
+            assert cx.abstract_syntax is not None  # merge_contexts keeps each one's
             ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax,
                                      scu_role=cx.scu_role, scp_role=cx.scp_role)
         self.ae = ae
@@ -282,7 +277,8 @@ class DimseServer:
             server_class=_reuse_port_server(self.reuse_port),
             request_handler=NodeRequestHandler,
         )
-        server.node_ctx = self.ctx  # type: ignore[attr-defined]
+        assert isinstance(server, NodeAssociationServer)  # an instance of server_class
+        server.node_ctx = self.ctx
         self.ae._servers.append(server)
         self._server = server
         self._thread = threading.Thread(

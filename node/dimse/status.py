@@ -150,6 +150,19 @@ def category(code: int) -> Category:
     return Category.FAILURE
 
 
+def is_transient(code: int) -> bool:
+    """Whether a failure status is worth another attempt later: the Refused: Out of Resources
+    statuses A7xx (PS3.4 B.2.3 for C-STORE, C.4.x for query / retrieve), which a peer sends
+    when it is full or busy. Every other failure is permanent for that instance.
+
+    Parameters
+    ----------
+    code : int
+        A DIMSE status value (also a STOW-RS Failure Reason, which uses the same codes).
+    """
+    return (int(code) & 0xFF00) == 0xA700
+
+
 def status_dataset(code: int, comment: str | None = None) -> Dataset:
     """A status as the Dataset a pynetdicom handler returns.
 

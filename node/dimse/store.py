@@ -13,18 +13,19 @@ This module is the one boundary that maps ingest outcomes and errors to C-STORE 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
-from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
-from pydicom.uid import (
+from pydicom.uid import (  # UID_dictionary: the registry, re-exported by the public module
     AllTransferSyntaxes,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    UID_dictionary,
 )
 from pynetdicom import evt, register_uid
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import (
     AllStoragePresentationContexts,
     PresentationContext,
@@ -75,9 +76,10 @@ STORAGE_TRANSFER_SYNTAXES: list[str] = [
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
-] + [ts for ts in AllTransferSyntaxes
-     if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                   DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)]
+    *(ts for ts in AllTransferSyntaxes
+      if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)),
+]
 
 #: C-STORE status per refusal reason (PS3.4 B.2.3; PS3.7 C.5 for the general ones).
 STATUS_FOR_REASON: dict[RejectReason, int] = {
@@ -105,7 +107,7 @@ def handle_store(event: evt.Event, ctx: NodeContext, ingestor: Ingestor) -> int 
     """EVT_C_STORE handler: store durably, then answer (never raises)."""
     with ctx.inflight.track():
         try:
-            req = event.request
+            req = cast(C_STORE, event.request)  # the EVT_C_STORE event's request
             assoc = event.assoc
             result = ingestor.ingest_dataset(
                 event.encoded_dataset(include_meta=False),

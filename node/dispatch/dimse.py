@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from config.sections.pipeline import Destination
-from node.dimse.status import Category, Storage, category
+from node.dimse.status import Category, category, is_transient
 from node.dispatch.base import Failure, Sender, SendReport, all_failed
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class DimseSender(Sender):
                 ae.add_requested_context(sop, native)
             ae.add_requested_context(sop, [str(t) for t in FALLBACK_TRANSFER_SYNTAXES])
         d = self.destination
+        assert d.host is not None  # checked in __init__
         assoc = ae.associate(d.host, int(d.port or 0), ae_title=d.ae_title or "ANY-SCP")
         if not assoc.is_established:
             return None
@@ -142,7 +143,7 @@ class DimseSender(Sender):
                 report.acknowledged.append(uid)
                 report.warnings[uid] = f"status 0x{code:04X}"
             else:
-                transient = (code & 0xFF00) == (Storage.OUT_OF_RESOURCES & 0xFF00)
+                transient = is_transient(code)
                 comment = str(status.get("ErrorComment", "") or "")
                 report.failed[uid] = Failure(
                     f"C-STORE status 0x{code:04X} {comment}".strip(), transient, code

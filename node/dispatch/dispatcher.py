@@ -1,16 +1,16 @@
 """Dispatch of output series to destinations (design section 1.6, 7 application tier).
 
-* Destination types in a registry (:data:`node.dispatch.registry.SENDERS`): ``dimse`` (C-STORE SCU, PS3.4 B.2, with
-  association reuse and transfer syntax fallback) and ``dicomweb`` (STOW-RS, PS3.18 10.5,
-  through dicomweb-client with its own retries off; HTTP 202 partial success and the
-  Failed SOP Sequence (0008,1198) are handled here, since dicomweb-client treats a 202 as
-  success).
+* Destination kinds in a registry (:data:`node.dispatch.registry.SENDERS`): ``dimse``
+  (C-STORE SCU, PS3.4 B.2, with association reuse and transfer syntax fallback) and
+  ``dicomweb`` (STOW-RS, PS3.18 10.5, through dicomweb-client with its own retries off; HTTP
+  202 partial success and the Failed SOP Sequence (0008,1198) are handled in
+  :mod:`node.dispatch.stow`, since dicomweb-client treats a 202 as success).
 * :class:`Dispatcher` applies the destination policy before anything is sent (synthetic
   instances only to destinations with ``accepts_synthetic``; synthetic instances without a
-  detectable watermark of ours refused), retries transient failures with exponential
-  backoff, never re-sends an acknowledged instance, and ends in a terminal state after
-  ``max_attempts``. Every attempt and outcome is a ledger event (dispatch.attempted /
-  succeeded / failed).
+  detectable watermark of ours refused), makes one attempt per call and never re-sends an
+  acknowledged instance. Retries are the dispatch job's: the job state machine requeues it
+  with the destination's exponential backoff until ``max_attempts``. Every attempt and
+  outcome is a ledger event (dispatch.attempted / succeeded / failed).
 """
 from __future__ import annotations
 
@@ -25,21 +25,17 @@ from pydicom.dataset import Dataset
 
 from audit.events import Event, EventType, Outcome
 from config.sections.pipeline import Destination
-from node.dicom import codes
 from node.dispatch.base import DispatchState, Failure, PolicyRefused, Sender
 from node.dispatch.registry import make_sender
+from storage.synthetic import is_synthetic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DispatchResult", "Dispatcher", "WatermarkCheck", "is_synthetic", "watermark_check"]
+__all__ = ["DispatchResult", "Dispatcher", "WatermarkCheck", "watermark_check"]
 
 ACTOR = "component:dispatch"
 #: ceiling of one backoff wait
 MAX_BACKOFF_S = 600.0
-
-
-def is_synthetic(ds: Dataset) -> bool:
-    return str(ds.get("SyntheticData", "")).upper() == codes.SYNTHETIC_YES
 
 
 #: verify(ds) -> True when a watermark of ours is detected in the instance's pixel data
@@ -93,8 +89,8 @@ class Dispatcher:
         :data:`WatermarkCheck` for synthetic instances; None refuses every synthetic one.
     calling_ae
         our AE title for C-STORE.
-    sleep
-        injected wait (tests pass a recorder).
+    sender_factory
+        destination -> transport (default :func:`node.dispatch.registry.make_sender`).
     """
 
     def __init__(
@@ -104,14 +100,12 @@ class Dispatcher:
         ledger: Any = None,
         watermark: WatermarkCheck | None = None,
         calling_ae: str = "SYNTHNODE",
-        sleep: Callable[[float], None] = time.sleep,
         sender_factory: Callable[[Destination, str], Sender] = make_sender,
     ) -> None:
         self.destinations = {d.name: d for d in destinations}
         self.ledger = ledger
         self.watermark = watermark
         self.calling_ae = calling_ae
-        self.sleep = sleep
         self.sender_factory = sender_factory
         self._senders: dict[str, Sender] = {}
 
@@ -155,17 +149,17 @@ class Dispatcher:
         *,
         job_id: str | None = None,
         already_acknowledged: Collection[str] = (),
-        max_attempts: int | None = None,
-        first_attempt: int = 1,
+        attempt: int = 1,
         terminal: bool = True,
     ) -> DispatchResult:
-        """Send ``datasets`` to ``destination`` until acknowledged or attempts run out.
+        """One send attempt of ``datasets`` to ``destination`` under policy.
 
-        ``already_acknowledged`` SOP Instance UIDs (from a previous run) are not sent again.
-        A caller that retries itself (the dispatch job: one attempt per job attempt) passes
-        ``max_attempts=1``, its attempt number as ``first_attempt`` and ``terminal=False``
-        while it has attempts left, so the ledger says "retry_scheduled", not "failed".
-        Returns the result; never raises for peer errors or policy refusals.
+        Retries belong to the job state machine (a dispatch job makes one attempt per job
+        attempt and is requeued with the destination's backoff, :meth:`backoff`), so this
+        never loops or sleeps. ``already_acknowledged`` SOP Instance UIDs (from earlier
+        attempts) are not sent again. ``attempt`` is the job's attempt number for the ledger;
+        ``terminal=False`` while the job has attempts left, so a transient failure is recorded
+        as "retry_scheduled", not "failed". Never raises for peer errors or policy refusals.
         """
         try:
             dest = self.destinations[destination]
@@ -193,45 +187,38 @@ class Dispatcher:
         done = set(already_acknowledged)
         pending = [ds for ds in datasets if str(ds.SOPInstanceUID) not in done]
         acknowledged: list[str] = []
-        permanent: dict[str, Failure] = {}
-        last: dict[str, Failure] = {}
-        limit = max_attempts or dest.max_attempts
-        attempt = 0
-        while pending and attempt < limit:
-            attempt += 1
+        failed: dict[str, Failure] = {}
+        attempts = 0
+        if pending:
+            attempts = 1
             self._event(
                 EventType.DISPATCH_ATTEMPTED,
                 Outcome.SUCCESS,
                 subject,
-                {"attempt": first_attempt + attempt - 1, "instances": len(pending),
-                 "kind": dest.kind, "sop_uids": [str(ds.SOPInstanceUID) for ds in pending]},
+                {"attempt": attempt, "instances": len(pending), "kind": dest.kind,
+                 "sop_uids": [str(ds.SOPInstanceUID) for ds in pending]},
             )
             t0 = time.monotonic()
             report = self.sender(dest).send(pending)
             ms = int((time.monotonic() - t0) * 1000)
-            acknowledged += report.acknowledged
-            for uid, f in report.failed.items():
-                if not f.transient:
-                    permanent[uid] = f
-            last = {u: f for u, f in report.failed.items() if f.transient}
-            pending = [ds for ds in pending if str(ds.SOPInstanceUID) in last]
+            acknowledged = list(report.acknowledged)
+            failed = dict(report.failed)
             logger.info(
                 "dispatch %s attempt %d: %d acknowledged, %d transient, %d permanent (%d ms)",
-                dest.name, attempt, len(report.acknowledged), len(last), len(permanent), ms,
+                dest.name, attempt, len(acknowledged),
+                sum(f.transient for f in failed.values()),
+                sum(not f.transient for f in failed.values()), ms,
             )
-            if pending and attempt < limit:
-                self.sleep(self.backoff(dest, attempt))
-        failed = {**permanent, **{u: last[u] for u in (str(ds.SOPInstanceUID) for ds in pending)}}
         if failed:
             reasons = sorted({f.reason for f in failed.values()})
-            final = terminal or bool(permanent)
+            final = terminal or any(not f.transient for f in failed.values())
             self._event(
                 EventType.DISPATCH_FAILED,
                 Outcome.MAJOR_FAILURE if not acknowledged else Outcome.SERIOUS_FAILURE,
                 subject,
                 {
                     "state": DispatchState.FAILED.value if final else "retry_scheduled",
-                    "attempts": first_attempt + attempt - 1,
+                    "attempts": attempt,
                     "acknowledged": len(acknowledged) + len(done),
                     "sop_uids": sorted(failed),
                     "failed": {u: f.reason for u, f in sorted(failed.items())},
@@ -239,19 +226,19 @@ class Dispatcher:
                 },
             )
             return DispatchResult(
-                dest.name, DispatchState.FAILED, attempt, acknowledged, failed, "; ".join(reasons)
+                dest.name, DispatchState.FAILED, attempts, acknowledged, failed, "; ".join(reasons)
             )
         self._event(
             EventType.DISPATCH_SUCCEEDED,
             Outcome.SUCCESS,
             subject,
             {
-                "attempts": first_attempt + attempt - 1,
+                "attempts": attempt,
                 "acknowledged": len(acknowledged) + len(done),
                 "sop_uids": sorted(acknowledged),
             },
         )
-        return DispatchResult(dest.name, DispatchState.SUCCEEDED, attempt, acknowledged, {})
+        return DispatchResult(dest.name, DispatchState.SUCCEEDED, attempts, acknowledged, {})
 
     def close(self) -> None:
         for s in self._senders.values():

@@ -9,7 +9,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from config.sections.pipeline import Destination
-from node.dimse.status import General, Storage
+from node.dimse.status import General, is_transient
 from node.dispatch.base import Failure, Sender, SendReport, all_failed
 
 __all__ = ["STOW_BATCH", "StowSender", "parse_stow_response"]
@@ -48,10 +48,9 @@ def parse_stow_response(
         if uid not in offered:
             continue
         code = _failure_code(item)
-        transient = code is not None and (
-            (code & 0xFF00) == (Storage.OUT_OF_RESOURCES & 0xFF00)
-            or code == General.PROCESSING_FAILURE
-        )
+        # a STOW-RS server's Processing Failure (0110) usually means its own back end
+        # failed for a moment: retried, unlike the same status from a C-STORE SCP
+        transient = code is not None and (is_transient(code) or code == General.PROCESSING_FAILURE)
         reason = f"STOW-RS HTTP {http_status} failure reason " + (
             f"0x{code:04X}" if code is not None else "unknown"
         )

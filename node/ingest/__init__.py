@@ -1,4 +1,5 @@
-"""Durable ingest of received objects, shared by the DIMSE C-STORE SCP and STOW-RS:
+"""Durable ingest of received objects, shared by every receiving service (C-STORE, the
+pipeline's own outputs, STOW-RS):
 :mod:`.ingestor` (the durability contract), :mod:`.attributes` (what the index reads),
 :mod:`.results` (outcomes and refusal reasons).
 

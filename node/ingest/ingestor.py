@@ -1,4 +1,5 @@
-"""Durable ingest of one received object, shared by the DIMSE C-STORE SCP and STOW-RS.
+"""Durable ingest of one received object: the C-STORE SCP and the pipeline (which stores
+its outputs through it) use it, and so does any other receiving service (STOW-RS).
 
 Order (design.md section 4, durability contract)::
 
@@ -7,8 +8,8 @@ Order (design.md section 4, durability contract)::
 
 Only after that transaction commits does the caller answer success. Bad input raises
 :class:`IngestError` with a :class:`RejectReason` after a ``instance.rejected`` ledger
-entry; the transport maps the reason to its status (DIMSE: ``node.dimse.store``; HTTP:
-the DICOMweb layer) at exactly one boundary each.
+entry; each transport maps the reason to its status at exactly one boundary
+(DIMSE: :mod:`node.dimse.store`).
 
 What is stored is exactly what was sent: the data set bytes in the negotiated transfer
 syntax, behind a File Meta Information header built here (PS3.10 7.1). The file meta
@@ -105,7 +106,7 @@ class GroupCommit:
             for it in items:
                 ctx.index.add_instance(conn, it.rec)
             entries = ctx.ledger.append_many([it.event for it in items], conn=conn)
-        for it, e in zip(items, entries):
+        for it, e in zip(items, entries, strict=True):  # one entry per event
             it.entry = e
 
     def _run(self, batch: list[_Pending]) -> None:
@@ -163,8 +164,8 @@ class Ingestor:
     def ingest_part10(self, data: bytes, *, calling_ae: str | None = None,
                       called_ae: str | None = None, peer: str | None = None,
                       source: str = "stow") -> StoredInstance:
-        """Ingest a DICOM file (PS3.10) as received over HTTP (STOW-RS): the data set
-        bytes after the file meta are stored unchanged."""
+        """Ingest a DICOM file (PS3.10), e.g. a part of a STOW-RS request or an output the
+        pipeline built: the data set bytes after the file meta are stored unchanged."""
         try:
             meta, body = split_part10(data)
             ts = meta.get("TransferSyntaxUID")

@@ -1,16 +1,18 @@
 """Scale-out: the pipeline's jobs through Celery on RabbitMQ or Redis (issue 6, "Jobs").
 
-The database job table (:mod:`node.pipeline.jobs`) stays the truth; the broker carries only job ids.
+The database job table (:mod:`node.pipeline.jobs`) stays the truth; the broker carries only
+job ids.
 
 * Publishing (:class:`BrokerPool`, the scale-out stand-in for the local
-  :class:`~node.pipeline.jobs.WorkerPool`, chosen by :class:`~node.pipeline.orchestrator.Pipeline` when
-  ``pipeline.broker_url`` is set): every runnable queued job is published once per queued
-  state (the pair job id / ``updated_at``) to the ``engine`` queue (GPU workers) or the
-  ``dispatch`` queue. A sweeper thread in the node also requeues jobs whose lease expired
-  and re-publishes jobs that stayed queued more than ``stale_after_s`` after their last
-  publication (the message was lost: broker restart, purge, a publish that never arrived).
-  Both periods are configuration keys (``pipeline.broker_stale_after_s``,
-  ``pipeline.broker_sweep_every_s``), as is the job lease (``pipeline.lease_s``).
+  :class:`~node.pipeline.jobs.WorkerPool`, chosen by
+  :class:`~node.pipeline.orchestrator.Pipeline` when ``pipeline.broker_url`` is set): every
+  runnable queued job is published once per queued state (the pair job id / ``updated_at``)
+  to the ``engine`` queue (GPU workers) or the ``dispatch`` queue. A sweeper thread in the
+  node also requeues jobs whose lease expired and re-publishes jobs that stayed queued more
+  than ``stale_after_s`` after their last publication (the message was lost: broker restart,
+  purge, a publish that never arrived). Both periods are configuration keys
+  (``pipeline.broker_stale_after_s``, ``pipeline.broker_sweep_every_s``), as is the job
+  lease (``pipeline.lease_s``).
 * Consuming (task :data:`TASK_NAME`, run by ``synthnode worker``): the task claims the job
   with :meth:`JobStore.claim(job_id=...) <node.pipeline.jobs.JobStore.claim>` (one conditional
   ``UPDATE``), runs it with :func:`node.pipeline.jobs.run_job` and records the outcome through the

@@ -38,7 +38,7 @@ ACTOR = "component:completion"
 SCHEDULER_TABLE = "pipeline_scheduler_jobs"
 
 #: completion callback: (study_uid, generation) -> None
-OnComplete = Callable[[str, int], None]
+OnComplete = Callable[[str, int], object]
 
 # APScheduler persists a job as a textual reference to a module-level function plus its
 # arguments; the function finds the live tracker here by its key (the database URL).
@@ -235,7 +235,7 @@ class StudyTracker:
                 conn.execute(studies.insert().values(
                     study_uid=study_uid, state="open", generation=0, first_instance_at=when,
                     last_instance_at=when, instances=1, called_ae=called_ae,
-                    calling_ae=calling_ae, quiet_period_s=int(round(quiet)),
+                    calling_ae=calling_ae, quiet_period_s=round(quiet),
                 ))
             elif row.state == "complete":
                 generation = int(row.generation) + 1

@@ -16,6 +16,7 @@ node mid-job resumes the job after restart and it finishes once.
 """
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, or_, select, update
 
 from audit.events import Event, EventType, Outcome
+from node.pipeline.specs import DispatchJobSpec, EngineJobSpec, InvalidJobSpec, JobSpec, parse_spec
 from node.pipeline.tables import jobs
 
 logger = logging.getLogger(__name__)
@@ -148,6 +150,21 @@ class Job:
         )
 
 
+    @property
+    def engine_spec(self) -> EngineJobSpec:
+        """The typed spec of an engine job (raises :class:`InvalidJobSpec`)."""
+        if self.kind is not JobKind.ENGINE:
+            raise InvalidJobSpec(f"job {self.id} is a {self.kind.value} job, not an engine job")
+        return parse_spec(self.kind.value, self.spec)  # type: ignore[return-value]
+
+    @property
+    def dispatch_spec(self) -> DispatchJobSpec:
+        """The typed spec of a dispatch job (raises :class:`InvalidJobSpec`)."""
+        if self.kind is not JobKind.DISPATCH:
+            raise InvalidJobSpec(f"job {self.id} is a {self.kind.value} job, not a dispatch job")
+        return parse_spec(self.kind.value, self.spec)  # type: ignore[return-value]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -202,7 +219,7 @@ class JobStore:
         study_uid: str | None = None,
         kind: JobKind | str | None = None,
         limit: int = 100,
-    ) -> list[Job]:
+    ) -> builtins.list[Job]:
         q = select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)
         if state is not None:
             q = q.where(jobs.c.state == JobState(state).value)
@@ -269,7 +286,7 @@ class JobStore:
         series_uid: str | None = None,
         rule: str | None = None,
         task: str | None = None,
-        spec: dict[str, Any] | None = None,
+        spec: JobSpec | dict[str, Any] | None = None,
         seed: int | None = None,
         max_attempts: int = 3,
         parent_id: str | None = None,
@@ -277,34 +294,39 @@ class JobStore:
         job_id: str | None = None,
         conn: Connection | None = None,
     ) -> str:
-        """Insert a queued job and its job.queued ledger event (one transaction)."""
+        """Insert a queued job and its job.queued ledger event (one transaction).
+
+        ``spec`` is validated against the kind's schema (:mod:`node.pipeline.specs`); an
+        invalid one raises :class:`~node.pipeline.specs.InvalidJobSpec` and nothing is
+        written."""
+        typed = parse_spec(JobKind(kind).value, spec or {})
         if conn is None:
             with self.engine.begin() as c:
                 return self.enqueue(
                     kind, study_uid=study_uid, series_uid=series_uid, rule=rule, task=task,
-                    spec=spec, seed=seed, max_attempts=max_attempts, parent_id=parent_id,
+                    spec=typed, seed=seed, max_attempts=max_attempts, parent_id=parent_id,
                     generation=generation, job_id=job_id, conn=c,
                 )
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         now = _now()
-        row = dict(
-            id=job_id or str(uuid.uuid4()),
-            kind=JobKind(kind).value,
-            state=JobState.QUEUED.value,
-            study_uid=study_uid,
-            series_uid=series_uid,
-            rule=rule,
-            task=task,
-            spec=json.dumps(spec or {}, sort_keys=True),
-            seed=seed,
-            attempts=0,
-            max_attempts=max_attempts,
-            parent_id=parent_id,
-            generation=generation,
-            created_at=now,
-            updated_at=now,
-        )
+        row = {
+            "id": job_id or str(uuid.uuid4()),
+            "kind": JobKind(kind).value,
+            "state": JobState.QUEUED.value,
+            "study_uid": study_uid,
+            "series_uid": series_uid,
+            "rule": rule,
+            "task": task,
+            "spec": json.dumps(typed.to_json_dict(), sort_keys=True),
+            "seed": seed,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "parent_id": parent_id,
+            "generation": generation,
+            "created_at": now,
+            "updated_at": now,
+        }
         conn.execute(jobs.insert().values(**row))
         payload: dict[str, Any] = {"task": task, "rule": rule, "generation": generation}
         if seed is not None:
@@ -431,23 +453,60 @@ class JobStore:
                 {"manual_retry": True, "previous_error": job.error or ""},
             )
 
-    def heartbeat(self, job_id: str, claim: Job | None = None) -> bool:
+    def heartbeat(self, job_id: str, claim: Job | None = None,
+                  conn: Connection | None = None) -> bool:
         """Renew a running job's lease (only ``claim``'s, when given). False = not renewed
-        (the job is no longer running under that claim)."""
+        (the job is no longer running under that claim). With ``conn`` the renewal is part
+        of the caller's transaction and locks the job row until it commits: work that must
+        only be published while the claim is current (an engine job's outputs) does so in
+        that transaction."""
         where = [jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value]
         if claim is not None:
             where += _fence(claim)
-        with self.engine.begin() as conn:
-            res = conn.execute(update(jobs).where(and_(*where))
-                               .values(lease_until=_now() + self.lease))
-            return res.rowcount == 1
+        if conn is None:
+            with self.engine.begin() as c:
+                return self.heartbeat(job_id, claim, c)
+        res = conn.execute(update(jobs).where(and_(*where)).values(lease_until=_now() + self.lease))
+        return bool(res.rowcount == 1)
 
-    def requeue_orphans(self) -> list[str]:
+    def find(
+        self,
+        *,
+        kind: JobKind | None = None,
+        series_uid: str | None = None,
+        rule: str | None = None,
+        task: str | None = None,
+        parent_id: str | None = None,
+        states: tuple[JobState, ...] = (),
+        exclude_states: tuple[JobState, ...] = (),
+        conn: Connection | None = None,
+    ) -> builtins.list[Job]:
+        """Jobs matching every given criterion, oldest first (the pipeline's questions: is
+        this series already processed or sent, which jobs does this one have)."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.find(kind=kind, series_uid=series_uid, rule=rule, task=task,
+                                 parent_id=parent_id, states=states,
+                                 exclude_states=exclude_states, conn=c)
+        q = select(jobs).order_by(jobs.c.created_at)
+        if kind is not None:
+            q = q.where(jobs.c.kind == JobKind(kind).value)
+        for col, value in ((jobs.c.series_uid, series_uid), (jobs.c.rule, rule),
+                           (jobs.c.task, task), (jobs.c.parent_id, parent_id)):
+            if value is not None:
+                q = q.where(col == value)
+        if states:
+            q = q.where(jobs.c.state.in_([s.value for s in states]))
+        if exclude_states:
+            q = q.where(jobs.c.state.not_in([s.value for s in exclude_states]))
+        return [Job.from_row(r) for r in conn.execute(q)]
+
+    def requeue_orphans(self) -> builtins.list[str]:
         """Start-up recovery: running jobs claimed on this host by a process that no longer
         exists (``kill -9``, power loss) go back to the queue at once, without waiting for
         their lease to expire. Returns the ids it touched."""
         host = socket.gethostname()
-        touched = []
+        touched: builtins.list[str] = []
         with self.engine.connect() as c:
             rows = c.execute(select(jobs).where(jobs.c.state == JobState.RUNNING.value)).fetchall()
         for row in rows:
@@ -465,11 +524,11 @@ class JobStore:
                 pass
         return touched
 
-    def requeue_expired(self, *, now: datetime | None = None) -> list[str]:
+    def requeue_expired(self, *, now: datetime | None = None) -> builtins.list[str]:
         """Sweeper: running jobs whose lease expired (worker died) go back to queued, or to
         failed once their attempts are spent. Returns the ids it touched."""
         now = now or _now()
-        touched = []
+        touched: builtins.list[str] = []
         with self.engine.connect() as c:
             rows = c.execute(
                 select(jobs).where(jobs.c.state == JobState.RUNNING.value)
@@ -581,9 +640,15 @@ class WorkerPool:
 
 def run_job(store: JobStore, handlers: dict[JobKind, Handler], job: Job, *,
             backoff_s: float = 5.0) -> Job:
-    """Run one claimed job through its handler and record the outcome."""
+    """Run one claimed job through its handler and record the outcome. A job whose spec
+    does not fit its kind's schema fails at once, permanently, with the reason."""
     handler = handlers[job.kind]
     try:
+        try:
+            parse_spec(job.kind.value, job.spec)
+        except InvalidJobSpec as exc:
+            logger.error("job %s refused: %s", job.id, exc)
+            return store.fail(job.id, str(exc), claim=job)
         try:
             result = handler(job)
         except TransientJobError as exc:

@@ -2,12 +2,13 @@
 
 Stages (mercure-style router / processor / dispatcher, one bookkeeper each):
 
-1. ingest hook (:meth:`Pipeline.on_instance_stored`) feeds :class:`~node.pipeline.completion.StudyTracker`
-   (instances the pipeline stored itself, and any with Synthetic Data YES, are ignored);
+1. ingest hook (:meth:`Pipeline.on_instance_stored`) feeds
+   :class:`~node.pipeline.completion.StudyTracker` (instances the pipeline stored itself, and
+   any with Synthetic Data YES, are ignored);
 2. on completion (:meth:`Pipeline.on_study_complete`) every series of the study is routed
-   (:mod:`node.pipeline.rules`, loop guard included) and one engine job per task of the matching rule
-   is queued, unless a job for the same source instances exists (a re-sent or unchanged
-   series never runs twice); for a re-opened study the re-process policy decides;
+   (:mod:`node.pipeline.rules`, loop guard included) and one engine job per task of the
+   matching rule is queued, unless a job for the same source instances exists (a re-sent or
+   unchanged series never runs twice); for a re-opened study the re-process policy decides;
 3. an engine job (:meth:`Pipeline.run_engine_job`) reads the series from the store, assembles
    the volume, runs the engine (through the model gate), applies the quality gate, builds
    the output series with the watermark, records it as ``building``, stores it in the node
@@ -19,13 +20,14 @@ Stages (mercure-style router / processor / dispatcher, one bookkeeper each):
    records every acknowledged instance in ``pipeline_dispatch_acks`` (never re-sent, also
    after a restart) and retries with the destination's exponential backoff.
 
-The database is the truth about jobs; the local worker pool polls it. A scale-out broker
-would carry the same job ids.
+The database is the truth about jobs (:class:`~node.pipeline.jobs.JobStore` is their one
+bookkeeper: this module never touches the jobs table). The local worker pool polls it; with
+``pipeline.broker_url`` set, Celery (:mod:`node.pipeline.broker`) carries the same job ids to
+``synthnode worker`` processes.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,16 +39,20 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import and_, select, update
+from sqlalchemy import Connection, Engine, and_, select, update
 
 from audit.events import Event, EventType, Outcome
-from config.sections.pipeline import Destination, PipelineSettings, ReprocessPolicy
-from engine.api import Volume
+from audit.ledger import Ledger
+from audit.watermark import WatermarkKey
+from config.sections.pipeline import Destination, PipelineSettings, ReprocessPolicy, Rule
+from engine.api import Provenance, Volume
+from node.context import NodeContext
 from node.dicom import codes
 from node.dicom.series import SeriesSpec, build_series
-from node.dicom.volume import VolumeError, assemble
+from node.dicom.volume import AssembledVolume, VolumeError, assemble
 from node.dispatch.base import DispatchState
 from node.dispatch.dispatcher import Dispatcher, watermark_check
+from node.ingest.results import StoredInstance
 from node.pipeline.completion import StudyTracker
 from node.pipeline.jobs import (
     Job,
@@ -61,7 +67,11 @@ from node.pipeline.jobs import (
 from node.pipeline.quality import QualityLimits, check
 from node.pipeline.rules import SeriesFacts, route
 from node.pipeline.runner import EngineRunner, GatedEngineRunner
-from node.pipeline.tables import dispatch_acks, jobs, outputs
+from node.pipeline.specs import DispatchJobSpec, EngineJobSpec
+from node.pipeline.tables import dispatch_acks, outputs
+from storage.filestore import FileStore
+from storage.index import Index, IndexedInstance
+from storage.synthetic import is_synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +103,11 @@ class Parts:
     """What the pipeline needs from the node (a :class:`node.context.NodeContext` has it)."""
 
     settings: PipelineSettings
-    engine: Any  # sqlalchemy Engine
-    store: Any  # storage.filestore.FileStore
-    index: Any  # storage.index.Index
-    ledger: Any  # the ledger's append API
-    ingest: Callable[[bytes], Any]  # stores one Part 10 file, returns StoredInstance
+    engine: Engine
+    store: FileStore
+    index: Index
+    ledger: Ledger  # the ledger (its one append API writes)
+    ingest: Callable[[bytes], StoredInstance]  # stores one Part 10 file
 
 
 class Pipeline:
@@ -121,8 +131,9 @@ class Pipeline:
     """
 
     def __init__(self, parts: Parts, *, runner: EngineRunner | None = None,
-                 mark_key: Any = None, detect_keys: Sequence[Any] | None = None,
-                 max_delta: int = 2, sleep: Callable[[float], None] = time.sleep) -> None:
+                 mark_key: WatermarkKey | None = None,
+                 detect_keys: Sequence[WatermarkKey] | None = None,
+                 max_delta: int = 2) -> None:
         self.parts = parts
         self.settings = parts.settings
         self.runner = runner
@@ -138,7 +149,7 @@ class Pipeline:
         )
         self.dispatcher = Dispatcher(
             self.settings.destinations, ledger=parts.ledger, watermark=self.detect,
-            calling_ae=self.settings.calling_ae, sleep=sleep,
+            calling_ae=self.settings.calling_ae,
         )
         self.pool = WorkerPool(
             self.jobs,
@@ -159,7 +170,7 @@ class Pipeline:
         self.limits = QualityLimits.from_settings(self.settings.quality)
 
     @classmethod
-    def from_context(cls, ctx: Any, **kwargs: Any) -> Pipeline:
+    def from_context(cls, ctx: NodeContext, **kwargs: Any) -> Pipeline:
         from node.ingest.ingestor import Ingestor
 
         ingestor = Ingestor(ctx)
@@ -206,11 +217,11 @@ class Pipeline:
                 outputs.c.series_uid == series_uid)).first() is not None
 
     # -- stage 1: ingest hook -----------------------------------------------------------------
-    def on_instance_stored(self, info: Any) -> None:
+    def on_instance_stored(self, info: StoredInstance) -> None:
         rec = info.record
         if rec.source == SOURCE:
             return
-        if str(rec.synthetic_data or "").upper() == codes.SYNTHETIC_YES:
+        if is_synthetic(rec.synthetic_data):
             logger.info("synthetic instance received: study not (re)opened")
             return
         self.tracker.instance_received(rec.study_instance_uid, called_ae=rec.called_ae,
@@ -225,7 +236,7 @@ class Pipeline:
         """Route every series of the study; queue engine jobs. Returns the new job ids."""
         status = self.tracker.status(study_uid)
         instances = self.parts.index.instances(study_instance_uid=study_uid)
-        by_series: dict[str, list[Any]] = {}
+        by_series: dict[str, list[IndexedInstance]] = {}
         for inst in instances:
             by_series.setdefault(inst.series_instance_uid, []).append(inst)
         queued: list[str] = []
@@ -233,8 +244,7 @@ class Pipeline:
             if self._our_output(series_uid):
                 continue
             headers = [self._read(i.file_path, headers_only=True) for i in insts]
-            synthetic = any(str(h.get("SyntheticData", "")).upper() == codes.SYNTHETIC_YES
-                            for h in headers)
+            synthetic = any(is_synthetic(h) for h in headers)
             marked = False
             if not synthetic and self.detect is not None:
                 probe = self._read(insts[len(insts) // 2].file_path)
@@ -261,11 +271,11 @@ class Pipeline:
                 )
                 if decision is None:
                     continue
-                spec = {
-                    "params": task.params, "output_format": task.output_format,
-                    "model": task.model, "destinations": list(rule.destinations),
-                    "fingerprint": fp, "task_index": k, "replace": decision == "replace",
-                }
+                spec = EngineJobSpec(
+                    fingerprint=fp, params=task.params, output_format=task.output_format,
+                    model=task.model, destinations=tuple(rule.destinations), task_index=k,
+                    replace=decision == "replace",
+                )
                 seed = task.seed if task.seed is not None else int(fp[:12], 16)
                 jid = self.jobs.enqueue(
                     JobKind.ENGINE, study_uid=study_uid, series_uid=series_uid, rule=rule.name,
@@ -277,17 +287,13 @@ class Pipeline:
             self.pool.wake()
         return queued
 
-    def _forward_original(self, study_uid: str, series_uid: str, rule: Any, fp: str,
+    def _forward_original(self, study_uid: str, series_uid: str, rule: Rule, fp: str,
                           generation: int) -> list[str]:
         """Dispatch jobs for the original series itself (scanner -> node -> PACS), once per
         set of source instances and destination."""
-        with self.parts.engine.connect() as c:
-            rows = c.execute(select(jobs.c.spec).where(and_(
-                jobs.c.kind == JobKind.DISPATCH.value, jobs.c.series_uid == series_uid,
-                jobs.c.state.not_in([JobState.FAILED.value, JobState.CANCELLED.value]),
-            ))).fetchall()
-        sent = {(json.loads(r[0]).get("destination"), json.loads(r[0]).get("fingerprint"))
-                for r in rows}
+        live = self.jobs.find(kind=JobKind.DISPATCH, series_uid=series_uid,
+                              exclude_states=(JobState.FAILED, JobState.CANCELLED))
+        sent = {(j.dispatch_spec.destination, j.dispatch_spec.fingerprint) for j in live}
         out = []
         for dest in rule.destinations:
             if (dest, fp) in sent:
@@ -295,7 +301,7 @@ class Pipeline:
             d = self._destination(dest)
             out.append(self.jobs.enqueue(
                 JobKind.DISPATCH, study_uid=study_uid, series_uid=series_uid, rule=rule.name,
-                spec={"destination": dest, "fingerprint": fp, "original": True},
+                spec=DispatchJobSpec(destination=dest, fingerprint=fp, original=True),
                 max_attempts=d.max_attempts, generation=generation,
             ))
         return out
@@ -303,14 +309,9 @@ class Pipeline:
     def _reprocess_decision(self, series_uid: str, rule: str, task: str, fp: str,
                             generation: int, policy: ReprocessPolicy) -> str | None:
         """None = do not queue; "new" / "always" / "replace" = queue (and how)."""
-        with self.parts.engine.connect() as c:
-            rows = c.execute(select(jobs).where(and_(
-                jobs.c.kind == JobKind.ENGINE.value, jobs.c.series_uid == series_uid,
-                jobs.c.rule == rule, jobs.c.task == task,
-            ))).fetchall()
-        earlier = [Job.from_row(r) for r in rows]
-        live = [j for j in earlier if j.state not in (JobState.FAILED, JobState.CANCELLED)]
-        if any(j.spec.get("fingerprint") == fp for j in live):
+        live = self.jobs.find(kind=JobKind.ENGINE, series_uid=series_uid, rule=rule, task=task,
+                              exclude_states=(JobState.FAILED, JobState.CANCELLED))
+        if any(j.engine_spec.fingerprint == fp for j in live):
             return None  # same source instances: already done or under way
         if not live:
             return "new"
@@ -348,11 +349,10 @@ class Pipeline:
         except VolumeError as exc:
             raise PermanentJobError(f"volume assembly: {exc}") from exc
         timings["load"] = time.perf_counter() - t0
-        spec = job.spec
+        spec = job.engine_spec
         seed = int(job.seed if job.seed is not None else 0)
         t0 = time.perf_counter()
-        result = self.runner(job.task or "", source.volume, dict(spec.get("params") or {}),
-                             seed, spec.get("model"))
+        result = self.runner(job.task or "", source.volume, dict(spec.params), seed, spec.model)
         timings["engine"] = time.perf_counter() - t0
         prov = result.provenance
         built: list[tuple[str, Event]] = []
@@ -404,11 +404,7 @@ class Pipeline:
         with self.parts.engine.begin() as conn:
             # only while this attempt's claim is current (not cancelled, lease not lost to
             # another worker): the conditional UPDATE also locks the job row until commit
-            still = conn.execute(update(jobs).where(and_(
-                jobs.c.id == job.id, jobs.c.state == JobState.RUNNING.value,
-                jobs.c.attempts == job.attempts, jobs.c.worker == job.worker,
-            )).values(lease_until=_now() + self.jobs.lease))
-            if still.rowcount != 1:
+            if not self.jobs.heartbeat(job.id, claim=job, conn=conn):
                 raise JobClaimLost(f"job {job.id} was cancelled or claimed again while attempt "
                                    f"{job.attempts} built its outputs: they are not released")
             for series_uid, event in built:
@@ -419,12 +415,12 @@ class Pipeline:
                     raise RuntimeError(f"output series {series_uid} was discarded while this "
                                        "attempt built it (the job was claimed again)")
                 self.parts.ledger.append(event, conn=conn)
-            if job.spec.get("replace") and made:
+            if job.engine_spec.replace and made:
                 self._supersede(job, made, conn)
             self._queue_dispatch(job, made, conn=conn)
         return made
 
-    def _queue_dispatch(self, job: Job, made: list[str], conn: Any = None) -> None:
+    def _queue_dispatch(self, job: Job, made: list[str], conn: Connection | None = None) -> None:
         """One dispatch job per (output series, destination), never two."""
         if conn is None:
             with self.parts.engine.begin() as c:
@@ -432,17 +428,16 @@ class Pipeline:
             if made:
                 self.pool.wake()
             return
-        existing = {(r.series_uid, json.loads(r.spec).get("destination"))
-                    for r in conn.execute(select(jobs.c.series_uid, jobs.c.spec).where(
-                        jobs.c.parent_id == job.id))}
+        existing = {(j.series_uid, j.dispatch_spec.destination)
+                    for j in self.jobs.find(parent_id=job.id, conn=conn)}
         for series_uid in made:
-            for dest in job.spec.get("destinations") or []:
+            for dest in job.engine_spec.destinations:
                 if (series_uid, dest) in existing:
                     continue
                 d = self._destination(dest)
                 self.jobs.enqueue(
                     JobKind.DISPATCH, study_uid=job.study_uid, series_uid=series_uid,
-                    rule=job.rule, task=job.task, spec={"destination": dest},
+                    rule=job.rule, task=job.task, spec=DispatchJobSpec(destination=dest),
                     max_attempts=d.max_attempts, parent_id=job.id, generation=job.generation,
                     conn=conn,
                 )
@@ -462,8 +457,8 @@ class Pipeline:
         if job_id is not None:
             q = q.where(outputs.c.job_id == job_id)
         else:
-            q = q.where(outputs.c.job_id.in_(select(jobs.c.id).where(
-                jobs.c.state != JobState.RUNNING.value)))
+            running = [j.id for j in self.jobs.find(states=(JobState.RUNNING,))]
+            q = q.where(outputs.c.job_id.not_in(running))
         with self.parts.engine.connect() as c:
             uids = [r[0] for r in c.execute(q)]
         reason = reason or "partial output of an attempt that died"
@@ -519,66 +514,68 @@ class Pipeline:
                 return d
         raise PermanentJobError(f"unknown destination {name!r}")
 
-    def _build_and_store(self, job: Job, source: Any, out: Volume, prov: Any, k: int,
-                         stats: dict[str, str], timings: dict[str, float],
+    def _marker(self, series_uid: str, out: Volume, output_format: codes.OutputFormat,
+                timings: dict[str, float],
+                verified: dict[str, Any]) -> tuple[Callable[[Any], Any] | None, str | None]:
+        """The watermark embedder for one output series and its payload (hex); ``verified``
+        receives the bound used and whether every unit's mark was detected. (None, None)
+        when the node marks nothing."""
+        if self.mark_key is None:
+            return None, None
+        from audit.watermark import embed_verified, make_payload
+        from audit.watermark import payload_hex as phex
+        from audit.watermark.core import suggest_max_delta
+        from engine.api import Intensity
+
+        payload = make_payload(self.mark_key.key_id, mark_id_for(series_uid))
+        key = self.mark_key
+        hu = out.intensity is Intensity.HU
+
+        def mark(a: Any) -> Any:
+            # checked as dispatch will check it: each single-frame instance on its own,
+            # a multi-frame instance on its pooled sample of frames
+            t = time.perf_counter()
+            try:
+                n = a.shape[0]
+                units = ([[z] for z in range(n)] if output_format is codes.OutputFormat.SC
+                         else [list(range(n))])
+                delta = suggest_max_delta(a, hu_calibrated=hu, floor=self.max_delta)
+                marked, report = embed_verified(
+                    a, key, payload, units=units, bits_stored=16, signed=False,
+                    max_delta=delta, detect_keys=self.detect_keys or None)
+                verified.update(watermark_max_delta=max(report.max_delta),
+                                watermark_verified=report.verified)
+                if report.raised:
+                    logger.info("watermark of %s: bound raised from %d to %d in %d of %d "
+                                "unit(s) (below the image noise) to make it detectable",
+                                series_uid, delta, max(report.max_delta), report.raised,
+                                len(units))
+                if not report.verified:
+                    logger.warning(
+                        "watermark of %s not detectable in %d of %d unit(s) within the "
+                        "fidelity bound (up to %d stored units): dispatch will refuse them",
+                        series_uid, report.detected.count(False), len(units),
+                        max(report.limit))
+                return marked
+            finally:
+                timings["watermark"] = timings.get("watermark", 0.0) + time.perf_counter() - t
+
+        return mark, phex(payload)
+
+    def _build_and_store(self, job: Job, source: AssembledVolume, out: Volume, prov: Provenance,
+                         k: int, stats: dict[str, str], timings: dict[str, float],
                          started: list[str]) -> tuple[str, Event]:
         """Build one output series, record it as ``building``, store its instances.
         Returns the series UID and its ``output.created`` event (appended on completion)."""
         from pydicom.uid import generate_uid
 
         series_uid = generate_uid()
-        mark = None
-        payload_hex = None
-        output_format = codes.OutputFormat(job.spec.get("output_format", "sc"))
+        output_format = codes.OutputFormat(job.engine_spec.output_format)
         verified: dict[str, Any] = {}
-        if self.mark_key is not None:
-            from audit.watermark import embed_verified, make_payload
-            from audit.watermark import payload_hex as phex
-            from audit.watermark.core import suggest_max_delta
-            from engine.api import Intensity
-
-            payload = make_payload(self.mark_key.key_id, mark_id_for(series_uid))
-            payload_hex = phex(payload)
-            key = self.mark_key
-
-            hu = out.intensity is Intensity.HU
-
-            def mark(a: Any) -> Any:
-                # checked as dispatch will check it: each single-frame instance on its own,
-                # a multi-frame instance on its pooled sample of frames
-                t = time.perf_counter()
-                try:
-                    n = a.shape[0]
-                    units = ([[z] for z in range(n)] if output_format is codes.OutputFormat.SC
-                             else [list(range(n))])
-                    delta = suggest_max_delta(a, hu_calibrated=hu, floor=self.max_delta)
-                    marked, report = embed_verified(
-                        a, key, payload, units=units, bits_stored=16, signed=False,
-                        max_delta=delta, detect_keys=self.detect_keys or None)
-                    verified.update(watermark_max_delta=max(report.max_delta),
-                                    watermark_verified=report.verified)
-                    if report.raised:
-                        logger.info("watermark of %s: bound raised from %d to %d in %d of %d "
-                                    "unit(s) (below the image noise) to make it detectable",
-                                    series_uid, delta, max(report.max_delta), report.raised,
-                                    len(units))
-                    if not report.verified:
-                        logger.warning(
-                            "watermark of %s not detectable in %d of %d unit(s) within the "
-                            "fidelity bound (up to %d stored units): dispatch will refuse them",
-                            series_uid, report.detected.count(False), len(units),
-                            max(report.limit))
-                    return marked
-                finally:
-                    timings["watermark"] = timings.get("watermark", 0.0) + time.perf_counter() - t
+        mark, payload_hex = self._marker(series_uid, out, output_format, timings, verified)
         wm_before = timings.get("watermark", 0.0)
         t0 = time.perf_counter()
-        n_out = (
-            self.settings.output_series_number_base
-            + int(job.spec.get("task_index", 0)) * 10
-            + k
-            + 1
-        )
+        n_out = self.settings.output_series_number_base + job.engine_spec.task_index * 10 + k + 1
         spec = SeriesSpec(
             output_format, prov, ledger_entry=f"job:{job.id}",
             series_number=n_out, series_instance_uid=series_uid,
@@ -623,17 +620,17 @@ class Pipeline:
         )
         return series_uid, event
 
-    def _supersede(self, job: Job, made: list[str], conn: Any) -> None:
-        earlier = select(jobs.c.id).where(and_(
-            jobs.c.series_uid == job.series_uid, jobs.c.rule == job.rule,
-            jobs.c.task == job.task, jobs.c.id != job.id))
+    def _supersede(self, job: Job, made: list[str], conn: Connection) -> None:
+        earlier = [j.id for j in self.jobs.find(kind=JobKind.ENGINE, series_uid=job.series_uid,
+                                                rule=job.rule, task=job.task, conn=conn)
+                   if j.id != job.id]
         conn.execute(update(outputs).where(and_(
             outputs.c.job_id.in_(earlier), outputs.c.series_uid.not_in(made),
         )).values(superseded=True))
 
     # -- stage 4: dispatch job -----------------------------------------------------------------
     def run_dispatch_job(self, job: Job) -> dict[str, Any]:
-        dest_name = str(job.spec.get("destination"))
+        dest_name = job.dispatch_spec.destination
         dest = self._destination(dest_name)
         insts = self.parts.index.instances(series_instance_uid=job.series_uid)
         if not insts:
@@ -646,8 +643,8 @@ class Pipeline:
         terminal = job.attempts >= job.max_attempts
         t0 = time.perf_counter()
         result = self.dispatcher.send(
-            datasets, dest_name, job_id=job.id, already_acknowledged=acked, max_attempts=1,
-            first_attempt=job.attempts, terminal=terminal,
+            datasets, dest_name, job_id=job.id, already_acknowledged=acked,
+            attempt=job.attempts, terminal=terminal,
         )
         if result.acknowledged:
             now = _now()
@@ -667,7 +664,7 @@ class Pipeline:
                                 retry_after_s=self.dispatcher.backoff(dest, max(1, job.attempts)))
 
 
-def build_pipeline(ctx: Any) -> Pipeline:
+def build_pipeline(ctx: NodeContext) -> Pipeline:
     """The production pipeline for a node context: gated engine runner on
     ``settings.models_dir`` with the configured approvers, outputs marked with the key in
     ``settings.watermark_key_file`` (generated on first start; older keys from

@@ -236,15 +236,24 @@ def _restoration(
     g: _Gate, src: np.ndarray, data: np.ndarray, hu: bool, limits: QualityLimits
 ) -> None:
     """Residual statistics over the volume and per slice; per-slice edge ratio."""
-    resid = data - src
     body_all = _foreground(src)
     sigma = 0.0 if hu else _rician_sigma(src, body_all)
+    sstd = float(src.std())
+    _volume_residual(g, src, data, hu, limits, body_all, sigma, sstd)
+    _slice_residual(g, src, data, hu, limits, body_all, sigma, sstd)
+    _slice_edges(g, src, data, limits, body_all)
+
+
+def _volume_residual(g: _Gate, src: np.ndarray, data: np.ndarray, hu: bool,
+                     limits: QualityLimits, body_all: np.ndarray, sigma: float,
+                     sstd: float) -> None:
+    """Bias, mean |residual| and correlation over the whole volume."""
+    resid = data - src
     if hu or not body_all.any():
         bias = float(resid.mean())
     else:
         bias = _mr_bias(src[body_all], data[body_all], sigma)
     mar = float(np.abs(resid).mean())
-    sstd = float(src.std())
     corr = _corr(src, data)
     g.stats.update(residual_mean=_fmt(bias), residual_mean_abs=_fmt(mar),
                    residual_std=_fmt(float(resid.std())), correlation=_fmt(corr))
@@ -262,17 +271,24 @@ def _restoration(
         if mar / sstd > limits.max_rel_mean_abs_residual:
             g.fail(
                 "mean_abs_residual",
-                f"mean |residual| {mar / sstd:.2f} input SD exceeds {limits.max_rel_mean_abs_residual}",
+                f"mean |residual| {mar / sstd:.2f} input SD exceeds "
+                f"{limits.max_rel_mean_abs_residual}",
             )
     if corr < limits.min_correlation:
         g.fail("correlation", f"correlation with input {corr:.3f} below {limits.min_correlation}")
 
-    # per slice (MR: as above, in the slice's foreground; a slice without any: plain mean)
+
+def _slice_residual(g: _Gate, src: np.ndarray, data: np.ndarray, hu: bool,
+                    limits: QualityLimits, body_all: np.ndarray, sigma: float,
+                    sstd: float) -> None:
+    """Per slice: bias (MR: in the slice's foreground; a slice without any: plain mean) and
+    correlation with the input."""
+    resid = data - src
     if hu:
         biases = resid.reshape(resid.shape[0], -1).mean(axis=1)
     else:
         biases = np.array([_mr_bias(a[m], b[m], sigma) if m.any() else float((b - a).mean())
-                           for a, b, m in zip(src, data, body_all)])
+                           for a, b, m in zip(src, data, body_all, strict=True)])
     scale, unit, limit = ((1.0, "HU", limits.max_slice_abs_bias_hu) if hu
                           else (sstd or 1.0, "input SD", limits.max_slice_rel_bias))
     rel = np.abs(biases) / scale
@@ -294,35 +310,41 @@ def _restoration(
             f"correlation with input below {limits.min_slice_correlation} in "
             f"{_slices(bad)}; worst slice {k}: {corrs[k]:.3f}",
         )
+
+
+def _slice_edges(g: _Gate, src: np.ndarray, data: np.ndarray, limits: QualityLimits,
+                 body_all: np.ndarray) -> None:
+    """Per slice: output / input edge energy inside the eroded body outline."""
     ratios: dict[int, float] = {}
     for i in range(src.shape[0]):
         body = ndimage.binary_erosion(body_all[i], iterations=BODY_EROSION_PX)
         r = _edge_ratio(src[i], data[i], body)
         if r is not None:
             ratios[i] = r
-    if ratios:
-        lo_k, hi_k = min(ratios, key=ratios.__getitem__), max(ratios, key=ratios.__getitem__)
-        g.stats.update(
-            slice_edge_ratio_min=_fmt(ratios[lo_k]), slice_edge_ratio_max=_fmt(ratios[hi_k])
-        )
+    if not ratios:
+        g.stats["slice_edge_ratio_judged"] = f"0/{src.shape[0]}"
+        return
+    lo_k, hi_k = min(ratios, key=ratios.__getitem__), max(ratios, key=ratios.__getitem__)
+    g.stats.update(
+        slice_edge_ratio_min=_fmt(ratios[lo_k]), slice_edge_ratio_max=_fmt(ratios[hi_k])
+    )
     g.stats["slice_edge_ratio_judged"] = f"{len(ratios)}/{src.shape[0]}"
-    if ratios:
-        low = [i for i, r in ratios.items() if r < limits.min_slice_edge_ratio]
-        high = [i for i, r in ratios.items() if r > limits.max_slice_edge_ratio]
-        if low:
-            g.fail(
-                "slice_edge_ratio",
-                f"edges (contrast) lost: output/input edge ratio below "
-                f"{limits.min_slice_edge_ratio} in {_slices(low)}; worst slice "
-                f"{lo_k}: {ratios[lo_k]:.3f}",
-            )
-        if high:
-            g.fail(
-                "slice_edge_ratio",
-                f"edges the input lacks: output/input edge ratio above "
-                f"{limits.max_slice_edge_ratio} in {_slices(high)}; worst slice "
-                f"{hi_k}: {ratios[hi_k]:.3f}",
-            )
+    low = [i for i, r in ratios.items() if r < limits.min_slice_edge_ratio]
+    high = [i for i, r in ratios.items() if r > limits.max_slice_edge_ratio]
+    if low:
+        g.fail(
+            "slice_edge_ratio",
+            f"edges (contrast) lost: output/input edge ratio below "
+            f"{limits.min_slice_edge_ratio} in {_slices(low)}; worst slice "
+            f"{lo_k}: {ratios[lo_k]:.3f}",
+        )
+    if high:
+        g.fail(
+            "slice_edge_ratio",
+            f"edges the input lacks: output/input edge ratio above "
+            f"{limits.max_slice_edge_ratio} in {_slices(high)}; worst slice "
+            f"{hi_k}: {ratios[hi_k]:.3f}",
+        )
 
 
 def _cross_modality(g: _Gate, src: np.ndarray, data: np.ndarray, limits: QualityLimits) -> None:

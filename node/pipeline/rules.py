@@ -24,7 +24,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from config.sections.pipeline import PipelineSettings, Rule
-from node.dicom import codes
+from storage.synthetic import is_synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,7 @@ class SeriesFacts:
     ) -> SeriesFacts:
         if not datasets:
             raise ValueError("a series needs at least one instance")
-        synthetic = any(
-            str(ds.get("SyntheticData", "")).upper() == codes.SYNTHETIC_YES for ds in datasets
-        )
+        synthetic = any(is_synthetic(ds) for ds in datasets)
         marked = False
         if watermark is not None and not synthetic:
             # one probe is enough to recognise a marked series (the mark is in every slice)

@@ -127,37 +127,39 @@ def test_policy_refuses_synthetic_and_unmarked(orthanc: OrthancServer, ledger: L
 
 
 def test_peer_down_then_back_delivered_once(orthanc: OrthancServer, ledger: Ledger) -> None:
+    """One attempt per call: the peer is down for two attempts (retry scheduled, nothing
+    acknowledged), back for the third, which delivers each instance once."""
     series = _series()
     orthanc.stop()
-    waits: list[float] = []
-
-    def sleep(s: float) -> None:
-        waits.append(s)
-        if len(waits) == 2:
-            orthanc.start()
-
-    d = Dispatcher([_dimse(orthanc, max_attempts=5, backoff_s=1.0)], ledger=ledger,
-                   watermark=watermark_check([KEY]), sleep=sleep)
-    r = d.send(series, "pacs")
+    dest = _dimse(orthanc, max_attempts=5, backoff_s=1.0)
+    d = Dispatcher([dest], ledger=ledger, watermark=watermark_check([KEY]))
+    for attempt in (1, 2):
+        r = d.send(series, "pacs", attempt=attempt, terminal=False)
+        assert r.state is DispatchState.FAILED and r.attempts == 1 and not r.acknowledged
+        assert all(f.transient for f in r.failed.values())
+    orthanc.start()
+    r = d.send(series, "pacs", attempt=3, terminal=False)
     d.close()
-    assert r.state is DispatchState.SUCCEEDED and r.attempts == 3
-    assert waits == [1.0, 2.0]  # exponential backoff
+    assert r.state is DispatchState.SUCCEEDED and r.attempts == 1
+    assert [d.backoff(dest, a) for a in (1, 2, 3)] == [1.0, 2.0, 4.0]  # exponential
     assert orthanc.instance_uids() == {str(x.SOPInstanceUID) for x in series}
     assert orthanc.statistics()["CountInstances"] == len(series)
-    assert _types(ledger) == ["dispatch.attempted"] * 3 + ["dispatch.succeeded"]
+    assert _types(ledger) == ["dispatch.attempted", "dispatch.failed"] * 2 + [
+        "dispatch.attempted", "dispatch.succeeded"]
+    states = [e.event.payload["state"]
+              for e in ledger.query(event_types=[EventType.DISPATCH_FAILED])]
+    assert states == ["retry_scheduled", "retry_scheduled"]
 
 
-def test_terminal_failure_after_max_attempts(orthanc: OrthancServer, ledger: Ledger) -> None:
+def test_terminal_failure_on_the_last_attempt(orthanc: OrthancServer, ledger: Ledger) -> None:
     orthanc.stop()
-    waits: list[float] = []
     d = Dispatcher([_dimse(orthanc, max_attempts=3, backoff_s=0.25)], ledger=ledger,
-                   watermark=watermark_check([KEY]), sleep=waits.append)
+                   watermark=watermark_check([KEY]))
     series = _series()
-    r = d.send(series, "pacs")
-    assert r.state is DispatchState.FAILED and r.attempts == 3
-    assert waits == [0.25, 0.5]
+    r = d.send(series, "pacs", attempt=3, terminal=True)
+    assert r.state is DispatchState.FAILED and r.attempts == 1
     assert set(r.failed) == {str(x.SOPInstanceUID) for x in series}
-    assert _types(ledger) == ["dispatch.attempted"] * 3 + ["dispatch.failed"]
+    assert _types(ledger) == ["dispatch.attempted", "dispatch.failed"]
     failed = ledger.query(event_types=[EventType.DISPATCH_FAILED])[0].event
     assert failed.payload["state"] == "failed" and failed.payload["attempts"] == 3
 
@@ -186,16 +188,13 @@ def test_stow_rs_delivers(orthanc_dicomweb: OrthancServer, ledger: Ledger) -> No
 def test_stow_rs_peer_down_is_transient(orthanc_dicomweb: OrthancServer) -> None:
     series = _series()
     orthanc_dicomweb.stop()
-    waits: list[float] = []
-
-    def sleep(s: float) -> None:
-        waits.append(s)
-        orthanc_dicomweb.start()
-
-    d = Dispatcher([_stow(orthanc_dicomweb)], watermark=watermark_check([KEY]), sleep=sleep)
-    r = d.send(series, "web")
+    d = Dispatcher([_stow(orthanc_dicomweb)], watermark=watermark_check([KEY]))
+    r = d.send(series, "web", attempt=1, terminal=False)
+    assert r.state is DispatchState.FAILED and all(f.transient for f in r.failed.values())
+    orthanc_dicomweb.start()
+    r = d.send(series, "web", attempt=2, terminal=False)
     d.close()
-    assert r.state is DispatchState.SUCCEEDED and r.attempts == 2 and waits == [0.5]
+    assert r.state is DispatchState.SUCCEEDED
     assert orthanc_dicomweb.instance_uids() == {str(x.SOPInstanceUID) for x in series}
 
 

@@ -18,7 +18,13 @@ from node.pipeline.jobs import (
     JobStore,
     TransientJobError,
     WorkerPool,
+    run_job,
 )
+from node.pipeline.specs import DispatchJobSpec, EngineJobSpec, InvalidJobSpec
+
+#: minimal valid specs for state machine tests that do not run a handler
+ENGINE = EngineJobSpec(fingerprint="f" * 64)
+DISPATCH = DispatchJobSpec(destination="pacs")
 
 
 @pytest.fixture
@@ -42,9 +48,9 @@ def test_migration_matches_metadata(migrated_db: str) -> None:
 def test_node_0003_upgrade_keeps_outputs_complete(db_url: str) -> None:
     """Outputs written before node_0003 become ``complete`` (never discarded as partial);
     the revision downgrades cleanly. SQLite (batch mode) and PostgreSQL."""
+    from alembic import command
     from sqlalchemy import inspect, text
 
-    from alembic import command
     from node.db import alembic_config, upgrade
 
     cfg = alembic_config(db_url)
@@ -76,7 +82,7 @@ def test_node_0003_upgrade_keeps_outputs_complete(db_url: str) -> None:
 
 def test_happy_path_and_ledger(store: JobStore) -> None:
     jid = store.enqueue(JobKind.ENGINE, study_uid="1.2.3", series_uid="1.2.3.4", task="ct_denoise",
-                        spec={"params": {"steps": 2}}, seed=5)
+                        spec={"fingerprint": "f" * 64, "params": {"steps": 2}}, seed=5)
     job = store.get(jid)
     assert job.state is JobState.QUEUED and job.attempts == 0 and job.spec["params"]["steps"] == 2
     assert store.get(jid[:8]).id == jid  # unique prefix
@@ -94,7 +100,7 @@ def test_happy_path_and_ledger(store: JobStore) -> None:
 
 
 def test_transient_requeue_then_terminal(store: JobStore) -> None:
-    jid = store.enqueue("dispatch", max_attempts=2)
+    jid = store.enqueue("dispatch", spec=DISPATCH, max_attempts=2)
     store.claim()
     j = store.fail(jid, "peer down", transient=True, retry_after_s=3600)
     assert j.state is JobState.QUEUED and j.error == "peer down"
@@ -112,7 +118,7 @@ def test_transient_requeue_then_terminal(store: JobStore) -> None:
 
 
 def test_concurrent_claims_each_job_once(store: JobStore) -> None:
-    ids = {store.enqueue("engine") for _ in range(12)}
+    ids = {store.enqueue("engine", spec=ENGINE) for _ in range(12)}
     claimed: list[str] = []
     lock = threading.Lock()
 
@@ -133,7 +139,7 @@ def test_concurrent_claims_each_job_once(store: JobStore) -> None:
 
 
 def test_sweeper_requeues_dead_workers_job(store: JobStore) -> None:
-    jid = store.enqueue("engine", max_attempts=3)
+    jid = store.enqueue("engine", spec=ENGINE, max_attempts=3)
     store.claim(worker="dead-worker")
     assert store.requeue_expired() == []  # lease still valid
     later = datetime.now(timezone.utc) + timedelta(seconds=120)
@@ -148,7 +154,7 @@ def test_stale_claim_cannot_record_an_outcome(store: JobStore) -> None:
     worker); its run_job returns the current state instead of raising."""
     from node.pipeline.jobs import run_job
 
-    jid = store.enqueue("engine", max_attempts=3)
+    jid = store.enqueue("engine", spec=ENGINE, max_attempts=3)
     stale = store.claim(worker="host:1:1")
     assert stale is not None and store.heartbeat(jid, claim=stale)
     later = datetime.now(timezone.utc) + timedelta(seconds=120)
@@ -181,14 +187,14 @@ def test_worker_pool_runs_handlers(store: JobStore) -> None:
             raise TransientJobError("busy")
         return {"ok": True}
 
-    a = store.enqueue("engine")
-    b = store.enqueue("dispatch", max_attempts=3)
+    a = store.enqueue("engine", spec=ENGINE)
+    b = store.enqueue("dispatch", spec=DISPATCH, max_attempts=3)
     pool = WorkerPool(store, {JobKind.ENGINE: ok, JobKind.DISPATCH: flaky}, backoff_s=0.0)
     pool.drain()
     assert store.get(a).state is JobState.SUCCEEDED and calls == [a]
     jb = store.get(b)
     assert jb.state is JobState.SUCCEEDED and jb.attempts == 2
-    c = store.enqueue("engine")
+    c = store.enqueue("engine", spec=ENGINE)
 
     def boom(job):  # type: ignore[no-untyped-def]
         raise ValueError("bad input")
@@ -201,7 +207,7 @@ def test_worker_pool_runs_handlers(store: JobStore) -> None:
 
 def test_worker_pool_threads(store: JobStore) -> None:
     done = threading.Event()
-    ids = [store.enqueue("engine") for _ in range(3)]
+    ids = [store.enqueue("engine", spec=ENGINE) for _ in range(3)]
 
     def handler(job):  # type: ignore[no-untyped-def]
         if store.counts().get("queued", 0) == 0:
@@ -249,7 +255,7 @@ def test_job_timing_settings_are_checked_and_wired(tmp_path) -> None:  # type: i
     assert local.jobs.lease == timedelta(seconds=30)
     assert local.pool.poll_s == 0.25 and local.pool.backoff_s == 0.5
     # the lease decides when the sweeper takes a job back from a silent worker
-    jid = local.jobs.enqueue("engine")
+    jid = local.jobs.enqueue("engine", spec=ENGINE)
     local.jobs.claim(worker="silent")
     now = datetime.now(timezone.utc)
     assert local.jobs.requeue_expired(now=now + timedelta(seconds=20)) == []
@@ -290,7 +296,7 @@ def _fake_dispatcher(store: JobStore, fail_first: bool):  # type: ignore[no-unty
     dest = Destination(name="pacs", kind="dimse", ae_title="PACS", host="127.0.0.1", port=11112,
                        accepts_synthetic=True)
     return Dispatcher([dest], ledger=store.ledger, watermark=lambda ds: True,
-                      sender_factory=lambda d, ae: FakeSender(d, ae), sleep=lambda s: None)
+                      sender_factory=lambda d, ae: FakeSender(d, ae))
 
 
 def _instances(series_uid: str, n: int):  # type: ignore[no-untyped-def]
@@ -316,7 +322,7 @@ def _run_pipeline_ledger(store: JobStore, model: str | None) -> tuple[str, list[
             "study_uid": L_STUDY, "series_uid": L_SRC, "sop_uid": str(ds.SOPInstanceUID)},
             payload={"sha256": "00" * 32, "source": "dimse"}))
     eid = store.enqueue(JobKind.ENGINE, study_uid=L_STUDY, series_uid=L_SRC, rule="r",
-                        task="ct_denoise", spec={"model": model}, seed=7)
+                        task="ct_denoise", spec={"fingerprint": "f" * 64, "model": model}, seed=7)
     job = store.claim(kinds=(JobKind.ENGINE,))
     assert job is not None and job.id == eid
     outs = _instances(L_OUT, 2)
@@ -341,8 +347,7 @@ def _run_pipeline_ledger(store: JobStore, model: str | None) -> tuple[str, list[
         for attempt in (1, 2):
             dj = store.claim(kinds=(JobKind.DISPATCH,), job_id=did)
             assert dj is not None
-            res = disp.send(outs, "pacs", job_id=did, max_attempts=1, first_attempt=attempt,
-                            terminal=False)
+            res = disp.send(outs, "pacs", job_id=did, attempt=attempt, terminal=False)
             if res.acknowledged:
                 store.finish(did, {"destination": "pacs"}, claim=dj)
                 break
@@ -422,3 +427,32 @@ def test_lineage_tree_source_job_output_dispatch(store: JobStore, start: str) ->
     for did in dids:  # each dispatch job one level under the destination, its events below
         line = at(f"dispatch job {did[:8]} succeeded")
         assert dest[0] < line[0] and line[1] > dest[1]
+
+
+def test_specs_are_validated_when_a_job_is_created(store: JobStore) -> None:
+    with pytest.raises(InvalidJobSpec, match="fingerprint"):
+        store.enqueue(JobKind.ENGINE, spec={"params": {}})  # no source fingerprint
+    with pytest.raises(InvalidJobSpec, match="destinaton"):
+        store.enqueue(JobKind.DISPATCH, spec={"destinaton": "pacs"})  # typo: unknown key
+    with pytest.raises(InvalidJobSpec, match="output_format"):
+        store.enqueue(JobKind.ENGINE, spec={"fingerprint": "f", "output_format": "png"})
+    assert store.list() == [] and _types(store) == []  # nothing written
+    jid = store.enqueue(JobKind.ENGINE, spec={"fingerprint": "f", "destinations": ["a", "b"]})
+    spec = store.get(jid).engine_spec
+    assert spec.destinations == ("a", "b") and spec.output_format == "sc" and spec.model is None
+    with pytest.raises(InvalidJobSpec, match="not a dispatch job"):
+        store.get(jid).dispatch_spec
+
+
+def test_a_job_whose_stored_spec_is_invalid_fails_at_claim_without_running(
+        store: JobStore) -> None:
+    jid = store.enqueue(JobKind.DISPATCH, spec=DISPATCH)
+    with store.engine.begin() as c:  # a row written by another version, or edited by hand
+        c.execute(tables.jobs.update().where(tables.jobs.c.id == jid)
+                  .values(spec='{"destination": 5, "extra": 1}'))
+    ran: list[str] = []
+    job = store.claim()
+    assert job is not None
+    done = run_job(store, {JobKind.DISPATCH: lambda j: ran.append(j.id) or {}}, job)
+    assert ran == [] and done.state is JobState.FAILED
+    assert done.error is not None and "invalid dispatch job spec" in done.error

@@ -1,0 +1,64 @@
+"""The engine's shared types: arrays + geometry + intensity meaning in, arrays + a provenance
+record out. Imported by every engine module and, through :mod:`engine.api`, by the node. No
+DICOM here (the node converts to and from DICOM)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Intensity", "Provenance", "TaskResult", "Volume"]
+
+
+class Intensity(str, Enum):
+    """What the voxel values mean."""
+
+    HU = "HU"  # CT Hounsfield units
+    MR_T1W = "MR_T1W"  # T1-weighted MR, arbitrary units
+    MR_T2W = "MR_T2W"  # T2-weighted MR, arbitrary units
+    MR = "MR"  # MR of unspecified weighting, arbitrary units
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A slice stack in physical intensity.
+
+    data     float32 array (z, y, x); slices ordered along the slice normal
+    spacing  voxel spacing in mm (z, y, x)
+    """
+
+    data: np.ndarray
+    spacing: tuple[float, float, float]
+    intensity: Intensity
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 3:
+            raise ValueError(f"Volume.data must be 3-D (z, y, x), got shape {self.data.shape}")
+        if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
+            raise ValueError(f"Volume.spacing must be 3 positive values in mm, got {self.spacing}")
+        if not isinstance(self.intensity, Intensity):
+            object.__setattr__(self, "intensity", Intensity(self.intensity))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced an output: recorded in the ledger and in the DICOM output."""
+
+    task: str
+    model_id: str
+    model_version: str
+    weights_sha256: str
+    parameters: dict[str, Any]
+    seed: int
+    device: str
+    steps: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    outputs: list[Volume]  # one for restoration / synthesis, N for augmentation
+    provenance: Provenance
