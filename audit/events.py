@@ -94,8 +94,9 @@ class Event:
                            output_sop_uids, or one digest), watermark_payload (hex string),
                            watermark_max_delta (largest bound used, stored units),
                            watermark_verified (the mark was found in every instance at
-                           build; both absent when unmarked), output_format, model_id, model_version, weights_sha256, seed,
-                           quality (the gate's statistics, decimal strings)
+                           build; both absent when unmarked), output_format, model_id,
+                           model_version, weights_sha256, seed, quality (the gate's
+                           statistics, decimal strings)
     ``output.held``        subject job_id, study_uid, model_id; payload
                            source_series_uids, output_index, reasons (list of strings),
                            checks (names of the failed checks, node/pipeline/quality.py), stats

@@ -248,9 +248,9 @@ def fhir_audit_event(entry: StoredEntry, node: str = "synthnode") -> dict[str, A
     if alt:
         agent["altId"] = alt
     entities: list[dict[str, Any]] = []
-    for key, code, label in (("study_uid", "110180", "Study Instance UID"),
-                             ("series_uid", "112002", "Series Instance UID"),
-                             ("sop_uid", "", "SOP Instance UID")):
+    for key, _code, label in (("study_uid", "110180", "Study Instance UID"),
+                              ("series_uid", "112002", "Series Instance UID"),
+                              ("sop_uid", "", "SOP Instance UID")):
         if ev.subject.get(key):
             entities.append({"what": {"identifier": _ident(str(ev.subject[key]))},
                              "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
@@ -487,6 +487,19 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
     partial outputs), ``unattached_dispatches`` (dispatch events whose series is neither a
     known output nor a source), ``entries`` (every ledger seq visited).
     """
+    events = _linked_entries(ledger, uid, max_rounds)
+    dispatch_jobs, engine_ids = _job_ids(events)
+    jobs, outputs = _engine_jobs(events, engine_ids)
+    sources = _sources(events, outputs)
+    unattached = _attach_dispatches(events, outputs, sources)
+    _attach_dispatch_jobs(dispatch_jobs, outputs)
+    return {"uid": uid, "sources": list(sources.values()), "jobs": list(jobs.values()),
+            "unattached_dispatches": unattached, "entries": [e.seq for e in events]}
+
+
+def _linked_entries(ledger: Ledger, uid: str, max_rounds: int) -> list[StoredEntry]:
+    """The entries linked to ``uid`` (``_links``, followed for up to ``max_rounds`` rounds),
+    in ledger order."""
     seen: dict[int, StoredEntry] = {}
     frontier = {uid}
     known: set[str] = set()
@@ -502,9 +515,13 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
             seen[e.seq] = e
             new |= _links(e.event)
         frontier = new
-    events = [seen[s] for s in sorted(seen)]
+    return [seen[s] for s in sorted(seen)]
 
-    # which job ids are dispatch jobs (kind recorded by node/pipeline/jobs.py) and which are engine jobs
+
+def _job_ids(events: list[StoredEntry]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """``(dispatch_jobs, engine_ids)``: which job ids are dispatch jobs (kind recorded by
+    node/pipeline/jobs.py; id -> what they sent, where, their state and events) and which are
+    engine jobs (in order of appearance)."""
     dispatch_jobs: dict[str, dict[str, Any]] = {}
     engine_ids: list[str] = []
     for e in events:
@@ -528,7 +545,14 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
         if e.event.type in OUTPUT_TYPES and jid and str(jid) not in engine_ids \
                 and str(jid) not in dispatch_jobs:
             engine_ids.append(str(jid))
+    return dispatch_jobs, engine_ids
 
+
+def _engine_jobs(
+    events: list[StoredEntry], engine_ids: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``(jobs, outputs)``: each engine job (task, model, state events, outputs, held and
+    discarded outputs) and each output series (by UID; the same dicts as in the jobs)."""
     jobs: dict[str, dict[str, Any]] = {
         j: {"job_id": j, "task": None, "model_id": None, "model_version": None,
             "weights_sha256": None, "source_series_uids": [], "events": [], "outputs": [],
@@ -536,48 +560,54 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
         for j in engine_ids}
     outputs: dict[str, dict[str, Any]] = {}
     for e in events:
-        ev = e.event
-        job = jobs.get(str(ev.subject.get("job_id")))
-        if job is None:
-            continue
-        for u in _uids(ev.payload.get("source_series_uids")):
-            if u not in job["source_series_uids"]:
-                job["source_series_uids"].append(u)
-        job["model_id"] = (
-            ev.subject.get("model_id") or ev.payload.get("model_id") or job["model_id"]
-        )
-        for k in ("model_version", "weights_sha256"):
-            job[k] = ev.payload.get(k) or job[k]
-        job["task"] = job["task"] or ev.payload.get("task")
-        if ev.type in JOB_TYPES:
-            job["events"].append(
-                {
-                    "seq": e.seq,
-                    "type": ev.type.value,
-                    "time": format_time(ev.time),
-                    **{
-                        k: ev.payload[k]
-                        for k in ("attempt", "worker", "weights_sha256", "seed", "device", "error")
-                        if k in ev.payload
-                    },
-                }
-            )
-        elif ev.type == EventType.OUTPUT_CREATED:
-            series = ev.payload.get("output_series_uid") or ev.subject.get("series_uid")
-            out = {"seq": e.seq, "series_uid": series,
-                   "sop_uids": len(ev.payload.get("output_sop_uids") or []),
-                   "output_format": ev.payload.get("output_format"),
-                   "watermark_payload": ev.payload.get("watermark_payload"),
-                   "dispatches": [], "dispatch_jobs": []}
-            job["outputs"].append(out)
-            outputs[str(series)] = out
-        elif ev.type == EventType.OUTPUT_HELD:
-            job["held"].append({"seq": e.seq, "output_index": ev.payload.get("output_index"),
-                                "reasons": list(ev.payload.get("reasons") or [])})
-        elif ev.type == EventType.OUTPUT_DISCARDED:
-            job["discarded"].append({"seq": e.seq, "series_uid": ev.subject.get("series_uid"),
-                                     "reason": ev.payload.get("reason")})
+        job = jobs.get(str(e.event.subject.get("job_id")))
+        if job is not None:
+            _add_to_job(job, e, outputs)
+    return jobs, outputs
 
+
+def _add_to_job(job: dict[str, Any], e: StoredEntry, outputs: dict[str, dict[str, Any]]) -> None:
+    """Record entry ``e`` (a job, output or dispatch event of ``job``) in ``job``; a created
+    output also goes into ``outputs``."""
+    ev = e.event
+    for u in _uids(ev.payload.get("source_series_uids")):
+        if u not in job["source_series_uids"]:
+            job["source_series_uids"].append(u)
+    job["model_id"] = (
+        ev.subject.get("model_id") or ev.payload.get("model_id") or job["model_id"]
+    )
+    for k in ("model_version", "weights_sha256"):
+        job[k] = ev.payload.get(k) or job[k]
+    job["task"] = job["task"] or ev.payload.get("task")
+    if ev.type in JOB_TYPES:
+        state: dict[str, Any] = {"seq": e.seq, "type": ev.type.value,
+                                 "time": format_time(ev.time)}
+        for k in ("attempt", "worker", "weights_sha256", "seed", "device", "error"):
+            if k in ev.payload:
+                state[k] = ev.payload[k]
+        job["events"].append(state)
+    elif ev.type == EventType.OUTPUT_CREATED:
+        series = ev.payload.get("output_series_uid") or ev.subject.get("series_uid")
+        out: dict[str, Any] = {"seq": e.seq, "series_uid": series,
+                               "sop_uids": len(ev.payload.get("output_sop_uids") or []),
+                               "output_format": ev.payload.get("output_format"),
+                               "watermark_payload": ev.payload.get("watermark_payload"),
+                               "dispatches": [], "dispatch_jobs": []}
+        job["outputs"].append(out)
+        outputs[str(series)] = out
+    elif ev.type == EventType.OUTPUT_HELD:
+        job["held"].append({"seq": e.seq, "output_index": ev.payload.get("output_index"),
+                            "reasons": list(ev.payload.get("reasons") or [])})
+    elif ev.type == EventType.OUTPUT_DISCARDED:
+        job["discarded"].append({"seq": e.seq, "series_uid": ev.subject.get("series_uid"),
+                                 "reason": ev.payload.get("reason")})
+
+
+def _sources(
+    events: list[StoredEntry], outputs: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Source series (by UID) with their received instances; the pipeline stores its outputs
+    through ingest too, and those are not sources."""
     sources: dict[str, dict[str, Any]] = {}
     for e in events:
         ev = e.event
@@ -589,19 +619,30 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
             "instances": [], "from": ev.actor, "dispatches": []})
         s["instances"].append({"seq": e.seq, "sop_uid": ev.subject.get("sop_uid"),
                                "sha256": ev.payload.get("sha256")})
+    return sources
 
-    # dispatches hang under the series they sent: an output (or a forwarded original)
+
+def _attach_dispatches(events: list[StoredEntry], outputs: dict[str, dict[str, Any]],
+                       sources: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Hang each dispatch under the series it sent: an output (or a forwarded original);
+    returns the dispatches of neither."""
     unattached: list[dict[str, Any]] = []
     for e in events:
         if e.event.type not in DISPATCH_TYPES:
             continue
         item = _dispatch_item(e)
-        homes = [outputs.get(u) or sources.get(u) for u in _uids(e.event.subject.get("series_uid"))]
-        homes = [h for h in homes if h is not None]
+        found = (outputs.get(u) or sources.get(u) for u in _uids(e.event.subject.get("series_uid")))
+        homes = [h for h in found if h is not None]
         for h in homes:
             h["dispatches"].append(item)
         if not homes:
             unattached.append(item)
+    return unattached
+
+
+def _attach_dispatch_jobs(dispatch_jobs: dict[str, dict[str, Any]],
+                          outputs: dict[str, dict[str, Any]]) -> None:
+    """List each dispatch job under the output it sent (``dispatch_jobs``)."""
     for d in dispatch_jobs.values():
         out = outputs.get(str(d["series_uid"]))
         if out is not None:
@@ -611,8 +652,6 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
                 out["dispatch_jobs"][-1]["destination"] = (
                     next(iter(dests)) if len(dests) == 1 else None
                 )
-    return {"uid": uid, "sources": list(sources.values()), "jobs": list(jobs.values()),
-            "unattached_dispatches": unattached, "entries": [e.seq for e in events]}
 
 
 def iter_entries(ledger: Ledger, seqs: Iterable[int]) -> Iterator[StoredEntry]:

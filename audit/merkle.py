@@ -268,12 +268,7 @@ def verify_consistency(
     if new < old:
         raise InvalidProof(f"size {new} is smaller than {old}")
     if old == new:
-        if proof:
-            raise InvalidProof("equal sizes need an empty proof")
-        if old_root != new_root:
-            raise InvalidProof("equal sizes with different roots")
-        if old == 0 and old_root != EMPTY_ROOT:
-            raise InvalidProof("the root of an empty tree is SHA-256 of the empty string")
+        _verify_equal_sizes(old, old_root, new_root, proof)
         return
     old_root = _check_hash("old root", old_root)
     new_root = _check_hash("new root", new_root)
@@ -281,6 +276,28 @@ def verify_consistency(
         raise InvalidProof("no consistency proof from an empty tree")
     if not proof:
         raise InvalidProof("empty consistency proof")
+    path = _consistency_path(old, new, old_root, proof)
+    fr, sr = _consistency_roots(old, new, path)
+    if fr != old_root:
+        raise InvalidProof(f"consistency proof does not match the root of size {old}")
+    if sr != new_root:
+        raise InvalidProof(f"consistency proof does not match the root of size {new}")
+
+
+def _verify_equal_sizes(size: int, old_root: bytes, new_root: bytes,
+                        proof: Sequence[bytes]) -> None:
+    """:func:`verify_consistency` of a tree with itself: an empty proof and equal roots."""
+    if proof:
+        raise InvalidProof("equal sizes need an empty proof")
+    if old_root != new_root:
+        raise InvalidProof("equal sizes with different roots")
+    if size == 0 and old_root != EMPTY_ROOT:
+        raise InvalidProof("the root of an empty tree is SHA-256 of the empty string")
+
+
+def _consistency_path(old: int, new: int, old_root: bytes, proof: Sequence[bytes]) -> list[bytes]:
+    """The checked proof hashes (``old_root`` first when ``old`` is a power of two); refuses a
+    proof of the wrong length."""
     # expected length (transparency-dev/merkle proof/verify.go)
     shift = (old & -old).bit_length() - 1  # trailing zeros of old
     inner, border = _inner_border(old - 1, new)
@@ -292,6 +309,11 @@ def verify_consistency(
         raise InvalidProof(f"wrong proof size {len(path)}, want {want}")
     if old & (old - 1) == 0:  # exact power of two: prepend first hash
         path = [old_root, *path]
+    return path
+
+
+def _consistency_roots(old: int, new: int, path: list[bytes]) -> tuple[bytes, bytes]:
+    """The roots of sizes ``old`` and ``new`` that ``path`` yields (RFC 9162 2.1.4.2)."""
     fn, sn = old - 1, new - 1
     while fn & 1:
         fn >>= 1
@@ -313,10 +335,7 @@ def verify_consistency(
         sn >>= 1
     if sn != 0:
         raise InvalidProof("consistency proof is too short")
-    if fr != old_root:
-        raise InvalidProof(f"consistency proof does not match the root of size {old}")
-    if sr != new_root:
-        raise InvalidProof(f"consistency proof does not match the root of size {new}")
+    return fr, sr
 
 
 class MemoryTree:

@@ -156,7 +156,7 @@ def _check_leaves(batches: Iterable[Batch], report: Report) -> bytearray:
         joined = b"".join(computed)
         if first == expected and last - first == len(batch) - 1:
             if b"".join(bytes(r[1]) for r in batch) != joined:
-                for r, lh in zip(batch, computed):
+                for r, lh in zip(batch, computed, strict=True):
                     if bytes(r[1]) != lh:
                         report.add(
                             Problem(
@@ -166,7 +166,8 @@ def _check_leaves(batches: Iterable[Batch], report: Report) -> bytearray:
             leaves += joined
             expected = last + 1
             continue
-        for r, lh in zip(batch, computed):  # slow path: a gap or disorder in this batch
+        # slow path: a gap or disorder in this batch
+        for r, lh in zip(batch, computed, strict=True):
             seq = int(r[0])
             if seq != expected:
                 if seq > expected:
@@ -234,6 +235,50 @@ def _check_checkpoint_notes(notes: list[tuple[str, str]], verifier: Verifier, le
     return by_size
 
 
+def _check_nodes(levels: _Levels, nodes: Callable[[int, int, bool], Sequence[Any]],
+                 report: Report) -> None:
+    """Compare the stored complete-subtree hashes (``nodes(level, count, with_idx)``) with the
+    ones re-derived from the entries."""
+    for level in range(1, len(levels.levels)):
+        want = levels.levels[level]
+        count = len(want) // 32
+        # (level, idx) is the primary key and the query asks for idx < count, so count
+        # rows means exactly the indexes 0..count-1: only hashes need to come back
+        hashes = nodes(level, count, False)
+        if len(hashes) == count and b"".join(hashes) == want:
+            continue
+        have = {int(r[0]): bytes(r[1]) for r in nodes(level, count, True)}
+        for idx in range(count):
+            lo, hi = idx << level, ((idx + 1) << level) - 1
+            h = have.get(idx)
+            if h is None:
+                report.add(
+                    Problem("node", f"node (level {level}, index {idx}) is missing", lo, hi)
+                )
+            elif h != want[idx * 32:(idx + 1) * 32]:
+                report.add(
+                    Problem(
+                        "node",
+                        f"stored node (level {level}, index {idx}) does not match "
+                        "the hash of these entries",
+                        lo,
+                        hi,
+                    )
+                )
+
+
+def _check_head(levels: _Levels, head: tuple[int, bytes], report: Report) -> None:
+    """Compare the stored head (size, frontier) with the entries."""
+    n = levels.size
+    hsize, frontier = head
+    if hsize != n:
+        report.add(Problem("head", f"head says {hsize} entries, found {n}", min(hsize, n)))
+    else:
+        want = b"".join(levels.get(lv, i) or b"" for lv, i in merkle.frontier_ids(n))
+        if frontier != want:
+            report.add(Problem("head", "head frontier does not match the entries"))
+
+
 def _verify(rows: Iterable[Batch], verifier: Verifier,
             db_notes: list[tuple[int, bytes, str]], file_notes: list[str] | None, report: Report,
             nodes: Callable[[int, int, bool], Sequence[Any]] | None = None,
@@ -243,40 +288,9 @@ def _verify(rows: Iterable[Batch], verifier: Verifier,
     report.size = n
     report.root = levels.root(n)
     if nodes is not None:
-        for level in range(1, len(levels.levels)):
-            want = levels.levels[level]
-            count = len(want) // 32
-            # (level, idx) is the primary key and the query asks for idx < count, so count
-            # rows means exactly the indexes 0..count-1: only hashes need to come back
-            hashes = nodes(level, count, False)
-            if len(hashes) == count and b"".join(hashes) == want:
-                continue
-            have = {int(r[0]): bytes(r[1]) for r in nodes(level, count, True)}
-            for idx in range(count):
-                lo, hi = idx << level, ((idx + 1) << level) - 1
-                h = have.get(idx)
-                if h is None:
-                    report.add(
-                        Problem("node", f"node (level {level}, index {idx}) is missing", lo, hi)
-                    )
-                elif h != want[idx * 32:(idx + 1) * 32]:
-                    report.add(
-                        Problem(
-                            "node",
-                            f"stored node (level {level}, index {idx}) does not match "
-                            "the hash of these entries",
-                            lo,
-                            hi,
-                        )
-                    )
+        _check_nodes(levels, nodes, report)
     if head is not None:
-        hsize, frontier = head
-        if hsize != n:
-            report.add(Problem("head", f"head says {hsize} entries, found {n}", min(hsize, n)))
-        else:
-            want = b"".join(levels.get(lv, i) or b"" for lv, i in merkle.frontier_ids(n))
-            if frontier != want:
-                report.add(Problem("head", "head frontier does not match the entries"))
+        _check_head(levels, head, report)
     db = _check_checkpoint_notes([(f"database checkpoint {s}", note) for s, _, note in db_notes],
                                  verifier, levels, report)
     for s, root, _ in db_notes:
@@ -353,7 +367,8 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
             cur = cursor()
             try:
                 cur.execute(
-                    f"SELECT seq, leaf_hash, data FROM ledger_entries WHERE seq < {ph} ORDER BY seq",
+                    "SELECT seq, leaf_hash, data FROM ledger_entries "
+                    f"WHERE seq < {ph} ORDER BY seq",
                     (bound,),
                 )
                 while True:
@@ -369,7 +384,8 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
             cols = "idx, hash" if with_idx else "hash"
             try:
                 cur.execute(
-                    f"SELECT {cols} FROM ledger_nodes WHERE level = {ph} AND idx < {ph} ORDER BY idx",
+                    f"SELECT {cols} FROM ledger_nodes "
+                    f"WHERE level = {ph} AND idx < {ph} ORDER BY idx",
                     (level, count),
                 )
                 rows = cur.fetchall()

@@ -32,6 +32,7 @@ Everything is deterministic given ``seed``.
 from __future__ import annotations
 
 import logging
+from typing import overload
 
 import numpy as np
 from scipy import ndimage
@@ -110,7 +111,7 @@ def low_dose_noise(hu: np.ndarray, pixel_mm: float, doses: tuple[float, ...], se
     out: dict[float, np.ndarray] = {}
     circle = _circle(n)
     for dose in doses:
-        rng = np.random.default_rng([seed, int(round(dose * 1e6))])
+        rng = np.random.default_rng([seed, round(float(dose) * 1e6)])
         lam = i0_bin * dose * np.exp(-p)
         counts = rng.poisson(lam).astype(np.float64)
         if electronic_noise > 0:  # one simulated view stands for REF_VIEWS / na readings
@@ -120,6 +121,16 @@ def low_dose_noise(hu: np.ndarray, pixel_mm: float, doses: tuple[float, ...], se
         noise_mu = iradon(dp, theta, circle=True, filter_name="ramp") / pixel_mm
         out[dose] = (noise_mu / MU_WATER_PER_MM * 1000.0 * circle).astype(np.float32)
     return out
+
+
+@overload
+def low_dose_ct(hu: np.ndarray, pixel_mm: float, dose: float, seed: int,
+                **kwargs: object) -> np.ndarray: ...
+
+
+@overload
+def low_dose_ct(hu: np.ndarray, pixel_mm: float, dose: tuple[float, ...], seed: int,
+                **kwargs: object) -> dict[float, np.ndarray]: ...
 
 
 def low_dose_ct(hu: np.ndarray, pixel_mm: float, dose: float | tuple[float, ...], seed: int,

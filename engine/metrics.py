@@ -193,7 +193,7 @@ def lesion_scores(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
         bg_ref, le_ref = float(r[ring].mean()), float(r[core].mean())
         bg_out, le_out = float(o[ring].mean()), float(o[core].mean())
         thr = 0.5 * (bg_ref + le_ref)
-        margin = max(2, int(math.ceil(0.5 * diam / 2 / spacing[1])))
+        margin = max(2, math.ceil(0.5 * diam / 2 / spacing[1]))
         zz, yy, xx = np.nonzero(m)
         box = (slice(zz.min(), zz.max() + 1),
                slice(max(yy.min() - margin - 1, 0), yy.max() + margin + 2),

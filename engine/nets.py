@@ -8,8 +8,8 @@ Three separate pieces:
 * **noise process**: :func:`build_scheduler` builds MONAI's ``RFlowScheduler`` (rectified
   flow: ``x_t = (1 - t/T) x0 + (t/T) eps``, the network predicts the velocity
   ``v = x0 - eps``, or, for models with ``prediction = "x0"``, the clean sample ``x0`` from
-  which the sampler derives the velocity); training forwards go through MONAI's ``DiffusionInferer`` in ``concat``
-  mode (:func:`training_prediction`).
+  which the sampler derives the velocity); training forwards go through MONAI's
+  ``DiffusionInferer`` in ``concat`` mode (:func:`training_prediction`).
 * **sampling loop**: :func:`rflow_sample` integrates the flow with Euler steps from any start
   time (1.0 = pure noise; < 1.0 = start from a partially noised image as in SDEdit, which is
   how restoration and augmentation start from the received image) and applies a pluggable
@@ -139,7 +139,9 @@ def training_prediction(
     inferer = DiffusionInferer(scheduler)
     return inferer(
         inputs=x0,
-        diffusion_model=net,
+        # MONAI annotates diffusion_model as DiffusionModelUNet; any module with that
+        # forward(x, timesteps, context) works, and ours is one (build_unet)
+        diffusion_model=net,  # type: ignore[arg-type]
         noise=noise,
         timesteps=timesteps,
         condition=cond,

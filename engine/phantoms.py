@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 from scipy import ndimage
@@ -212,7 +212,7 @@ def _bias_field(rng: np.random.Generator, z_mm: np.ndarray, y: np.ndarray, x: np
                 fov: float, strength: float) -> np.ndarray:
     """Smooth multiplicative coil-sensitivity field exp(strength * f), f in [-1, 1]."""
     if strength <= 0:
-        return np.ones((len(z_mm),) + y.shape, dtype=np.float32)
+        return np.ones((len(z_mm), *y.shape), dtype=np.float32)
     c = rng.uniform(-1, 1, size=6)
     u, v = x / (fov / 2), y / (fov / 2)
     fields = []
@@ -391,7 +391,7 @@ def _mni_dir() -> Path:
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("nilearn is required for head phantoms (it bundles MNI152 maps)")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
     if not (folder / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").exists():
         raise RuntimeError(f"nilearn's bundled MNI152 templates not found in {folder}")
     return folder
@@ -405,7 +405,11 @@ def _mni_labels() -> np.ndarray:
     folder = _mni_dir()
 
     def load(name: str) -> np.ndarray:
-        img = nib.load(folder / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
+        # nib.load is typed as returning the FileBasedImage base; .nii.gz gives a Nifti1Image
+        img = cast(
+            "nib.Nifti1Image",
+            nib.load(folder / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"),
+        )
         return np.asarray(img.dataobj, dtype=np.float32) / 255.0
 
     gm, wm, t1 = load("gm"), load("wm"), load("t1")

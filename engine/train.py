@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,6 +56,11 @@ from engine.nets import (
 )
 from engine.tasks import TASKS
 from engine.wavelet import dwt2, idwt2
+
+if TYPE_CHECKING:
+    from monai.networks.schedulers import RFlowScheduler
+
+    from engine.phantoms import Split
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +112,7 @@ def _own_texture(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     o = OWN_TEXTURE
     sig = o["blur_lo"] + (o["blur_hi"] - o["blur_lo"]) * torch.rand((), generator=gen).item()
     sd = o["sd_lo"] + (o["sd_hi"] - o["sd_lo"]) * torch.rand((), generator=gen).item()
-    r = int(math.ceil(3 * sig))
+    r = math.ceil(3 * sig)
     x = torch.arange(-r, r + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sig) ** 2)
     k = k / k.sum()
@@ -131,7 +136,7 @@ def _sharp_shapes(crop: int, gen: torch.Generator) -> tuple[torch.Tensor, float]
         indexing="ij",
     )
     mask = torch.zeros((crop, crop), dtype=torch.bool)
-    n = int(torch.randint(o["n_lo"], o["n_hi"] + 1, (), generator=gen))
+    n = int(torch.randint(int(o["n_lo"]), int(o["n_hi"]) + 1, (), generator=gen))
     for _ in range(n):
         cy, cx, a, b, ang = torch.rand(5, generator=gen).tolist()
         cy, cx = cy * crop, cx * crop
@@ -151,8 +156,9 @@ def _sharp_shapes(crop: int, gen: torch.Generator) -> tuple[torch.Tensor, float]
 
 
 def train_angles(size: int) -> int:
-    """Views for the training low dose: the evaluation's own choice (engine.degrade.default_angles),
-    180 up to 256 px (as data version 1), 360 above, so 512 px training pairs match evaluation."""
+    """Views for the training low dose: the evaluation's own choice
+    (engine.degrade.default_angles), 180 up to 256 px (as data version 1), 360 above, so 512 px
+    training pairs match evaluation."""
     from engine.degrade import default_angles
 
     return TRAIN_ANGLES if size <= 256 else default_angles(size)
@@ -318,14 +324,8 @@ class TrainConfig:
         return f"{self.task.replace('_', '-')}-{suffix}"
 
 
-def model_config(tc: TrainConfig) -> dict[str, Any]:
-    """The JSON-able model config written to ``config.json``."""
-    if tc.task not in PRESETS:
-        raise ValueError(f"no training preset for task {tc.task!r}; known: {sorted(PRESETS)}")
-    if tc.objective not in ("diffusion", "regression"):
-        raise ValueError("objective must be 'diffusion' or 'regression'")
-    p = json.loads(json.dumps(PRESETS[tc.task]))
-    tasks = p["tasks"] if tc.objective == "diffusion" else [t for t in p["tasks"] if t != "augment"]
+def _check_prediction_recipe(tc: TrainConfig) -> None:
+    """Refuse a ``prediction`` / ``ssim_weight`` the objective and task do not allow."""
     if tc.prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}")
     if tc.prediction != "velocity" and tc.objective != "diffusion":
@@ -336,6 +336,10 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
         raise ValueError(
             "ssim_weight applies to ct_to_mr regression or x0-prediction diffusion only"
         )
+
+
+def _apply_schedule_overrides(tc: TrainConfig, p: dict[str, Any]) -> None:
+    """``train_t_max`` and ``p_uncond`` of ``tc`` over the preset ``p`` (checked, in place)."""
     if tc.train_t_max is not None:
         if not 0.0 < tc.train_t_max <= 1.0:
             raise ValueError("train_t_max must be in (0, 1]")
@@ -346,21 +350,40 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
         if not 0.0 <= tc.p_uncond <= 1.0:
             raise ValueError("p_uncond must be in [0, 1]")
         p["p_uncond"] = float(tc.p_uncond)
-    if tc.sampling:
-        if tc.objective != "diffusion":
-            raise ValueError("sampling defaults apply to diffusion models")
-        for t in tasks:
-            spec = TASKS[t]
-            unknown = sorted(set(tc.sampling) - set(spec.params))
-            if unknown:
-                raise ValueError(f"sampling: unknown parameter(s) for {t}: {unknown}")
-            vals = {k: spec.params[k].coerce(k, v) for k, v in tc.sampling.items()}
-            if "strength" in vals and vals["strength"] > p["train_t_max"] + 1e-9:
-                raise ValueError(
-                    f"sampling strength {vals['strength']} is above train_t_max {p['train_t_max']}: "
-                    "the model never saw such noise levels"
-                )
-            p["sampling"][t] = {**p["sampling"].get(t, {}), **vals}
+
+
+def _apply_sampling_overrides(tc: TrainConfig, p: dict[str, Any], tasks: list[str]) -> None:
+    """``tc.sampling`` over the preset ``p``'s sampling defaults of each of ``tasks``, validated
+    against the task contract (in place)."""
+    if not tc.sampling:
+        return
+    if tc.objective != "diffusion":
+        raise ValueError("sampling defaults apply to diffusion models")
+    for t in tasks:
+        spec = TASKS[t]
+        unknown = sorted(set(tc.sampling) - set(spec.params))
+        if unknown:
+            raise ValueError(f"sampling: unknown parameter(s) for {t}: {unknown}")
+        vals = {k: spec.params[k].coerce(k, v) for k, v in tc.sampling.items()}
+        if "strength" in vals and vals["strength"] > p["train_t_max"] + 1e-9:
+            raise ValueError(
+                f"sampling strength {vals['strength']} is above train_t_max "
+                f"{p['train_t_max']}: the model never saw such noise levels"
+            )
+        p["sampling"][t] = {**p["sampling"].get(t, {}), **vals}
+
+
+def model_config(tc: TrainConfig) -> dict[str, Any]:
+    """The JSON-able model config written to ``config.json``."""
+    if tc.task not in PRESETS:
+        raise ValueError(f"no training preset for task {tc.task!r}; known: {sorted(PRESETS)}")
+    if tc.objective not in ("diffusion", "regression"):
+        raise ValueError("objective must be 'diffusion' or 'regression'")
+    p = json.loads(json.dumps(PRESETS[tc.task]))
+    tasks = p["tasks"] if tc.objective == "diffusion" else [t for t in p["tasks"] if t != "augment"]
+    _check_prediction_recipe(tc)
+    _apply_schedule_overrides(tc, p)
+    _apply_sampling_overrides(tc, p, tasks)
     cfg_pred = {"prediction": tc.prediction} if tc.objective == "diffusion" else {}
     return {
         "format": "synthnode-model/1",
@@ -389,14 +412,15 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- data
-def prepare_data(path: Path | str, n: int, size: int = 256, split: str = "train", start: int = 0,
-                 progress: Callable[[int, int], None] | None = None) -> Path:
+def prepare_data(path: Path | str, n: int, size: int = 256, split: Split = "train",
+                 start: int = 0, progress: Callable[[int, int], None] | None = None) -> Path:
     """Render ``n`` paired phantoms (3 slices each) and their low-dose CT into ``path`` (npz).
 
     Arrays: ``ct`` clean HU, ``ld`` low dose, ``nd`` normal dose (dose 1.0), ``t1w``/``t2w``
     noise-free without bias field, each ``(n, 3, size, size)`` float32; ``dose`` (n,);
-    ``seeds`` (n,) phantom seeds; ``kinds`` (n,) 0 = abdomen, 1 = head; ``les`` ``(n, 3, size, size)``
-    uint8, 1 inside a lesion (for the lesion-weighted loss, ``TrainConfig.lesion_weight``).
+    ``seeds`` (n,) phantom seeds; ``kinds`` (n,) 0 = abdomen, 1 = head; ``les``
+    ``(n, 3, size, size)`` uint8, 1 inside a lesion (for the lesion-weighted loss,
+    ``TrainConfig.lesion_weight``).
     """
     from engine import phantoms
     from engine.degrade import low_dose_ct
@@ -433,9 +457,10 @@ def prepare_data(path: Path | str, n: int, size: int = 256, split: str = "train"
         if progress:
             progress(i + 1, n)
     tmp = path.with_suffix(".tmp.npz")
+    images: dict[str, Any] = {k: np.stack(v).astype(np.float32) for k, v in arrs.items()}
     np.savez(
         tmp,
-        **{k: np.stack(v).astype(np.float32) for k, v in arrs.items()},
+        **images,
         les=np.stack(les),
         dose=np.array(doses, np.float32),
         seeds=np.array(seeds, np.int64),
@@ -493,10 +518,11 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
     or edge input looks like to the network (``engine.tasks`` repeats edge slices).
 
     ``fulldose_target`` (CT restoration): with this probability the pair mirrors the
-    real-scan evaluation (node.evaluation.realdata): the target is the normal-dose image ``nd`` (its own
-    noise included) and the input ``nd + sqrt(1 - d) (ld - ct)``, a scan of dose ``d`` derived
-    from it (``ld - ct`` is projection-domain noise of variance ``1/d``, drawn independently of
-    ``nd``'s, so the added part has variance ``1/d - 1`` as in evaldata's ``d / (1 - d)``).
+    real-scan evaluation (node.evaluation.realdata): the target is the normal-dose image ``nd``
+    (its own noise included) and the input ``nd + sqrt(1 - d) (ld - ct)``, a scan of dose ``d``
+    derived from it (``ld - ct`` is projection-domain noise of variance ``1/d``, drawn
+    independently of ``nd``'s, so the added part has variance ``1/d - 1`` as in evaldata's
+    ``d / (1 - d)``).
     ``own_texture``: in those pairs, probability that the full-dose image is ``ct + texture``
     (``_own_texture``: a correlated texture unlike the projection-domain noise) instead of
     ``nd``, so that the model learns to remove the simulated low-dose noise and keep a scan's
@@ -519,105 +545,153 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
     les_all = data.get("les")
     tg, cd, lz = [], [], []
     for i in idx:
+        base3: torch.Tensor | None = None  # the clean side of a CT restoration pair
         if task == "ct_denoise":
-            use_nd = torch.rand((), generator=gen).item() < 0.25
-            derived = (not use_nd and fulldose_target > 0
-                       and torch.rand((), generator=gen).item() < fulldose_target)
-            if (
-                derived
-            ):  # the real-scan protocol: target = full dose, input = full dose + extra noise
-                d = float(data["dose"][i])
-                if own_texture > 0 and torch.rand((), generator=gen).item() < own_texture:
-                    ct3 = torch.from_numpy(data["ct"][i])
-                    nd3 = (ct3 + _own_texture(tuple(ct3.shape), gen)) / CT_SCALE
-                else:
-                    nd3 = torch.from_numpy(data["nd"][i]) / CT_SCALE
-                extra = math.sqrt(1.0 - d) * (
-                    torch.from_numpy(data["ld"][i]) - torch.from_numpy(data["ct"][i])
-                )
-                cond = nd3 + extra / CT_SCALE
-                target = nd3[1:2]
-                base3 = nd3
-            else:
-                cond = torch.from_numpy(data["nd" if use_nd else "ld"][i]) / CT_SCALE
-                target = torch.from_numpy(data["ct"][i][1:2]) / CT_SCALE
-                base3 = torch.from_numpy(data["ct"][i]) / CT_SCALE
-            if robust:
-                if torch.rand((), generator=gen).item() < ROBUST_CT["p_scale"]:
-                    lo = ROBUST_CT["scale_lo"]
-                    a = lo + (1.0 - lo) * torch.rand((), generator=gen).item()
-                    # scale only the noise the model must remove: the clean side is the
-                    # target-side image (ct, nd, or ct + own texture), not the phantom's nd
-                    # (until 2026-12-03 the own-texture pairs used nd here, which also scaled
-                    # their texture down in the input while the target kept it whole)
-                    cond = base3 + a * (cond - base3)
-                if torch.rand((), generator=gen).item() < ROBUST_CT["p_single"]:
-                    cond = cond[1:2].expand(3, -1, -1)
-                    base3 = base3[1:2].expand(3, -1, -1)
+            target, cond, base3 = _ct_denoise_pair(data, i, gen, robust, fulldose_target,
+                                                   own_texture)
         elif task == "ct_to_mr":
-            use_ld = torch.rand((), generator=gen).item() < 0.2
-            cond = torch.from_numpy(data["ld" if use_ld else "nd"][i]) / CT_SCALE
-            t = np.stack([data["t1w"][i][1], data["t2w"][i][1]])
-            target = 2.0 * torch.from_numpy(t) / MR_TARGET_SCALE - 1.0
+            target, cond = _ct_to_mr_pair(data, i, gen)
         elif task == "mr_denoise":
-            key = "t1w" if torch.rand((), generator=gen).item() < 0.5 else "t2w"
-            clean = torch.from_numpy(data[key][i]).double()
-            snr = 8.0 + 32.0 * torch.rand((), generator=gen).item()
-            fg = clean > 0.1 * torch.quantile(clean.flatten(), 0.99)
-            if own_noise > 0 and torch.rand((), generator=gen).item() < own_noise:
-                o = MR_OWN_NOISE
-                tex = _own_texture(tuple(clean.shape), gen).double()
-                tex = (
-                    tex
-                    / tex.std().clamp_min(1e-6)
-                    * (o["tex_sd_hi"] * torch.rand((), generator=gen).item())
-                )
-                snr_own = (
-                    o["snr_lo"] + (o["snr_hi"] - o["snr_lo"]) * torch.rand((), generator=gen).item()
-                )
-                base = clean * (1.0 + tex)
-                clean = _rician(
-                    base, base[fg].mean() / snr_own, gen
-                )  # the "acquired" image = target
-            sigma = clean[fg].mean() / snr
-            noisy = _rician(clean, sigma, gen)
-            s = float(torch.quantile(noisy.flatten(), 0.995))
-            cond = (2.0 * noisy / s - 1.0).float()
-            target = (2.0 * clean[1:2] / s - 1.0).float()
+            target, cond = _mr_denoise_pair(data, i, gen, own_noise)
         else:
             raise ValueError(f"no training data recipe for task {task!r}")
         les_i = (torch.from_numpy(les_all[i][1:2].astype(np.float32)) if les_all is not None
                  else torch.zeros((1, h, w)))
-        y0 = int(torch.randint(0, h - crop + 1, (), generator=gen))
-        x0 = int(torch.randint(0, w - crop + 1, (), generator=gen))
-        if lesion_crop > 0 and torch.rand((), generator=gen).item() < lesion_crop:
-            ys, xs = torch.nonzero(les_i[0], as_tuple=True)
-            if len(ys):
-                j = int(torch.randint(0, len(ys), (), generator=gen))
-                y0 = min(max(int(ys[j]) - crop // 2, 0), h - crop)
-                x0 = min(max(int(xs[j]) - crop // 2, 0), w - crop)
+        y0, x0 = _crop_origin(les_i, h, w, crop, gen, lesion_crop)
         k = int(torch.randint(0, 4, (), generator=gen))
         flip = bool(torch.randint(0, 2, (), generator=gen))
         sl = (slice(None), slice(y0, y0 + crop), slice(x0, x0 + crop))
         tgt_c, cond_c = target[sl], cond[sl]
         if (
-            task == "ct_denoise"
+            base3 is not None  # CT restoration
             and sharp_shapes > 0
             and torch.rand((), generator=gen).item() < sharp_shapes
         ):
-            m, val = _sharp_shapes(crop, gen)
-            delta = torch.where(
-                m, val / CT_SCALE - base3[sl], torch.zeros(())
-            )  # same shapes in the 3 slices
-            tgt_c = tgt_c + delta[1:2]
-            cond_c = (
-                cond_c + delta
-            )  # the noise stays (it comes from the rays through the whole body)
+            tgt_c, cond_c = _paste_sharp_shapes(tgt_c, cond_c, base3[sl], crop, gen)
         tg.append(_augment_geom(tgt_c, k, flip))
         cd.append(_augment_geom(cond_c, k, flip))
         lz.append(_augment_geom(les_i[sl], k, flip))
     out = (torch.stack(tg).float().contiguous(), torch.stack(cd).float().contiguous())
     return (*out, torch.stack(lz).float().contiguous()) if with_lesions else out
+
+
+def _ct_denoise_pair(
+    data: dict[str, Any],
+    i: int,
+    gen: torch.Generator,
+    robust: bool,
+    fulldose_target: float,
+    own_texture: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CT restoration pair of sample ``i`` (see :func:`make_batch`): ``(target, cond, base3)``,
+    ``base3`` the clean side of the 3 condition slices (ct, nd, or ct + own texture)."""
+    use_nd = torch.rand((), generator=gen).item() < 0.25
+    derived = (not use_nd and fulldose_target > 0
+               and torch.rand((), generator=gen).item() < fulldose_target)
+    if derived:  # the real-scan protocol: target = full dose, input = full dose + extra noise
+        d = float(data["dose"][i])
+        if own_texture > 0 and torch.rand((), generator=gen).item() < own_texture:
+            ct3 = torch.from_numpy(data["ct"][i])
+            nd3 = (ct3 + _own_texture(tuple(ct3.shape), gen)) / CT_SCALE
+        else:
+            nd3 = torch.from_numpy(data["nd"][i]) / CT_SCALE
+        extra = math.sqrt(1.0 - d) * (
+            torch.from_numpy(data["ld"][i]) - torch.from_numpy(data["ct"][i])
+        )
+        cond = nd3 + extra / CT_SCALE
+        target = nd3[1:2]
+        base3 = nd3
+    else:
+        cond = torch.from_numpy(data["nd" if use_nd else "ld"][i]) / CT_SCALE
+        target = torch.from_numpy(data["ct"][i][1:2]) / CT_SCALE
+        base3 = torch.from_numpy(data["ct"][i]) / CT_SCALE
+    if robust:
+        if torch.rand((), generator=gen).item() < ROBUST_CT["p_scale"]:
+            lo = ROBUST_CT["scale_lo"]
+            a = lo + (1.0 - lo) * torch.rand((), generator=gen).item()
+            # scale only the noise the model must remove: the clean side is the
+            # target-side image (ct, nd, or ct + own texture), not the phantom's nd
+            # (until 2026-12-03 the own-texture pairs used nd here, which also scaled
+            # their texture down in the input while the target kept it whole)
+            cond = base3 + a * (cond - base3)
+        if torch.rand((), generator=gen).item() < ROBUST_CT["p_single"]:
+            cond = cond[1:2].expand(3, -1, -1)
+            base3 = base3[1:2].expand(3, -1, -1)
+    return target, cond, base3
+
+
+def _ct_to_mr_pair(
+    data: dict[str, Any], i: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CT->MR pair of sample ``i``: ``(target, cond)``, the T1w / T2w centre slice in [-1, 1]
+    and the normal-dose (or, in 20 % of pairs, low-dose) CT slices."""
+    use_ld = torch.rand((), generator=gen).item() < 0.2
+    cond = torch.from_numpy(data["ld" if use_ld else "nd"][i]) / CT_SCALE
+    t = np.stack([data["t1w"][i][1], data["t2w"][i][1]])
+    target = 2.0 * torch.from_numpy(t) / MR_TARGET_SCALE - 1.0
+    return target, cond
+
+
+def _mr_denoise_pair(
+    data: dict[str, Any], i: int, gen: torch.Generator, own_noise: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MR restoration pair of sample ``i``: ``(target, cond)`` (see :func:`make_batch`,
+    ``own_noise``)."""
+    key = "t1w" if torch.rand((), generator=gen).item() < 0.5 else "t2w"
+    clean = torch.from_numpy(data[key][i]).double()
+    snr = 8.0 + 32.0 * torch.rand((), generator=gen).item()
+    fg = clean > 0.1 * torch.quantile(clean.flatten(), 0.99)
+    if own_noise > 0 and torch.rand((), generator=gen).item() < own_noise:
+        o = MR_OWN_NOISE
+        tex = _own_texture(tuple(clean.shape), gen).double()
+        tex = (
+            tex
+            / tex.std().clamp_min(1e-6)
+            * (o["tex_sd_hi"] * torch.rand((), generator=gen).item())
+        )
+        snr_own = (
+            o["snr_lo"] + (o["snr_hi"] - o["snr_lo"]) * torch.rand((), generator=gen).item()
+        )
+        base = clean * (1.0 + tex)
+        clean = _rician(
+            base, base[fg].mean() / snr_own, gen
+        )  # the "acquired" image = target
+    sigma = clean[fg].mean() / snr
+    noisy = _rician(clean, sigma, gen)
+    s = float(torch.quantile(noisy.flatten(), 0.995))
+    cond = (2.0 * noisy / s - 1.0).float()
+    target = (2.0 * clean[1:2] / s - 1.0).float()
+    return target, cond
+
+
+def _crop_origin(les_i: torch.Tensor, h: int, w: int, crop: int, gen: torch.Generator,
+                 lesion_crop: float) -> tuple[int, int]:
+    """Top-left corner of a random crop; with probability ``lesion_crop`` the crop is centred
+    on a random pixel of the lesion mask ``les_i`` ``(1, h, w)`` (when it has one)."""
+    y0 = int(torch.randint(0, h - crop + 1, (), generator=gen))
+    x0 = int(torch.randint(0, w - crop + 1, (), generator=gen))
+    if lesion_crop > 0 and torch.rand((), generator=gen).item() < lesion_crop:
+        ys, xs = torch.nonzero(les_i[0], as_tuple=True)
+        if len(ys):
+            j = int(torch.randint(0, len(ys), (), generator=gen))
+            y0 = min(max(int(ys[j]) - crop // 2, 0), h - crop)
+            x0 = min(max(int(xs[j]) - crop // 2, 0), w - crop)
+    return y0, x0
+
+
+def _paste_sharp_shapes(tgt_c: torch.Tensor, cond_c: torch.Tensor, base_c: torch.Tensor,
+                        crop: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste pixel-sharp shapes (``SHARP_SHAPES``) into a cropped CT pair whose clean
+    3 slices are ``base_c``: target and input alike, the input keeps its noise."""
+    m, val = _sharp_shapes(crop, gen)
+    delta = torch.where(
+        m, val / CT_SCALE - base_c, torch.zeros(())
+    )  # same shapes in the 3 slices
+    tgt_c = tgt_c + delta[1:2]
+    cond_c = (
+        cond_c + delta
+    )  # the noise stays (it comes from the rays through the whole body)
+    return tgt_c, cond_c
 
 
 def lesion_loss_weight(lesions: torch.Tensor, lesion_weight: float, grow: int = 2) -> torch.Tensor:
@@ -696,28 +770,44 @@ def _lr_lambda(step: int, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * prog))
 
 
-def train(
-    tc: TrainConfig,
-    out_root: Path | str,
-    data: dict[str, Any],
-    *,
-    run_dir: Path | str | None = None,
-    resume: bool = False,
-    device: str = "cpu",
-    threads: int = 0,
-    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
-    data_description: str = "",
-) -> Path:
-    """Train one model and write its folder ``<out_root>/<model_id>/``; returns that path.
+@dataclass
+class _Run:
+    """One training run's model, optimiser, EMA and places (see :func:`_start_run`)."""
 
-    ``data`` comes from :func:`load_data` (or any dict with the same arrays). With
-    ``resume=True`` training continues from ``run_dir/checkpoint.safetensors``; the run is
-    then bit-identical to an uninterrupted one on the same device (RNG states restored).
-    """
+    cfg: dict[str, Any]
+    model_dir: Path
+    run_dir: Path
+    metrics_path: Path
+    gen: torch.Generator
+    net: torch.nn.Module
+    sched: RFlowScheduler
+    out_ch: int
+    t_max: int
+    opt: torch.optim.Optimizer
+    ema: dict[str, torch.Tensor]
+    start_step: int
+
+
+@dataclass
+class _Recipe:
+    """The loss recipe of a run, from its model config (see :func:`_loss_recipe`)."""
+
+    use_amp: bool
+    p_uncond: float
+    t_hi: float
+    k_res: float
+    robust: bool
+    x0_pred: bool
+    ssim_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+
+
+def _start_run(tc: TrainConfig, out_root: Path, run_dir: Path | str | None, resume: bool,
+               device: str, threads: int) -> _Run:
+    """Seed, build the network, optimiser and EMA, and resume from the run's checkpoint (or
+    start a fresh metrics log)."""
     if threads > 0:
         torch.set_num_threads(threads)
     cfg = model_config(tc)
-    out_root = Path(out_root)
     model_dir = out_root / cfg["model_id"]
     run_dir = Path(run_dir) if run_dir else out_root / f".runs/{cfg['model_id']}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -742,124 +832,131 @@ def train(
         log.info("resumed %s at step %d of %d", cfg["model_id"], start_step, tc.steps)
     elif metrics_path.exists():
         metrics_path.unlink()
-    use_amp = device.startswith("cuda")
-    p_uncond = float(cfg["p_uncond"])
-    t_hi = float(cfg["train_t_max"])
-    k_res = float(cfg["io"].get("residual_scale") or 0.0)
-    robust = bool(PRESETS[tc.task].get("robust", False))
-    x0_pred = cfg.get("prediction") == "x0"
+    return _Run(cfg=cfg, model_dir=model_dir, run_dir=run_dir, metrics_path=metrics_path,
+                gen=gen, net=net, sched=sched, out_ch=out_ch, t_max=t_max, opt=opt, ema=ema,
+                start_step=start_step)
+
+
+def _loss_recipe(tc: TrainConfig, cfg: dict[str, Any], device: str) -> _Recipe:
+    """Residual scale, condition dropout, training-time range, prediction and SSIM term."""
     ssim_loss = None
     if tc.ssim_weight:  # model_config checked that the recipe allows it
         from monai.losses import SSIMLoss
 
         ssim_loss = SSIMLoss(spatial_dims=2, data_range=2.0, kernel_sigma=1.5)
-    net.train()
-    t0 = time.perf_counter()
-    ema_loss = None
-    with metrics_path.open("a") as mlog:
-        step = start_step
-        while step < tc.steps:
-            if tc.max_minutes and step == start_step + 10 and not start_step:
-                per_step = (time.perf_counter() - t0) / 10
-                fit = int(tc.max_minutes * 60 / per_step)
-                if fit < tc.steps:
-                    log.info("time budget: %d -> %d steps (%.2f s/step)", tc.steps, fit, per_step)
-                    tc.steps = max(fit, 11)
-            for g in opt.param_groups:  # warm-up + cosine decay, a pure function of the step
-                g["lr"] = tc.lr * _lr_lambda(step, tc.warmup, tc.steps)
-            target, cond, les = make_batch(
-                cfg.get("data_task", tc.task),
-                data,
-                gen,
-                tc.batch,
-                tc.crop,
-                robust=robust,
-                lesion_crop=tc.lesion_crop,
-                fulldose_target=tc.fulldose_target,
-                own_texture=tc.own_texture,
-                sharp_shapes=tc.sharp_shapes,
-                own_noise=tc.own_noise,
-                with_lesions=True,
+    return _Recipe(
+        use_amp=device.startswith("cuda"),
+        p_uncond=float(cfg["p_uncond"]),
+        t_hi=float(cfg["train_t_max"]),
+        k_res=float(cfg["io"].get("residual_scale") or 0.0),
+        robust=bool(PRESETS[tc.task].get("robust", False)),
+        x0_pred=cfg.get("prediction") == "x0",
+        ssim_loss=ssim_loss,
+    )
+
+
+def _apply_time_budget(tc: TrainConfig, step: int, start_step: int, t0: float) -> None:
+    """``max_minutes``: after the first 10 steps of a fresh run, lower ``tc.steps`` (never raise
+    it) to what fits in the budget at the measured speed."""
+    if tc.max_minutes and step == start_step + 10 and not start_step:
+        per_step = (time.perf_counter() - t0) / 10
+        fit = int(tc.max_minutes * 60 / per_step)
+        if fit < tc.steps:
+            log.info("time budget: %d -> %d steps (%.2f s/step)", tc.steps, fit, per_step)
+            tc.steps = max(fit, 11)
+
+
+def _step_loss(tc: TrainConfig, run: _Run, rc: _Recipe, data: dict[str, Any],
+               device: str) -> torch.Tensor:
+    """Draw a batch and compute the training loss of one step (the network in train mode)."""
+    cfg, gen = run.cfg, run.gen
+    target, cond, les = make_batch(
+        cfg.get("data_task", tc.task),
+        data,
+        gen,
+        tc.batch,
+        tc.crop,
+        robust=rc.robust,
+        lesion_crop=tc.lesion_crop,
+        fulldose_target=tc.fulldose_target,
+        own_texture=tc.own_texture,
+        sharp_shapes=tc.sharp_shapes,
+        own_noise=tc.own_noise,
+        with_lesions=True,
+    )
+    wmap = (
+        lesion_loss_weight(les, tc.lesion_weight).to(device) if tc.lesion_weight else None
+    )
+    if rc.k_res:  # residual parameterisation: r = k (clean - received centre slice)
+        ctr = int(cfg["io"]["context_slices"])
+        target = (target - cond[:, ctr:ctr + 1]) * rc.k_res
+    x0 = dwt2(target).to(device)
+    c = dwt2(cond).to(device)
+    with torch.autocast(
+        device_type="cuda" if rc.use_amp else "cpu", dtype=torch.bfloat16, enabled=rc.use_amp
+    ):
+        if tc.objective == "diffusion":
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            tsteps = (
+                (torch.rand(x0.shape[0], generator=gen) * (run.t_max * rc.t_hi))
+                .long()
+                .clamp_min(1)
+                .to(device)
             )
-            wmap = (
-                lesion_loss_weight(les, tc.lesion_weight).to(device) if tc.lesion_weight else None
-            )
-            if k_res:  # residual parameterisation: r = k (clean - received centre slice)
-                ctr = int(cfg["io"]["context_slices"])
-                target = (target - cond[:, ctr:ctr + 1]) * k_res
-            x0 = dwt2(target).to(device)
-            c = dwt2(cond).to(device)
-            with torch.autocast(
-                device_type="cuda" if use_amp else "cpu", dtype=torch.bfloat16, enabled=use_amp
-            ):
-                if tc.objective == "diffusion":
-                    noise = torch.randn(x0.shape, generator=gen).to(device)
-                    tsteps = (
-                        (torch.rand(x0.shape[0], generator=gen) * (t_max * t_hi))
-                        .long()
-                        .clamp_min(1)
-                        .to(device)
-                    )
-                    if p_uncond > 0:
-                        keep = (
-                            (torch.rand(x0.shape[0], generator=gen) >= p_uncond).float().to(device)
-                        )
-                        c = c * keep.view(-1, 1, 1, 1)
-                    pred = training_prediction(net, sched, x0, c, noise, tsteps)
-                    if not x0_pred:
-                        loss = torch.nn.functional.mse_loss(pred.float(), x0 - noise)
-                else:
-                    pred = regression_predict(net, c, out_ch, t_max)
-                if tc.objective == "regression" or x0_pred:  # the output is the clean sample
-                    if wmap is not None:
-                        loss = (wmap * (pred.float() - x0) ** 2).mean()
-                    else:
-                        loss = torch.nn.functional.mse_loss(pred.float(), x0)
-                    if ssim_loss is not None:
-                        # per channel (t1w, t2w), on the pixel grid the evaluation scores
-                        pp, tp = idwt2(pred.float()), target.to(device)
-                        b, ch = pp.shape[:2]
-                        loss = loss + tc.ssim_weight * ssim_loss(
-                            pp.reshape(b * ch, 1, *pp.shape[2:]),
-                            tp.reshape(b * ch, 1, *tp.shape[2:]),
-                        )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            d = min(ema_decay(tc.ema_decay, tc.steps), (1 + step) / (10 + step))
-            with torch.no_grad():
-                for k, v in net.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-                    else:
-                        ema[k].copy_(v)
-            lv = float(loss.detach())
-            ema_loss = lv if ema_loss is None else 0.95 * ema_loss + 0.05 * lv
-            done = step + 1
-            rec = {"step": done, "loss": lv, "loss_ema": ema_loss, "lr": opt.param_groups[0]["lr"],
-                   "seconds": round(time.perf_counter() - t0, 2)}
-            if done % tc.log_every == 0 or done == tc.steps:
-                mlog.write(json.dumps(rec) + "\n")
-                mlog.flush()
-            if done % tc.ckpt_every == 0 or done == tc.steps:
-                _save_checkpoint(run_dir, net, ema, opt, done, gen, {"model_id": cfg["model_id"],
-                                                                     "steps": tc.steps})
-            if progress:
-                progress(done, tc.steps, rec)
-            step += 1
-    seconds = time.perf_counter() - t0
+            if rc.p_uncond > 0:
+                keep = (
+                    (torch.rand(x0.shape[0], generator=gen) >= rc.p_uncond).float().to(device)
+                )
+                c = c * keep.view(-1, 1, 1, 1)
+            pred = training_prediction(run.net, run.sched, x0, c, noise, tsteps)
+            if not rc.x0_pred:
+                loss = torch.nn.functional.mse_loss(pred.float(), x0 - noise)
+        else:
+            pred = regression_predict(run.net, c, run.out_ch, run.t_max)
+        if tc.objective == "regression" or rc.x0_pred:  # the output is the clean sample
+            if wmap is not None:
+                loss = (wmap * (pred.float() - x0) ** 2).mean()
+            else:
+                loss = torch.nn.functional.mse_loss(pred.float(), x0)
+            if rc.ssim_loss is not None:
+                # per channel (t1w, t2w), on the pixel grid the evaluation scores
+                pp, tp = idwt2(pred.float()), target.to(device)
+                b, ch = pp.shape[:2]
+                loss = loss + tc.ssim_weight * rc.ssim_loss(
+                    pp.reshape(b * ch, 1, *pp.shape[2:]),
+                    tp.reshape(b * ch, 1, *tp.shape[2:]),
+                )
+    return loss
+
+
+def _update_ema(net: torch.nn.Module, ema: dict[str, torch.Tensor], d: float) -> None:
+    """``ema = d ema + (1 - d) weights`` for floating tensors; others are copied."""
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                ema[k].copy_(v)
+
+
+def _write_model_folder(tc: TrainConfig, run: _Run, rc: _Recipe, data: dict[str, Any],
+                        device: str, seconds: float, ema_loss: float | None,
+                        data_description: str) -> Path:
+    """Write the EMA weights, ``config.json`` (with the training record) and the card."""
+    cfg, model_dir = run.cfg, run.model_dir
     model_dir.mkdir(parents=True, exist_ok=True)
     weights = {
-        k: v.to(next(iter(net.state_dict().values())).dtype if v.is_floating_point() else v.dtype)
+        k: v.to(
+            next(iter(run.net.state_dict().values())).dtype if v.is_floating_point() else v.dtype
+        )
         .cpu()
         .contiguous()
-        for k, v in ema.items()
+        for k, v in run.ema.items()
     }
     tmp = model_dir / "model.tmp.safetensors"
     save_file(weights, str(tmp), metadata={"model_id": cfg["model_id"], "version": tc.version})
     os.replace(tmp, model_dir / "model.safetensors")
-    cfg["n_parameters"] = count_parameters(net)
+    cfg["n_parameters"] = count_parameters(run.net)
     cfg["training"] = {
         **{k: v for k, v in asdict(tc).items() if k not in ("architecture",)},
         "device": device,
@@ -868,7 +965,7 @@ def train(
         "seconds": round(seconds, 1),
         "final_loss_ema": ema_loss,
         "ema_decay_used": ema_decay(tc.ema_decay, tc.steps),
-        "robust_augmentation": ROBUST_CT if robust else None,
+        "robust_augmentation": ROBUST_CT if rc.robust else None,
         "own_texture_recipe": OWN_TEXTURE if tc.own_texture else None,
         "sharp_shapes_recipe": SHARP_SHAPES if tc.sharp_shapes else None,
         "own_noise_recipe": MR_OWN_NOISE if tc.own_noise else None,
@@ -879,6 +976,61 @@ def train(
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
     write_model_card(model_dir, data_description=data_description)
     return model_dir
+
+
+def train(
+    tc: TrainConfig,
+    out_root: Path | str,
+    data: dict[str, Any],
+    *,
+    run_dir: Path | str | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    threads: int = 0,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    data_description: str = "",
+) -> Path:
+    """Train one model and write its folder ``<out_root>/<model_id>/``; returns that path.
+
+    ``data`` comes from :func:`load_data` (or any dict with the same arrays). With
+    ``resume=True`` training continues from ``run_dir/checkpoint.safetensors``; the run is
+    then bit-identical to an uninterrupted one on the same device (RNG states restored).
+    """
+    run = _start_run(tc, Path(out_root), run_dir, resume, device, threads)
+    rc = _loss_recipe(tc, run.cfg, device)
+    net, opt = run.net, run.opt
+    net.train()
+    t0 = time.perf_counter()
+    ema_loss = None
+    with run.metrics_path.open("a") as mlog:
+        step = run.start_step
+        while step < tc.steps:
+            _apply_time_budget(tc, step, run.start_step, t0)
+            for g in opt.param_groups:  # warm-up + cosine decay, a pure function of the step
+                g["lr"] = tc.lr * _lr_lambda(step, tc.warmup, tc.steps)
+            loss = _step_loss(tc, run, rc, data, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            _update_ema(net, run.ema, min(ema_decay(tc.ema_decay, tc.steps),
+                                          (1 + step) / (10 + step)))
+            lv = float(loss.detach())
+            ema_loss = lv if ema_loss is None else 0.95 * ema_loss + 0.05 * lv
+            done = step + 1
+            rec = {"step": done, "loss": lv, "loss_ema": ema_loss, "lr": opt.param_groups[0]["lr"],
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            if done % tc.log_every == 0 or done == tc.steps:
+                mlog.write(json.dumps(rec) + "\n")
+                mlog.flush()
+            if done % tc.ckpt_every == 0 or done == tc.steps:
+                _save_checkpoint(run.run_dir, net, run.ema, opt, done, run.gen,
+                                 {"model_id": run.cfg["model_id"], "steps": tc.steps})
+            if progress:
+                progress(done, tc.steps, rec)
+            step += 1
+    seconds = time.perf_counter() - t0
+    return _write_model_folder(tc, run, rc, data, device, seconds, ema_loss, data_description)
 
 
 def average_models(
@@ -904,7 +1056,7 @@ def average_models(
         )
     dirs = [Path(d) for d in sources]
     cfgs = [json.loads((d / "config.json").read_text()) for d in dirs]
-    for d, c in zip(dirs[1:], cfgs[1:]):
+    for d, c in zip(dirs[1:], cfgs[1:], strict=True):
         for key in ("architecture", "tasks", "objective", "io", "normalisation"):
             if c.get(key) != cfgs[0].get(key):
                 raise ValueError(
@@ -912,13 +1064,16 @@ def average_models(
                     "task can be averaged"
                 )
     states = [load_file(str(d / "model.safetensors")) for d in dirs]
-    for d, st in zip(dirs[1:], states[1:]):
+    for d, st in zip(dirs[1:], states[1:], strict=True):
         if {k: tuple(v.shape) for k, v in st.items()} != {
             k: tuple(v.shape) for k, v in states[0].items()
         }:
             raise ValueError(f"{d}: tensor names or shapes differ from {dirs[0]}")
+    zero = torch.zeros((), dtype=torch.float64)  # sum()'s start, typed as a tensor
     avg = {
-        k: sum(wi * st[k].double() for wi, st in zip(w, states)).to(states[0][k].dtype).contiguous()
+        k: sum((wi * st[k].double() for wi, st in zip(w, states, strict=True)), zero)
+        .to(states[0][k].dtype)
+        .contiguous()
         for k in states[0]
     }
     out = Path(out_dir)
@@ -934,10 +1089,11 @@ def average_models(
             "weight": wi,
             "weights_sha256": _sha256_file(d / "model.safetensors"),
         }
-        for d, c, wi in zip(dirs, cfgs, w)
+        for d, c, wi in zip(dirs, cfgs, w, strict=True)
     ]
     (out / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
-    # the first source's training-data text carries over; its held-out metrics do not (other weights)
+    # the first source's training-data text carries over; its held-out metrics do not (other
+    # weights)
     src_card = dirs[0] / "MODEL_CARD.md"
     data_txt = _card_section(src_card.read_text(), "Training data") if src_card.exists() else None
     (out / "MODEL_CARD.md").unlink(missing_ok=True)
@@ -992,46 +1148,65 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
     txt = card.read_text() if card.exists() else ""
     old_metrics = _card_section(txt, "Held-out metrics")
     old_data = _card_section(txt, "Training data")
-    tr = cfg.get("training", {})
-    arch = cfg["architecture"]
-    # sampling defaults the training command wrote vs those in the config now (edited after a
-    # validation-split choice); models without a preset or a training record are not compared
-    # (keyed by the inference task: the ct_augment recipe's task is "augment")
-    task_key = (cfg.get("tasks") or [cfg.get("task", "")])[0]
-    preset = PRESETS.get(cfg.get("task", ""), {}).get("sampling", {}).get(task_key, {})
-    trained = {**preset, **(tr.get("sampling") or {})}
-    sampled = cfg.get("sampling", {}).get(task_key, {}) if tr and preset else trained
     metrics = metrics_md or old_metrics or "Not evaluated yet (run `synthnode engine evaluate`)."
     data_txt = data_description or old_data or "see config.json training.data"
     lines = [
+        *_card_header(cfg, digest, size_mb),
+        *_card_architecture(cfg),
+        *_card_contract(cfg),
+        *_card_recipe(cfg),
+        *_card_tail(data_txt, metrics),
+    ]
+    card.write_text("\n".join(lines))
+    return card
+
+
+def _card_header(cfg: dict[str, Any], digest: str, size_mb: float) -> list[str]:
+    """Title, identity, weights and intended use."""
+    return [
         f"# Model card: {cfg['model_id']} {cfg['version']}",
         "",
         f"- model_id: `{cfg['model_id']}`",
         f"- version: `{cfg['version']}`",
         f"- tasks: {', '.join(f'`{t}`' for t in cfg['tasks'])}",
         f"- objective: `{cfg['objective']}`",
-        f"- weights: `model.safetensors` ({size_mb:.2f} MB, {cfg.get('n_parameters', '?')} parameters)",
+        f"- weights: `model.safetensors` ({size_mb:.2f} MB, "
+        f"{cfg.get('n_parameters', '?')} parameters)",
         f"- weights SHA-256: `{digest}`",
         "- intended use: research and engineering validation of the synthnode pipeline on phantoms;"
         " NOT for diagnosis. Outputs are synthetic and must be labelled as such.",
         "",
+    ]
+
+
+def _card_architecture(cfg: dict[str, Any]) -> list[str]:
+    """The "Architecture" section: network, sub-bands, conditioning, noise process."""
+    arch = cfg["architecture"]
+    io = cfg["io"]
+    prediction = (
+        "clean-sample (x0) prediction, the step's velocity derived from it, training times up to "
+        f"{cfg.get('train_t_max', 1.0)} T"
+        if cfg.get("prediction") == "x0"
+        else "velocity prediction"
+    )
+    return [
         "## Architecture",
         "",
         f"MONAI `DiffusionModelUNet` (2-D), channels {arch['channels']}, "
         f"{arch['num_res_blocks']} residual block(s) per level, no attention, GroupNorm groups "
         f"{arch['norm_num_groups']}; runs on one-level orthonormal Haar sub-bands (4 per image "
-        f"channel, half resolution). Conditioning by concatenation: {cfg['io']['cond_channels']} condition "
-        f"channel(s) x {2 * cfg['io']['context_slices'] + 1} slices (2.5D context). Noise process: MONAI "
-        f"`RFlowScheduler` (rectified flow, T = {cfg['scheduler']['num_train_timesteps']}, "
-        + (
-            f"clean-sample (x0) prediction, the step's velocity derived from it, training times up to "
-            f"{cfg.get('train_t_max', 1.0)} T"
-            if cfg.get("prediction") == "x0"
-            else "velocity prediction"
-        )
-        + "); "
-        "sampling: Euler steps with per-slice dynamic thresholding (clip form).",
+        f"channel, half resolution). Conditioning by concatenation: {io['cond_channels']} "
+        f"condition channel(s) x {2 * io['context_slices'] + 1} slices (2.5D context). Noise "
+        "process: MONAI `RFlowScheduler` (rectified flow, T = "
+        f"{cfg['scheduler']['num_train_timesteps']}, {prediction}); sampling: Euler steps with "
+        "per-slice dynamic thresholding (clip form).",
         "",
+    ]
+
+
+def _card_contract(cfg: dict[str, Any]) -> list[str]:
+    """The "Input contract" section: the task contracts, normalisation, sampling defaults."""
+    return [
         "## Input contract",
         "",
         "```json",
@@ -1042,131 +1217,162 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         "",
         "Sampling defaults: `" + json.dumps(cfg.get("sampling", {})) + "`",
         "",
+    ]
+
+
+def _card_recipe(cfg: dict[str, Any]) -> list[str]:
+    """The "Training recipe" section, from the config's training record."""
+    tr = cfg.get("training", {})
+    ema = tr.get("ema_decay_used", tr.get("ema_decay"))
+    return [
         "## Training recipe",
         "",
         f"- objective `{cfg['objective']}`, {tr.get('steps')} steps, batch {tr.get('batch')}, "
-        f"random {tr.get('crop')}x{tr.get('crop')} crops of {tr.get('size')} px phantoms (fully convolutional; "
-        "runs at 512x512), "
-        f"AdamW lr {tr.get('lr')} (weight decay {tr.get('weight_decay')}), warm-up {tr.get('warmup')} steps "
-        f"then cosine decay to 5 %, gradient clip 1.0, EMA {tr.get('ema_decay_used', tr.get('ema_decay'))} "
+        f"random {tr.get('crop')}x{tr.get('crop')} crops of {tr.get('size')} px phantoms (fully "
+        "convolutional; runs at 512x512), "
+        f"AdamW lr {tr.get('lr')} (weight decay {tr.get('weight_decay')}), warm-up "
+        f"{tr.get('warmup')} steps then cosine decay to 5 %, gradient clip 1.0, EMA {ema} "
         "(shipped weights = EMA), "
         f"condition dropout {cfg.get('p_uncond')}",
-        *(
-            [
-                f"- robustness augmentation (CT restoration): with probability {tr['robust_augmentation']['p_scale']} the "
-                f"received noise is scaled by U({tr['robust_augmentation']['scale_lo']}, 1); with probability "
-                f"{tr['robust_augmentation']['p_single']} the 2.5D neighbours are replaced by the centre slice "
-                "(`engine.train.make_batch`)"
-            ]
-            if tr.get("robust_augmentation")
-            else []
-        ),
-        *(
-            [
-                f"- lesion emphasis: per-pixel loss weight 1 + {tr.get('lesion_weight', 0)} inside lesions grown by 2 px "
-                f"(normalised), crops centred on a lesion with probability {tr.get('lesion_crop', 0)}"
-            ]
-            if tr.get("lesion_weight") or tr.get("lesion_crop")
-            else []
-        ),
-        *(
-            [
-                f"- structure term: loss = MSE + {tr['ssim_weight']} x (1 - SSIM) of the pixel-domain prediction "
-                "(MONAI SSIMLoss, Gaussian sigma 1.5, data range 2, per output channel)"
-            ]
-            if tr.get("ssim_weight")
-            else []
-        ),
-        *(
-            [
-                f"- full-dose targets (the real-scan evaluation protocol, LDCT practice): with probability "
-                f"{tr['fulldose_target']} a pair is input = full-dose CT + independent extra noise bringing it to "
-                "dose d, target = that full-dose CT with its own noise (`engine.train.make_batch`)"
-                + (
-                    f"; in {tr['own_texture']} of them the full-dose image's own noise is a synthetic correlated texture "
-                    f"{tr.get('own_texture_recipe')} instead of the phantom's projection-domain noise"
-                    if tr.get("own_texture")
-                    else ""
-                )
-            ]
-            if tr.get("fulldose_target")
-            else []
-        ),
-        *(
-            [
-                f"- sharp shapes: with probability {tr['sharp_shapes']} pixel-sharp ellipses {tr.get('sharp_shapes_recipe')} "
-                "are pasted into the crop (target and input alike, the input keeps its noise), so edges sharper than "
-                "the phantoms' are kept"
-            ]
-            if tr.get("sharp_shapes")
-            else []
-        ),
-        *(
-            [
-                f"- own-noise targets (MR, the real-scan evaluation protocol): with probability {tr['own_noise']} the "
-                f"target keeps its own Rician noise and a correlated texture {tr.get('own_noise_recipe')} and the input "
-                "is that image plus Rician noise at the drawn SNR (`engine.train.make_batch`)"
-            ]
-            if tr.get("own_noise")
-            else []
-        ),
-        *(
-            [
-                f"- initialised from `{tr['init_from']}`"
-                + (f" ({tr['init_model']})" if tr.get("init_model") else "")
-            ]
-            if tr.get("init_from")
-            else []
-        ),
-        *(
-            [
-                "- the recipe above is that of the first averaged model; shipped weights = weighted mean of the weights of "
-                + ", ".join(
-                    f"{a['model_id']} {a['version']} (weight {a['weight']:g}, SHA-256 {a['weights_sha256'][:12]}...)"
-                    for a in tr["weight_average"]
-                )
-                + " (`synthnode engine average`)"
-            ]
-            if tr.get("weight_average")
-            else []
-        ),
-        *(
-            [
-                f"- sampling defaults changed after training (chosen on the validation split): "
-                f"{json.dumps(sampled)} instead of the training command's {json.dumps(trained)}"
-            ]
-            if sampled != trained
-            else []
-        ),
+        *_card_augmentation_lines(tr),
+        *_card_provenance_lines(cfg, tr),
         f"- seed {tr.get('seed')}; device {tr.get('device')}; torch {tr.get('torch')}; "
         f"{tr.get('seconds')} s; final training loss (EMA) {tr.get('final_loss_ema')}",
-        f"- command: `synthnode engine train {cfg['task']} --objective {cfg['objective']} --steps {tr.get('steps')} "
-        f"--crop {tr.get('crop')} --batch {tr.get('batch')} --lr {tr.get('lr')} --n-train {tr.get('n_train')} "
-        f"--size {tr.get('size')} --seed {tr.get('seed')}"
-        + (f" --ema-decay {tr['ema_decay']}" if tr.get("ema_decay") is not None else "")
-        + (f" --lesion-weight {tr['lesion_weight']}" if tr.get("lesion_weight") else "")
-        + (f" --lesion-crop {tr['lesion_crop']}" if tr.get("lesion_crop") else "")
-        + (f" --ssim-weight {tr['ssim_weight']}" if tr.get("ssim_weight") else "")
-        + (f" --fulldose-target {tr['fulldose_target']}" if tr.get("fulldose_target") else "")
-        + (f" --own-texture {tr['own_texture']}" if tr.get("own_texture") else "")
-        + (f" --sharp-shapes {tr['sharp_shapes']}" if tr.get("sharp_shapes") else "")
-        + (f" --own-noise {tr['own_noise']}" if tr.get("own_noise") else "")
-        + (
-            f" --prediction {tr['prediction']}"
-            if tr.get("prediction", "velocity") != "velocity"
+        _card_command(cfg, tr),
+        "",
+    ]
+
+
+def _card_augmentation_lines(tr: dict[str, Any]) -> list[str]:
+    """Recipe lines of the data augmentations and loss terms the run used."""
+    lines = []
+    if tr.get("robust_augmentation"):
+        ra = tr["robust_augmentation"]
+        lines.append(
+            f"- robustness augmentation (CT restoration): with probability {ra['p_scale']} the "
+            f"received noise is scaled by U({ra['scale_lo']}, 1); with probability "
+            f"{ra['p_single']} the 2.5D neighbours are replaced by the centre slice "
+            "(`engine.train.make_batch`)"
+        )
+    if tr.get("lesion_weight") or tr.get("lesion_crop"):
+        lines.append(
+            f"- lesion emphasis: per-pixel loss weight 1 + {tr.get('lesion_weight', 0)} inside "
+            "lesions grown by 2 px (normalised), crops centred on a lesion with probability "
+            f"{tr.get('lesion_crop', 0)}"
+        )
+    if tr.get("ssim_weight"):
+        lines.append(
+            f"- structure term: loss = MSE + {tr['ssim_weight']} x (1 - SSIM) of the pixel-domain "
+            "prediction (MONAI SSIMLoss, Gaussian sigma 1.5, data range 2, per output channel)"
+        )
+    if tr.get("fulldose_target"):
+        own_texture = (
+            f"; in {tr['own_texture']} of them the full-dose image's own noise is a synthetic "
+            f"correlated texture {tr.get('own_texture_recipe')} instead of the phantom's "
+            "projection-domain noise"
+            if tr.get("own_texture")
             else ""
         )
-        + (f" --train-t-max {tr['train_t_max']}" if tr.get("train_t_max") is not None else "")
-        + (f" --p-uncond {tr['p_uncond']}" if tr.get("p_uncond") is not None else "")
+        lines.append(
+            "- full-dose targets (the real-scan evaluation protocol, LDCT practice): with "
+            f"probability {tr['fulldose_target']} a pair is input = full-dose CT + independent "
+            "extra noise bringing it to dose d, target = that full-dose CT with its own noise "
+            f"(`engine.train.make_batch`){own_texture}"
+        )
+    if tr.get("sharp_shapes"):
+        lines.append(
+            f"- sharp shapes: with probability {tr['sharp_shapes']} pixel-sharp ellipses "
+            f"{tr.get('sharp_shapes_recipe')} are pasted into the crop (target and input alike, "
+            "the input keeps its noise), so edges sharper than the phantoms' are kept"
+        )
+    if tr.get("own_noise"):
+        lines.append(
+            "- own-noise targets (MR, the real-scan evaluation protocol): with probability "
+            f"{tr['own_noise']} the target keeps its own Rician noise and a correlated texture "
+            f"{tr.get('own_noise_recipe')} and the input is that image plus Rician noise at the "
+            "drawn SNR (`engine.train.make_batch`)"
+        )
+    return lines
+
+
+def _card_provenance_lines(cfg: dict[str, Any], tr: dict[str, Any]) -> list[str]:
+    """Recipe lines on where the weights and sampling defaults came from: the initial model,
+    a weight average, sampling defaults chosen after training."""
+    lines = []
+    if tr.get("init_from"):
+        lines.append(
+            f"- initialised from `{tr['init_from']}`"
+            + (f" ({tr['init_model']})" if tr.get("init_model") else "")
+        )
+    if tr.get("weight_average"):
+        sources = ", ".join(
+            f"{a['model_id']} {a['version']} (weight {a['weight']:g}, "
+            f"SHA-256 {a['weights_sha256'][:12]}...)"
+            for a in tr["weight_average"]
+        )
+        lines.append(
+            "- the recipe above is that of the first averaged model; shipped weights = weighted "
+            f"mean of the weights of {sources} (`synthnode engine average`)"
+        )
+    trained, sampled = _card_sampling_defaults(cfg, tr)
+    if sampled != trained:
+        lines.append(
+            "- sampling defaults changed after training (chosen on the validation split): "
+            f"{json.dumps(sampled)} instead of the training command's {json.dumps(trained)}"
+        )
+    return lines
+
+
+def _card_sampling_defaults(
+    cfg: dict[str, Any], tr: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(trained, sampled)``: the sampling defaults the training command wrote and those in the
+    config now (edited after a validation-split choice). Models without a preset or a training
+    record are not compared (both are the trained ones). Keyed by the inference task: the
+    ct_augment recipe's task is "augment"."""
+    task_key = (cfg.get("tasks") or [cfg.get("task", "")])[0]
+    preset = PRESETS.get(cfg.get("task", ""), {}).get("sampling", {}).get(task_key, {})
+    trained = {**preset, **(tr.get("sampling") or {})}
+    sampled = cfg.get("sampling", {}).get(task_key, {}) if tr and preset else trained
+    return trained, sampled
+
+
+def _card_command(cfg: dict[str, Any], tr: dict[str, Any]) -> str:
+    """The recipe's ``synthnode engine train`` command line (options that were set)."""
+    options = [  # (option, training key, whether the run set it)
+        ("--ema-decay", "ema_decay", tr.get("ema_decay") is not None),
+        ("--lesion-weight", "lesion_weight", bool(tr.get("lesion_weight"))),
+        ("--lesion-crop", "lesion_crop", bool(tr.get("lesion_crop"))),
+        ("--ssim-weight", "ssim_weight", bool(tr.get("ssim_weight"))),
+        ("--fulldose-target", "fulldose_target", bool(tr.get("fulldose_target"))),
+        ("--own-texture", "own_texture", bool(tr.get("own_texture"))),
+        ("--sharp-shapes", "sharp_shapes", bool(tr.get("sharp_shapes"))),
+        ("--own-noise", "own_noise", bool(tr.get("own_noise"))),
+        ("--prediction", "prediction", tr.get("prediction", "velocity") != "velocity"),
+        ("--train-t-max", "train_t_max", tr.get("train_t_max") is not None),
+        ("--p-uncond", "p_uncond", tr.get("p_uncond") is not None),
+    ]
+    cmd = (
+        f"synthnode engine train {cfg['task']} --objective {cfg['objective']} "
+        f"--steps {tr.get('steps')} --crop {tr.get('crop')} --batch {tr.get('batch')} "
+        f"--lr {tr.get('lr')} --n-train {tr.get('n_train')} --size {tr.get('size')} "
+        f"--seed {tr.get('seed')}"
+        + "".join(f" {opt} {tr[key]}" for opt, key, given in options if given)
         + "".join(f" --sample {k}={v}" for k, v in (tr.get("sampling") or {}).items())
         + (f" --init {tr['init_from']}" if tr.get("init_from") else "")
-        + "`"
-        + (
-            " (the run used `--minutes`, which fixed the step count after 10 steps; the count above is the one used)"
-            if tr.get("max_minutes")
-            else ""
-        ),
-        "",
+    )
+    minutes = (
+        " (the run used `--minutes`, which fixed the step count after 10 steps; the count above "
+        "is the one used)"
+        if tr.get("max_minutes")
+        else ""
+    )
+    return f"- command: `{cmd}`{minutes}"
+
+
+def _card_tail(data_txt: str, metrics: str) -> list[str]:
+    """The "Training data", "Held-out metrics" and "Limitations" sections (``_CARD_TAIL``)."""
+    return [
         "## Training data",
         "",
         data_txt,
@@ -1177,13 +1383,11 @@ def write_model_card(model_dir: Path | str, *, data_description: str = "",
         "",
         "## Limitations",
         "",
-        "Trained for minutes on a 2-core CPU on procedural phantoms only; quality on real scanner data "
-        "is not established. CT->MR output intensities are in the phantom's arbitrary units; no bias "
-        "field is synthesised.",
+        "Trained for minutes on a 2-core CPU on procedural phantoms only; quality on real scanner "
+        "data is not established. CT->MR output intensities are in the phantom's arbitrary units; "
+        "no bias field is synthesised.",
         "",
     ]
-    card.write_text("\n".join(lines))
-    return card
 
 
 def initial_model(tc: TrainConfig) -> tuple[dict[str, Any], bytes]:

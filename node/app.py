@@ -163,7 +163,7 @@ class Node:
     def run(self, grace_s: float = 30.0) -> None:
         """Start if needed, block until :meth:`request_stop`, then stop gracefully."""
         try:
-            self.dimse.address
+            _ = self.dimse.address  # raises RuntimeError until the server is started
         except RuntimeError:
             self.start()
         while not self.stop_requested.wait(0.5):

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import (
@@ -195,7 +196,8 @@ _TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
 # ASCII case). A custom element so the statement stays dialect-neutral until compiled.
 # --------------------------------------------------------------------------------------------
 class _Wildcard(ColumnElement[bool]):
-    """``column`` matches the DICOM wildcard pattern ``pattern`` (``*`` / ``?``), case-sensitively."""
+    """``column`` matches the DICOM wildcard pattern ``pattern`` (``*`` / ``?``),
+    case-sensitively."""
 
     inherit_cache = False  # the pattern is rendered per dialect
     type = Boolean()
@@ -402,8 +404,7 @@ def _descendant_chain(top: QueryLevel, bottom: QueryLevel) -> list[QueryLevel]:
 def _count_expr(level: QueryLevel, over: QueryLevel) -> Any:
     chain = _descendant_chain(level, over)
     stmt = select(func.count(_ENTITY_PK[over])).select_from(_TABLE[over])
-    rev = list(reversed(chain))
-    for lower, upper in zip(rev, rev[1:]):
+    for lower, upper in pairwise(reversed(chain)):
         stmt = stmt.join(_TABLE[upper], _PARENT_FK[lower] == _ENTITY_PK[upper])
     stmt = stmt.where(_PARENT_FK[chain[0]] == _ENTITY_PK[level])
     return stmt.correlate(_TABLE[level]).scalar_subquery()
@@ -414,8 +415,7 @@ def _distinct_match(level: QueryLevel, attr: Attribute, raw: Any) -> ColumnEleme
     assert attr.over is not None  # table invariant
     chain = _descendant_chain(level, attr.over)
     stmt = select(literal(1)).select_from(_TABLE[attr.over])
-    rev = list(reversed(chain))
-    for lower, upper in zip(rev, rev[1:]):
+    for lower, upper in pairwise(reversed(chain)):
         stmt = stmt.join(_TABLE[upper], _PARENT_FK[lower] == _ENTITY_PK[upper])
     cond = _condition(attr, attr.distinct_column, raw)
     stmt = stmt.where(_PARENT_FK[chain[0]] == _ENTITY_PK[level], cond)
@@ -476,7 +476,7 @@ def build_query(
     order = [P, ST, SE, IM][: level.depth + 1]
     base = _TABLE[level]
     stmt = select(_ENTITY_PK[level].label("_pk")).select_from(base)
-    for lower, upper in zip(reversed(order), list(reversed(order))[1:]):
+    for lower, upper in pairwise(reversed(order)):
         stmt = stmt.join(_TABLE[upper], _PARENT_FK[lower] == _ENTITY_PK[upper])
     if level.depth >= ST.depth:
         stmt = stmt.add_columns(Study.id.label("_study_pk"))
@@ -592,7 +592,7 @@ def keywords_at(level: QueryLevel | str) -> list[str]:
     return [a.keyword for a in _ATTRS if a.level.depth <= lvl.depth]
 
 
-__all__: Iterable[str] = [
+__all__ = [
     "ATTRIBUTES",
     "UNIQUE_KEYS",
     "WILDCARD_VRS",

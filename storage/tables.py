@@ -7,6 +7,7 @@ TM ``HHMMSS.FFFFFF``), so PS3.4 C.2.2.2 matching can be applied in SQL.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -32,6 +34,8 @@ UID = String(64)  # PS3.5 VR UI max length
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+    # every model here is mapped to a Table (DeclarativeBase types __table__ as FromClause)
+    __table__: ClassVar[Table]
 
 
 metadata = Base.metadata

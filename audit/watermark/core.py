@@ -237,7 +237,8 @@ class VerifiedEmbedding:
 
     ``max_delta``: the bound each unit was marked with (``start`` unless it had to be
     raised); ``detected``: whether the mark was found in it at that bound and its payload
-    decoded (with the detection ``score``); ``limit``: the highest bound the unit's noise allowed."""
+    decoded (with the detection ``score``); ``limit``: the highest bound the unit's noise
+    allowed."""
 
     start: int
     max_delta: list[int]
@@ -324,10 +325,11 @@ class Detection:
 
     ``score`` combines the sync template's weighted correlation and the payload's
     non-coherent energy, each standardised, as (sync + 0.3 energy) / sqrt(1.09)
-    (:data:`ENERGY_WEIGHT`): approximately N(0, 1) per hypothesis on unmarked images. ``marked`` is ``score >= threshold`` or a
-    payload that passed its CRC at a hypothesis with ``score >= DECODE_GATE``. ``payload`` is set only when the CRC matched. ``bit_errors`` counts coded
-    bits whose hard decision disagrees with the decoded codeword (an estimate of the channel
-    errors corrected), None when nothing was decoded.
+    (:data:`ENERGY_WEIGHT`): approximately N(0, 1) per hypothesis on unmarked images.
+    ``marked`` is ``score >= threshold`` or a payload that passed its CRC at a hypothesis with
+    ``score >= DECODE_GATE``. ``payload`` is set only when the CRC matched. ``bit_errors``
+    counts coded bits whose hard decision disagrees with the decoded codeword (an estimate of
+    the channel errors corrected), None when nothing was decoded.
     """
 
     marked: bool
@@ -464,7 +466,7 @@ def period_for(scale: float) -> int:
     min_period = 2 * (MAX_COMPONENT + 1)  # every bin below the fold's Nyquist frequency
     if abs(period - round(period)) > 1e-9 or round(period) < min_period:
         raise ValueError(f"scale {scale} must be a multiple of 1/{TILE} and >= {min_period / TILE}")
-    return int(round(period))
+    return round(period)
 
 
 def folded_phase(
@@ -606,9 +608,9 @@ def _hypotheses(
 ) -> tuple[float, float, tuple[int, int], NDArray[np.float64]]:
     """Best (combined score, sync score, shift, soft bits) for one fold and one key.
 
-    The combined score (sync + ENERGY_WEIGHT x payload energy) / sqrt(1 + ENERGY_WEIGHT^2) is evaluated at the TOP_K shifts
-    with the highest sync score; its maximum over that subset is at most its maximum over all
-    shifts, so the Bonferroni bound over all shifts still holds.
+    The combined score (sync + ENERGY_WEIGHT x payload energy) / sqrt(1 + ENERGY_WEIGHT^2) is
+    evaluated at the TOP_K shifts with the highest sync score; its maximum over that subset is
+    at most its maximum over all shifts, so the Bonferroni bound over all shifts still holds.
     """
     zs = _sync_scores(g if g_sync is None else g_sync, key).ravel()
     top = np.argpartition(zs, -TOP_K)[-TOP_K:]

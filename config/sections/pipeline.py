@@ -120,7 +120,7 @@ class PipelineSettings(Section):
     broker_url: str | None = Field(default=None, description="None = local worker pool")
     workers: int = Field(default=1, ge=1, le=64, description="local worker threads")
     job_max_attempts: int = Field(default=3, ge=1)
-    # -- job timing (node/pipeline/jobs.py, node/pipeline/broker.py; docs/scale_out.md) --------------------
+    # -- job timing (node/pipeline/jobs.py, node/pipeline/broker.py; docs/scale_out.md) ------
     lease_s: float = Field(
         default=600.0, ge=3, le=86400,
         description="a claimed job is held this long without a heartbeat before the sweeper "

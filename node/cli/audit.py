@@ -271,12 +271,13 @@ def _job_node(parent: Tree, j: dict[str, Any]) -> None:
         jn.add(f"#{e['seq']} {e['type']} {e['time']} {extra}".rstrip())
     for h in j.get("held") or []:
         jn.add(
-            f"#{h['seq']} [yellow]output {h.get('output_index')} held by the quality gate[/yellow]: "
-            + escape("; ".join(h["reasons"]))
+            f"#{h['seq']} [yellow]output {h.get('output_index')} held by the quality "
+            "gate[/yellow]: " + escape("; ".join(h["reasons"]))
         )
     for x in j.get("discarded") or []:
         jn.add(
-            f"#{x['seq']} partial output {escape(str(x['series_uid']))} discarded: {escape(str(x.get('reason')))}"
+            f"#{x['seq']} partial output {escape(str(x['series_uid']))} discarded: "
+            f"{escape(str(x.get('reason')))}"
         )
     for o in j["outputs"]:
         on = jn.add(f"#{o['seq']} output series [bold]{escape(str(o['series_uid']))}[/bold] "

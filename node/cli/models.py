@@ -154,7 +154,8 @@ def approve(
         try:
             p = gate.approve(folder, priv, name)
             console.print(
-                f"approved {folder.name}: version {p['version']} manifest {p['manifest_sha256'][:16]} key {kid}"
+                f"approved {folder.name}: version {p['version']} "
+                f"manifest {p['manifest_sha256'][:16]} key {kid}"
             )
         except ModelRefused as exc:
             err_console.print(f"[red]{exc}[/red]")

@@ -69,7 +69,7 @@ def rules_test(
         from node.dispatch.dispatcher import watermark_check
 
         detect = watermark_check([WatermarkKey.from_file(key_file)])
-    report = []
+    report: list[dict[str, Any]] = []
     for uid, paths in sorted(series.items()):
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
         probe = pydicom.dcmread(paths[len(paths) // 2])

@@ -64,22 +64,7 @@ def _walk(buf: memoryview, pos: int, end: int, implicit: bool, little: bool, dep
                 raise EncodingError(f"data elements out of order at byte {pos} (PS3.5 7.1)")
             top_tags.append((tag, pos))
         last_tag = tag
-        if implicit:
-            vr = b""
-            length = struct.unpack_from(u32, buf, pos + 4)[0]
-            pos += 8
-        else:
-            vr = bytes(buf[pos + 4:pos + 6])
-            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-                raise EncodingError(f"invalid VR at byte {pos + 4}")
-            if vr in _LONG_VRS:
-                if pos + 12 > end:
-                    raise EncodingError(f"truncated element header at byte {pos}")
-                length = struct.unpack_from(u32, buf, pos + 8)[0]
-                pos += 12
-            else:
-                length = struct.unpack_from(u16, buf, pos + 6)[0]
-                pos += 8
+        vr, length, pos = _vr_and_length(buf, pos, end, implicit, u16, u32)
         if length == _UNDEFINED:
             # sequence, UN-encoded sequence (implicit LE inside, PS3.5 6.2.2) or
             # encapsulated pixel data (PS3.5 A.4): items until the sequence delimiter
@@ -94,6 +79,22 @@ def _walk(buf: memoryview, pos: int, end: int, implicit: bool, little: bool, dep
     if until_item_end:
         raise EncodingError("item without delimiter: truncated data set")
     return pos
+
+
+def _vr_and_length(buf: memoryview, pos: int, end: int, implicit: bool, u16: str,
+                   u32: str) -> tuple[bytes, int, int]:
+    """VR (``b""`` when implicit) and value length of the element whose header starts at
+    ``pos``, and the position of its value (PS3.5 7.1.1-7.1.3)."""
+    if implicit:
+        return b"", struct.unpack_from(u32, buf, pos + 4)[0], pos + 8
+    vr = bytes(buf[pos + 4:pos + 6])
+    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+        raise EncodingError(f"invalid VR at byte {pos + 4}")
+    if vr in _LONG_VRS:
+        if pos + 12 > end:
+            raise EncodingError(f"truncated element header at byte {pos}")
+        return vr, struct.unpack_from(u32, buf, pos + 8)[0], pos + 12
+    return vr, struct.unpack_from(u16, buf, pos + 6)[0], pos + 8
 
 
 def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, little: bool,

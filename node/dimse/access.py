@@ -5,14 +5,16 @@ Checked when the A-ASSOCIATE-RQ arrives (pynetdicom ``EVT_REQUESTED``), before a
 presentation context is negotiated. A refusal is an A-ASSOCIATE-RJ with the PS3.8
 9.3.4 / Table 9-21 result, source and reason:
 
-=========================  ===================  ==========================================
+=========================  ===================  ==============================================
 refusal                    result               source / reason
-=========================  ===================  ==========================================
+=========================  ===================  ==============================================
 unknown calling AE / host  rejected-permanent   service-user / calling-AE-title-not-recognized
 wrong called AE            rejected-permanent   service-user / called-AE-title-not-recognized
-too many associations      rejected-transient   service-provider (presentation) / local-limit-exceeded
-node stopping              rejected-transient   service-provider (presentation) / temporary-congestion
-=========================  ===================  ==========================================
+too many associations      rejected-transient   service-provider (presentation) /
+                                                local-limit-exceeded
+node stopping              rejected-transient   service-provider (presentation) /
+                                                temporary-congestion
+=========================  ===================  ==============================================
 
 Every refusal and every accepted association is recorded in the ledger.
 """
@@ -106,7 +108,7 @@ def _handle_requested(event: evt.Event, ctx: NodeContext, policy: AccessPolicy) 
     try:
         calling, called, host = _requestor(assoc)
         server = getattr(assoc, "_server", None)
-        n_active = len([a for a in server.active_associations]) if server is not None else 1
+        n_active = len(list(server.active_associations)) if server is not None else 1
         refusal = policy.check(calling, called, host, n_active, ctx.stopping.is_set())
     except Exception:  # never let access control crash the acceptor thread
         logger.exception("access check failed; refusing association")

@@ -19,11 +19,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.api import Intensity, Volume
+
+if TYPE_CHECKING:
+    from engine.evaluate import Method, Section, VariantsMethod
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +176,7 @@ def method_labels(descs: list[dict]) -> list[str]:
     repeats; every label is unique, so no model's row replaces another's."""
     base = [f"{d['model_id']} ({d['objective']})" for d in descs]
     labels = [f"{d['model_id']} {d['version']} ({d['objective']})" if base.count(b) > 1 else b
-              for b, d in zip(base, descs)]
+              for b, d in zip(base, descs, strict=True)]
     return [f"{lab} #{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
 
 
@@ -188,134 +194,206 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
     ``ct_denoise`` with ``real``, on the real pydicom CT slices). ``cache_dir`` caches the
     simulated cases between runs. Returns the report path.
     """
-    from pathlib import Path
-
-    from engine import baselines
-    from engine.evaluate import (
-        AUGMENT_CONVENTIONS,
-        EVAL_TASKS,
-        dose_resimulation,
-        load_cases,
-        model_method,
-        model_variants,
-        phantom_cases,
-        run_augment_section,
-        run_section,
-        save_cases,
-        write_report,
-    )
+    from engine.evaluate import AUGMENT_CONVENTIONS, EVAL_TASKS, write_report
 
     if task not in EVAL_TASKS:
         raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
     out = Path(out_dir)
     size = size or (512 if task == "ct_denoise" else 256)
-    runs = []
-    for mdir in models:
-        p = dict(params or {})
-        fn, desc = (model_variants(mdir, p, seed=seed, options=options) if task == "augment"
-                    else model_method(mdir, task, p, seed=seed, options=options))
-        runs.append((fn, desc, p))
-    loaded = [(lab, *r) for lab, r in zip(method_labels([d for _, d, _ in runs]), runs)]
-    model_lines = [f"- `{d['model_id']}` {d['version']} ({d['objective']}), weights SHA-256 "
-                   f"`{d['weights_sha256']}`, folder `{m}`, params {p or 'model defaults'}"
-                   for (_, _, d, p), m in zip(loaded, models)]
-    sections = []
-    common = (
-        f"{n} test-split phantoms (seeds {2_000_000_000}-{2_000_000_000 + n - 1}, abdomen and "
-        f"MNI152 head alternating), {n_slices} slices of {size}x{size} px each"
-    )
+    loaded, model_lines = _load_models(task, models, params, seed, options)
+    ev = _EvalRun(task=task, out=out, n=n, size=size, n_slices=n_slices, seed=seed,
+                  cache_dir=cache_dir, n_pictures=n_pictures, loaded=loaded)
     if task == "ct_denoise":
-        nlm = baselines.nlm_ct()
-        for dose in doses:
-            methods = {f"NLM (h={nlm.h_factor} sigma)": nlm, **{k: fn for k, fn, _, _ in loaded}}
-            cases = phantom_cases(task, n, size=size, n_slices=n_slices, dose=dose,
-                                  cache_dir=cache_dir)
-            sections.append(run_section(
-                f"CT restoration, phantoms, dose {dose:g}", task, cases, methods, out,
-                f"{common}; input: projection-domain low dose at {dose:g} of full dose; "
-                "reference: the noise-free phantom CT.", n_pictures))
-            if real:
-                rpath = Path(cache_dir) / f"real-ct-d{dose:g}-seed{seed}.npz" if cache_dir else None
-                if rpath is not None and rpath.exists():
-                    rcases = load_cases(rpath)
-                else:
-                    rcases = real_ct_cases(dose, seed=seed)
-                    if rpath is not None:
-                        save_cases(rcases, rpath)
-                sections.append(run_section(
-                    f"CT restoration, real slices, dose {dose:g}", task, rcases, methods, out,
-                    f"{len(rcases)} real CT images from pydicom / pydicom-data "
-                    f"({', '.join(c.info['file'] for c in rcases)}); input: the scan plus "
-                    f"projection-domain noise bringing it to {dose:g} of its dose; reference: "
-                    "the original scan (its own noise included).", n_pictures))
+        sections = _ct_denoise_sections(ev, doses, real)
     elif task == "mr_denoise":
-        nlm = baselines.nlm_mr()
-        for snr in snrs:
-            methods = {f"NLM (h={nlm.h_factor} sigma)": nlm, **{k: fn for k, fn, _, _ in loaded}}
-            cases = phantom_cases(task, n, size=size, n_slices=n_slices, snr=snr, target="both",
-                                  cache_dir=cache_dir)
-            sections.append(run_section(
-                f"MR restoration, phantoms, SNR {snr:g}", task, cases, methods, out,
-                f"{common}; T1w and T2w alternating; input: Rician noise at SNR {snr:g} (mean body "
-                "signal / sigma); reference: the noise- and bias-free MR.", n_pictures))
-            if real:
-                rcases = real_mr_cases(snr, seed=seed)
-                sections.append(
-                    run_section(
-                        f"MR restoration, real images, SNR {snr:g}",
-                        task,
-                        rcases,
-                        methods,
-                        out,
-                        f"{len(rcases)} real MR images from pydicom / pydicom-data "
-                        f"({', '.join(c.info['file'] for c in rcases)}; centre-cropped to a multiple of 16 px); "
-                        f"input: the scan plus Rician noise at SNR {snr:g} (mean foreground signal / sigma); "
-                        "reference: the original scan (its own noise included).",
-                        n_pictures,
-                    )
-                )
+        sections = _mr_denoise_sections(ev, snrs, real)
     elif task == "augment":
-        n_var = int((params or {}).get("n") or 4)
-        methods = {
-            f"dose re-simulation (half dose, {n_var} draws)": dose_resimulation(
-                n_var, 0.5, seed=seed
-            ),
-            **{k: fn for k, fn, _, _ in loaded},
-        }
-        cases = phantom_cases(task, n, size=size, n_slices=n_slices, cache_dir=cache_dir)
-        sections.append(run_augment_section(
-            "CT augmentation, phantoms", cases, methods, out,
-            f"{common}; input: normal-dose CT (dose 1.0 simulation); lesion metrics against the "
-            "noise-free phantom CT.", n_pictures))
-        if real:
-            rcases = real_ct_originals()
-            sections.append(
-                run_augment_section(
-                    "CT augmentation, real slices",
-                    rcases,
-                    methods,
-                    out,
-                    f"{len(rcases)} real CT images from pydicom / pydicom-data "
-                    f"({', '.join(c.info['file'] for c in rcases)}) as received (no lesion masks).",
-                    n_pictures,
-                )
-            )
+        sections = _augment_sections(ev, int((params or {}).get("n") or 4), real)
     else:
-        luts = baselines.fit_phantom_luts(lut_train_n, size=size)
-        for target in targets:
-            methods: dict = {f"HU lookup ({lut_train_n} training phantoms)": luts[target]}
-            for (k, _, _, p), mdir in zip(loaded, models):
-                fn, _ = model_method(
-                    mdir, task, {**p, "target": target}, seed=seed, options=options
-                )
-                methods[k] = fn
-            cases = phantom_cases(task, n, size=size, n_slices=n_slices, target=target,
-                                  cache_dir=cache_dir)
-            sections.append(run_section(
-                f"CT to {target.upper()}, phantoms", task, cases, methods, out,
-                f"{common}; input: normal-dose CT (dose 1.0 simulation); reference: the noise- and "
-                f"bias-free {target.upper()} of the same labels.", n_pictures))
+        sections = _ct_to_mr_sections(ev, models, targets, lut_train_n, options)
     pre = "Models:\n" + ("\n".join(model_lines) if model_lines else "- (none: baselines only)")
     if task == "augment":
         pre += "\n\n" + AUGMENT_CONVENTIONS
     return write_report(sections, out, f"Evaluation: {task}", pre)
+
+
+#: one evaluated model: (report label, method, description, task parameters)
+_Loaded = tuple[str, Callable[..., Any], dict[str, Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _EvalRun:
+    """What the sections of one :func:`evaluate_task` run share."""
+
+    task: str
+    out: Path
+    n: int
+    size: int
+    n_slices: int
+    seed: int
+    cache_dir: Any
+    n_pictures: int
+    loaded: list[_Loaded]
+
+    @property
+    def common(self) -> str:
+        """The phantom set, for each section's description."""
+        return (
+            f"{self.n} test-split phantoms (seeds {2_000_000_000}-{2_000_000_000 + self.n - 1}, "
+            f"abdomen and MNI152 head alternating), {self.n_slices} slices of "
+            f"{self.size}x{self.size} px each"
+        )
+
+    def models(self) -> dict[str, Callable[..., Any]]:
+        """The models' methods by report label."""
+        return {k: fn for k, fn, _, _ in self.loaded}
+
+
+def _load_models(task: str, models: list | tuple, params: dict | None, seed: int,
+                 options: object) -> tuple[list[_Loaded], list[str]]:
+    """Load every model folder as a method of ``task`` (with a copy of ``params``); returns
+    them with unique labels, and the report's model lines."""
+    from engine.evaluate import model_method, model_variants
+
+    runs: list[tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] = []
+    for mdir in models:
+        p = dict(params or {})
+        fn: Callable[..., Any]
+        fn, desc = (model_variants(mdir, p, seed=seed, options=options) if task == "augment"
+                    else model_method(mdir, task, p, seed=seed, options=options))
+        runs.append((fn, desc, p))
+    labels = method_labels([d for _, d, _ in runs])
+    loaded = [(lab, fn, d, p) for lab, (fn, d, p) in zip(labels, runs, strict=True)]
+    model_lines = [f"- `{d['model_id']}` {d['version']} ({d['objective']}), weights SHA-256 "
+                   f"`{d['weights_sha256']}`, folder `{m}`, params {p or 'model defaults'}"
+                   for (_, _, d, p), m in zip(loaded, models, strict=True)]
+    return loaded, model_lines
+
+
+def _ct_denoise_sections(ev: _EvalRun, doses: tuple[float, ...], real: bool) -> list[Section]:
+    """Per dose: the phantoms, and with ``real`` the real CT slices (NLM baseline)."""
+    from engine import baselines
+    from engine.evaluate import load_cases, phantom_cases, run_section, save_cases
+
+    sections = []
+    nlm = baselines.nlm_ct()
+    for dose in doses:
+        methods: dict[str, Method] = {f"NLM (h={nlm.h_factor} sigma)": nlm, **ev.models()}
+        cases = phantom_cases(ev.task, ev.n, size=ev.size, n_slices=ev.n_slices, dose=dose,
+                              cache_dir=ev.cache_dir)
+        sections.append(run_section(
+            f"CT restoration, phantoms, dose {dose:g}", ev.task, cases, methods, ev.out,
+            f"{ev.common}; input: projection-domain low dose at {dose:g} of full dose; "
+            "reference: the noise-free phantom CT.", ev.n_pictures))
+        if real:
+            rpath = (Path(ev.cache_dir) / f"real-ct-d{dose:g}-seed{ev.seed}.npz"
+                     if ev.cache_dir else None)
+            if rpath is not None and rpath.exists():
+                rcases = load_cases(rpath)
+            else:
+                rcases = real_ct_cases(dose, seed=ev.seed)
+                if rpath is not None:
+                    save_cases(rcases, rpath)
+            sections.append(run_section(
+                f"CT restoration, real slices, dose {dose:g}", ev.task, rcases, methods, ev.out,
+                f"{len(rcases)} real CT images from pydicom / pydicom-data "
+                f"({', '.join(c.info['file'] for c in rcases)}); input: the scan plus "
+                f"projection-domain noise bringing it to {dose:g} of its dose; reference: "
+                "the original scan (its own noise included).", ev.n_pictures))
+    return sections
+
+
+def _mr_denoise_sections(ev: _EvalRun, snrs: tuple[float, ...], real: bool) -> list[Section]:
+    """Per SNR: the phantoms (T1w and T2w), and with ``real`` the real MR images (NLM
+    baseline)."""
+    from engine import baselines
+    from engine.evaluate import phantom_cases, run_section
+
+    sections = []
+    nlm = baselines.nlm_mr()
+    for snr in snrs:
+        methods: dict[str, Method] = {f"NLM (h={nlm.h_factor} sigma)": nlm, **ev.models()}
+        cases = phantom_cases(ev.task, ev.n, size=ev.size, n_slices=ev.n_slices, snr=snr,
+                              target="both", cache_dir=ev.cache_dir)
+        sections.append(run_section(
+            f"MR restoration, phantoms, SNR {snr:g}", ev.task, cases, methods, ev.out,
+            f"{ev.common}; T1w and T2w alternating; input: Rician noise at SNR {snr:g} (mean "
+            "body signal / sigma); reference: the noise- and bias-free MR.", ev.n_pictures))
+        if real:
+            rcases = real_mr_cases(snr, seed=ev.seed)
+            sections.append(
+                run_section(
+                    f"MR restoration, real images, SNR {snr:g}",
+                    ev.task,
+                    rcases,
+                    methods,
+                    ev.out,
+                    f"{len(rcases)} real MR images from pydicom / pydicom-data "
+                    f"({', '.join(c.info['file'] for c in rcases)}; centre-cropped to a "
+                    f"multiple of 16 px); input: the scan plus Rician noise at SNR {snr:g} "
+                    "(mean foreground signal / sigma); reference: the original scan (its own "
+                    "noise included).",
+                    ev.n_pictures,
+                )
+            )
+    return sections
+
+
+def _augment_sections(ev: _EvalRun, n_var: int, real: bool) -> list[Section]:
+    """The phantoms, and with ``real`` the real CT slices as received (baseline: re-simulating
+    half the dose ``n_var`` times)."""
+    from engine.evaluate import dose_resimulation, phantom_cases, run_augment_section
+
+    methods: dict[str, VariantsMethod] = {
+        f"dose re-simulation (half dose, {n_var} draws)": dose_resimulation(
+            n_var, 0.5, seed=ev.seed
+        ),
+        **ev.models(),
+    }
+    cases = phantom_cases(ev.task, ev.n, size=ev.size, n_slices=ev.n_slices,
+                          cache_dir=ev.cache_dir)
+    sections = [run_augment_section(
+        "CT augmentation, phantoms", cases, methods, ev.out,
+        f"{ev.common}; input: normal-dose CT (dose 1.0 simulation); lesion metrics against the "
+        "noise-free phantom CT.", ev.n_pictures)]
+    if real:
+        rcases = real_ct_originals()
+        sections.append(
+            run_augment_section(
+                "CT augmentation, real slices",
+                rcases,
+                methods,
+                ev.out,
+                f"{len(rcases)} real CT images from pydicom / pydicom-data "
+                f"({', '.join(c.info['file'] for c in rcases)}) as received (no lesion masks).",
+                ev.n_pictures,
+            )
+        )
+    return sections
+
+
+def _ct_to_mr_sections(ev: _EvalRun, models: list | tuple, targets: tuple[str, ...],
+                       lut_train_n: int, options: object) -> list[Section]:
+    """Per target (T1w, T2w): the phantoms, each model run for that target (baseline: the HU
+    lookup fitted on ``lut_train_n`` training-split phantoms)."""
+    from engine import baselines
+    from engine.evaluate import model_method, phantom_cases, run_section
+
+    sections = []
+    luts = baselines.fit_phantom_luts(lut_train_n, size=ev.size)
+    for target in targets:
+        methods: dict[str, Method] = {
+            f"HU lookup ({lut_train_n} training phantoms)": luts[target]
+        }
+        for (k, _, _, p), mdir in zip(ev.loaded, models, strict=True):
+            fn, _ = model_method(
+                mdir, ev.task, {**p, "target": target}, seed=ev.seed, options=options
+            )
+            methods[k] = fn
+        cases = phantom_cases(ev.task, ev.n, size=ev.size, n_slices=ev.n_slices, target=target,
+                              cache_dir=ev.cache_dir)
+        sections.append(run_section(
+            f"CT to {target.upper()}, phantoms", ev.task, cases, methods, ev.out,
+            f"{ev.common}; input: normal-dose CT (dose 1.0 simulation); reference: the noise- and "
+            f"bias-free {target.upper()} of the same labels.", ev.n_pictures))
+    return sections

@@ -9,7 +9,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR as dictionary_vr
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 
 from storage.index import InstanceRecord
 
@@ -26,7 +26,16 @@ _INDEX_KEYWORDS = [
 ]
 
 
-INDEX_TAGS = [Tag(tag_for_keyword(k)) for k in _INDEX_KEYWORDS]
+def _keyword_tag(keyword: str) -> BaseTag:
+    """The tag of a DICOM keyword (PS3.6)."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ValueError(f"unknown DICOM keyword {keyword!r}")
+    return Tag(tag)
+
+
+#: the tags of the index attributes (typed as pydicom's ``specific_tags`` parameter)
+INDEX_TAGS: list[BaseTag | int] = [_keyword_tag(k) for k in _INDEX_KEYWORDS]
 
 
 _ASCII_VRS = {"UI", "DA", "TM", "DT", "CS", "IS", "DS", "AS", "AE"}  # PS3.5 6.2: default repertoire
@@ -36,7 +45,7 @@ _DEFAULT_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"}
 
 def _raw_value(ds: Dataset, keyword: str) -> tuple[str, bytes] | None:
     """(VR, raw bytes) of a not-yet-converted element, or None."""
-    tag = Tag(tag_for_keyword(keyword))
+    tag = _keyword_tag(keyword)
     elem = ds._dict.get(tag)
     if elem is None or not hasattr(elem, "value") or not isinstance(elem.value, bytes):
         return None
