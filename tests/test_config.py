@@ -56,3 +56,83 @@ def test_cli_config_check(tmp_path: Path) -> None:
     assert "dimse.max_associations" in r.output
     r = CliRunner().invoke(app, ["config", "check", str(DEFAULT_CONFIG)])
     assert r.exit_code == 0, r.output
+
+
+BAD_SITE = """\
+environment = "development"
+[dimse]
+ae_tittle = "NODE"
+
+[[audit.approvers]]
+name = "site-admin"
+public_key = "x"
+
+[[audit.approvers]]
+name = "site-admin"
+public_key = "y"
+
+[[pipeline.destinations]]
+name = "pacs"
+kind = "dimse"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 104
+
+[[pipeline.rules]]
+name = "ct"
+match = { modality = "CT", rows = ">=abc" }
+tasks = [{ task = "ct_denoise" }]
+destinations = ["pacs"]
+
+[[pipeline.rules]]
+name = "mr"
+match = { modalty = "MR" }
+tasks = [{ task = "mr_denoise" }]
+"""
+
+
+def test_config_check_names_file_line_and_suggestion(tmp_path: Path) -> None:
+    f = tmp_path / "site.toml"
+    f.write_text(BAD_SITE)
+    r = CliRunner().invoke(app, ["config", "check", str(f)])
+    assert r.exit_code == 2
+    # what the schema rejects, and the rules checked against what routing knows
+    assert f"{f}:22: pipeline.rules.0.match.rows: rule 'ct': rows = '>=abc' is not a comparison" in r.output
+    assert (f"{f}:28: pipeline.rules.1.match.modalty: rule 'mr': unknown match key 'modalty'"
+            in r.output and "did you mean 'modality'?" in r.output)
+    assert f"{f}:3: dimse.ae_tittle: unknown key (did you mean 'ae_title'?)" in r.output
+    assert f"{f}:10: audit.approvers: approver name 'site-admin' is used by entries 0 and 1" in r.output
+
+
+def test_config_check_missing_file_names_it(tmp_path: Path) -> None:
+    f = tmp_path / "nope.toml"
+    r = CliRunner().invoke(app, ["config", "check", str(f)])
+    assert r.exit_code == 2 and f"{f}: no such file" in r.output and "<file>" not in r.output
+    r = CliRunner().invoke(app, ["studies", "-c", str(f)])
+    assert r.exit_code == 2 and f"{f}: no such file" in r.output
+
+
+def test_no_config_keeps_data_out_of_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --config / SYNTHNODE_CONFIG the bundled defaults keep their data in the user's
+    data folder (XDG), never beside the installed code."""
+    from node.cli.common import settings_from
+
+    monkeypatch.delenv("SYNTHNODE_CONFIG", raising=False)
+    monkeypatch.delenv("SYNTHNODE_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    s = settings_from(None)
+    assert s.data_dir == tmp_path / "xdg" / "synthnode"
+    assert not s.data_dir.resolve().is_relative_to(DEFAULT_CONFIG.parent.parent)
+    monkeypatch.setenv("SYNTHNODE_DATA_DIR", str(tmp_path / "mine"))
+    assert settings_from(None).data_dir == tmp_path / "mine"
+
+
+def test_effective_configuration_is_readable_text() -> None:
+    from config.settings import effective_text
+
+    s = load_settings(None, database={"url": "postgresql+psycopg://u:s3cret@db/x"},
+                      dicomweb={"tokens": [{"name": "pacs", "token": "t0ken", "scopes": ["read"]}]})
+    text = effective_text(s)
+    assert "dimse.ae_title = \"SYNTHNODE\"" in text.splitlines()
+    assert 'database.url = "postgresql+psycopg://u:***@db/x"' in text.splitlines()
+    assert "s3cret" not in text and "t0ken" not in text

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import typer
 
-from node.cli.common import ConfigOption, console, err_console, fail, settings_from
+from node.cli.common import (
+    ConfigOption,
+    config_path,
+    console,
+    fail,
+    open_engine,
+    settings_from,
+)
+from node.cli.output import Col, JsonOption, PlainOption, WideOption, emit
 
 db_app = typer.Typer(no_args_is_help=True, help="Index and ledger database.")
 
@@ -39,7 +47,13 @@ def serve(
     settings = settings_from(config)
     if port is not None:
         settings.dimse.port = port
+    if no_migrate:
+        open_engine(settings, config).dispose()  # refuse an unmigrated database in one line
     _setup_logging(settings.log_level)
+    if config_path(config) is None:
+        logging.getLogger("node").info(
+            "no --config: bundled defaults, data in %s (copy %s, edit it and pass --config "
+            "to choose)", settings.data_dir, _default_config())
     if settings.dimse.acceptor_processes > 1:
         _serve_multi(settings, config, grace)
         return
@@ -60,16 +74,23 @@ def serve(
     print("synthnode: stopped", flush=True)
 
 
+def _default_config() -> Path:
+    from config.settings import DEFAULT_CONFIG
+
+    return DEFAULT_CONFIG
+
+
 def _serve_multi(settings, config: Path | None, grace: float) -> None:  # type: ignore[no-untyped-def]
     import threading
 
-    from config.settings import DEFAULT_CONFIG
     from node.app import serve_multi
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    path = config or Path(os.environ.get("SYNTHNODE_CONFIG", DEFAULT_CONFIG))
+    path = config_path(config) or _default_config()
+    # the acceptor children load the same file: give them the data folder chosen here
+    os.environ.setdefault("SYNTHNODE_DATA_DIR", str(settings.data_dir))
     n = settings.dimse.acceptor_processes
 
     def listening(host: str, port: int) -> None:
@@ -112,51 +133,58 @@ def echo(
 
 @db_app.command("upgrade")
 def db_upgrade(config: Path | None = ConfigOption) -> None:
-    """Apply every component's migrations (``alembic upgrade heads``)."""
-    from node.db import upgrade
+    """Apply every component's migrations (``alembic upgrade heads``); creates the SQLite
+    file and the data folder when they do not exist."""
+    from node.db import redact_url, upgrade
 
     settings = settings_from(config)
-    upgrade(settings.database_url)
-    console.print("database up to date")
+    try:
+        upgrade(settings.database_url)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        fail(f"cannot migrate the database at {redact_url(settings.database_url)}: {first}")
+    console.print(f"database up to date ({redact_url(settings.database_url)})", highlight=False)
+
+
+STUDY_COLS = [
+    Col("study_uid", "Study Instance UID", "uid"),
+    Col("patient_id", "Patient ID", "uid"),
+    Col("date", "Date"),
+    Col("accession", "Accession", "uid"),
+    Col("modalities", "Modalities", "text"),
+    Col("series", "Series", align="right"),
+    Col("instances", "Instances", align="right"),
+]
 
 
 def studies(
     config: Path | None = ConfigOption,
-    limit: int = typer.Option(50, "--limit", help="most recently updated first"),
+    limit: int = typer.Option(50, "--limit", min=1, help="most recently updated first"),
     show_names: bool = typer.Option(False, "--names", help="also show patient names (PHI)"),
-    plain: bool = typer.Option(False, "--plain", help="tab-separated lines, no table"),
+    plain: bool = PlainOption,
+    wide: bool = WideOption,
+    as_json: bool = JsonOption,
 ) -> None:
-    """List stored studies: UID, patient ID, date, modalities, series and instance counts."""
-    from rich.table import Table
-
-    from node.db import make_engine
+    """List stored studies: UID, patient ID, date, accession, modalities, series and
+    instance counts (most recently updated first)."""
     from storage.index import Index
 
     settings = settings_from(config)
-    engine = make_engine(settings.database_url)
+    engine = open_engine(settings, config)
     try:
-        rows = Index(engine).studies(limit=limit)
-    except Exception as exc:
-        err_console.print(f"[red]cannot read the index[/red]: {exc}")
-        raise typer.Exit(1) from None
+        found = Index(engine).studies(limit=limit)
     finally:
         engine.dispose()
-    if plain:
-        for r in rows:
-            typer.echo("\t".join([r.study_instance_uid, r.patient_id,
-                                  *([r.patient_name or ""] if show_names else []),
-                                  r.study_date or "", r.accession_number or "",
-                                  ",".join(r.modalities), str(r.n_series), str(r.n_instances)]))
-        return
-    table = Table("Study Instance UID", "Patient ID", *(["Name"] if show_names else []),
-                  "Date", "Accession", "Modalities", "Series", "Instances")
-    for r in rows:
-        table.add_row(r.study_instance_uid, r.patient_id,
-                      *([r.patient_name or ""] if show_names else []), r.study_date or "",
-                      r.accession_number or "", ",".join(r.modalities), str(r.n_series),
-                      str(r.n_instances))
-    console.print(table)
-    console.print(f"{len(rows)} stud{'y' if len(rows) == 1 else 'ies'}")
+    rows = [{"study_uid": r.study_instance_uid, "patient_id": r.patient_id,
+             **({"patient_name": r.patient_name or ""} if show_names else {}),
+             "date": r.study_date or "", "accession": r.accession_number or "",
+             "modalities": ",".join(r.modalities), "series": r.n_series,
+             "instances": r.n_instances} for r in found]
+    cols = list(STUDY_COLS)
+    if show_names:
+        cols.insert(2, Col("patient_name", "Name", "text"))
+    emit(cols, rows, as_json=as_json, plain=plain, wide=wide,
+         footer=f"{len(rows)} stud{'y' if len(rows) == 1 else 'ies'}")
 
 
 def register(app: typer.Typer) -> None:

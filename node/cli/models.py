@@ -3,7 +3,8 @@
 keygen      new approver key (Ed25519, mode 0600); optionally add it to the site config
 manifest    write manifest.json (per-file SHA-256) for a model folder
 approve     sign a folder's manifest (or --all folders) and record model.approved
-revoke      revoke a model version (model.revoked) or an approver key (key.revoked)
+revoke      revoke a model version (model.revoked) or an approver key (key.revoked); asks
+            first, refuses a model version or key id that is not known
 verify      run the gate's full check on folders, as the engine would load them
 list        folders under the models directory and their state
 """
@@ -15,7 +16,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from node.cli.common import ConfigOption, console, err_console, fail, settings_from
+from node.cli.common import (
+    ConfigOption,
+    YesOption,
+    config_path,
+    confirm,
+    console,
+    err_console,
+    fail,
+    open_engine,
+    settings_from,
+)
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -23,19 +34,13 @@ app = typer.Typer(no_args_is_help=True)
 def _gate(config: Path | None, actor: str = "user:cli"):  # type: ignore[no-untyped-def]
     from audit.ledger import Ledger
     from audit.modelgate import Approver, ModelGate
-    from node.db import make_engine
 
     settings = settings_from(config)
     try:
         approvers = Approver.from_config(settings.audit.approvers)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         fail(f"audit.approvers: {exc}")
-    try:
-        ledger = Ledger(make_engine(settings.database_url))
-    except Exception as exc:
-        fail(
-            f"cannot open the ledger at {settings.database_url}: {exc} (run `synthnode db upgrade`)"
-        )
+    ledger = Ledger(open_engine(settings, config))
     return settings, ModelGate(ledger, approvers, actor=actor)
 
 
@@ -132,9 +137,12 @@ def approve(
     key: Path = typer.Option(..., "--key", help="approver private key (from `models keygen`)"),
     name: str | None = typer.Option(None, "--name", help="approver name (default: from config)"),
     all_: bool = typer.Option(False, "--all", help="every folder under the models directory"),
+    yes: bool = YesOption,
     config: Path | None = ConfigOption,
 ) -> None:
-    """Sign model manifests and record model.approved (the folder must match its manifest)."""
+    """Sign model manifests and record model.approved (the folder must match its manifest).
+    The key must be one of the config's [[audit.approvers]]; lists what it will approve and
+    asks first (approvals are permanent ledger records)."""
     from audit.modelgate import ModelRefused, key_fingerprint, load_private_key
 
     settings, gate = _gate(config)
@@ -145,18 +153,25 @@ def approve(
         return
     kid = key_fingerprint(priv.public_key())
     if kid not in gate.approvers:
-        err_console.print(
-            f"[yellow]warning:[/yellow] key {kid} is not in audit.approvers of this config; "
-            "the gate will not accept this approval until it is"
-        )
+        where = config_path(config) or "the bundled defaults"
+        fail(f"key {kid} ({key}) is not among the [[audit.approvers]] of {where}: the gate "
+             "would never accept its approvals. Add it (`synthnode models keygen ... "
+             "--add-to-config FILE` does) or use a configured approver's key")
+    chosen = _folders(settings, folders or [], all_)
+    plan = [(f, gate.status(f)) for f in chosen]
+    for f, st in plan:
+        console.print(f"  {f.name}: {st.model_id} {st.version} ({st.state})", highlight=False,
+                      soft_wrap=True)
+    confirm(f"Approve these {len(plan)} model folder(s) with key {kid} "
+            f"({gate.approvers[kid].name})?", yes)
     bad = 0
-    for folder in _folders(settings, folders or [], all_):
+    for folder, _st in plan:
         try:
             p = gate.approve(folder, priv, name)
             console.print(
                 f"approved {folder.name}: version {p['version']} "
-                f"manifest {p['manifest_sha256'][:16]} key {kid}"
-            )
+                f"manifest {p['manifest_sha256'][:16]} key {kid}", highlight=False,
+                soft_wrap=True)
         except ModelRefused as exc:
             err_console.print(f"[red]{exc}[/red]")
             bad += 1
@@ -164,25 +179,84 @@ def approve(
         raise typer.Exit(1)
 
 
+def _known_models(settings, gate) -> dict[tuple[str, str], str]:  # type: ignore[no-untyped-def]
+    """``(model_id, version) -> where it is known``: folders under the models directory and
+    models the ledger has approved, loaded or refused."""
+    from audit.events import EventType
+    from audit.modelgate import ModelGate
+
+    known: dict[tuple[str, str], str] = {}
+    for f in ModelGate.folders(settings.models_dir):
+        st = gate.status(f)
+        known[(st.model_id, st.version)] = f"folder {f}"
+    types = [EventType.MODEL_APPROVED.value, EventType.MODEL_LOADED.value]
+    for e in gate.ledger.query(event_types=types):
+        ev = e.event
+        mid, ver = ev.subject.get("model_id"), ev.payload.get("version")
+        if mid and ver:
+            known.setdefault((str(mid), str(ver)), f"ledger entry {e.seq}")
+    return known
+
+
+def _known_keys(gate) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Approver key ids (16 hex digits) -> name: configured ones and those that signed an
+    approval recorded in the ledger."""
+    from audit.events import EventType
+
+    keys = {kid: a.name for kid, a in gate.approvers.items()}
+    for e in gate.ledger.query(event_types=[EventType.MODEL_APPROVED.value]):
+        kid = e.event.payload.get("key_id")
+        if kid:
+            keys.setdefault(str(kid), str(e.event.payload.get("approver") or "?"))
+    return keys
+
+
 @app.command()
 def revoke(
     model_id: str | None = typer.Argument(None, help="model id"),
     version: str | None = typer.Argument(None, help="model version"),
-    key_id: str | None = typer.Option(None, "--key-id", help="revoke an approver key instead"),
+    key_id: str | None = typer.Option(None, "--key-id",
+                                      help="revoke an approver key instead (all 16 hex digits)"),
     reason: str = typer.Option(..., "--reason", help="why (recorded in the ledger)"),
+    yes: bool = YesOption,
     config: Path | None = ConfigOption,
 ) -> None:
-    """Revoke a model version, or with --key-id an approver key (permanent)."""
-    _settings, gate = _gate(config)
+    """Revoke a model version, or with --key-id an approver key. Permanent: only a model
+    version or key the node knows is accepted, and it asks first (--yes does not ask)."""
+    import difflib
+
+    settings, gate = _gate(config)
     if key_id:
+        keys = _known_keys(gate)
+        if key_id not in keys:
+            near = [k for k in keys if k.startswith(key_id.lower())] or \
+                difflib.get_close_matches(key_id, list(keys), n=2)
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            fail(f"unknown approver key id {key_id!r} (give all 16 hex digits of a configured "
+                 f"or recorded approver key{hint})")
+        if key_id in gate.revoked_keys():
+            fail(f"key {key_id} is already revoked")
+        confirm(f"Revoke approver key {key_id} ({keys[key_id]}) permanently? Every approval "
+                "it signed stops counting at once.", yes)
         gate.revoke_key(key_id, reason)
-        console.print(f"revoked key {key_id}")
+        console.print(f"revoked key {key_id}", highlight=False)
         return
     if not model_id or not version:
-        fail("give MODEL_ID VERSION, or --key-id")
+        fail("give MODEL_ID VERSION, or --key-id", 2)
         return
+    known = _known_models(settings, gate)
+    if (model_id, version) not in known:
+        names = sorted({f"{m} {v}" for m, v in known})
+        near = difflib.get_close_matches(f"{model_id} {version}", names, n=2, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+        fail(f"unknown model {model_id!r} version {version!r}: no model folder or ledger "
+             f"record has it{hint}")
+    if gate.is_revoked(model_id, version):
+        fail(f"{model_id} {version} is already revoked")
+    confirm(f"Revoke {model_id} {version} ({known[(model_id, version)]}) permanently? A "
+            "revoked version never runs again.", yes)
     gate.revoke(model_id, version, reason)
-    console.print(f"revoked {model_id} {version}")
+    console.print(f"revoked {model_id} {version}", highlight=False)
 
 
 @app.command()

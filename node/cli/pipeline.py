@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from node.cli.common import ConfigOption, console, fail, settings_from
+from node.cli.common import ConfigOption, console, fail, open_engine, settings_from
+from node.cli.output import Col, PlainOption, WideOption, emit, fmt_time
 
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: test them on files.")
 jobs_app = typer.Typer(
@@ -118,19 +117,11 @@ def rules_test(
 
 def _store(config: Path | None):  # type: ignore[no-untyped-def]
     from audit.ledger import Ledger
-    from node.db import make_engine
     from node.pipeline.jobs import JobStore
 
     settings = settings_from(config)
-    engine = make_engine(settings.database_url)
+    engine = open_engine(settings, config)
     return JobStore(engine, Ledger(engine))
-
-
-def _utc(t: Any) -> Any:
-    """SQLite gives naive datetimes (written as UTC), PostgreSQL aware ones in its session
-    time zone: show both in UTC."""
-
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def _job_dict(job: Any) -> dict[str, Any]:
@@ -140,10 +131,17 @@ def _job_dict(job: Any) -> dict[str, Any]:
         "task": job.task, "attempts": job.attempts, "max_attempts": job.max_attempts,
         "error": job.error, "result": job.result, "spec": job.spec, "seed": job.seed,
         "parent_id": job.parent_id, "generation": job.generation, "worker": job.worker,
-        "created_at": job.created_at.isoformat() if job.created_at else None,
-        "updated_at": job.updated_at.isoformat() if job.updated_at else None,
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        # SQLite gives naive datetimes (written as UTC), PostgreSQL aware ones: both in UTC
+        "created_at": fmt_time(job.created_at) or None,
+        "updated_at": fmt_time(job.updated_at) or None,
+        "finished_at": fmt_time(job.finished_at) or None,
     }
+
+
+JOB_COLS = [Col("id", "id"), Col("kind", "kind"), Col("state", "state"),
+            Col("task", "task", "text"), Col("rule", "rule", "text"),
+            Col("attempts", "tries", align="right"), Col("updated", "updated (UTC)"),
+            Col("study_uid", "study", "uid")]
 
 
 @jobs_app.command("list")
@@ -155,11 +153,13 @@ def jobs_list(
     kind: str | None = typer.Option(None, "--kind", help="only engine or dispatch jobs"),
     limit: int = typer.Option(50, "--limit", min=1, help="at most this many (the newest)"),
     as_json: bool = typer.Option(False, "--json", help="every field of each job, as JSON"),
+    plain: bool = PlainOption,
+    wide: bool = WideOption,
     config: Path | None = ConfigOption,
 ) -> None:
     """Jobs, newest first: id (first 8 characters; any unique prefix works in show / retry /
-    cancel), kind, state, task, rule, attempts used / allowed, last change (UTC) and the
-    last error."""
+    cancel), kind, state, task, rule, attempts used / allowed, last change (UTC) and study;
+    the last error of each job follows the table, whole."""
     from node.pipeline.jobs import JobKind, JobState
 
     try:
@@ -170,15 +170,18 @@ def jobs_list(
         return
     jobs = _store(config).list(state=st, study_uid=study, kind=kd, limit=limit)
     if as_json:
-        console.print_json(json.dumps([_job_dict(j) for j in jobs]))
+        typer.echo(json.dumps([_job_dict(j) for j in jobs], indent=1, default=str))
         return
-    table = Table("id", "kind", "state", "task", "rule", "attempts", "updated", "error")
-    for j in jobs:
-        table.add_row(j.id[:8], j.kind.value, j.state.value, j.task or "", j.rule or "",
-                      f"{j.attempts}/{j.max_attempts}",
-                      _utc(j.updated_at).strftime("%Y-%m-%d %H:%M:%S") if j.updated_at else "",
-                      (j.error or "")[:60])
-    console.print(table)
+    rows = [{"id": j.id if plain else j.id[:8], "kind": j.kind.value, "state": j.state.value,
+             "task": j.task or "", "rule": j.rule or "",
+             "attempts": f"{j.attempts}/{j.max_attempts}", "updated": fmt_time(j.updated_at),
+             "study_uid": j.study_uid or "", "error": j.error or ""} for j in jobs]
+    if plain:
+        emit([*JOB_COLS, Col("error", "error")], rows, plain=True)
+        return
+    errors = [f"  {r['id']} {r['state']}: {r['error']}" for r in rows if r["error"]]
+    emit(JOB_COLS, rows, wide=wide, footer="\n".join(
+        [f"{len(rows)} job(s)", *(["last errors:", *errors] if errors else [])]))
 
 
 @jobs_app.command("show")
@@ -245,6 +248,7 @@ def study_complete(study_uid: str = typer.Argument(..., help="Study Instance UID
     from node.pipeline.orchestrator import Pipeline
 
     settings = settings_from(config)
+    open_engine(settings, config).dispose()  # one line, not a traceback, when not migrated
     ctx = build_context(settings, migrate=False)
     pipeline = Pipeline.from_context(ctx)
     try:

@@ -99,7 +99,7 @@ def keygen(
 
 def _embed_dicom(
     src: Path, dst: Path, key: WatermarkKey, payload: int, max_delta: int | None
-) -> int:
+) -> tuple[int, Path]:
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian
 
@@ -129,12 +129,12 @@ def _embed_dicom(
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     dst.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(dst, enforce_file_format=True)
-    return delta
+    return delta, dst
 
 
 def _embed_image(
     src: Path, dst: Path, key: WatermarkKey, payload: int, max_delta: int | None
-) -> int:
+) -> tuple[int, Path]:
     from PIL import Image
 
     img = np.asarray(Image.open(src).convert("L"))
@@ -143,19 +143,21 @@ def _embed_image(
     dst = dst.with_suffix(".png")  # never re-compress the mark lossily on write
     dst.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(marked).save(dst)
-    return delta
+    return delta, dst
 
 
 @app.command("embed")
 def embed_cmd(
     paths: list[Path] = typer.Argument(..., help="DICOM files, PNG / JPEG files or directories"),
-    out: Path = typer.Option(..., "--out", "-o", help="output directory (same relative names)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (same relative names)",
+                             rich_help_panel="Required"),
     mark_id: int | None = typer.Option(
-        None, "--mark-id", help=f"{MARK_ID_BITS}-bit mark id (payload = key id || mark id)"
-    ),
+        None, "--mark-id", min=0, max=(1 << MARK_ID_BITS) - 1,
+        help=f"{MARK_ID_BITS}-bit mark id (payload = key id || mark id); this or --payload",
+        rich_help_panel="Required: one of"),
     payload_hex_opt: str | None = typer.Option(
-        None, "--payload", help="full 48-bit payload as hex"
-    ),
+        None, "--payload", help="full 48-bit payload as hex; this or --mark-id",
+        rich_help_panel="Required: one of"),
     max_delta: int | None = typer.Option(
         None,
         "--max-delta",
@@ -166,9 +168,12 @@ def embed_cmd(
     key_file: Path | None = typer.Option(
         None, "--key", help="key file (default: the configured key)"
     ),
+    force: bool = typer.Option(False, "--force", help="replace files that exist under --out"),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Embed the watermark; writes marked copies under --out."""
+    """Embed the watermark into copies under --out, then read each copy back and detect
+    the mark with the same key: a file is reported marked only when the detector finds the
+    payload in it; a copy that cannot be verified is removed (exit 1)."""
     settings = settings_from(config)
     key = WatermarkKey.from_file(key_file or settings.watermark_key_file) if (
         key_file or settings.watermark_key_file.is_file()) else None
@@ -176,7 +181,7 @@ def embed_cmd(
         fail("no watermark key; run `synthnode watermark keygen`")
         return
     if (mark_id is None) == (payload_hex_opt is None):
-        fail("give exactly one of --mark-id or --payload")
+        fail("give exactly one of --mark-id or --payload", 2)
     try:
         payload = (
             make_payload(key.key_id, mark_id)
@@ -186,24 +191,50 @@ def embed_cmd(
         if not 0 <= payload < (1 << 48):
             raise ValueError("payload must fit in 48 bits")
     except ValueError as exc:
-        fail(str(exc))
+        fail(str(exc), 2)
         return
-    files = _iter_files(paths)
+    files = [(f, out / rel, rel) for f, rel in _iter_files(paths)]
+    exists = [str(d if not _is_image(f) else d.with_suffix(".png")) for f, d, _ in files
+              if (d if not _is_image(f) else d.with_suffix(".png")).exists()]
+    if exists and not force:
+        fail(f"{len(exists)} output file(s) exist, e.g. {exists[0]}; use --force to replace them")
     failures = 0
-    for f, rel in files:
-        dst = out / rel
+    for f, dst, _rel in files:
         try:
-            delta = (_embed_image if _is_image(f) else _embed_dicom)(
+            delta, written = (_embed_image if _is_image(f) else _embed_dicom)(
                 f, dst, key, payload, max_delta
-            )
-            console.print(
-                f"{f}: marked (payload {payload_hex(payload)}, max delta {delta}) -> {dst}"
             )
         except Exception as exc:  # one bad file never stops a directory run
             failures += 1
-            err_console.print(f"[red]{f}: not marked: {exc}[/red]")
+            err_console.print(f"[red]{f}: not marked: {exc}[/red]", highlight=False)
+            continue
+        problem = _verify_written(written, key, payload)
+        if problem:
+            failures += 1
+            written.unlink(missing_ok=True)
+            err_console.print(f"[red]{f}: not marked: {problem}; the copy was removed[/red]",
+                              highlight=False)
+            continue
+        console.print(f"{f}: marked and verified (payload {payload_hex(payload)}, max delta "
+                      f"{delta}) -> {written}", highlight=False, soft_wrap=True)
     if failures:
         raise typer.Exit(1)
+
+
+def _verify_written(path: Path, key: WatermarkKey, payload: int) -> str | None:
+    """Why the written file does not carry ``payload`` detectably (None when it does)."""
+    try:
+        det = detect(_read_pixels(path), [key])
+    except Exception as exc:
+        return f"cannot read the written file back ({exc})"
+    if not det.marked:
+        return (f"the detector does not find the mark in the written file (score "
+                f"{det.score:.2f} < threshold {det.threshold:.2f}): the image is too small or "
+                "too flat for this bound; a larger --max-delta or image may work")
+    if det.payload != payload:
+        return (f"the mark is present but its payload reads {det.payload_hex or 'damaged'}, "
+                f"not {payload_hex(payload)}")
+    return None
 
 
 # ----------------------------------------------------------------------------- detect
@@ -233,11 +264,12 @@ def _ledger_index(settings: Any) -> _LedgerIndex:
     try:
         from audit.events import EventType
         from audit.ledger import Ledger
-        from node.db import make_engine
+        from node.db import make_engine, schema_problem
 
         url = settings.database_url
-        if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
-            return _LedgerIndex({}, f"ledger not available (no database at {url})")
+        problem = schema_problem(url)  # never creates a database
+        if problem:
+            return _LedgerIndex({}, f"ledger not available ({problem})")
         engine = make_engine(url)
         try:
             entries = Ledger(engine).query(event_types=[EventType.OUTPUT_CREATED.value])

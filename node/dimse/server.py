@@ -38,7 +38,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from audit.events import Event, EventType, Outcome
 from node.context import NodeContext
-from node.dimse import access, commitment, echo, qr, store
+from node.dimse import access, commitment, echo, logs, qr, store
 from node.dimse.status import General
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,8 @@ class DimseServer:
             ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax,
                                      scu_role=cx.scu_role, scp_role=cx.scp_role)
         self.ae = ae
-        self.handlers: list[Handler] = [(evt.EVT_REQUESTED, prefer_requestor_order)]
+        self.handlers: list[Handler] = [(evt.EVT_REQUESTED, prefer_requestor_order),
+                                        *logs.handlers(ctx)]  # one line per association
         for m in self.services:
             self.handlers.extend(m.handlers(ctx))
         self._server: NodeAssociationServer | None = None

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (  # UID_dictionary: the registry, re-exported by the public module
+    UID,
     AllTransferSyntaxes,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -40,6 +41,7 @@ from node.ingest.ingestor import Ingestor
 from node.ingest.results import IngestError, IngestOutcome, RejectReason
 
 logger = logging.getLogger(__name__)
+instance_log = logging.getLogger("node.dimse.instances")
 
 __all__ = ["STATUS_FOR_REASON", "STORAGE_SOP_CLASSES", "STORAGE_TRANSFER_SYNTAXES",
            "contexts", "handlers"]
@@ -125,9 +127,25 @@ def handle_store(event: evt.Event, ctx: NodeContext, ingestor: Ingestor) -> int 
             logger.exception("C-STORE handler failed")
             return status_dataset(General.PROCESSING_FAILURE, "internal error; see node log")
         if result.outcome == IngestOutcome.KEPT_FIRST:
+            _log_instance(ctx, result, Storage.ELEMENTS_DISCARDED)
             return status_dataset(Storage.ELEMENTS_DISCARDED,
                                   "duplicate SOP Instance UID: stored copy kept")
+        _log_instance(ctx, result, Storage.SUCCESS)
         return Storage.SUCCESS
+
+
+def _log_instance(ctx: NodeContext, result: Any, status: int) -> None:
+    """One line per stored instance at ``[logging] instances``: UIDs, SOP class, size,
+    sender, status and what the ingest did (no PHI)."""
+    level = getattr(logging, ctx.settings.logging.instances, logging.INFO)
+    if not instance_log.isEnabledFor(level):
+        return
+    rec = result.record
+    instance_log.log(
+        level, "C-STORE %s from %s: SOP %s (%s) series %s study %s, %d bytes, status 0x%04X %s",
+        rec.called_ae or "?", rec.calling_ae or "?", rec.sop_instance_uid,
+        UID(rec.sop_class_uid).name, rec.series_instance_uid, rec.study_instance_uid,
+        rec.file_size, status, result.outcome.value)
 
 
 def handlers(ctx: NodeContext) -> list[tuple[evt.EventType, Any]]:

@@ -3,6 +3,7 @@ transfer syntax fallback."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,10 @@ class DimseSender(Sender):
     decompressed and sent uncompressed. Statuses: success and warning (Bxxx) acknowledge;
     Refused: Out of Resources (A7xx) and a lost association are transient; other failures
     are permanent.
+
+    The association stays open for the next send and is released (A-RELEASE, logged at
+    INFO) after ``network_timeout`` seconds without one: an expected idle close, not
+    pynetdicom's "Network timeout reached" error and abort.
     """
 
     def __init__(
@@ -44,6 +49,9 @@ class DimseSender(Sender):
         if not (destination.host and destination.port and destination.ae_title):
             raise ValueError(f"DIMSE destination {destination.name!r} needs host, port, ae_title")
         self._timeouts = (acse_timeout, dimse_timeout, network_timeout)
+        self.idle_release_s = network_timeout
+        self._lock = threading.RLock()
+        self._idle: threading.Timer | None = None
         self._assoc: Any = None
         self._contexts: set[tuple[str, str]] = set()  # accepted (SOP class, transfer syntax)
         self._proposed: set[tuple[str, str]] = set()
@@ -66,7 +74,8 @@ class DimseSender(Sender):
             return self._assoc
         self.close()
         ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = self._timeouts
+        ae.acse_timeout, ae.dimse_timeout, _idle = self._timeouts
+        ae.network_timeout = None  # idle associations are released by _release_idle
         by_class: dict[str, set[str]] = {}
         for sop, ts in wanted:
             by_class.setdefault(sop, set()).add(ts)
@@ -105,6 +114,34 @@ class DimseSender(Sender):
         return None
 
     def send(self, datasets: Sequence[Dataset]) -> SendReport:
+        with self._lock:
+            if self._idle is not None:
+                self._idle.cancel()
+            try:
+                return self._send(datasets)
+            finally:
+                self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self._assoc is None:
+            return
+        timer = threading.Timer(self.idle_release_s, self._release_idle)
+        timer.args = (timer,)
+        timer.daemon = True
+        self._idle = timer
+        timer.start()
+
+    def _release_idle(self, timer: threading.Timer) -> None:
+        with self._lock:
+            if self._assoc is None or self._idle is not timer:  # a send came in meanwhile
+                return
+            self._idle = None
+            if self._assoc.is_established:
+                logger.info("released the idle association to %s after %.0f s without a "
+                            "send", self.destination.name, self.idle_release_s)
+            self.close()
+
+    def _send(self, datasets: Sequence[Dataset]) -> SendReport:
         report = SendReport()
         if not datasets:
             return report
@@ -151,6 +188,13 @@ class DimseSender(Sender):
         return report
 
     def close(self) -> None:
+        with self._lock:
+            if self._idle is not None:
+                self._idle.cancel()
+                self._idle = None
+            self._close()
+
+    def _close(self) -> None:
         if self._assoc is not None:
             try:
                 if self._assoc.is_established:

@@ -194,18 +194,58 @@ def route(settings: PipelineSettings, facts: SeriesFacts) -> Routing:
     return Routing(chosen, tuple(verdicts))
 
 
+@dataclass(frozen=True)
+class RuleProblem:
+    """A mistake in the rule set: the settings path it is at (``pipeline.rules.1.match.rows``),
+    what is wrong, and a suggestion (``did you mean 'Modality'?``) when there is one."""
+
+    path: str
+    reason: str
+    hint: str | None = None
+
+
+def _suggest_key(key: str) -> str | None:
+    import difflib
+
+    from pydicom.datadict import keyword_dict
+
+    named = difflib.get_close_matches(key, sorted(_NAMED_KEYS), n=2, cutoff=0.6)
+    words = named or difflib.get_close_matches(key, list(keyword_dict), n=2, cutoff=0.75)
+    return ("did you mean " + " or ".join(repr(w) for w in words) + "?") if words else None
+
+
+def _entry_problem(rule: Rule, key: str, pattern: str, path: str) -> RuleProblem | None:
+    if not valid_match_key(key):
+        return RuleProblem(path, f"rule {rule.name!r}: unknown match key {key!r}: neither a named "
+                                 "field (modality, rows, ...) nor a DICOM keyword or tag",
+                           _suggest_key(key))
+    if _COMPARE.match(pattern):
+        return None
+    if key in NUMERIC_FIELDS and re.match(r"^\s*[<>=!]", pattern):
+        return RuleProblem(path, f"rule {rule.name!r}: {key} = {pattern!r} is not a comparison "
+                                 "(write an operator and a number, e.g. \">=256\")")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return RuleProblem(path, f"rule {rule.name!r}: bad regex for {key!r}: {exc}")
+    return None
+
+
+def rule_problems(settings: PipelineSettings) -> list[RuleProblem]:
+    """Mistakes in the rule set that the settings schema cannot see: unknown match keys,
+    malformed comparisons on numeric fields, bad regular expressions, rules without tasks."""
+    problems: list[RuleProblem] = []
+    for i, rule in enumerate(settings.rules):
+        for key, pattern in rule.match.items():
+            p = _entry_problem(rule, key, pattern, f"pipeline.rules.{i}.match.{key}")
+            if p is not None:
+                problems.append(p)
+        if not rule.tasks:
+            problems.append(
+                RuleProblem(f"pipeline.rules.{i}.tasks", f"rule {rule.name!r}: no tasks"))
+    return problems
+
+
 def check_rules(settings: PipelineSettings) -> list[str]:
     """Problems in the rule set a config check should report (unknown keys, bad regexes)."""
-    problems = []
-    for rule in settings.rules:
-        for key, pattern in rule.match.items():
-            if not valid_match_key(key):
-                problems.append(f"rule {rule.name!r}: unknown match key {key!r}")
-            if not _COMPARE.match(pattern):
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    problems.append(f"rule {rule.name!r}: bad regex for {key!r}: {exc}")
-        if not rule.tasks:
-            problems.append(f"rule {rule.name!r}: no tasks")
-    return problems
+    return [p.reason + (f" ({p.hint})" if p.hint else "") for p in rule_problems(settings)]

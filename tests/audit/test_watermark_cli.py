@@ -87,3 +87,32 @@ def test_detect_resolves_ledger_entry(env: Path) -> None:
     assert "MARKED" in out and f"ledger entry {entry.seq}" in out and "1.2.3.4" in out
     res = runner.invoke(app, ["watermark", "detect", "--fail-unmarked", str(env / "in" / "ct.dcm")])
     assert res.exit_code == 1 and "not marked" in res.output
+
+
+def test_embed_verifies_refuses_overwrite_and_shows_required_options(env: Path) -> None:
+    """embed reports "marked" only for a copy the detector reads back with the same payload
+    (a 128 px CT slice is too small at the default bound: refused, copy removed); an existing
+    output is never silently replaced; --help shows what is required."""
+    from pydicom.data import get_testdata_file
+
+    _run("watermark", "keygen", "--key-id", "3")
+    small = get_testdata_file("CT_small.dcm")  # 128 x 128
+    res = runner.invoke(app, ["watermark", "embed", small, str(env / "in" / "ct.dcm"),
+                              "--out", str(env / "out"), "--mark-id", "5"])
+    assert res.exit_code == 1
+    out = " ".join(res.output.split())
+    assert "ct.dcm: marked and verified (payload 030000000005" in out
+    assert "CT_small.dcm: not marked: the detector does not find the mark" in out
+    assert not (env / "out" / "CT_small.dcm").exists() and (env / "out" / "ct.dcm").exists()
+    before = (env / "out" / "ct.dcm").read_bytes()
+    res = runner.invoke(app, ["watermark", "embed", str(env / "in"), "--out", str(env / "out"),
+                              "--mark-id", "6"])
+    assert res.exit_code == 1 and "use --force" in res.output
+    assert (env / "out" / "ct.dcm").read_bytes() == before
+    _run("watermark", "embed", str(env / "in"), "--out", str(env / "out"), "--mark-id", "6",
+         "--force")
+    assert (env / "out" / "ct.dcm").read_bytes() != before
+    res = runner.invoke(app, ["watermark", "embed", "--help"], terminal_width=120)
+    assert "Required: one of" in res.output and "--mark-id" in res.output
+    res = runner.invoke(app, ["watermark", "embed", str(env / "in"), "--out", str(env / "o2")])
+    assert res.exit_code == 2 and "give exactly one of --mark-id or --payload" in res.output
