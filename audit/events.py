@@ -1,11 +1,12 @@
 """Ledger event vocabulary: the typed record every part of the node appends.
 
 An event is canonicalised to JSON (sorted keys, UTF-8, no floats) to form a Merkle leaf.
-No PHI beyond UIDs: patient-identifying values go in as digests (see ``phi_digest``).
+No PHI beyond UIDs: a patient is referred to by keyed digests of Patient ID and Accession
+Number (``subject.patient``, ``subject.accession``, ``payload.patients``; see
+:mod:`audit.patient`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ class EventType(str, Enum):
     CONFIG_LOADED = "config.loaded"
     CHECKPOINT_SIGNED = "checkpoint.signed"
     VERIFICATION_RUN = "verification.run"
+    AUDIT_QUERIED = "audit.queried"  # an auditor searched the ledger for a patient
     NODE_STARTED = "node.started"
     NODE_STOPPED = "node.stopped"
 
@@ -56,17 +58,14 @@ class Outcome(str, Enum):
     MAJOR_FAILURE = "major_failure"  # 12
 
 
-def phi_digest(value: str) -> str:
-    """Reference a patient-identifying value by digest (never store it in a leaf)."""
-    return "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest()
-
-
 @dataclass(frozen=True)
 class Event:
     """One ledger record.
 
     subject  UIDs the event is about: keys among study_uid, series_uid, sop_uid,
-             sop_class_uid, job_id, model_id, destination ...
+             sop_class_uid, job_id, model_id, destination ...; an event that concerns a
+             patient also has ``patient`` and ``accession``: keyed digests
+             (:class:`audit.patient.PatientDigester`), never the values
     payload  type-specific JSON-able data (ints, strings, bools, lists, dicts; no floats:
              give durations as integer milliseconds or decimal strings)
 
@@ -76,6 +75,14 @@ class Event:
     ``instance.received``  subject study_uid, series_uid, sop_uid, sop_class_uid;
                            payload sha256 (of the stored file), calling_ae, called_ae,
                            transfer_syntax_uid
+    every event about one study
+                           subject patient, accession (digests, added by the node from
+                           the index when the event names a study_uid)
+    ``retrieve``           subject study_uid (one study), destination (C-MOVE); payload
+                           service, level, keys (names only), study_uids, series_uids,
+                           sop_uids, patients (digests), sub-operation counts, status
+    ``query``              payload service, level, keys (names only), matches, study_uids
+                           / patients of the matches (at most 1000 each), status
     ``study.completed``    subject study_uid; payload series_uids (list)
     ``job.*``              subject job_id, study_uid; payload kind ("engine" /
                            "dispatch"), task, rule (job.queued), seed, attempt / attempts;
@@ -112,6 +119,8 @@ class Event:
                            approver, signature (model.approved), reason (revoked / refused)
     ``key.revoked``        subject key_id; payload approver, reason
     ``checkpoint.signed``  payload size, root_hash (hex)
+    ``audit.queried``      subject patient or accession (the digest searched for); payload
+                           query ("patient" / "accession"), entries (how many were shown)
     """
 
     type: EventType
@@ -126,11 +135,12 @@ class Event:
 #: Subject keys copied into the ledger's UID index.
 SUBJECT_REF_KEYS: tuple[str, ...] = (
     "study_uid", "series_uid", "sop_uid", "job_id", "model_id", "destination", "key_id",
+    "patient", "accession",
 )
 #: Payload keys (string or list of strings) copied into the ledger's UID index.
 PAYLOAD_REF_KEYS: tuple[str, ...] = (
     "source_series_uids", "source_sop_uids", "source_study_uid", "output_series_uid",
-    "output_sop_uids", "sop_uids", "series_uids", "manifest_sha256",
+    "output_sop_uids", "sop_uids", "series_uids", "manifest_sha256", "patients",
 )
 
 LEAF_VERSION = 1

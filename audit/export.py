@@ -17,88 +17,54 @@ from __future__ import annotations
 
 import base64
 import json
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from audit.atna import (
+    APPLICATION_ACTIVITY,
+    EVENT_MAP,
+    OUTCOME_CODE,
+    dicom_audit_message,
+    write_dicom_audit,
+)
 from audit.events import Event, EventType, Outcome, format_time
 from audit.ledger import Ledger, StoredEntry
 
-DCM = "DCM"
+__all__ = [
+    "EVENT_MAP", "dicom_audit_message", "event_json", "export_ledger", "fhir_audit_event",
+    "fhir_provenance", "lineage", "retrieval_item", "write_dicom_audit", "write_fhir_bundle",
+]
+
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 ACTION_SYSTEM = "http://hl7.org/fhir/audit-event-action"
-OUTCOME_CODE = {Outcome.SUCCESS: "0", Outcome.MINOR_FAILURE: "4",
-                Outcome.SERIOUS_FAILURE: "8", Outcome.MAJOR_FAILURE: "12"}
-
-# DCID 400 Audit Event ID: (code, meaning)
-APPLICATION_ACTIVITY = ("110100", "Application Activity")
-AUDIT_LOG_USED = ("110101", "Audit Log Used")
-INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
-INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
-EXPORT = ("110106", "Export")
-QUERY = ("110112", "Query")
-SECURITY_ALERT = ("110113", "Security Alert")
-USER_AUTHENTICATION = ("110114", "User Authentication")
-
-# ledger event type -> (EventID, EventActionCode, EventTypeCode or None)
-EVENT_MAP: dict[EventType, tuple[tuple[str, str], str, tuple[str, str] | None]] = {
-    EventType.ASSOCIATION_ACCEPTED: (USER_AUTHENTICATION, "E", ("110122", "Login")),
-    EventType.ASSOCIATION_REJECTED: (SECURITY_ALERT, "E", ("110126", "Node Authentication")),
-    EventType.INSTANCE_RECEIVED: (INSTANCES_TRANSFERRED, "C", None),
-    EventType.INSTANCE_REJECTED: (INSTANCES_TRANSFERRED, "C", None),
-    EventType.QUERY: (QUERY, "E", None),
-    EventType.RETRIEVE: (INSTANCES_TRANSFERRED, "R", None),
-    EventType.STORAGE_COMMITMENT: (INSTANCES_TRANSFERRED, "R", None),
-    EventType.DICOMWEB_ACCESS: (INSTANCES_ACCESSED, "R", None),
-    EventType.STUDY_COMPLETED: (INSTANCES_ACCESSED, "R", None),
-    EventType.STUDY_REOPENED: (INSTANCES_ACCESSED, "U", None),
-    EventType.JOB_QUEUED: (INSTANCES_ACCESSED, "R", None),
-    EventType.JOB_STARTED: (INSTANCES_ACCESSED, "R", None),
-    EventType.JOB_FINISHED: (INSTANCES_ACCESSED, "R", None),
-    EventType.JOB_FAILED: (INSTANCES_ACCESSED, "R", None),
-    EventType.JOB_CANCELLED: (INSTANCES_ACCESSED, "R", None),
-    EventType.OUTPUT_CREATED: (INSTANCES_ACCESSED, "C", None),
-    EventType.OUTPUT_HELD: (INSTANCES_ACCESSED, "R", None),
-    EventType.DISPATCH_ATTEMPTED: (INSTANCES_TRANSFERRED, "R", None),
-    EventType.DISPATCH_SUCCEEDED: (INSTANCES_TRANSFERRED, "R", None),
-    EventType.DISPATCH_FAILED: (INSTANCES_TRANSFERRED, "R", None),
-    EventType.MODEL_APPROVED: (SECURITY_ALERT, "E", ("110129", "Security Configuration")),
-    EventType.MODEL_REVOKED: (SECURITY_ALERT, "E", ("110129", "Security Configuration")),
-    EventType.MODEL_REFUSED: (SECURITY_ALERT, "E", ("110132", "Use of Restricted Function")),
-    EventType.MODEL_LOADED: (APPLICATION_ACTIVITY, "E", None),
-    EventType.KEY_REVOKED: (SECURITY_ALERT, "E", ("110137", "User security Attributes Changed")),
-    EventType.CONFIG_LOADED: (SECURITY_ALERT, "E", ("110128", "Network Configuration")),
-    EventType.CHECKPOINT_SIGNED: (AUDIT_LOG_USED, "C", None),
-    EventType.VERIFICATION_RUN: (AUDIT_LOG_USED, "R", None),
-    EventType.NODE_STARTED: (APPLICATION_ACTIVITY, "E", ("110120", "Application Start")),
-    EventType.NODE_STOPPED: (APPLICATION_ACTIVITY, "E", ("110121", "Application Stop")),
-}
 
 
 # -- verifiable export -------------------------------------------------------------------
 def export_ledger(ledger: Ledger, out: IO[str], origin: str = "", start: int = 0,
                   stop: int | None = None) -> int:
-    """Write the ledger as JSON lines for ``python -m audit.verify --export``; returns count.
+    """Write the whole ledger as JSON lines, readable and verifiable; returns the count.
 
-    Line 1: ``{"format": "synthnode-ledger-export", "version": 1, "size": n, ...}``; then
-    one ``{"seq", "leaf_hash", "data"}`` per entry (data base64) and one ``{"checkpoint":
-    note}`` per stored checkpoint within the exported size.
+    Line 1: ``{"format": "synthnode-ledger-export", "version": 2, "size": n, "origin": ...}``;
+    then one line per entry: the decoded event (``seq``, ``type``, ``time``, ``actor``,
+    ``outcome``, ``subject``, ``payload``: grep and jq work on it) with ``leaf_hash`` and
+    ``leaf``, the exact leaf bytes as a JSON string (leaves are canonical UTF-8 JSON), which
+    ``python -m audit.verify --export`` re-hashes; an entry whose bytes are not UTF-8 (a
+    damaged database) carries ``data`` (base64) instead, and no decoded fields. Then one
+    ``{"checkpoint": note}`` per stored checkpoint within the exported size.
     """
     from audit.verify import EXPORT_FORMAT
 
     size = ledger.size() if stop is None else stop
     if start != 0:
         raise ValueError("a verifiable export starts at entry 0")
-    out.write(
-        json.dumps({"format": EXPORT_FORMAT, "version": 1, "size": size, "origin": origin}) + "\n"
-    )
+    out.write(json.dumps({"format": EXPORT_FORMAT, "version": 2, "size": size,
+                          "origin": origin}) + "\n")
     n = 0
     for e in ledger.entries(0, size):
-        out.write(json.dumps({"seq": e.seq, "leaf_hash": e.leaf_hash.hex(),
-                              "data": base64.b64encode(e.data).decode()}) + "\n")
+        out.write(json.dumps(_export_line(e), ensure_ascii=False) + "\n")
         n += 1
     for s, _root, note in ledger.checkpoints():
         if s <= size:
@@ -106,130 +72,14 @@ def export_ledger(ledger: Ledger, out: IO[str], origin: str = "", start: int = 0
     return n
 
 
-# -- DICOM audit message (PS3.15 A.5) -------------------------------------------------------
-def _code(parent: ET.Element, tag: str, code: tuple[str, str], system: str = DCM) -> ET.Element:
-    return ET.SubElement(
-        parent, tag, {"csd-code": code[0], "codeSystemName": system, "originalText": code[1]}
-    )
-
-
-def _actor_ids(actor: str) -> tuple[str, str | None]:
-    kind, _, name = actor.partition(":")
-    if kind == "ae":
-        return name, f"AETITLE={name}"
-    return actor, None
-
-
-def dicom_audit_message(
-    entry: StoredEntry, node_ae: str = "SYNTHNODE", site: str = "synthnode"
-) -> ET.Element:
-    """One PS3.15 A.5 ``AuditMessage`` element for a ledger entry."""
-    ev = entry.event
-    event_id, action, type_code = EVENT_MAP.get(ev.type, (APPLICATION_ACTIVITY, "E", None))
-    msg = ET.Element("AuditMessage")
-    ei = ET.SubElement(msg, "EventIdentification", {
-        "EventActionCode": action,
-        "EventDateTime": format_time(ev.time),
-        "EventOutcomeIndicator": OUTCOME_CODE[ev.outcome],
-    })
-    _code(ei, "EventID", event_id)
-    if type_code:
-        _code(ei, "EventTypeCode", type_code)
-    if ev.outcome != Outcome.SUCCESS and (
-        reason := ev.payload.get("reason") or ev.payload.get("error")
-    ):
-        ET.SubElement(ei, "EventOutcomeDescription").text = str(reason)[:256]
-    # participants: the requestor (remote AE / user / component) and this node
-    user, alt = _actor_ids(ev.actor)
-    src = {"UserID": user, "UserIsRequestor": "true"}
-    if alt:
-        src["AlternativeUserID"] = alt
-    if ev.payload.get("peer_address"):
-        src["NetworkAccessPointID"] = str(ev.payload["peer_address"])
-        src["NetworkAccessPointTypeCode"] = "2"
-    ap = ET.SubElement(msg, "ActiveParticipant", src)
-    if ev.type in (EventType.INSTANCE_RECEIVED, EventType.INSTANCE_REJECTED):
-        _code(ap, "RoleIDCode", ("110153", "Source Role ID"))
-    me = ET.SubElement(
-        msg,
-        "ActiveParticipant",
-        {"UserID": node_ae, "AlternativeUserID": f"AETITLE={node_ae}", "UserIsRequestor": "false"},
-    )
-    if ev.type in (EventType.INSTANCE_RECEIVED, EventType.INSTANCE_REJECTED):
-        _code(me, "RoleIDCode", ("110152", "Destination Role ID"))
-    if ev.type in (
-        EventType.DISPATCH_ATTEMPTED,
-        EventType.DISPATCH_SUCCEEDED,
-        EventType.DISPATCH_FAILED,
-    ):
-        _code(me, "RoleIDCode", ("110153", "Source Role ID"))
-        dest = ET.SubElement(
-            msg,
-            "ActiveParticipant",
-            {"UserID": str(ev.subject.get("destination", "?")), "UserIsRequestor": "false"},
-        )
-        _code(dest, "RoleIDCode", ("110152", "Destination Role ID"))
-    asi = ET.SubElement(
-        msg, "AuditSourceIdentification", {"AuditSourceID": node_ae, "AuditEnterpriseSiteID": site}
-    )
-    ET.SubElement(
-        asi, "AuditSourceTypeCode", {"csd-code": "4", "originalText": "Application Server Process"}
-    )
-    # participant objects: the study (with SOP instances), a job / model, the ledger leaf
-    study = ev.subject.get("study_uid")
-    if study:
-        po = ET.SubElement(msg, "ParticipantObjectIdentification", {
-            "ParticipantObjectID": str(study), "ParticipantObjectTypeCode": "2",
-            "ParticipantObjectTypeCodeRole": "3"})
-        _code(po, "ParticipantObjectIDTypeCode", ("110180", "Study Instance UID"))
-        sops = (
-            [ev.subject["sop_uid"]]
-            if ev.subject.get("sop_uid")
-            else list(ev.payload.get("output_sop_uids") or [])
-        )
-        _detail(po, entry)
-        if sops:
-            sc = ET.SubElement(po, "SOPClass", {"UID": str(ev.subject.get("sop_class_uid", "")),
-                                               "NumberOfInstances": str(len(sops))})
-            for uid in sops:
-                ET.SubElement(sc, "Instance", {"UID": str(uid)})
-    else:
-        other = (
-            ev.subject.get("job_id")
-            or ev.subject.get("model_id")
-            or ev.subject.get("key_id")
-            or f"ledger:{entry.seq}"
-        )
-        po = ET.SubElement(msg, "ParticipantObjectIdentification", {
-            "ParticipantObjectID": str(other), "ParticipantObjectTypeCode": "2",
-            "ParticipantObjectTypeCodeRole": "4" if ev.subject.get("model_id") else "13"})
-        _code(po, "ParticipantObjectIDTypeCode", ("12", "URI"), "RFC-3881")
-        _detail(po, entry)
-    return msg
-
-
-def _detail(po: ET.Element, entry: StoredEntry) -> None:
-    ET.SubElement(
-        po,
-        "ParticipantObjectDetail",
-        {
-            "type": "ledger-leaf",
-            "value": base64.b64encode(
-                f"{entry.seq}:{entry.leaf_hash.hex()}:{entry.event.type.value}".encode()
-            ).decode(),
-        },
-    )
-
-
-def write_dicom_audit(
-    entries: Iterable[StoredEntry], out: IO[str], node_ae: str = "SYNTHNODE"
-) -> int:
-    """Write one ``<AuditMessage>`` XML document per line (syslog-ready); returns count."""
-    n = 0
-    for e in entries:
-        out.write(ET.tostring(dicom_audit_message(e, node_ae), encoding="unicode") + "\n")
-        n += 1
-    return n
+def _export_line(e: StoredEntry) -> dict[str, Any]:
+    try:
+        leaf = e.data.decode("utf-8")
+        row = event_json(e)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return {"seq": e.seq, "leaf_hash": e.leaf_hash.hex(),
+                "data": base64.b64encode(e.data).decode()}
+    return {**row, "leaf": leaf}
 
 
 # -- FHIR R4 ---------------------------------------------------------------------------------
@@ -243,7 +93,8 @@ def fhir_audit_event(entry: StoredEntry, node: str = "synthnode") -> dict[str, A
 
     ev = entry.event
     event_id, action, type_code = EVENT_MAP.get(ev.type, (APPLICATION_ACTIVITY, "E", None))
-    user, alt = _actor_ids(ev.actor)
+    kind, _, name = ev.actor.partition(":")
+    user, alt = (name, f"AETITLE={name}") if kind == "ae" else (ev.actor, None)
     agent: dict[str, Any] = {"who": {"display": user}, "requestor": True}
     if alt:
         agent["altId"] = alt
@@ -480,12 +331,18 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
     node of the tree: its events hang under the series it sent, and its id is shown with
     each dispatch (``job_id``) and in the output's ``dispatch_jobs``.
 
-    Returns a dict: ``sources`` (series with their received instances and, for originals
-    forwarded as they are, their dispatches), ``jobs`` (engine jobs: task, model id /
-    version / weights digest, state events, ``outputs`` each with its ``dispatches`` and
-    ``dispatch_jobs``, ``held`` outputs with the quality gate's reasons, ``discarded``
-    partial outputs), ``unattached_dispatches`` (dispatch events whose series is neither a
-    known output nor a source), ``entries`` (every ledger seq visited).
+    Retrievals (``retrieve``: C-GET / C-MOVE; ``dicomweb.access``: WADO) are found by the
+    series and study UIDs they name (payload ``series_uids``, subject ``study_uid``) and
+    hang under every source or output series they returned instances of (``retrievals``).
+
+    Returns a dict: ``sources`` (series with their received instances, ``retrievals`` and,
+    for originals forwarded as they are, their dispatches), ``jobs`` (engine jobs: task,
+    model id / version / weights digest, state events, ``outputs`` each with its
+    ``dispatches``, ``dispatch_jobs`` and ``retrievals``, ``held`` outputs with the quality
+    gate's reasons, ``discarded`` partial outputs), ``unattached_dispatches`` (dispatch
+    events whose series is neither a known output nor a source), ``other_retrievals``
+    (retrievals of none of those series, e.g. of another series of the study), ``entries``
+    (every ledger seq visited).
     """
     events = _linked_entries(ledger, uid, max_rounds)
     dispatch_jobs, engine_ids = _job_ids(events)
@@ -493,8 +350,10 @@ def lineage(ledger: Ledger, uid: str, max_rounds: int = 8) -> dict[str, Any]:
     sources = _sources(events, outputs)
     unattached = _attach_dispatches(events, outputs, sources)
     _attach_dispatch_jobs(dispatch_jobs, outputs)
+    other_retrievals = _attach_retrievals(events, outputs, sources)
     return {"uid": uid, "sources": list(sources.values()), "jobs": list(jobs.values()),
-            "unattached_dispatches": unattached, "entries": [e.seq for e in events]}
+            "unattached_dispatches": unattached, "other_retrievals": other_retrievals,
+            "entries": [e.seq for e in events]}
 
 
 def _linked_entries(ledger: Ledger, uid: str, max_rounds: int) -> list[StoredEntry]:
@@ -652,6 +511,70 @@ def _attach_dispatch_jobs(dispatch_jobs: dict[str, dict[str, Any]],
                 out["dispatch_jobs"][-1]["destination"] = (
                     next(iter(dests)) if len(dests) == 1 else None
                 )
+
+
+RETRIEVAL_TYPES = {EventType.RETRIEVE, EventType.DICOMWEB_ACCESS}
+
+
+def retrieval_item(e: StoredEntry) -> dict[str, Any]:
+    """One retrieval (C-GET, C-MOVE, WADO) as lineage and ``audit patient`` show it."""
+    ev = e.event
+    p = ev.payload
+    item: dict[str, Any] = {
+        "seq": e.seq, "type": ev.type.value, "time": format_time(ev.time), "actor": ev.actor,
+        "service": p.get("service") or ("DICOMweb" if ev.type == EventType.DICOMWEB_ACCESS
+                                        else ev.type.value),
+        "outcome": ev.outcome.value,
+    }
+    for k in ("destination", "level", "status", "completed", "failed", "warning",
+              "sub_operations", "reason", "method", "path"):
+        v = p.get(k, ev.subject.get(k))
+        if v not in (None, ""):
+            item[k] = v
+    return item
+
+
+def _covered(ev: Event, series_sops: dict[str, set[str]]) -> dict[str, int]:
+    """``{series_uid: instances}`` of the known series a retrieval returned instances of:
+    by SOP Instance UID when it lists them, else by the series it names."""
+    sops = set(_uids(ev.payload.get("sop_uids")))
+    named = set(_uids(ev.payload.get("series_uids"))) | set(_uids(ev.subject.get("series_uid")))
+    out: dict[str, int] = {}
+    for series, members in series_sops.items():
+        n = len(members & sops) if sops and members else 0
+        if n or series in named:
+            out[series] = n or len(members)
+    return out
+
+
+def _attach_retrievals(events: list[StoredEntry], outputs: dict[str, dict[str, Any]],
+                       sources: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Hang each retrieval under the source / output series it returned; returns the
+    retrievals of none of them."""
+    series_sops: dict[str, set[str]] = {}
+    for e in events:
+        ev = e.event
+        if ev.type == EventType.OUTPUT_CREATED:
+            series = str(ev.payload.get("output_series_uid") or ev.subject.get("series_uid"))
+            series_sops.setdefault(series, set()).update(_uids(ev.payload.get("output_sop_uids")))
+        elif ev.type == EventType.INSTANCE_RECEIVED:
+            series = str(ev.subject.get("series_uid"))
+            if series in sources:
+                series_sops.setdefault(series, set()).update(_uids(ev.subject.get("sop_uid")))
+    other: list[dict[str, Any]] = []
+    for e in events:
+        if e.event.type not in RETRIEVAL_TYPES:
+            continue
+        covered = _covered(e.event, series_sops)
+        for series, n in covered.items():
+            home = outputs.get(series) or sources.get(series)
+            if home is not None:
+                home.setdefault("retrievals", []).append({**retrieval_item(e), "instances": n})
+        if not covered:
+            other.append(retrieval_item(e))
+    for home in (*outputs.values(), *sources.values()):
+        home.setdefault("retrievals", [])
+    return other
 
 
 def iter_entries(ledger: Ledger, seqs: Iterable[int]) -> Iterator[StoredEntry]:

@@ -31,7 +31,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -103,6 +103,11 @@ class Ledger:
         migrations applied.
     """
 
+    #: Called on every event before it becomes a leaf; the node sets it to add the keyed
+    #: patient digests to events that name a study (:meth:`node.patients.PatientRefs.annotate`).
+    #: Must return an event (the same one when there is nothing to add) and never raise.
+    annotate: Callable[[Event], Event] | None = None
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._gc: _GroupCommitter | None = None
@@ -162,7 +167,8 @@ class Ledger:
         writer thread takes every append waiting at that moment and commits them in one
         transaction (each caller still returns only after its entries are durable).
         """
-        prepared = [_prepare(e) for e in events]
+        hook = self.annotate
+        prepared = [_prepare(hook(e) if hook is not None else e) for e in events]
         if not prepared:
             return []
         if conn is not None:

@@ -446,8 +446,25 @@ def _deep_rows(batches: Iterable[Batch], conn, ph: str, report: Report) -> Itera
         yield batch
 
 
-def read_export(path: Path) -> tuple[dict, list[tuple[int, bytes, bytes]], list[str]]:
-    """Parse a ledger export (JSON lines, see ``audit.export.export_ledger``)."""
+#: The readable fields of a version 2 export line, each of which must equal the leaf's own.
+READABLE_FIELDS = ("type", "time", "actor", "outcome", "subject", "payload")
+
+
+def _readable_differs(obj: dict[str, Any], data: bytes) -> bool:
+    """True when a line's readable fields are not what its leaf says (an edited export)."""
+    if not any(k in obj for k in READABLE_FIELDS):
+        return False
+    try:
+        leaf = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return True
+    return any(obj.get(k) != leaf.get(k) for k in READABLE_FIELDS)
+
+
+def read_export(path: Path, mismatched: list[int] | None = None,
+                ) -> tuple[dict, list[tuple[int, bytes, bytes]], list[str]]:
+    """Parse a ledger export (JSON lines, see ``audit.export.export_ledger``); the entries
+    whose readable fields differ from their leaf are appended to ``mismatched``."""
     header: dict = {}
     rows: list[tuple[int, bytes, bytes]] = []
     notes: list[str] = []
@@ -460,21 +477,20 @@ def read_export(path: Path) -> tuple[dict, list[tuple[int, bytes, bytes]], list[
                 header = obj
             elif "checkpoint" in obj:
                 notes.append(obj["checkpoint"])
-            else:
-                rows.append(
-                    (
-                        int(obj["seq"]),
-                        bytes.fromhex(obj["leaf_hash"]),
-                        base64.b64decode(obj["data"]),
-                    )
-                )
+            else:  # version 2: the leaf as text; version 1 (and damaged leaves): base64
+                data = (obj["leaf"].encode("utf-8") if "leaf" in obj
+                        else base64.b64decode(obj["data"]))
+                rows.append((int(obj["seq"]), bytes.fromhex(obj["leaf_hash"]), data))
+                if mismatched is not None and _readable_differs(obj, data):
+                    mismatched.append(int(obj["seq"]))
     return header, rows, notes
 
 
 def verify_export(path: Path, verifier: Verifier, checkpoint_file: Path | None = None) -> Report:
     """Verify an export file: leaves, root, and the signed checkpoints it carries."""
     t0 = time.perf_counter()
-    header, rows, notes = read_export(path)
+    mismatched: list[int] = []
+    header, rows, notes = read_export(path, mismatched)
     db_notes = []
     for note in notes:
         try:
@@ -486,6 +502,10 @@ def verify_export(path: Path, verifier: Verifier, checkpoint_file: Path | None =
     if checkpoint_file is not None:
         file_notes, _ = read_checkpoint_file(checkpoint_file)
     report = _verify([rows], verifier, db_notes, file_notes, Report())
+    for seq in mismatched:
+        report.add(Problem("export", "the readable fields differ from the leaf (the leaf is "
+                                     "what the hashes cover)", seq))
+    report.sort()
     if int(header.get("size", report.size)) != report.size:
         report.add(
             Problem(

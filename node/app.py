@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from audit.events import Event, EventType, Outcome
+from audit.patient import PatientDigester, load_or_create_patient_key
 from audit.service import open_ledger_from_settings
-from config.settings import Settings, redacted
+from config.settings import Settings, effective_text, redacted
+from node.atna import start_feed
 from node.context import NodeContext
 from node.db import make_engine, upgrade
 from node.dimse.server import DimseServer
+from node.patients import PatientRefs
 from storage.filestore import FileStore
 from storage.index import Index
 
@@ -68,8 +71,12 @@ def build_context(settings: Settings, *, migrate: bool = True,
     store = FileStore(settings.store_root, min_free_bytes=settings.storage.min_free_bytes,
                       fsync=fsync)
     audit = open_ledger_from_settings(settings, engine)  # signing key created on first use
+    patients = PatientRefs(
+        PatientDigester(load_or_create_patient_key(settings.patient_key_file)), engine)
+    audit.ledger.annotate = patients.annotate  # digests on every event naming a study
     return NodeContext(settings=settings, engine=engine, store=store, index=Index(engine),
-                       ledger=audit.ledger, logger=logging.getLogger("node"), audit=audit)
+                       ledger=audit.ledger, logger=logging.getLogger("node"), audit=audit,
+                       patients=patients)
 
 
 def recover(ctx: NodeContext, *, remove_unreferenced: bool = True) -> RecoveryReport:
@@ -109,6 +116,7 @@ class Node:
         self.recovery = recovery
         self.role = role  # "node" | "acceptor" (a child of a multi-process node)
         self.pipeline: Any = None  # node.pipeline.orchestrator.Pipeline (set by create_node)
+        self.feed: Any = None  # audit.syslog.SyslogFeed when [audit.syslog] host is set
         self.stop_requested = threading.Event()
         self._stopped = False
 
@@ -122,6 +130,7 @@ class Node:
             return host, port  # the parent process records and checkpoints
         if self.ctx.audit is not None:
             self.ctx.audit.start()  # signed checkpoints every audit.checkpoint_interval_s
+        self.feed = start_feed(self.ctx)  # ATNA syslog feed, when configured
         s = self.ctx.settings
         self.ctx.ledger.append(Event(
             type=EventType.NODE_STARTED, actor=NODE_ACTOR,
@@ -154,6 +163,8 @@ class Node:
             logger.exception("could not record node.stopped")
         if self.ctx.audit is not None:
             self.ctx.audit.stop()  # final checkpoint covers node.stopped
+        if self.feed is not None:
+            self.feed.stop()  # sends what it can of the last entries; the cursor keeps the rest
         self.ctx.engine.dispose()
 
     def request_stop(self) -> None:
@@ -206,10 +217,10 @@ def create_node(settings: Settings, *, services: list[Any] | None = None,
         return node
     ctx = ctx or build_context(settings, migrate=migrate, fsync=fsync)
     report = recover(ctx)
-    eff, digest = config_digest(settings)
-    logger.info("effective configuration (secrets redacted): %s",
-                json.dumps(eff, sort_keys=True, default=str))
+    _eff, digest = config_digest(settings)
     src = getattr(settings, "_source_file", None)
+    logger.info("effective configuration (secrets redacted; from %s and the environment):\n  %s",
+                src or "the defaults", effective_text(settings).replace("\n", "\n  "))
     ctx.ledger.append(Event(
         type=EventType.CONFIG_LOADED, actor=NODE_ACTOR,
         outcome=Outcome.SUCCESS,
@@ -301,6 +312,7 @@ def serve_multi(settings: Settings, config: str | None, n: int, *, grace_s: floa
     ))
     if parent.ctx.audit is not None:
         parent.ctx.audit.start()
+    parent.feed = start_feed(parent.ctx)
     if on_listening is not None:
         on_listening(settings.dimse.bind_address, port)
     try:

@@ -24,6 +24,7 @@ from storage.index import Index
 
 if TYPE_CHECKING:
     from node.ingest.results import StoredInstance
+    from node.patients import PatientRefs
 
 __all__ = ["InFlight", "InstanceStoredHook", "NodeContext"]
 
@@ -93,6 +94,9 @@ class NodeContext:
     audit : audit.service.AuditService or None
         Ledger + checkpointer (signing key from ``settings.ledger_key_file``); None when
         the context was built with a bare ledger (tests of single components).
+    patients : node.patients.PatientRefs or None
+        Keyed patient digests for ledger events (installed as the ledger's ``annotate``
+        hook by :func:`node.app.build_context`); None: events carry no patient reference.
     """
 
     settings: Settings
@@ -105,6 +109,7 @@ class NodeContext:
     stopping: threading.Event = field(default_factory=threading.Event)
     inflight: InFlight = field(default_factory=InFlight)
     audit: AuditService | None = None
+    patients: PatientRefs | None = None
 
     def run_stored_hooks(self, info: StoredInstance) -> None:
         """Run every ``on_instance_stored`` hook; a failing hook is logged, never raised."""

@@ -20,9 +20,12 @@ from storage.matching import (
     build_query,
     is_universal,
 )
-from storage.tables import Instance, Series, Study
+from storage.tables import Instance, Patient, Series, Study
 
-__all__ = ["InstanceRef", "instances_by_uid", "retrieve_set"]
+__all__ = [
+    "InstanceRef", "StudyPatient", "instances_by_uid", "patient_studies", "retrieve_set",
+    "studies_of_instances", "study_patients",
+]
 
 
 @dataclass(frozen=True)
@@ -103,3 +106,50 @@ def instances_by_uid(conn: Executor, sop_instance_uids: Iterable[str]) -> dict[s
         for ref in _refs(conn, stmt):
             out[ref.sop_instance_uid] = ref
     return out
+
+
+@dataclass(frozen=True)
+class StudyPatient:
+    """Who a stored study belongs to (for the ledger's keyed patient digests and the
+    Patient participant of DICOM audit messages)."""
+
+    study_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str | None
+    accession_number: str | None
+
+
+def study_patients(conn: Executor, study_instance_uids: Iterable[str]) -> dict[str, StudyPatient]:
+    """The patient of each stored study among ``study_instance_uids``."""
+    uids = list(dict.fromkeys(study_instance_uids))
+    out: dict[str, StudyPatient] = {}
+    for start in range(0, len(uids), 500):
+        stmt = (
+            select(Study.study_instance_uid, Patient.patient_id, Patient.issuer_of_patient_id,
+                   Patient.patient_name, Study.accession_number)
+            .join(Patient, Study.patient_pk == Patient.id)
+            .where(Study.study_instance_uid.in_(uids[start:start + 500]))
+        )
+        for row in conn.execute(stmt):
+            out[row[0]] = StudyPatient(*row)
+    return out
+
+
+def patient_studies(conn: Executor, patient_id: str,
+                    issuer: str | None = None) -> list[tuple[str, str]]:
+    """``(issuer, study_instance_uid)`` of the stored studies of ``patient_id`` (any issuer
+    unless one is given)."""
+    stmt = (
+        select(Patient.issuer_of_patient_id, Study.study_instance_uid)
+        .join(Study, Study.patient_pk == Patient.id)
+        .where(Patient.patient_id == patient_id)
+    )
+    if issuer is not None:
+        stmt = stmt.where(Patient.issuer_of_patient_id == issuer)
+    return [(str(r[0] or ""), str(r[1])) for r in conn.execute(stmt)]
+
+
+def studies_of_instances(conn: Executor, sop_instance_uids: Iterable[str]) -> set[str]:
+    """Study Instance UIDs of the stored instances among ``sop_instance_uids``."""
+    return {r.study_instance_uid for r in instances_by_uid(conn, sop_instance_uids).values()}

@@ -5,7 +5,8 @@ verify       re-derive every hash and root, check checkpoint signatures and the 
 prove        inclusion proof of one entry (RFC 9162 2.1.3) as JSON
 consistency  consistency proof between two tree sizes (RFC 9162 2.1.4) as JSON
 query        entries by UID, time range, event type, actor (table or JSON lines)
-lineage      source series -> engine jobs -> outputs -> dispatches of a UID, as a tree
+lineage      source series -> engine jobs -> outputs -> dispatches -> retrievals of a UID
+patient      every study, synthetic series, delivery and access of one patient
 export       verifiable JSON lines, DICOM audit messages (PS3.15 A.5) or FHIR R4 JSON
 pubkey       the checkpoint verifier key (for ``python -m audit.verify``)
 checkpoint   sign a checkpoint of the current tree now
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,10 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.tree import Tree
 
-from node.cli.common import ConfigOption, console, fail, settings_from
+from node.cli.common import ConfigOption, console, fail, open_engine, settings_from
+from node.cli.output import Col, emit, time_option
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -32,19 +34,15 @@ app = typer.Typer(no_args_is_help=True)
 def _service(config: Path | None):  # type: ignore[no-untyped-def]
     from audit.ledger import LedgerError
     from audit.service import open_ledger
-    from node.db import make_engine
 
     settings = settings_from(config)
+    engine = open_engine(settings, config)
     try:
-        svc = open_ledger(make_engine(settings.database_url), key_file=settings.ledger_key_file,
+        svc = open_ledger(engine, key_file=settings.ledger_key_file,
                           checkpoint_file=settings.checkpoint_file, origin=settings.audit.origin,
                           syslog_target=settings.audit.syslog_target)
-    except LedgerError as exc:
+    except (LedgerError, ValueError, OSError) as exc:
         fail(str(exc))
-    except Exception as exc:
-        fail(
-            f"cannot open the ledger at {settings.database_url}: {exc} (run `synthnode db upgrade`)"
-        )
     return settings, svc
 
 
@@ -140,6 +138,11 @@ def consistency(
                       "proof": [p.hex() for p in proof]}, indent=2))
 
 
+QUERY_COLS = [Col("seq", "seq", align="right"), Col("time", "time"), Col("type", "type"),
+              Col("actor", "actor", "uid"), Col("outcome", "outcome"),
+              Col("subject", "subject", "uid")]
+
+
 @app.command()
 def query(
     config: Path | None = ConfigOption,
@@ -149,36 +152,34 @@ def query(
     uid: list[str] = typer.Option([], "--uid", help="any indexed UID / id (job id, model id, ...)"),
     event_type: list[str] = typer.Option([], "--type", help="event type, e.g. instance.received"),
     actor: str | None = typer.Option(None, "--actor", help="exact actor, e.g. ae:CT01"),
-    since: str | None = typer.Option(None, "--since", help="ISO 8601 / YYYY-MM-DD (UTC)"),
-    until: str | None = typer.Option(
-        None, "--until", help="ISO 8601 / YYYY-MM-DD (UTC), exclusive"
-    ),
-    limit: int | None = typer.Option(None, "--limit"),
+    since: datetime | None = time_option("--since", "from this time on"),
+    until: datetime | None = time_option("--until", "before this time"),
+    limit: int | None = typer.Option(None, "--limit", min=1),
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
+    wide: bool = typer.Option(False, "--wide", help="one line per entry, never folded"),
 ) -> None:
-    """Entries matching all filters (UIDs: any of them)."""
+    """Entries matching all filters (UIDs: any of them), oldest first."""
     from audit.events import EventType
-    from audit.export import event_json, parse_when
+    from audit.export import event_json
 
     _settings, svc = _service(config)
     uids = [u for u in (study, series, sop, *uid) if u]
     try:
         types = [EventType(t).value for t in event_type]
     except ValueError as exc:
-        fail(f"{exc}; known: {', '.join(t.value for t in EventType)}")
+        fail(f"{exc}; known: {', '.join(t.value for t in EventType)}", 2)
         return
-    rows = svc.ledger.query(uids=uids, event_types=types, actor=actor, since=parse_when(since),
-                            until=parse_when(until), limit=limit)
+    rows = svc.ledger.query(uids=uids, event_types=types, actor=actor, since=since,
+                            until=until, limit=limit)
     if as_json:
         for r in rows:
             print(json.dumps(event_json(r), sort_keys=True))
         return
-    table = Table("seq", "time", "type", "actor", "outcome", "subject")
+    table = []
     for r in rows:
         j = event_json(r)
-        table.add_row(str(j["seq"]), j["time"], j["type"], j["actor"], j["outcome"],
-                      " ".join(f"{k}={v}" for k, v in j["subject"].items()))
-    console.print(table)
+        table.append({**j, "subject": " ".join(f"{k}={v}" for k, v in j["subject"].items())})
+    emit(QUERY_COLS, table, wide=wide, footer=f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}")
 
 
 @app.command()
@@ -202,6 +203,149 @@ def lineage(
     # (UIDs and digests stay whole for grep)
     out = console if console.is_terminal else Console(width=100_000, highlight=False)
     out.print(lineage_tree(tree))
+
+
+@app.command()
+def patient(
+    patient_id: str | None = typer.Argument(None, help="Patient ID (0010,0020)"),
+    issuer: str | None = typer.Option(
+        None, "--issuer", help="Issuer of Patient ID (default: every issuer the index knows "
+                               "for this ID, and none)"),
+    accession: str | None = typer.Option(
+        None, "--accession", help="search by Accession Number instead of Patient ID"),
+    key: Path | None = typer.Option(
+        None, "--key", help="patient digest key (default: the node's [audit] patient_key_file;"
+                            " an auditor's copy works offline)"),
+    proof: bool = typer.Option(False, "--proof", help="an inclusion proof of every entry "
+                                                      "shown, verified against the latest "
+                                                      "signed checkpoint"),
+    as_json: bool = typer.Option(False, "--json", help="the report as one JSON object"),
+    record: bool = typer.Option(True, "--record/--no-record",
+                                help="append an audit.queried event (the search is itself "
+                                     "audited)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Everything the ledger holds about one patient: every study received, every synthetic
+    series derived from it (task, model, version, weights digest), every destination and
+    delivery, and every retrieval (C-GET, C-MOVE, WADO) and query, each with its ledger
+    entry number. The ledger holds keyed digests, not Patient IDs: the ID given here is
+    digested with the node's key and searched for."""
+    from audit.events import Event, EventType
+    from audit.patient import patient_report, read_patient_key
+
+    if (patient_id is None) == (accession is None):
+        fail("give a PATIENT_ID or --accession (one of them)", 2)
+    settings, svc = _service(config)
+    try:
+        digester = read_patient_key(key or settings.patient_key_file)
+    except (OSError, ValueError) as exc:
+        fail(str(exc))
+        return
+    issuers = _issuers(svc.ledger.engine, patient_id, issuer) if patient_id else []
+    digests = ([d for i in issuers if (d := digester.patient(patient_id, i))] if patient_id
+               else [d for d in [digester.accession(accession)] if d])
+    report = patient_report(svc.ledger, digests)
+    who = ({"patient_id": patient_id, "issuers": issuers} if patient_id
+           else {"accession": accession})
+    report = {**who, **report}
+    if record:
+        svc.ledger.append(Event(
+            EventType.AUDIT_QUERIED, _user(),
+            subject={("patient" if patient_id else "accession"): digests[0]} if digests else {},
+            payload={"query": "patient" if patient_id else "accession",
+                     "entries": len(report["entries"]),
+                     **({"patients": digests} if len(digests) > 1 else {})}))
+    if proof:
+        report["proofs"] = _proofs(svc, report["entries"])
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    _print_patient(report)
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return f"user:{getpass.getuser()}"
+    except Exception:
+        return "user:cli"
+
+
+def _issuers(engine: Any, patient_id: str, issuer: str | None) -> list[str]:
+    """The issuers to digest ``patient_id`` with: the given one, else those the index holds
+    for the ID plus none."""
+    if issuer is not None:
+        return [issuer]
+    from storage.query import patient_studies
+
+    with engine.connect() as conn:
+        known = sorted({i for i, _ in patient_studies(conn, patient_id)})
+    return list(dict.fromkeys(["", *known]))
+
+
+def _proofs(svc: Any, seqs: list[int]) -> dict[str, Any]:
+    """Inclusion proofs of ``seqs`` (RFC 9162 2.1.3) against the latest signed checkpoint
+    (entries after it: against the current tree, marked unsigned), each verified here."""
+    from audit import merkle
+
+    ledger = svc.ledger
+    cps = ledger.checkpoints()
+    size, root, note = cps[-1] if cps else (0, b"", None)
+    out: dict[str, Any] = {"checkpoint": {"tree_size": size, "root_hash": root.hex(),
+                                          "note": note} if note else None,
+                           "entries": {}}
+    head_size = ledger.size()
+    head_root = ledger.root(head_size)
+    for seq in seqs:
+        signed = seq < size
+        n, r = (size, root) if signed else (head_size, head_root)
+        entry = ledger.entry(seq)
+        path = ledger.inclusion_proof(seq, n)
+        merkle.verify_inclusion(seq, n, entry.leaf_hash, path, r)
+        out["entries"][str(seq)] = {"leaf_hash": entry.leaf_hash.hex(), "tree_size": n,
+                                    "root_hash": r.hex(), "signed": signed,
+                                    "proof": [h.hex() for h in path]}
+    return out
+
+
+def _print_patient(report: dict[str, Any]) -> None:
+    out = console if console.is_terminal else Console(width=100_000, highlight=False)
+    who = (f"patient {report['patient_id']}"
+           + (f" (issuers: {', '.join(i or 'none' for i in report['issuers'])})"
+              if any(report["issuers"]) else "")
+           if "patient_id" in report else f"accession {report['accession']}")
+    studies = report["studies"]
+    outputs = sum(len(j["outputs"]) for s in studies for j in s["lineage"]["jobs"])
+    out.print(escape(f"{who}: {len(studies)} stud{'y' if len(studies) == 1 else 'ies'}, "
+                     f"{outputs} synthetic series, {len(report['accesses'])} other access(es); "
+                     f"{len(report['entries'])} ledger entries"))
+    if not report["entries"]:
+        out.print("no ledger entry refers to this patient (check the ID, --issuer, and that "
+                  "the patient digest key is the node's)")
+    for s in studies:
+        out.print(lineage_tree(s["lineage"]))
+    if report["accesses"]:
+        tree = Tree("queries, retrievals and audit searches")
+        for a in report["accesses"]:
+            extra = "".join(f", {k} {a[k]}" for k in ("level", "matches", "entries")
+                            if a.get(k) is not None)
+            tree.add(retrieval_text(a) + escape(extra))
+        out.print(tree)
+    for r in report["rejected"]:
+        out.print(escape(f"#{r['seq']} instance rejected {r['time']} from {r['actor']}: "
+                         f"{r['reason']} ({r.get('detail') or ''})"))
+    if "proofs" in report:
+        p = report["proofs"]
+        signed = sum(1 for e in p["entries"].values() if e["signed"])
+        cp = p["checkpoint"]
+        out.print(escape(
+            f"inclusion proofs: {len(p['entries'])} entries verified; {signed} against the "
+            f"signed checkpoint of size {cp['tree_size'] if cp else 0}"
+            + (f" (root {cp['root_hash']})" if cp else "")
+            + (f", {len(p['entries']) - signed} against the current tree (not yet signed: "
+               "`synthnode audit checkpoint`)" if signed < len(p["entries"]) else "")
+            + "; --json prints every proof"))
 
 
 def _short(value: Any, n: int = 16) -> str:
@@ -252,6 +396,27 @@ def _dispatch_nodes(parent: Tree, dispatches: list[dict[str, Any]],
                 node.add("no send attempt yet")
 
 
+def retrieval_text(r: dict[str, Any]) -> str:
+    """``#seq C-GET by ae:X at TIME: N instance(s), status 0x0000`` (escaped for rich)."""
+    text = f"#{r['seq']} {r['service']} by {r['actor']}"
+    if r.get("destination"):
+        text += f" to {r['destination']}"
+    text += f" at {r['time']}"
+    if r.get("instances") is not None:
+        text += f": {r['instances']} instance(s) of this series"
+    if isinstance(r.get("status"), int):
+        text += f", status 0x{r['status']:04X}"
+    if r.get("outcome") not in (None, "success"):
+        text += f" ({r['outcome']})"
+    return escape(text)
+
+
+def _retrieval_nodes(parent: Tree, retrievals: list[dict[str, Any]]) -> None:
+    """Each retrieval of a series (C-GET, C-MOVE, WADO) as ``retrieved ...`` lines."""
+    for r in retrievals:
+        parent.add("retrieved: " + retrieval_text(r))
+
+
 def _job_node(parent: Tree, j: dict[str, Any]) -> None:
     model = escape(str(j.get("model_id") or "model not recorded"))
     if j.get("model_version"):
@@ -286,6 +451,7 @@ def _job_node(parent: Tree, j: dict[str, Any]) -> None:
         _dispatch_nodes(on, o["dispatches"], o.get("dispatch_jobs"))
         if not o["dispatches"] and not o.get("dispatch_jobs"):
             on.add("no dispatch")
+        _retrieval_nodes(on, o.get("retrievals") or [])
 
 
 def lineage_tree(tree: dict[str, Any]) -> Tree:
@@ -305,6 +471,7 @@ def lineage_tree(tree: dict[str, Any]) -> Tree:
             inst.add(f"... {len(s['instances']) - 5} more")
         if s.get("dispatches"):
             _dispatch_nodes(node.add("forwarded as received"), s["dispatches"])
+        _retrieval_nodes(node, s.get("retrievals") or [])
         for j in tree["jobs"]:
             if s["series_uid"] in j["source_series_uids"]:
                 _job_node(node, j)
@@ -314,6 +481,9 @@ def lineage_tree(tree: dict[str, Any]) -> Tree:
         other = root.add("engine jobs whose source series is not in this lineage")
         for j in rest:
             _job_node(other, j)
+    if tree.get("other_retrievals"):
+        _retrieval_nodes(root.add("other retrievals of the study (whole study, or other series)"),
+                         tree["other_retrievals"])
     if tree.get("unattached_dispatches"):
         _dispatch_nodes(
             root.add("dispatches of series not in this lineage"), tree["unattached_dispatches"]
@@ -334,32 +504,42 @@ def export(
         ExportFormat.jsonl,
         "--format",
         "-f",
-        help="jsonl (verifiable), dicom (PS3.15 A.5 XML, one message "
-        "per line), fhir (R4 Bundle of AuditEvent + Provenance)",
+        help="jsonl (every entry decoded, with its leaf bytes: `python -m audit.verify "
+        "--export` checks it), dicom (PS3.15 A.5 XML, one message per line), fhir (R4 "
+        "Bundle of AuditEvent + Provenance)",
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="output file (default stdout)"),
     uid: list[str] = typer.Option(
         [], "--uid", help="only entries mentioning these UIDs (dicom/fhir)"
     ),
     event_type: list[str] = typer.Option([], "--type", help="only these event types (dicom/fhir)"),
-    since: str | None = typer.Option(None, "--since"),
-    until: str | None = typer.Option(None, "--until"),
+    since: datetime | None = time_option("--since", "from this time on (dicom/fhir)"),
+    until: datetime | None = time_option("--until", "before this time (dicom/fhir)"),
     syslog: str | None = typer.Option(
         None,
         "--syslog",
-        help="with -f dicom: also send each message "
-        "to udp://host:port or tcp://host:port (RFC 5424)",
+        help="with -f dicom: also send each message to udp://host:port or tcp://host:port "
+        "(RFC 5424) once; the continuous TLS feed is [audit.syslog]",
     ),
+    patient_ids: str = typer.Option(
+        "resolve", "--patient-ids",
+        help="dicom: Patient participant from the index (resolve) or the ledger's digest"),
 ) -> None:
     """Export the ledger."""
     from audit.export import (
         export_ledger,
-        parse_when,
         write_dicom_audit,
         write_fhir_bundle,
         write_path,
     )
 
+    if syslog and fmt != ExportFormat.dicom:
+        fail(f"--syslog sends DICOM audit messages: use it with -f dicom, not -f {fmt.value}", 2)
+    if fmt == ExportFormat.jsonl and (uid or event_type or since or until):
+        fail("a jsonl export is the whole ledger (for verification); filter with -f dicom / "
+             "fhir or `audit query --json`", 2)
+    if patient_ids not in ("resolve", "digest"):
+        fail("--patient-ids is resolve or digest", 2)
     settings, svc = _service(config)
     fh = write_path(out)
     try:
@@ -367,14 +547,15 @@ def export(
             n = export_ledger(svc.ledger, fh, origin=settings.audit.origin)
         else:
             if uid or event_type or since or until:
-                rows = svc.ledger.query(uids=uid, event_types=event_type, since=parse_when(since),
-                                        until=parse_when(until))
+                rows = svc.ledger.query(uids=uid, event_types=event_type, since=since,
+                                        until=until)
             else:
                 rows = svc.ledger.entries()
             if fmt == ExportFormat.dicom:
+                render = _dicom_renderer(settings, svc, patient_ids == "resolve")
                 if syslog:
-                    rows = _tee_syslog(list(rows), syslog, settings.dimse.ae_title)
-                n = write_dicom_audit(rows, fh, node_ae=settings.dimse.ae_title)
+                    rows = _tee_syslog(list(rows), syslog, render)
+                n = write_dicom_audit(rows, fh, render=render)
             else:
                 n = write_fhir_bundle(rows, fh)
     finally:
@@ -383,16 +564,19 @@ def export(
     print(f"exported {n} record(s)", file=sys.stderr)
 
 
-def _tee_syslog(rows: list[Any], target: str, node_ae: str) -> list[Any]:
-    """Send one RFC 5424 message per DICOM audit message (MSGID ``IHE+RFC-3881``)."""
-    import xml.etree.ElementTree as ET
+def _dicom_renderer(settings: Any, svc: Any, resolve: bool) -> Any:
+    """entry -> PS3.15 A.5 XML text, with Patient participants resolved from the index."""
+    from node.atna import AuditRenderer
 
+    return AuditRenderer.from_settings(settings, svc.ledger.engine, resolve=resolve).xml
+
+
+def _tee_syslog(rows: list[Any], target: str, render: Any) -> list[Any]:
+    """Send one RFC 5424 message per DICOM audit message (MSGID ``IHE+RFC-3881``)."""
     from audit.checkpoint import syslog_send
-    from audit.export import dicom_audit_message
 
     for r in rows:
-        syslog_send(target, ET.tostring(dicom_audit_message(r, node_ae), encoding="unicode"),
-                    msgid="IHE+RFC-3881")
+        syslog_send(target, render(r), msgid="IHE+RFC-3881")
     return rows
 
 

@@ -20,7 +20,10 @@ Matching is :mod:`storage.matching` (PS3.4 C.2.2.2), shared with QIDO-RS. Behavi
   the last response).
 
 Every operation writes one ledger event (QUERY / RETRIEVE) with the query keys (names
-only, never values: they carry PHI), the level, match / sub-operation counts and status.
+only, never values: they carry PHI), the level, match / sub-operation counts and status; a
+retrieve also lists the study, series and SOP Instance UIDs it returned (so lineage finds
+the retrievals of a synthetic series) and, through the ledger's patient hook, the keyed
+digests of their patients; a C-FIND lists the patient digests of its first matches.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ from audit.events import Event, EventType, Outcome
 from node.context import NodeContext
 from node.dimse.status import Category, General, QueryRetrieve, category, status_dataset
 from storage.matching import InvalidQuery, QueryLevel, build_query, run
-from storage.query import InstanceRef, retrieve_set
+from storage.query import InstanceRef, patient_studies, retrieve_set
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +250,47 @@ def _record(ctx: NodeContext, ev: Event) -> None:
         log.exception("ledger append failed for %s", ev.type.value)
 
 
+@dataclass
+class _Matched:
+    """Whose records a C-FIND returned: the studies (or, at PATIENT level, the Patient IDs)
+    of its first :data:`MAX_AUDITED` matches, for the ledger's keyed patient digests (so an
+    auditor can ask who was shown patient X in a query result)."""
+
+    studies: set[str] = field(default_factory=set)
+    patient_ids: set[str] = field(default_factory=set)
+
+    def note(self, match: dict[str, Any]) -> None:
+        if len(self.studies) + len(self.patient_ids) >= MAX_AUDITED:
+            return
+        study = match.get("StudyInstanceUID")
+        if isinstance(study, str) and study:
+            self.studies.add(study)
+        elif isinstance(match.get("PatientID"), str):
+            self.patient_ids.add(match["PatientID"])
+
+    def patients(self, ctx: NodeContext) -> dict[str, Any]:
+        """``{"patients": [digests]}`` (empty when nothing matched or no digests are kept)."""
+        refs = ctx.patients
+        if refs is None or not (self.studies or self.patient_ids):
+            return {}
+        try:
+            digests = {d["patient"] for d in refs.for_studies(sorted(self.studies)).values()
+                       if d.get("patient")}
+            if self.patient_ids:
+                with ctx.engine.connect() as conn:
+                    for pid in sorted(self.patient_ids):
+                        issuers = {i for i, _ in patient_studies(conn, pid)} or {""}
+                        digests.update(d for i in issuers if (d := refs.digester.patient(pid, i)))
+        except Exception:
+            log.exception("could not digest the patients of a C-FIND")
+            return {}
+        return {"patients": sorted(digests)} if digests else {}
+
+
+#: Most matches of one C-FIND whose patients the ledger records.
+MAX_AUDITED = 1000
+
+
 # --------------------------------------------------------------------------------------------
 # C-FIND
 # --------------------------------------------------------------------------------------------
@@ -260,6 +304,7 @@ def handle_find(
     root = FIND_MODELS.get(model)
     status: int = General.SUCCESS
     matches = 0
+    seen = _Matched()
     reason = ""
     parsed: ParsedIdentifier | None = None
     try:
@@ -292,6 +337,7 @@ def handle_find(
                         yield status, None
                         return
                     matches += 1
+                    seen.note(match)
                     yield pending, _response(ctx, parsed, match)
         except GeneratorExit:
             raise
@@ -316,6 +362,7 @@ def handle_find(
                 "status": int(status),
                 "reason": reason,
                 "duration_ms": int((time.monotonic() - started) * 1000),
+                **seen.patients(ctx),
             },
         ))
 
@@ -435,7 +482,9 @@ def _resolve(
     if len(studies) == 1:
         hook.subject["study_uid"] = studies[0]  # indexed by the ledger
     hook.payload["study_uids"] = studies
-    hook.payload["sop_uids"] = [r.sop_instance_uid for r in refs]  # indexed: who got what
+    # indexed: which series (lineage finds retrievals of a synthetic series) and instances
+    hook.payload["series_uids"] = sorted({r.series_instance_uid for r in refs})
+    hook.payload["sop_uids"] = [r.sop_instance_uid for r in refs]
     hook.payload["sub_operations"] = len(refs)
     return refs, General.SUCCESS, "", hook
 

@@ -156,7 +156,8 @@ class Ingestor:
                     "sop_class_uid": sop_class_uid, "sop_instance_uid": sop_instance_uid}
         try:
             return self._ingest(dataset, str(transfer_syntax), sop_class_uid,
-                                sop_instance_uid, calling_ae, called_ae, source, actor)
+                                sop_instance_uid, calling_ae, called_ae, source, actor,
+                                ctx_info)
         except IngestError as exc:
             self._record_rejection(exc, actor, ctx_info, len(dataset))
             raise
@@ -189,8 +190,9 @@ class Ingestor:
         subject = {"sop_uid": info.get("sop_instance_uid"),
                    "sop_class_uid": info.get("sop_class_uid")}
         subject = {k: str(v) for k, v in subject.items() if v}
-        payload = {k: v for k, v in info.items()
-                   if v is not None and k not in ("sop_instance_uid", "sop_class_uid")}
+        subject.update(info.get("parsed") or {})  # study, series, patient digests once read
+        payload = {k: v for k, v in info.items() if v is not None
+                   and k not in ("sop_instance_uid", "sop_class_uid", "parsed")}
         payload.update(reason=exc.reason.value, detail=exc.comment, size=size)
         outcome = (Outcome.SERIOUS_FAILURE if exc.reason in
                    (RejectReason.OUT_OF_SPACE, RejectReason.STORE_FAILED)
@@ -234,11 +236,20 @@ class Ingestor:
                                   "image SOP class without pixel data")
         return probe, build_part10(dataset, ds_class or "", ds_inst or "", ts)
 
+    def _patient_subject(self, rec: InstanceRecord) -> dict[str, str]:
+        """Keyed digests of the record's Patient ID / Issuer and Accession Number (its study
+        may not be committed yet, so the ledger hook could not look them up)."""
+        refs = self.ctx.patients
+        if refs is None:
+            return {}
+        return refs.subject(rec.patient_id, rec.issuer_of_patient_id, rec.accession_number)
+
     def _received_event(self, rec: InstanceRecord, actor: str, outcome: IngestOutcome) -> Event:
         return Event(
             type=EventType.INSTANCE_RECEIVED, actor=actor,
             subject={"study_uid": rec.study_instance_uid, "series_uid": rec.series_instance_uid,
-                     "sop_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid},
+                     "sop_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid,
+                     **self._patient_subject(rec)},
             payload={"sha256": rec.sha256, "size": rec.file_size,
                      "transfer_syntax_uid": rec.transfer_syntax_uid, "file": rec.file_path,
                      "calling_ae": rec.calling_ae, "called_ae": rec.called_ae,
@@ -247,7 +258,7 @@ class Ingestor:
 
     def _ingest(self, dataset: bytes, ts: str, sop_class_uid: str | None,
                 sop_instance_uid: str | None, calling_ae: str | None, called_ae: str | None,
-                source: str, actor: str) -> StoredInstance:
+                source: str, actor: str, ctx_info: dict[str, Any]) -> StoredInstance:
         ctx = self.ctx
         probe, part10 = self._parse(dataset, ts, sop_class_uid, sop_instance_uid)
         sha = hashlib.sha256(part10).hexdigest()
@@ -256,6 +267,8 @@ class Ingestor:
         sop = text_value(probe, "SOPInstanceUID") or ""
         rel = instance_rel_path(study, series, sop, sha)
         rec = index_record(probe, ts, rel, len(part10), sha, calling_ae, called_ae, source)
+        ctx_info["parsed"] = {"study_uid": study, "series_uid": series,
+                              **self._patient_subject(rec)}
         policy = ctx.settings.dimse.duplicate_policy
         for attempt in range(4):
             # optimistic first attempt: a new SOP Instance (the common case) costs no
@@ -275,7 +288,7 @@ class Ingestor:
                     IngestError(RejectReason.DUPLICATE_CONFLICT, "kept the stored copy"),
                     actor, {"sop_instance_uid": sop, "sop_class_uid": rec.sop_class_uid,
                             "calling_ae": calling_ae, "policy": policy.value,
-                            "received_sha256": sha}, len(part10))
+                            "received_sha256": sha, "parsed": ctx_info["parsed"]}, len(part10))
                 return StoredInstance(IngestOutcome.KEPT_FIRST, rec, None)
             self._write(rel, part10)
             try:

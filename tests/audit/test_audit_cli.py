@@ -75,6 +75,9 @@ def test_audit_commands(site: Path, migrated_db: str, tmp_path: Path) -> None:
 
     exp = tmp_path / "ledger.jsonl"
     run("audit", "export", "-c", str(site), "-f", "jsonl", "-o", str(exp))
+    for extra in (["--syslog", "udp://127.0.0.1:514"], ["--type", "instance.received"]):
+        r = runner.invoke(app, ["audit", "export", "-c", str(site), "-f", "jsonl", *extra])
+        assert r.exit_code == 2 and "error:" in r.output  # refused, never silently ignored
     for fmt in ("dicom", "fhir"):
         out = tmp_path / f"x.{fmt}"
         run("audit", "export", "-c", str(site), "-f", fmt, "-o", str(out))
@@ -113,12 +116,55 @@ def test_models_workflow(site: Path, tmp_path: Path) -> None:
     assert "unapproved" in run("models", "list", "-c", str(site))
     r = runner.invoke(app, ["models", "verify", "--all", "-c", str(site)])
     assert r.exit_code == 1 and "unsigned" in r.output
-    run("models", "approve", "--all", "--key", str(key), "-c", str(site))
+    r = runner.invoke(app, ["models", "approve", "--all", "--key", str(key), "-c", str(site)],
+                      input="y\n")  # lists what it approves and asks first
+    assert r.exit_code == 0 and "tiny-restore 0.1 (unapproved)" in r.output, r.output
     assert "approved" in run("models", "list", "-c", str(site))
     assert "OK tiny-restore 0.1" in run("models", "verify", "--all", "-c", str(site))
-    run("models", "revoke", "tiny-restore", "0.1", "--reason", "test", "-c", str(site))
+    run("models", "revoke", "tiny-restore", "0.1", "--reason", "test", "--yes", "-c", str(site))
     r = runner.invoke(app, ["models", "verify", "--all", "-c", str(site)])
     assert r.exit_code == 1 and "revoked" in r.output
+
+
+def test_permanent_model_acts_refuse_unknown_targets(site: Path, migrated_db: str,
+                                                      tmp_path: Path) -> None:
+    """Typos never become permanent ledger records: an unknown model version, a truncated
+    key id and a key that is not a configured approver are refused (exit 1, nothing
+    recorded); a known target is acted on only after a yes."""
+    from audit.events import EventType
+
+    key = tmp_path / "admin.key"
+    run("models", "keygen", "--out", str(key), "--name", "site-admin", "--add-to-config", str(site))
+    stranger = tmp_path / "stranger.key"
+    run("models", "keygen", "--out", str(stranger), "--name", "nobody")  # not in the config
+    run("models", "manifest", str(tmp_path / "models" / "tiny-restore"))
+    ledger = Ledger(make_engine(migrated_db))
+    before = ledger.size()
+
+    r = runner.invoke(app, ["models", "approve", "--all", "--key", str(stranger), "--yes",
+                            "-c", str(site)])
+    assert r.exit_code == 1 and "is not among the [[audit.approvers]]" in r.output
+    r = runner.invoke(app, ["models", "revoke", "nosuchmodel", "1.0", "--reason", "x", "--yes",
+                            "-c", str(site)])
+    assert r.exit_code == 1 and "unknown model 'nosuchmodel' version '1.0'" in r.output
+    r = runner.invoke(app, ["models", "revoke", "tiny-restor", "0.1", "--reason", "x", "--yes",
+                            "-c", str(site)])
+    assert r.exit_code == 1 and "did you mean 'tiny-restore 0.1'" in r.output
+    from audit.modelgate import key_fingerprint, load_private_key
+
+    kid = key_fingerprint(load_private_key(key).public_key())
+    r = runner.invoke(app, ["models", "revoke", "--key-id", kid[:8], "--reason", "x", "--yes",
+                            "-c", str(site)])
+    assert r.exit_code == 1 and f"did you mean {kid}?" in r.output
+    r = runner.invoke(app, ["models", "revoke", "tiny-restore", "0.1", "--reason", "x",
+                            "-c", str(site)], input="n\n")
+    assert r.exit_code == 1 and "not confirmed" in r.output
+    assert ledger.size() == before  # none of that was recorded
+    r = runner.invoke(app, ["models", "revoke", "--key-id", kid, "--reason", "lost laptop",
+                            "-c", str(site)], input="y\n")
+    assert r.exit_code == 0, r.output
+    (rev,) = ledger.query(event_types=[EventType.KEY_REVOKED.value])
+    assert rev.event.subject["key_id"] == kid
 
 
 def test_lineage_cli_text_and_json(site: Path, migrated_db: str) -> None:
