@@ -339,13 +339,13 @@ def _print_patient(report: dict[str, Any]) -> None:
         p = report["proofs"]
         signed = sum(1 for e in p["entries"].values() if e["signed"])
         cp = p["checkpoint"]
-        out.print(escape(
-            f"inclusion proofs: {len(p['entries'])} entries verified; {signed} against the "
-            f"signed checkpoint of size {cp['tree_size'] if cp else 0}"
-            + (f" (root {cp['root_hash']})" if cp else "")
-            + (f", {len(p['entries']) - signed} against the current tree (not yet signed: "
-               "`synthnode audit checkpoint`)" if signed < len(p["entries"]) else "")
-            + "; --json prints every proof"))
+        parts = [f"{signed} against the signed checkpoint of size {cp['tree_size']} (root "
+                 f"{cp['root_hash']})"] if cp and signed else []
+        if signed < len(p["entries"]):
+            parts.append(f"{len(p['entries']) - signed} against the current tree (not yet in a "
+                         "signed checkpoint: run `synthnode audit checkpoint`)")
+        out.print(escape(f"inclusion proofs: {len(p['entries'])} entries verified, "
+                         + ", ".join(parts) + "; --json prints every proof"))
 
 
 def _short(value: Any, n: int = 16) -> str:
