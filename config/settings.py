@@ -26,6 +26,7 @@ from config.sections.audit import AuditSettings
 from config.sections.dicomweb import DicomwebSettings
 from config.sections.dimse import DimseSettings
 from config.sections.engine import EngineSettings
+from config.sections.ingest import IngestSettings
 from config.sections.logging import LogSettings
 from config.sections.pipeline import PipelineSettings
 from config.sections.storage import DatabaseSettings, StorageSettings
@@ -56,6 +57,7 @@ class Settings(BaseSettings):
     dimse: DimseSettings = Field(default_factory=DimseSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     watermark: WatermarkSettings = Field(default_factory=WatermarkSettings)

@@ -44,8 +44,8 @@ class DuplicatePolicy(str, Enum):
     """What to do when an object arrives whose SOP Instance UID is already stored
     with different content (an identical re-send is always a success, stored once)."""
 
-    REJECT = "reject"  # failure status, the stored copy is kept
-    KEEP_FIRST = "keep_first"  # success status (warning), the stored copy is kept
+    REJECT = "reject"  # failure status (0x0111), the stored copy is kept (default)
+    KEEP_FIRST = "keep_first"  # warning status (0xB006), the stored copy is kept
     REPLACE = "replace"  # the new object replaces the stored one
 
 
@@ -65,7 +65,7 @@ class DimseSettings(Section):
     max_pdu: int = Field(default=16382, ge=0, description="0 = unlimited (PS3.8 D.1)")
     acceptor_processes: int = Field(default=1, ge=1, le=64)
     move_destinations: list[MoveDestination] = Field(default_factory=list)
-    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
     commitment_report: Literal["auto", "same_association", "new_association"] = Field(
         default="auto",
         description="Storage Commitment N-EVENT-REPORT (PS3.4 J.3.3): on the N-ACTION's "

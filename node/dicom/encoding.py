@@ -7,10 +7,12 @@ offsets of the top-level elements so the caller can decode just the header it ne
 """
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from dataclasses import dataclass
 
+from pydicom.datadict import dictionary_VR
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -19,13 +21,20 @@ from pydicom.uid import (
     JPIPHTJ2KReferencedDeflate,
 )
 
-__all__ = ["PIXEL_TAGS", "Encoding", "EncodingError", "check_encoding"]
+__all__ = ["PIXEL_TAGS", "Encoding", "EncodingError", "InflateLimitError", "check_encoding",
+           "valid_uid"]
 
 _DEFLATED = {DeflatedExplicitVRLittleEndian, JPIPHTJ2KReferencedDeflate}
 # explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2, Table 7.1-1)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
              b"UT", b"UV"}
+#: every VR of PS3.5 Table 6.2-1; any other two letters are not an encoding we can read
+_KNOWN_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO",
+              b"LT", b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ",
+              b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT",
+              b"UV"}
 _UNDEFINED = 0xFFFFFFFF
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 64
 #: Pixel Data, Float Pixel Data, Double Float Pixel Data (PS3.3 C.7.6.3)
@@ -34,6 +43,16 @@ PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
 class EncodingError(ValueError):
     """The data set is not a well-formed encoding in its transfer syntax."""
+
+
+class InflateLimitError(EncodingError):
+    """A deflated data set inflates to more than the caller allows."""
+
+
+def valid_uid(value: str) -> bool:
+    """A UID as PS3.5 9.1 defines it: at most 64 characters, dot-separated components of
+    digits, no leading zero in a component (except the component "0")."""
+    return len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
 
@@ -70,11 +89,14 @@ def _walk(buf: memoryview, pos: int, end: int, implicit: bool, little: bool, dep
             # encapsulated pixel data (PS3.5 A.4): items until the sequence delimiter
             inner_implicit = implicit or vr == b"UN"
             inner_little = little if vr != b"UN" else True
-            pos = _walk_items(buf, pos, end, inner_implicit, inner_little, depth + 1)
+            pos = _walk_items(buf, pos, end, inner_implicit, inner_little, depth + 1,
+                              fragments=tag in PIXEL_TAGS)
             continue
         if pos + length > end:
             raise EncodingError(
                 f"value of ({group:04X},{elem:04X}) runs past the end: truncated data set")
+        if vr == b"SQ" or (implicit and _is_sequence(tag)):
+            _walk_items(buf, pos, pos + length, implicit, little, depth + 1, defined=True)
         pos += length
     if until_item_end:
         raise EncodingError("item without delimiter: truncated data set")
@@ -88,8 +110,8 @@ def _vr_and_length(buf: memoryview, pos: int, end: int, implicit: bool, u16: str
     if implicit:
         return b"", struct.unpack_from(u32, buf, pos + 4)[0], pos + 8
     vr = bytes(buf[pos + 4:pos + 6])
-    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-        raise EncodingError(f"invalid VR at byte {pos + 4}")
+    if vr not in _KNOWN_VRS:
+        raise EncodingError(f"unknown VR {vr!r} at byte {pos + 4} (PS3.5 6.2)")
     if vr in _LONG_VRS:
         if pos + 12 > end:
             raise EncodingError(f"truncated element header at byte {pos}")
@@ -97,11 +119,26 @@ def _vr_and_length(buf: memoryview, pos: int, end: int, implicit: bool, u16: str
     return vr, struct.unpack_from(u16, buf, pos + 6)[0], pos + 8
 
 
+def _is_sequence(tag: int) -> bool:
+    """Whether the data dictionary gives ``tag`` the VR SQ (implicit VR, PS3.5 7.1.3)."""
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
+
+
 def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, little: bool,
-                depth: int) -> int:
+                depth: int, defined: bool = False, fragments: bool = False) -> int:
+    """Walk the items of a sequence: up to its delimiter, or (``defined``) exactly up to
+    ``end``, the end of its defined length (PS3.5 7.5.1). Each item's data set is walked
+    too, unless the items are ``fragments`` of encapsulated pixel data (PS3.5 A.4)."""
+    if depth > _MAX_DEPTH:
+        raise EncodingError("sequences nested too deeply")
     u32 = "<I" if little else ">I"
     u16 = "<H" if little else ">H"
     while True:
+        if defined and pos == end:
+            return pos
         if pos + 8 > end:
             raise EncodingError("sequence without delimiter: truncated data set")
         group, elem = struct.unpack_from(u16, buf, pos)[0], struct.unpack_from(u16, buf, pos + 2)[0]
@@ -117,6 +154,8 @@ def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, little: boo
         else:
             if pos + length > end:
                 raise EncodingError("item runs past the end: truncated data set")
+            if not fragments:
+                _walk(buf, pos, pos + length, implicit, little, depth + 1, False, None)
             pos += length
 
 
@@ -136,7 +175,8 @@ class Encoding:
         return min(offs) if offs else len(self.plain)
 
 
-def check_encoding(dataset: bytes, transfer_syntax: str) -> Encoding:
+def check_encoding(dataset: bytes, transfer_syntax: str, *,
+                   max_inflated: int | None = None) -> Encoding:
     """Check that ``dataset`` is a complete, well-formed data set encoding.
 
     Parameters
@@ -145,6 +185,9 @@ def check_encoding(dataset: bytes, transfer_syntax: str) -> Encoding:
         Data set bytes as sent (no file meta), in ``transfer_syntax``.
     transfer_syntax : str
         The negotiated transfer syntax UID.
+    max_inflated : int, optional
+        Refuse (:class:`InflateLimitError`) a deflated data set that inflates to more
+        bytes; the inflation stops at the limit, so a deflate bomb costs no more memory.
 
     Returns
     -------
@@ -162,7 +205,12 @@ def check_encoding(dataset: bytes, transfer_syntax: str) -> Encoding:
     if ts in _DEFLATED:
         try:  # PS3.5 A.5: raw deflate (RFC 1951) of the explicit VR LE encoding
             d = zlib.decompressobj(-zlib.MAX_WBITS)
-            plain = d.decompress(dataset) + d.flush()
+            cap = 0 if max_inflated is None else max_inflated + 1
+            plain = d.decompress(dataset, cap)
+            if max_inflated is not None and (len(plain) > max_inflated or d.unconsumed_tail):
+                raise InflateLimitError(
+                    f"deflated data set inflates to more than {max_inflated} bytes")
+            plain += d.flush()
         except zlib.error as exc:
             raise EncodingError(f"deflated data set does not inflate: {exc}") from None
         implicit, little = False, True

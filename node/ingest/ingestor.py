@@ -21,21 +21,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.uid import UID
 from sqlalchemy.exc import IntegrityError
 
 from audit.events import Event, EventType, Outcome
 from config.sections.dimse import DuplicatePolicy
 from node.context import NodeContext
-from node.dicom.encoding import PIXEL_TAGS, EncodingError, check_encoding
+from node.dicom.encoding import EncodingError
 from node.dicom.part10 import build_part10, split_part10
-from node.ingest.attributes import INDEX_TAGS, index_record, text_value
+from node.ingest.attributes import index_record, text_value
 from node.ingest.results import IngestError, IngestOutcome, RejectReason, StoredInstance
+from node.ingest.validation import Limits, check_owners, validate
 from storage.filestore import OutOfSpaceError, StoreError, instance_rel_path
 from storage.index import InstanceRecord
 
@@ -131,8 +129,9 @@ class GroupCommit:
 class Ingestor:
     """Durable ingest on a :class:`~node.context.NodeContext` (thread-safe)."""
 
-    def __init__(self, ctx: NodeContext):
+    def __init__(self, ctx: NodeContext, limits: Limits | None = None):
         self.ctx = ctx
+        self.limits = limits or Limits.from_settings(ctx.settings)
         self._commits = GroupCommit(ctx)
 
     # public API -------------------------------------------------------------------
@@ -206,35 +205,11 @@ class Ingestor:
 
     def _parse(self, dataset: bytes, ts: str, sop_class_uid: str | None,
                sop_instance_uid: str | None) -> tuple[Dataset, bytes]:
-        try:
-            enc = check_encoding(dataset, ts)
-        except EncodingError as exc:
-            raise IngestError(RejectReason.UNPARSEABLE, str(exc)[:64]) from None
-        # decode only what precedes the pixel data: every index attribute is there
-        try:
-            probe = read_dataset(BytesIO(enc.plain[:enc.header_end()]),
-                                 is_implicit_VR=enc.implicit_vr,
-                                 is_little_endian=enc.little_endian,
-                                 specific_tags=INDEX_TAGS)
-        except Exception as exc:
-            raise IngestError(RejectReason.UNPARSEABLE, f"cannot decode: {exc}"[:64]) from None
-        for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            if not text_value(probe, kw):
-                raise IngestError(RejectReason.MISSING_ATTRIBUTE, f"{kw} missing or empty")
-        ds_class, ds_inst = text_value(probe, "SOPClassUID"), text_value(probe, "SOPInstanceUID")
-        if sop_class_uid and ds_class != sop_class_uid.strip():
-            raise IngestError(RejectReason.SOP_CLASS_MISMATCH,
-                              "SOP Class UID differs from the request's")
-        if sop_instance_uid and ds_inst != sop_instance_uid.strip():
-            raise IngestError(RejectReason.SOP_CLASS_MISMATCH,
-                              "SOP Instance UID differs from the request's")
-        cls_name = UID(ds_class or "").name
-        if cls_name.endswith("Image Storage") and not cls_name.startswith("Retired"):
-            # every image IOD has the Image Pixel module with Pixel Data Type 1C/1 (PS3.3)
-            if not enc.tags.keys() & PIXEL_TAGS:
-                raise IngestError(RejectReason.SOP_CLASS_MISMATCH,
-                                  "image SOP class without pixel data")
-        return probe, build_part10(dataset, ds_class or "", ds_inst or "", ts)
+        v = validate(dataset, ts, self.limits, sop_class_uid=sop_class_uid,
+                     sop_instance_uid=sop_instance_uid)
+        ds_class = text_value(v.probe, "SOPClassUID") or ""
+        ds_inst = text_value(v.probe, "SOPInstanceUID") or ""
+        return v.probe, build_part10(dataset, ds_class, ds_inst, ts)
 
     def _patient_subject(self, rec: InstanceRecord) -> dict[str, str]:
         """Keyed digests of the record's Patient ID / Issuer and Accession Number (its study
@@ -269,6 +244,7 @@ class Ingestor:
         rec = index_record(probe, ts, rel, len(part10), sha, calling_ae, called_ae, source)
         ctx_info["parsed"] = {"study_uid": study, "series_uid": series,
                               **self._patient_subject(rec)}
+        check_owners(ctx.index, study, series, rec.patient_id, rec.issuer_of_patient_id)
         policy = ctx.settings.dimse.duplicate_policy
         for attempt in range(4):
             # optimistic first attempt: a new SOP Instance (the common case) costs no

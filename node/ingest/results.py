@@ -21,6 +21,11 @@ class RejectReason(str, Enum):
     MISSING_ATTRIBUTE = "missing_attribute"  # a Type 1 key of every storage IOD is absent
     SOP_CLASS_MISMATCH = "sop_class_mismatch"  # data set contradicts its SOP class
     DUPLICATE_CONFLICT = "duplicate_conflict"  # same SOP Instance UID, other content
+    INVALID_UID = "invalid_uid"  # a key UID breaks PS3.5 9.1 (e.g. a path-like "UID")
+    PIXEL_DATA_MISMATCH = "pixel_data_mismatch"  # Pixel Data does not fit the pixel module
+    TRANSFER_SYNTAX_MISMATCH = "transfer_syntax_mismatch"  # bytes contradict the syntax
+    TOO_LARGE = "too_large"  # over an ingest limit ([ingest] settings)
+    PATIENT_CONFLICT = "patient_conflict"  # study / series stored under another patient
     OUT_OF_SPACE = "out_of_space"
     STORE_FAILED = "store_failed"  # file system or index error
 
