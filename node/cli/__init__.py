@@ -7,6 +7,7 @@ from node.cli import audit as _audit
 from node.cli import config_cmd as _config
 from node.cli import core as _core
 from node.cli import engine as _engine
+from node.cli import ingest as _ingest
 from node.cli import models as _models
 from node.cli import pipeline as _pipeline
 from node.cli import watermark as _watermark
@@ -26,6 +27,7 @@ app.add_typer(_audit.app, name="audit", help="Verify, query and export the audit
 app.add_typer(
     _models.app, name="models", help="Model admission gate: list, approve, revoke, verify."
 )
+app.add_typer(_ingest.app, name="ingest", help="What the node refused to store, and why.")
 app.add_typer(_engine.app, name="engine", help="Train and evaluate engine models.")
 app.add_typer(_watermark.app, name="watermark", help="Embed and detect the invisible watermark.")
 _pipeline.register(app)  # rules, jobs
