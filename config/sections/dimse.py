@@ -58,7 +58,23 @@ class DimseSettings(Section):
     )
     allowed_peers: list[Peer] = Field(default_factory=list)
     check_called_ae: bool = True
-    max_associations: int = Field(default=16, ge=1, le=1024)
+    max_associations: int = Field(
+        default=16, ge=1, le=1024,
+        description="open associations (counted once the calling AE is accepted)")
+    max_associations_per_host: int = Field(
+        default=8, ge=1, le=1024, description="open associations from one peer IP address")
+    max_connections: int = Field(
+        default=256, ge=1, le=4096,
+        description="TCP connections held at once, associated or not; more are closed")
+    max_associate_rq_bytes: int = Field(
+        default=256 * 1024, ge=1024,
+        description="largest A-ASSOCIATE-RQ PDU read; larger ones are aborted unread")
+    pdu_read_deadline_s: float = Field(
+        default=30.0, gt=0, description="a whole PDU must arrive within this time")
+    refusal_window_s: float = Field(
+        default=60.0, gt=0,
+        description="ledger: first refusal per peer host and reason recorded at once, "
+        "the rest counted and summarised once per window")
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)

@@ -16,12 +16,23 @@ node stopping              rejected-transient   service-provider (presentation) 
                                                 temporary-congestion
 =========================  ===================  ==============================================
 
-Every refusal and every accepted association is recorded in the ledger.
+An association takes a slot only once its calling AE is accepted: connections that
+have not (yet) sent an A-ASSOCIATE-RQ do not count against ``max_associations``; they are
+bounded by ``max_connections`` and by the PDU read deadline (:mod:`node.dimse.guard`).
+``max_associations_per_host`` caps the open associations of one peer IP address.
+
+Every accepted association is recorded in the ledger. Refusals are recorded per peer host
+and reason by :class:`RefusalSummary`: the first in each window at once (with its AE
+titles), the others counted and written as one summary entry when the window ends, so a
+flood of refused connections costs a bounded number of ledger entries.
 """
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -33,7 +44,7 @@ from node.context import NodeContext
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AccessPolicy", "Refusal", "contexts", "handlers"]
+__all__ = ["AccessPolicy", "Refusal", "RefusalSummary", "contexts", "handlers"]
 
 
 class Refusal(Enum):
@@ -45,6 +56,70 @@ class Refusal(Enum):
     TEMPORARY_CONGESTION = (0x02, 0x03, 0x01)
 
 
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class RefusalSummary:
+    """Bounded ledger entries for refused associations and connections.
+
+    :meth:`record` returns True for the first refusal of a (peer host, reason) pair in the
+    current window (the caller records that one in full) and counts the others; at the end
+    of the window one ``association.rejected`` entry per pair with repeats carries their
+    count. At most ``max_keys`` pairs are tracked per window; beyond that refusals are
+    counted under host ``*``.
+    """
+
+    def __init__(self, ledger: Any, window_s: float, max_keys: int = 256):
+        self.ledger = ledger
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], list[Any]] = {}
+        self._window_start = time.time()
+        self._timer: threading.Timer | None = None
+
+    def record(self, host: str, reason: str) -> bool:
+        now = time.time()
+        with self._lock:
+            key = (host, reason)
+            if key not in self._counts and len(self._counts) >= self.max_keys:
+                key = ("*", reason)
+            if key in self._counts:
+                c = self._counts[key]
+                c[0] += 1
+                c[2] = now
+                return False
+            if not self._counts:
+                self._window_start = now
+                self._timer = threading.Timer(self.window_s, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+            self._counts[key] = [0, now, now]  # repeats after the first, first, last
+            return key[0] != "*"
+
+    def flush(self) -> None:
+        """Write the summary entries of the current window (also called at stop)."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+            start = self._window_start
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        for (host, reason), (n, first, last) in counts.items():
+            if n == 0:
+                continue
+            try:
+                self.ledger.append(Event(
+                    type=EventType.ASSOCIATION_REJECTED, actor=f"host:{host}",
+                    outcome=Outcome.MINOR_FAILURE,
+                    payload={"peer_host": host, "reason": reason, "summary": True,
+                             "count": n, "window_start": _iso(start),
+                             "first_repeat": _iso(first), "last": _iso(last)}))
+            except Exception:
+                logger.exception("could not record the refusal summary in the ledger")
+
+
 @dataclass(frozen=True)
 class AccessPolicy:
     """Who may associate. Built from :class:`config.sections.dimse.DimseSettings`."""
@@ -54,6 +129,7 @@ class AccessPolicy:
     accept_any_calling_ae: bool
     check_called_ae: bool
     max_associations: int
+    max_per_host: int = 0  # 0: no per-host cap
 
     @classmethod
     def from_settings(cls, s: DimseSettings) -> AccessPolicy:
@@ -63,10 +139,11 @@ class AccessPolicy:
             accept_any_calling_ae=s.accept_any_calling_ae,
             check_called_ae=s.check_called_ae,
             max_associations=s.max_associations,
+            max_per_host=s.max_associations_per_host,
         )
 
     def check(self, calling_ae: str, called_ae: str, host: str, n_active: int,
-              stopping: bool = False) -> Refusal | None:
+              stopping: bool = False, n_host: int = 1) -> Refusal | None:
         """The refusal for this request, or None if it may associate.
 
         Parameters
@@ -76,7 +153,9 @@ class AccessPolicy:
         host : str
             The peer's IP address.
         n_active : int
-            Open acceptor associations, this one included.
+            Accepted (established) associations, this one included.
+        n_host : int
+            Accepted associations from ``host``, this one included.
         stopping : bool
             The node is shutting down.
         """
@@ -89,7 +168,8 @@ class AccessPolicy:
             ae == calling and (h is None or h == host) for ae, h in self.allowed
         ):
             return Refusal.CALLING_AE_NOT_RECOGNIZED
-        if n_active > self.max_associations:
+        if n_active > self.max_associations or (self.max_per_host
+                                                  and n_host > self.max_per_host):
             return Refusal.LOCAL_LIMIT_EXCEEDED
         return None
 
@@ -103,30 +183,44 @@ def _requestor(assoc: Any) -> tuple[str, str, str]:
     return calling.strip(), called.strip(), str(assoc.requestor.address)
 
 
-def _handle_requested(event: evt.Event, ctx: NodeContext, policy: AccessPolicy) -> None:
+def _counts(assoc: Any, host: str) -> tuple[int, int]:
+    """Established acceptor associations (all, from ``host``), this one included."""
+    server = getattr(assoc, "_server", None)
+    if server is None:
+        return 1, 1
+    est = [a for a in list(server.active_associations)
+           if a is not assoc and a.is_established]
+    same = [a for a in est if str(a.requestor.address) == host]
+    return len(est) + 1, len(same) + 1
+
+
+def _handle_requested(event: evt.Event, ctx: NodeContext, policy: AccessPolicy,
+                      summary: RefusalSummary) -> None:
     assoc = event.assoc
     try:
         calling, called, host = _requestor(assoc)
-        server = getattr(assoc, "_server", None)
-        n_active = len(list(server.active_associations)) if server is not None else 1
-        refusal = policy.check(calling, called, host, n_active, ctx.stopping.is_set())
+        n_active, n_host = _counts(assoc, host)
+        refusal = policy.check(calling, called, host, n_active, ctx.stopping.is_set(),
+                               n_host=n_host)
     except Exception:  # never let access control crash the acceptor thread
         logger.exception("access check failed; refusing association")
         calling, called, host = "?", "?", "?"
         refusal = Refusal.TEMPORARY_CONGESTION
     if refusal is None:
         return
-    logger.warning("association refused: calling AE %r from %s to %r: %s",
-                   calling, host, called, refusal.name.lower())
-    try:  # recorded before the answer, so a refusal the peer saw is always in the ledger
-        ctx.ledger.append(Event(
-            type=EventType.ASSOCIATION_REJECTED, actor=f"ae:{calling}",
-            outcome=Outcome.MINOR_FAILURE,
-            payload={"calling_ae": calling, "called_ae": called, "peer_host": host,
-                     "reason": refusal.name.lower(), "result_source_reason": list(refusal.value)},
-        ))
-    except Exception:
-        logger.exception("could not record the refused association in the ledger")
+    reason = refusal.name.lower()
+    if summary.record(host, reason):
+        logger.warning("association refused: calling AE %r from %s to %r: %s",
+                       calling, host, called, reason)
+        try:  # recorded before the answer, so a refusal the peer saw is in the ledger
+            ctx.ledger.append(Event(
+                type=EventType.ASSOCIATION_REJECTED, actor=f"ae:{calling}",
+                outcome=Outcome.MINOR_FAILURE,
+                payload={"calling_ae": calling, "called_ae": called, "peer_host": host,
+                         "reason": reason, "result_source_reason": list(refusal.value)},
+            ))
+        except Exception:
+            logger.exception("could not record the refused association in the ledger")
     assoc.acse.send_reject(*refusal.value)
     # as pynetdicom's own refusal path does: wait until the DUL has sent the A-ASSOCIATE-RJ
     # and gone idle, so the socket is not closed under it (the peer would see an abort)
@@ -150,9 +244,19 @@ def contexts(ctx: NodeContext) -> list[Any]:
     return []
 
 
+def summary_for(ctx: NodeContext) -> RefusalSummary:
+    """The node's one refusal summary (shared by access control and the PDU guard)."""
+    s = getattr(ctx, "_refusal_summary", None)
+    if s is None:
+        s = RefusalSummary(ctx.ledger, ctx.settings.dimse.refusal_window_s)
+        object.__setattr__(ctx, "_refusal_summary", s)
+    return s
+
+
 def handlers(ctx: NodeContext) -> list[tuple[evt.EventType, Any]]:
     policy = AccessPolicy.from_settings(ctx.settings.dimse)
+    summary = summary_for(ctx)
     return [
-        (evt.EVT_REQUESTED, lambda e: _handle_requested(e, ctx, policy)),
+        (evt.EVT_REQUESTED, lambda e: _handle_requested(e, ctx, policy, summary)),
         (evt.EVT_ACCEPTED, lambda e: _handle_accepted(e, ctx)),
     ]

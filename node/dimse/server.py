@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -39,6 +39,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from audit.events import Event, EventType, Outcome
 from node.context import NodeContext
 from node.dimse import access, commitment, echo, logs, qr, store
+from node.dimse.guard import GuardedDUL, PduLimits
 from node.dimse.status import General
 
 logger = logging.getLogger(__name__)
@@ -168,11 +169,19 @@ class GuardedAssociation(Association):
 
 
 class NodeRequestHandler(RequestHandler):
-    """Creates :class:`GuardedAssociation` acceptors."""
+    """Creates :class:`GuardedAssociation` acceptors whose DUL bounds every PDU read
+    (:class:`node.dimse.guard.GuardedDUL`)."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         assoc.__class__ = GuardedAssociation
+        server = self.server
+        limits = getattr(server, "pdu_limits", None)
+        if limits is not None:
+            assoc.dul.__class__ = GuardedDUL
+            dul = cast(GuardedDUL, assoc.dul)
+            dul.limits = limits
+            dul.on_refused = getattr(server, "on_refused", None)
         return assoc
 
 
@@ -184,6 +193,19 @@ class NodeAssociationServer(ThreadedAssociationServer):
     daemon_threads = True
     #: the node's context, for GuardedAssociation's ledger entries (set by DimseServer.start)
     node_ctx: NodeContext | None = None
+    #: PDU size / time limits for GuardedDUL (set by DimseServer.start)
+    pdu_limits: PduLimits | None = None
+    #: TCP connections held at once (associated or not); more are closed at accept
+    max_connections: int = 1 << 30
+    on_refused: Callable[[str, str], None] | None = None
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Close a new connection at once while ``max_connections`` are held."""
+        if len(self.active_associations) >= self.max_connections:
+            if self.on_refused is not None:
+                self.on_refused(str(client_address[0]), "too_many_connections")
+            return False
+        return True
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -200,6 +222,19 @@ class NodeAssociationServer(ThreadedAssociationServer):
         except OSError:  # not TCP (tests with socketpair) or already closed
             pass
         return client, address
+
+
+def _record_connection_refusal(ctx: NodeContext, summary: access.RefusalSummary, host: str,
+                               reason: str) -> None:
+    """A connection closed before association (PDU limit, deadline, connection cap)."""
+    if not summary.record(host, reason):
+        return
+    try:
+        ctx.ledger.append(Event(type=EventType.ASSOCIATION_REJECTED, actor=f"host:{host}",
+                                outcome=Outcome.MINOR_FAILURE,
+                                payload={"peer_host": host, "reason": reason}))
+    except Exception:
+        logger.exception("could not record the refused connection in the ledger")
 
 
 def _reuse_port_server(reuse: bool) -> type[NodeAssociationServer]:
@@ -240,7 +275,9 @@ class DimseServer:
         ae.dimse_timeout = s.dimse_timeout_s
         ae.network_timeout = s.network_timeout_s
         ae.maximum_pdu_size = s.max_pdu
-        ae.maximum_associations = s.max_associations
+        # slots are counted by node.dimse.access once the calling AE is accepted;
+        # pynetdicom's own count (every connected acceptor) only caps connections
+        ae.maximum_associations = s.max_connections
         # access control is done by node.dimse.access (with host binding and a ledger
         # entry per refusal); pynetdicom's own AE checks stay off
         ae.require_calling_aet = []
@@ -280,6 +317,11 @@ class DimseServer:
         )
         assert isinstance(server, NodeAssociationServer)  # an instance of server_class
         server.node_ctx = self.ctx
+        server.pdu_limits = PduLimits.from_settings(s)
+        server.max_connections = s.max_connections
+        summary = access.summary_for(self.ctx)
+        server.on_refused = lambda host, reason: _record_connection_refusal(
+            self.ctx, summary, host, reason)
         self.ae._servers.append(server)
         self._server = server
         self._thread = threading.Thread(
@@ -315,6 +357,7 @@ class DimseServer:
             for assoc in left:
                 assoc.abort()
         self.ctx.inflight.wait_idle(timeout=10.0)
+        access.summary_for(self.ctx).flush()
         self._server = None
         logger.info("DIMSE SCP stopped")
 
