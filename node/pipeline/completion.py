@@ -27,6 +27,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, and_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from audit.events import Event, EventType, Outcome
 from config.sections.pipeline import PipelineSettings
@@ -228,15 +230,20 @@ class StudyTracker:
         when = when or _now()
         quiet = self.quiet_period_for(called_ae, calling_ae)
         with self.engine.begin() as conn:
-            row = conn.execute(
+            # insert-if-absent in one statement: several associations delivering the first
+            # instances of one study at once must not race on the primary key
+            ins = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(studies)
+            created = conn.execute(ins.values(
+                study_uid=study_uid, state="open", generation=0, first_instance_at=when,
+                last_instance_at=when, instances=1, called_ae=called_ae,
+                calling_ae=calling_ae, quiet_period_s=round(quiet),
+            ).on_conflict_do_nothing(index_elements=["study_uid"])
+              .returning(studies.c.study_uid)).first() is not None
+            row = None if created else conn.execute(
                 select(studies).where(studies.c.study_uid == study_uid)
             ).first()
             if row is None:
-                conn.execute(studies.insert().values(
-                    study_uid=study_uid, state="open", generation=0, first_instance_at=when,
-                    last_instance_at=when, instances=1, called_ae=called_ae,
-                    calling_ae=calling_ae, quiet_period_s=round(quiet),
-                ))
+                pass
             elif row.state == "complete":
                 generation = int(row.generation) + 1
                 conn.execute(update(studies).where(studies.c.study_uid == study_uid).values(
