@@ -21,11 +21,21 @@ def _check_ae(value: str) -> str:
     return v
 
 
+PeerRole = Literal["store", "query", "retrieve"]
+
+
+def _all_roles() -> list[PeerRole]:
+    return ["store", "query", "retrieve"]
+
+
 class Peer(Section):
-    """A calling AE allowed to associate, optionally bound to a host address."""
+    """A calling AE allowed to associate, optionally bound to a host address, with the
+    services it may use: store (C-STORE, Storage Commitment), query (C-FIND), retrieve
+    (C-GET, C-MOVE). C-MOVE destinations are separate: ``move_destinations``."""
 
     ae_title: str
     host: str | None = Field(default=None, description="if set, the peer must connect from this IP")
+    roles: list[PeerRole] = Field(default_factory=_all_roles, min_length=1)
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -51,7 +61,8 @@ class DuplicatePolicy(str, Enum):
 
 class DimseSettings(Section):
     ae_title: str = "SYNTHNODE"
-    bind_address: str = "0.0.0.0"
+    bind_address: str = Field(default="127.0.0.1",
+                              description="loopback until opened (0.0.0.0 = every interface)")
     port: int = Field(default=11112, ge=1, le=65535)
     accept_any_calling_ae: bool = Field(
         default=False, description="development only: skip the calling-AE allow-list"

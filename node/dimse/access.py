@@ -60,6 +60,9 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+ALL_ROLES = frozenset({"store", "query", "retrieve"})
+
+
 class RefusalSummary:
     """Bounded ledger entries for refused associations and connections.
 
@@ -130,6 +133,8 @@ class AccessPolicy:
     check_called_ae: bool
     max_associations: int
     max_per_host: int = 0  # 0: no per-host cap
+    #: (calling AE, host or None) -> roles; a pair not listed has every role
+    roles: tuple[tuple[tuple[str, str | None], frozenset[str]], ...] = ()
 
     @classmethod
     def from_settings(cls, s: DimseSettings) -> AccessPolicy:
@@ -140,7 +145,21 @@ class AccessPolicy:
             check_called_ae=s.check_called_ae,
             max_associations=s.max_associations,
             max_per_host=s.max_associations_per_host,
+            roles=tuple(((p.ae_title.strip(), p.host), frozenset(p.roles))
+                        for p in s.allowed_peers),
         )
+
+    def roles_of(self, calling_ae: str, host: str) -> frozenset[str]:
+        """The services the (allowed) peer may use; all of them in development's
+        ``accept_any_calling_ae`` mode. Several matching entries: the union."""
+        if self.accept_any_calling_ae:
+            return ALL_ROLES
+        calling = calling_ae.strip()
+        out: set[str] = set()
+        for (ae, h), roles in self.roles:
+            if ae == calling and (h is None or h == host):
+                out |= roles
+        return frozenset(out) if self.roles else ALL_ROLES
 
     def check(self, calling_ae: str, called_ae: str, host: str, n_active: int,
               stopping: bool = False, n_host: int = 1) -> Refusal | None:
@@ -194,6 +213,27 @@ def _counts(assoc: Any, host: str) -> tuple[int, int]:
     return len(est) + 1, len(same) + 1
 
 
+def _restrict_contexts(assoc: Any, roles: frozenset[str]) -> None:
+    """Offer this peer only the presentation contexts of its roles: without ``query`` no
+    C-FIND model, without ``retrieve`` no C-GET / C-MOVE model, without ``store`` no
+    Storage Commitment (its C-STOREs are refused by node.dimse.store)."""
+    if roles >= ALL_ROLES:
+        return
+    from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+    from node.dimse.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
+
+    drop: set[str] = set()
+    if "query" not in roles:
+        drop |= {str(u) for u in FIND_MODELS}
+    if "retrieve" not in roles:
+        drop |= {str(u) for u in (*GET_MODELS, *MOVE_MODELS)}
+    if "store" not in roles:
+        drop.add(str(StorageCommitmentPushModel))
+    contexts = assoc.acceptor._contexts
+    contexts[:] = [cx for cx in contexts if str(cx.abstract_syntax) not in drop]
+
+
 def _handle_requested(event: evt.Event, ctx: NodeContext, policy: AccessPolicy,
                       summary: RefusalSummary) -> None:
     assoc = event.assoc
@@ -207,6 +247,7 @@ def _handle_requested(event: evt.Event, ctx: NodeContext, policy: AccessPolicy,
         calling, called, host = "?", "?", "?"
         refusal = Refusal.TEMPORARY_CONGESTION
     if refusal is None:
+        _restrict_contexts(assoc, policy.roles_of(calling, host))
         return
     reason = refusal.name.lower()
     if summary.record(host, reason):
@@ -242,6 +283,15 @@ def _handle_accepted(event: evt.Event, ctx: NodeContext) -> None:
 def contexts(ctx: NodeContext) -> list[Any]:
     """Access control adds no presentation context."""
     return []
+
+
+def may(ctx: NodeContext, calling_ae: str, host: str, role: str) -> bool:
+    """Whether the peer may use ``role`` (checked per C-STORE by node.dimse.store)."""
+    policy = getattr(ctx, "_access_policy", None)
+    if policy is None:
+        policy = AccessPolicy.from_settings(ctx.settings.dimse)
+        object.__setattr__(ctx, "_access_policy", policy)
+    return role in policy.roles_of(calling_ae, host)
 
 
 def summary_for(ctx: NodeContext) -> RefusalSummary:

@@ -35,7 +35,9 @@ from pynetdicom.presentation import (
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from audit.events import Event, EventType, Outcome
 from node.context import NodeContext
+from node.dimse import access
 from node.dimse.status import General, Storage, status_dataset
 from node.ingest.ingestor import Ingestor
 from node.ingest.results import IngestError, IngestOutcome, RejectReason
@@ -116,6 +118,11 @@ def handle_store(event: evt.Event, ctx: NodeContext, ingestor: Ingestor) -> int 
         try:
             req = cast(C_STORE, event.request)  # the EVT_C_STORE event's request
             assoc = event.assoc
+            calling, host = _ae(assoc.requestor.ae_title), str(assoc.requestor.address)
+            if not access.may(ctx, calling, host, "store"):
+                _refuse_unauthorised(ctx, calling, host, req)
+                return status_dataset(General.NOT_AUTHORIZED,
+                                      "calling AE has no store role on this node")
             result = ingestor.ingest_dataset(
                 event.encoded_dataset(include_meta=False),
                 event.context.transfer_syntax,
@@ -137,6 +144,19 @@ def handle_store(event: evt.Event, ctx: NodeContext, ingestor: Ingestor) -> int 
                                   "duplicate SOP Instance UID: stored copy kept")
         _log_instance(ctx, result, Storage.SUCCESS)
         return Storage.SUCCESS
+
+
+def _refuse_unauthorised(ctx: NodeContext, calling: str, host: str, req: C_STORE) -> None:
+    logger.warning("C-STORE from %s at %s refused: no store role", calling, host)
+    try:
+        ctx.ledger.append(Event(
+            type=EventType.INSTANCE_REJECTED, actor=f"ae:{calling}",
+            outcome=Outcome.MINOR_FAILURE,
+            subject={"sop_uid": str(req.AffectedSOPInstanceUID or "")},
+            payload={"reason": "not_authorized", "calling_ae": calling, "peer": host,
+                     "status": int(General.NOT_AUTHORIZED)}))
+    except Exception:
+        logger.exception("could not record the refusal in the ledger")
 
 
 def _log_instance(ctx: NodeContext, result: Any, status: int) -> None:

@@ -1,7 +1,7 @@
 """Crash consistency (design.md section 4) and graceful stop, with the node as a real
 ``synthnode serve`` subprocess.
 
-kill -9 while 4 DCMTK storescu processes send in parallel, restart, then: every instance
+kill -9 while 8 DCMTK storescu processes send one study in parallel, restart, then: every instance
 that received a success status is present, readable, has the digest the index records and
 its ``instance.received`` ledger entry; no index row without its file; no temp file and no
 unreferenced file after start-up.
@@ -27,8 +27,8 @@ from tests.support.dimse import dcmtk
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
-N_SENDERS = 4
-PER_SENDER = 60
+N_SENDERS = 8
+PER_SENDER = 30
 
 
 def _make_files(root: Path) -> list[list[Path]]:
