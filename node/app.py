@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from audit.events import Event, EventType, Outcome
@@ -51,6 +52,22 @@ class RecoveryReport:
     missing_files: tuple[str, ...]  # index rows without their file: must stay empty
 
 
+def private_data_dir(data_dir: Path) -> None:
+    """Everything the node writes is its own: umask 077 for this process (index, WAL,
+    checkpoints, stored files, keys are created 0600, folders 0700) and the data folder
+    itself 0700 (tightened, with a warning, when it was open to group or others)."""
+    os.umask(0o077)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = data_dir.stat().st_mode & 0o777
+    if mode & 0o077:
+        try:
+            data_dir.chmod(0o700)
+            logger.warning("data folder %s had mode %o; set to 0700", data_dir, mode)
+        except OSError as exc:
+            logger.warning("data folder %s has mode %o and cannot be made 0700: %s",
+                           data_dir, mode, exc)
+
+
 def build_context(settings: Settings, *, migrate: bool = True,
                   fsync: bool = True) -> NodeContext:
     """Create the shared runtime objects (no network service is started).
@@ -64,6 +81,7 @@ def build_context(settings: Settings, *, migrate: bool = True,
     fsync : bool
         File store fsync; ``False`` only for benchmarks that price durability.
     """
+    private_data_dir(settings.data_dir)
     url = settings.database_url
     if migrate:
         upgrade(url)

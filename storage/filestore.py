@@ -174,7 +174,7 @@ class FileStore:
         tmp = self.temp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
         digest = hashlib.sha256()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 for c in parts:
                     digest.update(c)

@@ -99,13 +99,14 @@ class WatermarkKey:
         Raises
         ------
         ValueError
-            If the file is not a watermark key. A warning is logged when the file is
-            readable by group or others.
+            If the file is not a watermark key, or is readable or writable by group or
+            others (anyone who reads it can forge or strip the watermark).
         """
         path = Path(path)
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
-            logger.warning("watermark key %s has permissive mode %o (want 0600)", path, mode)
+            raise ValueError(f"watermark key {path} has mode {mode:o}; it must be 0600 "
+                             f"(chmod 600 {path})")
         try:
             data = json.loads(path.read_text())
             if data.get("format") != KEY_FORMAT:

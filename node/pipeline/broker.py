@@ -135,6 +135,9 @@ def make_celery(broker_url: str, *, prefix: str | None = None) -> Celery:
         result_backend=None,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # no remote control (pidbox): anyone who can publish on the broker could otherwise
+        # shut down, reconfigure or inspect workers (celery inspect / control)
+        worker_enable_remote_control=False,
         broker_connection_retry_on_startup=True,
         # a solo/threaded worker busy in a long engine job cannot answer AMQP heartbeats;
         # the lease in the database detects dead workers instead
