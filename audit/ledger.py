@@ -381,28 +381,52 @@ class Ledger:
         limit: int | None = None,
         conn: Connection | None = None,
     ) -> list[StoredEntry]:
-        """Entries matching every given filter (UIDs: any of them, via the UID index)."""
+        """Entries matching every given filter (UIDs: any of them, via the UID index).
+
+        The event type is decided by the hashed leaf, never by the copied ``event_type``
+        column alone: with ``uids`` the column is not consulted at all (the type is read
+        from each leaf), without them it only narrows the scan and every row is then
+        checked against its leaf. A row whose column was edited therefore can neither hide
+        an event from a UID lookup (e.g. a model revocation) nor pose as another type;
+        ``audit verify --deep`` reports such edits."""
         if conn is None:
             with self.engine.connect() as c:
                 return self.query(uids=uids, event_types=event_types, actor=actor, since=since,
                                   until=until, limit=limit, conn=c)
         e = ledger_entries.c
         q = select(e.seq, e.leaf_hash, e.data).order_by(e.seq)
+        types = {EventType(t).value for t in event_types}
         if uids:
             q = q.where(
                 e.seq.in_(select(ledger_refs.c.seq).where(ledger_refs.c.uid.in_(list(uids))))
             )
-        if event_types:
-            q = q.where(e.event_type.in_([EventType(t).value for t in event_types]))
+        if types and not uids:
+            q = q.where(e.event_type.in_(sorted(types)))
         if actor:
             q = q.where(e.actor == actor)
         if since:
             q = q.where(e.time >= since)
         if until:
             q = q.where(e.time < until)
+        if types:
+            return self._leaf_typed(conn, q, types, limit)
         if limit:
             q = q.limit(limit)
         return [StoredEntry(int(r.seq), bytes(r.leaf_hash), bytes(r.data)) for r in conn.execute(q)]
+
+    @staticmethod
+    def _leaf_typed(conn: Connection, q: Any, types: set[str],
+                    limit: int | None) -> list[StoredEntry]:
+        """Rows of ``q`` whose leaf's event type is in ``types``."""
+        out: list[StoredEntry] = []
+        for r in conn.execute(q):
+            entry = StoredEntry(int(r.seq), bytes(r.leaf_hash), bytes(r.data))
+            if entry.event.type.value not in types:
+                continue
+            out.append(entry)
+            if limit and len(out) >= limit:
+                break
+        return out
 
     def checkpoints(self, conn: Connection | None = None) -> list[tuple[int, bytes, str]]:
         """Stored checkpoints ``(size, root, note)`` in size order."""

@@ -320,8 +320,16 @@ class ModelGate:
         ]
 
     def revoked_keys(self) -> set[str]:
+        """Revoked approver keys (a listing; admission decides per key with
+        :meth:`is_key_revoked`)."""
         return {str(e.subject.get("key_id")) for e in
                 (s.event for s in self.ledger.query(event_types=[EventType.KEY_REVOKED.value]))}
+
+    def is_key_revoked(self, key_id: str) -> bool:
+        """Decided from the hashed leaves found through the UID index (the key id is a
+        reference of a ``key.revoked`` event), not from the copied event-type column."""
+        return any(str(e.subject.get("key_id")) == key_id
+                   for e in self._events(key_id, [EventType.KEY_REVOKED]))
 
     def is_revoked(self, model_id: str, version: str) -> bool:
         return any(e.payload.get("version") == version
@@ -334,7 +342,6 @@ class ModelGate:
                   if e.payload.get("manifest_sha256") == digest]
         if not events:
             return "no approval recorded for this manifest (unsigned)"
-        revoked = self.revoked_keys()
         reasons = []
         for e in events:
             kid = str(e.payload.get("key_id"))
@@ -342,7 +349,7 @@ class ModelGate:
             if approver is None:
                 reasons.append(f"signed by unknown key {kid}")
                 continue
-            if kid in revoked:
+            if self.is_key_revoked(kid):
                 reasons.append(f"signed by revoked key {kid} ({approver.name})")
                 continue
             try:
@@ -461,7 +468,7 @@ class ModelGate:
         if self.is_revoked(mid, ver):
             raise ModelRefused(mid, f"version {ver} is revoked; approve a new version")
         kid = key_fingerprint(key.public_key())
-        if kid in self.revoked_keys():
+        if self.is_key_revoked(kid):
             raise ModelRefused(mid, f"key {kid} is revoked")
         name = approver_name or (self.approvers[kid].name if kid in self.approvers else kid)
         sig = key.sign(canonical_manifest_bytes(manifest))

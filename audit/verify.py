@@ -414,7 +414,7 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
 def _deep_rows(batches: Iterable[Batch], conn, ph: str, report: Report) -> Iterator[Batch]:  # type: ignore[no-untyped-def]
     """Pass batches through, checking each leaf parses as a canonical event and that the
     UID index holds exactly the references the leaf implies."""
-    from audit.events import event_from_leaf, event_refs, event_to_leaf
+    from audit.events import Outcome, event_from_leaf, event_refs, event_to_leaf
 
     dbapi = conn.connection.driver_connection
     for batch in batches:
@@ -429,6 +429,10 @@ def _deep_rows(batches: Iterable[Batch], conn, ph: str, report: Report) -> Itera
                 stored: dict[int, set[tuple[str, str]]] = {}
                 for seq, role, uid in cur.fetchall():
                     stored.setdefault(int(seq), set()).add((role, uid))
+                cur.execute(
+                    "SELECT seq, event_type, actor, outcome FROM ledger_entries "
+                    f"WHERE seq >= {ph} AND seq <= {ph}", (lo, hi))
+                columns = {int(r[0]): (r[1], r[2], r[3]) for r in cur.fetchall()}
             finally:
                 cur.close()
             for r in batch:
@@ -440,6 +444,10 @@ def _deep_rows(batches: Iterable[Batch], conn, ph: str, report: Report) -> Itera
                 except Exception as exc:
                     report.add(Problem("leaf", f"leaf data is not a canonical event: {exc}", seq))
                     continue
+                copied = (ev.type.value, ev.actor[:128], Outcome(ev.outcome).value)
+                if columns.get(seq) != copied:
+                    report.add(Problem("index", "copied columns (event_type, actor, outcome) "
+                                       "differ from the leaf (queries would be misled)", seq))
                 if set(event_refs(ev)) != stored.get(seq, set()):
                     report.add(Problem("index", "UID index rows differ from the UIDs in the leaf "
                                        "(query / lineage results would be wrong)", seq))
