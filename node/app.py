@@ -68,6 +68,20 @@ def private_data_dir(data_dir: Path) -> None:
                            data_dir, mode, exc)
 
 
+def warn_unanchored(settings: Settings) -> bool:
+    """Warn loudly when no signed checkpoint leaves this host: someone with write access
+    to the data folder could then truncate the ledger and the checkpoint file together
+    and still pass ``audit verify``. Returns True when it warned."""
+    if settings.audit.syslog_target or settings.audit.syslog.host:
+        return False
+    logger.warning(
+        "NO OFF-NODE ANCHORING of the audit ledger: signed checkpoints stay on this host "
+        "(%s). Set [audit] syslog_target (checkpoints to a remote syslog) or "
+        "[audit.syslog] host (ATNA feed over TLS) so a copy lives elsewhere.",
+        settings.checkpoint_file)
+    return True
+
+
 def build_context(settings: Settings, *, migrate: bool = True,
                   fsync: bool = True) -> NodeContext:
     """Create the shared runtime objects (no network service is started).
@@ -245,6 +259,7 @@ def create_node(settings: Settings, *, services: list[Any] | None = None,
         payload={"config_sha256": digest, "source": str(src) if src else "<defaults>",
                  "environment": settings.environment},
     ))
+    warn_unanchored(settings)
     dimse = DimseServer(ctx, services, reuse_port=reuse_port)
     node = Node(ctx, dimse, report)
     node.pipeline = _pipeline(ctx)

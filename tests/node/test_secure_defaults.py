@@ -65,3 +65,13 @@ def test_celery_remote_control_off() -> None:
 
     app = make_celery("memory://")
     assert app.conf.worker_enable_remote_control is False
+
+
+def test_warning_without_off_node_anchoring(start_node: Any,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="node.app")
+    start_node()
+    assert "NO OFF-NODE ANCHORING" in caplog.text
+    caplog.clear()
+    start_node(audit={"syslog_target": "udp://127.0.0.1:5514"})
+    assert "NO OFF-NODE ANCHORING" not in caplog.text
