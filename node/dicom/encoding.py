@@ -175,6 +175,28 @@ class Encoding:
         return min(offs) if offs else len(self.plain)
 
 
+_INFLATE_STEP = 8 * 1024 * 1024
+
+
+def _inflate(data: bytes, limit: int | None) -> bytes:
+    """Raw deflate (RFC 1951) in bounded steps: memory never exceeds ``limit`` plus one
+    step, however far the data would inflate."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    tail = data
+    while True:
+        out += d.decompress(tail, _INFLATE_STEP)
+        if limit is not None and len(out) > limit:
+            raise InflateLimitError(f"deflated data set inflates to more than {limit} bytes")
+        tail = d.unconsumed_tail
+        if not tail:
+            break
+    out += d.flush()
+    if limit is not None and len(out) > limit:
+        raise InflateLimitError(f"deflated data set inflates to more than {limit} bytes")
+    return bytes(out)
+
+
 def check_encoding(dataset: bytes, transfer_syntax: str, *,
                    max_inflated: int | None = None) -> Encoding:
     """Check that ``dataset`` is a complete, well-formed data set encoding.
@@ -204,13 +226,7 @@ def check_encoding(dataset: bytes, transfer_syntax: str, *,
     plain = dataset
     if ts in _DEFLATED:
         try:  # PS3.5 A.5: raw deflate (RFC 1951) of the explicit VR LE encoding
-            d = zlib.decompressobj(-zlib.MAX_WBITS)
-            cap = 0 if max_inflated is None else max_inflated + 1
-            plain = d.decompress(dataset, cap)
-            if max_inflated is not None and (len(plain) > max_inflated or d.unconsumed_tail):
-                raise InflateLimitError(
-                    f"deflated data set inflates to more than {max_inflated} bytes")
-            plain += d.flush()
+            plain = _inflate(dataset, max_inflated)
         except zlib.error as exc:
             raise EncodingError(f"deflated data set does not inflate: {exc}") from None
         implicit, little = False, True
