@@ -79,12 +79,14 @@ def declared_bytes(px: ImagePixel) -> int:
     return px.frame_bytes() * px.frames
 
 
-def _fragments(value: bytes, little: bool) -> tuple[bytes, list[bytes]]:
-    """Basic Offset Table and fragments of an encapsulated Pixel Data value (the bytes
-    after its header, up to and including the sequence delimiter), PS3.5 A.4."""
+def _fragments(value: bytes | memoryview, little: bool) -> tuple[bytes, list[tuple[bytes, int]]]:
+    """Basic Offset Table and fragments (first 64 bytes, length) of an encapsulated Pixel
+    Data value (the bytes after its header, up to and including the sequence delimiter),
+    PS3.5 A.4. Nothing but the offset table and the fragments' heads is copied."""
     u32 = "<I" if little else ">I"
     u16 = "<H" if little else ">H"
-    pos, items = 0, []
+    pos = 0
+    items: list[tuple[bytes, int]] = []
     while True:
         if pos + 8 > len(value):
             raise PixelDataError("mismatch", "encapsulated pixel data without delimiter")
@@ -96,22 +98,24 @@ def _fragments(value: bytes, little: bool) -> tuple[bytes, list[bytes]]:
             break
         if tag != _ITEM or length == _UNDEFINED or pos + length > len(value):
             raise PixelDataError("mismatch", "broken item in encapsulated pixel data")
-        items.append(bytes(value[pos:pos + length]))
+        keep = length if not items else min(length, 64)  # the offset table whole
+        items.append((bytes(value[pos:pos + keep]), length))
         pos += length
     if not items:
         raise PixelDataError("mismatch", "encapsulated pixel data without offset table")
-    return items[0], items[1:]
+    return items[0][0], items[1:]
 
 
-def _check_codestream(ts: UID, frame: bytes, px: ImagePixel) -> None:
+def _check_codestream(ts: UID, fragment: tuple[bytes, int], px: ImagePixel) -> None:
     """The first bytes of a frame must be what the transfer syntax says they are."""
+    frame, length = fragment
     if ts in _JPEG and not frame.startswith(b"\xff\xd8"):
         raise PixelDataError("transfer_syntax", "frame is not a JPEG codestream (no SOI)")
     if ts in _J2K and not (frame.startswith(b"\xff\x4f\xff\x51")
                            or frame.startswith(_JP2_SIGNATURE)):
         raise PixelDataError("transfer_syntax", "frame is not a JPEG 2000 codestream")
     if ts == RLELossless:
-        if len(frame) < 64:
+        if length < 64 or len(frame) < 64:
             raise PixelDataError("transfer_syntax", "RLE frame shorter than its header")
         header = struct.unpack_from("<16I", frame, 0)
         n = header[0]
@@ -121,11 +125,11 @@ def _check_codestream(ts: UID, frame: bytes, px: ImagePixel) -> None:
                 "transfer_syntax",
                 f"RLE header has {n} segments, the pixel module needs {expected} (PS3.5 G.2)")
         offsets = header[1:1 + n]
-        if list(offsets) != sorted(offsets) or offsets[-1] >= len(frame):
+        if list(offsets) != sorted(offsets) or offsets[-1] >= length:
             raise PixelDataError("transfer_syntax", "RLE segment offsets out of range")
 
 
-def check_pixel_data(value: bytes, *, encapsulated_length: bool, ts: str, native: bool,
+def check_pixel_data(value: bytes | memoryview, *, encapsulated_length: bool, ts: str, native: bool,
                      little: bool, px: ImagePixel, max_frame_bytes: int,
                      max_total_bytes: int) -> None:
     """Check one top-level Pixel Data value against the module, the syntax and limits.
@@ -169,7 +173,7 @@ def check_pixel_data(value: bytes, *, encapsulated_length: bool, ts: str, native
     _check_encapsulated(value, UID(ts), little, px)
 
 
-def _check_encapsulated(value: bytes, uid: UID, little: bool, px: ImagePixel) -> None:
+def _check_encapsulated(value: bytes | memoryview, uid: UID, little: bool, px: ImagePixel) -> None:
     """Offset table, fragments per frame and each frame's codestream marker (PS3.5 A.4)."""
     bot, frags = _fragments(value, little)
     if not frags:
@@ -183,7 +187,7 @@ def _check_encapsulated(value: bytes, uid: UID, little: bool, px: ImagePixel) ->
             "mismatch", f"{px.frames} frames declared, {len(frags)} fragments (PS3.5 A.4)")
     if bot:
         offsets = struct.unpack(f"<{len(bot) // 4}I", bot)
-        sizes = [len(f) + 8 for f in frags]
+        sizes = [n + 8 for _, n in frags]
         starts, pos = {}, 0
         for i, s in enumerate(sizes):
             starts[pos] = i

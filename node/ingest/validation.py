@@ -144,9 +144,9 @@ def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
         raise _fail(RejectReason.PIXEL_DATA_MISMATCH, f"{keyword} is not a number") from None
 
 
-def _pixel_value(enc: Encoding, offset: int, end: int) -> tuple[bytes, bool]:
+def _pixel_value(enc: Encoding, offset: int, end: int) -> tuple[memoryview, bool]:
     """The value bytes of the element at ``offset`` and whether its length is undefined."""
-    buf = enc.plain
+    buf = memoryview(enc.plain)  # no copy of the pixel data
     u32 = "<I" if enc.little_endian else ">I"
     if enc.implicit_vr:
         length, start = struct.unpack_from(u32, buf, offset + 4)[0], offset + 8
