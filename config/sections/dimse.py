@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -36,8 +37,23 @@ class Peer(Section):
     ae_title: str
     host: str | None = Field(default=None, description="if set, the peer must connect from this IP")
     roles: list[PeerRole] = Field(default_factory=_all_roles, min_length=1)
+    tls_subject: str | None = Field(
+        default=None, description="if set, the peer must connect over DICOM TLS with a client "
+        "certificate whose subject Common Name is this")
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class DimseTls(Section):
+    """DICOM TLS on the SCP (PS3.15 B.9 / BCP 195: TLS 1.2 or later, ECDHE with AES-GCM or
+    ChaCha20). With ``require_client_cert`` the peer must present a certificate signed by
+    ``ca_file``; ``allowed_peers[].tls_subject`` maps its Common Name to the calling AE."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = Field(default=None, description="CA(s) for client certificates")
+    require_client_cert: bool = True
+    handshake_timeout_s: float = Field(default=10.0, gt=0)
 
 
 class MoveDestination(Section):
@@ -92,6 +108,7 @@ class DimseSettings(Section):
     max_pdu: int = Field(default=16382, ge=0, description="0 = unlimited (PS3.8 D.1)")
     acceptor_processes: int = Field(default=1, ge=1, le=64)
     move_destinations: list[MoveDestination] = Field(default_factory=list)
+    tls: DimseTls | None = Field(default=None, description="DICOM TLS on the SCP; empty = off")
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
     commitment_report: Literal["auto", "same_association", "new_association"] = Field(
         default="auto",

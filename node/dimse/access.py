@@ -41,6 +41,7 @@ from pynetdicom import evt
 from audit.events import Event, EventType, Outcome
 from config.sections.dimse import DimseSettings
 from node.context import NodeContext
+from node.dimse.tls import peer_common_name
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class AccessPolicy:
     max_per_host: int = 0  # 0: no per-host cap
     #: (calling AE, host or None) -> roles; a pair not listed has every role
     roles: tuple[tuple[tuple[str, str | None], frozenset[str]], ...] = ()
+    #: (calling AE, host or None) -> required TLS client certificate CN (None: any)
+    subjects: tuple[tuple[tuple[str, str | None], str | None], ...] = ()
 
     @classmethod
     def from_settings(cls, s: DimseSettings) -> AccessPolicy:
@@ -147,7 +150,19 @@ class AccessPolicy:
             max_per_host=s.max_associations_per_host,
             roles=tuple(((p.ae_title.strip(), p.host), frozenset(p.roles))
                         for p in s.allowed_peers),
+            subjects=tuple(((p.ae_title.strip(), p.host), p.tls_subject)
+                           for p in s.allowed_peers),
         )
+
+    def subject_ok(self, calling_ae: str, host: str, common_name: str | None) -> bool:
+        """Whether a matching allow-list entry accepts this TLS client certificate CN
+        (an entry without ``tls_subject`` accepts any, or none)."""
+        if self.accept_any_calling_ae:
+            return True
+        calling = calling_ae.strip()
+        return any(ae == calling and (h is None or h == host)
+                   and (subj is None or subj == common_name)
+                   for (ae, h), subj in self.subjects) or not self.subjects
 
     def roles_of(self, calling_ae: str, host: str) -> frozenset[str]:
         """The services the (allowed) peer may use; all of them in development's
@@ -242,6 +257,9 @@ def _handle_requested(event: evt.Event, ctx: NodeContext, policy: AccessPolicy,
         n_active, n_host = _counts(assoc, host)
         refusal = policy.check(calling, called, host, n_active, ctx.stopping.is_set(),
                                n_host=n_host)
+        if refusal is None and not policy.subject_ok(
+                calling, host, peer_common_name(getattr(assoc.dul.socket, "socket", None))):
+            refusal = Refusal.CALLING_AE_NOT_RECOGNIZED  # certificate of another peer
     except Exception:  # never let access control crash the acceptor thread
         logger.exception("access check failed; refusing association")
         calling, called, host = "?", "?", "?"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +42,7 @@ from node.context import NodeContext
 from node.dimse import access, commitment, echo, logs, qr, store
 from node.dimse.guard import GuardedDUL, PduLimits
 from node.dimse.status import General
+from node.dimse.tls import server_context
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +174,27 @@ class NodeRequestHandler(RequestHandler):
     """Creates :class:`GuardedAssociation` acceptors whose DUL bounds every PDU read
     (:class:`node.dimse.guard.GuardedDUL`)."""
 
+    def handle(self) -> None:
+        sock = self.request
+        if isinstance(sock, ssl.SSLSocket):
+            server = self.server
+            try:
+                sock.settimeout(getattr(server, "handshake_timeout_s", 10.0))
+                sock.do_handshake()
+                sock.settimeout(None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
+                host = str(self.client_address[0])
+                logger.warning("DICOM TLS handshake with %s failed: %s", host, exc)
+                on_refused = getattr(server, "on_refused", None)
+                if on_refused is not None:
+                    on_refused(host, "tls_handshake_failed")
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+                return
+        super().handle()
+
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         assoc.__class__ = GuardedAssociation
@@ -197,6 +220,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
     pdu_limits: PduLimits | None = None
     #: TCP connections held at once (associated or not); more are closed at accept
     max_connections: int = 1 << 30
+    handshake_timeout_s: float = 10.0
     on_refused: Callable[[str, str], None] | None = None
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -216,11 +240,18 @@ class NodeAssociationServer(ThreadedAssociationServer):
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
+        """Accept; with DICOM TLS wrap the socket but leave the handshake to the
+        connection's own thread (:meth:`NodeRequestHandler.handle`), so a silent client
+        cannot stall the accept loop."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # not TCP (tests with socketpair) or already closed
             pass
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
         return client, address
 
 
@@ -314,11 +345,14 @@ class DimseServer:
             evt_handlers=list(self.handlers),
             server_class=_reuse_port_server(self.reuse_port),
             request_handler=NodeRequestHandler,
+            ssl_context=server_context(s.tls) if s.tls is not None else None,
         )
         assert isinstance(server, NodeAssociationServer)  # an instance of server_class
         server.node_ctx = self.ctx
         server.pdu_limits = PduLimits.from_settings(s)
         server.max_connections = s.max_connections
+        if s.tls is not None:
+            server.handshake_timeout_s = s.tls.handshake_timeout_s
         summary = access.summary_for(self.ctx)
         server.on_refused = lambda host, reason: _record_connection_refusal(
             self.ctx, summary, host, reason)
