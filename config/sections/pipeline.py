@@ -11,6 +11,7 @@ comparison such as ``">=256"``.
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -34,6 +35,11 @@ class Destination(Section):
     port: int | None = Field(default=None, ge=1, le=65535)
     url: str | None = None
     accepts_synthetic: bool = False
+    # DICOM TLS for a dimse destination (BCP 195 profile): the CA that signs its
+    # certificate, and this node's client certificate / key (mutual TLS)
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     max_attempts: int = Field(default=5, ge=1)
     backoff_s: float = Field(default=5.0, gt=0)
 

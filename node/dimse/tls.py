@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-__all__ = ["BCP195_CIPHERS", "peer_common_name", "server_context"]
+__all__ = ["BCP195_CIPHERS", "client_context", "peer_common_name", "server_context"]
 
 #: RFC 9325 4.2 recommended cipher suites for TLS 1.2 (TLS 1.3 suites are all AEAD)
 BCP195_CIPHERS = ":".join([
@@ -36,6 +36,19 @@ def server_context(tls: Any) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_REQUIRED
     elif tls.ca_file is not None:
         ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_context(ca_file: Any, cert_file: Any = None, key_file: Any = None) -> ssl.SSLContext:
+    """TLS context for the node's own associations (C-STORE dispatch): the peer's
+    certificate verified against ``ca_file`` and its host name, BCP 195 suites, and this
+    node's client certificate when given."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(BCP195_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    if cert_file is not None:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
     return ctx
 
 

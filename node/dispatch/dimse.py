@@ -86,7 +86,13 @@ class DimseSender(Sender):
             ae.add_requested_context(sop, [str(t) for t in FALLBACK_TRANSFER_SYNTAXES])
         d = self.destination
         assert d.host is not None  # checked in __init__
-        assoc = ae.associate(d.host, int(d.port or 0), ae_title=d.ae_title or "ANY-SCP")
+        tls_args = None
+        if d.tls_ca_file is not None:
+            from node.dimse.tls import client_context
+
+            tls_args = (client_context(d.tls_ca_file, d.tls_cert_file, d.tls_key_file), d.host)
+        assoc = ae.associate(d.host, int(d.port or 0), ae_title=d.ae_title or "ANY-SCP",
+                             tls_args=tls_args)
         if not assoc.is_established:
             return None
         self.associations_opened += 1

@@ -66,3 +66,35 @@ def test_plain_and_silent_clients_fail_handshake(start_node: Any, tmp_path: Path
         silent.close()
     assert "tls_handshake_failed" in [e.payload.get("reason")
                                       for e in ledger_events(node, "association.rejected")]
+
+
+def test_cstore_dispatch_over_tls(start_node: Any, tmp_path: Path) -> None:
+    """The node's C-STORE sender to a destination with tls_ca_file (mutual TLS) delivers
+    to a TLS-only SCP (another node)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from config.sections.pipeline import Destination
+    from node.dispatch.dimse import DimseSender
+
+    pki = Pki(tmp_path / "pki")
+    crt, key = pki.server
+    target = start_node(dimse={
+        "tls": {"cert_file": str(crt), "key_file": str(key), "ca_file": str(pki.ca_file)},
+        "allowed_peers": [{"ae_title": "SYNTHNODE", "tls_subject": "sender-node"}]})
+    ccrt, ckey = pki.client("sender-node")
+    host, port = target.address
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    plain = DimseSender(Destination(name="plain", kind="dimse", ae_title="SYNTHNODE",
+                                    host="localhost", port=port), "SYNTHNODE")
+    assert not plain.send([ds]).acknowledged
+    plain.close()
+    sender = DimseSender(Destination(
+        name="tls", kind="dimse", ae_title="SYNTHNODE", host="localhost", port=port,
+        tls_ca_file=pki.ca_file, tls_cert_file=ccrt, tls_key_file=ckey), "SYNTHNODE")
+    try:
+        report = sender.send([ds])
+    finally:
+        sender.close()
+    assert report.acknowledged == [str(ds.SOPInstanceUID)]
+    assert target.ctx.index.get_instance(str(ds.SOPInstanceUID)) is not None
