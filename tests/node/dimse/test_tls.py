@@ -83,7 +83,7 @@ def test_cstore_dispatch_over_tls(start_node: Any, tmp_path: Path) -> None:
         "tls": {"cert_file": str(crt), "key_file": str(key), "ca_file": str(pki.ca_file)},
         "allowed_peers": [{"ae_title": "SYNTHNODE", "tls_subject": "sender-node"}]})
     ccrt, ckey = pki.client("sender-node")
-    host, port = target.address
+    _host, port = target.address
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     plain = DimseSender(Destination(name="plain", kind="dimse", ae_title="SYNTHNODE",
                                     host="localhost", port=port), "SYNTHNODE")
