@@ -352,20 +352,24 @@ class Index:
         with self.engine.connect() as c:
             return c.execute(select(ti.c.id).where(ti.c.file_path == file_path)).first() is not None
 
-    def owners(self, study_instance_uid: str, series_instance_uid: str
+    def owners(self, study_instance_uid: str, series_instance_uid: str,
+               conn: Connection | None = None
                ) -> tuple[tuple[str, str] | None, str | None]:
         """Who the index files a study and a series under: the study's (Patient ID,
         Issuer of Patient ID), and the Study Instance UID the series belongs to (None
-        where not indexed). Ingest refuses an instance that contradicts either."""
+        where not indexed). Ingest refuses an instance that contradicts either; with
+        ``conn`` the lookup runs in the caller's transaction (sees its own inserts)."""
+        if conn is None:
+            with self.engine.connect() as c:
+                return self.owners(study_instance_uid, series_instance_uid, c)
         tst, tp, ts = Study.__table__, Patient.__table__, Series.__table__
-        with self.engine.connect() as c:
-            pat = c.execute(
-                select(tp.c.patient_id, tp.c.issuer_of_patient_id)
-                .join(tst, tst.c.patient_pk == tp.c.id)
-                .where(tst.c.study_instance_uid == study_instance_uid)).first()
-            study = c.execute(
-                select(tst.c.study_instance_uid).join(ts, ts.c.study_pk == tst.c.id)
-                .where(ts.c.series_instance_uid == series_instance_uid)).first()
+        pat = conn.execute(
+            select(tp.c.patient_id, tp.c.issuer_of_patient_id)
+            .join(tst, tst.c.patient_pk == tp.c.id)
+            .where(tst.c.study_instance_uid == study_instance_uid)).first()
+        study = conn.execute(
+            select(tst.c.study_instance_uid).join(ts, ts.c.study_pk == tst.c.id)
+            .where(ts.c.series_instance_uid == series_instance_uid)).first()
         return ((str(pat[0]), str(pat[1])) if pat is not None else None,
                 str(study[0]) if study is not None else None)
 

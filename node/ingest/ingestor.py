@@ -102,7 +102,12 @@ class GroupCommit:
         ctx = self.ctx
         with ctx.engine.begin() as conn:
             for it in items:
-                ctx.index.add_instance(conn, it.rec)
+                rec = it.rec
+                # again inside the transaction (sees this batch's own rows): two senders
+                # of one new study under two Patient IDs cannot both get in
+                check_owners(ctx.index, rec.study_instance_uid, rec.series_instance_uid,
+                             rec.patient_id, rec.issuer_of_patient_id, conn)
+                ctx.index.add_instance(conn, rec)
             entries = ctx.ledger.append_many([it.event for it in items], conn=conn)
         for it, e in zip(items, entries, strict=True):  # one entry per event
             it.entry = e
@@ -278,6 +283,10 @@ class Ingestor:
                         outcome = IngestOutcome.REPLACED
                         entry = ctx.ledger.append(self._received_event(rec, actor, outcome),
                                                   conn=conn)
+            except IngestError:
+                ctx.index.clear_cache()
+                self._forget(rel)
+                raise
             except IntegrityError:
                 # another association indexed this SOP Instance UID meanwhile: decide again
                 # (the file just written stays only if it is the one now indexed)

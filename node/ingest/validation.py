@@ -236,10 +236,11 @@ def validate(dataset: bytes, ts: str, limits: Limits, *, sop_class_uid: str | No
 
 
 def check_owners(index: Any, study_uid: str, series_uid: str, patient_id: str,
-                 issuer: str) -> None:
+                 issuer: str, conn: Any = None) -> None:
     """Refuse an instance that would file itself under another patient's study, or put
-    its series under another study (the index files by these keys, PS3.4 C.6.1.1)."""
-    owner, series_study = index.owners(study_uid, series_uid)
+    its series under another study (the index files by these keys, PS3.4 C.6.1.1).
+    The ingestor checks before writing, and again inside the commit transaction."""
+    owner, series_study = index.owners(study_uid, series_uid, conn)
     if owner is not None and owner != ((patient_id or "")[:64], (issuer or "")[:64]):
         raise _fail(RejectReason.PATIENT_CONFLICT,
                     "Study Instance UID is stored under another Patient ID")
