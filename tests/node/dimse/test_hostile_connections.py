@@ -140,3 +140,26 @@ def test_refusal_flood_is_summarised(start_node: Any) -> None:
     rej = [e for e in ledger_events(node, "association.rejected")
            if e.payload.get("reason") == "calling_ae_not_recognized"]
     assert len(rej) == 2 and rej[1].payload["count"] == 29
+
+
+def test_connection_cap(start_node: Any) -> None:
+    node = start_node(dimse={"max_connections": 4, "acse_timeout_s": 5})
+    idle = [socket.create_connection(node.address) for _ in range(4)]
+    try:
+        for _ in range(100):  # every idle connection has its acceptor thread (loaded CI)
+            if len(node.dimse.active_associations()) >= 4:
+                break
+            time.sleep(0.1)
+        extra = socket.create_connection(node.address)
+        assert _closed_by_peer(extra, 10), "a fifth connection was kept"
+        extra.close()
+    finally:
+        for s in idle:
+            s.close()
+    assert "too_many_connections" in _reasons(node)
+    for _ in range(100):  # idle connections are dropped after acse_timeout_s
+        if _echo(node) == 0:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("the node did not serve again after the idle connections left")
