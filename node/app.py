@@ -117,6 +117,7 @@ class Node:
         self.role = role  # "node" | "acceptor" (a child of a multi-process node)
         self.pipeline: Any = None  # node.pipeline.orchestrator.Pipeline (set by create_node)
         self.feed: Any = None  # audit.syslog.SyslogFeed when [audit.syslog] host is set
+        self.dicomweb: Any = None  # node.dicomweb.app.DicomwebServer when [dicomweb] enabled
         self.stop_requested = threading.Event()
         self._stopped = False
 
@@ -143,6 +144,8 @@ class Node:
         ))
         if self.pipeline is not None:
             self.pipeline.start()  # quiet-period timers, worker pool
+        if self.dicomweb is not None:
+            self.dicomweb.start()  # same process, same context as the DIMSE SCP
         return host, port
 
     def stop(self, grace_s: float = 30.0) -> None:
@@ -150,6 +153,8 @@ class Node:
         if self._stopped:
             return
         self._stopped = True
+        if self.dicomweb is not None:
+            self.dicomweb.stop()  # finishes in-flight requests, flushes the access log
         self.dimse.stop(grace_s)
         if self.role == "acceptor":
             self.ctx.engine.dispose()
@@ -230,7 +235,17 @@ def create_node(settings: Settings, *, services: list[Any] | None = None,
     dimse = DimseServer(ctx, services, reuse_port=reuse_port)
     node = Node(ctx, dimse, report)
     node.pipeline = _pipeline(ctx)
+    node.dicomweb = _dicomweb(ctx)
     return node
+
+
+def _dicomweb(ctx: NodeContext) -> Any:
+    """The DICOMweb server (STOW / QIDO / WADO-RS), when enabled."""
+    if not ctx.settings.dicomweb.enabled:
+        return None
+    from node.dicomweb.app import DicomwebServer
+
+    return DicomwebServer(ctx)
 
 
 def _pipeline(ctx: NodeContext) -> Any:
@@ -313,6 +328,8 @@ def serve_multi(settings: Settings, config: str | None, n: int, *, grace_s: floa
     if parent.ctx.audit is not None:
         parent.ctx.audit.start()
     parent.feed = start_feed(parent.ctx)
+    if parent.dicomweb is not None:
+        parent.dicomweb.start()  # HTTP in the parent; the acceptors serve DIMSE
     if on_listening is not None:
         on_listening(settings.dimse.bind_address, port)
     try:
