@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import and_, exists, select
+from sqlalchemy import and_, case, exists, literal, select
 
 from node.context import NodeContext
 from node.dicomweb.access import AccessRecorder
@@ -32,7 +32,7 @@ from storage.matching import (
     keywords_at,
     run,
 )
-from storage.synthetic import SYNTHETIC_YES
+from storage.synthetic import SYNTHETIC_NO, SYNTHETIC_YES
 from storage.tables import Series, Study
 
 __all__ = ["DEFAULT_KEYS", "QidoRequest", "parse_qido", "search"]
@@ -162,6 +162,15 @@ def _with_synthetic(query: Query, level: QueryLevel, value: str) -> Query:
     return dataclasses.replace(query, statement=query.statement.where(cond))
 
 
+def _synthetic_column(query: Query, level: QueryLevel) -> Query:
+    """Return SyntheticData for a study / series: YES when it holds a synthetic instance."""
+    flag: Any = Series.synthetic if level is SE else exists(
+        select(Series.id).where(and_(Series.study_pk == Study.id, Series.synthetic.is_(True))))
+    col = case((flag, literal(SYNTHETIC_YES)), else_=literal(SYNTHETIC_NO))
+    return dataclasses.replace(query, statement=query.statement.add_columns(
+        col.label("SyntheticData")))
+
+
 def check_accept(accept: str | None) -> None:
     for r in parse_accept(accept):
         if r.matches(DICOM_JSON) or r.type == "application/json":
@@ -190,6 +199,8 @@ def search(ctx: NodeContext, recorder: AccessRecorder, who: Principal, req: Qido
         raise Problem(400, "Bad Request", str(exc)) from None
     if req.synthetic is not None:
         query = _with_synthetic(query, req.level, req.synthetic)
+    if req.level is not IM and "SyntheticData" in query.return_keys:
+        query = _synthetic_column(query, req.level)
     return _stream(ctx, recorder, who, req, query, base, path)
 
 

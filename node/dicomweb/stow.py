@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.filereader import read_dataset
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from audit.events import Event, EventType, Outcome
 from node.context import NodeContext
+from node.dicom.part10 import build_part10
 from node.dicomweb.auth import Principal, Problem
 from node.dicomweb.media import DICOM, MultipartError, Part, parse_media_type, read_parts
 from node.dimse.status import General, Storage
@@ -110,6 +113,28 @@ def _peek(data: bytes) -> tuple[str, str, str, str]:
         return "", "", "", ""
 
 
+def _with_preamble(data: bytes) -> bytes:
+    """A part written as group 0002 + data set without the 128-byte preamble, 'DICM' and
+    group length (pydicom's ``dcmwrite`` of a data set that has no preamble, as
+    dicomweb-client sends it) is rebuilt into a PS3.10 file (same data set bytes); other
+    parts pass unchanged (the ingestor judges them)."""
+    if data[128:132] == b"DICM" or data[:2] != b"\x02\x00":
+        return data
+    pos = 0
+    try:
+        while pos + 8 <= len(data) and data[pos:pos + 2] == b"\x02\x00":
+            vr = data[pos + 4:pos + 6]
+            if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+                pos += 12 + struct.unpack_from("<I", data, pos + 8)[0]
+            else:
+                pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
+        meta = read_dataset(BytesIO(data[:pos]), is_implicit_VR=False, is_little_endian=True)
+        return build_part10(data[pos:], str(meta.MediaStorageSOPClassUID),
+                            str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID))
+    except Exception:
+        return data
+
+
 def store_part(ctx: NodeContext, ingestor: Ingestor, who: Principal, part: Part,
                study: str | None) -> StowItem:
     """Ingest one part (blocking: runs in a worker thread)."""
@@ -127,7 +152,8 @@ def store_part(ctx: NodeContext, ingestor: Ingestor, who: Principal, part: Part,
         return item
     with ctx.inflight.track():
         try:
-            res = ingestor.ingest_part10(part.body, peer=who.address, source="stow")
+            res = ingestor.ingest_part10(_with_preamble(part.body), peer=who.address,
+                                         source="stow")
         except IngestError as exc:
             item.failure = STATUS_FOR_REASON[exc.reason]
             return item
