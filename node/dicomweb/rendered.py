@@ -74,6 +74,8 @@ def _window(frame: np.ndarray, center: float, width: float, function: str) -> np
         y = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
     elif function == "LINEAR_EXACT":
         y = (x - (center - width / 2)) / width
+    elif width <= 1:  # PS3.3 C.11.2.1.2.1 with width 1: a threshold
+        y = (x > center - 0.5).astype(np.float64)
     else:  # PS3.3 C.11.2.1.2.1
         y = ((x - (center - 0.5)) / (width - 1)) + 0.5
     return (np.clip(y, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
