@@ -170,7 +170,7 @@ def test_every_read_is_a_ledger_entry(web: Any, kind: str) -> None:
             "rendered": "/rendered"}[kind]
     assert _get(_url(web, ct, tail), "*/*").status_code == 200
     web.flush()
-    evs = [e for e in ledger_events(web.node, "dicomweb.access")]
+    evs = ledger_events(web.node, "dicomweb.access")
     assert [e.payload["kind"] for e in evs] == [kind]
     assert evs[0].actor == "token:reader"
     assert evs[0].subject["study_uid"] == str(ct.StudyInstanceUID)
