@@ -125,9 +125,9 @@ def _qido_routes(app: FastAPI, svc: _Service) -> None:
         qido.check_accept(request.headers.get("accept"))
         req = qido.parse_qido(level, list(request.query_params.multi_items()), path_keys,
                               across)
+        # the path only: query values (a Patient ID ...) stay out of the ledger
         body = qido.search(svc.ctx, svc.recorder, who, req, base_url(request),
-                           request.url.path + ("?" + request.url.query
-                                               if request.url.query else ""))
+                           request.url.path)
         headers = {"Warning": ", ".join(req.warnings)} if req.warnings else None
         return StreamingResponse(body, media_type=DICOM_JSON, headers=headers)
 

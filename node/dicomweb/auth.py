@@ -102,6 +102,9 @@ class TokenStore:
 
     def require(self, request: Request, scope: str) -> Principal:
         p = self.principal(request)
+        if not p.allows(scope) and p.name == "anonymous":
+            raise Problem(401, "Unauthorized", f"a bearer token with the '{scope}' scope is "
+                          "required", {"WWW-Authenticate": 'Bearer realm="synthnode"'})
         if not p.allows(scope):
             raise Problem(403, "Forbidden", f"this token lacks the '{scope}' scope",
                           {"WWW-Authenticate":
