@@ -31,6 +31,7 @@ from node.dicomweb.media import (
     DICOM_JSON,
     OCTET,
     boundary,
+    coalesce,
     multipart_body,
     multipart_content_type,
 )
@@ -68,7 +69,7 @@ def _multipart(parts: Iterator[tuple[str, Iterator[bytes]]], part_type: str,
 
     def body() -> Iterator[bytes]:
         try:
-            yield from multipart_body(bnd, parts)
+            yield from coalesce(multipart_body(bnd, parts))
         finally:
             done()
 
@@ -129,7 +130,7 @@ def _qido_routes(app: FastAPI, svc: _Service) -> None:
         body = qido.search(svc.ctx, svc.recorder, who, req, base_url(request),
                            request.url.path)
         headers = {"Warning": ", ".join(req.warnings)} if req.warnings else None
-        return StreamingResponse(body, media_type=DICOM_JSON, headers=headers)
+        return StreamingResponse(coalesce(body), media_type=DICOM_JSON, headers=headers)
 
     ST, SE, IM = QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE
 
@@ -199,7 +200,7 @@ def _wado_routes(app: FastAPI, svc: _Service) -> None:
             return Response(status_code=304, headers=headers)
         body = wado.metadata_stream(ctx, sel.refs, base, lambda n: svc.wado_record(
             who, "metadata", request, sel, n))
-        return StreamingResponse(body, media_type=DICOM_JSON, headers=headers)
+        return StreamingResponse(coalesce(body), media_type=DICOM_JSON, headers=headers)
 
     @app.get("/studies/{study}/metadata")
     def study_md(study: str, request: Request) -> Response:
@@ -326,6 +327,9 @@ class DicomwebServer:
         cfg = self.ctx.settings.dicomweb
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.bind_address else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # inherited by accepted connections (Linux): a streamed body's last small write is
+        # not held back by Nagle's algorithm waiting for the client's delayed ACK (40 ms)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((cfg.bind_address, cfg.port))
         sock.listen(128)
         sock.setblocking(False)

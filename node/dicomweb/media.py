@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["DICOM", "DICOM_JSON", "MediaRange", "MultipartReader", "boundary",
+__all__ = ["DICOM", "DICOM_JSON", "MediaRange", "MultipartReader", "boundary", "coalesce",
            "multipart_content_type", "multipart_part_header", "parse_accept",
            "parse_media_type"]
 
@@ -106,6 +106,24 @@ def multipart_body(bnd: str, parts: Iterable[tuple[str, Iterable[bytes]]]) -> It
         yield multipart_part_header(bnd, ct)
         yield from chunks
     yield multipart_end(bnd)
+
+
+def coalesce(chunks: Iterable[bytes], size: int = 1 << 16) -> Iterator[bytes]:
+    """Join small pieces into writes of at least ``size`` bytes (fewer sends, fewer
+    thread hops per response); the last write carries the rest."""
+    buf: list[bytes] = []
+    n = 0
+    for c in chunks:
+        if len(c) >= size and not buf:
+            yield c
+            continue
+        buf.append(c)
+        n += len(c)
+        if n >= size:
+            yield b"".join(buf)
+            buf, n = [], 0
+    if buf:
+        yield b"".join(buf)
 
 
 class MultipartError(ValueError):
