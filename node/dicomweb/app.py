@@ -283,8 +283,15 @@ def _add_render(app: FastAPI, render: Any, kind: str) -> None:
 
 # -- viewer ----------------------------------------------------------------------------
 def viewer_dir(ctx: NodeContext) -> Path | None:
-    d = ctx.settings.dicomweb.viewer_dir or (ctx.settings.data_dir / "viewer")
-    return d if (d / "index.html").is_file() else None
+    """The built viewer: ``dicomweb.viewer_dir``, else ``<data_dir>/viewer``, else the user
+    data folder's ``viewer`` (where scripts/setup puts it); None when absent."""
+    from config.settings import user_data_dir
+
+    cfg = ctx.settings.dicomweb.viewer_dir
+    for d in ([cfg] if cfg else [ctx.settings.data_dir / "viewer", user_data_dir() / "viewer"]):
+        if (d / "index.html").is_file():
+            return d
+    return None
 
 
 def _viewer_routes(app: FastAPI, svc: _Service) -> None:
