@@ -42,11 +42,11 @@ from pydicom import dcmwrite
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.dicomweb import multipart  # noqa: E402
-from tests.support.dimse import NodeProcess, node_settings_dict  # noqa: E402
-from tests.support.factory import make_series  # noqa: E402
-from tests.support.net import get_port, wait_for  # noqa: E402
-from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.dicomweb import multipart
+from tests.support.dimse import NodeProcess, node_settings_dict
+from tests.support.factory import make_series
+from tests.support.net import get_port, wait_for
+from tests.support.orthanc import OrthancServer
 
 TOKEN = "bench-token"
 CTYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
@@ -78,7 +78,7 @@ def timed(fn: Callable[[], Any]) -> float:
 
 def stats(xs: list[float]) -> tuple[float, float]:
     xs = sorted(xs)
-    return statistics.median(xs), xs[max(0, int(round(0.95 * len(xs))) - 1)]
+    return statistics.median(xs), xs[max(0, round(0.95 * len(xs)) - 1)]
 
 
 def run_server(name: str, root: str, headers: dict[str, str], data: Any,
