@@ -39,11 +39,35 @@ class Token(Section):
         return self
 
 
+class OidcSettings(Section):
+    """Bearer JWTs from an identity provider, checked against its keys (a JWKS file)."""
+
+    enabled: bool = False
+    jwks_file: Path | None = Field(default=None, description="the provider's JWKS (JSON)")
+    issuer: str | None = Field(default=None, description="required iss claim")
+    audience: str | None = Field(default=None, description="required in the aud claim")
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    scope_claim: str = Field(default="scope", description="claim holding the granted "
+                             "values: a space-separated string or a list")
+    scope_map: dict[str, list[Scope]] = Field(
+        default_factory=dict, description="claim value -> scopes, e.g. "
+        '{"pacs.read" = ["read"], "pacs.admin" = ["admin"]}')
+    name_claim: str = Field(default="sub", description="recorded as the actor oidc:VALUE")
+    leeway_s: int = Field(default=30, ge=0, description="clock skew allowed on exp / nbf")
+
+    @model_validator(mode="after")
+    def _jwks(self) -> OidcSettings:
+        if self.enabled and self.jwks_file is None:
+            raise ValueError("oidc.enabled needs oidc.jwks_file")
+        return self
+
+
 class DicomwebSettings(Section):
     enabled: bool = True
     bind_address: str = "127.0.0.1"
     port: int = Field(default=8042, ge=0, le=65535, description="0: any free port")
     tokens: list[Token] = Field(default_factory=list)
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
     anonymous_scopes: list[Scope] = Field(
         default_factory=list,
         description="scopes granted to requests without a token (empty: a token is required)")

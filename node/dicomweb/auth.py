@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -75,6 +76,11 @@ class TokenStore:
                 t.token.get_secret_value() if t.token else "")
             self._by_hash.append((digest, t.name, frozenset(t.scopes)))
         self.anonymous = frozenset(settings.anonymous_scopes)
+        self.oidc: Any = None  # node.dicomweb.oidc.OidcVerifier in OIDC mode
+        if settings.oidc.enabled:
+            from node.dicomweb.oidc import OidcVerifier
+
+            self.oidc = OidcVerifier(settings.oidc)
 
     def principal(self, request: Request) -> Principal:
         """The request's principal; raises 401 for a missing or unknown token when
@@ -95,10 +101,24 @@ class TokenStore:
         for h, name, scopes in self._by_hash:
             if hmac.compare_digest(h, digest):
                 found = (name, scopes)
+        if found is None and self.oidc is not None and value.count(".") == 2:
+            return self._jwt(value.strip(), addr)
         if found is None:
             raise Problem(401, "Unauthorized", "unknown token",
                           {"WWW-Authenticate": 'Bearer realm="synthnode", error="invalid_token"'})
         return Principal(f"token:{found[0]}", found[1], addr)
+
+    def _jwt(self, token: str, addr: str) -> Principal:
+        from node.dicomweb.oidc import JwtError
+
+        assert self.oidc is not None
+        try:
+            claims = self.oidc.verify(token)
+        except JwtError as exc:
+            raise Problem(401, "Unauthorized", f"invalid token: {exc}",
+                          {"WWW-Authenticate": 'Bearer realm="synthnode", '
+                                               'error="invalid_token"'}) from None
+        return Principal(self.oidc.name(claims), self.oidc.scopes(claims), addr)
 
     def require(self, request: Request, scope: str) -> Principal:
         p = self.principal(request)
