@@ -51,6 +51,7 @@ class _Service:
         self.tokens = TokenStore(ctx.settings.dicomweb)
         self.ingestor = Ingestor(ctx)
         self.recorder = recorder
+        self.metadata = wado.MetadataCache()
 
     def read(self, request: Request) -> Principal:
         return self.tokens.require(request, "read")
@@ -67,11 +68,14 @@ def _multipart(parts: Iterator[tuple[str, Iterator[bytes]]], part_type: str,
                done: Callable[[], None]) -> StreamingResponse:
     bnd = boundary()
 
-    def body() -> Iterator[bytes]:
+    def recorded() -> Iterator[bytes]:
         try:
-            yield from coalesce(multipart_body(bnd, parts))
+            yield from multipart_body(bnd, parts)
         finally:
-            done()
+            done()  # before coalesce sends the last bytes: recorded once the client has all
+
+    def body() -> Iterator[bytes]:
+        yield from coalesce(recorded())
 
     return StreamingResponse(body(), media_type=multipart_content_type(part_type, bnd))
 
@@ -199,7 +203,7 @@ def _wado_routes(app: FastAPI, svc: _Service) -> None:
             svc.wado_record(who, "metadata", request, sel, 0, status=304)
             return Response(status_code=304, headers=headers)
         body = wado.metadata_stream(ctx, sel.refs, base, lambda n: svc.wado_record(
-            who, "metadata", request, sel, n))
+            who, "metadata", request, sel, n), svc.metadata)
         return StreamingResponse(coalesce(body), media_type=DICOM_JSON, headers=headers)
 
     @app.get("/studies/{study}/metadata")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -184,15 +186,43 @@ def instance_json(ctx: NodeContext, r: InstanceRef, base: str,
     return obj
 
 
+class MetadataCache:
+    """Encoded metadata of recently read instances, keyed by the stored file's SHA-256
+    (content-addressed: a replaced instance has another digest), with the server's URL
+    left as a placeholder so one entry serves every host name it is reached by."""
+
+    BASE = b"\x00base\x00"
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._d: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ctx: NodeContext, r: InstanceRef, pixel: tuple[Any, Any] | None) -> bytes:
+        with self._lock:
+            hit = self._d.get(r.sha256)
+            if hit is not None:
+                self._d.move_to_end(r.sha256)
+                return hit
+        obj = instance_json(ctx, r, self.BASE.decode(), pixel)
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        with self._lock:
+            self._d[r.sha256] = data
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+        return data
+
+
 def metadata_stream(ctx: NodeContext, refs: list[InstanceRef], base: str,
-                    done: Callable[[int], None]) -> Iterator[bytes]:
+                    done: Callable[[int], None], cache: MetadataCache) -> Iterator[bytes]:
     pixels = _pixel_info(ctx, refs)
     n = 0
+    b = json.dumps(base)[1:-1].encode()  # as it appears inside a JSON string
     try:
         yield b"["
         for r in refs:
-            obj = instance_json(ctx, r, base, pixels.get(r.sop_instance_uid))
-            yield (b"," if n else b"") + json.dumps(obj, separators=(",", ":")).encode()
+            data = cache.get(ctx, r, pixels.get(r.sop_instance_uid))
+            yield (b"," if n else b"") + data.replace(b"\\u0000base\\u0000", b)
             n += 1
         yield b"]"
     finally:
