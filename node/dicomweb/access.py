@@ -32,6 +32,7 @@ class AccessRecorder:
         self.flush_s = flush_s
         self._queue: list[Event] = []
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,18 +77,22 @@ class AccessRecorder:
             self.flush()
 
     def flush(self) -> int:
-        with self._lock:
-            batch, self._queue = self._queue, []
-        if not batch:
-            return 0
-        try:
-            self.ctx.ledger.append_many(batch)
-        except Exception:
-            log.exception("could not record %d DICOMweb read(s) in the ledger", len(batch))
+        """Write what is queued; returns once everything queued before the call is in the
+        ledger (a flush in progress in the background thread is waited for)."""
+        with self._flushing:
             with self._lock:
-                self._queue[:0] = batch  # keep them for the next try
-            return 0
-        return len(batch)
+                batch, self._queue = self._queue, []
+            if not batch:
+                return 0
+            try:
+                self.ctx.ledger.append_many(batch)
+            except Exception:
+                log.exception("could not record %d DICOMweb read(s) in the ledger",
+                              len(batch))
+                with self._lock:
+                    self._queue[:0] = batch  # keep them for the next try
+                return 0
+            return len(batch)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
