@@ -1,7 +1,7 @@
 """Fixtures for DICOMweb tests: ``web`` is a running node (DIMSE + DICOMweb on free loopback
 ports) with the tokens of :mod:`tests.support.dicomweb`; ``web.url`` is its DICOMweb root.
 ``loaded_web`` also holds the instances of :data:`tests.support.dimse.SPECS` (stored via
-STOW-RS)."""
+STOW-RS), on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -28,8 +28,9 @@ class Web:
 
 @pytest.fixture
 def web_factory(start_node: Callable[..., Any]) -> Callable[..., Web]:
-    def make(**dicomweb: Any) -> Web:
-        return Web(start_node(dicomweb=web_overrides(**dicomweb)))
+    def make(database_url: str | None = None, **dicomweb: Any) -> Web:
+        extra = {"database": {"url": database_url}} if database_url else {}
+        return Web(start_node(dicomweb=web_overrides(**dicomweb), **extra))
 
     return make
 
@@ -40,7 +41,9 @@ def web(web_factory: Callable[..., Web]) -> Web:
 
 
 @pytest.fixture
-def loaded_web(web: Web) -> Web:
+def loaded_web(web_factory: Callable[..., Web], db_url: str) -> Web:
+    """On SQLite and on PostgreSQL (``db_url``): QIDO-RS matching runs in either."""
+    web = web_factory(database_url=db_url if db_url.startswith("postgresql") else None)
     c = client(web.url)
     datasets = [make_dataset(s) for s in SPECS]
     for ds in datasets:
