@@ -153,7 +153,7 @@ def store_part(ctx: NodeContext, ingestor: Ingestor, who: Principal, part: Part,
     with ctx.inflight.track():
         try:
             res = ingestor.ingest_part10(_with_preamble(part.body), peer=who.address,
-                                         source="stow")
+                                         source="stow", actor=who.actor)
         except IngestError as exc:
             item.failure = STATUS_FOR_REASON[exc.reason]
             return item
@@ -183,6 +183,19 @@ def _reject(ctx: NodeContext, who: Principal, item: StowItem, reason: str, detai
         log.exception("could not record a STOW-RS refusal")
 
 
+def _refused(ctx: NodeContext, who: Principal, p: Problem) -> Problem:
+    """Record a refused STOW-RS request (no instance was read from it) and return ``p``."""
+    try:
+        ctx.ledger.append(Event(type=EventType.INSTANCE_REJECTED, actor=who.actor,
+                                outcome=Outcome.MINOR_FAILURE,
+                                payload={"source": "stow", "peer": who.address,
+                                         "reason": "request_refused", "status": p.status,
+                                         "detail": p.detail[:200]}))
+    except Exception:
+        log.exception("could not record a refused STOW-RS request")
+    return p
+
+
 async def stow(ctx: NodeContext, ingestor: Ingestor, who: Principal, request: Request,
                study: str | None) -> StowResult:
     """Read the request's parts as they arrive and ingest them."""
@@ -190,15 +203,17 @@ async def stow(ctx: NodeContext, ingestor: Ingestor, who: Principal, request: Re
         raise Problem(503, "Service Unavailable", "the node is shutting down")
     ct = parse_media_type(request.headers.get("content-type", ""))
     if ct.type != "multipart/related" or ct.params.get("type", DICOM).lower() != DICOM:
-        raise Problem(415, "Unsupported Media Type",
-                      'STOW-RS accepts multipart/related; type="application/dicom"')
+        raise _refused(ctx, who, Problem(415, "Unsupported Media Type",
+                       'STOW-RS accepts multipart/related; type="application/dicom"'))
     bnd = ct.params.get("boundary")
     if not bnd:
-        raise Problem(400, "Bad Request", "multipart/related without a boundary")
+        raise _refused(ctx, who, Problem(400, "Bad Request",
+                                         "multipart/related without a boundary"))
     limit = ctx.settings.dicomweb.max_request_bytes
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
-        raise Problem(413, "Content Too Large", f"the limit is {limit} bytes")
+        raise _refused(ctx, who, Problem(413, "Content Too Large",
+                                         f"the limit is {limit} bytes"))
     sem = asyncio.Semaphore(PARALLEL_PARTS)
     tasks: list[asyncio.Task[StowItem]] = []
 
@@ -213,11 +228,12 @@ async def stow(ctx: NodeContext, ingestor: Ingestor, who: Principal, request: Re
             tasks.append(asyncio.create_task(one(part)))
     except OverflowError:
         await asyncio.gather(*tasks, return_exceptions=True)
-        raise Problem(413, "Content Too Large", f"the limit is {limit} bytes") from None
+        raise _refused(ctx, who, Problem(413, "Content Too Large",
+                                         f"the limit is {limit} bytes")) from None
     except MultipartError as exc:
         await asyncio.gather(*tasks, return_exceptions=True)
-        raise Problem(400, "Bad Request", str(exc)) from None
+        raise _refused(ctx, who, Problem(400, "Bad Request", str(exc))) from None
     items = list(await asyncio.gather(*tasks))
     if not items:
-        raise Problem(400, "Bad Request", "the request holds no part")
+        raise _refused(ctx, who, Problem(400, "Bad Request", "the request holds no part"))
     return StowResult(items)

@@ -51,6 +51,7 @@ def test_all_good_with_dicomweb_client(web: Any) -> None:
     assert sorted(e.subject["sop_uid"] for e in received) == \
         sorted(str(d.SOPInstanceUID) for d in datasets)
     assert {e.payload["source"] for e in received} == {"stow"}
+    assert {e.actor for e in received} == {"token:rw"}  # who stored: the token's name
 
 
 def test_mixed_is_202_with_failure_reasons(web: Any) -> None:
@@ -69,7 +70,8 @@ def test_mixed_is_202_with_failure_reasons(web: Any) -> None:
                for x in failed}
     assert reasons[SPECS[1].sop_uid] == 0xA900
     assert 0xC000 in reasons.values()
-    assert len(ledger_events(web.node, "instance.rejected")) == 2
+    rejected = ledger_events(web.node, "instance.rejected")
+    assert len(rejected) == 2 and {e.actor for e in rejected} == {"token:rw"}
 
 
 def test_all_bad_is_409(web: Any) -> None:
@@ -92,6 +94,8 @@ def test_wrong_content_type_is_415(web: Any, ctype: str) -> None:
     assert r.status_code == 415
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["status"] == 415
+    (ev,) = ledger_events(web.node, "instance.rejected")  # bad input: a ledger entry
+    assert (ev.actor, ev.payload["status"]) == ("token:rw", 415)
 
 
 def test_unquoted_parameters_and_chunked_body(web: Any) -> None:
