@@ -218,13 +218,14 @@ async def stow(ctx: NodeContext, ingestor: Ingestor, who: Principal, request: Re
     tasks: list[asyncio.Task[StowItem]] = []
 
     async def one(p: Part) -> StowItem:
-        async with sem:
+        try:
             return await run_in_threadpool(store_part, ctx, ingestor, who, p, study)
+        finally:
+            sem.release()
 
     try:
         async for part in read_parts(request.stream(), bnd, limit):
-            await sem.acquire()  # back-pressure: at most PARALLEL_PARTS parts in memory
-            sem.release()
+            await sem.acquire()  # back-pressure: at most PARALLEL_PARTS parts being stored
             tasks.append(asyncio.create_task(one(part)))
     except OverflowError:
         await asyncio.gather(*tasks, return_exceptions=True)
