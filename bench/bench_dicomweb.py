@@ -19,7 +19,7 @@ Rows:
 Usage (exact command behind the DICOMweb table of bench/RESULTS.md)::
 
     nice -n 10 python bench/bench_dicomweb.py --studies 20 --slices 50 --queries 200 \\
-        --frames 100
+        --frames 100 [--servers synthnode synthnode-pg orthanc]
 """
 from __future__ import annotations
 
@@ -133,7 +133,25 @@ def run_server(name: str, root: str, headers: dict[str, str], data: Any,
     return res
 
 
-def start_synthnode(work: Path) -> tuple[NodeProcess, str]:
+def pg_database(admin: str) -> tuple[str, Callable[[], None]]:
+    """A fresh PostgreSQL database on ``admin``'s server and its drop function."""
+    import uuid
+
+    import psycopg
+
+    name = f"sn_bench_{uuid.uuid4().hex[:10]}"
+    plain = admin.replace("+psycopg", "")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return f"{admin.rsplit('/', 1)[0]}/{name}", drop
+
+
+def start_synthnode(work: Path, database_url: str | None = None) -> tuple[NodeProcess, str]:
     data_dir = work / "node"
     data_dir.mkdir()
     port = get_port()
@@ -143,6 +161,8 @@ def start_synthnode(work: Path) -> tuple[NodeProcess, str]:
                        "scopes": ["store", "read"]}]}
     settings = node_settings_dict(data_dir, port, dicomweb=web, log_level="WARNING",
                                   logging={"instances": "DEBUG", "associations": "DEBUG"})
+    if database_url:
+        settings["database"] = {"url": database_url}
     cfg.write_bytes(tomli_w.dumps(settings).encode())
     proc = NodeProcess(config=cfg, data_dir=data_dir, port=port, log=work / "node.log").start()
     m = wait_for(lambda: re.search(r"DICOMweb (\S+)/studies", proc.output()), 30, "DICOMweb")
@@ -156,20 +176,28 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--frames", type=int, default=100)
-    ap.add_argument("--servers", nargs="+", default=["synthnode", "orthanc"])
+    ap.add_argument("--servers", nargs="+", default=["synthnode", "orthanc"],
+                    help="synthnode, synthnode-pg (index + ledger on PostgreSQL), orthanc")
+    ap.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
+                    help="PostgreSQL server for synthnode-pg (a fresh database is made)")
     args = ap.parse_args()
     data = make_data(args.studies, args.slices, args.size)
     results = []
     work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
     try:
         for name in args.servers:
-            if name == "synthnode":
-                proc, root = start_synthnode(work)
+            if name in ("synthnode", "synthnode-pg"):
+                url, drop = pg_database(args.pg) if name == "synthnode-pg" else (None, None)
+                sub = work / name
+                sub.mkdir()
+                proc, root = start_synthnode(sub, url)
                 try:
                     results.append(run_server(name, root, {"Authorization": f"Bearer {TOKEN}"},
                                               data, args))
                 finally:
                     proc.terminate()
+                    if drop is not None:
+                        drop()
             else:
                 orthanc = OrthancServer(work / "orthanc")
                 orthanc.start()
