@@ -145,7 +145,11 @@ class Node:
         if self.pipeline is not None:
             self.pipeline.start()  # quiet-period timers, worker pool
         if self.dicomweb is not None:
-            self.dicomweb.start()  # same process, same context as the DIMSE SCP
+            try:
+                self.dicomweb.start()  # same process, same context as the DIMSE SCP
+            except OSError:
+                self.stop(grace_s=1.0)  # e.g. the HTTP port is taken: no half-started node
+                raise
         return host, port
 
     def stop(self, grace_s: float = 30.0) -> None:

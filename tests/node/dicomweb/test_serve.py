@@ -37,3 +37,28 @@ def test_serve_runs_dicomweb_beside_dimse(node_process: Any, tmp_path: Any) -> N
                     "127.0.0.1", str(proc.port)])
     assert SPECS[5].study_uid in out.stdout
     assert proc.terminate() == 0
+
+
+def test_taken_http_port_stops_the_node_cleanly(tmp_path: Any) -> None:
+    """The HTTP port is taken: start fails with OSError and the DIMSE SCP is not left
+    running (no half-started node)."""
+    import socket
+
+    import pytest
+
+    from config.settings import load_settings
+    from node.app import create_node
+    from tests.support.dimse import node_settings_dict
+    from tests.support.net import get_port
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        dimse_port = get_port()
+        settings = load_settings(None, **node_settings_dict(
+            tmp_path, dimse_port, dicomweb=web_overrides(port=s.getsockname()[1])))
+        node = create_node(settings)
+        with pytest.raises(OSError):
+            node.start()
+    with socket.socket() as c, pytest.raises(ConnectionRefusedError):
+        c.connect(("127.0.0.1", dimse_port))
