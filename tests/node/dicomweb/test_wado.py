@@ -3,6 +3,7 @@ metadata (+ ETag, forwarded host), bulk data round trip, frames, rendered, thumb
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -175,3 +176,22 @@ def test_every_read_is_a_ledger_entry(web: Any, kind: str) -> None:
     assert evs[0].actor == "token:reader"
     assert evs[0].subject["study_uid"] == str(ct.StudyInstanceUID)
     assert evs[0].subject.get("patient")  # keyed digest: auditors find it by patient
+
+
+def test_transcoded_instances_pass_dciodvfy(web: Any, tmp_path: Path) -> None:
+    """What WADO-RS writes (a transcoded file) is valid: dciodvfy finds no error that the
+    stored original does not have."""
+    from tests.support.dicomcheck import dciodvfy_errors
+    from tests.support.net import require_tool
+
+    tool = require_tool("dciodvfy")
+    ct, j2k = _store(web, "CT_small.dcm", "JPEG2000.dcm")
+    for ds, ts in ((ct, "1.2.840.10008.1.2"), (j2k, "1.2.840.10008.1.2.1")):
+        r = _get(_url(web, ds), f'multipart/related; type="application/dicom"; '
+                                f"transfer-syntax={ts}")
+        ((_, body),) = _parts(r)
+        out, orig = tmp_path / "out.dcm", tmp_path / "orig.dcm"
+        out.write_bytes(body)
+        orig.write_bytes(_stored(web, ds))
+        assert dcmread(out).file_meta.TransferSyntaxUID == ts
+        assert set(dciodvfy_errors(out, tool)) <= set(dciodvfy_errors(orig, tool))
