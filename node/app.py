@@ -149,6 +149,7 @@ class Node:
         self.role = role  # "node" | "acceptor" (a child of a multi-process node)
         self.pipeline: Any = None  # node.pipeline.orchestrator.Pipeline (set by create_node)
         self.feed: Any = None  # audit.syslog.SyslogFeed when [audit.syslog] host is set
+        self.dicomweb: Any = None  # node.dicomweb.app.DicomwebServer when [dicomweb] enabled
         self.stop_requested = threading.Event()
         self._stopped = False
 
@@ -175,6 +176,12 @@ class Node:
         ))
         if self.pipeline is not None:
             self.pipeline.start()  # quiet-period timers, worker pool
+        if self.dicomweb is not None:
+            try:
+                self.dicomweb.start()  # same process, same context as the DIMSE SCP
+            except OSError:
+                self.stop(grace_s=1.0)  # e.g. the HTTP port is taken: no half-started node
+                raise
         return host, port
 
     def stop(self, grace_s: float = 30.0) -> None:
@@ -182,6 +189,8 @@ class Node:
         if self._stopped:
             return
         self._stopped = True
+        if self.dicomweb is not None:
+            self.dicomweb.stop()  # finishes in-flight requests, flushes the access log
         self.dimse.stop(grace_s)
         if self.role == "acceptor":
             self.ctx.engine.dispose()
@@ -263,7 +272,17 @@ def create_node(settings: Settings, *, services: list[Any] | None = None,
     dimse = DimseServer(ctx, services, reuse_port=reuse_port)
     node = Node(ctx, dimse, report)
     node.pipeline = _pipeline(ctx)
+    node.dicomweb = _dicomweb(ctx)
     return node
+
+
+def _dicomweb(ctx: NodeContext) -> Any:
+    """The DICOMweb server (STOW / QIDO / WADO-RS), when enabled."""
+    if not ctx.settings.dicomweb.enabled:
+        return None
+    from node.dicomweb.app import DicomwebServer
+
+    return DicomwebServer(ctx)
 
 
 def _pipeline(ctx: NodeContext) -> Any:
@@ -346,6 +365,8 @@ def serve_multi(settings: Settings, config: str | None, n: int, *, grace_s: floa
     if parent.ctx.audit is not None:
         parent.ctx.audit.start()
     parent.feed = start_feed(parent.ctx)
+    if parent.dicomweb is not None:
+        parent.dicomweb.start()  # HTTP in the parent; the acceptors serve DIMSE
     if on_listening is not None:
         on_listening(settings.dimse.bind_address, port)
     try:

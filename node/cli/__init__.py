@@ -10,6 +10,7 @@ from node.cli import engine as _engine
 from node.cli import ingest as _ingest
 from node.cli import models as _models
 from node.cli import pipeline as _pipeline
+from node.cli import tokens as _tokens
 from node.cli import watermark as _watermark
 from node.cli import worker as _worker
 
@@ -32,6 +33,7 @@ app.add_typer(_engine.app, name="engine", help="Train and evaluate engine models
 app.add_typer(_watermark.app, name="watermark", help="Embed and detect the invisible watermark.")
 _pipeline.register(app)  # rules, jobs
 _worker.register(app)  # worker (Celery scale-out)
+_tokens.register(app)  # tokens create
 
 
 def main() -> None:

@@ -70,6 +70,8 @@ def serve(
     # one line on stdout that scripts and tests can wait for
     print(f"synthnode: listening {settings.dimse.ae_title}@{host}:{bound} pid {os.getpid()}",
           flush=True)
+    if node.dicomweb is not None:
+        print(f"synthnode: DICOMweb {node.dicomweb.url}/studies", flush=True)
     node.run(grace_s=grace)
     print("synthnode: stopped", flush=True)
 

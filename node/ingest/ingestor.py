@@ -143,18 +143,21 @@ class Ingestor:
     def ingest_dataset(self, dataset: bytes, transfer_syntax: str, *,
                        sop_class_uid: str | None = None, sop_instance_uid: str | None = None,
                        calling_ae: str | None = None, called_ae: str | None = None,
-                       peer: str | None = None, source: str = "dimse") -> StoredInstance:
+                       peer: str | None = None, source: str = "dimse",
+                       actor: str | None = None) -> StoredInstance:
         """Ingest one data set as sent (no file meta) in ``transfer_syntax``.
 
         ``sop_class_uid`` / ``sop_instance_uid`` are the Affected SOP Class / Instance
         UIDs of the C-STORE request; the data set must agree with them (PS3.4 B.2.1.1).
+        ``actor``: who sent it, for the ledger (default ``ae:CALLING_AE`` or
+        ``component:SOURCE``; STOW-RS passes ``token:NAME``).
 
         Raises
         ------
         IngestError
             After recording ``instance.rejected`` in the ledger.
         """
-        actor = f"ae:{calling_ae}" if calling_ae else f"component:{source}"
+        actor = actor or (f"ae:{calling_ae}" if calling_ae else f"component:{source}")
         ctx_info = {"calling_ae": calling_ae, "called_ae": called_ae, "peer": peer,
                     "source": source, "transfer_syntax_uid": str(transfer_syntax),
                     "sop_class_uid": sop_class_uid, "sop_instance_uid": sop_instance_uid}
@@ -168,7 +171,7 @@ class Ingestor:
 
     def ingest_part10(self, data: bytes, *, calling_ae: str | None = None,
                       called_ae: str | None = None, peer: str | None = None,
-                      source: str = "stow") -> StoredInstance:
+                      source: str = "stow", actor: str | None = None) -> StoredInstance:
         """Ingest a DICOM file (PS3.10), e.g. a part of a STOW-RS request or an output the
         pipeline built: the data set bytes after the file meta are stored unchanged."""
         try:
@@ -180,12 +183,13 @@ class Ingestor:
             sop_inst = meta.get("MediaStorageSOPInstanceUID")
         except Exception as exc:
             err = IngestError(RejectReason.UNPARSEABLE, f"cannot read file meta: {exc}"[:64])
-            self._record_rejection(err, f"component:{source}",
+            self._record_rejection(err, actor or f"component:{source}",
                                    {"source": source, "calling_ae": calling_ae}, len(data))
             raise err from None
         return self.ingest_dataset(body, str(ts), sop_class_uid=sop_class,
                                    sop_instance_uid=sop_inst, calling_ae=calling_ae,
-                                   called_ae=called_ae, peer=peer, source=source)
+                                   called_ae=called_ae, peer=peer, source=source,
+                                   actor=actor)
 
     # internals ----------------------------------------------------------------------
     def _record_rejection(self, exc: IngestError, actor: str, info: dict[str, Any],

@@ -83,6 +83,9 @@ def node_settings_dict(data_dir: Path, port: int, **overrides: Any) -> dict[str,
         "storage": {"min_free_bytes": 0},
         # DIMSE tests run without the pipeline; pipeline tests pass pipeline={...}
         "pipeline": {"enabled": False},
+        # DIMSE tests run without the DICOMweb server; DICOMweb tests pass
+        # dicomweb={"enabled": True, "port": 0, ...}
+        "dicomweb": {"enabled": False, "port": 0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(d.get(key), dict):

@@ -2,7 +2,8 @@
 
 ``orthanc`` yields a running :class:`OrthancServer` (free DICOM and HTTP ports, temporary
 storage, DicomAlwaysAllowStore, no remote access, no authentication, DICOMweb plugin when
-the Debian package ``orthanc-dicomweb`` is installed). ``stop()`` / ``start()`` restart it on
+the Debian package ``orthanc-dicomweb`` is installed; ``dicomweb_servers`` names remote
+DICOMweb servers it can query, retrieve from and send to). ``stop()`` / ``start()`` restart it on
 the same ports and storage (peer-down tests). The fixtures ``orthanc_factory``, ``orthanc`` and ``orthanc_dicomweb`` (tests/node/conftest.py)
 start one per test.
 """
@@ -41,6 +42,7 @@ class OrthancServer:
         aet: str = "ORTHANC",
         dicomweb: bool = True,
         extra_config: dict[str, object] | None = None,
+        dicomweb_servers: dict[str, object] | None = None,
     ) -> None:
         self.binary = require_tool("Orthanc")
         self.workdir = workdir
@@ -67,7 +69,10 @@ class OrthancServer:
             "StableAge": 1,
             "SaveJobs": False,
             "Plugins": [str(self.plugin)] if self.plugin else [],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full"},
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full",
+                         # remote DICOMweb servers Orthanc acts as a client of
+                         # (/dicom-web/servers/NAME/qido, /get, /retrieve, /stow)
+                         "Servers": dicomweb_servers or {}},
         }
         config.update(extra_config or {})
         workdir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +134,11 @@ class OrthancServer:
         )
         r.raise_for_status()
         return {i["MainDicomTags"]["SOPInstanceUID"] for i in r.json()}
+
+    def post(self, path: str, body: object, timeout: float = 60.0) -> object:
+        r = httpx.post(self.url + path, json=body, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
 
     def statistics(self) -> dict[str, object]:
         return self.get("/statistics")  # type: ignore[return-value]

@@ -1,0 +1,240 @@
+"""STOW-RS (PS3.18 10.5): store instances sent as multipart/related application/dicom.
+
+Every part goes through the node's one durable ingest path (:class:`node.ingest.ingestor.
+Ingestor`, the same as C-STORE): validation, temp file + fsync + rename, one transaction
+with the index rows and the ledger entry; a part is acknowledged only after that commit.
+Refusals carry the C-STORE status of their reason as Failure Reason (0008,1197), mapped in
+:data:`node.dimse.store.STATUS_FOR_REASON`.
+
+Responses: 200 all stored; 202 some failed or stored with a warning (Warning Reason
+(0008,1196)); 409 none stored; 415 not multipart/related application/dicom; 413 body over
+``dicomweb.max_request_bytes``; 400 malformed multipart.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.filereader import read_dataset
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from audit.events import Event, EventType, Outcome
+from node.context import NodeContext
+from node.dicom.part10 import build_part10
+from node.dicomweb.auth import Principal, Problem
+from node.dicomweb.media import DICOM, MultipartError, Part, parse_media_type, read_parts
+from node.dimse.status import General, Storage
+from node.dimse.store import STATUS_FOR_REASON
+from node.ingest.ingestor import Ingestor
+from node.ingest.results import IngestError, IngestOutcome
+
+__all__ = ["StowResult", "stow"]
+
+log = logging.getLogger(__name__)
+
+#: parts ingested at the same time (their commits share transactions: group commit)
+PARALLEL_PARTS = 4
+
+
+@dataclass
+class StowItem:
+    sop_class: str
+    sop_instance: str
+    study: str
+    series: str
+    failure: int | None = None
+    warning: int | None = None
+
+
+@dataclass
+class StowResult:
+    items: list[StowItem] = field(default_factory=list)
+
+    @property
+    def status(self) -> int:
+        ok = [i for i in self.items if i.failure is None]
+        if not ok:
+            return 409
+        if len(ok) < len(self.items) or any(i.warning is not None for i in ok):
+            return 202
+        return 200
+
+    def body(self, base: str, study: str | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        studies = {i.study for i in self.items if i.failure is None and i.study}
+        url_study = study or (next(iter(studies)) if len(studies) == 1 else None)
+        if url_study:
+            out["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{url_study}"]}
+        failed = [_item(i, base, with_url=False) for i in self.items if i.failure is not None]
+        refd = [_item(i, base, with_url=True) for i in self.items if i.failure is None]
+        if failed:
+            out["00081198"] = {"vr": "SQ", "Value": failed}
+        if refd:
+            out["00081199"] = {"vr": "SQ", "Value": refd}
+        return out
+
+
+def _item(i: StowItem, base: str, with_url: bool) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    if i.sop_class:
+        d["00081150"] = {"vr": "UI", "Value": [i.sop_class]}
+    if i.sop_instance:
+        d["00081155"] = {"vr": "UI", "Value": [i.sop_instance]}
+    if i.failure is not None:
+        d["00081197"] = {"vr": "US", "Value": [i.failure]}
+    if with_url:
+        d["00081190"] = {"vr": "UR", "Value": [
+            f"{base}/studies/{i.study}/series/{i.series}/instances/{i.sop_instance}"]}
+    if i.warning is not None:
+        d["00081196"] = {"vr": "US", "Value": [i.warning]}
+    return d
+
+
+def _peek(data: bytes) -> tuple[str, str, str, str]:
+    """SOP Class, SOP Instance, Study, Series UIDs of a part, as far as they can be read."""
+    try:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True, force=True,
+                     specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                    "SeriesInstanceUID"])
+        meta = getattr(ds, "file_meta", None)
+        cls = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "")
+                  or "")
+        inst = str(ds.get("SOPInstanceUID")
+                   or (meta.get("MediaStorageSOPInstanceUID") if meta else "") or "")
+        return cls, inst, str(ds.get("StudyInstanceUID") or ""), \
+            str(ds.get("SeriesInstanceUID") or "")
+    except Exception:
+        return "", "", "", ""
+
+
+def _with_preamble(data: bytes) -> bytes:
+    """A part written as group 0002 + data set without the 128-byte preamble, 'DICM' and
+    group length (pydicom's ``dcmwrite`` of a data set that has no preamble, as
+    dicomweb-client sends it) is rebuilt into a PS3.10 file (same data set bytes); other
+    parts pass unchanged (the ingestor judges them)."""
+    if data[128:132] == b"DICM" or data[:2] != b"\x02\x00":
+        return data
+    pos = 0
+    try:
+        while pos + 8 <= len(data) and data[pos:pos + 2] == b"\x02\x00":
+            vr = data[pos + 4:pos + 6]
+            if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+                pos += 12 + struct.unpack_from("<I", data, pos + 8)[0]
+            else:
+                pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
+        meta = read_dataset(BytesIO(data[:pos]), is_implicit_VR=False, is_little_endian=True)
+        return build_part10(data[pos:], str(meta.MediaStorageSOPClassUID),
+                            str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID))
+    except Exception:
+        return data
+
+
+def store_part(ctx: NodeContext, ingestor: Ingestor, who: Principal, part: Part,
+               study: str | None) -> StowItem:
+    """Ingest one part (blocking: runs in a worker thread)."""
+    cls, inst, st, se = _peek(part.body)
+    item = StowItem(cls, inst, st, se)
+    ptype = parse_media_type(part.content_type).type if part.content_type else DICOM
+    if ptype != DICOM:
+        item.failure = Storage.CANNOT_UNDERSTAND
+        _reject(ctx, who, item, "part_media_type", f"part is {ptype}, not {DICOM}")
+        return item
+    if study and st and st != study:
+        item.failure = Storage.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        _reject(ctx, who, item, "study_mismatch",
+                "Study Instance UID differs from the request's study")
+        return item
+    with ctx.inflight.track():
+        try:
+            res = ingestor.ingest_part10(_with_preamble(part.body), peer=who.address,
+                                         source="stow", actor=who.actor)
+        except IngestError as exc:
+            item.failure = STATUS_FOR_REASON[exc.reason]
+            return item
+        except Exception:
+            log.exception("STOW-RS part failed")
+            item.failure = General.PROCESSING_FAILURE
+            return item
+    rec = res.record
+    item.sop_class, item.sop_instance = rec.sop_class_uid, rec.sop_instance_uid
+    item.study, item.series = rec.study_instance_uid, rec.series_instance_uid
+    if res.outcome == IngestOutcome.KEPT_FIRST:
+        item.warning = Storage.ELEMENTS_DISCARDED
+    return item
+
+
+def _reject(ctx: NodeContext, who: Principal, item: StowItem, reason: str, detail: str) -> None:
+    subject = {k: v for k, v in (("sop_uid", item.sop_instance),
+                                 ("sop_class_uid", item.sop_class),
+                                 ("study_uid", item.study)) if v}
+    try:
+        ctx.ledger.append(Event(type=EventType.INSTANCE_REJECTED, actor=who.actor,
+                                outcome=Outcome.MINOR_FAILURE, subject=subject,
+                                payload={"source": "stow", "peer": who.address,
+                                         "reason": reason, "detail": detail,
+                                         "status": item.failure}))
+    except Exception:
+        log.exception("could not record a STOW-RS refusal")
+
+
+def _refused(ctx: NodeContext, who: Principal, p: Problem) -> Problem:
+    """Record a refused STOW-RS request (no instance was read from it) and return ``p``."""
+    try:
+        ctx.ledger.append(Event(type=EventType.INSTANCE_REJECTED, actor=who.actor,
+                                outcome=Outcome.MINOR_FAILURE,
+                                payload={"source": "stow", "peer": who.address,
+                                         "reason": "request_refused", "status": p.status,
+                                         "detail": p.detail[:200]}))
+    except Exception:
+        log.exception("could not record a refused STOW-RS request")
+    return p
+
+
+async def stow(ctx: NodeContext, ingestor: Ingestor, who: Principal, request: Request,
+               study: str | None) -> StowResult:
+    """Read the request's parts as they arrive and ingest them."""
+    if ctx.stopping.is_set():
+        raise Problem(503, "Service Unavailable", "the node is shutting down")
+    ct = parse_media_type(request.headers.get("content-type", ""))
+    if ct.type != "multipart/related" or ct.params.get("type", DICOM).lower() != DICOM:
+        raise _refused(ctx, who, Problem(415, "Unsupported Media Type",
+                       'STOW-RS accepts multipart/related; type="application/dicom"'))
+    bnd = ct.params.get("boundary")
+    if not bnd:
+        raise _refused(ctx, who, Problem(400, "Bad Request",
+                                         "multipart/related without a boundary"))
+    limit = ctx.settings.dicomweb.max_request_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise _refused(ctx, who, Problem(413, "Content Too Large",
+                                         f"the limit is {limit} bytes"))
+    sem = asyncio.Semaphore(PARALLEL_PARTS)
+    tasks: list[asyncio.Task[StowItem]] = []
+
+    async def one(p: Part) -> StowItem:
+        try:
+            return await run_in_threadpool(store_part, ctx, ingestor, who, p, study)
+        finally:
+            sem.release()
+
+    try:
+        async for part in read_parts(request.stream(), bnd, limit):
+            await sem.acquire()  # back-pressure: at most PARALLEL_PARTS parts being stored
+            tasks.append(asyncio.create_task(one(part)))
+    except OverflowError:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise _refused(ctx, who, Problem(413, "Content Too Large",
+                                         f"the limit is {limit} bytes")) from None
+    except MultipartError as exc:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise _refused(ctx, who, Problem(400, "Bad Request", str(exc))) from None
+    items = list(await asyncio.gather(*tasks))
+    if not items:
+        raise _refused(ctx, who, Problem(400, "Bad Request", "the request holds no part"))
+    return StowResult(items)

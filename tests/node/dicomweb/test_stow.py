@@ -1,0 +1,164 @@
+"""STOW-RS with dicomweb-client and raw HTTP: the status matrix (PS3.18 10.5.3)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import Dataset
+from pydicom.data import get_testdata_file
+
+from config.sections.dimse import DuplicatePolicy
+from tests.support.dicomweb import auth, client, multipart
+from tests.support.dimse import SPECS, ledger_events, make_dataset, part10
+
+
+def _post(url: str, body: bytes | Iterator[bytes], *, ctype: str | None = None,
+          token: str = "rw", path: str = "/studies") -> httpx.Response:
+    headers = {**auth(token), "Accept": "application/dicom+json",
+               "Content-Type": ctype or 'multipart/related; type="application/dicom"; '
+                                        'boundary=b0undary'}
+    return httpx.post(url + path, content=body, headers=headers, timeout=60)
+
+
+def _ds(i: int) -> tuple[Dataset, bytes]:
+    ds = make_dataset(SPECS[i])
+    return ds, part10(ds)
+
+
+def _seq(body: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    return list(body.get(tag, {}).get("Value", []))
+
+
+def test_all_good_with_dicomweb_client(web: Any) -> None:
+    files = [get_testdata_file(f) for f in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm",
+                                            "emri_small.dcm")]
+    from pydicom import dcmread
+
+    datasets = [dcmread(f) for f in files]
+    resp = client(web.url).store_instances(datasets)
+    refs = resp.ReferencedSOPSequence
+    assert [str(r.ReferencedSOPInstanceUID) for r in refs] == \
+        [str(d.SOPInstanceUID) for d in datasets]
+    for r, d in zip(refs, datasets, strict=True):
+        assert str(r.ReferencedSOPClassUID) == str(d.SOPClassUID)
+        assert r.RetrieveURL.startswith(web.url + f"/studies/{d.StudyInstanceUID}/series/")
+    assert "FailedSOPSequence" not in resp
+    idx = web.node.ctx.index
+    assert all(idx.get_instance(str(d.SOPInstanceUID)) for d in datasets)
+    received = ledger_events(web.node, "instance.received")  # the C-STORE ingest path
+    assert sorted(e.subject["sop_uid"] for e in received) == \
+        sorted(str(d.SOPInstanceUID) for d in datasets)
+    assert {e.payload["source"] for e in received} == {"stow"}
+    assert {e.actor for e in received} == {"token:rw"}  # who stored: the token's name
+
+
+def test_mixed_is_202_with_failure_reasons(web: Any) -> None:
+    _, good = _ds(0)
+    truncated = good[: len(good) // 2]  # encoding broken: C000
+    bad_ds = make_dataset(SPECS[1])
+    del bad_ds.SeriesInstanceUID  # a Type 1 key missing: A900
+    bad = part10(bad_ds)
+    r = _post(web.url, multipart([good, truncated, bad]))
+    assert r.status_code == 202
+    assert r.headers["content-type"] == "application/dicom+json"
+    body = r.json()
+    assert [x["00081155"]["Value"][0] for x in _seq(body, "00081199")] == [SPECS[0].sop_uid]
+    failed = _seq(body, "00081198")
+    reasons = {x.get("00081155", {}).get("Value", [""])[0]: x["00081197"]["Value"][0]
+               for x in failed}
+    assert reasons[SPECS[1].sop_uid] == 0xA900
+    assert 0xC000 in reasons.values()
+    rejected = ledger_events(web.node, "instance.rejected")
+    assert len(rejected) == 2 and {e.actor for e in rejected} == {"token:rw"}
+
+
+def test_all_bad_is_409(web: Any) -> None:
+    _, good = _ds(0)
+    r = _post(web.url, multipart([good[:100], b"not dicom at all"]))
+    assert r.status_code == 409
+    assert len(_seq(r.json(), "00081198")) == 2
+    assert web.node.ctx.index.count_instances() == 0
+
+
+@pytest.mark.parametrize("ctype", [
+    "application/dicom",
+    "multipart/related; type=\"application/dicom+json\"; boundary=b0undary",
+    "multipart/form-data; boundary=b0undary",
+    "text/plain",
+])
+def test_wrong_content_type_is_415(web: Any, ctype: str) -> None:
+    _, good = _ds(0)
+    r = _post(web.url, multipart([good]), ctype=ctype)
+    assert r.status_code == 415
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["status"] == 415
+    (ev,) = ledger_events(web.node, "instance.rejected")  # bad input: a ledger entry
+    assert (ev.actor, ev.payload["status"]) == ("token:rw", 415)
+
+
+def test_unquoted_parameters_and_chunked_body(web: Any) -> None:
+    parts = [_ds(i)[1] for i in range(3)]
+    body = multipart(parts, boundary="xyz")
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(body), 777):
+            yield body[i:i + 777]
+
+    r = _post(web.url, chunks(), ctype="multipart/related; type=application/dicom; boundary=xyz")
+    assert r.status_code == 200, r.text
+    assert len(_seq(r.json(), "00081199")) == 3
+
+
+def test_study_mismatch_fails_that_instance(web: Any) -> None:
+    _, a = _ds(0)  # study 1
+    _, b = _ds(5)  # study 2
+    r = _post(web.url, multipart([a, b]), path=f"/studies/{SPECS[0].study_uid}")
+    assert r.status_code == 202
+    body = r.json()
+    assert body["00081190"]["Value"] == [f"{web.url}/studies/{SPECS[0].study_uid}"]
+    (failed,) = _seq(body, "00081198")
+    assert failed["00081155"]["Value"] == [SPECS[5].sop_uid]
+    assert failed["00081197"]["Value"] == [0xA900]
+    assert web.node.ctx.index.get_instance(SPECS[5].sop_uid) is None
+    rej = ledger_events(web.node, "instance.rejected")
+    assert [e.payload["reason"] for e in rej] == ["study_mismatch"]
+
+
+def test_duplicates_follow_the_dimse_policy(web_factory: Any) -> None:
+    web = web_factory()
+    ds, data = _ds(0)
+    assert _post(web.url, multipart([data])).status_code == 200
+    assert _post(web.url, multipart([data])).status_code == 200  # identical: success again
+    ds.PatientName = "Other^Content"
+    changed = part10(ds)
+    web.node.ctx.settings.dimse.duplicate_policy = DuplicatePolicy.REJECT
+    r = _post(web.url, multipart([changed]))
+    assert r.status_code == 409
+    assert _seq(r.json(), "00081198")[0]["00081197"]["Value"] == [0x0111]
+    web.node.ctx.settings.dimse.duplicate_policy = DuplicatePolicy.KEEP_FIRST
+    r = _post(web.url, multipart([changed]))
+    assert r.status_code == 202
+    assert _seq(r.json(), "00081199")[0]["00081196"]["Value"] == [0xB006]
+
+
+def test_body_over_the_limit_is_413(web_factory: Any) -> None:
+    web = web_factory(max_request_bytes=1000)
+    _, data = _ds(0)
+    r = _post(web.url, multipart([data, data]))
+    assert r.status_code == 413
+    assert r.json()["title"] == "Content Too Large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while reading
+        yield multipart([data, data])
+
+    assert _post(web.url, chunks()).status_code == 413
+    assert web.node.ctx.index.count_instances() == 0
+
+
+def test_malformed_multipart_is_400(web: Any) -> None:
+    _, data = _ds(0)
+    body = multipart([data])[:-20]  # closing boundary lost
+    r = _post(web.url, body)
+    assert r.status_code == 400
