@@ -17,7 +17,7 @@ from engine.tasks import (
     denormalise,
     normalise,
 )
-from engine.train import TrainConfig, initial_model
+from engine.research.train import TrainConfig, initial_model
 from tests.support.engine import TINY_ARCH
 from tests.support.engine import tiny_model as tiny
 

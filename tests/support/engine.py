@@ -20,7 +20,7 @@ TINY_ARCH: dict[str, Any] = {
 def tiny_model(task: str, objective: str = "diffusion", seed: int = 0) -> Any:
     """An untrained, seeded :class:`engine.models.LoadedModel` for ``task``."""
     from engine.models import load_model, sha256_hex
-    from engine.train import TrainConfig, initial_model
+    from engine.research.train import TrainConfig, initial_model
 
     cfg, weights = initial_model(TrainConfig(task=task, objective=objective, seed=seed,
                                              architecture=dict(TINY_ARCH)))
@@ -31,7 +31,7 @@ def tiny_model_dir(root: Path, task: str = "ct_denoise", *, name: str | None = N
                    manifest: bool = True) -> Path:
     """A model folder (config.json, model.safetensors, and with ``manifest`` a card and an
     unsigned manifest for the model gate) holding an untrained tiny model for ``task``."""
-    from engine.train import TrainConfig, initial_model
+    from engine.research.train import TrainConfig, initial_model
 
     cfg, weights = initial_model(TrainConfig(task=task, architecture=dict(TINY_ARCH)))
     d = Path(root) / (name or f"tiny-{task.replace('_', '-')}")
@@ -48,7 +48,7 @@ def tiny_model_dir(root: Path, task: str = "ct_denoise", *, name: str | None = N
 
 
 def toy_data(n: int = 4, size: int = 32, seed: int = 0) -> dict[str, Any]:
-    """Arrays shaped like engine.train.prepare_data output (disc phantoms, Gaussian 'low dose')."""
+    """Arrays shaped like engine.research.train.prepare_data output (disc phantoms, Gaussian 'low dose')."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     ct = np.full((n, 3, size, size), -1000.0, np.float32)
