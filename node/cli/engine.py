@@ -463,12 +463,20 @@ def package_cmd(
         "--intended-use",
     ),
 ) -> None:
-    """Refresh MODEL_CARD.md (digest, metrics) and write manifest.json through the model gate."""
+    """Refresh MODEL_CARD.md (digest, metrics) and write manifest.json through the model gate
+    (an adapter's manifest also records its base: model id, version, weights digest)."""
     from audit.modelgate import build_manifest, write_manifest
-    from engine.research.train import write_model_card
+    from engine.adapters import is_adapter
 
-    write_model_card(model_dir, metrics_md=metrics_md.read_text() if metrics_md else None)
     cfg = json.loads((model_dir / "config.json").read_text())
+    if is_adapter(cfg):
+        from engine.research.adapters import write_card
+
+        write_card(model_dir, metrics_md=metrics_md.read_text() if metrics_md else None)
+    else:
+        from engine.research.train import write_model_card
+
+        write_model_card(model_dir, metrics_md=metrics_md.read_text() if metrics_md else None)
     man = model_dir / "manifest.json"
     if man.exists():
         man.unlink()
@@ -478,6 +486,7 @@ def package_cmd(
         version=cfg["version"],
         task=cfg["tasks"][0],
         intended_use=intended_use,
+        base=cfg["base"] if is_adapter(cfg) else None,
     )
     write_manifest(model_dir, m)
     console.print(

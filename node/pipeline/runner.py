@@ -53,8 +53,29 @@ class GatedEngineRunner:
         from engine.api import run_task
         from engine.models import load_model
 
-        verified = self.gate.load(self._folder(task, model_id))
+        folder = self._folder(task, model_id)
+        base = self._base(folder)
+        verified = self.gate.load(folder, base=base) if base is not None else self.gate.load(folder)
         (name, weights), = verified.weights.items()
-        model = load_model(verified.config(), weights, verified.file_sha256[name])
+        if base is None:
+            model = load_model(verified.config(), weights, verified.file_sha256[name])
+        else:  # an adapter on its frozen base, both admitted by the gate
+            from engine.adapters import load_adapter
+
+            (bname, bweights), = base.weights.items()
+            base_model = load_model(base.config(), bweights, base.file_sha256[bname])
+            model = load_adapter(verified.config(), weights, verified.file_sha256[name],
+                                 base_model)
         return run_task(task, volume, model=model, params=params, seed=seed,
                         device=self.device, options=self.options)
+
+    def _base(self, folder: Path) -> Any:
+        """The gate-verified base model an adapter folder's manifest names (the base folder is
+        found by model id among the model folders), or None for a plain model."""
+        try:
+            rec = json.loads((folder / "manifest.json").read_text()).get("base")
+        except (OSError, ValueError):
+            return None  # the gate refuses the folder itself
+        if not rec:
+            return None
+        return self.gate.load(self._folder("", str(rec.get("model_id"))))
