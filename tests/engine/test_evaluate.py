@@ -93,6 +93,33 @@ def test_ct_to_mr_lesion_dice_is_split_by_ct_visibility():
     assert "lesion_dice_ge5mm_ct_visible" not in score(ct_case, ct_case.reference)  # CT restoration: no split
 
 
+def test_restoration_lesions_are_read_relative_to_the_received_image():
+    """A lesion is kept when the output keeps >= 90 % of its contrast in the input; only
+    lesions of >= 10 HU reference contrast count for CT; CT->MR has no such reading."""
+    from engine.api import Intensity
+    from engine.research.evaluate import Case
+
+    yy, xx = np.mgrid[:64, :64]
+    a = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 16)
+    b = ((yy - 44) ** 2 + (xx - 44) ** 2 <= 16)
+    les = np.zeros((1, 64, 64), np.int16)
+    les[0][a], les[0][b] = 1, 2
+    ref = np.full((1, 64, 64), 40.0, np.float32)
+    ref[0][a], ref[0][b] = 90.0, 45.0  # +50 HU and +5 HU (under the 10 HU line)
+    inp = ref.copy()
+    inp[0][a] = 80.0  # the received image shows +40 HU of lesion 1
+    sp = (2.0, 1.0, 1.0)
+    case = Case("ct", Volume(inp, sp, Intensity.HU), Volume(ref, sp, Intensity.HU), lesion_mask=les)
+    out = ref.copy()
+    out[0][a] = 76.0  # keeps 36 of the input's 40 HU (90 %), 72 % of the reference's 50
+    r = score(case, Volume(out, sp, Intensity.HU))
+    assert r["lesion_kept_vs_input"] == 1.0 and r["lesion_n_kept_eval"] == 1
+    assert r["lesion_contrast_ratio_to_input"] == pytest.approx(0.9, abs=0.01)
+    assert r["lesion_contrast_ratio_visible"] == pytest.approx(0.72, abs=0.01)
+    out[0][a] = 70.0  # 30 of 40: faded
+    assert score(case, Volume(out, sp, Intensity.HU))["lesion_kept_vs_input"] == 0.0
+
+
 def test_report_for_identity_nlm_and_tiny_model(tmp_path, tiny_model_dir):
     cases = phantom_cases("ct_denoise", 2, size=64, n_slices=3, dose=0.1)
     tiny, desc = model_method(tiny_model_dir, "ct_denoise", params={"steps": 1}, seed=0)
