@@ -232,6 +232,11 @@ def write_card(out_dir: Path, digest: str | None = None, metrics_md: str | None 
         f"{tr.get('size')} px, seed {tr.get('seed')}, {tr.get('train_seconds')} s on "
         f"{tr.get('device')} (data {tr.get('data_seconds')} s); loss {tr.get('loss_first_50')} "
         f"(first 50 steps) -> {tr.get('loss_last_50')} (last 50)",
+        f"- command: `OMP_NUM_THREADS=1 nice -n 10 python -m engine.research.adapters train {task} "
+        f"--base engine/weights/{b['model_id']} --out <dir> --steps {tr.get('steps')} --n-train "
+        f"{tr.get('n_train')} --size {tr.get('size')} --crop {tr.get('crop')} --batch "
+        f"{tr.get('batch')} --lr {tr.get('lr')} --seed {tr.get('seed')}`, then the config's "
+        f"sampling defaults: {tr.get('sampling_choice', 'as trained')}",
         "- data: engine.research.adapters (sparse-view FBP from 60 / 90 of 720 parallel views, or "
         "4x / 8x Cartesian undersampling with a fully sampled centre, zero-filled)",
         "- a minutes-long CPU run that proves the adapter path end to end; it is NOT trained "
@@ -291,6 +296,25 @@ def evaluate(task: str, adapter_dir: Path, base_dir: Path, out_dir: Path, n: int
     return write_report([sec], out_dir, f"{task}: ControlNet adapter vs input and TV")
 
 
+def sweep(task: str, adapter_dir: Path, base_dir: Path, strengths: tuple[float, ...],
+          n: int = 2, size: int = 256, seed: int = 0) -> list[dict[str, float]]:
+    """Mean PSNR / SSIM of the adapter on ``n`` validation cases per start ``strength`` (the
+    adapter's config default is chosen with this, never on the test split)."""
+    from engine.adapters import load_adapter_dir
+    from engine.api import run_task
+    from engine.research.evaluate import score
+
+    model = load_adapter_dir(adapter_dir, base_dir)
+    val = cases(task, "val", n, size)
+    rows = []
+    for s in strengths:
+        sc = [score(c, run_task(task, c.input, model=model, params={"strength": s}, seed=seed,
+                                device="cpu").outputs[0]) for c in val]
+        rows.append({"strength": s, "psnr": float(np.mean([x["psnr"] for x in sc])),
+                     "ssim": float(np.mean([x["ssim"] for x in sc]))})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - research entry point
     ap = argparse.ArgumentParser(prog="python -m engine.research.adapters")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -313,6 +337,12 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - research 
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--n", type=int, default=4)
     e.add_argument("--size", type=int, default=256)
+    w = sub.add_parser("sweep")
+    w.add_argument("task", choices=[str(x) for x in ADAPTER_TASKS])
+    w.add_argument("--adapter", type=Path, required=True)
+    w.add_argument("--base", type=Path, required=True)
+    w.add_argument("--strength", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
+    w.add_argument("--n", type=int, default=2)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.cmd == "train":
@@ -320,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - research 
               n_train=a.n_train, size=a.size, seed=a.seed, version=a.version,
               progress=lambda s, lo: print(f"step {s} loss {lo:.5f}", flush=True))
         print(a.out)
+    elif a.cmd == "sweep":
+        for row in sweep(a.task, a.adapter, a.base, tuple(a.strength), n=a.n):
+            print(" ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
     else:
         print(evaluate(a.task, a.adapter, a.base, a.out, n=a.n, size=a.size))
 
