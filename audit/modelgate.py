@@ -486,6 +486,38 @@ class ModelGate:
         log.info("model %s %s admitted (weights %s)", mid, ver, vm.weights_sha256[:16])
         return vm
 
+    def load_with_base(
+        self, model_dir: Path, models_dir: Path | None = None
+    ) -> tuple[VerifiedModel, VerifiedModel | None]:
+        """:meth:`load` for a plain model or an adapter: an adapter's base (its manifest's
+        ``base``) is the folder under ``models_dir`` (default: the adapter's parent) whose
+        manifest has that model id and weights digest, loaded first (refused when none).
+        Returns ``(model, base or None)``."""
+        model_dir = Path(model_dir)
+        try:
+            rec = json.loads(_read_nofollow(model_dir / MANIFEST)).get("base")
+        except (OSError, ValueError, AttributeError):
+            rec = None  # load() refuses the folder with the reason
+        if not isinstance(rec, dict):
+            return self.load(model_dir), None
+        root = Path(models_dir) if models_dir is not None else model_dir.parent
+        found = None
+        for folder in self.folders(root):
+            try:
+                m = json.loads(_read_nofollow(folder / MANIFEST))
+            except (OSError, ValueError):
+                continue
+            if m.get("model_id") == rec.get("model_id"):
+                found = found or folder
+                if weights_digest(m.get("files", {})) == rec.get("weights_sha256"):
+                    found = folder
+                    break
+        if found is None:
+            raise self._refuse(str(rec.get("model_id")), f"base of adapter {model_dir.name} "
+                               f"not found under {root}", model_dir)
+        base = self.load(found)
+        return self.load(model_dir, base=base), base
+
     def verify(self, model_dir: Path) -> VerifiedModel:
         """Like :meth:`load` (same checks and events); used by ``models verify``."""
         return self.load(model_dir)

@@ -53,9 +53,7 @@ class GatedEngineRunner:
         from engine.api import run_task
         from engine.models import load_model
 
-        folder = self._folder(task, model_id)
-        base = self._base(folder)
-        verified = self.gate.load(folder, base=base) if base is not None else self.gate.load(folder)
+        verified, base = self.gate.load_with_base(self._folder(task, model_id), self.models_dir)
         (name, weights), = verified.weights.items()
         if base is None:
             model = load_model(verified.config(), weights, verified.file_sha256[name])
@@ -68,14 +66,3 @@ class GatedEngineRunner:
                                  base_model)
         return run_task(task, volume, model=model, params=params, seed=seed,
                         device=self.device, options=self.options)
-
-    def _base(self, folder: Path) -> Any:
-        """The gate-verified base model an adapter folder's manifest names (the base folder is
-        found by model id among the model folders), or None for a plain model."""
-        try:
-            rec = json.loads((folder / "manifest.json").read_text()).get("base")
-        except (OSError, ValueError):
-            return None  # the gate refuses the folder itself
-        if not rec:
-            return None
-        return self.gate.load(self._folder("", str(rec.get("model_id"))))

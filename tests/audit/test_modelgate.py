@@ -217,3 +217,30 @@ def test_adapter_loads_only_on_its_recorded_base(gate_env) -> None:  # type: ign
     # a malformed base record is refused when the manifest is built
     with pytest.raises(ModelRefused, match="manifest base"):
         _make_adapter(tmp / "bad", {**rec, "weights_sha256": "xyz"})
+
+
+def test_load_with_base_finds_the_adapters_base_folder(gate_env) -> None:  # type: ignore[no-untyped-def]
+    """``load_with_base``: a plain model alone; an adapter with the folder of its base (by model
+    id and weights digest, among several versions of that id), refused when there is none."""
+    ledger, gate, key, model, tmp = gate_env
+    models = model.parent
+    old = make_model(tmp / "elsewhere", version="0.9.0")  # same id, other weights, other folder
+    (old / "model.safetensors").write_bytes(st_save({"w": np.zeros((3, 4), np.float32)}))
+    write_manifest(old, build_manifest(old, model_id="ct-restore-tiny", version="0.9.0",
+                                       task="ct_restore", intended_use="unit tests"))
+    old.rename(models / "a-old-ct-restore-tiny")
+    for d in (model, models / "a-old-ct-restore-tiny"):
+        gate.approve(d, key)
+    vm, base = gate.load_with_base(model)
+    assert base is None and vm.model_id == "ct-restore-tiny"
+    rec = {"model_id": vm.model_id, "version": vm.version, "weights_sha256": vm.weights_sha256}
+    adapter = _make_adapter(models, rec)
+    gate.approve(adapter, key)
+    got, base = gate.load_with_base(adapter)
+    assert base is not None and base.model_dir == model and got.manifest["base"] == rec
+    lone = tmp / "lone"
+    lone.mkdir()
+    adapter.rename(lone / "adapter")
+    with pytest.raises(ModelRefused, match="not found"):
+        gate.load_with_base(lone / "adapter")
+    assert ledger.entry(ledger.size() - 1).event.type == EventType.MODEL_REFUSED
