@@ -208,6 +208,65 @@ def train(task: str, base_dir: Path, out_dir: Path, *, steps: int = 300, batch: 
     return out_dir
 
 
+def train_regressor(task: str, base_dir: Path, out_dir: Path, *, steps: int = 800,
+                    batch: int = 4, crop: int = 128, lr: float = 2e-4, n_train: int = 16,
+                    size: int = 256, seed: int = 0, device: str = "cpu") -> Path:
+    """Baseline: the base's UNet (all of it, warm-started from the base weights) trained as a
+    one-step regressor (zero target slot, t = T, MSE to the clean sub-bands) on the same pairs,
+    crops and step count as the adapter. Writes config.json + model.safetensors (a plain engine
+    model for ``task``; not shipped)."""
+    import copy
+
+    from engine.nets import build_unet, regression_predict
+
+    task = TaskName(task)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    base = load_model_dir(base_dir)
+    clean, deg = training_pairs(task, n_train, size)
+    net = build_unet(base.config)
+    net.load_state_dict({k: v.float() for k, v in base.net.state_dict().items()})
+    net.to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    t_total = int(base.config.get("scheduler", {}).get("num_train_timesteps", 1000))
+    _, out_ch = in_out_channels(base.config["io"])
+    n = clean.shape[0]
+    losses: list[float] = []
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        y0 = torch.randint(0, size - crop + 1, (1,), generator=gen).item() // 2 * 2
+        x0 = torch.randint(0, size - crop + 1, (1,), generator=gen).item() // 2 * 2
+        c = clean[idx, :, y0:y0 + crop, x0:x0 + crop]
+        d = deg[idx, :, y0:y0 + crop, x0:x0 + crop]
+        if torch.rand((), generator=gen) < 0.5:
+            c, d = c.flip(-1), d.flip(-1)
+        pred = regression_predict(net, dwt2(d).to(device), out_ch, t_total)
+        loss = torch.nn.functional.mse_loss(pred, dwt2(c[:, 1:2]).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    cfg = copy.deepcopy(adapter_config(task, base, f"{DEFAULT_IDS[task]}-regressor", "0.0.1",
+                                       {}))
+    for k in ("kind", "base", "controlnet", "format"):
+        cfg.pop(k, None)
+    cfg.update({"format": "synthnode-model/1", "objective": "regression",
+                "architecture": base.config["architecture"],
+                "scheduler": base.config.get("scheduler", {}), "sampling": {},
+                "training": {"steps": steps, "batch": batch, "crop": crop, "lr": lr,
+                             "n_train": n_train, "size": size, "seed": seed,
+                             "train_seconds": round(time.perf_counter() - t1, 1),
+                             "loss_last_50": float(np.mean(losses[-50:])),
+                             "init": f"{base.model_id} {base.version}"}})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+              str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
+    return out_dir
+
+
 def write_card(out_dir: Path, digest: str | None = None, metrics_md: str | None = None) -> Path:
     """MODEL_CARD.md of an adapter folder from its config (and held-out metrics, if given)."""
     out_dir = Path(out_dir)
@@ -271,7 +330,7 @@ def tv_method(task: str, weight: float) -> Callable[[Volume], Volume]:
 
 def evaluate(task: str, adapter_dir: Path, base_dir: Path, out_dir: Path, n: int = 4,
              size: int = 256, tv_weights: tuple[float, ...] = (0.02, 0.05, 0.1),
-             seed: int = 0) -> Path:
+             seed: int = 0, regressor_dir: Path | None = None) -> Path:
     """Test-split report (engine.research.evaluate): input (FBP / zero-filled), TV on the input
     (weight chosen on 2 validation cases by PSNR) and the adapter."""
     from engine.adapters import load_adapter_dir
@@ -287,10 +346,15 @@ def evaluate(task: str, adapter_dir: Path, base_dir: Path, out_dir: Path, n: int
     def adapter(v: Volume) -> Volume:
         return run_task(task, v, model=model, params=None, seed=seed, device="cpu").outputs[0]
 
+    methods = {f"TV (weight {best}, chosen on val)": tv_method(task, best)}
+    if regressor_dir is not None:
+        from engine.research.evaluate import model_method
+
+        methods["same UNet, one-step regressor (same data and steps)"] = model_method(
+            regressor_dir, task, seed=seed)[0]
+    methods[f"{model.model_id} {model.version} (adapter)"] = adapter
     test = cases(task, "test", n, size)
-    sec = run_section(f"{task} (test split)", task, test,
-                      {f"TV (weight {best}, chosen on val)": tv_method(task, best),
-                       f"{model.model_id} {model.version} (adapter)": adapter}, out_dir,
+    sec = run_section(f"{task} (test split)", task, test, methods, out_dir,
                       description=f"{n} test phantoms x 3 slices at {size} px; "
                       + ", ".join(sorted({c.info['degradation'] for c in test})))
     return write_report([sec], out_dir, f"{task}: ControlNet adapter vs input and TV")
@@ -337,6 +401,12 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - research 
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--n", type=int, default=4)
     e.add_argument("--size", type=int, default=256)
+    e.add_argument("--regressor", type=Path, default=None)
+    r = sub.add_parser("train-regressor")
+    r.add_argument("task", choices=[str(x) for x in ADAPTER_TASKS])
+    r.add_argument("--base", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--steps", type=int, default=800)
     w = sub.add_parser("sweep")
     w.add_argument("task", choices=[str(x) for x in ADAPTER_TASKS])
     w.add_argument("--adapter", type=Path, required=True)
@@ -350,11 +420,14 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - research 
               n_train=a.n_train, size=a.size, seed=a.seed, version=a.version,
               progress=lambda s, lo: print(f"step {s} loss {lo:.5f}", flush=True))
         print(a.out)
+    elif a.cmd == "train-regressor":
+        print(train_regressor(a.task, a.base, a.out, steps=a.steps))
     elif a.cmd == "sweep":
         for row in sweep(a.task, a.adapter, a.base, tuple(a.strength), n=a.n):
             print(" ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
     else:
-        print(evaluate(a.task, a.adapter, a.base, a.out, n=a.n, size=a.size))
+        print(evaluate(a.task, a.adapter, a.base, a.out, n=a.n, size=a.size,
+                       regressor_dir=a.regressor))
 
 
 if __name__ == "__main__":  # pragma: no cover
