@@ -44,3 +44,17 @@ def test_task_registry_is_keyed_by_the_task_enum() -> None:
 
     assert set(TASKS) == set(TaskName)
     assert all(isinstance(k, TaskName) and spec.name == k for k, spec in TASKS.items())
+
+
+def test_engine_runtime_modules_never_import_research() -> None:
+    """Static check over every import (lazy ones too) of the runtime modules in engine/."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "engine").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("engine.research")]
+    assert offenders == []
+    assert (ROOT / "engine" / "adapters.py").exists()  # the adapters are runtime, checked here
