@@ -9,6 +9,11 @@ A model is a folder::
         MODEL_CARD.md      listed in files
         *.safetensors      listed in files (at least one)
 
+An *adapter* (a small network trained on a frozen base model, engine.adapters) also records
+its base: ``"base": {"model_id", "version", "weights_sha256"}``; :meth:`ModelGate.load` admits
+it only together with that base, verified (``load(adapter_dir, base=verified_base)``), and
+refuses it on any other base or on none.
+
 ``files`` lists every file of the folder except ``manifest.json`` itself, with POSIX
 relative paths. The *canonical manifest bytes* are the manifest in canonical JSON (sorted
 keys, no whitespace, UTF-8: :func:`audit.events.canonical_json`); ``manifest_sha256`` is
@@ -58,6 +63,7 @@ PICKLE_SUFFIXES = frozenset(
     {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
 )
 MANIFEST_KEYS = ("model_id", "version", "task", "intended_use", "files")
+BASE_KEYS = ("model_id", "version", "weights_sha256")  # an adapter's "base" record
 
 
 class ModelRefused(Exception):
@@ -184,8 +190,9 @@ def _read_nofollow(path: Path) -> bytes:
 
 
 def build_manifest(model_dir: Path, *, model_id: str, version: str, task: str,
-                   intended_use: str) -> dict[str, Any]:
-    """Manifest for the folder's current files (refuses pickle files and symlinks)."""
+                   intended_use: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Manifest for the folder's current files (refuses pickle files and symlinks); ``base``
+    (model_id, version, weights_sha256) for an adapter."""
     files = scan_folder(model_dir)
     bad = [f for f in files if _is_pickle(f)]
     if bad:
@@ -199,6 +206,8 @@ def build_manifest(model_dir: Path, *, model_id: str, version: str, task: str,
             f: hashlib.sha256(_read_nofollow(Path(model_dir) / f)).hexdigest() for f in files
         },
     }
+    if base is not None:
+        manifest["base"] = {k: str(base[k]) for k in BASE_KEYS}
     validate_manifest(manifest)
     return manifest
 
@@ -207,6 +216,29 @@ def write_manifest(model_dir: Path, manifest: dict[str, Any]) -> Path:
     path = Path(model_dir) / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _base_problem(manifest: dict[str, Any], base: VerifiedModel | None) -> str | None:
+    """Why an adapter / base pairing is refused, or None when it is right."""
+    rec = manifest.get("base")
+    if rec is None:
+        return (f"not an adapter: its manifest names no base, but base {base.model_id} was given"
+                if base is not None else None)
+    if base is None:
+        return (f"adapter of base {rec['model_id']} {rec['version']} loaded without its base")
+    if base.model_id != rec["model_id"] or base.weights_sha256 != rec["weights_sha256"]:
+        return (f"adapter is for base {rec['model_id']} {rec['version']} (weights "
+                f"{rec['weights_sha256'][:16]}), not {base.model_id} {base.version} "
+                f"(weights {base.weights_sha256[:16]})")
+    return None
+
+
+def _valid_base_record(b: Any) -> bool:
+    if not isinstance(b, dict) or any(not isinstance(b.get(k), str) or not b[k]
+                                      for k in BASE_KEYS):
+        return False
+    d = b["weights_sha256"]
+    return len(d) == 64 and all(c in "0123456789abcdef" for c in d)
 
 
 def validate_manifest(m: Any, label: str = "?") -> dict[str, Any]:
@@ -236,6 +268,9 @@ def validate_manifest(m: Any, label: str = "?") -> dict[str, Any]:
             raise ModelRefused(label, f"manifest does not list {req}")
     if not any(f.endswith(WEIGHTS_SUFFIX) for f in files):
         raise ModelRefused(label, "manifest lists no .safetensors weights")
+    if "base" in m and not _valid_base_record(m["base"]):
+        raise ModelRefused(label, "manifest base must hold model_id, version and the base's "
+                                  "weights_sha256 (lowercase SHA-256 hex)")
     try:
         canonical_json(m)
     except TypeError as exc:
@@ -418,9 +453,11 @@ class ModelGate:
         return manifest, manifest_sha256(manifest), data, digests
 
     # -- API ---------------------------------------------------------------------------
-    def load(self, model_dir: Path) -> VerifiedModel:
+    def load(self, model_dir: Path, base: VerifiedModel | None = None) -> VerifiedModel:
         """Admit a model: verify structure, every byte, approval and revocations.
 
+        An adapter (manifest ``base``) is admitted only with ``base``, the verified base model
+        its manifest names (same model id and weights digest); a plain model refuses a base.
         Returns the verified bytes; records ``model.loaded``.
 
         Raises
@@ -442,14 +479,51 @@ class ModelGate:
         if isinstance(approval, str):
             raise self._refuse(mid, approval, model_dir, {"manifest_sha256": digest})
         approver, kid = approval
+        base_problem = _base_problem(manifest, base)
+        if base_problem:
+            raise self._refuse(mid, base_problem, model_dir, {"manifest_sha256": digest})
         vm = VerifiedModel(model_dir, manifest, digest, data, digests, weights_digest(digests),
                            approver.name, kid)
         self.ledger.append(Event(EventType.MODEL_LOADED, self.actor, subject={"model_id": mid},
                                  payload={"version": ver, "manifest_sha256": digest,
                                           "weights_sha256": vm.weights_sha256, "key_id": kid,
-                                          "approver": approver.name}))
+                                          "approver": approver.name,
+                                          **({"base": manifest["base"]} if "base" in manifest
+                                             else {})}))
         log.info("model %s %s admitted (weights %s)", mid, ver, vm.weights_sha256[:16])
         return vm
+
+    def load_with_base(
+        self, model_dir: Path, models_dir: Path | None = None
+    ) -> tuple[VerifiedModel, VerifiedModel | None]:
+        """:meth:`load` for a plain model or an adapter: an adapter's base (its manifest's
+        ``base``) is the folder under ``models_dir`` (default: the adapter's parent) whose
+        manifest has that model id and weights digest, loaded first (refused when none).
+        Returns ``(model, base or None)``."""
+        model_dir = Path(model_dir)
+        try:
+            rec = json.loads(_read_nofollow(model_dir / MANIFEST)).get("base")
+        except (OSError, ValueError, AttributeError):
+            rec = None  # load() refuses the folder with the reason
+        if not isinstance(rec, dict):
+            return self.load(model_dir), None
+        root = Path(models_dir) if models_dir is not None else model_dir.parent
+        found = None
+        for folder in self.folders(root):
+            try:
+                m = json.loads(_read_nofollow(folder / MANIFEST))
+            except (OSError, ValueError):
+                continue
+            if m.get("model_id") == rec.get("model_id"):
+                found = found or folder
+                if weights_digest(m.get("files", {})) == rec.get("weights_sha256"):
+                    found = folder
+                    break
+        if found is None:
+            raise self._refuse(str(rec.get("model_id")), f"base of adapter {model_dir.name} "
+                               f"not found under {root}", model_dir)
+        base = self.load(found)
+        return self.load(model_dir, base=base), base
 
     def verify(self, model_dir: Path) -> VerifiedModel:
         """Like :meth:`load` (same checks and events); used by ``models verify``."""

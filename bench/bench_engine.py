@@ -6,7 +6,7 @@ Usage::
 
 Each case runs in a fresh child process so its peak resident memory (``ru_maxrss``, which
 includes the Python interpreter, torch and MONAI) is the case's own. Inputs are phantom slices
-(engine.phantoms, test split) with Gaussian noise (timing does not depend on the content).
+(engine.research.phantoms, test split) with Gaussian noise (timing does not depend on the content).
 Writes bench/results/engine_speed.md.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def one(model_dir: str, task: str, size: int, params: dict, slices: int, repeats
     import torch
 
     torch.set_num_threads(threads)
-    from engine import phantoms
+    from engine.research import phantoms
     from engine.api import Intensity, Volume, run_task
     from engine.models import load_model_dir
     from engine.tasks import RunOptions, default_batch_slices

@@ -12,8 +12,8 @@ watermark, store, send.
 
 Study content (``--content``):
 
-* ``abdomen``  engine.phantoms abdomen (``size`` x ``size``, 2 mm slices) with simulated
-               low dose (engine.degrade.low_dose_ct, 0.25 of full dose); rendered once per
+* ``abdomen``  engine.research.phantoms abdomen (``size`` x ``size``, 2 mm slices) with simulated
+               low dose (engine.research.degrade.low_dose_ct, 0.25 of full dose); rendered once per
                invocation and shared by all runs;
 * ``simple``   the test factory's cylinder phantom (tests/support/factory.py).
 
@@ -22,7 +22,7 @@ Runners:
 * ``gated``    the production pipeline (node.pipeline.orchestrator.build_pipeline): models admitted by the
                model gate from a copy of the bundled ``engine/weights`` folders, approved here
                with a throw-away approver key; one run per ``--tasks`` entry;
-* ``nlm``      the non-local-means restoration baseline (engine.baselines), no model.
+* ``nlm``      the non-local-means restoration baseline (engine.research.baselines), no model.
 
 Usage (the command behind bench/results/pipeline.md)::
 
@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 def nlm_runner(task, volume, params, seed, model):  # type: ignore[no-untyped-def]
     from engine.api import Provenance, TaskResult
-    from engine.baselines import nlm_ct
+    from engine.research.baselines import nlm_ct
 
     t0 = time.perf_counter()
     out = nlm_ct()(volume)
@@ -73,8 +73,8 @@ def study_content(kind: str, slices: int, size: int):  # type: ignore[no-untyped
     """(HU stack or None, slice spacing mm, pixel spacing mm, seconds to render)."""
     if kind == "simple":
         return None, 2.5, (0.7, 0.8), 0.0
-    from engine.degrade import low_dose_ct
-    from engine.phantoms import make_sample
+    from engine.research.degrade import low_dose_ct
+    from engine.research.phantoms import make_sample
 
     t0 = time.perf_counter()
     sample = make_sample(seed=4242, size=size, n_slices=slices, kind="abdomen")
@@ -213,7 +213,7 @@ def main() -> None:
         f"Load average (1/5/15 min) at start {'/'.join(f'{x:.1f}' for x in load_before)}, at end "
         f"{'/'.join(f'{x:.1f}' for x in load_after)} (other jobs share the cores).",
         f"Study: {args.slices} slices {args.size}x{args.size} CT, content `{args.content}`"
-        + (f" (engine.phantoms abdomen, low dose {DOSE} of full dose; rendered once in {render_s:.0f} s, "
+        + (f" (engine.research.phantoms abdomen, low dose {DOSE} of full dose; rendered once in {render_s:.0f} s, "
            "not part of the metric)" if args.content == "abdomen" else "")
         + f"; runner `{args.runner}`, models: {', '.join(models)}.",
         "",

@@ -224,7 +224,7 @@ def _phantom_one(seed: int, size: int = 256, n_slices: int = 8, ct_only: bool = 
     """One ``size`` x ``size`` x 8 phantom volume (abdomen; every tenth seed a head) as 24
     slices (CT, T1w, T2w) at 256 px, or 8 CT slices at 512 px (the clinical CT matrix).
     The 256 px CT slices (FOV 360 mm: ~60 % air) are the stress source ``phantom-ct256``."""
-    from engine.phantoms import make_sample
+    from engine.research.phantoms import make_sample
 
     rng = np.random.default_rng(seed)
     kind = "head" if seed % 10 == 9 else "abdomen"

@@ -12,10 +12,10 @@ The diffusion model samples the posterior; the regressor is trained for its mean
 PSNR rewards. The mean of ``k`` samples, each with its own noise and the model's other defaults,
 moves a sampler towards that mean at ``k`` times the cost: the task parameter ``samples``
 (engine.tasks; sample 0 with the seed, sample j with ``SeedSequence([seed, j])``). Cases: ``n``
-phantoms of ``--split`` (validation by default; engine.evaluate.phantom_cases), 3 slices of
+phantoms of ``--split`` (validation by default; engine.research.evaluate.phantom_cases), 3 slices of
 512 px at each ``--dose`` (``--task mr_denoise``: 256 px at each ``--snr``, the MR models;
 ``--task ct_to_mr``: 256 px, each ``--target``, no classical baseline), beside NLM and the shipped
-regressor, scored by engine.evaluate.run_section. Writes
+regressor, scored by engine.research.evaluate.run_section. Writes
 ``report.md`` + ``metrics.json`` under ``--out/<split>``.
 
 ``--flips`` adds, for every k > 1, the same mean with ``sample_transforms`` "flips" (sample j
@@ -39,8 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import baselines
-from engine.evaluate import model_method, phantom_cases, run_section, write_report
+from engine.research import baselines
+from engine.research.evaluate import model_method, phantom_cases, run_section, write_report
 
 WEIGHTS = ROOT / "engine" / "weights"
 #: task -> (diffusion model, regressor, classical baseline or None, pixel size, level: "dose" / "snr" / "target")

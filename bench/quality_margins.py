@@ -3,7 +3,7 @@ docs/pipeline.md "Quality gate").
 
     nice -n 10 python bench/quality_margins.py
 
-Runs ``ct-denoise-wreg`` and ``ct-to-mr-wreg`` (T2w) from ``engine/weights`` on engine.phantoms
+Runs ``ct-denoise-wreg`` and ``ct-to-mr-wreg`` (T2w) from ``engine/weights`` on engine.research.phantoms
 low-dose CT (the e2e phantom: abdomen 8 x 512 px seed 4242 at 0.25 dose, plus smaller
 abdomen / head cases and lower doses), stored as the node receives them (integer HU), and
 prints the gate's statistics per case with the default limits, then for deliberately broken
@@ -18,9 +18,9 @@ import numpy as np
 from scipy import ndimage
 
 from engine.api import Intensity, Volume, run_task
-from engine.degrade import low_dose_ct
+from engine.research.degrade import low_dose_ct
 from engine.models import load_model_dir
-from engine.phantoms import make_sample
+from engine.research.phantoms import make_sample
 from node.pipeline.quality import check
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "engine" / "weights"

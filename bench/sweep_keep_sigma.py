@@ -7,8 +7,8 @@ Usage::
         [--sigma 0 0.7 0.85 1 1.25 1.5] [--n 8] [--out bench/results/eval/keep_sigma_val]
 
 Cases: ``n`` VALIDATION-split phantoms (seeds 1e9 ..), 3 slices of 512 px, doses 0.25 and 0.1
-(engine.evaluate.phantom_cases); never the test split. Every sigma runs through the task
-parameter (``run_task(..., params={"keep_sigma_mm": s})``), scored by engine.evaluate.score.
+(engine.research.evaluate.phantom_cases); never the test split. Every sigma runs through the task
+parameter (``run_task(..., params={"keep_sigma_mm": s})``), scored by engine.research.evaluate.score.
 Writes ``report.md`` + ``metrics.json`` (no pictures) under ``--out/<model_id>`` and prints the
 rule used to choose the shipped value: the smallest sigma whose validation PSNR and SSIM beat
 NLM's by at least 0.5 dB and 0.01 at both doses (the margin leaves room for the test split).
@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import baselines
-from engine.evaluate import model_method, phantom_cases, run_section, write_report
+from engine.research import baselines
+from engine.research.evaluate import model_method, phantom_cases, run_section, write_report
 
 PSNR_MARGIN, SSIM_MARGIN = 0.5, 0.01
 

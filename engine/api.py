@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.types import Intensity, Provenance, TaskResult, Volume
+from engine.types import Intensity, Provenance, TaskName, TaskResult, Volume
 
-__all__ = ["Intensity", "Provenance", "TaskResult", "Volume", "load_model", "run_task"]
+__all__ = [
+    "Intensity", "Provenance", "TaskName", "TaskResult", "Volume", "load_model", "run_task",
+]
 
 
 def run_task(
-    task: str,
+    task: TaskName | str,
     volume: Volume,
     *,
     model: Any,
@@ -26,9 +28,9 @@ def run_task(
 
     Parameters
     ----------
-    task : str
-        ``"ct_denoise"``, ``"mr_denoise"``, ``"ct_to_mr"`` or ``"augment"``
-        (``engine.tasks.TASKS`` holds each input contract).
+    task : TaskName or str
+        a :class:`engine.types.TaskName` or its value (``engine.tasks.TASKS`` holds each
+        input contract); an unknown name raises ``TaskInputError``.
     volume : Volume
         the input slice stack in physical intensity (HU for CT).
     model : engine.models.LoadedModel

@@ -44,7 +44,7 @@ from engine.nets import (
     regression_predict,
     rflow_sample,
 )
-from engine.types import Intensity, Provenance, TaskResult, Volume
+from engine.types import Intensity, Provenance, TaskName, TaskResult, Volume
 from engine.wavelet import dwt2, idwt2
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ class RunOptions:
 class TaskSpec:
     """A registered task: its typed input contract and its runner."""
 
-    name: str
+    name: TaskName
     description: str
     input_intensities: tuple[Intensity, ...]
     params: dict[str, ParamSpec]
@@ -727,9 +727,17 @@ _SAMPLE_TRANSFORMS = ParamSpec(
     "(no extra cost); default from the model config, else 'none'",
 )
 
-TASKS: dict[str, TaskSpec] = {
-    "ct_denoise": TaskSpec(
-        "ct_denoise",
+_RECON_PARAMS = {
+    "steps": ParamSpec(int, 1, 1, 8, help="flow steps from the partially noised received image"),
+    "strength": ParamSpec(float, 0.3, 0.002, 1.0, help=_STRENGTH_HELP),
+    "threshold_percentile": _THR,
+    "samples": _SAMPLES,
+    "sample_transforms": _SAMPLE_TRANSFORMS,
+}
+
+TASKS: dict[str, TaskSpec] = {  # keyed by TaskName (a StrEnum: equal to its value)
+    TaskName.CT_DENOISE: TaskSpec(
+        TaskName.CT_DENOISE,
         "Low-dose CT restoration (HU in, HU out)",
         (Intensity.HU,),
         {
@@ -744,8 +752,8 @@ TASKS: dict[str, TaskSpec] = {
         _restore,
         contract={"output_intensity": "HU"},
     ),
-    "mr_denoise": TaskSpec(
-        "mr_denoise",
+    TaskName.MR_DENOISE: TaskSpec(
+        TaskName.MR_DENOISE,
         "MR restoration of Rician noise (arbitrary units, per-volume normalisation)",
         MR_KINDS,
         {
@@ -760,8 +768,8 @@ TASKS: dict[str, TaskSpec] = {
         _restore,
         contract={"output_intensity": "same as input"},
     ),
-    "ct_to_mr": TaskSpec(
-        "ct_to_mr",
+    TaskName.CT_TO_MR: TaskSpec(
+        TaskName.CT_TO_MR,
         "CT (HU) to T1-weighted or T2-weighted MR synthesis",
         (Intensity.HU,),
         {
@@ -778,8 +786,8 @@ TASKS: dict[str, TaskSpec] = {
             ">= 0 (magnitude; negative network output clamped to 0)"
         },
     ),
-    "augment": TaskSpec(
-        "augment",
+    TaskName.AUGMENT: TaskSpec(
+        TaskName.AUGMENT,
         "N plausible variants of a slice stack (partial noising + few denoising steps)",
         (Intensity.HU, *MR_KINDS),
         {
@@ -801,6 +809,23 @@ TASKS: dict[str, TaskSpec] = {
         },
         _augment,
         contract={"output_intensity": "same as input", "outputs": "n volumes"},
+    ),
+    # reconstruction tasks, served by ControlNet adapters on a frozen base (engine.adapters)
+    TaskName.CT_SPARSE_VIEW: TaskSpec(
+        TaskName.CT_SPARSE_VIEW,
+        "Sparse-view CT streak removal (FBP from 60-90 views in, HU out)",
+        (Intensity.HU,),
+        _RECON_PARAMS,
+        _restore,
+        contract={"output_intensity": "HU"},
+    ),
+    TaskName.MR_UNDERSAMPLED: TaskSpec(
+        TaskName.MR_UNDERSAMPLED,
+        "MR from 4x / 8x Cartesian undersampled k-space (zero-filled magnitude in)",
+        MR_KINDS,
+        _RECON_PARAMS,
+        _restore,
+        contract={"output_intensity": "same as input"},
     ),
 }
 
@@ -833,7 +858,7 @@ def default_batch_slices(device: str, rows: int, columns: int) -> int:
 
 
 def execute(
-    task: str,
+    task: TaskName | str,
     volume: Volume,
     *,
     model: LoadedModel,
@@ -845,7 +870,8 @@ def execute(
     """Validate and run ``task`` (see :func:`engine.api.run_task`)."""
     spec = TASKS.get(task)
     if spec is None:
-        raise TaskInputError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+        raise TaskInputError(f"unknown task {task!r}; known: {[str(t) for t in sorted(TASKS)]}")
+    task = str(spec.name)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise TaskInputError("seed must be a non-negative integer")
     check_input(spec, volume, model)
@@ -886,6 +912,7 @@ def execute(
             "n_slices": int(volume.data.shape[0]),
             "batch_slices": opts.batch_slices,
             "dtype": "bfloat16" if dev.startswith("cuda") and opts.bf16_on_gpu else "float32",
+            **({"base": model.config["base"]} if "base" in model.config else {}),
             **run.extra,
         },
     )

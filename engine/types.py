@@ -4,12 +4,24 @@ DICOM here (the node converts to and from DICOM)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Intensity", "Provenance", "TaskResult", "Volume"]
+__all__ = ["Intensity", "Provenance", "TaskName", "TaskResult", "Volume"]
+
+
+class TaskName(StrEnum):
+    """The engine's tasks: the one list of task names (engine.tasks.TASKS is keyed by it; the
+    node's rule check, the model manifests' ``task`` and the CLI use these values)."""
+
+    CT_DENOISE = "ct_denoise"  # low-dose CT restoration, HU in / out
+    MR_DENOISE = "mr_denoise"  # MR restoration of Rician noise
+    CT_TO_MR = "ct_to_mr"  # CT -> T1w / T2w synthesis
+    AUGMENT = "augment"  # N variants of a slice stack
+    CT_SPARSE_VIEW = "ct_sparse_view"  # streak removal from sparse-view FBP, HU in / out
+    MR_UNDERSAMPLED = "mr_undersampled"  # zero-filled undersampled k-space -> full
 
 
 class Intensity(str, Enum):

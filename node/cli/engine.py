@@ -11,7 +11,7 @@ import typer
 from node.cli.common import ConfigOption, console, fail, settings_from
 
 if TYPE_CHECKING:
-    from engine.train import TrainConfig
+    from engine.research.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,8 @@ def train_cmd(
     """Train a model on phantoms and write <models_dir>/<model_id>/ (weights, config, card)."""
     import torch
 
+    from engine.research.train import DEFAULT_ARCH, PRESETS, TrainConfig
     from engine.tasks import resolve_device
-    from engine.train import DEFAULT_ARCH, PRESETS, TrainConfig
 
     settings = settings_from(config)
     if task not in PRESETS:
@@ -234,7 +234,7 @@ def train_cmd(
 def _check_recipe(tc: TrainConfig) -> None:
     """Refuse options the task's training data does not support, then run the recipe's own
     checks (prediction, ssim_weight, train_t_max, sampling vs the task contract)."""
-    from engine.train import model_config
+    from engine.research.train import model_config
 
     task = tc.task
     if (tc.lesion_weight or tc.lesion_crop) and task == "mr_denoise":
@@ -263,7 +263,7 @@ def _train_with_progress(tc: TrainConfig, data_path: Path, out_root: Path, *, re
         TimeRemainingColumn,
     )
 
-    from engine.train import load_data, prepare_data, train
+    from engine.research.train import load_data, prepare_data, train
 
     n_train, size = tc.n_train, tc.size
     cols = (
@@ -326,9 +326,11 @@ def _data_description(d: dict[str, Any], n_train: int, size: int) -> str:
     """The model card's "Training data" text."""
     return (
         f"{n_train} phantoms of the `train` split (seeds {int(d['seeds'].min())}-"
-        f"{int(d['seeds'].max())}, engine.phantoms v{_phantom_version()}), abdomen and MNI152 "
+        f"{int(d['seeds'].max())}, engine.research.phantoms v{_phantom_version()}), abdomen and "
+        "MNI152 "
         f"head alternating, 3 contiguous slices of {size}x{size} px (2 mm apart); low-dose CT "
-        f"by projection-domain Poisson noise (engine.degrade, {d['meta'].get('angles')} views) "
+        "by projection-domain Poisson noise "
+        f"(engine.research.degrade, {d['meta'].get('angles')} views) "
         f"at doses {d['meta'].get('doses')} plus dose 1.0; MR targets noise-free without bias "
         "field, Rician noise (SNR 8-40) drawn during training. No validation/test-split "
         "phantom and no real image was used for training."
@@ -348,7 +350,7 @@ def _key_values(option: str, items: list[str]) -> dict[str, object]:
 
 
 def _phantom_version() -> int:
-    from engine import phantoms
+    from engine.research import phantoms
 
     return int(phantoms.PHANTOM_VERSION)
 
@@ -430,7 +432,7 @@ def average_cmd(
 ) -> None:
     """Average the weights of models of one architecture (a fine-tune and its starting point):
     a new model folder whose config and card name every source and its weight."""
-    from engine.train import average_models
+    from engine.research.train import average_models
 
     if out.resolve() in [m.resolve() for m in models]:
         fail("--out must be a new folder, not one of the averaged models")
@@ -461,12 +463,20 @@ def package_cmd(
         "--intended-use",
     ),
 ) -> None:
-    """Refresh MODEL_CARD.md (digest, metrics) and write manifest.json through the model gate."""
+    """Refresh MODEL_CARD.md (digest, metrics) and write manifest.json through the model gate
+    (an adapter's manifest also records its base: model id, version, weights digest)."""
     from audit.modelgate import build_manifest, write_manifest
-    from engine.train import write_model_card
+    from engine.adapters import is_adapter
 
-    write_model_card(model_dir, metrics_md=metrics_md.read_text() if metrics_md else None)
     cfg = json.loads((model_dir / "config.json").read_text())
+    if is_adapter(cfg):
+        from engine.research.adapters import write_card
+
+        write_card(model_dir, metrics_md=metrics_md.read_text() if metrics_md else None)
+    else:
+        from engine.research.train import write_model_card
+
+        write_model_card(model_dir, metrics_md=metrics_md.read_text() if metrics_md else None)
     man = model_dir / "manifest.json"
     if man.exists():
         man.unlink()
@@ -476,6 +486,7 @@ def package_cmd(
         version=cfg["version"],
         task=cfg["tasks"][0],
         intended_use=intended_use,
+        base=cfg["base"] if is_adapter(cfg) else None,
     )
     write_manifest(model_dir, m)
     console.print(

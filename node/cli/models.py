@@ -272,7 +272,7 @@ def verify(
     bad = 0
     for folder in _folders(settings, folders or [], all_):
         try:
-            vm = gate.verify(folder)
+            vm, _base = gate.load_with_base(folder, settings.models_dir)  # adapters: + base
             console.print(
                 f"[green]OK[/green] {vm.model_id} {vm.version}: weights sha256 {vm.weights_sha256} "
                 f"approved by {vm.approver} ({vm.key_id})"

@@ -5,11 +5,11 @@ The engine never reads DICOM, so this module (node side) decodes the files with 
 (+ pylibjpeg / openjpeg for JPEG 2000 and JPEG Lossless), converts them to HU through the
 node's own ingest path (:func:`node.dicom.volume.assemble`: Rescale Slope / Intercept, or the
 Pixel Value Transformation functional group for enhanced CT), and hands
-:class:`engine.evaluate.Case` objects with a simulated low dose to the evaluation.
+:class:`engine.research.evaluate.Case` objects with a simulated low dose to the evaluation.
 
 Low dose on a real scan: the scan already carries its own quantum noise. Treating it as full
 dose, a dose fraction ``d`` needs extra noise of variance ``(1/d - 1)`` times the full-dose
-variance; :func:`engine.degrade.low_dose_ct` adds noise of variance ``1/d'`` times that for
+variance; :func:`engine.research.degrade.low_dose_ct` adds noise of variance ``1/d'`` times that for
 dose ``d'``, so it is called with ``d' = d / (1 - d)`` (Yu et al., Med Phys 39:5035, 2012,
 eq. 8 in the same spirit). The reference is the original slice, noise included, so PSNR /
 SSIM against it are bounded by the scan's own noise.
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.api import Intensity, Volume
+from engine.api import Intensity, TaskName, Volume
 
 if TYPE_CHECKING:
-    from engine.evaluate import Method, Section, VariantsMethod
+    from engine.research.evaluate import Method, Section, VariantsMethod
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,10 @@ def _scan_hu(v: Volume) -> np.ndarray:
 
 def real_ct_cases(dose: float, seed: int = 0,
                   names: tuple[str, ...] = REAL_CT_FILES) -> list:
-    """:class:`engine.evaluate.Case` list: real slices with simulated dose fraction ``dose``."""
-    from engine.degrade import low_dose_ct
-    from engine.evaluate import Case
+    """:class:`engine.research.evaluate.Case` list: real slices with simulated dose fraction
+    ``dose``."""
+    from engine.research.degrade import low_dose_ct
+    from engine.research.evaluate import Case
 
     if not 0 < dose < 1:
         raise ValueError("dose must be in (0, 1) for a real scan (its own dose counts as 1)")
@@ -122,9 +123,10 @@ def real_ct_cases(dose: float, seed: int = 0,
 
 
 def real_ct_originals(names: tuple[str, ...] = REAL_CT_FILES) -> list:
-    """:class:`engine.evaluate.Case` list: the real CT slices as received (input = reference =
+    """:class:`engine.research.evaluate.Case` list: the real CT slices as received (input =
+    reference =
     the scan; for augmentation, which works on what a modality sends)."""
-    from engine.evaluate import Case
+    from engine.research.evaluate import Case
 
     cases = []
     for rs in load_real_ct(names):
@@ -144,15 +146,16 @@ def real_ct_originals(names: tuple[str, ...] = REAL_CT_FILES) -> list:
 
 
 def real_mr_cases(snr: float, seed: int = 0, names: tuple[str, ...] = REAL_MR_FILES) -> list:
-    """:class:`engine.evaluate.Case` list: real MR images plus Rician noise at ``snr``.
+    """:class:`engine.research.evaluate.Case` list: real MR images plus Rician noise at ``snr``.
 
     The scan's own noise is kept in the reference (as for real CT): the input is the scan plus
-    Rician noise of sigma = mean foreground signal / ``snr`` (engine.degrade.mr_noise), so PSNR /
+    Rician noise of sigma = mean foreground signal / ``snr`` (engine.research.degrade.mr_noise), so
+    PSNR /
     SSIM against the reference are bounded by the scan's own noise. Images are centre-cropped
     to a multiple of 16 px (the engine's contract).
     """
-    from engine.degrade import mr_noise
-    from engine.evaluate import Case
+    from engine.research.degrade import mr_noise
+    from engine.research.evaluate import Case
 
     cases = []
     for i, rs in enumerate(load_real_ct(names, intensity=Intensity.MR)):
@@ -194,25 +197,25 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
     ``ct_denoise`` with ``real``, on the real pydicom CT slices). ``cache_dir`` caches the
     simulated cases between runs. Returns the report path.
     """
-    from engine.evaluate import AUGMENT_CONVENTIONS, EVAL_TASKS, write_report
+    from engine.research.evaluate import AUGMENT_CONVENTIONS, EVAL_TASKS, write_report
 
     if task not in EVAL_TASKS:
         raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
     out = Path(out_dir)
-    size = size or (512 if task == "ct_denoise" else 256)
+    size = size or (512 if task == TaskName.CT_DENOISE else 256)
     loaded, model_lines = _load_models(task, models, params, seed, options)
     ev = _EvalRun(task=task, out=out, n=n, size=size, n_slices=n_slices, seed=seed,
                   cache_dir=cache_dir, n_pictures=n_pictures, loaded=loaded)
-    if task == "ct_denoise":
+    if task == TaskName.CT_DENOISE:
         sections = _ct_denoise_sections(ev, doses, real)
-    elif task == "mr_denoise":
+    elif task == TaskName.MR_DENOISE:
         sections = _mr_denoise_sections(ev, snrs, real)
-    elif task == "augment":
+    elif task == TaskName.AUGMENT:
         sections = _augment_sections(ev, int((params or {}).get("n") or 4), real)
     else:
         sections = _ct_to_mr_sections(ev, models, targets, lut_train_n, options)
     pre = "Models:\n" + ("\n".join(model_lines) if model_lines else "- (none: baselines only)")
-    if task == "augment":
+    if task == TaskName.AUGMENT:
         pre += "\n\n" + AUGMENT_CONVENTIONS
     return write_report(sections, out, f"Evaluation: {task}", pre)
 
@@ -253,13 +256,13 @@ def _load_models(task: str, models: list | tuple, params: dict | None, seed: int
                  options: object) -> tuple[list[_Loaded], list[str]]:
     """Load every model folder as a method of ``task`` (with a copy of ``params``); returns
     them with unique labels, and the report's model lines."""
-    from engine.evaluate import model_method, model_variants
+    from engine.research.evaluate import model_method, model_variants
 
     runs: list[tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] = []
     for mdir in models:
         p = dict(params or {})
         fn: Callable[..., Any]
-        fn, desc = (model_variants(mdir, p, seed=seed, options=options) if task == "augment"
+        fn, desc = (model_variants(mdir, p, seed=seed, options=options) if task == TaskName.AUGMENT
                     else model_method(mdir, task, p, seed=seed, options=options))
         runs.append((fn, desc, p))
     labels = method_labels([d for _, d, _ in runs])
@@ -272,8 +275,8 @@ def _load_models(task: str, models: list | tuple, params: dict | None, seed: int
 
 def _ct_denoise_sections(ev: _EvalRun, doses: tuple[float, ...], real: bool) -> list[Section]:
     """Per dose: the phantoms, and with ``real`` the real CT slices (NLM baseline)."""
-    from engine import baselines
-    from engine.evaluate import load_cases, phantom_cases, run_section, save_cases
+    from engine.research import baselines
+    from engine.research.evaluate import load_cases, phantom_cases, run_section, save_cases
 
     sections = []
     nlm = baselines.nlm_ct()
@@ -306,8 +309,8 @@ def _ct_denoise_sections(ev: _EvalRun, doses: tuple[float, ...], real: bool) -> 
 def _mr_denoise_sections(ev: _EvalRun, snrs: tuple[float, ...], real: bool) -> list[Section]:
     """Per SNR: the phantoms (T1w and T2w), and with ``real`` the real MR images (NLM
     baseline)."""
-    from engine import baselines
-    from engine.evaluate import phantom_cases, run_section
+    from engine.research import baselines
+    from engine.research.evaluate import phantom_cases, run_section
 
     sections = []
     nlm = baselines.nlm_mr()
@@ -342,7 +345,7 @@ def _mr_denoise_sections(ev: _EvalRun, snrs: tuple[float, ...], real: bool) -> l
 def _augment_sections(ev: _EvalRun, n_var: int, real: bool) -> list[Section]:
     """The phantoms, and with ``real`` the real CT slices as received (baseline: re-simulating
     half the dose ``n_var`` times)."""
-    from engine.evaluate import dose_resimulation, phantom_cases, run_augment_section
+    from engine.research.evaluate import dose_resimulation, phantom_cases, run_augment_section
 
     methods: dict[str, VariantsMethod] = {
         f"dose re-simulation (half dose, {n_var} draws)": dose_resimulation(
@@ -376,8 +379,8 @@ def _ct_to_mr_sections(ev: _EvalRun, models: list | tuple, targets: tuple[str, .
                        lut_train_n: int, options: object) -> list[Section]:
     """Per target (T1w, T2w): the phantoms, each model run for that target (baseline: the HU
     lookup fitted on ``lut_train_n`` training-split phantoms)."""
-    from engine import baselines
-    from engine.evaluate import model_method, phantom_cases, run_section
+    from engine.research import baselines
+    from engine.research.evaluate import model_method, phantom_cases, run_section
 
     sections = []
     luts = baselines.fit_phantom_luts(lut_train_n, size=ev.size)

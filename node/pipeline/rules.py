@@ -11,6 +11,7 @@ pixel data carry a detectable watermark of ours, is never routed as an original.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import operator
 import re
@@ -24,6 +25,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from config.sections.pipeline import PipelineSettings, Rule
+from engine.types import TaskName
 from storage.synthetic import is_synthetic
 
 logger = logging.getLogger(__name__)
@@ -233,8 +235,10 @@ def _entry_problem(rule: Rule, key: str, pattern: str, path: str) -> RuleProblem
 
 def rule_problems(settings: PipelineSettings) -> list[RuleProblem]:
     """Mistakes in the rule set that the settings schema cannot see: unknown match keys,
-    malformed comparisons on numeric fields, bad regular expressions, rules without tasks."""
+    malformed comparisons on numeric fields, bad regular expressions, rules without tasks,
+    task names the engine does not have (:class:`engine.types.TaskName`)."""
     problems: list[RuleProblem] = []
+    known = [t.value for t in TaskName]
     for i, rule in enumerate(settings.rules):
         for key, pattern in rule.match.items():
             p = _entry_problem(rule, key, pattern, f"pipeline.rules.{i}.match.{key}")
@@ -243,6 +247,13 @@ def rule_problems(settings: PipelineSettings) -> list[RuleProblem]:
         if not rule.tasks:
             problems.append(
                 RuleProblem(f"pipeline.rules.{i}.tasks", f"rule {rule.name!r}: no tasks"))
+        for j, spec in enumerate(rule.tasks):
+            if spec.task not in known:
+                near = difflib.get_close_matches(spec.task, known, n=1)
+                problems.append(RuleProblem(
+                    f"pipeline.rules.{i}.tasks.{j}.task",
+                    f"rule {rule.name!r}: unknown task {spec.task!r}; known: {', '.join(known)}",
+                    f"did you mean {near[0]!r}?" if near else None))
     return problems
 
 

@@ -53,8 +53,16 @@ class GatedEngineRunner:
         from engine.api import run_task
         from engine.models import load_model
 
-        verified = self.gate.load(self._folder(task, model_id))
+        verified, base = self.gate.load_with_base(self._folder(task, model_id), self.models_dir)
         (name, weights), = verified.weights.items()
-        model = load_model(verified.config(), weights, verified.file_sha256[name])
+        if base is None:
+            model = load_model(verified.config(), weights, verified.file_sha256[name])
+        else:  # an adapter on its frozen base, both admitted by the gate
+            from engine.adapters import load_adapter
+
+            (bname, bweights), = base.weights.items()
+            base_model = load_model(base.config(), bweights, base.file_sha256[bname])
+            model = load_adapter(verified.config(), weights, verified.file_sha256[name],
+                                 base_model)
         return run_task(task, volume, model=model, params=params, seed=seed,
                         device=self.device, options=self.options)

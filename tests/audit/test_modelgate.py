@@ -166,3 +166,81 @@ def test_pickle_manifest_and_missing_weights_refused(tmp_path: Path, migrated_db
     (d / "model.pth").unlink()
     with pytest.raises(ModelRefused, match="safetensors"):
         build_manifest(d, model_id="m", version="1", task="t", intended_use="u")
+
+
+def _make_adapter(root: Path, base: dict[str, str]) -> Path:
+    d = root / "adapter"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(st_save({"c": np.ones((2, 2), dtype=np.float32)}))
+    (d / "config.json").write_text(json.dumps({"kind": "controlnet_adapter"}))
+    (d / "MODEL_CARD.md").write_text("# adapter\nFor tests only.\n")
+    write_manifest(d, build_manifest(d, model_id="ct-sparse-tiny", version="0.1.0",
+                                     task="ct_sparse_view", intended_use="unit tests",
+                                     base=base))
+    return d
+
+
+def test_adapter_loads_only_on_its_recorded_base(gate_env) -> None:  # type: ignore[no-untyped-def]
+    """The adapter's manifest records its base (model id + weights digest); the gate admits it
+    with that verified base and refuses it alone, on another base, or on a changed base."""
+    ledger, gate, key, model, tmp = gate_env
+    gate.approve(model, key)
+    base = gate.load(model)
+    rec = {"model_id": base.model_id, "version": base.version,
+           "weights_sha256": base.weights_sha256}
+    adapter = _make_adapter(tmp / "adapters", rec)
+    gate.approve(adapter, key)
+    vm = gate.load(adapter, base=base)
+    assert vm.manifest["base"] == rec
+    assert ledger.entry(ledger.size() - 1).event.payload["base"] == rec
+    with pytest.raises(ModelRefused, match="loaded without its base"):
+        gate.load(adapter)
+    assert ledger.entry(ledger.size() - 1).event.type == EventType.MODEL_REFUSED
+    # another approved model as the base: refused, with both names in the reason
+    other_dir = make_model(tmp / "others", model_id="other-base")
+    gate.approve(other_dir, key)
+    other = gate.load(other_dir)
+    with pytest.raises(ModelRefused, match="adapter is for base ct-restore-tiny .* not other-base"):
+        gate.load(adapter, base=other)
+    # a base retrained under the same id (new weights, new version, approved): refused
+    retrained = make_model(tmp / "retrained", version="1.1.0")
+    (retrained / "model.safetensors").write_bytes(st_save({"w": np.zeros((3, 4), np.float32)}))
+    write_manifest(retrained, build_manifest(retrained, model_id="ct-restore-tiny",
+                                             version="1.1.0", task="ct_restore",
+                                             intended_use="unit tests"))
+    gate.approve(retrained, key)
+    with pytest.raises(ModelRefused, match="not ct-restore-tiny 1.1.0"):
+        gate.load(adapter, base=gate.load(retrained))
+    # a plain model given a base: refused
+    with pytest.raises(ModelRefused, match="not an adapter"):
+        gate.load(other_dir, base=base)
+    # a malformed base record is refused when the manifest is built
+    with pytest.raises(ModelRefused, match="manifest base"):
+        _make_adapter(tmp / "bad", {**rec, "weights_sha256": "xyz"})
+
+
+def test_load_with_base_finds_the_adapters_base_folder(gate_env) -> None:  # type: ignore[no-untyped-def]
+    """``load_with_base``: a plain model alone; an adapter with the folder of its base (by model
+    id and weights digest, among several versions of that id), refused when there is none."""
+    ledger, gate, key, model, tmp = gate_env
+    models = model.parent
+    old = make_model(tmp / "elsewhere", version="0.9.0")  # same id, other weights, other folder
+    (old / "model.safetensors").write_bytes(st_save({"w": np.zeros((3, 4), np.float32)}))
+    write_manifest(old, build_manifest(old, model_id="ct-restore-tiny", version="0.9.0",
+                                       task="ct_restore", intended_use="unit tests"))
+    old.rename(models / "a-old-ct-restore-tiny")
+    for d in (model, models / "a-old-ct-restore-tiny"):
+        gate.approve(d, key)
+    vm, base = gate.load_with_base(model)
+    assert base is None and vm.model_id == "ct-restore-tiny"
+    rec = {"model_id": vm.model_id, "version": vm.version, "weights_sha256": vm.weights_sha256}
+    adapter = _make_adapter(models, rec)
+    gate.approve(adapter, key)
+    got, base = gate.load_with_base(adapter)
+    assert base is not None and base.model_dir == model and got.manifest["base"] == rec
+    lone = tmp / "lone"
+    lone.mkdir()
+    adapter.rename(lone / "adapter")
+    with pytest.raises(ModelRefused, match="not found"):
+        gate.load_with_base(lone / "adapter")
+    assert ledger.entry(ledger.size() - 1).event.type == EventType.MODEL_REFUSED

@@ -1,14 +1,14 @@
-"""Classical baselines (engine.baselines)."""
+"""Classical baselines (engine.research.baselines)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from engine.api import Intensity, Volume
-from engine.baselines import HuLut, NLMDenoiser, estimate_sigma
-from engine.degrade import FULL_DOSE_I0, low_dose_ct, mr_noise
-from engine.metrics import CT_RANGE, mr_range, psnr
-from engine.phantoms import iter_dataset, make_sample
+from engine.research.baselines import HuLut, NLMDenoiser, estimate_sigma
+from engine.research.degrade import FULL_DOSE_I0, low_dose_ct, mr_noise
+from engine.research.metrics import CT_RANGE, mr_range, psnr
+from engine.research.phantoms import iter_dataset, make_sample
 
 
 def test_estimate_sigma_white_noise():

@@ -1,18 +1,18 @@
-"""Low-dose CT and MR noise simulation (engine.degrade)."""
+"""Low-dose CT and MR noise simulation (engine.research.degrade)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from engine.degrade import (
+from engine.research.degrade import (
     estimate_rician_sigma,
     hu_to_mu,
     low_dose_ct,
     low_dose_noise,
     mr_noise,
 )
-from engine.phantoms import Tissue, make_sample
+from engine.research.phantoms import Tissue, make_sample
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,40 @@ def test_mr_noise_hits_requested_snr(snr):
     sigma = estimate_rician_sigma(noisy, air)
     assert float(s.t1w[0][body].mean()) / sigma == pytest.approx(snr, rel=0.1)
     np.testing.assert_array_equal(noisy, mr_noise(s.t1w[0], snr, seed=1, mask=body))
+
+
+def test_sparse_view_ct_streaks_grow_with_fewer_views():
+    """Reference + streaks of FBP from 60 / 90 of 720 views: zero outside the circle, the
+    fewer views the stronger the streaks, 720 of 720 adds nothing."""
+    from engine.research.degrade import sparse_view_ct, sparse_view_streaks
+
+    s = make_sample(7, size=128)
+    hu = s.ct_hu[0]
+    assert np.abs(sparse_view_streaks(hu, 720)).max() < 1e-3
+    e60 = sparse_view_ct(hu, 60) - hu
+    e90 = sparse_view_ct(hu, 90) - hu
+    inside = hu > -900
+    assert e60[inside].std() > e90[inside].std() > 5.0  # HU
+    assert abs(float(e60[inside].mean())) < 0.2 * float(e60[inside].std())  # streaks, no bias
+    assert np.array_equal(sparse_view_ct(s.ct_hu, 60)[0], sparse_view_ct(hu, 60))
+    with pytest.raises(ValueError):
+        sparse_view_streaks(hu, 7)
+
+
+def test_mr_undersample_cartesian_mask_and_zero_filling():
+    from engine.research.degrade import cartesian_mask, mr_undersample
+
+    m4, m8 = cartesian_mask(256, 4, seed=1), cartesian_mask(256, 8, seed=1)
+    assert m4.sum() == 64 and m8.sum() == 32
+    assert m4[128 - 10:128 + 10].all() and m8[128 - 5:128 + 5].all()  # fully sampled centre
+    assert np.array_equal(m4, cartesian_mask(256, 4, seed=1))
+    assert not np.array_equal(m4, cartesian_mask(256, 4, seed=2))
+    img = make_sample(3, size=128).t2w[0]
+    full = mr_undersample(img, 1, seed=0)
+    np.testing.assert_allclose(full, img, atol=1e-3 * float(img.max()))
+    e4 = np.abs(mr_undersample(img, 4, seed=0) - img).mean()
+    e8 = np.abs(mr_undersample(img, 8, seed=0) - img).mean()
+    assert 0 < e4 < e8
+    # the input's value scale: the DC line is sampled, so the mean stays close (the magnitude
+    # of the aliased complex image adds a little: |a + b| >= |a|)
+    assert img.mean() <= mr_undersample(img, 8, seed=0).mean() <= 1.15 * img.mean()

@@ -1,4 +1,4 @@
-"""engine.diagnose: raw (non-EMA) checkpoint weights as a model folder, validation-split scoring."""
+"""engine.research.diagnose: raw (non-EMA) checkpoint weights as a model folder, validation-split scoring."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
-from engine.diagnose import diagnose, raw_model_dir
+from engine.research.diagnose import diagnose, raw_model_dir
 from engine.models import load_model_dir
-from engine.train import TrainConfig, train
+from engine.research.train import TrainConfig, train
 from tests.support.engine import TINY_ARCH, toy_data
 
 

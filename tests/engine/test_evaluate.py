@@ -1,4 +1,4 @@
-"""Evaluation report (engine.evaluate) for identity, NLM and a tiny seeded model."""
+"""Evaluation report (engine.research.evaluate) for identity, NLM and a tiny seeded model."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,16 +13,16 @@ from PIL import Image
 from scipy import ndimage
 
 from engine.api import Volume
-from engine.baselines import HuLut, NLMDenoiser
-from engine.evaluate import (
+from engine.research.baselines import HuLut, NLMDenoiser
+from engine.research.evaluate import (
     model_method,
     phantom_cases,
     run_section,
     score,
     write_report,
 )
-from engine.metrics import CT_RANGE, psnr
-from engine.phantoms import SPLIT_BASE
+from engine.research.metrics import CT_RANGE, psnr
+from engine.research.phantoms import SPLIT_BASE
 from tests.support.engine import tiny_model_dir as make_tiny_model_dir
 
 
@@ -68,7 +68,7 @@ def test_score_identity_and_known_answer():
 
 def test_ct_to_mr_lesion_dice_is_split_by_ct_visibility():
     from engine.api import Intensity
-    from engine.evaluate import Case
+    from engine.research.evaluate import Case
 
     yy, xx = np.mgrid[:64, :64]
     a = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 16)  # two lesions of 9 px diameter, 1 mm pixels
@@ -91,6 +91,33 @@ def test_ct_to_mr_lesion_dice_is_split_by_ct_visibility():
     ct_case = Case("ct", Volume(ct, (2.0, 1.0, 1.0), Intensity.HU), Volume(ct, (2.0, 1.0, 1.0), Intensity.HU),
                    lesion_mask=les)
     assert "lesion_dice_ge5mm_ct_visible" not in score(ct_case, ct_case.reference)  # CT restoration: no split
+
+
+def test_restoration_lesions_are_read_relative_to_the_received_image():
+    """A lesion is kept when the output keeps >= 90 % of its contrast in the input; only
+    lesions of >= 10 HU reference contrast count for CT; CT->MR has no such reading."""
+    from engine.api import Intensity
+    from engine.research.evaluate import Case
+
+    yy, xx = np.mgrid[:64, :64]
+    a = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 16)
+    b = ((yy - 44) ** 2 + (xx - 44) ** 2 <= 16)
+    les = np.zeros((1, 64, 64), np.int16)
+    les[0][a], les[0][b] = 1, 2
+    ref = np.full((1, 64, 64), 40.0, np.float32)
+    ref[0][a], ref[0][b] = 90.0, 45.0  # +50 HU and +5 HU (under the 10 HU line)
+    inp = ref.copy()
+    inp[0][a] = 80.0  # the received image shows +40 HU of lesion 1
+    sp = (2.0, 1.0, 1.0)
+    case = Case("ct", Volume(inp, sp, Intensity.HU), Volume(ref, sp, Intensity.HU), lesion_mask=les)
+    out = ref.copy()
+    out[0][a] = 76.0  # keeps 36 of the input's 40 HU (90 %), 72 % of the reference's 50
+    r = score(case, Volume(out, sp, Intensity.HU))
+    assert r["lesion_kept_vs_input"] == 1.0 and r["lesion_n_kept_eval"] == 1
+    assert r["lesion_contrast_ratio_to_input"] == pytest.approx(0.9, abs=0.01)
+    assert r["lesion_contrast_ratio_visible"] == pytest.approx(0.72, abs=0.01)
+    out[0][a] = 70.0  # 30 of 40: faded
+    assert score(case, Volume(out, sp, Intensity.HU))["lesion_kept_vs_input"] == 0.0
 
 
 def test_report_for_identity_nlm_and_tiny_model(tmp_path, tiny_model_dir):
@@ -126,7 +153,7 @@ def test_ct_to_mr_section_with_lut(tmp_path):
 
 def test_real_ct_slices_decode_and_degrade():
     """node.evaluation.realdata: pydicom(-data) CT files incl. JPEG 2000 / JPEG Lossless, in HU."""
-    from engine.metrics import flat_mask_from_reference, noise_sd
+    from engine.research.metrics import flat_mask_from_reference, noise_sd
     from node.evaluation.realdata import load_real_ct, real_ct_cases
 
     real = load_real_ct()
@@ -157,7 +184,7 @@ def test_real_ct_slices_decode_and_degrade():
 
 def test_real_mr_images_decode_crop_and_get_rician_noise():
     """node.evaluation.realdata: pydicom(-data) MR files incl. JPEG 2000, centre-cropped to the engine's grid."""
-    from engine.degrade import foreground_mask
+    from engine.research.degrade import foreground_mask
     from node.evaluation.realdata import REAL_MR_FILES, real_mr_cases
 
     cases = real_mr_cases(20.0)
@@ -246,7 +273,7 @@ def test_augment_cases_are_normal_dose_ct_with_the_clean_reference():
 
 
 def test_score_variants_known_answers():
-    from engine.evaluate import score_variants
+    from engine.research.evaluate import score_variants
 
     case = _aug_case()
     same = score_variants(case, [case.input, case.input])
@@ -280,7 +307,7 @@ def test_score_variants_known_answers():
 
 
 def test_score_variants_counts_added_lesions():
-    from engine.evaluate import score_variants
+    from engine.research.evaluate import score_variants
 
     case = phantom_cases("augment", 4, size=128, n_slices=1, kind="abdomen")[0]
     assert case.lesion_mask is not None and case.lesion_mask.any()
@@ -299,7 +326,7 @@ def test_score_variants_counts_added_lesions():
 
 
 def test_dose_resimulation_and_augment_section(tmp_path):
-    from engine.evaluate import dose_resimulation, run_augment_section
+    from engine.research.evaluate import dose_resimulation, run_augment_section
 
     case = _aug_case()
     fn = dose_resimulation(3, 0.5, seed=1)
@@ -336,7 +363,7 @@ def test_cli_evaluate_augment(tmp_path):
 
 
 def test_picture_outlines_true_lesions_green_and_false_lesions_red(tmp_path):
-    from engine.evaluate import FALSE_LESION_RGB, LESION_RGB, picture
+    from engine.research.evaluate import FALSE_LESION_RGB, LESION_RGB, picture
 
     case = phantom_cases("augment", 4, size=128, n_slices=1, kind="abdomen")[0]
     liver = (case.labels[0] == 4) & ~ndimage.binary_dilation(case.lesion_mask[0] > 0, iterations=12)
@@ -360,7 +387,7 @@ def test_picture_outlines_true_lesions_green_and_false_lesions_red(tmp_path):
 def test_lesion_picture_zooms_each_visible_lesion(tmp_path):
     """One row per CT-visible lesion, columns input | methods | reference, windowed around the
     lesion: an output that erased the lesion shows a flat tile where the reference is dark."""
-    from engine.evaluate import lesion_picture
+    from engine.research.evaluate import lesion_picture
 
     case = phantom_cases("augment", 4, size=128, n_slices=1, kind="abdomen")[0]
     les = case.lesion_mask > 0

@@ -1,4 +1,4 @@
-"""Known answers for engine.metrics."""
+"""Known answers for engine.research.metrics."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from engine.metrics import (
+from engine.research.metrics import (
     CT_RANGE,
     CT_WINDOW,
     false_lesions,
@@ -88,7 +88,7 @@ def test_lesion_contrast_and_dice():
 def test_lesion_summary_visible_split_and_contrast_error():
     """A lesion of 1 HU reference contrast gets a meaningless ratio from 1 HU of error; the
     *_visible keys leave it out, the contrast error (HU) counts it at its true size."""
-    from engine.metrics import LesionScore
+    from engine.research.metrics import LesionScore
 
     scores = [LesionScore(1, 8.0, -40.0, -38.0, 0.9),   # >= 5 mm, ratio 0.95: within 10 %
               LesionScore(2, 3.0, -30.0, -21.0, 0.5),   # < 5 mm, ratio 0.70
@@ -145,3 +145,30 @@ def test_false_lesions_counts_drawn_blobs_not_edges_or_noise():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         psnr(np.zeros((4, 4)), np.zeros((5, 4)), CT_RANGE)
+
+
+def test_lesion_kept_relative_to_the_input():
+    """A lesion is kept when the output keeps >= 90 % of the contrast it has in the input,
+    whatever the reference contrast; a lesion the input does not show is not counted."""
+    from engine.research.metrics import kept_vs_input
+
+    ref, mask = _disc_image()  # lesions 60 darker than the background
+    sp = (1.0, 1.0, 1.0)
+    inp = np.where(mask > 0, 60.0, ref)  # the received image shows 40 of the 60
+    inp_scores = lesion_scores(ref, inp, mask, sp)
+    same = kept_vs_input(lesion_scores(ref, inp, mask, sp), inp_scores)
+    assert same["kept_vs_input"] == 1.0 and same["contrast_ratio_to_input"] == pytest.approx(1.0)
+    assert same["n_kept_eval"] == 3
+    # output keeps 36 of the 40 (90 %): kept, though only 60 % of the reference contrast
+    kept = kept_vs_input(lesion_scores(ref, np.where(mask > 0, 64.0, ref), mask, sp), inp_scores)
+    assert kept["kept_vs_input"] == 1.0
+    assert kept["contrast_ratio_to_input"] == pytest.approx(0.9, abs=0.01)
+    # 30 of 40 (75 %): faded
+    faded = kept_vs_input(lesion_scores(ref, np.where(mask > 0, 70.0, ref), mask, sp), inp_scores)
+    assert faded["kept_vs_input"] == 0.0
+    assert faded["contrast_ratio_to_input"] == pytest.approx(0.75, abs=0.01)
+    # input without the lesions: nothing to keep; min_ref_contrast filters too
+    flat_in = lesion_scores(ref, np.full_like(ref, 100.0), mask, sp)
+    assert kept_vs_input(lesion_scores(ref, inp, mask, sp), flat_in)["n_kept_eval"] == 0
+    assert kept_vs_input(lesion_scores(ref, inp, mask, sp), inp_scores,
+                         min_ref_contrast=100.0)["n_kept_eval"] == 0

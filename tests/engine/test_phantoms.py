@@ -1,11 +1,11 @@
-"""Properties of the paired phantom generator (engine.phantoms)."""
+"""Properties of the paired phantom generator (engine.research.phantoms)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from engine.phantoms import (
+from engine.research.phantoms import (
     MR_SCALE,
     SPLIT_BASE,
     SPLIT_SIZE,

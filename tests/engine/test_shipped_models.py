@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import metrics, phantoms
+from engine.research import metrics, phantoms
 from engine.api import Intensity, Volume, run_task
-from engine.degrade import low_dose_ct, mr_noise
-from engine.evaluate import CT_VISIBLE_HU
+from engine.research.degrade import low_dose_ct, mr_noise
+from engine.research.evaluate import CT_VISIBLE_HU
 from engine.models import load_model_dir
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "engine" / "weights"
@@ -30,7 +30,7 @@ MR_MODEL = "mr-denoise-wreg"
 # experimental/mr-denoise-wdiff 2.0.0 (x0-diffusion, 2 steps from noise) measured +7.8..+9.7 dB and
 # +0.13..+0.22 (1.0.0, 185 velocity steps, was not tested: ~identity)
 MR_FLOORS = {MR_MODEL: (8.0, 0.08), "experimental/mr-denoise-wdiff": (7.0, 0.08)}
-# augmentation floors (engine.evaluate.score_variants, 2 variants, normal-dose input): ct-augment-wdiff
+# augmentation floors (engine.research.evaluate.score_variants, 2 variants, normal-dose input): ct-augment-wdiff
 # 2.1.0 (2.0.0 weights + ILVR guidance keep_sigma_mm 1.25) measured (abdomen / head) MAE to input 9.1 /
 # 10.9 HU, SSIM brain 0.952 / 0.896, liver 0.899 / -, body Dice 1.000 / 0.999, bone Dice 0.995 / 0.993,
 # texture ratio 0.89 / 0.83, lesion contrast ratio >= 5 mm 0.98 / 1.04, false lesions 0 / 0, SD across
@@ -115,7 +115,7 @@ def test_ct_restoration_floor(name: str) -> None:
     dp, ds, dc = CT_FLOORS[name]
     assert p_out > p_in + dp, (p_in, p_out)
     assert s_out > s_in + ds, (s_in, s_out)
-    # lesions keep their contrast (engine.evaluate's CT-visible lesions: >= 10 HU in the reference)
+    # lesions keep their contrast (engine.research.evaluate's CT-visible lesions: >= 10 HU in the reference)
     ratios = [x.contrast_ratio for s, o in zip(heldout(), outs)
               for x in metrics.lesion_scores(s.ct_hu, o, s.lesion_mask, s.spacing,
                                              exclude=s.labels == phantoms.Tissue.VESSEL)
@@ -165,12 +165,12 @@ def test_ct_to_mr_floor(name: str, target: str) -> None:
 
 def test_augment_keeps_anatomy_and_varies() -> None:
     """ct-augment-wdiff on normal-dose CT of the 2 held-out phantoms, scored as by
-    ``synthnode engine evaluate augment`` (engine.evaluate.score_variants), with the model's
+    ``synthnode engine evaluate augment`` (engine.research.evaluate.score_variants), with the model's
     default sampling (2.1.0: ILVR guidance). The floors keep the low-contrast anatomy (brain,
     liver, lesions >= 5 mm, no added lesions) and require variants that differ; the same
     weights without guidance fail them (see AUG_FLOORS).
     """
-    from engine.evaluate import Case, score_variants
+    from engine.research.evaluate import Case, score_variants
 
     m = load_model_dir(WEIGHTS / "ct-augment-wdiff")
     for s in heldout():

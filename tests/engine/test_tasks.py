@@ -17,7 +17,7 @@ from engine.tasks import (
     denormalise,
     normalise,
 )
-from engine.train import TrainConfig, initial_model
+from engine.research.train import TrainConfig, initial_model
 from tests.support.engine import TINY_ARCH
 from tests.support.engine import tiny_model as tiny
 
@@ -59,8 +59,9 @@ class _ConstResidual(torch.nn.Module):
         return target - (xt - (1 - tau) * target) / tau
 
 
-def test_registry_has_the_four_tasks_with_contracts() -> None:
-    assert set(TASKS) == {"ct_denoise", "mr_denoise", "ct_to_mr", "augment"}
+def test_registry_has_the_tasks_with_contracts() -> None:
+    assert set(TASKS) == {"ct_denoise", "mr_denoise", "ct_to_mr", "augment", "ct_sparse_view",
+                          "mr_undersampled"}
     d = TASKS["ct_to_mr"].describe()
     assert d["params"]["target"]["choices"] == ["t1w", "t2w"]
     assert d["input_intensities"] == ["HU"]

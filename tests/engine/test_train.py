@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from engine.api import Intensity, Volume, run_task
 from engine.models import load_model_dir
-from engine.train import TrainConfig, make_batch, train
+from engine.research.train import TrainConfig, make_batch, train
 from tests.support.engine import TINY_ARCH, toy_data
 
 
@@ -103,7 +103,7 @@ def test_cli_train_smoke(tmp_path: Path) -> None:
 
 
 def test_ema_window_is_capped_to_a_tenth_of_the_run() -> None:
-    from engine.train import ema_decay
+    from engine.research.train import ema_decay
 
     assert ema_decay(None, 250) == pytest.approx(0.96)  # window 25 steps, not 200
     assert ema_decay(None, 100_000) == 0.995
@@ -125,8 +125,8 @@ def test_cli_ema_decay_and_size_recorded_in_config_and_card(tmp_path: Path) -> N
 
 
 def test_training_low_dose_uses_the_evaluation_view_count() -> None:
-    from engine.degrade import default_angles
-    from engine.train import train_angles
+    from engine.research.degrade import default_angles
+    from engine.research.train import train_angles
 
     assert train_angles(256) == 180  # data version 1 unchanged at <= 256 px
     assert train_angles(512) == default_angles(512) == 360
@@ -190,7 +190,7 @@ def test_fulldose_target_pairs_mirror_the_real_scan_protocol() -> None:
 def test_lesion_weight_and_lesion_crops() -> None:
     import torch
 
-    from engine.train import lesion_loss_weight
+    from engine.research.train import lesion_loss_weight
 
     data = toy_data(n=2, size=64)
     les = np.zeros(data["ct"].shape, np.uint8)
@@ -252,7 +252,7 @@ def test_sharp_shapes_paste_pixel_sharp_objects_and_keep_the_noise() -> None:
     pair's noise there (input - target unchanged), and the default stream is unchanged when off."""
     import torch
 
-    from engine.train import CT_SCALE
+    from engine.research.train import CT_SCALE
 
     data = toy_data(n=2, size=64)
     ramp = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64) * 37.0  # no two clean values alike
@@ -321,7 +321,7 @@ def test_noise_scaling_keeps_the_own_texture_in_the_input() -> None:
 
 
 def test_average_models_is_the_weighted_mean_and_the_card_names_the_sources(tmp_path: Path) -> None:
-    from engine.train import average_models
+    from engine.research.train import average_models
     from node.cli import app
 
     kw = dict(task="ct_to_mr", objective="regression", batch=2, crop=16, architecture=dict(TINY_ARCH),
@@ -393,7 +393,7 @@ def test_mr_own_noise_targets_keep_their_noise_and_the_input_adds_more(tmp_path:
 def test_card_refresh_keeps_held_out_metrics_with_their_own_headings(tmp_path: Path) -> None:
     """`synthnode engine package DIR` without --metrics-md keeps the metrics section whole,
     also when it holds `## ` headings pasted from an evaluation report (it used to end there)."""
-    from engine.train import write_model_card
+    from engine.research.train import write_model_card
 
     tc = TrainConfig(task="ct_denoise", steps=1, batch=2, crop=16, architecture=dict(TINY_ARCH),
                      model_id="m", log_every=1, ckpt_every=10)
@@ -432,7 +432,7 @@ def test_x0_prediction_diffusion_trains_from_a_regressor_and_samples_from_noise(
     assert "--prediction x0 --train-t-max 1.0 --sample steps=3 --sample strength=1.0" in card
     assert "sampling defaults changed after training" not in card
     # a validation-split choice edited into config.json afterwards is named on the card
-    from engine.train import write_model_card
+    from engine.research.train import write_model_card
 
     cfg["sampling"]["ct_denoise"]["steps"] = 2
     (d / "config.json").write_text(json.dumps(cfg))
@@ -448,7 +448,7 @@ def test_x0_prediction_diffusion_trains_from_a_regressor_and_samples_from_noise(
 
 def test_x0_recipe_refusals(tmp_path: Path) -> None:
     from engine.tasks import TaskInputError
-    from engine.train import model_config
+    from engine.research.train import model_config
 
     with pytest.raises(ValueError, match="prediction applies to the diffusion objective"):
         model_config(TrainConfig(task="ct_denoise", objective="regression", prediction="x0"))
@@ -509,7 +509,7 @@ def test_cli_augment_recipe_options(tmp_path: Path) -> None:
     assert "sampling defaults changed" not in card
     # sampling edited after training (a validation-split choice): the card says so (the recipe's
     # task is ct_augment, its inference task and sampling key "augment")
-    from engine.train import write_model_card
+    from engine.research.train import write_model_card
 
     cfg["sampling"]["augment"] = {**cfg["sampling"]["augment"], "strength": 0.05}
     (d / "config.json").write_text(json.dumps(cfg))

@@ -3,7 +3,7 @@
 A CT series is a tilted-free axial stack of a procedural phantom (air, water cylinder,
 bone ring) in HU, stored unsigned with Rescale Intercept -1024; an MR series is the same
 phantom in arbitrary units. Used by volume, series and dispatch tests. ``hu=`` stores a given
-(z, y, x) stack instead (e.g. an ``engine.phantoms`` abdomen with simulated low dose, for the
+(z, y, x) stack instead (e.g. an ``engine.research.phantoms`` abdomen with simulated low dose, for the
 end-to-end tests with the shipped models).
 """
 from __future__ import annotations

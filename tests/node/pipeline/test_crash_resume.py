@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from config.settings import load_settings
 from engine.api import Provenance, TaskResult
-from engine.baselines import nlm_ct
+from engine.research.baselines import nlm_ct
 from node.app import build_context
 from node.ingest.ingestor import Ingestor
 from node.pipeline.jobs import JobKind, JobState
@@ -121,7 +121,7 @@ PARTIAL_WORKER = textwrap.dedent("""
     from dataclasses import replace
     from config.settings import load_settings
     from engine.api import Provenance, TaskResult
-    from engine.baselines import nlm_ct
+    from engine.research.baselines import nlm_ct
     from node.app import build_context
     from node.pipeline.orchestrator import Pipeline
     settings = load_settings(None, environment="development", data_dir=sys.argv[1],

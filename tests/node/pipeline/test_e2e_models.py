@@ -1,6 +1,6 @@
 """End to end with the shipped models and the quality gate on (issue 6 "End-to-end tests").
 
-DCMTK storescu sends a clinical-size CT series (512x512 slices of an engine.phantoms abdomen
+DCMTK storescu sends a clinical-size CT series (512x512 slices of an engine.research.phantoms abdomen
 with simulated low dose, CT Image Storage, HU through Rescale Intercept -1024) to a running
 node. The node has the BUNDLED models of engine/weights (ct-denoise-wreg, ct-to-mr-wreg)
 approved through the model gate, the quality gate enabled with its default limits, and one
@@ -34,8 +34,8 @@ from audit.ledger import Ledger
 from audit.modelgate import Approver, ModelGate, public_key_b64
 from audit.watermark import WatermarkKey, detect
 from config.settings import load_settings
-from engine.degrade import low_dose_ct
-from engine.phantoms import Tissue, make_sample
+from engine.research.degrade import low_dose_ct
+from engine.research.phantoms import Tissue, make_sample
 from node.app import create_node
 from node.cli import app
 from node.pipeline.jobs import JobKind, JobState

@@ -75,3 +75,41 @@ def test_build_pipeline_from_settings(tmp_path: Path) -> None:
     assert WatermarkKey.from_file(kf).key_id == 5
     assert isinstance(p2.runner, GatedEngineRunner) and p2.runner.models_dir == settings.models_dir
     p2.tracker.shutdown()
+
+
+def test_gated_runner_runs_an_adapter_on_its_base_only(sqlite_url: str, tmp_path: Path) -> None:
+    """A ControlNet adapter runs with its base, both admitted by the gate; an adapter whose
+    recorded base is not the base folder of that id (here: the base was swapped for another
+    approved model of the same id) is refused, with a model.refused event."""
+    from engine.api import TaskName
+    from tests.support.engine import tiny_adapter_dir, tiny_base_dir
+
+    upgrade(sqlite_url)
+    ledger = Ledger(make_engine(sqlite_url))
+    key = Ed25519PrivateKey.generate()
+    gate = ModelGate(ledger, [Approver("tester", key.public_key())])
+    models = tmp_path / "models"
+    base = tiny_base_dir(models)
+    adapter = tiny_adapter_dir(models, base, perturb=0.05)
+    gate.approve(base, key)
+    gate.approve(adapter, key)
+    runner = GatedEngineRunner(gate, models, device="cpu")
+    rng = np.random.default_rng(0)
+    vol = Volume(rng.normal(40, 60, (3, 32, 32)).astype(np.float32), (2.0, 0.7, 0.7),
+                 Intensity.HU)
+    result = runner(TaskName.CT_SPARSE_VIEW, vol, {}, 1, None)
+    assert result.provenance.model_id == "tiny-ct-sparse-view-adapter"
+    base_manifest = json.loads((base / "manifest.json").read_text())
+    assert (result.provenance.extra["base"]["weights_sha256"]
+            == base_manifest["files"]["model.safetensors"])
+    loaded = [e.event for e in ledger.entries() if e.event.type.value == "model.loaded"]
+    assert [e.subject["model_id"] for e in loaded] == ["tiny-base", "tiny-ct-sparse-view-adapter"]
+    # another base under the same id, approved: the adapter is refused on it
+    import shutil
+
+    shutil.rmtree(base)
+    tiny_base_dir(models, seed=7)
+    gate.approve(base, key)
+    with pytest.raises(ModelRefused, match="adapter is for base tiny-base"):
+        runner(TaskName.CT_SPARSE_VIEW, vol, {}, 1, None)
+    assert ledger.entry(ledger.size() - 1).event.type.value == "model.refused"

@@ -1,7 +1,7 @@
 """Pipeline stages wired on a real node context (file store, index, ledger) and a real Orthanc.
 
 The engine runner here is the project's non-local-means restoration baseline
-(``engine.baselines``), a real Volume -> Volume method, so routing, jobs, quality gate,
+(``engine.research.baselines``), a real Volume -> Volume method, so routing, jobs, quality gate,
 series building, watermarking, storing and dispatch are exercised without a trained model.
 The gated diffusion runner is covered where approved models exist.
 """
@@ -18,7 +18,7 @@ import pytest
 from audit.watermark import WatermarkKey, detect, payload_hex
 from config.settings import load_settings
 from engine.api import Provenance, TaskResult, Volume
-from engine.baselines import nlm_ct
+from engine.research.baselines import nlm_ct
 from node.app import build_context
 from node.ingest.ingestor import Ingestor
 from node.pipeline.jobs import JobKind, JobState

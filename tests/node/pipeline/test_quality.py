@@ -55,7 +55,7 @@ def test_cross_modality_foreground_overlap() -> None:
 
 # -- per slice, range per intensity meaning, limits (issue 6) --------------------------------
 def _abdomen(n: int = 8, size: int = 96) -> np.ndarray:
-    from engine.phantoms import make_sample
+    from engine.research.phantoms import make_sample
 
     return make_sample(seed=3, size=size, n_slices=n, kind="abdomen", mr_snr=None,
                        bias_strength=0.0).ct_hu.astype(np.float32)
@@ -215,8 +215,8 @@ def test_mr_restoration_bias_allows_removing_the_rician_floor_but_not_a_shift() 
     the received magnitude carries the Rician floor (background sigma sqrt(pi / 2), foreground
     E[M^2] = A^2 + 2 sigma^2). The gate takes that noise power out and passes it; a shifted
     output is still held. (Until 2026-12-03 the plain volume mean held the perfect output.)"""
-    from engine.degrade import mr_noise
-    from engine.phantoms import make_sample
+    from engine.research.degrade import mr_noise
+    from engine.research.phantoms import make_sample
 
     s = make_sample(seed=9, size=128, n_slices=3, kind="head", mr_snr=None, bias_strength=0.0)
     clean = s.t1w.astype(np.float32)

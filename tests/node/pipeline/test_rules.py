@@ -100,3 +100,16 @@ def test_rule_set_checks_and_settings_validation() -> None:
         PipelineSettings(rules=[Rule(name="a", tasks=T, destinations=["nowhere"])])
     with pytest.raises(ValueError, match="needs url"):
         Destination(name="w", kind="dicomweb")
+
+
+def test_rule_task_names_are_the_engines() -> None:
+    """A rule naming a task the engine does not have is a problem (with the nearest name);
+    every engine task name is accepted."""
+    from engine.types import TaskName
+
+    s = _settings(Rule(name="typo", tasks=[TaskSpec(task="ct_denose")]))
+    problems = check_rules(s)
+    assert any("unknown task 'ct_denose'" in p and "did you mean 'ct_denoise'?" in p
+               for p in problems), problems
+    ok = _settings(Rule(name="all", tasks=[TaskSpec(task=t.value) for t in TaskName]))
+    assert not any("unknown task" in p for p in check_rules(ok))

@@ -173,8 +173,8 @@ def fit_phantom_luts(n: int = 24, size: int = 256, smooth_px: float = 1.0
     The CT input is the normal-dose simulation (dose 1.0) like the evaluation input; the MR
     targets are noise- and bias-free, like the evaluation references.
     """
-    from engine.degrade import low_dose_ct
-    from engine.phantoms import iter_dataset
+    from engine.research.degrade import low_dose_ct
+    from engine.research.phantoms import iter_dataset
 
     t1, t2 = [], []
     for s in iter_dataset("train", n, size=size, n_slices=1, kind="mixed",
@@ -192,11 +192,11 @@ def tune_nlm(n: int = 4, sizes: tuple[int, ...] = (256, 512), dose: float = 0.25
     """PSNR of NLM for each ``h_factor`` on *validation* phantoms (CT at ``dose``, T1w at ``snr``).
 
     This is how ``NLM_H_FACTOR_CT`` / ``NLM_H_FACTOR_MR`` were chosen
-    (``python -m engine.baselines``; numbers in bench/results/engine_eval.md).
+    (``python -m engine.research.baselines``; numbers in bench/results/engine_eval.md).
     """
-    from engine.degrade import low_dose_ct, mr_noise
-    from engine.metrics import CT_RANGE, mr_range, psnr
-    from engine.phantoms import iter_dataset
+    from engine.research.degrade import low_dose_ct, mr_noise
+    from engine.research.metrics import CT_RANGE, mr_range, psnr
+    from engine.research.phantoms import iter_dataset
 
     rows = []
     for size in sizes:

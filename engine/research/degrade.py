@@ -22,10 +22,22 @@ The clean sinogram only sets the noise variance, so it is computed at 256 x 256 
 images (``variance_size``) and interpolated along the detector axis; the noise is always
 reconstructed at full resolution. Noise is inserted only inside the reconstruction circle.
 
+Sparse-view CT
+--------------
+:func:`sparse_view_ct`: the slice is forward projected at ``SPARSE_FULL_VIEWS`` (720) parallel
+views over 180 degrees; every k-th view is kept (60 or 90 views) and both sinograms are
+reconstructed by filtered back-projection (ramp filter). The sparse-view image is the reference
+plus the difference ``FBP(sparse) - FBP(720)`` (the streaks), the same insertion scheme as the
+low-dose noise above: the reference keeps its resolution and only the sparse-sampling artefact
+enters the pair. Parallel beam stands in for the real fan / cone geometry.
+
 MR
 --
 Rician magnitude noise (Gudbjartsson & Patz, MRM 34:910, 1995) with per-channel
-``sigma = mean foreground signal / SNR``.
+``sigma = mean foreground signal / SNR``. :func:`mr_undersample`: Cartesian undersampling of
+k-space along the phase-encoding direction (rows): a fully sampled centre band plus random
+lines up to ``1 / acceleration`` of the lines, zero-filled, magnitude of the inverse FFT
+(fastMRI's random mask: centre fraction 0.08 at 4x, 0.04 at 8x).
 
 Everything is deterministic given ``seed``.
 """
@@ -38,7 +50,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import iradon, radon
 
-from engine.phantoms import rician
+from engine.research.phantoms import rician
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +179,80 @@ def low_dose_ct(hu: np.ndarray, pixel_mm: float, dose: float | tuple[float, ...]
     return final
 
 
+SPARSE_FULL_VIEWS = 720
+SPARSE_VIEWS = (60, 90)
+
+
+def sparse_view_streaks(hu: np.ndarray, views: int, full_views: int = SPARSE_FULL_VIEWS
+                        ) -> np.ndarray:
+    """Streak image (HU) of one square 2-D slice: ``FBP(views) - FBP(full_views)``, with the
+    ``views`` kept evenly spaced among the ``full_views`` (``full_views % views == 0``)."""
+    if hu.ndim != 2 or hu.shape[0] != hu.shape[1]:
+        raise ValueError(f"expected a square 2-D slice, got {hu.shape}")
+    if views < 1 or full_views % views:
+        raise ValueError(f"views {views} must divide {full_views}")
+    n = hu.shape[0]
+    circle = _circle(n)
+    theta = np.linspace(0.0, 180.0, full_views, endpoint=False)
+    mu = hu_to_mu(hu) * circle
+    p = radon(mu, theta, circle=True)
+    step = full_views // views
+    full = iradon(p, theta, circle=True, filter_name="ramp")
+    sparse = iradon(p[:, ::step], theta[::step], circle=True, filter_name="ramp")
+    return ((sparse - full) / MU_WATER_PER_MM * 1000.0 * circle).astype(np.float32)
+
+
+def sparse_view_ct(hu: np.ndarray, views: int, full_views: int = SPARSE_FULL_VIEWS
+                   ) -> np.ndarray:
+    """Sparse-view CT of a slice or stack (z, y, x) in HU: reference + streaks of FBP from
+    ``views`` of ``full_views`` projections (:func:`sparse_view_streaks`), clipped to the
+    12-bit HU range. Deterministic (no noise)."""
+    arr = np.asarray(hu, dtype=np.float32)
+    stack = arr[None] if arr.ndim == 2 else arr
+    out = np.stack([np.clip(s + sparse_view_streaks(s, views, full_views), -1024.0, 3071.0)
+                    for s in stack]).astype(np.float32)
+    return out[0] if arr.ndim == 2 else out
+
+
+#: fully sampled centre fraction of k-space per acceleration (fastMRI's convention)
+CENTER_FRACTION = {4: 0.08, 8: 0.04}
+
+
+def cartesian_mask(rows: int, acceleration: int, seed: int,
+                   center_fraction: float | None = None) -> np.ndarray:
+    """Boolean mask of sampled phase-encoding lines (k-space rows, DC at ``rows // 2``): the
+    central ``center_fraction`` of lines plus random others, ``rows / acceleration`` lines in
+    all (rounded)."""
+    if acceleration < 1:
+        raise ValueError("acceleration must be >= 1")
+    cf = center_fraction if center_fraction is not None else CENTER_FRACTION.get(
+        acceleration, 0.32 / acceleration)
+    n_center = max(1, round(rows * cf))
+    n_total = max(n_center, round(rows / acceleration))
+    mask = np.zeros(rows, bool)
+    c0 = rows // 2 - n_center // 2
+    mask[c0:c0 + n_center] = True
+    rest = np.flatnonzero(~mask)
+    rng = np.random.default_rng([seed, acceleration, 11])
+    mask[rng.choice(rest, size=n_total - n_center, replace=False)] = True
+    return mask
+
+
+def mr_undersample(img: np.ndarray, acceleration: int, seed: int,
+                   center_fraction: float | None = None) -> np.ndarray:
+    """Zero-filled magnitude reconstruction of a magnitude image (2-D or (z, y, x)) from
+    Cartesian undersampled k-space (:func:`cartesian_mask` along y, one mask for the stack,
+    in the input's value scale)."""
+    arr = np.asarray(img, dtype=np.float64)
+    stack = arr[None] if arr.ndim == 2 else arr
+    mask = cartesian_mask(stack.shape[1], acceleration, seed, center_fraction)
+    k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(stack, axes=(1, 2))), axes=(1, 2))
+    k[:, ~mask, :] = 0
+    rec = np.abs(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(1, 2))), axes=(1, 2)))
+    out = rec.astype(np.float32)
+    return out[0] if arr.ndim == 2 else out
+
+
 def foreground_mask(img: np.ndarray) -> np.ndarray:
     """Foreground of a magnitude image: above 10 % of its 99th percentile."""
     return img > 0.1 * np.percentile(img, 99)
@@ -195,11 +281,11 @@ def measure(n: int = 3, sizes: tuple[int, ...] = (256, 512),
             doses: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)) -> list[dict[str, float]]:
     """Liver noise SD (HU) per dose and seconds per slice on *validation* abdomen phantoms.
 
-    ``python -m engine.degrade`` prints this table (bench/results/engine_eval.md).
+    ``python -m engine.research.degrade`` prints this table (bench/results/engine_eval.md).
     """
     import time
 
-    from engine.phantoms import Tissue, iter_dataset
+    from engine.research.phantoms import Tissue, iter_dataset
 
     rows = []
     for size in sizes:

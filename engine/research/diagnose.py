@@ -1,9 +1,9 @@
 """Quick diagnosis of trained models on the VALIDATION split (never the test split).
 
-``python -m engine.diagnose ct_denoise --model DIR [--model DIR ...] [--raw RUN_DIR ...]``
+``python -m engine.research.diagnose ct_denoise --model DIR [--model DIR ...] [--raw RUN_DIR ...]``
 scores each model folder, optionally the raw (non-EMA) weights of a training run's last
 checkpoint, and the task's baselines (identity + NLM for restoration, HU lookup for CT->MR)
-on a few validation phantoms with :mod:`engine.evaluate`'s scoring, and prints one line of
+on a few validation phantoms with :mod:`engine.research.evaluate`'s scoring, and prints one line of
 mean metrics per method and case list. Used to find out why a model loses to a baseline
 (noise-level mismatch, under-training, EMA lag) before spending training time; the numbers
 go to bench/results/engine_eval.md with the command.
@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engine import baselines
-from engine.evaluate import Method, model_method, phantom_cases, run_section
+from engine.research import baselines
+from engine.research.evaluate import Method, model_method, phantom_cases, run_section
+from engine.types import TaskName
 
 
 def raw_model_dir(run_dir: Path | str, model_dir: Path | str, dst: Path | str) -> Path:
@@ -50,9 +51,9 @@ def diagnose(task: str, models: list[Path], raw: list[Path], n: int, size: int, 
         )
     for m in models:
         paths[f"{Path(m).name} EMA ({m})"] = Path(m)
-    if task == "ct_denoise":
+    if task == TaskName.CT_DENOISE:
         settings: list[tuple[str, Any]] = [("dose", d) for d in doses]
-    elif task == "ct_to_mr":
+    elif task == TaskName.CT_TO_MR:
         luts = baselines.fit_phantom_luts(24, size=size)
         settings = [("target", t) for t in targets]
     else:
@@ -60,7 +61,7 @@ def diagnose(task: str, models: list[Path], raw: list[Path], n: int, size: int, 
     rows: list[dict[str, Any]] = []
     for key, val in settings:
         methods: dict[str, Method]
-        if task == "ct_denoise":
+        if task == TaskName.CT_DENOISE:
             cases = phantom_cases(
                 task, n, size=size, n_slices=n_slices, dose=float(val), split="val", start=500
             )
@@ -105,7 +106,7 @@ def diagnose(task: str, models: list[Path], raw: list[Path], n: int, size: int, 
 
 def main() -> None:  # pragma: no cover - measurement entry point
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("task", choices=["ct_denoise", "ct_to_mr"])
+    ap.add_argument("task", choices=[TaskName.CT_DENOISE, TaskName.CT_TO_MR])
     ap.add_argument("--model", type=Path, action="append", default=[])
     ap.add_argument(
         "--raw", type=Path, action="append", default=[], help="training run folder (.runs/ID)"
@@ -120,7 +121,7 @@ def main() -> None:  # pragma: no cover - measurement entry point
     import torch
 
     torch.set_num_threads(a.threads)
-    size = a.size or (512 if a.task == "ct_denoise" else 256)
+    size = a.size or (512 if a.task == TaskName.CT_DENOISE else 256)
     diagnose(a.task, a.model, a.raw, a.n, size, a.slices, tuple(a.dose or [0.25, 0.1]),
              tuple(a.target or ["t1w", "t2w"]))
 

@@ -1,9 +1,10 @@
 """Evaluation of restoration / synthesis methods on held-out data, with a Markdown + PNG report.
 
 A *method* is any callable ``Volume -> Volume`` (the engine's models through
-:func:`model_method`, the classical baselines of :mod:`engine.baselines`, the identity). Every
+:func:`model_method`, the classical baselines of :mod:`engine.research.baselines`, the identity).
+Every
 method sees the same :class:`Case` list (input, reference, optional labels and lesion mask)
-and is scored with :mod:`engine.metrics`:
+and is scored with :mod:`engine.research.metrics`:
 
 * CT (``ct_denoise``): PSNR on -1000..1000 HU, SSIM on the -160..240 HU window, MAE in HU over
   the body, residual noise SD in flat tissue interiors, lesion contrast ratio and lesion Dice.
@@ -17,9 +18,10 @@ and is scored with :mod:`engine.metrics`:
   Dice) and none are added (false lesions), and whether the scan's texture stays (texture
   ratio).
 
-Held-out phantoms come from the *test* split of :mod:`engine.phantoms` (seeds
-``2e9 + i``), never from the training split. Low-dose inputs: :func:`engine.degrade.low_dose_ct`
-with ``seed = phantom seed``; MR noise: :func:`engine.degrade.mr_noise` at ``snr``.
+Held-out phantoms come from the *test* split of :mod:`engine.research.phantoms` (seeds
+``2e9 + i``), never from the training split. Low-dose inputs:
+:func:`engine.research.degrade.low_dose_ct`
+with ``seed = phantom seed``; MR noise: :func:`engine.research.degrade.mr_noise` at ``snr``.
 """
 from __future__ import annotations
 
@@ -37,16 +39,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from engine import metrics as M
-from engine.phantoms import Tissue
-from engine.types import Intensity, Volume
+from engine.research import metrics as M
+from engine.research.phantoms import Tissue
+from engine.types import Intensity, TaskName, Volume
 
 log = logging.getLogger(__name__)
 
 Method = Callable[[Volume], Volume]
 #: augmentation: a received volume -> its variants
 VariantsMethod = Callable[[Volume], list[Volume]]
-EVAL_TASKS = ("ct_denoise", "mr_denoise", "ct_to_mr", "augment")
+EVAL_TASKS = (TaskName.CT_DENOISE, TaskName.MR_DENOISE, TaskName.CT_TO_MR, TaskName.AUGMENT)
 #: augmentation metrics: body = HU above this, bone = (0.75 px smoothed) HU above that
 BODY_HU, BONE_HU = -500.0, 300.0
 #: augmentation: Gaussian sigma (px) of the "structural" variation (pixel noise averaged out)
@@ -69,7 +71,7 @@ ROI_NAMES = {"liver": (Tissue.LIVER,), "brain": (Tissue.GM, Tissue.WM)}
 VESSEL = Tissue.VESSEL  # excluded from the lesion ring
 AIR = Tissue.AIR  # outside the body
 #: CT->MR lesion split: a lesion whose contrast in the received CT (core minus ring, as in
-#: engine.metrics.lesion_scores) is below this many HU is "CT-occult": below the phantom's
+#: engine.research.metrics.lesion_scores) is below this many HU is "CT-occult": below the phantom's
 #: grey / white matter contrast (12 HU), so attenuation alone cannot tell it from anatomy and a
 #: CT->MR model has nothing to draw it from (many brain lesions are CT-occult, MR-visible)
 CT_VISIBLE_HU = 10.0
@@ -77,7 +79,7 @@ CT_VISIBLE_HU = 10.0
 
 def _min_contrast(case: Case) -> float:
     """Reference lesions below this contrast do not set the false-lesion threshold: CT_VISIBLE_HU
-    for CT references (engine.metrics.false_lesion_map), none for MR."""
+    for CT references (engine.research.metrics.false_lesion_map), none for MR."""
     return CT_VISIBLE_HU if case.reference.intensity == Intensity.HU else 0.0
 
 
@@ -130,8 +132,8 @@ def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: f
     augment     input the normal-dose CT (dose 1.0 simulation, what a modality sends),
                 reference the noise-free phantom CT
     """
-    from engine.degrade import low_dose_ct, mr_noise
-    from engine.phantoms import PHANTOM_VERSION, iter_dataset
+    from engine.research.degrade import low_dose_ct, mr_noise
+    from engine.research.phantoms import PHANTOM_VERSION, iter_dataset
 
     if task not in EVAL_TASKS:
         raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
@@ -148,18 +150,18 @@ def phantom_cases(task: str, n: int, size: int = 256, n_slices: int = 3, dose: f
         info = {"seed": s.seed, "kind": s.kind, "split": split, "size": size,
                 "n_slices": n_slices, "lesion_diameters_mm": [round(les.diameter_mm, 1)
                                                               for les in s.lesions]}
-        if task == "ct_denoise":
+        if task == TaskName.CT_DENOISE:
             ld = low_dose_ct(s.ct_hu, s.spacing[1], dose, seed=s.seed)
             inp, ref = Volume(ld, s.spacing, Intensity.HU), Volume(s.ct_hu, s.spacing, Intensity.HU)
             info["dose"] = dose
-        elif task == "mr_denoise":
+        elif task == TaskName.MR_DENOISE:
             w = target if target in ("t1w", "t2w") else ("t1w" if i % 2 == 0 else "t2w")
             clean = getattr(s, w)
             ity = Intensity.MR_T1W if w == "t1w" else Intensity.MR_T2W
             noisy = mr_noise(clean, snr, seed=s.seed, mask=s.labels != AIR).astype(np.float32)
             inp, ref = Volume(noisy, s.spacing, ity), Volume(clean, s.spacing, ity)
             info.update(snr=snr, weighting=w)
-        elif task == "augment":
+        elif task == TaskName.AUGMENT:
             nd = low_dose_ct(s.ct_hu, s.spacing[1], 1.0, seed=s.seed)
             inp, ref = Volume(nd, s.spacing, Intensity.HU), Volume(s.ct_hu, s.spacing, Intensity.HU)
             info["dose"] = 1.0
@@ -266,6 +268,12 @@ def score(case: Case, output: Volume) -> dict[str, float]:
             excl,
             min_contrast=_min_contrast(case),
         )
+        if (case.input.intensity == Intensity.HU) == is_ct:  # restoration: relative to input
+            in_scores = M.lesion_scores(ref, case.input.data, case.lesion_mask,
+                                        case.reference.spacing, exclude=excl)
+            for k, v in M.kept_vs_input(scores, in_scores,
+                                        CT_VISIBLE_HU if is_ct else 0.0).items():
+                res[f"lesion_{k}"] = v
         if (
             case.input.intensity == Intensity.HU and not is_ct
         ):  # CT->MR: can the CT show the lesion?
@@ -324,7 +332,8 @@ def picture(case: Case, outputs: dict[str, Volume], path: Path, tile: int = 256)
     CT in the soft-tissue window (-160..240 HU), MR on 0..p99.5 of the reference; the
     difference (output - reference) is mid-grey at 0 and saturates at +/- 1/4 of that range.
     With a lesion mask: the true lesions are outlined green on the reference, and the output's
-    false lesions (:func:`engine.metrics.false_lesion_map`, the "false lesions / slice" column)
+    false lesions (:func:`engine.research.metrics.false_lesion_map`, the "false lesions / slice"
+    column)
     red on the output.
     """
     k = case.reference.data.shape[0] // 2
@@ -382,7 +391,8 @@ def lesion_picture(case: Case, outputs: dict[str, Volume], path: Path, max_lesio
     input | each method | reference, in a narrow window around each lesion so that contrast
     lost or kept is visible: centred on the reference's median outside the lesion, +/- 2x the
     lesion's reference contrast. Under each output tile: its contrast ratio for that lesion
-    (engine.metrics.lesion_scores). CT references: only lesions of >= CT_VISIBLE_HU. Returns
+    (engine.research.metrics.lesion_scores). CT references: only lesions of >= CT_VISIBLE_HU.
+    Returns
     None when the case has no such lesion.
     """
     les = case.lesion_mask
@@ -466,7 +476,7 @@ def run_section(title: str, task: str, cases: Sequence[Case], methods: dict[str,
     out_dir = Path(out_dir)
     per_case: dict[str, list[dict[str, float]]] = {}
     all_methods: dict[str, Method] = {}
-    if include_input and task != "ct_to_mr":
+    if include_input and task != TaskName.CT_TO_MR:
         all_methods["input (no processing)"] = lambda v: v
     all_methods.update(methods)
     pics = []
@@ -513,9 +523,11 @@ _COLUMNS = [
     ("lesion_contrast_within_10pct_visible", "within 10 %, >= 10 HU lesions", 2),
     ("lesion_contrast_within_10pct_ge5mm_visible", "within 10 %, >= 10 HU, >= 5 mm", 2),
     ("lesion_contrast_within_10pct_lt5mm_visible", "within 10 %, >= 10 HU, < 5 mm", 2),
+    ("lesion_kept_vs_input", "lesions kept (>= 90 % of input contrast)", 2),
+    ("lesion_contrast_ratio_to_input", "contrast ratio to input", 3),
     ("lesion_dice_ge5mm", "Dice >= 5 mm", 3),
     ("lesion_dice_lt5mm", "Dice < 5 mm", 3),
-    ("lesion_dice_ge5mm_ct_visible", "Dice >= 5 mm, CT-visible", 3),
+    ("lesion_dice_ge5mm_ct_visible", "Dice >= 5 mm, CT-visible (target)", 3),
     ("lesion_dice_ge5mm_ct_occult", "Dice >= 5 mm, CT-occult", 3),
     ("false_lesions_per_slice", "false lesions / slice", 2),
     ("mae_to_input", "MAE to input HU", 1),
@@ -565,12 +577,20 @@ restoration also reports the contrast ratio over the lesions whose reference con
 >= 10 HU (a ratio to a reference contrast near 0, e.g. a 1 HU brain lesion, is noise: the
 residual noise of 1 HU moves it by 100 %); lesion Dice of a threshold segmentation at the \
 midpoint of the
-reference's lesion and background means (engine/metrics.py); CT->MR also splits lesions >= 5 mm
-by their contrast in the received CT: CT-visible |dHU| >= 10, CT-occult < 10 (below the grey /
-white matter contrast; no CT->MR model can draw them); false lesions / slice = in-body blobs
-of at least a 5 mm disc where the output departs from the reference by over half the median
-lesion contrast (CT: of lesions of >= 10 HU), in the lesions' direction, standing out from
-their own surroundings in the output, away from true lesions (engine.metrics.false_lesions).
+reference's lesion and background means (engine/research/metrics.py); CT->MR also splits
+lesions >= 5 mm by their contrast in the received CT: CT-visible |dHU| >= 10, CT-occult < 10
+(below the grey / white matter contrast; no CT->MR model can draw them): the CT->MR Dice target
+is read over the
+CT-visible lesions, the CT-occult ones are reported beside it; restoration reads lesion
+contrast relative to the received image: a lesion (CT: of >= 10 HU reference contrast, shown
+with the reference's sign in the input) is kept when the output keeps >= 90 % of its contrast
+in the input ("lesions kept"), reported with the mean output / input contrast ("contrast
+ratio to input") and the mean contrast ratio to the reference (aim >= 0.9); false lesions /
+slice = in-body blobs of at least a 5 mm disc where the output departs from the reference by
+over half the median lesion contrast (CT: of lesions of >= 10 HU), in the lesions' direction,
+standing out from
+their own surroundings in the output, away from true lesions
+(engine.research.metrics.false_lesions).
 Pictures: input | output |
 reference | output - reference, centre slice; true lesions outlined green on the reference,
 false lesions red on the output.
@@ -750,14 +770,15 @@ def run_augment_section(title: str, cases: Sequence[Case], methods: dict[str, Va
                     out_dir / f"{slug}_{ci}.png",
                 ).name
             )
-    return Section(title, "augment", description, per_case, pics)
+    return Section(title, TaskName.AUGMENT, description, per_case, pics)
 
 
 def dose_resimulation(n: int, dose: float = 0.5, seed: int = 0) -> VariantsMethod:
     """Classical CT augmentation baseline: ``n`` re-simulations of the received scan at
-    ``dose`` of its dose (projection-domain Poisson noise, :func:`engine.degrade.low_dose_ct`,
+    ``dose`` of its dose (projection-domain Poisson noise,
+    :func:`engine.research.degrade.low_dose_ct`,
     adding noise of dose ``dose / (1 - dose)`` to the scan's own, as for the real slices)."""
-    from engine.degrade import low_dose_ct
+    from engine.research.degrade import low_dose_ct
 
     if not 0 < dose < 1:
         raise ValueError("dose must be in (0, 1)")
@@ -823,7 +844,7 @@ def model_variants(model_dir: Path | str, params: dict[str, Any] | None = None, 
     model = load_model_dir(model_dir)
 
     def run(volume: Volume) -> list[Volume]:
-        return list(run_task("augment", volume, model=model, params=params, seed=seed,
+        return list(run_task(TaskName.AUGMENT, volume, model=model, params=params, seed=seed,
                              options=options).outputs)
 
     desc = {"model_id": model.model_id, "version": model.version,

@@ -18,7 +18,8 @@ Objectives (same UNet, same data, same loss family):
 * ``regression``: the one-step regressor baseline: MSE between the network output (zero
   target slot, fixed timestep) and the clean sub-bands.
 
-Data (engine.phantoms + engine.degrade): ``n_train`` phantoms of the ``train`` split, mixed
+Data (engine.research.phantoms + engine.research.degrade): ``n_train`` phantoms of the ``train``
+split, mixed
 abdomen / head, ``3`` contiguous slices each at ``size`` px (2.5D context of 1 neighbour per
 side). CT pairs: noise-free phantom CT (target) and projection-domain Poisson low dose at a
 random dose in {0.1, 0.25, 0.5} plus a normal-dose (1.0) version (CT->MR condition). MR pairs:
@@ -55,12 +56,13 @@ from engine.nets import (
     training_prediction,
 )
 from engine.tasks import TASKS
+from engine.types import TaskName
 from engine.wavelet import dwt2, idwt2
 
 if TYPE_CHECKING:
     from monai.networks.schedulers import RFlowScheduler
 
-    from engine.phantoms import Split
+    from engine.research.phantoms import Split
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ __all__ = [
 
 DATA_VERSION = 1
 CT_SCALE = 1000.0  # HU / 1000
-MR_TARGET_SCALE = 1000.0  # engine.phantoms.MR_SCALE: MR signal in [0, 1] * 1000
+MR_TARGET_SCALE = 1000.0  # engine.research.phantoms.MR_SCALE: MR signal in [0, 1] * 1000
 LOW_DOSES = (0.1, 0.25, 0.5)
 # CT restoration robustness augmentation (make_batch ``robust``; preset key "robust")
 ROBUST_CT = {"p_scale": 0.5, "scale_lo": 0.05, "p_single": 0.2}
@@ -157,16 +159,17 @@ def _sharp_shapes(crop: int, gen: torch.Generator) -> tuple[torch.Tensor, float]
 
 def train_angles(size: int) -> int:
     """Views for the training low dose: the evaluation's own choice
-    (engine.degrade.default_angles), 180 up to 256 px (as data version 1), 360 above, so 512 px
+    (engine.research.degrade.default_angles), 180 up to 256 px (as data version 1), 360 above, so
+    512 px
     training pairs match evaluation."""
-    from engine.degrade import default_angles
+    from engine.research.degrade import default_angles
 
     return TRAIN_ANGLES if size <= 256 else default_angles(size)
 
 # Per "training task": which inference tasks the model serves, I/O, normalisation, sampling.
 PRESETS: dict[str, dict[str, Any]] = {
     "ct_denoise": {
-        "tasks": ["ct_denoise"],
+        "tasks": [TaskName.CT_DENOISE],
         "io": {
             "target_channels": 1,
             "cond_channels": 1,
@@ -178,7 +181,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "input": {"kind": "hu", "scale": CT_SCALE},
             "output": {"kind": "hu", "scale": CT_SCALE},
         },
-        "sampling": {"ct_denoise": {"steps": 2, "strength": 0.3}},
+        "sampling": {TaskName.CT_DENOISE: {"steps": 2, "strength": 0.3}},
         "p_uncond": 0.0,
         "train_t_max": 0.6,
         "robust": True,
@@ -186,7 +189,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # augmentation: the same UNet, NOT residual, trained with condition dropout so that it is
     # also an unconditional denoiser of partially noised CT (SDEdit variants)
     "ct_augment": {
-        "tasks": ["augment"],
+        "tasks": [TaskName.AUGMENT],
         "io": {
             "target_channels": 1,
             "cond_channels": 1,
@@ -197,13 +200,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "input": {"kind": "hu", "scale": CT_SCALE},
             "output": {"kind": "hu", "scale": CT_SCALE},
         },
-        "sampling": {"augment": {"steps": 4, "strength": 0.35}},
+        "sampling": {TaskName.AUGMENT: {"steps": 4, "strength": 0.35}},
         "p_uncond": 0.15,
         "train_t_max": 0.6,
-        "data_task": "ct_denoise",
+        "data_task": TaskName.CT_DENOISE,
     },
     "mr_denoise": {
-        "tasks": ["mr_denoise"],
+        "tasks": [TaskName.MR_DENOISE],
         "io": {
             "target_channels": 1,
             "cond_channels": 1,
@@ -215,12 +218,12 @@ PRESETS: dict[str, dict[str, Any]] = {
             "input": {"kind": "percentile", "q": 0.995},
             "output": {"kind": "percentile", "q": 0.995},
         },
-        "sampling": {"mr_denoise": {"steps": 2, "strength": 0.3}},
+        "sampling": {TaskName.MR_DENOISE: {"steps": 2, "strength": 0.3}},
         "p_uncond": 0.0,
         "train_t_max": 0.6,
     },
     "ct_to_mr": {
-        "tasks": ["ct_to_mr"],
+        "tasks": [TaskName.CT_TO_MR],
         "io": {
             "target_channels": 2,
             "cond_channels": 1,
@@ -234,7 +237,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "t2w": {"kind": "fixed", "scale": MR_TARGET_SCALE},
             },
         },
-        "sampling": {"ct_to_mr": {"steps": 6}},
+        "sampling": {TaskName.CT_TO_MR: {"steps": 6}},
         "p_uncond": 0.0,
         "train_t_max": 1.0,
     },
@@ -380,7 +383,8 @@ def model_config(tc: TrainConfig) -> dict[str, Any]:
     if tc.objective not in ("diffusion", "regression"):
         raise ValueError("objective must be 'diffusion' or 'regression'")
     p = json.loads(json.dumps(PRESETS[tc.task]))
-    tasks = p["tasks"] if tc.objective == "diffusion" else [t for t in p["tasks"] if t != "augment"]
+    tasks = (p["tasks"] if tc.objective == "diffusion"
+             else [t for t in p["tasks"] if t != TaskName.AUGMENT])
     _check_prediction_recipe(tc)
     _apply_schedule_overrides(tc, p)
     _apply_sampling_overrides(tc, p, tasks)
@@ -422,8 +426,8 @@ def prepare_data(path: Path | str, n: int, size: int = 256, split: Split = "trai
     ``(n, 3, size, size)`` uint8, 1 inside a lesion (for the lesion-weighted loss,
     ``TrainConfig.lesion_weight``).
     """
-    from engine import phantoms
-    from engine.degrade import low_dose_ct
+    from engine.research import phantoms
+    from engine.research.degrade import low_dose_ct
 
     path = Path(path)
     arrs: dict[str, list[np.ndarray]] = {k: [] for k in ("ct", "ld", "nd", "t1w", "t2w")}
@@ -546,12 +550,12 @@ def make_batch(task: str, data: dict[str, Any], gen: torch.Generator, batch: int
     tg, cd, lz = [], [], []
     for i in idx:
         base3: torch.Tensor | None = None  # the clean side of a CT restoration pair
-        if task == "ct_denoise":
+        if task == TaskName.CT_DENOISE:
             target, cond, base3 = _ct_denoise_pair(data, i, gen, robust, fulldose_target,
                                                    own_texture)
-        elif task == "ct_to_mr":
+        elif task == TaskName.CT_TO_MR:
             target, cond = _ct_to_mr_pair(data, i, gen)
-        elif task == "mr_denoise":
+        elif task == TaskName.MR_DENOISE:
             target, cond = _mr_denoise_pair(data, i, gen, own_noise)
         else:
             raise ValueError(f"no training data recipe for task {task!r}")
@@ -1252,7 +1256,7 @@ def _card_augmentation_lines(tr: dict[str, Any]) -> list[str]:
             f"- robustness augmentation (CT restoration): with probability {ra['p_scale']} the "
             f"received noise is scaled by U({ra['scale_lo']}, 1); with probability "
             f"{ra['p_single']} the 2.5D neighbours are replaced by the centre slice "
-            "(`engine.train.make_batch`)"
+            "(`engine.research.train.make_batch`)"
         )
     if tr.get("lesion_weight") or tr.get("lesion_crop"):
         lines.append(
@@ -1277,7 +1281,7 @@ def _card_augmentation_lines(tr: dict[str, Any]) -> list[str]:
             "- full-dose targets (the real-scan evaluation protocol, LDCT practice): with "
             f"probability {tr['fulldose_target']} a pair is input = full-dose CT + independent "
             "extra noise bringing it to dose d, target = that full-dose CT with its own noise "
-            f"(`engine.train.make_batch`){own_texture}"
+            f"(`engine.research.train.make_batch`){own_texture}"
         )
     if tr.get("sharp_shapes"):
         lines.append(
@@ -1290,7 +1294,7 @@ def _card_augmentation_lines(tr: dict[str, Any]) -> list[str]:
             "- own-noise targets (MR, the real-scan evaluation protocol): with probability "
             f"{tr['own_noise']} the target keeps its own Rician noise and a correlated texture "
             f"{tr.get('own_noise_recipe')} and the input is that image plus Rician noise at the "
-            "drawn SNR (`engine.train.make_batch`)"
+            "drawn SNR (`engine.research.train.make_batch`)"
         )
     return lines
 

@@ -293,6 +293,35 @@ def false_lesions(ref: np.ndarray, out: np.ndarray, lesion_mask: np.ndarray,
     return float(sum(int(sl.max()) for sl in m)) / m.shape[0]
 
 
+#: a lesion is "kept" when the output keeps at least this share of its contrast in the input
+KEEP_OF_INPUT = 0.9
+
+
+def kept_vs_input(out_scores: list[LesionScore], in_scores: list[LesionScore],
+                  min_ref_contrast: float = 0.0, keep: float = KEEP_OF_INPUT) -> dict[str, float]:
+    """Lesion contrast read relative to the received image.
+
+    ``out_scores`` = :func:`lesion_scores` (reference, output), ``in_scores`` = (reference,
+    input), same lesion mask. A lesion counts as kept when its contrast in the output is at
+    least ``keep`` x its contrast in the input (the restoration must not fade what it received;
+    an output that sharpens a lesion beyond the input counts as kept). Only lesions whose
+    reference contrast is at least ``min_ref_contrast`` (CT: 10 HU) and whose input contrast has
+    the reference's sign (the input shows the lesion) count; ``n_kept_eval`` says how many.
+
+    Returns ``kept_vs_input`` (share of those kept) and ``contrast_ratio_to_input`` (mean
+    output / input contrast over them).
+    """
+    c_in = {s.index: s.contrast_out for s in in_scores}
+    ratios = [s.contrast_out / c_in[s.index] for s in out_scores
+              if s.index in c_in and abs(s.contrast_ref) >= min_ref_contrast
+              and s.contrast_ref != 0 and c_in[s.index] * s.contrast_ref > 0]
+    return {
+        "kept_vs_input": float(np.mean([r >= keep for r in ratios])) if ratios else math.nan,
+        "contrast_ratio_to_input": float(np.mean(ratios)) if ratios else math.nan,
+        "n_kept_eval": float(len(ratios)),
+    }
+
+
 def summarize_lesions(scores: list[LesionScore], min_diameter_mm: float = 5.0,
                       visible_contrast: float | None = None) -> dict[str, float]:
     """Aggregate: lesions >= ``min_diameter_mm`` (Dice) and all lesions (contrast ratio).
