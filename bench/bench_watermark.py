@@ -37,7 +37,15 @@ from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from audit.watermark import WatermarkKey, codeword, detect, embed, make_payload, suggest_max_delta  # noqa: E402
+from audit.watermark import (  # noqa: E402
+    CURRENT_FORMAT,
+    WatermarkKey,
+    codeword,
+    detect,
+    embed,
+    make_payload,
+    suggest_max_delta,
+)
 from audit.watermark import core as wm_core  # noqa: E402
 from tests.support.watermark_transforms import (  # noqa: E402
     SLOW_TRANSFORMS,
@@ -153,6 +161,8 @@ def fidelity(s: Slice, marked: NDArray) -> dict[str, float]:
 
 
 KEY = WatermarkKey(hashlib.sha256(b"synthnode bench key").digest(), 7)
+FMT = CURRENT_FORMAT  # --set: a variant of the mark format (bench only)
+VARIANT: str | None = None  # --set variant=NAME: an experimental detector (bench/watermark_variants.py)
 MAX_DELTA: int | None = None  # --max-delta: bound for CT positives (None: the shipped 2 HU rule)
 OTHER_KEY = WatermarkKey(hashlib.sha256(b"synthnode bench other key").digest(), 8)
 
@@ -291,7 +301,7 @@ def summarise(pos: list[dict], neg: list[dict], thr: float, command: str, elapse
     ps = np.array([f["psnr_db"] for f in fid])
     ss = np.array([f["ssim"] for f in fid])
     lines += [
-        "## Fidelity of embedding (strength " f"{wm_core.DEFAULT_STRENGTH}; max_delta = {md} for CT (HU), "
+        "## Fidelity of embedding (strength " f"{CURRENT_FORMAT.strength}; max_delta = {md} for CT (HU), "
         f"suggest_max_delta = max({md}, 0.25 x noise sd) for MR / other)", "",
         f"- positives: {len(pos)}; max |delta| over all: {md.max():.0f}; outside valid range: "
         f"{sum(not f['in_range'] for f in fid)}",
@@ -350,25 +360,47 @@ MINI_HARD = ("explicit_VR-UN", "eCT_Supplemental", "examples_overlay", "MR-SIEME
 
 
 def _apply_overrides(sets: list[str]) -> None:
-    """``--set core.NAME=VALUE`` / ``pattern.NAME=VALUE``: change a detector / embedder constant
-    for a variant run (the value is parsed as a Python literal, else kept as a string)."""
+    """``--set NAME=VALUE``: a variant of the shipped mark format (any field of
+    :class:`audit.watermark.MarkFormat`, e.g. ``energy_weight=0.5``), or
+    ``variant=NAME`` (an experimental detector of bench/watermark_variants.py: ``median``,
+    ``wiener``, ``median_hp``, ``clip_mask``, ``edge9``). The value is parsed as a Python
+    literal, else kept as a string. The product code is never modified."""
     import ast
+    import dataclasses
 
-    from audit.watermark import pattern as wm_pattern
-
-    mods = {"core": wm_core, "pattern": wm_pattern}
+    global FMT, VARIANT
+    changes: dict[str, Any] = {}
     for item in sets:
         lhs, _, rhs = item.partition("=")
-        mod, _, name = lhs.partition(".")
-        if mod not in mods or not hasattr(mods[mod], name):
-            raise SystemExit(f"--set: unknown constant {lhs!r}")
+        lhs = lhs.removeprefix("core.").removeprefix("pattern.").lower()
+        if lhs == "variant":
+            from bench.watermark_variants import VARIANTS
+
+            if rhs not in VARIANTS:
+                raise SystemExit(f"--set variant: one of {sorted(VARIANTS)}")
+            VARIANT = rhs
+            continue
+        if lhs not in {f.name for f in dataclasses.fields(CURRENT_FORMAT)} or lhs == "version":
+            raise SystemExit(f"--set: unknown mark format field {lhs!r}")
         try:
-            value = ast.literal_eval(rhs)
+            changes[lhs] = ast.literal_eval(rhs)
         except (ValueError, SyntaxError):
-            value = rhs
-        setattr(mods[mod], name, value)
-    wm_pattern._layout_cached.cache_clear()
-    wm_pattern._sync_reference_cached.cache_clear()
+            changes[lhs] = rhs
+    if changes:  # a bench-only version number: never confused with a shipped format
+        FMT = dataclasses.replace(CURRENT_FORMAT, version=1000, **changes)
+
+
+def _detect(img: NDArray, keys: list[WatermarkKey]) -> Any:
+    """The detector under test: the shipped one, or the --set variant."""
+    if VARIANT is None and FMT is CURRENT_FORMAT:
+        return detect(img, keys)
+    from bench.watermark_variants import detect_variant
+
+    return detect_variant(img, keys, FMT, VARIANT)
+
+
+def _embed(arr: NDArray, payload: int, **kw: Any) -> NDArray:
+    return embed(arr, KEY, payload, fmt=FMT, **kw)
 
 
 def mini(max_delta: int | None = None, sets: tuple[str, ...] = (), json_out: Path | None = None,
@@ -408,14 +440,14 @@ def mini(max_delta: int | None = None, sets: tuple[str, ...] = (), json_out: Pat
             md = suggest_max_delta(s.arr, hu_calibrated=s.ct)
         else:
             md = suggest_max_delta(s.arr, hu_calibrated=s.ct, floor=max_delta)
-        marked = embed(s.arr, KEY, payload, bits_stored=s.bits, signed=s.signed, max_delta=md)
+        marked = _embed(s.arr, payload, bits_stored=s.bits, signed=s.signed, max_delta=md)
         src = s.source.split(":")[1][:12] if s.source.startswith("real") else s.source.split(":")[0]
         fids.append(dict(fidelity(s, marked), source=src, ct=s.ct, max_delta=md))
         for t in MINI_TRANSFORMS:
-            d = detect(TRANSFORMS[t](s, marked, rng), [KEY])
+            d = _detect(TRANSFORMS[t](s, marked, rng), [KEY])
             res.setdefault((src, t), []).append((d.marked, d.payload == payload, d.score))
             per.setdefault(t, []).append([bool(d.marked), round(float(d.score), 3)])
-    ns = np.array([detect(s.arr, [KEY]).score for s in neg]) if neg else np.zeros(1)
+    ns = np.array([_detect(s.arr, [KEY]).score for s in neg]) if neg else np.zeros(1)
     thr = wm_core.threshold_for(1)
     print(f"mini: {len(pos)} positives, {len(neg)} negatives, {time.time() - t0:.0f} s; negatives flagged "
           f"{int(np.sum(ns >= thr)) if neg else '-'}, score mean {ns.mean():.2f} sd {ns.std():.2f} max {ns.max():.2f}"
@@ -519,7 +551,7 @@ def flat_survival(deltas: tuple[int, ...] = (2, 3, 4, 6)) -> str:
              "|---|---|---|---|---|---|---|---|"]
     from scipy.fft import dctn
 
-    from audit.watermark.pattern import JPEG_LUMA
+    from bench.watermark_variants import JPEG_LUMA
 
     q75 = np.floor((JPEG_LUMA * 50 + 50) / 100)  # IJG scaling of the Annex K table at quality 75
 
@@ -559,7 +591,7 @@ def main() -> None:
     ap.add_argument("--max-delta", type=int, default=None,
                     help="fidelity bound for HU-calibrated CT positives (others: max(N, 0.25 x noise sd)); "
                          "default: the shipped rule (2 HU)")
-    ap.add_argument("--set", action="append", default=[], metavar="MOD.NAME=VALUE",
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="--mini only: override a constant of audit.watermark.core / .pattern (variant runs)")
     ap.add_argument("--no-negatives", action="store_true", help="--mini only: skip the 1,000 negatives")
     ap.add_argument("--sweep-report", type=Path, nargs="+", default=None, metavar="JSON",
