@@ -363,7 +363,10 @@ def threshold_for(
     return float(norm.isf(fpr / n_hyp))
 
 
-def _to_float_slices(image: NDArray) -> list[NDArray[np.float32]]:
+def _to_float_slices(image: NDArray | list[NDArray] | tuple[NDArray, ...]
+                     ) -> list[NDArray[np.float32]]:
+    if isinstance(image, (list, tuple)):  # slices of a series, of any sizes: pooled
+        return [x for part in image for x in _to_float_slices(part)]
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
         arr = arr[..., :3].astype(np.float32).mean(axis=-1)  # RGB(A) rendering -> grey
@@ -590,7 +593,8 @@ def _hypotheses(
     return float(comb[i]), float(zs[top[i]]), (int(shifts[i, 0]), int(shifts[i, 1])), soft[i]
 
 
-def detect(image: NDArray, keys: list[WatermarkKey] | WatermarkKey, *,
+def detect(image: NDArray | list[NDArray] | tuple[NDArray, ...],
+           keys: list[WatermarkKey] | WatermarkKey, *,
            scales: tuple[float, ...] = DEFAULT_SCALES, fpr: float = DEFAULT_FPR,
            formats: tuple[MarkFormat, ...] | None = None) -> Detection:
     """Look for the mark of any of ``keys``.
@@ -599,8 +603,9 @@ def detect(image: NDArray, keys: list[WatermarkKey] | WatermarkKey, *,
     ----------
     image
         Stored values or any rendering: 2-D, 3-D (frames, rows, columns; frames are pooled,
-        so all frames must share one geometry) or (rows, columns, 3|4) RGB(A); any dtype.
-        Pool the slices of a series (same matrix) to detect on the series.
+        so all frames must share one geometry) or (rows, columns, 3|4) RGB(A); any dtype;
+        or a list of such images (the slices of a series, any sizes), pooled: every slice
+        of an output series carries the same mark, so the series is judged as one image.
     keys
         Keys to try (key rotation); the best-scoring one is reported.
     scales

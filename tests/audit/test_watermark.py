@@ -442,3 +442,59 @@ def test_old_format_marks_stay_readable() -> None:
         assert det.marked and det.payload == payload
         assert det.format_version == CURRENT_FORMAT.version
     assert not detect(img, [KEY]).marked
+
+
+# ----------------------------------------------------------------------------- fidelity bound
+
+
+def test_fidelity_bound_by_meaning() -> None:
+    """HU outputs: 4 HU by default (in stored units through the Rescale Slope); other
+    outputs: start at 2 stored units, may rise below the noise (0.5 x sd by default, off with
+    0), never past the PSNR floor; the bound and the measured change / PSNR are what the
+    ledger records."""
+    from audit.watermark.fidelity import FidelityBound, measure, psnr_db
+
+    b = FidelityBound()
+    ct = _synthetic((2, 128, 128), np.uint16, 12, False, 3)
+    assert b.limits(ct, hu=True) == (4, 4)
+    assert b.limits(ct, hu=True, slope=2.0) == (2, 2)
+    mr = _synthetic((2, 128, 128), np.uint16, 12, False, 4, sigma=200.0)
+    assert FidelityBound(other_noise_fraction=0).limits(mr, hu=False, peak=4095) == (2, 2)
+    start, ceiling = FidelityBound(other_noise_fraction=0.05).limits(mr, hu=False, peak=4095)
+    assert start == 2 and 2 < ceiling <= 0.05 * noise_sigma(mr) + 1
+    # 0.5 x sd (~100 units) would break 50 dB at 4,096 levels: the PSNR floor caps it
+    assert b.limits(mr, hu=False, peak=4095) == (2, b.psnr_ceiling(4095))
+    # a narrow 8-bit-like range: the PSNR floor caps the bound below 2 units
+    assert b.limits(mr, hu=False, peak=255) == (1, 1)
+    assert b.record(hu=True) == {"unit": "HU", "max_change": 4}
+    assert b.record(hu=False)["min_psnr_db"] == 50
+    assert FidelityBound(hu_max_change=2.5).record(hu=True)["max_change"] == "2.5"
+    for bad in ({"hu_max_change": 0.5}, {"other_max_delta": 0}, {"min_psnr_db": 10.0},
+                {"other_noise_fraction": 0.9}):
+        with pytest.raises(ValueError):
+            FidelityBound(**bad)  # type: ignore[arg-type]
+    # embedding at the bound stays within it; the measurement reports it
+    marked = embed(ct, KEY, 99, bits_stored=12, signed=False, max_delta=4)
+    m = measure(ct, marked, slope=1.0, hu=True, peak=4095)
+    assert m["max_change_stored"] == 4 and m["max_change_hu"] == 4
+    assert float(m["psnr_range_db"]) < float(m["psnr_db"])
+    assert float(m["psnr_db"]) == pytest.approx(min(psnr_db(c, k, 4095)
+                                             for c, k in zip(ct, marked, strict=True)), abs=0.01)
+    mrk = embed(mr, KEY, 99, bits_stored=12, signed=False, max_delta=2)
+    assert float(measure(mr, mrk, hu=False, peak=4095)["psnr_db"]) >= 50.0
+
+
+def test_series_pooling_finds_what_single_slices_miss() -> None:
+    """An auditor checks a series: the slices of a marked series (a list, sizes may differ)
+    are pooled; small, noisy slices whose single-slice scores stay below the threshold are
+    found together, and an unmarked series is not flagged."""
+    payload = make_payload(KEY.key_id, 4242)
+    host = [_synthetic((128, 128), np.uint16, 12, False, 50 + i, sigma=40.0) for i in range(8)]
+    host[3] = host[3][:112, :120]  # a cropped slice in the series
+    marked = [embed(h, KEY, payload, bits_stored=12, signed=False, max_delta=2) for h in host]
+    singles = [detect(m, [KEY]) for m in marked]
+    pooled = detect(marked, [KEY])
+    assert pooled.marked and pooled.score > max(d.score for d in singles) + 2.0
+    assert pooled.payload in (None, payload)  # never a wrong payload
+    assert not any(d.marked for d in singles)  # the case pooling is for
+    assert not detect(host, [KEY]).marked
