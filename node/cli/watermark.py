@@ -429,7 +429,7 @@ def identify_cmd(
     from audit.events import EventType
     from audit.export import lineage
     from audit.ledger import Ledger
-    from audit.watermark.fingerprint import MATCH_Z, FingerprintIndex, slice_hash
+    from audit.watermark.fingerprint import MATCH_DISTANCE, FingerprintIndex, slice_hash
 
     settings = settings_from(config)
     if not path.is_file():
@@ -458,7 +458,7 @@ def identify_cmd(
                 "marked": det.marked, "score": round(det.score, 2),
                 "threshold": round(det.threshold, 2), "payload": det.payload_hex,
                 "key_id": det.key_id, "format_version": det.format_version},
-            "fingerprints_recorded": len(index), "match_level": MATCH_Z,
+            "fingerprints_recorded": len(index), "match_distance": MATCH_DISTANCE,
             "candidates": [m.__dict__ for m in matches], "identified": None,
         }
         hit = None
@@ -510,7 +510,7 @@ def _print_identify(r: dict[str, Any]) -> None:
         console.print(f"mark: not found (score {mark['score']} < {mark['threshold']})",
                       highlight=False)
     console.print(f"fingerprints: {r['fingerprints_recorded']} recorded slices; closest "
-                  f"(match at score >= {r['match_level']}):", highlight=False)
+                  f"(match at distance <= {r['match_distance']} of 143 bits):", highlight=False)
     for m in r["candidates"]:
         console.print(f"  distance {m['distance']:3d}  score {m['score']:6.2f}  "
                       f"{'MATCH' if m['matched'] else '     '}  entry {m['seq']} series "

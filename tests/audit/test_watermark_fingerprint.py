@@ -11,7 +11,7 @@ import pytest
 
 from audit.watermark.fingerprint import (
     BITS,
-    MATCH_Z,
+    MATCH_DISTANCE,
     FingerprintIndex,
     hamming,
     rank_normalise,
@@ -76,7 +76,7 @@ def test_identified_after_transform(transform: str) -> None:
     assert best.series_uid == "series-0" and best.seq == 100 and best.sop_uid == "sop-0"
     assert best.distance < second.distance
     if transform != "crop <=10%/side":  # a crop moves the geometry: found first, scored lower
-        assert best.matched and best.score >= MATCH_Z
+        assert best.matched and best.distance <= MATCH_DISTANCE and best.score > 0
 
 
 def test_unrelated_query_not_matched() -> None:
@@ -89,7 +89,7 @@ def test_unrelated_query_not_matched() -> None:
         s = _real(name)
         (best,) = index.search(
             wt.TRANSFORMS["png window soft"](s, s.arr, np.random.default_rng(0)), k=1)
-        assert not best.matched and best.score < MATCH_Z
+        assert not best.matched and best.distance > MATCH_DISTANCE
 
 
 def test_index_reads_output_created_payloads() -> None:
