@@ -724,8 +724,8 @@ def series_summary(pos: list[dict], neg: list[dict], command: str, elapsed: floa
     thr = threshold_for(1)
     single_neg = [f for r in neg for f in r["single"]]
     series_neg = [r["series"] for r in neg if "series" in r]
-    scores = np.array([x for r in neg for x in r["single_score"]])
-    sscores = np.array([r["series_score"] for r in neg if "series" in r])
+    scores = np.array([x for r in neg for x in r["single_score"]] or [np.nan])
+    sscores = np.array([r["series_score"] for r in neg if "series" in r] or [np.nan])
     lines = ["# Watermark benchmark: fidelity bound by meaning, sizes 128 - 1024 px, series pooling", "",
              f"Command: `{command}`", "",
              f"Elapsed {elapsed / 60:.1f} min; threshold {thr:.3f} (Bonferroni, FPR <= 0.1 %, 1 key, "
@@ -794,12 +794,12 @@ def series_main(args: argparse.Namespace) -> None:
         neg = pool.map(run_negative_group, tasks, chunksize=8)
         print(f"{len(negs)} negatives in {time.time() - t0:.0f}s", flush=True)
     pool.close()
+    if args.json:  # first: a summary problem never loses the run
+        args.json.write_text(json.dumps({"pos": pos, "neg": neg}))
     text = series_summary(pos, neg, command, time.time() - t0)
     print(text)
     if args.out:
         args.out.write_text(text)
-    if args.json:
-        args.json.write_text(json.dumps({"pos": pos, "neg": neg}))
 
 
 # ----------------------------------------------------------------------------- fingerprints
