@@ -170,7 +170,12 @@ def test_identify_by_mark_and_by_fingerprint(env: Path) -> None:
     leak = env / "leak.jpg"
     leak.write_bytes(buf.getvalue())
     r = json.loads(_run("watermark", "identify", "--json", str(leak)))
-    assert r["fingerprints_recorded"] == 1 and r["candidates"][0]["matched"]
+    assert r["fingerprints_recorded"] == 1 and r["candidates"][0]["series_uid"] == OUT
+    # a lung-window PNG (mark read by few detectors at 4 HU on 512 px: identified either way)
+    png = env / "leak.png"
+    Image.fromarray(window8(marked * slope + icpt, -600, 1500)).save(png)
+    r = json.loads(_run("watermark", "identify", "--json", str(png)))
+    assert r["candidates"][0]["matched"]
     hit = r["identified"]
     assert hit["by"] in ("fingerprint", "mark") and hit["seq"] == out_seq
     assert hit["output_series_uid"] == OUT and hit["lineage"]["source_studies"] == [STUDY]
