@@ -37,7 +37,16 @@ from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from audit.watermark import WatermarkKey, codeword, detect, embed, make_payload, suggest_max_delta  # noqa: E402
+from audit.watermark import (  # noqa: E402
+    CURRENT_FORMAT,
+    WatermarkKey,
+    codeword,
+    detect,
+    embed,
+    embed_verified,
+    make_payload,
+    suggest_max_delta,
+)
 from audit.watermark import core as wm_core  # noqa: E402
 from tests.support.watermark_transforms import (  # noqa: E402
     SLOW_TRANSFORMS,
@@ -153,6 +162,8 @@ def fidelity(s: Slice, marked: NDArray) -> dict[str, float]:
 
 
 KEY = WatermarkKey(hashlib.sha256(b"synthnode bench key").digest(), 7)
+FMT = CURRENT_FORMAT  # --set: a variant of the mark format (bench only)
+VARIANT: str | None = None  # --set variant=NAME: an experimental detector (bench/watermark_variants.py)
 MAX_DELTA: int | None = None  # --max-delta: bound for CT positives (None: the shipped 2 HU rule)
 OTHER_KEY = WatermarkKey(hashlib.sha256(b"synthnode bench other key").digest(), 8)
 
@@ -291,7 +302,7 @@ def summarise(pos: list[dict], neg: list[dict], thr: float, command: str, elapse
     ps = np.array([f["psnr_db"] for f in fid])
     ss = np.array([f["ssim"] for f in fid])
     lines += [
-        "## Fidelity of embedding (strength " f"{wm_core.DEFAULT_STRENGTH}; max_delta = {md} for CT (HU), "
+        "## Fidelity of embedding (strength " f"{CURRENT_FORMAT.strength}; max_delta = {md} for CT (HU), "
         f"suggest_max_delta = max({md}, 0.25 x noise sd) for MR / other)", "",
         f"- positives: {len(pos)}; max |delta| over all: {md.max():.0f}; outside valid range: "
         f"{sum(not f['in_range'] for f in fid)}",
@@ -350,25 +361,47 @@ MINI_HARD = ("explicit_VR-UN", "eCT_Supplemental", "examples_overlay", "MR-SIEME
 
 
 def _apply_overrides(sets: list[str]) -> None:
-    """``--set core.NAME=VALUE`` / ``pattern.NAME=VALUE``: change a detector / embedder constant
-    for a variant run (the value is parsed as a Python literal, else kept as a string)."""
+    """``--set NAME=VALUE``: a variant of the shipped mark format (any field of
+    :class:`audit.watermark.MarkFormat`, e.g. ``energy_weight=0.5``), or
+    ``variant=NAME`` (an experimental detector of bench/watermark_variants.py: ``median``,
+    ``wiener``, ``median_hp``, ``clip_mask``, ``edge9``). The value is parsed as a Python
+    literal, else kept as a string. The product code is never modified."""
     import ast
+    import dataclasses
 
-    from audit.watermark import pattern as wm_pattern
-
-    mods = {"core": wm_core, "pattern": wm_pattern}
+    global FMT, VARIANT
+    changes: dict[str, Any] = {}
     for item in sets:
         lhs, _, rhs = item.partition("=")
-        mod, _, name = lhs.partition(".")
-        if mod not in mods or not hasattr(mods[mod], name):
-            raise SystemExit(f"--set: unknown constant {lhs!r}")
+        lhs = lhs.removeprefix("core.").removeprefix("pattern.").lower()
+        if lhs == "variant":
+            from bench.watermark_variants import VARIANTS
+
+            if rhs not in VARIANTS:
+                raise SystemExit(f"--set variant: one of {sorted(VARIANTS)}")
+            VARIANT = rhs
+            continue
+        if lhs not in {f.name for f in dataclasses.fields(CURRENT_FORMAT)} or lhs == "version":
+            raise SystemExit(f"--set: unknown mark format field {lhs!r}")
         try:
-            value = ast.literal_eval(rhs)
+            changes[lhs] = ast.literal_eval(rhs)
         except (ValueError, SyntaxError):
-            value = rhs
-        setattr(mods[mod], name, value)
-    wm_pattern._layout_cached.cache_clear()
-    wm_pattern._sync_reference_cached.cache_clear()
+            changes[lhs] = rhs
+    if changes:  # a bench-only version number: never confused with a shipped format
+        FMT = dataclasses.replace(CURRENT_FORMAT, version=1000, **changes)
+
+
+def _detect(img: NDArray, keys: list[WatermarkKey]) -> Any:
+    """The detector under test: the shipped one, or the --set variant."""
+    if VARIANT is None and FMT is CURRENT_FORMAT:
+        return detect(img, keys)
+    from bench.watermark_variants import detect_variant
+
+    return detect_variant(img, keys, FMT, VARIANT)
+
+
+def _embed(arr: NDArray, payload: int, **kw: Any) -> NDArray:
+    return embed(arr, KEY, payload, fmt=FMT, **kw)
 
 
 def mini(max_delta: int | None = None, sets: tuple[str, ...] = (), json_out: Path | None = None,
@@ -408,14 +441,14 @@ def mini(max_delta: int | None = None, sets: tuple[str, ...] = (), json_out: Pat
             md = suggest_max_delta(s.arr, hu_calibrated=s.ct)
         else:
             md = suggest_max_delta(s.arr, hu_calibrated=s.ct, floor=max_delta)
-        marked = embed(s.arr, KEY, payload, bits_stored=s.bits, signed=s.signed, max_delta=md)
+        marked = _embed(s.arr, payload, bits_stored=s.bits, signed=s.signed, max_delta=md)
         src = s.source.split(":")[1][:12] if s.source.startswith("real") else s.source.split(":")[0]
         fids.append(dict(fidelity(s, marked), source=src, ct=s.ct, max_delta=md))
         for t in MINI_TRANSFORMS:
-            d = detect(TRANSFORMS[t](s, marked, rng), [KEY])
+            d = _detect(TRANSFORMS[t](s, marked, rng), [KEY])
             res.setdefault((src, t), []).append((d.marked, d.payload == payload, d.score))
             per.setdefault(t, []).append([bool(d.marked), round(float(d.score), 3)])
-    ns = np.array([detect(s.arr, [KEY]).score for s in neg]) if neg else np.zeros(1)
+    ns = np.array([_detect(s.arr, [KEY]).score for s in neg]) if neg else np.zeros(1)
     thr = wm_core.threshold_for(1)
     print(f"mini: {len(pos)} positives, {len(neg)} negatives, {time.time() - t0:.0f} s; negatives flagged "
           f"{int(np.sum(ns >= thr)) if neg else '-'}, score mean {ns.mean():.2f} sd {ns.std():.2f} max {ns.max():.2f}"
@@ -519,7 +552,7 @@ def flat_survival(deltas: tuple[int, ...] = (2, 3, 4, 6)) -> str:
              "|---|---|---|---|---|---|---|---|"]
     from scipy.fft import dctn
 
-    from audit.watermark.pattern import JPEG_LUMA
+    from bench.watermark_variants import JPEG_LUMA
 
     q75 = np.floor((JPEG_LUMA * 50 + 50) / 100)  # IJG scaling of the Annex K table at quality 75
 
@@ -546,6 +579,367 @@ def flat_survival(deltas: tuple[int, ...] = (2, 3, 4, 6)) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- series run (bounds by meaning)
+
+#: the transforms of the aim (every one must reach TPR >= 99 % at FPR <= 0.1 %) and the two
+#: exempt ones (a mark that survives them is visible; TPR reported anyway)
+SERIES_TRANSFORMS = ("none", "png window brain", "png window soft", "png window lung",
+                     "jpeg q90 (soft)", "jpeg q75 (soft)", "contrast x1.5 (8-bit)",
+                     "brightness x1.5 (8-bit)", "j2k lossy 10:1", "crop <=10%/side",
+                     "+-1 LSB noise", "jpeg q75 (lung)", "resize 0.5x")
+EXEMPT = ("jpeg q75 (lung)", "resize 0.5x")
+SERIES_SLICES = 4
+NOISE_FRACTION = 0.0  # --noise-fraction: watermark.other_noise_fraction for non-HU outputs
+
+
+def _as_output(arr: NDArray, ct: bool) -> tuple[NDArray, int]:
+    """Stored values as the pipeline stores an output (node.dicom.volume.to_stored): HU with
+    slope 1 for CT; anything else scaled linearly onto 4,096 levels (12 bits)."""
+    if ct:
+        return arr, 0
+    a = arr.astype(np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    return np.rint((a - lo) / max(hi - lo, 1e-9) * 4095.0).astype(np.uint16), 12
+
+
+def _series_hosts(spec: tuple[str, int, int]) -> list[Slice]:
+    """One unmarked output series: ``(kind, size, seed)``; kind ct / t1w / t2w (a phantom
+    volume at ``size`` px, SERIES_SLICES slices) or real:<index> (augmentations of one real
+    slice >= 256 px, each a slice of the series)."""
+    kind, size, seed = spec
+    rng = np.random.default_rng(seed)
+    if kind.startswith("real:"):
+        big = [r for r in real_slices() if min(r.arr.shape) >= 256]
+        base = big[int(kind[5:]) % len(big)]
+        out = []
+        for _ in range(SERIES_SLICES):
+            a = augment(base, rng, 256)
+            arr, bits = _as_output(a.arr, a.ct)
+            out.append(Slice(arr, bits or a.bits, a.signed and a.ct, a.slope if a.ct else 1.0,
+                             a.intercept if a.ct else 0.0, a.ct, base.source))
+        return out
+    from engine.phantoms import make_sample
+
+    ph = make_sample(seed, size=size, n_slices=SERIES_SLICES,
+                     kind="head" if seed % 10 == 9 else "abdomen")
+    out = []
+    for z in range(SERIES_SLICES):
+        if kind == "ct":
+            hu = ph.ct_hu[z] + rng.normal(0.0, rng.uniform(3.0, 20.0), ph.ct_hu[z].shape)
+            out.append(Slice(_to_stored(hu + 1024.0, 12, False), 12, False, 1.0, -1024.0, True,
+                             f"phantom-ct{size}"))
+        else:
+            img = (ph.t1w if kind == "t1w" else ph.t2w)[z]
+            arr, _ = _as_output(img, False)
+            out.append(Slice(arr, 12, False, 1.0, 0.0, False, f"phantom-{kind}{size}"))
+    return out
+
+
+def run_series(args: tuple[int, tuple[str, int, int]]) -> dict[str, object]:
+    """Mark one series at the fidelity bound, put every slice through each transform (the same
+    draw for every slice of the series, as one export would), detect slice by slice and on
+    the pooled series."""
+    from audit.watermark.fidelity import FidelityBound, measure
+
+    idx, spec = args
+    hosts = _series_hosts(spec)
+    bound = FidelityBound(other_noise_fraction=NOISE_FRACTION)
+    payload = make_payload(KEY.key_id, int(np.random.default_rng(idx).integers(0, 1 << 40)))
+    marked, fids = [], []
+    for h in hosts:  # as the pipeline marks: start at the bound, raise (below the noise,
+        # PSNR floor kept) only where the untransformed slice's mark is not read
+        d, ceiling = bound.limits(h.arr, hu=h.ct, slope=h.slope, peak=None if h.ct else 4095)
+        if NOISE_FRACTION and ceiling > d:
+            m3, rep = embed_verified(h.arr[None], KEY, payload, units=[[0]], bits_stored=h.bits,
+                                     signed=h.signed, max_delta=d, ceiling=ceiling,
+                                     noise_fraction=NOISE_FRACTION)
+            m, d = m3[0], rep.max_delta[0]
+        else:
+            m = embed(h.arr, KEY, payload, bits_stored=h.bits, signed=h.signed, max_delta=d)
+        marked.append(m)
+        fids.append(dict(measure(h.arr, m, slope=h.slope, hu=h.ct,
+                                 peak=None if h.ct else 4095), max_delta=d))
+    rec: dict[str, object] = {"kind": spec[0], "size": int(hosts[0].arr.shape[0]),
+                              "source": hosts[0].source, "ct": hosts[0].ct, "fidelity": fids,
+                              "t": {}}
+    for ti, name in enumerate(SERIES_TRANSFORMS):
+        imgs = [TRANSFORMS[name](h, m, np.random.default_rng([idx, ti]))
+                for h, m in zip(hosts, marked, strict=True)]
+        singles = [detect(x, [KEY]) for x in imgs]
+        pooled = detect(imgs, [KEY])
+        rec["t"][name] = {  # type: ignore[index]
+            "single": [bool(d.marked) for d in singles],
+            "single_payload": [d.payload == payload for d in singles],
+            "single_score": [round(float(d.score), 3) for d in singles],
+            "series": bool(pooled.marked), "series_payload": pooled.payload == payload,
+            "series_score": round(float(pooled.score), 3),
+            "wrong_payload": any(d.payload not in (None, payload) for d in [*singles, pooled]),
+        }
+    return rec
+
+
+def run_negative_group(args: tuple[int, list[Slice], bool]) -> dict[str, object]:
+    """Unmarked slices: each alone, and (``pooled``) together as one series."""
+    idx, group, pooled = args
+    singles = [detect(s.arr, [KEY]) for s in group]
+    out: dict[str, object] = {
+        "single": [bool(d.marked) for d in singles],
+        "single_score": [float(d.score) for d in singles],
+        "decoded": sum(d.payload is not None for d in singles),
+        "sources": [s.source for s in group],
+    }
+    if pooled and len({s.arr.shape for s in group}) >= 1:
+        d = detect([s.arr for s in group], [KEY])
+        out["series"] = bool(d.marked)
+        out["series_score"] = float(d.score)
+        out["series_decoded"] = d.payload is not None
+    return out
+
+
+def series_specs(n_per_cell: int, n_real: int) -> list[tuple[str, int, int]]:
+    """Phantom CT / T1w / T2w series at 128, 256, 512 and 1024 px (half as many at 1024),
+    plus ``n_real`` series of augmented real slices (>= 256 px). Seeds disjoint from the
+    negatives'."""
+    specs: list[tuple[str, int, int]] = []
+    for size in (128, 256, 512, 1024):
+        n = n_per_cell if size < 1024 else max(1, n_per_cell // 2)
+        for kind in ("ct", "t1w", "t2w"):
+            specs += [(kind, size, 2_300_000_000 + size * 1000 + 100 * ("ct", "t1w", "t2w").index(kind) + i)
+                      for i in range(n)]
+    specs += [(f"real:{i}", 0, 2_400_000_000 + i) for i in range(n_real)]
+    return specs
+
+
+def _rate(flags: list[bool]) -> str:
+    k, n = sum(flags), len(flags)
+    if not n:
+        return "-"
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:.1f} ({lo:.1%} .. {hi:.1%}, n {n})"
+
+
+def series_summary(pos: list[dict], neg: list[dict], command: str, elapsed: float) -> str:
+    from audit.watermark import threshold_for
+
+    thr = threshold_for(1)
+    single_neg = [f for r in neg for f in r["single"]]
+    series_neg = [r["series"] for r in neg if "series" in r]
+    scores = np.array([x for r in neg for x in r["single_score"]] or [np.nan])
+    sscores = np.array([r["series_score"] for r in neg if "series" in r] or [np.nan])
+    lines = ["# Watermark benchmark: fidelity bound by meaning, sizes 128 - 1024 px, series pooling", "",
+             f"Command: `{command}`", "",
+             f"Elapsed {elapsed / 60:.1f} min; threshold {thr:.3f} (Bonferroni, FPR <= 0.1 %, 1 key, "
+             f"all registered formats); bound: CT 4 HU, other outputs 2 stored units of 4,096 levels "
+             f"and PSNR >= 50 dB (audit.watermark.fidelity.FidelityBound defaults)"
+             + (f"; non-HU slices whose mark is not read untransformed raised (doubling) up to {NOISE_FRACTION} x noise sd "
+                "(watermark.other_noise_fraction, as the pipeline's embed_verified)" if NOISE_FRACTION else
+                "; no raise (watermark.other_noise_fraction = 0)")
+             + ".", "",
+             "## False positives (unmarked, no transform)", "",
+             f"- single slices: {sum(single_neg)} of {len(single_neg)} flagged, FPR {_rate(single_neg)}; "
+             f"score max {scores.max():.2f}, 99.9th percentile {np.quantile(scores, 0.999):.2f}; "
+             f"payload decoded {sum(r['decoded'] for r in neg)}",
+             f"- series of {SERIES_SLICES} pooled: {sum(series_neg)} of {len(series_neg)} flagged, FPR "
+             f"{_rate(series_neg)}; score max {sscores.max() if len(sscores) else float('nan'):.2f}"
+             f"; payload decoded {sum(bool(r.get('series_decoded')) for r in neg)}", ""]
+    ct_f = [f for r in pos if r["ct"] for f in r["fidelity"]]
+    ot_f = [f for r in pos if not r["ct"] for f in r["fidelity"]]
+    if ct_f:
+        lines.append(f"- fidelity, CT ({len(ct_f)} slices): max |change| {max(float(f['max_change_hu']) for f in ct_f):g} HU, "
+                     f"PSNR min {min(float(f['psnr_db']) for f in ct_f):.1f} dB (12-bit range)")
+    if ot_f:
+        lines.append(f"- fidelity, other ({len(ot_f)} slices): max |change| {max(f['max_change_stored'] for f in ot_f)} "
+                     f"stored units, PSNR min {min(float(f['psnr_db']) for f in ot_f):.1f} dB (4,096 levels)")
+    lines += ["", "## Detection per transform (TPR %, Wilson 95 %, n)", "",
+              "| transform | aim | single slice | series (pooled) | payload single / series | wrong payload |",
+              "|---|---|---|---|---|---|"]
+    for t in SERIES_TRANSFORMS:
+        rs = [r["t"][t] for r in pos]
+        single = [f for r in rs for f in r["single"]]
+        series = [r["series"] for r in rs]
+        pay1 = np.mean([f for r in rs for f in r["single_payload"]])
+        pays = np.mean([r["series_payload"] for r in rs])
+        lines.append(f"| {t} | {'exempt' if t in EXEMPT else '>= 99 %'} | {_rate(single)} | {_rate(series)} | "
+                     f"{100 * pay1:.1f} / {100 * pays:.1f} | {sum(r['wrong_payload'] for r in rs)} |")
+    groups = sorted({(r["kind"] if not str(r["kind"]).startswith("real") else "real", r["size"] if not str(r["kind"]).startswith("real") else 0) for r in pos})
+    lines += ["", "## Per source and size: single slice / series TPR %", "",
+              "| transform | " + " | ".join(f"{k} {s or '256-512'}" for k, s in groups) + " |",
+              "|---|" + "---|" * len(groups)]
+    for t in SERIES_TRANSFORMS:
+        cells = []
+        for k, sz in groups:
+            rs = [r["t"][t] for r in pos if (r["kind"] == k and r["size"] == sz) or (k == "real" and str(r["kind"]).startswith("real"))]
+            if k != "real":
+                rs = [r["t"][t] for r in pos if r["kind"] == k and r["size"] == sz]
+            single = [f for r in rs for f in r["single"]]
+            cells.append(f"{100 * np.mean(single):.0f} / {100 * np.mean([r['series'] for r in rs]):.0f}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def series_main(args: argparse.Namespace) -> None:
+    command = "nice -n 10 python bench/bench_watermark.py " + " ".join(sys.argv[1:])
+    global NOISE_FRACTION
+    NOISE_FRACTION = args.noise_fraction
+    t0 = time.time()
+    pool = mp.get_context("fork").Pool(args.workers)
+    specs = series_specs(args.series_per_cell, args.real_series)
+    pos = pool.map(run_series, list(enumerate(specs)), chunksize=1)
+    print(f"{len(pos)} positive series in {time.time() - t0:.0f}s", flush=True)
+    neg: list[dict] = []
+    if args.negatives:
+        _, negs = build_sets(0, args.negatives, pool)
+        groups = [negs[i:i + SERIES_SLICES] for i in range(0, len(negs), SERIES_SLICES)]
+        tasks = [(i, g, i < args.negative_series) for i, g in enumerate(groups)]
+        neg = pool.map(run_negative_group, tasks, chunksize=8)
+        print(f"{len(negs)} negatives in {time.time() - t0:.0f}s", flush=True)
+    pool.close()
+    if args.json:  # first: a summary problem never loses the run
+        args.json.write_text(json.dumps({"pos": pos, "neg": neg}))
+    text = series_summary(pos, neg, command, time.time() - t0)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def _fp_filler(seed: int) -> list[list[str]]:
+    """Fingerprints of one 16-slice 128 px phantom volume (CT in HU, T1w, T2w as 12-bit
+    outputs): ledger filler standing for other outputs."""
+    from audit.watermark.fingerprint import slice_fingerprint
+    from engine.phantoms import make_sample
+
+    ph = make_sample(seed, size=128, n_slices=16, kind="head" if seed % 10 == 9 else "abdomen")
+    rng = np.random.default_rng(seed)
+    out = []
+    for z in range(16):
+        hu = ph.ct_hu[z] + rng.normal(0.0, rng.uniform(3.0, 20.0), ph.ct_hu[z].shape)
+        out.append(slice_fingerprint(np.rint(hu + 1024.0), hu=True, intercept=-1024.0))
+        for img in (ph.t1w[z], ph.t2w[z]):
+            out.append(slice_fingerprint(_as_output(img, False)[0], hu=False))
+    return out
+
+
+def _fp_positive(args: tuple[int, tuple[str, int, int]]) -> dict[str, object]:
+    """One marked output series of the series run: its recorded fingerprints and the query
+    hash of every slice after every transform."""
+    from audit.watermark.fidelity import FidelityBound
+    from audit.watermark.fingerprint import slice_fingerprint, slice_hash
+
+    idx, spec = args
+    hosts = _series_hosts(spec)
+    bound = FidelityBound()
+    payload = make_payload(KEY.key_id, idx)
+    rec: dict[str, object] = {"kind": spec[0], "size": int(hosts[0].arr.shape[0]),
+                              "recorded": [], "queries": {}}
+    for z, h in enumerate(hosts):
+        d, _ = bound.limits(h.arr, hu=h.ct, slope=h.slope, peak=None if h.ct else 4095)
+        m = embed(h.arr, KEY, payload, bits_stored=h.bits, signed=h.signed, max_delta=d)
+        rec["recorded"].append(slice_fingerprint(m, hu=h.ct, slope=h.slope,  # type: ignore[attr-defined]
+                                                 intercept=h.intercept))
+        for ti, name in enumerate(SERIES_TRANSFORMS):
+            img = TRANSFORMS[name](h, m, np.random.default_rng([idx, ti]))
+            rec["queries"].setdefault(name, []).append(slice_hash(img).hex())  # type: ignore[attr-defined]
+    return rec
+
+
+def _fp_negative(s: Slice) -> str:
+    from audit.watermark.fingerprint import slice_hash
+
+    return slice_hash(s.arr).hex()
+
+
+def fingerprint_main(args: argparse.Namespace) -> None:
+    """Identification by fingerprint: rate per transform (exempt ones included) for the marked
+    output series of the series run, false matches of unrelated real and phantom slices, and
+    lookup time, against a ledger of ``--ledger`` recorded slices."""
+    from audit.watermark.fingerprint import FingerprintIndex
+
+    command = "nice -n 10 python bench/bench_watermark.py " + " ".join(sys.argv[1:])
+    t0 = time.time()
+    pool = mp.get_context("fork").Pool(args.workers)
+    specs = series_specs(args.series_per_cell, args.real_series)
+    pos = pool.map(_fp_positive, list(enumerate(specs)), chunksize=1)
+    index = FingerprintIndex()
+    for i, r in enumerate(pos):
+        for z, hs in enumerate(r["recorded"]):  # type: ignore[arg-type]
+            index.add(i, f"pos-{i}", None, z, hs)
+    n_fill = max(0, args.ledger - len(index))
+    seeds = [2_500_000_000 + v for v in range(n_fill // 48 + 1)]
+    for v in pool.imap(_fp_filler, seeds, chunksize=4):
+        for hs in v:
+            if len(index) < args.ledger:
+                index.add(-1, "filler", None, 0, hs)
+    print(f"ledger of {len(index)} fingerprints in {time.time() - t0:.0f}s", flush=True)
+    _, negs = build_sets(0, args.negatives, pool)
+    neg_hashes = pool.map(_fp_negative, negs, chunksize=32)
+    pool.close()
+    print(f"{len(neg_hashes)} negatives hashed in {time.time() - t0:.0f}s", flush=True)
+    index._packed()
+    lookups: list[float] = []
+
+    def best(q: str) -> tuple[int, str]:
+        t = time.perf_counter()
+        (m,) = index.search_hash(bytes.fromhex(q), 1)
+        lookups.append(time.perf_counter() - t)
+        return m.distance, m.series_uid
+
+    pos_d = {name: [(best(q), f"pos-{i}") for i, r in enumerate(pos) for q in r["queries"][name]]  # type: ignore[index]
+             for name in SERIES_TRANSFORMS}
+    neg_d = np.array([best(q)[0] for q in neg_hashes])
+    # the match distance is chosen on one half of the unrelated slices (largest distance whose
+    # false-match rate there is <= 0.1 %) and the false-match rate measured on the other half
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(neg_d))
+    calib, test = neg_d[perm[: len(perm) // 2]], neg_d[perm[len(perm) // 2:]]
+    thr = int(np.quantile(calib, 0.001, method="lower")) - 1
+    false_m = [bool(x <= thr) for x in test]
+    big = FingerprintIndex()  # lookup time at --lookup-size: the hashes above, repeated
+    reps = -(-args.lookup_size // len(index))
+    big.hashes = np.concatenate([index._packed()] * reps)[: args.lookup_size]
+    big.seqs = [0] * len(big.hashes)
+    big.series = ["x"] * len(big.hashes)
+    big.sops = [None] * len(big.hashes)
+    big.slices = [0] * len(big.hashes)
+    big_n, big_t = len(big), []
+    for q in neg_hashes[:300]:
+        t = time.perf_counter()
+        big.search_hash(bytes.fromhex(q), 1)
+        big_t.append(time.perf_counter() - t)
+    lines = ["# Identification by perceptual fingerprint (scheme dctr1)", "", f"Command: `{command}`", "",
+             f"Elapsed {(time.time() - t0) / 60:.1f} min. Ledger: {len(index)} recorded slices "
+             f"({sum(len(r['recorded']) for r in pos)} of the marked output series below, the rest 128 px "
+             "phantom CT / T1w / T2w output slices, 4 renderings each).", "",
+             f"- closest recorded slice of an unrelated slice (held-out phantom seeds at 256 / 512 px, the "
+             f"distinct real pydicom / pydicom-data slices and their augmentations; {len(neg_d)}): distance "
+             f"(bits of {143}) min {neg_d.min()}, 0.1 % quantile {np.quantile(neg_d, 0.001):.0f}, 1 % "
+             f"{np.quantile(neg_d, 0.01):.0f}, median {np.median(neg_d):.0f}, mean {neg_d.mean():.1f}, sd {neg_d.std():.1f}",
+             f"- match distance chosen on {len(calib)} of them (false-match rate <= 0.1 %): <= {thr} bits; "
+             f"false matches on the other {len(test)}: {sum(false_m)}, rate {_rate(false_m)}",
+             f"- lookup time (brute force over {len(index)} x 4 renderings, one core, numpy): median "
+             f"{1000 * np.median(lookups):.1f} ms, 99th percentile {1000 * np.quantile(lookups, 0.99):.1f} ms; "
+             f"at {big_n} recorded slices (this ledger's hashes repeated): median {1000 * np.median(big_t):.1f} ms, "
+             f"99th percentile {1000 * np.quantile(big_t, 0.99):.1f} ms", "",
+             "| transform | mark aim | identified (closest slice in the right series, distance <= match) "
+             "| closest slice in the right series (any distance) | median distance |",
+             "|---|---|---|---|---|"]
+    for name in SERIES_TRANSFORMS:
+        rs = pos_d[name]
+        top1 = [ser == want for (d, ser), want in rs]
+        ident = [ser == want and d <= thr for (d, ser), want in rs]
+        lines.append(f"| {name} | {'exempt' if name in EXEMPT else '>= 99 %'} | {_rate(ident)} | {_rate(top1)} | "
+                     f"{np.median([d for (d, _), _ in rs]):.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({"neg_d": neg_d.tolist(), "threshold": thr, "pos": {
+            k: [[int(d), ser == want] for (d, ser), want in v] for k, v in pos_d.items()}}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--positives", type=int, default=3000)
@@ -559,7 +953,7 @@ def main() -> None:
     ap.add_argument("--max-delta", type=int, default=None,
                     help="fidelity bound for HU-calibrated CT positives (others: max(N, 0.25 x noise sd)); "
                          "default: the shipped rule (2 HU)")
-    ap.add_argument("--set", action="append", default=[], metavar="MOD.NAME=VALUE",
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="--mini only: override a constant of audit.watermark.core / .pattern (variant runs)")
     ap.add_argument("--no-negatives", action="store_true", help="--mini only: skip the 1,000 negatives")
     ap.add_argument("--sweep-report", type=Path, nargs="+", default=None, metavar="JSON",
@@ -567,7 +961,24 @@ def main() -> None:
     ap.add_argument("--png", type=Path, default=None, help="--sweep-report: plot file")
     ap.add_argument("--flat-survival", action="store_true",
                     help="table: part of the mark kept by 8-bit windows / JPEG on a flat host; ignores the rest")
+    ap.add_argument("--series", action="store_true",
+                    help="series run at the fidelity bound by meaning, 128 - 1024 px, single and pooled")
+    ap.add_argument("--series-per-cell", type=int, default=12, help="--series: phantom series per kind and size")
+    ap.add_argument("--real-series", type=int, default=40, help="--series: series of augmented real slices")
+    ap.add_argument("--negative-series", type=int, default=1000, help="--series: negatives also pooled in 4s")
+    ap.add_argument("--noise-fraction", type=float, default=0.0,
+                    help="--series: non-HU slices not read at 2 units raised up to this x noise sd (watermark.other_noise_fraction)")
+    ap.add_argument("--fingerprint", action="store_true",
+                    help="identification by fingerprint against --ledger recorded slices")
+    ap.add_argument("--ledger", type=int, default=100_000, help="--fingerprint: recorded slices")
+    ap.add_argument("--lookup-size", type=int, default=100_000, help="--fingerprint: ledger size for the lookup time")
     args = ap.parse_args()
+    if args.fingerprint:
+        fingerprint_main(args)
+        return
+    if args.series:
+        series_main(args)
+        return
     if args.flat_survival:
         print(flat_survival())
         return

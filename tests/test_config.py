@@ -136,3 +136,20 @@ def test_effective_configuration_is_readable_text() -> None:
     assert "dimse.ae_title = \"SYNTHNODE\"" in text.splitlines()
     assert 'database.url = "postgresql+psycopg://u:***@db/x"' in text.splitlines()
     assert "s3cret" not in text and "t0ken" not in text
+
+
+def test_watermark_fidelity_keys_validated(tmp_path: Path) -> None:
+    """The watermark's fidelity bound: defaults (4 HU, 2 stored units, 50 dB, rise to 0.5 x noise)
+    and out-of-range values refused with the key named."""
+    from pydantic import ValidationError
+
+    from config.sections.watermark import WatermarkSettings
+
+    w = WatermarkSettings()
+    assert (w.hu_max_change, w.other_max_delta, w.min_psnr_db, w.other_noise_fraction) == (
+        4.0, 2, 50.0, 0.5)
+    for bad in ({"hu_max_change": 0}, {"other_max_delta": 100}, {"min_psnr_db": 20},
+                {"other_noise_fraction": 1.0}, {"max_delta": 2}):
+        with pytest.raises(ValidationError) as e:
+            WatermarkSettings(**bad)
+        assert next(iter(bad)) in str(e.value)

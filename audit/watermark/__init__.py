@@ -30,20 +30,34 @@ from audit.watermark.core import (
     threshold_for,
     valid_limits,
 )
+from audit.watermark.format import (
+    CURRENT_FORMAT,
+    FORMAT_V1,
+    FORMAT_V2,
+    FORMATS,
+    MarkFormat,
+    format_for,
+)
 from audit.watermark.key import WatermarkKey
 
 __all__ = [
+    "CURRENT_FORMAT",
     "DEFAULT_FPR",
     "DEFAULT_SCALES",
+    "FORMATS",
+    "FORMAT_V1",
+    "FORMAT_V2",
     "MARK_ID_BITS",
     "PAYLOAD_BITS",
     "Detection",
+    "MarkFormat",
     "VerifiedEmbedding",
     "WatermarkKey",
     "codeword",
     "detect",
     "embed",
     "embed_verified",
+    "format_for",
     "make_payload",
     "noise_sigma",
     "payload_hex",

@@ -16,11 +16,11 @@ sum of cosines of independent uniform phases), so the maximum over the ``TILE**2
 scales x keys hypotheses has a Bonferroni-bounded false-positive rate; the threshold is set
 from that bound (and checked empirically in bench/). The payload is read at the best shift
 and decoded with soft Viterbi (the SNR weights make the soft bits reliability-scaled); it is
-accepted only when its CRC matches and the score is at least :data:`DECODE_GATE`.
+accepted only when its CRC matches and the score is at least the format's ``decode_gate``.
 
-Mark format: changed on 2026-11-22 (sync energy 30 % -> 50 %, strength 1 -> 2). The keyed
-layout (bins, phases, scrambling) is unchanged, so marks made before are still found, with the
-lower energy they were made with.
+Every parameter comes from a frozen, versioned :class:`audit.watermark.format.MarkFormat`
+passed explicitly (default: the shipped ``CURRENT_FORMAT``); :func:`detect` reads every
+registered format, so old marks stay readable.
 """
 from __future__ import annotations
 
@@ -34,42 +34,21 @@ from scipy import ndimage
 from scipy.stats import norm
 
 from audit.watermark import ecc
+from audit.watermark.format import CURRENT_FORMAT, MarkFormat, readers
 from audit.watermark.key import WatermarkKey
-from audit.watermark.pattern import MAX_COMPONENT, TILE, layout, mark_tile, sync_reference
+from audit.watermark.pattern import bins, layout, mark_tile, max_component, sync_reference
 
 logger = logging.getLogger(__name__)
 
 PAYLOAD_BITS = ecc.PAYLOAD_BITS
 MARK_ID_BITS = 40
-DEFAULT_STRENGTH = 2.0
 DEFAULT_FPR = 1e-3
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 2.0, 0.5)
-DECODE_GATE = 4.0
 MAX_DELTA_LIMIT = 1024  # sanity bound of embed(); the bound in use comes from the caller
 VERIFY_NOISE_FRACTION = 0.5  # embed_verified() raises the bound up to this x the noise sd
 VERIFY_MAX_FRAMES = 8  # frames of one instance pooled by a receiver's check
-TOP_K = 16  # shifts per fold and key at which the payload energy is evaluated
 _ABS_MEAN = 0.81056  # E|cos a + cos b|, a, b uniform (Monte Carlo 1e8)
 _ABS_VAR = 0.34296
-HP_SIGMA = 3.0
-LOCAL_SIZE = 7
-EDGE_SIZE = 0  # measured: masking edge zones did not help (docs)
-CLIP_Z = 4.0
-FLAT_FRACTION = 1e-4
-SPEC_WEIGHT = True  # per-bin SNR weighting of the folded spectrum (False: phase-only)
-SPEC_NBHD = 5  # host power of a bin = mean |G|^2 of its SPEC_NBHD x SPEC_NBHD neighbours
-WEIGHT_CAP = 4.0  # no bin weighs more than WEIGHT_CAP x the RMS weight of the band
-PIX_CAP = 3.0
-ENERGY_WEIGHT = 0.3  # score = (sync + ENERGY_WEIGHT x payload energy) / sqrt(1 + ENERGY_WEIGHT^2)
-# (0.5 before 2026-12-03; 0.3 gained 11 and lost 0 of 1,296 positive x transform trials on the
-# mini-benchmark; a detector-only change: marks and thresholds are unchanged)
-PIX_POWER = 2.0  # pixel weight r / s**PIX_POWER (1: local z-score; 2: inverse variance)
-HOST = "gauss"  # host predictor: "gauss" (Gaussian low-pass), "median" (HOST_SIZE median), "wiener"
-HOST_SIZE = 5
-SYNC_HOST: str | None = None  # host predictor of the sync path (None: HOST for both paths)
-CLIP_MASK = (
-    False  # exclude saturated pixels (== image min / max) from the host estimate and the sums
-)
 
 
 # ----------------------------------------------------------------------------- payload
@@ -94,21 +73,24 @@ def payload_hex(payload: int) -> str:
     return f"{payload:012x}"
 
 
-def _info_bits(key: WatermarkKey, payload: int) -> NDArray[np.uint8]:
+def _info_bits(key: WatermarkKey, payload: int,
+               fmt: MarkFormat = CURRENT_FORMAT) -> NDArray[np.uint8]:
     crc = ecc.crc16_ccitt(bytes([key.key_id]) + payload.to_bytes(6, "big"))
     bits = np.concatenate(
         [ecc.int_to_bits(payload, PAYLOAD_BITS), ecc.int_to_bits(crc, ecc.CRC_BITS)]
     )
-    return bits ^ layout(key).scramble
+    return bits ^ layout(key, fmt).scramble
 
 
-def codeword(key: WatermarkKey, payload: int) -> NDArray[np.uint8]:
+def codeword(key: WatermarkKey, payload: int,
+             fmt: MarkFormat = CURRENT_FORMAT) -> NDArray[np.uint8]:
     """The 140 coded bits carried for ``payload`` under ``key`` (bench / tests use it)."""
-    return ecc.conv_encode(_info_bits(key, payload))
+    return ecc.conv_encode(_info_bits(key, payload, fmt))
 
 
-def _check_info(key: WatermarkKey, info: NDArray[np.uint8]) -> tuple[int, bool]:
-    bits = info ^ layout(key).scramble
+def _check_info(key: WatermarkKey, info: NDArray[np.uint8],
+                fmt: MarkFormat = CURRENT_FORMAT) -> tuple[int, bool]:
+    bits = info ^ layout(key, fmt).scramble
     payload = ecc.bits_to_int(bits[:PAYLOAD_BITS])
     crc = ecc.bits_to_int(bits[PAYLOAD_BITS:])
     ok = crc == ecc.crc16_ccitt(bytes([key.key_id]) + payload.to_bytes(6, "big"))
@@ -141,20 +123,25 @@ def valid_limits(
 
 def _tiled(tile: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np.float64]:
     ny, nx = shape
-    reps = (-(-ny // TILE), -(-nx // TILE))
+    t = tile.shape[0]
+    reps = (-(-ny // t), -(-nx // t))
     return np.tile(tile, reps)[:ny, :nx]
 
 
 def mark_delta(key: WatermarkKey, payload: int, shape: tuple[int, int], *, max_delta: int = 2,
-               strength: float = DEFAULT_STRENGTH) -> NDArray[np.int64]:
-    """The integer change added to each slice of ``shape`` (before range clipping)."""
-    w = _tiled(mark_tile(key, codeword(key, payload)), shape)
+               strength: float | None = None,
+               fmt: MarkFormat = CURRENT_FORMAT) -> NDArray[np.int64]:
+    """The integer change added to each slice of ``shape`` (before range clipping);
+    ``strength`` defaults to the format's."""
+    strength = fmt.strength if strength is None else strength
+    w = _tiled(mark_tile(key, codeword(key, payload, fmt), fmt), shape)
     return np.clip(np.rint(strength * max_delta * w), -max_delta, max_delta).astype(np.int64)
 
 
 def embed(array: NDArray[np.integer], key: WatermarkKey, payload: int, *, bits_stored: int,
           signed: bool, max_delta: int = 2, valid_range: tuple[int, int] | None = None,
-          strength: float = DEFAULT_STRENGTH) -> NDArray[np.integer]:
+          strength: float | None = None,
+          fmt: MarkFormat = CURRENT_FORMAT) -> NDArray[np.integer]:
     """Embed the keyed mark carrying ``payload``.
 
     Parameters
@@ -174,7 +161,10 @@ def embed(array: NDArray[np.integer], key: WatermarkKey, payload: int, *, bits_s
         Further restricts the output values (e.g. the real data range or above a pixel
         padding value); values are clipped into it, never wrapped.
     strength
-        Amplitude of the unit-variance pattern in units of ``max_delta`` before rounding.
+        Amplitude of the unit-variance pattern in units of ``max_delta`` before rounding
+        (default: ``fmt.strength``).
+    fmt
+        Mark format (default: the shipped one); record ``fmt.version`` with the mark.
 
     Returns
     -------
@@ -193,7 +183,8 @@ def embed(array: NDArray[np.integer], key: WatermarkKey, payload: int, *, bits_s
     lo, hi = valid_limits(bits_stored, signed, valid_range)
     info = np.iinfo(arr.dtype)
     lo, hi = max(lo, int(info.min)), min(hi, int(info.max))
-    delta = mark_delta(key, payload, arr.shape[-2:], max_delta=max_delta, strength=strength)
+    delta = mark_delta(key, payload, arr.shape[-2:], max_delta=max_delta, strength=strength,
+                       fmt=fmt)
     out = arr.astype(np.int64) + delta  # broadcasts over frames
     # Input values already outside the range are left as they are (no new violation).
     inside = (arr >= lo) & (arr <= hi)
@@ -245,6 +236,7 @@ class VerifiedEmbedding:
     detected: list[bool]
     score: list[float]
     limit: list[int]
+    format_version: int = CURRENT_FORMAT.version
 
     @property
     def verified(self) -> bool:
@@ -269,6 +261,8 @@ def embed_verified(
     detect_keys: list[WatermarkKey] | None = None,
     noise_fraction: float = VERIFY_NOISE_FRACTION,
     max_frames: int = VERIFY_MAX_FRAMES,
+    ceiling: int = MAX_DELTA_LIMIT,
+    fmt: MarkFormat = CURRENT_FORMAT,
 ) -> tuple[NDArray[np.integer], VerifiedEmbedding]:
     """Embed, then check that a receiver finds the mark; raise the bound where it does not.
 
@@ -280,8 +274,10 @@ def embed_verified(
     the ledger), is marked again from its unmarked values with
     the bound doubled, while the bound stays at most
     ``max(max_delta, noise_fraction x noise_sigma(unit))`` (below the image noise,
-    governance.md "Watermark"). A unit still not detected at that limit keeps the highest
-    bound tried and is reported ``detected=False``; the caller decides what that means.
+    governance.md "Watermark") and at most ``ceiling`` (the configured fidelity bound). A unit
+    still not detected at that limit keeps the highest bound tried and is reported
+    ``detected=False``; the caller decides what that means. ``fmt``: the mark format (its
+    version is reported in the result).
     """
     arr = np.asarray(array)
     if arr.ndim != 3:
@@ -295,15 +291,14 @@ def embed_verified(
     for unit in units:
         idx = np.asarray(unit, dtype=np.int64)
         host = arr[idx]
-        limit = int(
-            min(MAX_DELTA_LIMIT, max(max_delta, np.floor(noise_fraction * noise_sigma(host))))
-        )
+        limit = int(min(MAX_DELTA_LIMIT, max(1, ceiling), max(
+            max_delta, np.floor(noise_fraction * noise_sigma(host)))))
         probe = sample_frames(len(idx), max_frames)
-        delta = max_delta
+        delta = min(max_delta, limit)
         while True:
             marked = embed(host, key, payload, bits_stored=bits_stored, signed=signed,
-                           max_delta=delta, valid_range=valid_range)
-            det = detect(marked[probe] if len(idx) > 1 else marked[0], keys)
+                           max_delta=delta, valid_range=valid_range, fmt=fmt)
+            det = detect(marked[probe] if len(idx) > 1 else marked[0], keys, formats=(fmt,))
             ok = det.marked and det.payload == payload
             if ok or delta >= limit:
                 break
@@ -313,7 +308,7 @@ def embed_verified(
         found.append(bool(ok))
         scores.append(float(det.score))
         limits.append(limit)
-    return out, VerifiedEmbedding(max_delta, deltas, found, scores, limits)
+    return out, VerifiedEmbedding(max_delta, deltas, found, scores, limits, fmt.version)
 
 
 # ----------------------------------------------------------------------------- detect
@@ -324,12 +319,15 @@ class Detection:
     """Detector verdict.
 
     ``score`` combines the sync template's weighted correlation and the payload's
-    non-coherent energy, each standardised, as (sync + 0.3 energy) / sqrt(1.09)
-    (:data:`ENERGY_WEIGHT`): approximately N(0, 1) per hypothesis on unmarked images.
+    non-coherent energy, each standardised, as (sync + w energy) / sqrt(1 + w^2) (w: the
+    format's ``energy_weight``, 0.3): approximately N(0, 1) per hypothesis on unmarked images.
     ``marked`` is ``score >= threshold`` or a payload that passed its CRC at a hypothesis with
-    ``score >= DECODE_GATE``. ``payload`` is set only when the CRC matched. ``bit_errors``
+    ``score >= fmt.decode_gate``. ``payload`` is set only when the CRC matched. ``bit_errors``
     counts coded bits whose hard decision disagrees with the decoded codeword (an estimate of
-    the channel errors corrected), None when nothing was decoded.
+    the channel errors corrected), None when nothing was decoded. ``format_version``: the
+    newest registered format read by the detection configuration that found the mark (formats
+    that read alike, such as versions 1 and 2, cannot be told apart by the mark; the ledger
+    records the version each output was made with).
     """
 
     marked: bool
@@ -342,6 +340,7 @@ class Detection:
     scale: float | None = None
     shift: tuple[int, int] | None = None
     sync_score: float | None = None
+    format_version: int | None = None
     soft_bits: NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -350,18 +349,24 @@ class Detection:
 
 
 def threshold_for(
-    n_keys: int, scales: tuple[float, ...] = DEFAULT_SCALES, fpr: float = DEFAULT_FPR
+    n_keys: int, scales: tuple[float, ...] = DEFAULT_SCALES, fpr: float = DEFAULT_FPR,
+    formats: tuple[MarkFormat, ...] | None = None,
 ) -> float:
     """Score threshold giving false-positive rate <= ``fpr`` by the Bonferroni bound.
 
-    The hypotheses are every circular shift at every scale for every key; on an unmarked
+    The hypotheses are every circular shift at every scale for every key and every distinct
+    detection configuration of ``formats`` (default: the registered formats); on an unmarked
     image each normalised score is approximately N(0, 1).
     """
-    n_hyp = max(1, n_keys) * sum(period_for(s) ** 2 for s in scales)
+    groups = readers(formats)
+    n_hyp = max(1, n_keys) * sum(period_for(s, g[0]) ** 2 for g in groups for s in scales)
     return float(norm.isf(fpr / n_hyp))
 
 
-def _to_float_slices(image: NDArray) -> list[NDArray[np.float32]]:
+def _to_float_slices(image: NDArray | list[NDArray] | tuple[NDArray, ...]
+                     ) -> list[NDArray[np.float32]]:
+    if isinstance(image, (list, tuple)):  # slices of a series, of any sizes: pooled
+        return [x for part in image for x in _to_float_slices(part)]
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
         arr = arr[..., :3].astype(np.float32).mean(axis=-1)  # RGB(A) rendering -> grey
@@ -372,84 +377,44 @@ def _to_float_slices(image: NDArray) -> list[NDArray[np.float32]]:
     raise ValueError(f"expected a 2-D or 3-D image, got shape {arr.shape}")
 
 
-def whiten(x: NDArray[np.floating], host: str | None = None) -> NDArray[np.float32]:
-    """High-pass residual r, as a clipped local z-score r / s times the weight
-    min(PIX_CAP, s_ref / s) (s: local RMS over LOCAL_SIZE^2, s_ref its median): r / s^2
-    up to a constant, the inverse-variance weight (invariant to a*x + b, a > 0).
+def whiten(x: NDArray[np.floating], fmt: MarkFormat = CURRENT_FORMAT) -> NDArray[np.float32]:
+    """High-pass residual r (image minus a Gaussian low-pass, sigma ``fmt.hp_sigma``), as a
+    clipped local z-score r / s times the weight min(pix_cap, (s_ref / s)^(pix_power - 1))
+    (s: local RMS over local_size^2, s_ref its median): r / s^2 up to a constant for the
+    shipped format, the inverse-variance weight (invariant to a*x + b, a > 0).
 
     Flat areas (e.g. clipped by a display window) give exactly 0: a local energy below
-    1e-4 of the image maximum is treated as flat, so float rounding is never amplified.
+    ``fmt.flat_fraction`` of the image maximum is treated as flat, so float rounding is never
+    amplified.
     """
     x = np.asarray(x, dtype=np.float32)
-    m = _unsaturated(x) if CLIP_MASK else None
-    r = _residual(x, m, host or HOST)
-    e = ndimage.uniform_filter(r * r, LOCAL_SIZE, mode="reflect")
-    if m is not None:  # local energy over the unsaturated pixels only
-        cnt = ndimage.uniform_filter(m.astype(np.float32), LOCAL_SIZE, mode="reflect")
-        e = np.where(cnt > 0.05, e / np.maximum(cnt, 0.05), 0.0).astype(np.float32)
-    if EDGE_SIZE:  # the high-pass rings for ~3 sigma around an edge: normalise by the largest
-        e = ndimage.maximum_filter(e, EDGE_SIZE, mode="reflect")  # nearby energy there
+    r = x - ndimage.gaussian_filter(x, fmt.hp_sigma, mode="reflect", truncate=3.0)
+    return normalise_residual(r, fmt)
+
+
+def normalise_residual(r: NDArray[np.float32], fmt: MarkFormat = CURRENT_FORMAT,
+                       energy: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+    """Local z-score and inverse-variance weight of a host residual ``r`` (see
+    :func:`whiten`); ``energy`` overrides the local mean square of ``r`` (bench variants)."""
+    e = (ndimage.uniform_filter(r * r, fmt.local_size, mode="reflect")
+         if energy is None else energy)
     s = np.sqrt(np.maximum(e, 0.0))
     smax = float(s.max()) if s.size else 0.0
     if smax <= 0.0:
-        return np.zeros_like(x)
-    active = s > FLAT_FRACTION * smax
+        return np.zeros_like(r)
+    active = s > fmt.flat_fraction * smax
     med = float(np.median(s[active]))
     eps = np.float32(0.05 * med)
-    u = np.clip(r / (s + eps), -CLIP_Z, CLIP_Z)
-    if PIX_POWER != 1.0:  # extra weight (s_ref / s)^(p - 1), at most PIX_CAP: quiet areas,
-        sref = np.float32(med) + eps  # where the mark dominates the host, count more
-        u *= np.minimum(np.float32(PIX_CAP), (sref / (s + eps)) ** np.float32(PIX_POWER - 1.0))
+    u = np.clip(r / (s + eps), -fmt.clip_z, fmt.clip_z)
+    if fmt.pix_power != 1.0:  # extra weight (s_ref / s)^(p - 1), at most pix_cap: quiet
+        sref = np.float32(med) + eps  # areas, where the mark dominates the host, count more
+        u *= np.minimum(np.float32(fmt.pix_cap),
+                        (sref / (s + eps)) ** np.float32(fmt.pix_power - 1.0))
     u[~active] = 0.0
-    if m is not None:
-        u[~m] = 0.0
-    return u
+    return u.astype(np.float32)
 
 
-def _unsaturated(x: NDArray[np.float32]) -> NDArray[np.bool_] | None:
-    """Pixels not at the image's minimum or maximum (a display window or an 8-bit stretch
-    saturates to those values and removes the mark there); None when nothing is saturated
-    (fewer than 1 % of the pixels at either extreme)."""
-    lo, hi = float(x.min()), float(x.max())
-    m = (x > lo) & (x < hi)
-    if m.mean() > 0.99 or not m.any():
-        return None
-    return m
-
-
-def _residual(
-    x: NDArray[np.float32], m: NDArray[np.bool_] | None = None, host: str = "gauss"
-) -> NDArray[np.float32]:
-    """Image minus a host estimate (:data:`HOST`). With a mask ``m`` of valid pixels the
-    estimate is a normalised convolution over the valid pixels only (a saturated area does
-    not leak a step into the residual) and the residual is 0 outside ``m``."""
-    if m is not None:
-        mf = m.astype(np.float32)
-        if host == "gauss":
-            num = ndimage.gaussian_filter(x * mf, HP_SIGMA, mode="reflect", truncate=3.0)
-            den = ndimage.gaussian_filter(mf, HP_SIGMA, mode="reflect", truncate=3.0)
-            est = num / np.maximum(den, 1e-3)
-            return np.where(m, x - est, 0.0).astype(np.float32)
-        # other predictors: fill the saturated pixels with the valid neighbourhood mean first
-        num = ndimage.gaussian_filter(x * mf, HP_SIGMA, mode="reflect", truncate=3.0)
-        den = ndimage.gaussian_filter(mf, HP_SIGMA, mode="reflect", truncate=3.0)
-        x = np.where(m, x, num / np.maximum(den, 1e-3)).astype(np.float32)
-        return np.where(m, _residual(x, None, host), 0.0).astype(np.float32)
-    if host == "gauss":
-        return x - ndimage.gaussian_filter(x, HP_SIGMA, mode="reflect", truncate=3.0)
-    if host == "median":
-        return x - ndimage.median_filter(x, HOST_SIZE, mode="reflect")
-    if host == "median_hp":  # high-passed median residual: no edges, no low-frequency host
-        r = x - ndimage.median_filter(x, HOST_SIZE, mode="reflect")
-        return r - ndimage.gaussian_filter(r, HP_SIGMA, mode="reflect", truncate=3.0)
-    if host == "wiener":
-        from scipy.signal import wiener
-
-        return (x - wiener(x.astype(np.float64), HOST_SIZE)).astype(np.float32)
-    raise ValueError(f"unknown host predictor {host!r}")
-
-
-def fold(u: NDArray[np.floating], period: int = TILE) -> NDArray[np.float64]:
+def fold(u: NDArray[np.floating], period: int) -> NDArray[np.float64]:
     """Sum ``u`` modulo ``period`` in both axes: (period, period)."""
     ny, nx = u.shape
     py, px = -ny % period, -nx % period
@@ -460,70 +425,71 @@ def fold(u: NDArray[np.floating], period: int = TILE) -> NDArray[np.float64]:
     )
 
 
-def period_for(scale: float) -> int:
+def period_for(scale: float, fmt: MarkFormat = CURRENT_FORMAT) -> int:
     """Fold period for a hypothesised resize factor (the tile stretched by ``scale``)."""
-    period = TILE * scale
-    min_period = 2 * (MAX_COMPONENT + 1)  # every bin below the fold's Nyquist frequency
+    period = fmt.tile * scale
+    min_period = 2 * (max_component(fmt) + 1)  # every bin below the fold's Nyquist frequency
     if abs(period - round(period)) > 1e-9 or round(period) < min_period:
-        raise ValueError(f"scale {scale} must be a multiple of 1/{TILE} and >= {min_period / TILE}")
+        raise ValueError(f"scale {scale} must be a multiple of 1/{fmt.tile} and "
+                         f">= {min_period / fmt.tile}")
     return round(period)
 
 
 def folded_phase(
-    whitened: list[NDArray[np.floating]], period: int = TILE
+    whitened: list[NDArray[np.floating]], period: int | None = None,
+    fmt: MarkFormat = CURRENT_FORMAT,
 ) -> NDArray[np.complex128]:
     """Weighted Fourier transform of the folded, whitened slices: (period, period) complex.
 
-    A resize by ``s`` stretches the tile to period ``TILE * s`` while each bin keeps its
+    A resize by ``s`` stretches the tile to period ``tile * s`` while each bin keeps its
     index (cycles per period), so folding at that period reads the same bins: no resampling.
 
     Each bin G_k is divided by an estimate of the host power at k (the mean |G|^2 of its
-    neighbouring bins, the bin itself excluded), so the correlation weighs each bin by its
-    signal-to-noise ratio (the matched filter for a mark of equal amplitude in every bin in
-    Gaussian host noise); the weight of any bin is capped at ``WEIGHT_CAP`` x the RMS weight
-    of the band so that no single bin dominates the sum. The weights depend only on the
-    magnitudes, which for an unmarked image carry no information on the phases, so the
-    correlation's null distribution stays centred (the scores are normalised by their exact
-    conditional standard deviation). With ``SPEC_WEIGHT`` off: unit phasors (phase-only).
+    ``spec_nbhd`` x ``spec_nbhd`` neighbouring bins, the bin itself excluded), so the
+    correlation weighs each bin by its signal-to-noise ratio (the matched filter for a mark
+    of equal amplitude in every bin in Gaussian host noise); the weight of any bin is capped
+    at ``weight_cap`` x the RMS weight of the band so that no single bin dominates the sum.
+    The weights depend only on the magnitudes, which for an unmarked image carry no
+    information on the phases, so the correlation's null distribution stays centred (the
+    scores are normalised by their exact conditional standard deviation).
     """
+    period = period or fmt.tile
     acc = np.zeros((period, period))
     for u in whitened:
         acc += fold(u, period)
     spec = np.fft.fft2(acc)
     mag = np.abs(spec)
-    if not SPEC_WEIGHT:
-        return np.where(mag > 0, spec / np.where(mag > 0, mag, 1.0), 0.0)
     p = mag * mag
-    k = SPEC_NBHD
+    k = fmt.spec_nbhd
     host = (ndimage.uniform_filter(p, k, mode="wrap") * (k * k) - p) / (k * k - 1)
     pos = host > 0
     w = np.where(pos, 1.0 / np.where(pos, host, 1.0), 0.0)
     g = spec * w
     a = np.abs(g)
-    band = _band_mask(period)
+    band = _band_mask(period, fmt)
     rms = float(np.sqrt(np.mean(a[band] ** 2))) if band.any() else 0.0
     if rms <= 0.0:
         return np.zeros_like(spec)
-    cap = WEIGHT_CAP * rms
+    cap = fmt.weight_cap * rms
     g = np.where(a > cap, g * (cap / np.where(a > 0, a, 1.0)), g)
     return g / rms
 
 
-def _band_mask(period: int) -> NDArray[np.bool_]:
-    from audit.watermark.pattern import BINS
-
+def _band_mask(period: int, fmt: MarkFormat) -> NDArray[np.bool_]:
+    b = bins(fmt)
     m = np.zeros((period, period), dtype=bool)
-    m[BINS[:, 0] % period, BINS[:, 1] % period] = True
-    m[(-BINS[:, 0]) % period, (-BINS[:, 1]) % period] = True
+    m[b[:, 0] % period, b[:, 1] % period] = True
+    m[(-b[:, 0]) % period, (-b[:, 1]) % period] = True
     return m
 
 
-def _sync_scores(g: NDArray[np.complex128], key: WatermarkKey) -> NDArray[np.float64]:
+def _sync_scores(g: NDArray[np.complex128], key: WatermarkKey,
+                 fmt: MarkFormat = CURRENT_FORMAT) -> NDArray[np.float64]:
     """Correlation with the sync template at every circular shift, standardised: the sum
     over the template's bins of |g_k| cos(theta_k) has, for independent uniform phases,
     variance sum |g_k|^2 / 2 (per half-plane bin), whatever the weights."""
     period = g.shape[0]
-    ref = sync_reference(key, period)
+    ref = sync_reference(key, period, fmt)
     c = np.real(np.fft.ifft2(g * np.conj(ref))) * (period * period)
     var = float(np.sum(np.abs(g[ref != 0]) ** 2))
     if var <= 0.0:
@@ -532,14 +498,15 @@ def _sync_scores(g: NDArray[np.complex128], key: WatermarkKey) -> NDArray[np.flo
 
 
 def soft_bits_at(
-    g: NDArray[np.complex128], key: WatermarkKey, shifts: NDArray[np.int64]
+    g: NDArray[np.complex128], key: WatermarkKey, shifts: NDArray[np.int64],
+    fmt: MarkFormat = CURRENT_FORMAT,
 ) -> NDArray[np.float64]:
     """Soft coded bits at each of ``shifts`` (K, 2): (K, CODED_BITS).
 
     Per coded bit: the sum over its bins of Re(phase x conj(reference)) after undoing the
     circular shift (multiply by exp(+2 pi i k.s / P)).
     """
-    lay = layout(key)
+    lay = layout(key, fmt)
     period = g.shape[0]
     ky, kx = lay.pay_bins[..., 0], lay.pay_bins[..., 1]  # (bits, bins)
     base = g[ky % period, kx % period] * np.exp(-1j * lay.pay_phase)
@@ -548,10 +515,11 @@ def soft_bits_at(
 
 
 def soft_bits(
-    g: NDArray[np.complex128], key: WatermarkKey, shift: tuple[int, int]
+    g: NDArray[np.complex128], key: WatermarkKey, shift: tuple[int, int],
+    fmt: MarkFormat = CURRENT_FORMAT,
 ) -> NDArray[np.float64]:
     """Soft coded bits at one shift: (CODED_BITS,)."""
-    return soft_bits_at(g, key, np.array([shift], dtype=np.int64))[0]
+    return soft_bits_at(g, key, np.array([shift], dtype=np.int64), fmt)[0]
 
 
 @functools.lru_cache(maxsize=1)
@@ -597,40 +565,47 @@ def payload_energy(
     )
 
 
-def _pay_amp(g: NDArray[np.complex128], key: WatermarkKey) -> NDArray[np.float64]:
-    lay = layout(key)
+def _pay_amp(g: NDArray[np.complex128], key: WatermarkKey,
+             fmt: MarkFormat) -> NDArray[np.float64]:
+    lay = layout(key, fmt)
     period = g.shape[0]
     return np.abs(g[lay.pay_bins[..., 0] % period, lay.pay_bins[..., 1] % period])
 
 
 def _hypotheses(
-    g: NDArray[np.complex128], key: WatermarkKey, g_sync: NDArray[np.complex128] | None = None
+    g: NDArray[np.complex128], key: WatermarkKey, fmt: MarkFormat = CURRENT_FORMAT,
 ) -> tuple[float, float, tuple[int, int], NDArray[np.float64]]:
     """Best (combined score, sync score, shift, soft bits) for one fold and one key.
 
-    The combined score (sync + ENERGY_WEIGHT x payload energy) / sqrt(1 + ENERGY_WEIGHT^2) is
-    evaluated at the TOP_K shifts with the highest sync score; its maximum over that subset is
-    at most its maximum over all shifts, so the Bonferroni bound over all shifts still holds.
+    The combined score (sync + w x payload energy) / sqrt(1 + w^2) (w = ``energy_weight``) is
+    evaluated at the ``top_k`` shifts with the highest sync score; its maximum over that
+    subset is at most its maximum over all shifts, so the Bonferroni bound over all shifts
+    still holds.
     """
-    zs = _sync_scores(g if g_sync is None else g_sync, key).ravel()
-    top = np.argpartition(zs, -TOP_K)[-TOP_K:]
+    zs = _sync_scores(g, key, fmt).ravel()
+    top = np.argpartition(zs, -fmt.top_k)[-fmt.top_k:]
     shifts = np.stack(np.unravel_index(top, g.shape), axis=1).astype(np.int64)
-    soft = soft_bits_at(g, key, shifts)
-    energy = payload_energy(soft, _pay_amp(g, key) if SPEC_WEIGHT else None)
-    comb = (zs[top] + ENERGY_WEIGHT * energy) / np.sqrt(1.0 + ENERGY_WEIGHT**2)
+    soft = soft_bits_at(g, key, shifts, fmt)
+    energy = payload_energy(soft, _pay_amp(g, key, fmt))
+    w = fmt.energy_weight
+    comb = (zs[top] + w * energy) / np.sqrt(1.0 + w**2)
     i = int(np.argmax(comb))
     return float(comb[i]), float(zs[top[i]]), (int(shifts[i, 0]), int(shifts[i, 1])), soft[i]
 
 
-def detect(image: NDArray, keys: list[WatermarkKey] | WatermarkKey, *,
-           scales: tuple[float, ...] = DEFAULT_SCALES, fpr: float = DEFAULT_FPR) -> Detection:
+def detect(image: NDArray | list[NDArray] | tuple[NDArray, ...],
+           keys: list[WatermarkKey] | WatermarkKey, *,
+           scales: tuple[float, ...] = DEFAULT_SCALES, fpr: float = DEFAULT_FPR,
+           formats: tuple[MarkFormat, ...] | None = None) -> Detection:
     """Look for the mark of any of ``keys``.
 
     Parameters
     ----------
     image
         Stored values or any rendering: 2-D, 3-D (frames, rows, columns; frames are pooled,
-        so all frames must share one geometry) or (rows, columns, 3|4) RGB(A); any dtype.
+        so all frames must share one geometry) or (rows, columns, 3|4) RGB(A); any dtype;
+        or a list of such images (the slices of a series, any sizes), pooled: every slice
+        of an output series carries the same mark, so the series is judged as one image.
     keys
         Keys to try (key rotation); the best-scoring one is reported.
     scales
@@ -638,6 +613,9 @@ def detect(image: NDArray, keys: list[WatermarkKey] | WatermarkKey, *,
         multiples of 1/64 that are >= 0.5.
     fpr
         Target false-positive rate on unmarked images, split over all hypotheses.
+    formats
+        Mark formats to read (default: every registered format, so old marks are found;
+        formats that read alike are read once).
 
     Returns
     -------
@@ -648,31 +626,14 @@ def detect(image: NDArray, keys: list[WatermarkKey] | WatermarkKey, *,
     if not keys:
         raise ValueError("no watermark keys given")
     slices = _to_float_slices(image)
-    whitened = [whiten(x) for x in slices]
-    w_sync = [whiten(x, SYNC_HOST) for x in slices] if SYNC_HOST and SYNC_HOST != HOST else None
-    thr = threshold_for(len(keys), scales, fpr)
+    thr = threshold_for(len(keys), scales, fpr, formats)
     best: Detection | None = None
-    for scale in scales:
-        g = folded_phase(whitened, period_for(scale))
-        g_sync = None if w_sync is None else folded_phase(w_sync, period_for(scale))
-        for key in keys:
-            score, sync, shift, soft = _hypotheses(g, key, g_sync)
-            payload = None
-            errors = None
-            if score >= DECODE_GATE:
-                info = ecc.viterbi_decode(soft)
-                cand, ok = _check_info(key, info)
-                if ok:
-                    payload = cand
-                    cw = ecc.conv_encode(info)
-                    errors = int(np.sum((soft < 0).astype(np.uint8) != cw))
-            det = Detection(
-                marked=bool(score >= thr or payload is not None), score=score, threshold=thr,
-                key_id=key.key_id, payload=payload, bit_errors=errors, scale=scale, shift=shift,
-                sync_score=sync, soft_bits=soft,
-            )
-            if best is None or _rank(det) > _rank(best):
-                best = det
+    for group in readers(formats):
+        fmt = group[0]
+        det = detect_whitened([whiten(x, fmt) for x in slices], keys, scales=scales,
+                              threshold=thr, fmt=fmt)
+        if best is None or _rank(det) > _rank(best):
+            best = det
     assert best is not None
     if not best.marked:
         best = Detection(marked=False, score=best.score, threshold=thr, key_id=None, payload=None,
@@ -681,13 +642,46 @@ def detect(image: NDArray, keys: list[WatermarkKey] | WatermarkKey, *,
     return best
 
 
-def candidate_bits(image: NDArray, key: WatermarkKey, scale: float = 1.0) -> NDArray[np.uint8]:
+def detect_whitened(whitened: list[NDArray[np.floating]], keys: list[WatermarkKey], *,
+                    scales: tuple[float, ...], threshold: float,
+                    fmt: MarkFormat = CURRENT_FORMAT) -> Detection:
+    """The detector after whitening, for one format: fold at each scale, score every key,
+    decode the payload where the score passes the format's decode gate. ``detect`` calls
+    it per detection configuration; bench/ calls it with experimental whitening."""
+    best: Detection | None = None
+    for scale in scales:
+        g = folded_phase(whitened, period_for(scale, fmt), fmt)
+        for key in keys:
+            score, sync, shift, soft = _hypotheses(g, key, fmt)
+            payload = None
+            errors = None
+            if score >= fmt.decode_gate:
+                info = ecc.viterbi_decode(soft)
+                cand, ok = _check_info(key, info, fmt)
+                if ok:
+                    payload = cand
+                    cw = ecc.conv_encode(info)
+                    errors = int(np.sum((soft < 0).astype(np.uint8) != cw))
+            det = Detection(
+                marked=bool(score >= threshold or payload is not None), score=score,
+                threshold=threshold, key_id=key.key_id, payload=payload, bit_errors=errors,
+                scale=scale, shift=shift, sync_score=sync, soft_bits=soft,
+                format_version=fmt.version,
+            )
+            if best is None or _rank(det) > _rank(best):
+                best = det
+    assert best is not None
+    return best
+
+
+def candidate_bits(image: NDArray, key: WatermarkKey, scale: float = 1.0,
+                   fmt: MarkFormat = CURRENT_FORMAT) -> NDArray[np.uint8]:
     """Viterbi output (64 info bits, descrambled) at the best shift, whether or not the CRC
     matches; used to check that unmarked images decode to uniform bits."""
-    whitened = [whiten(x) for x in _to_float_slices(image)]
-    g = folded_phase(whitened, period_for(scale))
-    _, _, _, soft = _hypotheses(g, key)
-    return ecc.viterbi_decode(soft) ^ layout(key).scramble
+    whitened = [whiten(x, fmt) for x in _to_float_slices(image)]
+    g = folded_phase(whitened, period_for(scale, fmt), fmt)
+    _, _, _, soft = _hypotheses(g, key, fmt)
+    return ecc.viterbi_decode(soft) ^ layout(key, fmt).scramble
 
 
 def _rank(d: Detection) -> tuple[int, float]:

@@ -31,7 +31,7 @@ from audit.watermark import (
     split_payload,
     suggest_max_delta,
 )
-from node.cli.common import ConfigOption, console, err_console, fail, settings_from
+from node.cli.common import ConfigOption, console, err_console, fail, open_engine, settings_from
 
 logger = logging.getLogger(__name__)
 
@@ -365,3 +365,169 @@ def detect_cmd(
         console.print(line, highlight=False, soft_wrap=True)
     if fail_unmarked and any_unmarked:
         raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- identify
+
+
+def _lineage_summary(tree: dict[str, Any], series_uid: str) -> dict[str, Any]:
+    """Source study / series, model and destinations of one output series from a lineage tree
+    (:func:`audit.export.lineage`)."""
+    studies = sorted({str(s.get("study_uid")) for s in tree.get("sources", [])
+                      if s.get("study_uid")})
+    out: dict[str, Any] = {"source_studies": studies,
+                           "source_series": [s.get("series_uid") for s in tree.get("sources", [])],
+                           "model": None, "destinations": []}
+    for job in tree.get("jobs", []):
+        for o in job.get("outputs", []):
+            if o.get("series_uid") != series_uid:
+                continue
+            out["model"] = {k: job.get(k) for k in ("task", "model_id", "model_version",
+                                                     "weights_sha256")}
+            out["job_id"] = job.get("job_id")
+            out["destinations"] = sorted({
+                f"{d.get('destination') or d.get('payload', {}).get('destination')}: "
+                f"{d.get('type') or d.get('outcome') or ''}".rstrip(": ")
+                for d in o.get("dispatches", [])})
+    return out
+
+
+def _proof(ledger: Any, seq: int) -> dict[str, Any]:
+    """RFC 9162 inclusion proof of entry ``seq`` in the latest checkpointed tree that holds
+    it (else the current tree), verified before it is reported."""
+    from audit import merkle
+
+    cps = [c for c in ledger.checkpoints() if c[0] > seq]
+    size, note = (cps[-1][0], cps[-1][2]) if cps else (ledger.size(), None)
+    entry = ledger.entry(seq)
+    proof = ledger.inclusion_proof(seq, size)
+    root = ledger.root(size)
+    merkle.verify_inclusion(seq, size, entry.leaf_hash, proof, root)
+    out: dict[str, Any] = {"seq": seq, "tree_size": size, "leaf_hash": entry.leaf_hash.hex(),
+                           "root_hash": root.hex(), "proof": [p.hex() for p in proof],
+                           "verified": True}
+    if note:
+        out["checkpoint"] = note
+    return out
+
+
+@app.command("identify")
+def identify_cmd(
+    path: Path = typer.Argument(..., help="a DICOM, PNG or JPEG file (a leaked rendering)"),
+    key_files: list[Path] = typer.Option([], "--key", help="extra key files to try"),
+    top: int = typer.Option(5, "--top", min=1, max=50, help="closest fingerprints to list"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Identify an image as one of our outputs: the mark if present, else the closest recorded
+    slice fingerprints with a calibrated score; with the output series, its lineage (source
+    study, model, destinations) and an inclusion proof of its ledger entry.
+
+    Exempt from the mark's detection aim (the fingerprint is the way there): lung-window
+    JPEG q75 and 0.5x resizes of small slices, where a mark within the fidelity bound does not
+    survive (docs/watermark.md, "What is exempt and why")."""
+    from audit.events import EventType
+    from audit.export import lineage
+    from audit.ledger import Ledger
+    from audit.watermark.fingerprint import MATCH_DISTANCE, FingerprintIndex, slice_hash
+
+    settings = settings_from(config)
+    if not path.is_file():
+        fail(f"{path}: no such file")
+    try:
+        pixels = _read_pixels(path)
+    except Exception as exc:
+        fail(f"{path}: unreadable ({exc})")
+        return
+    keys = [k for k in (_try_keys(settings, key_files)) if k]
+    det = detect(pixels, keys) if keys else None
+    engine = open_engine(settings, config)
+    try:
+        ledger = Ledger(engine)
+        created = ledger.query(event_types=[EventType.OUTPUT_CREATED.value])
+        by_payload = {str(e.event.payload.get("watermark_payload", "")).lower(): e
+                      for e in created if e.event.payload.get("watermark_payload")}
+        index = FingerprintIndex()
+        for e in created:
+            index.add_event(e.seq, e.event.payload)
+        frame = pixels if pixels.ndim == 2 or pixels.shape[-1] in (3, 4) else pixels[0]
+        matches = index.search_hash(slice_hash(frame), top)
+        result: dict[str, Any] = {
+            "file": str(path),
+            "mark": None if det is None else {
+                "marked": det.marked, "score": round(det.score, 2),
+                "threshold": round(det.threshold, 2), "payload": det.payload_hex,
+                "key_id": det.key_id, "format_version": det.format_version},
+            "fingerprints_recorded": len(index), "match_distance": MATCH_DISTANCE,
+            "candidates": [m.__dict__ for m in matches], "identified": None,
+        }
+        hit = None
+        if det is not None and det.payload_hex and det.payload_hex in by_payload:
+            e = by_payload[det.payload_hex]
+            hit = ("mark", e.seq, str(e.event.payload.get("output_series_uid")
+                                      or e.event.subject.get("series_uid")))
+        elif matches and matches[0].matched:
+            hit = ("fingerprint", matches[0].seq, matches[0].series_uid)
+        if hit is not None:
+            how, seq, series_uid = hit
+            ev = ledger.entry(seq).event
+            result["identified"] = {
+                "by": how, "seq": seq, "output_series_uid": series_uid,
+                "study_uid": ev.subject.get("study_uid"), "time": ev.time.isoformat(),
+                "watermark_format": ev.payload.get("watermark_format"),
+                "lineage": _lineage_summary(lineage(ledger, series_uid), series_uid),
+                "inclusion_proof": _proof(ledger, seq),
+            }
+    finally:
+        engine.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        return
+    _print_identify(result)
+
+
+def _try_keys(settings: Any, extra: list[Path]) -> list[WatermarkKey]:
+    """The configured keys that exist (identify works without any: fingerprints only)."""
+    keys = []
+    for p in [settings.watermark_key_file, *settings.watermark.extra_key_files, *extra]:
+        if Path(p).is_file():
+            try:
+                keys.append(WatermarkKey.from_file(p))
+            except ValueError as exc:
+                fail(str(exc))
+    return keys
+
+
+def _print_identify(r: dict[str, Any]) -> None:
+    mark = r["mark"]
+    if mark is None:
+        console.print("mark: no watermark key configured (fingerprints only)")
+    elif mark["marked"]:
+        console.print(f"mark: [green]MARKED[/green] score {mark['score']} (threshold "
+                      f"{mark['threshold']}) payload {mark['payload'] or 'unreadable'}",
+                      highlight=False)
+    else:
+        console.print(f"mark: not found (score {mark['score']} < {mark['threshold']})",
+                      highlight=False)
+    console.print(f"fingerprints: {r['fingerprints_recorded']} recorded slices; closest "
+                  f"(match at distance <= {r['match_distance']} of 143 bits):", highlight=False)
+    for m in r["candidates"]:
+        console.print(f"  distance {m['distance']:3d}  score {m['score']:6.2f}  "
+                      f"{'MATCH' if m['matched'] else '     '}  entry {m['seq']} series "
+                      f"{m['series_uid']} slice {m['slice_index']} sop {m['sop_uid']}",
+                      highlight=False, soft_wrap=True)
+    hit = r["identified"]
+    if hit is None:
+        console.print("identified: no (no readable mark, no fingerprint at the match level)")
+        return
+    lin = hit["lineage"]
+    model = lin.get("model") or {}
+    console.print(
+        f"identified by {hit['by']}: output series {hit['output_series_uid']} (ledger entry "
+        f"{hit['seq']}, {hit['time']}); source study {', '.join(lin['source_studies']) or '-'}; "
+        f"model {model.get('model_id')} {model.get('model_version') or ''}; destinations "
+        f"{', '.join(lin['destinations']) or 'none'}", highlight=False, soft_wrap=True)
+    p = hit["inclusion_proof"]
+    console.print(f"inclusion proof: entry {p['seq']} in tree of {p['tree_size']} (root "
+                  f"{p['root_hash'][:16]}...), {len(p['proof'])} hashes, verified"
+                  + (", signed checkpoint" if p.get("checkpoint") else ""), highlight=False)

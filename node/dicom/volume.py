@@ -416,6 +416,16 @@ def to_stored(data: np.ndarray, intensity: Intensity | str, *, levels: int = 409
         raise ValueError("cannot store non-finite values (NaN / inf)")
     lo = float(data.min()) if data.size else 0.0
     hi = float(data.max()) if data.size else 0.0
+    slope, intercept = stored_scale(lo, hi, intensity, levels=levels)
+    stored = np.rint((data - intercept) / slope)
+    stored = np.clip(stored, 0, 65535).astype(np.uint16)
+    return StoredPixels(stored, slope, intercept)
+
+
+def stored_scale(lo: float, hi: float, intensity: Intensity | str, *,
+                 levels: int = 4096) -> tuple[float, float]:
+    """(Rescale Slope, Rescale Intercept) that :func:`to_stored` uses for physical values in
+    [lo, hi] (the watermark's HU bound converts to stored units with the slope)."""
     if Intensity(intensity) is Intensity.HU:
         intercept = float(min(-1024.0, math.floor(lo)))
         slope = 1.0
@@ -430,9 +440,7 @@ def to_stored(data: np.ndarray, intensity: Intensity | str, *, levels: int = 409
         slope = float(f"{slope:.8g}")
         if span / slope > 65535:
             slope = float(f"{span / 65535:.8g}") * 1.0000001
-    stored = np.rint((data - intercept) / slope)
-    stored = np.clip(stored, 0, 65535).astype(np.uint16)
-    return StoredPixels(stored, slope, intercept)
+    return slope, intercept
 
 
 # -- public API ------------------------------------------------------------------------------

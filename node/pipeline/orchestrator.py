@@ -37,6 +37,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Engine, and_, select, update
@@ -44,6 +45,7 @@ from sqlalchemy import Connection, Engine, and_, select, update
 from audit.events import Event, EventType, Outcome
 from audit.ledger import Ledger
 from audit.watermark import WatermarkKey
+from audit.watermark.fidelity import FidelityBound
 from config.sections.pipeline import Destination, PipelineSettings, ReprocessPolicy, Rule
 from engine.api import Provenance, Volume
 from node.context import NodeContext
@@ -125,20 +127,21 @@ class Pipeline:
     detect_keys
         keys whose marks identify our outputs (loop guard, dispatch policy); default
         ``[mark_key]``.
-    max_delta
-        watermark fidelity bound in stored units for HU outputs (governance: 2 HU); other
-        intensities get a bound below the image noise (``suggest_max_delta``), at least this.
+    fidelity
+        the watermark's fidelity bound (``audit.watermark.fidelity.FidelityBound``: HU
+        outputs max |change| 4 HU, other outputs 2 stored units and PSNR >= 50 dB by default;
+        ``watermark.*`` settings); recorded with every output in ``output.created``.
     """
 
     def __init__(self, parts: Parts, *, runner: EngineRunner | None = None,
                  mark_key: WatermarkKey | None = None,
                  detect_keys: Sequence[WatermarkKey] | None = None,
-                 max_delta: int = 2) -> None:
+                 fidelity: FidelityBound | None = None) -> None:
         self.parts = parts
         self.settings = parts.settings
         self.runner = runner
         self.mark_key = mark_key
-        self.max_delta = max_delta
+        self.fidelity = fidelity or FidelityBound()
         keys = list(detect_keys) if detect_keys is not None else ([mark_key] if mark_key else [])
         self.detect_keys = keys
         self.detect = watermark_check(keys) if keys else None
@@ -522,14 +525,19 @@ class Pipeline:
         when the node marks nothing."""
         if self.mark_key is None:
             return None, None
-        from audit.watermark import embed_verified, make_payload
+        from audit.watermark import CURRENT_FORMAT, embed_verified, make_payload
         from audit.watermark import payload_hex as phex
-        from audit.watermark.core import suggest_max_delta
+        from audit.watermark.fidelity import measure
+        from audit.watermark.fingerprint import volume_fingerprints
         from engine.api import Intensity
+        from node.dicom.volume import stored_scale
 
         payload = make_payload(self.mark_key.key_id, mark_id_for(series_uid))
         key = self.mark_key
         hu = out.intensity is Intensity.HU
+        bound = self.fidelity
+        data = np.asarray(out.data)
+        slope, intercept = stored_scale(float(data.min()), float(data.max()), out.intensity)
 
         def mark(a: Any) -> Any:
             # checked as dispatch will check it: each single-frame instance on its own,
@@ -539,12 +547,22 @@ class Pipeline:
                 n = a.shape[0]
                 units = ([[z] for z in range(n)] if output_format is codes.OutputFormat.SC
                          else [list(range(n))])
-                delta = suggest_max_delta(a, hu_calibrated=hu, floor=self.max_delta)
+                peak = float((1 << 16) - 1)  # PSNR at the stored bit depth (Bits Stored 16)
+                delta, ceiling = bound.limits(a, hu=hu, slope=slope, peak=peak)
                 marked, report = embed_verified(
                     a, key, payload, units=units, bits_stored=16, signed=False,
-                    max_delta=delta, detect_keys=self.detect_keys or None)
+                    max_delta=delta, ceiling=ceiling, detect_keys=self.detect_keys or None,
+                    fmt=CURRENT_FORMAT)
                 verified.update(watermark_max_delta=max(report.max_delta),
-                                watermark_verified=report.verified)
+                                watermark_verified=report.verified,
+                                watermark_format=report.format_version,
+                                watermark_bound=bound.record(hu=hu),
+                                watermark_fidelity=measure(a, marked, slope=slope, hu=hu,
+                                                           peak=peak),
+                                # perceptual hashes of every marked slice: identification
+                                # when a leaked rendering has lost the mark
+                                fingerprints=volume_fingerprints(
+                                    marked, hu=hu, slope=slope, intercept=intercept))
                 if report.raised:
                     logger.info("watermark of %s: bound raised from %d to %d in %d of %d "
                                 "unit(s) (below the image noise) to make it detectable",
@@ -684,4 +702,8 @@ def build_pipeline(ctx: NodeContext) -> Pipeline:
     extra = [WatermarkKey.from_file(p) for p in s.watermark.extra_key_files if Path(p).exists()]
     detect_keys = ([key] if key else []) + extra
     return Pipeline.from_context(ctx, runner=runner, mark_key=key, detect_keys=detect_keys,
-                                 max_delta=s.watermark.max_delta)
+                                 fidelity=FidelityBound(
+                                     hu_max_change=s.watermark.hu_max_change,
+                                     other_max_delta=s.watermark.other_max_delta,
+                                     min_psnr_db=s.watermark.min_psnr_db,
+                                     other_noise_fraction=s.watermark.other_noise_fraction))

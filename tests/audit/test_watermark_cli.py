@@ -116,3 +116,78 @@ def test_embed_verifies_refuses_overwrite_and_shows_required_options(env: Path) 
     assert "Required: one of" in res.output and "--mark-id" in res.output
     res = runner.invoke(app, ["watermark", "embed", str(env / "in"), "--out", str(env / "o2")])
     assert res.exit_code == 2 and "give exactly one of --mark-id or --payload" in res.output
+
+
+def test_identify_by_mark_and_by_fingerprint(env: Path) -> None:
+    """`watermark identify`: a lung-window JPEG q75 of a recorded output slice (the mark's
+    exempt case) has no readable mark; its fingerprint finds the output series, with lineage
+    (source study, model, destinations) and a verified inclusion proof. The marked DICOM is
+    identified by its mark; an unrelated slice is not identified."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from audit.events import EventType
+    from audit.ledger import Ledger
+    from audit.watermark.fingerprint import volume_fingerprints
+    from config.settings import DEFAULT_CONFIG, load_settings
+    from node.db import make_engine, upgrade
+    from tests.support.ledger import OUT, STUDY, pipeline_events
+    from tests.support.watermark_transforms import window8
+
+    _run("watermark", "keygen", "--key-id", "4")
+    _run("watermark", "embed", str(env / "in" / "ct.dcm"), "--out", str(env / "out"),
+         "--mark-id", "0")
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(env / "out" / "ct.dcm")
+        other = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array
+    marked = ds.pixel_array
+    slope, icpt = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    fps = volume_fingerprints(marked[None], hu=True, slope=slope, intercept=icpt)
+    events = pipeline_events()
+    for i, ev in enumerate(events):
+        if ev.type is EventType.OUTPUT_CREATED:
+            events[i] = dataclasses.replace(ev, payload={
+                **ev.payload, "watermark_payload": f"{(4 << 40):012x}", "fingerprints": fps,
+                "output_format": "sc"})
+    url = load_settings(DEFAULT_CONFIG).database_url
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        entries = Ledger(engine).append_many(events)
+    finally:
+        engine.dispose()
+    out_seq = next(e.seq for e, ev in zip(entries, events, strict=True)
+                   if ev.type is EventType.OUTPUT_CREATED)
+
+    buf = io.BytesIO()
+    Image.fromarray(window8(marked * slope + icpt, -600, 1500)).save(buf, "JPEG", quality=75)
+    leak = env / "leak.jpg"
+    leak.write_bytes(buf.getvalue())
+    r = json.loads(_run("watermark", "identify", "--json", str(leak)))
+    assert r["fingerprints_recorded"] == 1 and r["candidates"][0]["series_uid"] == OUT
+    # a lung-window PNG (mark read by few detectors at 4 HU on 512 px: identified either way)
+    png = env / "leak.png"
+    Image.fromarray(window8(marked * slope + icpt, -600, 1500)).save(png)
+    r = json.loads(_run("watermark", "identify", "--json", str(png)))
+    assert r["candidates"][0]["matched"]
+    hit = r["identified"]
+    assert hit["by"] in ("fingerprint", "mark") and hit["seq"] == out_seq
+    assert hit["output_series_uid"] == OUT and hit["lineage"]["source_studies"] == [STUDY]
+    assert hit["lineage"]["model"]["model_id"] == "ct-restore"
+    assert any(d.startswith("PACS") for d in hit["lineage"]["destinations"])
+    proof = hit["inclusion_proof"]
+    assert proof["verified"] and proof["seq"] == out_seq and proof["tree_size"] >= out_seq + 1
+
+    text = _run("watermark", "identify", str(env / "out" / "ct.dcm"))
+    assert "MARKED" in " ".join(text.split()) and "identified by mark" in " ".join(text.split())
+
+    unrelated = env / "mr.png"
+    Image.fromarray((other / max(int(other.max()), 1) * 255).astype(np.uint8)).save(unrelated)
+    r = json.loads(_run("watermark", "identify", "--json", str(unrelated)))
+    assert r["identified"] is None and not r["candidates"][0]["matched"]

@@ -102,9 +102,27 @@ def test_study_to_pacs(tmp_path: Path, orthanc: OrthancServer) -> None:
         assert t in types, t
     created = [e.event for e in ctx.ledger.entries() if e.event.type.value == "output.created"][0]
     assert created.payload["watermark_payload"] == payload_hex(det.payload)
-    # verified at build as dispatch checks it; CT output keeps the 2 HU bound
+    # verified at build as dispatch checks it; CT output keeps the 4 HU bound (default)
     assert created.payload["watermark_verified"] is True
-    assert created.payload["watermark_max_delta"] == 2
+    assert created.payload["watermark_max_delta"] == 4
+    assert created.payload["watermark_format"] == 2
+    assert created.payload["watermark_bound"] == {"unit": "HU", "max_change": 4}
+    fid = created.payload["watermark_fidelity"]
+    assert fid["max_change_hu"] <= 4 and fid["max_change_stored"] <= 4 and float(fid["psnr_db"]) > 50
+    # a perceptual fingerprint per output slice: the leaked PNG of the output is found by it
+    from audit.watermark.fingerprint import FingerprintIndex
+    from tests.support.watermark_transforms import window8
+
+    fps = created.payload["fingerprints"]
+    frames = got.pixel_array.reshape(-1, got.Rows, got.Columns)
+    assert fps["scheme"] == "dctr1" and len(fps["slices"]) == len(frames) == 4
+    assert all(len(h) == 4 for h in fps["slices"])  # stored values + 3 CT windows
+    index = FingerprintIndex()
+    assert index.add_event(7, created.payload) == 4
+    hu = frames[2] * float(got.RescaleSlope) + float(got.RescaleIntercept)
+    (best,) = index.search(window8(hu, -600, 1500), k=1)  # a lung-window rendering
+    assert best.distance <= 20 and best.series_uid == out_series and best.seq == 7
+    assert best.sop_uid == stored[0].sop_instance_uid
     assert created.payload["source_series_uids"] == [str(series[0].SeriesInstanceUID)]
     # completing again, or the synthetic series coming back, queues nothing
     assert pipe.complete_study(study) is False
