@@ -618,7 +618,7 @@ def _series_hosts(spec: tuple[str, int, int]) -> list[Slice]:
             out.append(Slice(arr, bits or a.bits, a.signed and a.ct, a.slope if a.ct else 1.0,
                              a.intercept if a.ct else 0.0, a.ct, base.source))
         return out
-    from engine.phantoms import make_sample
+    from engine.research.phantoms import make_sample
 
     ph = make_sample(seed, size=size, n_slices=SERIES_SLICES,
                      kind="head" if seed % 10 == 9 else "abdomen")
@@ -809,7 +809,7 @@ def _fp_filler(seed: int) -> list[list[str]]:
     """Fingerprints of one 16-slice 128 px phantom volume (CT in HU, T1w, T2w as 12-bit
     outputs): ledger filler standing for other outputs."""
     from audit.watermark.fingerprint import slice_fingerprint
-    from engine.phantoms import make_sample
+    from engine.research.phantoms import make_sample
 
     ph = make_sample(seed, size=128, n_slices=16, kind="head" if seed % 10 == 9 else "abdomen")
     rng = np.random.default_rng(seed)

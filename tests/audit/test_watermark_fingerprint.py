@@ -37,7 +37,7 @@ def _real(name: str) -> wt.Slice:
 
 @functools.cache
 def _phantoms() -> list[wt.Slice]:
-    from engine.phantoms import make_sample
+    from engine.research.phantoms import make_sample
 
     out = []
     for seed in (11, 12, 13):
