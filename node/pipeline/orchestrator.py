@@ -84,6 +84,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def job_outcome(held: Sequence[Any], refused: Sequence[Any]) -> str:
+    """An engine job's outcome: ``held`` (the quality gate held an output), ``refused`` (an
+    output is not dispatched: its mark could not be verified) or ``passed``."""
+    return "held" if held else "refused" if refused else "passed"
+
+
 def fingerprint(sop_uids: Sequence[str]) -> str:
     """Identity of a set of source instances (order-free)."""
     return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
@@ -328,14 +334,18 @@ class Pipeline:
                                      reason=f"left by an earlier attempt; attempt {job.attempts} "
                                             "builds the output again")
         with self.parts.engine.connect() as c:
-            done = [r[0] for r in c.execute(select(outputs.c.series_uid).where(and_(
+            rows = c.execute(select(outputs.c.series_uid, outputs.c.held).where(and_(
                 outputs.c.job_id == job.id, outputs.c.state == OUTPUT_COMPLETE,
-            )).order_by(outputs.c.created_at))]
+            )).order_by(outputs.c.created_at)).all()
+        done = [r[0] for r in rows]
         if done:
             # an earlier attempt recorded its outputs (and their dispatch jobs, in the same
             # transaction) and then died: finish, do not redo
             self._queue_dispatch(job, done)
-            return {"outputs": done, "held": [], "resumed": True}
+            refused = [{"series_uid": r[0], "checks": ["watermark_unverified"]}
+                       for r in rows if r[1]]
+            return {"outputs": done, "held": [], "refused": refused,
+                    "outcome": job_outcome([], refused), "resumed": True}
         if self.runner is None:
             raise PermanentJobError("no engine runner configured")
         insts = self.parts.index.instances(series_instance_uid=job.series_uid)
@@ -355,7 +365,7 @@ class Pipeline:
         result = self.runner(job.task or "", source.volume, dict(spec.params), seed, spec.model)
         timings["engine"] = time.perf_counter() - t0
         prov = result.provenance
-        built: list[tuple[str, Event]] = []
+        built: list[tuple[str, Event, str | None]] = []
         held: list[dict[str, Any]] = []
         started: list[str] = []  # output series this attempt recorded as building
         try:
@@ -389,25 +399,30 @@ class Pipeline:
             except Exception:
                 logger.exception("could not discard the partial outputs of job %s", job.id)
             raise
+        refused = [{"series_uid": uid, "reasons": [why], "checks": ["watermark_unverified"]}
+                   for uid, _, why in built if why is not None]
         if made:
             self.pool.wake()
-        return {"outputs": made, "held": held, "model_id": prov.model_id,
+        return {"outputs": made, "held": held, "refused": refused,
+                "outcome": job_outcome(held, refused), "model_id": prov.model_id,
                 "model_version": prov.model_version,
                 "weights_sha256": prov.weights_sha256, "seed": prov.seed,
                 "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
 
-    def _complete_outputs(self, job: Job, built: list[tuple[str, Event]]) -> list[str]:
+    def _complete_outputs(self, job: Job,
+                          built: list[tuple[str, Event, str | None]]) -> list[str]:
         """One transaction: every output series of this attempt ``building`` -> ``complete``
-        with its ``output.created`` entry, the replace policy's supersede mark and the
-        dispatch jobs. Before it commits, a crash leaves only partial (building) series."""
-        made = [uid for uid, _ in built]
+        with its ``output.created`` entry (and ``output.held`` naming why for one refused
+        dispatch), the replace policy's supersede mark and the dispatch jobs. Before it
+        commits, a crash leaves only partial (building) series."""
+        made = [uid for uid, _, _ in built]
         with self.parts.engine.begin() as conn:
             # only while this attempt's claim is current (not cancelled, lease not lost to
             # another worker): the conditional UPDATE also locks the job row until commit
             if not self.jobs.heartbeat(job.id, claim=job, conn=conn):
                 raise JobClaimLost(f"job {job.id} was cancelled or claimed again while attempt "
                                    f"{job.attempts} built its outputs: they are not released")
-            for series_uid, event in built:
+            for series_uid, event, refusal in built:
                 res = conn.execute(update(outputs).where(and_(
                     outputs.c.series_uid == series_uid, outputs.c.state == OUTPUT_BUILDING,
                 )).values(state=OUTPUT_COMPLETE, created_at=_now()))
@@ -415,6 +430,14 @@ class Pipeline:
                     raise RuntimeError(f"output series {series_uid} was discarded while this "
                                        "attempt built it (the job was claimed again)")
                 self.parts.ledger.append(event, conn=conn)
+                if refusal is not None:
+                    self.parts.ledger.append(Event(
+                        type=EventType.OUTPUT_HELD, actor=ACTOR, outcome=Outcome.MINOR_FAILURE,
+                        subject={"job_id": job.id, "study_uid": job.study_uid,
+                                 "series_uid": series_uid},
+                        payload={"source_series_uids": [job.series_uid],
+                                 "reasons": [refusal], "checks": ["watermark_unverified"],
+                                 "dispatch": "refused"}), conn=conn)
             if job.engine_spec.replace and made:
                 self._supersede(job, made, conn)
             self._queue_dispatch(job, made, conn=conn)
@@ -430,7 +453,11 @@ class Pipeline:
             return
         existing = {(j.series_uid, j.dispatch_spec.destination)
                     for j in self.jobs.find(parent_id=job.id, conn=conn)}
+        held = ({r[0] for r in conn.execute(select(outputs.c.series_uid).where(and_(
+            outputs.c.series_uid.in_(made), outputs.c.held.is_(True))))} if made else set())
         for series_uid in made:
+            if series_uid in held:  # refused (mark not verified) or held: never dispatched
+                continue
             for dest in job.engine_spec.destinations:
                 if (series_uid, dest) in existing:
                     continue
@@ -544,7 +571,9 @@ class Pipeline:
                     a, key, payload, units=units, bits_stored=16, signed=False,
                     max_delta=delta, detect_keys=self.detect_keys or None)
                 verified.update(watermark_max_delta=max(report.max_delta),
-                                watermark_verified=report.verified)
+                                watermark_verified=report.verified,
+                                watermark_units=len(units),
+                                watermark_undetected=report.detected.count(False))
                 if report.raised:
                     logger.info("watermark of %s: bound raised from %d to %d in %d of %d "
                                 "unit(s) (below the image noise) to make it detectable",
@@ -553,7 +582,7 @@ class Pipeline:
                 if not report.verified:
                     logger.warning(
                         "watermark of %s not detectable in %d of %d unit(s) within the "
-                        "fidelity bound (up to %d stored units): dispatch will refuse them",
+                        "fidelity bound (up to %d stored units): the output is not dispatched",
                         series_uid, report.detected.count(False), len(units),
                         max(report.limit))
                 return marked
@@ -564,9 +593,11 @@ class Pipeline:
 
     def _build_and_store(self, job: Job, source: AssembledVolume, out: Volume, prov: Provenance,
                          k: int, stats: dict[str, str], timings: dict[str, float],
-                         started: list[str]) -> tuple[str, Event]:
+                         started: list[str]) -> tuple[str, Event, str | None]:
         """Build one output series, record it as ``building``, store its instances.
-        Returns the series UID and its ``output.created`` event (appended on completion)."""
+        Returns the series UID, its ``output.created`` event (appended on completion) and,
+        when the node marked it but could not verify the mark, why it is refused dispatch
+        (the series is stored and recorded, flagged held, and never dispatched)."""
         from pydicom.uid import generate_uid
 
         series_uid = generate_uid()
@@ -581,6 +612,12 @@ class Pipeline:
             series_number=n_out, series_instance_uid=series_uid,
         )
         built = build_series(source, out, spec, mark=mark)
+        refusal = None
+        if verified.get("watermark_verified") is False:
+            refusal = (f"watermark not detectable in {verified.get('watermark_undetected')} of "
+                       f"{verified.get('watermark_units')} unit(s) within the fidelity bound (up "
+                       f"to {verified.get('watermark_max_delta')} stored units): an output "
+                       "whose mark the node cannot verify is never dispatched")
         wm = timings.get("watermark", 0.0) - wm_before
         timings["build"] = timings.get("build", 0.0) + time.perf_counter() - t0 - wm
         # the plan first: a crash while storing leaves a row that names the partial series
@@ -589,7 +626,8 @@ class Pipeline:
                 series_uid=series_uid, job_id=job.id, study_uid=job.study_uid,
                 source_series_uid=job.series_uid, generation=job.generation,
                 output_format=built.output_format.value, instances=len(built.datasets),
-                watermark_payload=payload_hex, digest=None, held=False, superseded=False,
+                watermark_payload=payload_hex, digest=None, held=refusal is not None,
+                superseded=False,
                 state=OUTPUT_BUILDING, attempt=job.attempts, created_at=_now(),
             ))
         started.append(series_uid)
@@ -618,7 +656,7 @@ class Pipeline:
                      "weights_sha256": prov.weights_sha256, "seed": prov.seed,
                      "quality": stats},
         )
-        return series_uid, event
+        return series_uid, event, refusal
 
     def _supersede(self, job: Job, made: list[str], conn: Connection) -> None:
         earlier = [j.id for j in self.jobs.find(kind=JobKind.ENGINE, series_uid=job.series_uid,

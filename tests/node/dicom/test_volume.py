@@ -214,3 +214,22 @@ def test_to_stored_mr_scaling_and_nan() -> None:
     assert np.max(np.abs(sp.to_physical() - x)) <= sp.slope / 2 + 1e-6
     with pytest.raises(ValueError):
         to_stored(np.array([[[np.nan]]]), Intensity.HU)
+
+
+def test_pixel_padding_value_becomes_the_fov_mask() -> None:
+    from tests.support.realdata import series_from_real_slice
+
+    series = series_from_real_slice("693_UNCR.dcm", 2)
+    stored = series[0].pixel_array
+    av = assemble(series)
+    assert av.volume.fov is not None
+    np.testing.assert_array_equal(av.volume.fov[0], stored != -2000)
+    assert av.volume.data[~av.volume.fov].max() == -3024.0
+    # Pixel Padding Range Limit: every stored value between the two is padding
+    for ds in series:
+        ds.PixelPaddingRangeLimit = -1024  # stored -1024 = -2048 HU: the whole outside
+    av = assemble(series)
+    assert av.volume.fov is not None
+    np.testing.assert_array_equal(av.volume.fov[0], ~((stored >= -2000) & (stored <= -1024)))
+    # no padding declared: no mask
+    assert assemble(series_from_real_slice("CT_small.dcm", 2)).volume.fov is None

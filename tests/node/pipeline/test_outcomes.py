@@ -1,0 +1,101 @@
+"""Held and refused outputs are first-class outcomes: an output whose watermark the node could
+not verify is stored and recorded but never dispatched, and the job says why; a quality-held
+output is named with its failed checks; both show in the jobs CLI and can be released or
+discarded by an administrator, recorded in the ledger with who and why."""
+from __future__ import annotations
+
+import time
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+
+from audit.watermark import WatermarkKey
+from config.settings import load_settings
+from engine.api import Provenance, TaskResult, Volume
+from engine.baselines import nlm_ct
+from node.app import build_context
+from node.ingest.ingestor import Ingestor
+from node.pipeline.jobs import JobKind, JobState
+from node.pipeline.orchestrator import Pipeline
+from node.pipeline.tables import outputs
+from tests.support.factory import make_series
+from tests.support.net import get_port
+
+
+def nlm_runner(task: str, volume: Volume, params: dict, seed: int,
+               model: str | None) -> TaskResult:
+    t0 = time.perf_counter()
+    out = nlm_ct()(volume)
+    prov = Provenance(task=task, model_id="baseline-nlm", model_version="1",
+                      weights_sha256="0" * 64, parameters=params, seed=seed, device="cpu",
+                      steps=1, seconds=time.perf_counter() - t0)
+    return TaskResult([out], prov)
+
+
+def broken_runner(task: str, volume: Volume, params: dict, seed: int,
+                  model: str | None) -> TaskResult:
+    res = nlm_runner(task, volume, params, seed, model)
+    data = res.outputs[0].data + np.float32(300.0)  # every slice +300 HU: held
+    return TaskResult([Volume(data, volume.spacing, volume.intensity)], res.provenance)
+
+
+def node(tmp_path: Path, runner, **kwargs):  # type: ignore[no-untyped-def]
+    settings = load_settings(None, environment="development",
+                             data_dir=str(tmp_path / "node"), pipeline={
+        "quiet_period_s": 3600,
+        "destinations": [{"name": "pacs", "kind": "dimse", "ae_title": "PACS",
+                          "host": "127.0.0.1", "port": get_port(),
+                          "accepts_synthetic": True, "max_attempts": 1, "backoff_s": 0.1}],
+        "rules": [{"name": "ct", "match": {"modality": "CT"},
+                   "tasks": [{"task": "ct_denoise", "output_format": "sc"}],
+                   "destinations": ["pacs"]}],
+    })
+    ctx = build_context(settings, fsync=False)
+    return ctx, Pipeline.from_context(ctx, runner=runner, **kwargs)
+
+
+def send(ctx, datasets) -> str:  # type: ignore[no-untyped-def]
+    ing = Ingestor(ctx)
+    for ds in datasets:
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        ing.ingest_part10(buf.getvalue(), calling_ae="CT", called_ae="SYNTHNODE",
+                          source="dimse")
+    return str(datasets[0].StudyInstanceUID)
+
+
+def test_unverified_watermark_is_never_dispatched(tmp_path: Path) -> None:
+    # the node marks with one key but can only verify with another: no mark verifies
+    ctx, pipe = node(tmp_path, nlm_runner, mark_key=WatermarkKey.generate(key_id=4),
+                     detect_keys=[WatermarkKey.generate(key_id=5)])
+    study = send(ctx, make_series(2, rows=64, cols=64))
+    assert pipe.complete_study(study)
+    assert pipe.pool.drain() == 1  # the engine job only: no dispatch job queued
+    (job,) = pipe.jobs.list()
+    assert job.kind is JobKind.ENGINE and job.state is JobState.SUCCEEDED
+    assert job.result["outcome"] == "refused"
+    (refused,) = job.result["refused"]
+    assert refused["checks"] == ["watermark_unverified"]
+    assert "never dispatched" in refused["reasons"][0]
+    assert not pipe.jobs.list(kind="dispatch")
+    with ctx.engine.connect() as c:
+        (row,) = c.execute(outputs.select()).all()
+    assert row.held and row.series_uid == refused["series_uid"]
+    held = [e.event for e in ctx.ledger.entries() if e.event.type.value == "output.held"]
+    assert held and held[0].payload["checks"] == ["watermark_unverified"]
+    created = [e.event for e in ctx.ledger.entries() if e.event.type.value == "output.created"]
+    assert created[0].payload["watermark_verified"] is False
+    pipe.stop()
+
+
+def test_quality_hold_is_the_job_outcome(tmp_path: Path) -> None:
+    ctx, pipe = node(tmp_path, broken_runner, mark_key=WatermarkKey.generate(key_id=4))
+    study = send(ctx, make_series(2, rows=64, cols=64))
+    assert pipe.complete_study(study)
+    assert pipe.pool.drain() == 1
+    (job,) = pipe.jobs.list()
+    assert job.result["outcome"] == "held"
+    assert "bias" in job.result["held"][0]["checks"]
+    assert job.result["outputs"] == []
+    pipe.stop()
