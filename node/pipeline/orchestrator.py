@@ -367,6 +367,7 @@ class Pipeline:
         prov = result.provenance
         built: list[tuple[str, Event, str | None]] = []
         held: list[dict[str, Any]] = []
+        released: list[dict[str, Any]] = []
         started: list[str] = []  # output series this attempt recorded as building
         try:
             for k, out in enumerate(result.outputs):
@@ -374,7 +375,11 @@ class Pipeline:
                 report = (check(out, source.volume, self.limits)
                           if self.settings.quality.enabled else None)
                 timings["quality"] = timings.get("quality", 0.0) + time.perf_counter() - t0
-                if report is not None and not report.passed:
+                if report is not None and not report.passed and spec.released_by:
+                    # released by an administrator: built anyway, the findings recorded
+                    released.append({"index": k, "checks": list(report.checks),
+                                     "reasons": list(report.reasons)})
+                elif report is not None and not report.passed:
                     held.append({"index": k, "reasons": list(report.reasons),
                                  "checks": list(report.checks)})
                     self._event(EventType.OUTPUT_HELD,
@@ -403,8 +408,12 @@ class Pipeline:
                    for uid, _, why in built if why is not None]
         if made:
             self.pool.wake()
+        extra: dict[str, Any] = {}
+        if spec.released_by:
+            extra["quality_released"] = {"from_job": spec.released_from, "by": spec.released_by,
+                                         "reason": spec.release_reason, "outputs": released}
         return {"outputs": made, "held": held, "refused": refused,
-                "outcome": job_outcome(held, refused), "model_id": prov.model_id,
+                "outcome": job_outcome(held, refused), **extra, "model_id": prov.model_id,
                 "model_version": prov.model_version,
                 "weights_sha256": prov.weights_sha256, "seed": prov.seed,
                 "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
@@ -492,22 +501,27 @@ class Pipeline:
         return [uid for uid in uids if self._discard_output(uid, reason)]
 
     def _discard_output(self, series_uid: str, reason: str, *,
-                        orphans_of: Job | None = None) -> bool:
+                        orphans_of: Job | None = None, held_by: str | None = None) -> bool:
         """Remove one ``building`` output series. ``orphans_of`` (the job whose attempt
         built it): also instances of the series when its row is already gone (an attempt
         that lost its claim kept storing into a series the next attempt had discarded).
-        A ``complete`` series is never touched."""
+        A ``complete`` series is never touched, except a held one that an administrator
+        discards (``held_by``: the actor, ``user:<name>``)."""
         insts = self.parts.index.instances(series_instance_uid=series_uid)
         with self.parts.engine.begin() as conn:
             row = conn.execute(select(outputs).where(outputs.c.series_uid == series_uid)).first()
             if row is None:
                 if orphans_of is None or not insts:
                     return False
-            elif row.state != OUTPUT_BUILDING:
+            elif held_by is None and row.state != OUTPUT_BUILDING:
                 return False
+            elif held_by is not None and not row.held:
+                return False  # an administrator removes held outputs only
             else:
+                wanted = (outputs.c.held.is_(True) if held_by is not None
+                          else outputs.c.state == OUTPUT_BUILDING)
                 res = conn.execute(outputs.delete().where(and_(
-                    outputs.c.series_uid == series_uid, outputs.c.state == OUTPUT_BUILDING)))
+                    outputs.c.series_uid == series_uid, wanted)))
                 if res.rowcount != 1:
                     return False  # completed or discarded by someone else meanwhile
             self.parts.index.delete_instances(conn, [i.pk for i in insts])
@@ -519,7 +533,8 @@ class Pipeline:
                 job_id, study_uid = orphans_of.id, orphans_of.study_uid
                 source, attempt, planned = orphans_of.series_uid, orphans_of.attempts, None
             self.parts.ledger.append(Event(
-                type=EventType.OUTPUT_DISCARDED, actor=ACTOR, outcome=Outcome.MINOR_FAILURE,
+                type=EventType.OUTPUT_DISCARDED, actor=held_by or ACTOR,
+                outcome=Outcome.SUCCESS if held_by else Outcome.MINOR_FAILURE,
                 subject={"job_id": job_id, "study_uid": study_uid, "series_uid": series_uid},
                 payload={"source_series_uids": [source],
                          "sop_uids": [i.sop_instance_uid for i in insts],
@@ -654,7 +669,10 @@ class Pipeline:
                      "output_format": built.output_format.value,
                      "model_id": prov.model_id, "model_version": prov.model_version,
                      "weights_sha256": prov.weights_sha256, "seed": prov.seed,
-                     "quality": stats},
+                     "quality": stats,
+                     **({"quality_released_by": job.engine_spec.released_by,
+                         "quality_release_reason": job.engine_spec.release_reason}
+                        if job.engine_spec.released_by else {})},
         )
         return series_uid, event, refusal
 
@@ -665,6 +683,82 @@ class Pipeline:
         conn.execute(update(outputs).where(and_(
             outputs.c.job_id.in_(earlier), outputs.c.series_uid.not_in(made),
         )).values(superseded=True))
+
+    # -- administrator decisions on held / refused outputs ------------------------------------
+    def _decidable(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job.kind is not JobKind.ENGINE or job.state is not JobState.SUCCEEDED:
+            raise ValueError(f"job {job.id} is a {job.state.value} {job.kind.value} job: only a "
+                             "succeeded engine job with held or refused outputs is decided")
+        result = job.result or {}
+        if not (result.get("held") or result.get("refused")):
+            raise ValueError(f"job {job.id} has no held or refused output "
+                             f"(outcome {result.get('outcome', 'passed')})")
+        if result.get("decision"):
+            d = result["decision"]
+            raise ValueError(f"job {job.id} was already {d.get('action')} by {d.get('by')}: "
+                             f"{d.get('reason')}")
+        return job
+
+    def release(self, job_id: str, *, by: str, reason: str) -> str:
+        """An administrator releases the quality-held outputs of an engine job: a new engine
+        job (same source, parameters and seed, so the same output) runs the gate, records
+        its findings and builds them anyway; its outputs are dispatched like any other. An
+        output refused for an unverified watermark cannot be released (discard it). Recorded
+        in the ledger (``output.released``, actor ``user:<by>``, the reason). Returns the new
+        job's id."""
+        job = self._decidable(job_id)
+        result = job.result or {}
+        if result.get("refused"):
+            raise ValueError(f"job {job.id} has output(s) whose watermark could not be verified: "
+                             "such an output is never dispatched; discard it (jobs discard)")
+        if not reason.strip():
+            raise ValueError("a release needs a reason")
+        spec = job.engine_spec.model_copy(update={
+            "released_from": job.id, "released_by": by, "release_reason": reason})
+        with self.parts.engine.begin() as conn:
+            new_id = self.jobs.enqueue(
+                JobKind.ENGINE, study_uid=job.study_uid, series_uid=job.series_uid,
+                rule=job.rule, task=job.task, spec=spec, seed=job.seed,
+                max_attempts=self.settings.job_max_attempts, generation=job.generation,
+                conn=conn)
+            self.parts.ledger.append(Event(
+                type=EventType.OUTPUT_RELEASED, actor=f"user:{by}", outcome=Outcome.SUCCESS,
+                subject={"job_id": job.id, "study_uid": job.study_uid},
+                payload={"source_series_uids": [job.series_uid], "reason": reason,
+                         "new_job_id": new_id,
+                         "checks": sorted({c for h in result.get("held") or []
+                                           for c in h.get("checks") or []})}), conn=conn)
+            self.jobs.annotate(job.id, "decision", {
+                "action": "released", "by": by, "reason": reason, "at": _now().isoformat(),
+                "job_id": new_id}, conn=conn)
+        self.pool.wake()
+        return new_id
+
+    def discard(self, job_id: str, *, by: str, reason: str) -> list[str]:
+        """An administrator discards the held and refused outputs of an engine job: a
+        refused output series stored in the node is removed through storage's delete path;
+        a quality-held output (never built) is closed. Recorded in the ledger
+        (``output.discarded``, actor ``user:<by>``, the reason). Returns the removed series."""
+        job = self._decidable(job_id)
+        if not reason.strip():
+            raise ValueError("a discard needs a reason")
+        result = job.result or {}
+        removed = [r["series_uid"] for r in result.get("refused") or []
+                   if self._discard_output(r["series_uid"], reason, held_by=f"user:{by}")]
+        with self.parts.engine.begin() as conn:
+            if result.get("held"):
+                self.parts.ledger.append(Event(
+                    type=EventType.OUTPUT_DISCARDED, actor=f"user:{by}",
+                    outcome=Outcome.SUCCESS,
+                    subject={"job_id": job.id, "study_uid": job.study_uid},
+                    payload={"source_series_uids": [job.series_uid], "reason": reason,
+                             "held_outputs": [h.get("index") for h in result["held"]]}),
+                    conn=conn)
+            self.jobs.annotate(job.id, "decision", {
+                "action": "discarded", "by": by, "reason": reason, "at": _now().isoformat(),
+                "removed": removed}, conn=conn)
+        return removed
 
     # -- stage 4: dispatch job -----------------------------------------------------------------
     def run_dispatch_job(self, job: Job) -> dict[str, Any]:

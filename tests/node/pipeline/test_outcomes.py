@@ -9,12 +9,16 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+import pytest
+from typer.testing import CliRunner
 
+from audit.export import lineage
 from audit.watermark import WatermarkKey
 from config.settings import load_settings
 from engine.api import Provenance, TaskResult, Volume
 from engine.baselines import nlm_ct
 from node.app import build_context
+from node.cli import app
 from node.ingest.ingestor import Ingestor
 from node.pipeline.jobs import JobKind, JobState
 from node.pipeline.orchestrator import Pipeline
@@ -86,6 +90,21 @@ def test_unverified_watermark_is_never_dispatched(tmp_path: Path) -> None:
     assert held and held[0].payload["checks"] == ["watermark_unverified"]
     created = [e.event for e in ctx.ledger.entries() if e.event.type.value == "output.created"]
     assert created[0].payload["watermark_verified"] is False
+    # such an output cannot be released, only discarded (removed from the node), once
+    with pytest.raises(ValueError, match="never dispatched"):
+        pipe.release(job.id, by="bob", reason="looks fine")
+    assert pipe.discard(job.id, by="alice", reason="mark unreadable") == [row.series_uid]
+    assert ctx.index.instances(series_instance_uid=row.series_uid) == []
+    (gone,) = [e.event for e in ctx.ledger.entries()
+               if e.event.type.value == "output.discarded"]
+    assert gone.actor == "user:alice" and gone.payload["reason"] == "mark unreadable"
+    assert pipe.jobs.get(job.id).result["decision"]["action"] == "discarded"
+    with pytest.raises(ValueError, match="already discarded by alice"):
+        pipe.discard(job.id, by="alice", reason="again")
+    tree = lineage(ctx.ledger, study)
+    (ej,) = [j for j in tree["jobs"] if j["job_id"] == job.id]
+    assert ej["held"][0]["checks"] == ["watermark_unverified"]
+    assert ej["discarded"][0]["actor"] == "user:alice"
     pipe.stop()
 
 
@@ -98,4 +117,25 @@ def test_quality_hold_is_the_job_outcome(tmp_path: Path) -> None:
     assert job.result["outcome"] == "held"
     assert "bias" in job.result["held"][0]["checks"]
     assert job.result["outputs"] == []
+    # the administrator sees it in the CLI and releases it, recorded with who and why
+    cfg = tmp_path / "same.toml"
+    cfg.write_text(f'environment = "development"\ndata_dir = "{ctx.settings.data_dir}"\n')
+    text = CliRunner().invoke(app, ["jobs", "list", "--wide", "-c", str(cfg)]).output
+    assert "held" in text and f"{job.id[:8]} held: bias" in text
+    res = CliRunner().invoke(app, ["jobs", "release", job.id[:8], "--reason", "reviewed: the "
+                                   "offset is the scanner's calibration", "--by", "bob",
+                                   "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert pipe.pool.drain() == 2  # the release job builds it; its dispatch job runs (and
+    new = [j for j in pipe.jobs.list(kind="engine") if j.id != job.id][0]  # fails: no peer)
+    assert new.state is JobState.SUCCEEDED and len(new.result["outputs"]) == 1
+    assert new.result["quality_released"]["by"] == "bob"
+    assert "bias" in new.result["quality_released"]["outputs"][0]["checks"]
+    assert pipe.jobs.list(kind="dispatch")
+    (rel,) = [e.event for e in ctx.ledger.entries() if e.event.type.value == "output.released"]
+    assert rel.actor == "user:bob" and rel.payload["new_job_id"] == new.id
+    created = [e.event for e in ctx.ledger.entries() if e.event.type.value == "output.created"]
+    assert created[0].payload["quality_released_by"] == "bob"
+    text = CliRunner().invoke(app, ["jobs", "list", "--wide", "-c", str(cfg)]).output
+    assert "held -> released" in text
     pipe.stop()
