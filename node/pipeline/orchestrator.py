@@ -95,6 +95,32 @@ def fingerprint(sop_uids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
 
 
+def output_uid_seed(job: Job, prov: Provenance, index: int) -> str:
+    """What an output's UIDs are derived from: the source instances, the task, the model
+    (id, version, weights digest), the filled-in parameters, the seed, the output format, the
+    output's index and the job's attempt. The same job on the same input gives the same UIDs
+    (a re-run, `jobs retry` or a new job for the same series, starts at attempt 1 and
+    replaces the series in PACS instead of adding one); any change gives new ones. The
+    attempt keeps the partial series of an attempt that died (never dispatched, discarded)
+    apart from the series its successor builds, also while a stale attempt that lost its
+    claim still stores."""
+    import json
+
+    return json.dumps({
+        "source": job.engine_spec.fingerprint, "series": job.series_uid, "task": job.task,
+        "model": [prov.model_id, prov.model_version, prov.weights_sha256],
+        "params": prov.parameters, "seed": prov.seed,
+        "format": job.engine_spec.output_format, "index": index, "attempt": job.attempts,
+    }, sort_keys=True, default=str)
+
+
+def output_series_uid(seed_text: str) -> str:
+    """The Series Instance UID of an output, derived from :func:`output_uid_seed`."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[seed_text, "series"]))
+
+
 def mark_id_for(series_uid: str) -> int:
     """40-bit watermark mark id derived from the output Series Instance UID."""
     from audit.watermark import MARK_ID_BITS
@@ -216,6 +242,12 @@ class Pipeline:
     def _read(self, rel_path: str, *, headers_only: bool = False) -> Dataset:
         data = self.parts.store.read(rel_path)
         return pydicom.dcmread(BytesIO(data), stop_before_pixels=headers_only)
+
+    def _complete_output(self, series_uid: str) -> bool:
+        with self.parts.engine.connect() as c:
+            return c.execute(select(outputs.c.series_uid).where(and_(
+                outputs.c.series_uid == series_uid,
+                outputs.c.state == OUTPUT_COMPLETE))).first() is not None
 
     def _our_output(self, series_uid: str) -> bool:
         with self.parts.engine.connect() as c:
@@ -390,6 +422,8 @@ class Pipeline:
                                  "stats": report.stats, "output_index": k},
                                 Outcome.MINOR_FAILURE)
                     continue
+                if self._complete_output(output_series_uid(output_uid_seed(job, prov, k))):
+                    continue  # this very output is already built and recorded
                 built.append(self._build_and_store(job, source, out, prov, k,
                                                    report.stats if report else {}, timings,
                                                    started))
@@ -613,9 +647,8 @@ class Pipeline:
         Returns the series UID, its ``output.created`` event (appended on completion) and,
         when the node marked it but could not verify the mark, why it is refused dispatch
         (the series is stored and recorded, flagged held, and never dispatched)."""
-        from pydicom.uid import generate_uid
-
-        series_uid = generate_uid()
+        seed_text = output_uid_seed(job, prov, k)
+        series_uid = output_series_uid(seed_text)
         output_format = codes.OutputFormat(job.engine_spec.output_format)
         verified: dict[str, Any] = {}
         mark, payload_hex = self._marker(series_uid, out, output_format, timings, verified)
@@ -624,7 +657,7 @@ class Pipeline:
         n_out = self.settings.output_series_number_base + job.engine_spec.task_index * 10 + k + 1
         spec = SeriesSpec(
             output_format, prov, ledger_entry=f"job:{job.id}",
-            series_number=n_out, series_instance_uid=series_uid,
+            series_number=n_out, series_instance_uid=series_uid, uid_seed=seed_text,
         )
         built = build_series(source, out, spec, mark=mark)
         refusal = None

@@ -110,7 +110,7 @@ def test_unverified_watermark_is_never_dispatched(tmp_path: Path) -> None:
 
 def test_quality_hold_is_the_job_outcome(tmp_path: Path) -> None:
     ctx, pipe = node(tmp_path, broken_runner, mark_key=WatermarkKey.generate(key_id=4))
-    study = send(ctx, make_series(2, rows=64, cols=64))
+    study = send(ctx, make_series(2, rows=256, cols=256))
     assert pipe.complete_study(study)
     assert pipe.pool.drain() == 1
     (job,) = pipe.jobs.list()
@@ -126,9 +126,10 @@ def test_quality_hold_is_the_job_outcome(tmp_path: Path) -> None:
                                    "offset is the scanner's calibration", "--by", "bob",
                                    "-c", str(cfg)])
     assert res.exit_code == 0, res.output
-    assert pipe.pool.drain() == 2  # the release job builds it; its dispatch job runs (and
+    n = pipe.pool.drain()  # the release job builds it; its dispatch job runs (and
     new = [j for j in pipe.jobs.list(kind="engine") if j.id != job.id][0]  # fails: no peer)
     assert new.state is JobState.SUCCEEDED and len(new.result["outputs"]) == 1
+    assert new.result["outcome"] == "passed" and n == 2
     assert new.result["quality_released"]["by"] == "bob"
     assert "bias" in new.result["quality_released"]["outputs"][0]["checks"]
     assert pipe.jobs.list(kind="dispatch")
@@ -138,4 +139,35 @@ def test_quality_hold_is_the_job_outcome(tmp_path: Path) -> None:
     assert created[0].payload["quality_released_by"] == "bob"
     text = CliRunner().invoke(app, ["jobs", "list", "--wide", "-c", str(cfg)]).output
     assert "held -> released" in text
+    pipe.stop()
+
+
+def test_rerun_gives_the_same_output_uids(tmp_path: Path) -> None:
+    series = make_series(2, rows=64, cols=64)
+    got = []
+    for run in ("a", "b"):
+        ctx, pipe = node(tmp_path / run, nlm_runner, mark_key=WatermarkKey.generate(key_id=4))
+        study = send(ctx, series)
+        assert pipe.complete_study(study)
+        pipe.pool.drain()
+        (job,) = pipe.jobs.list(kind="engine")
+        (out,) = job.result["outputs"]
+        got.append((out, sorted(i.sop_instance_uid
+                                for i in ctx.index.instances(series_instance_uid=out))))
+        pipe.stop()
+    assert got[0] == got[1] and len(got[0][1]) == 2
+    # another parameter (or model, seed, source) gives other UIDs
+    from node.pipeline.orchestrator import output_series_uid, output_uid_seed
+
+    prov = Provenance(task="ct_denoise", model_id="m", model_version="1", weights_sha256="0",
+                      parameters={"strength": 0.3}, seed=1, device="cpu", steps=1, seconds=0.0)
+    other = Provenance(**{**prov.__dict__, "parameters": {"strength": 0.4}})
+    ctx, pipe = node(tmp_path / "c", nlm_runner)
+    send(ctx, series)
+    pipe.complete_study(str(series[0].StudyInstanceUID))
+    (job,) = pipe.jobs.list(kind="engine")
+    a = output_series_uid(output_uid_seed(job, prov, 0))
+    assert a != output_series_uid(output_uid_seed(job, other, 0))
+    assert a != output_series_uid(output_uid_seed(job, prov, 1))
+    assert a == output_series_uid(output_uid_seed(job, prov, 0))
     pipe.stop()
