@@ -344,3 +344,86 @@ def study_complete(study_uid: str = typer.Argument(..., help="Study Instance UID
         console.print(f"study completed; {len(queued)} engine job(s) queued")
     finally:
         pipeline.tracker.shutdown()
+
+
+def _pipeline(config: Path | None):  # type: ignore[no-untyped-def]
+    from node.app import build_context
+    from node.pipeline.orchestrator import Pipeline
+
+    settings = settings_from(config)
+    open_engine(settings, config).dispose()  # one line, not a traceback, when not migrated
+    return Pipeline.from_context(build_context(settings, migrate=False))
+
+
+@study_app.command("show")
+def study_show(study_uid: str = typer.Argument(..., help="Study Instance UID"),
+               as_json: bool = typer.Option(False, "--json", help="as one JSON object"),
+               config: Path | None = ConfigOption) -> None:
+    """One study as the node sees it: completion, the series received and the rule that
+    routes each, engine jobs with their outcome (passed / held / refused, failed checks,
+    decisions), output series and, per destination, delivered / queued / refused / failed
+    and why."""
+    pipeline = _pipeline(config)
+    try:
+        rep = pipeline.study_report(study_uid)
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    finally:
+        pipeline.tracker.shutdown()
+    if as_json:
+        typer.echo(json.dumps(rep, indent=1, default=str))
+        return
+    out = [f"study {rep['study_uid']}: {rep['state']} (generation {rep['generation']}), "
+           f"{rep['instances']} instance(s) received"]
+    for s in rep["series"]:
+        route_txt = (f"rule {s['rule']}" if s["rule"] else f"not routed: {s['not_routed']}")
+        out.append(f"  series {s['series_uid']} {s['modality']} {s['description']!r} "
+                   f"{s['instances']} instance(s) -> {route_txt}")
+    for j in rep["jobs"]:
+        out.append(f"  job {j['job_id'][:8]} {j['task']} on {j['series_uid']}: {j['state']}"
+                   + (f", outcome {j['outcome']}" if j["outcome"] else "")
+                   + (f" ({j['error']})" if j["error"] else ""))
+        for h in j["held"]:
+            out.append(f"    held output {h.get('index')}: {', '.join(h.get('checks') or [])}: "
+                       + "; ".join(h.get("reasons") or []))
+        for r in j["refused"]:
+            out.append(f"    refused output {r['series_uid']}: " + "; ".join(r.get("reasons") or
+                                                                         r.get("checks") or []))
+        if j["decision"]:
+            d = j["decision"]
+            out.append(f"    {d.get('action')} by {d.get('by')}: {d.get('reason')}")
+        for o in j["outputs"]:
+            out.append(f"    output {o['series_uid']} ({o['instances']} instance(s))"
+                       + (" superseded" if o["superseded"] else ""))
+            for dest, st in o["destinations"].items():
+                out.append(f"      {dest}: {st['state']}"
+                           + (f" ({st['why']})" if st.get("why") else ""))
+    for f in rep["forwarded_originals"]:
+        out.append(f"  original {f['series_uid']} -> {f['destination']}: {f['state']}")
+    typer.echo("\n".join(out))
+
+
+@study_app.command("reprocess")
+def study_reprocess(study_uid: str = typer.Argument(..., help="Study Instance UID"),
+                    reason: str = typer.Option(..., "--reason",
+                                               help="why (recorded in the ledger)"),
+                    by: str | None = typer.Option(None, "--by",
+                                                  help="who (default: the login name)"),
+                    config: Path | None = ConfigOption) -> None:
+    """Route a stored study again with the current rules and models (after fixing a rule
+    or approving a model): a new engine job per matching rule and task, also for series
+    processed before; outputs replace the earlier ones, and an unchanged job gives the same
+    output UIDs (nothing duplicated in PACS). Recorded in the ledger with who and why."""
+    import getpass
+
+    pipeline = _pipeline(config)
+    try:
+        queued = pipeline.reprocess(study_uid, by=by or getpass.getuser(), reason=reason)
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    finally:
+        pipeline.tracker.shutdown()
+    console.print(f"study {study_uid}: {len(queued)} engine job(s) queued "
+                  "(the node's workers run them)")

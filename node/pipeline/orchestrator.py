@@ -270,8 +270,12 @@ class Pipeline:
         return self.tracker.complete(study_uid, trigger=trigger)
 
     # -- stage 2: routing ----------------------------------------------------------------------
-    def on_study_complete(self, study_uid: str, generation: int) -> list[str]:
-        """Route every series of the study; queue engine jobs. Returns the new job ids."""
+    def on_study_complete(self, study_uid: str, generation: int, *,
+                          force: bool = False) -> list[str]:
+        """Route every series of the study; queue engine jobs. Returns the new job ids.
+        ``force`` (``study reprocess``): queue a job per matching rule and task even where
+        one for the same source instances exists (its outputs replace the earlier ones; an
+        unchanged job gives the same output UIDs and builds nothing new)."""
         status = self.tracker.status(study_uid)
         instances = self.parts.index.instances(study_instance_uid=study_uid)
         by_series: dict[str, list[IndexedInstance]] = {}
@@ -299,7 +303,7 @@ class Pipeline:
             if rule.forward_originals:
                 queued += self._forward_original(study_uid, series_uid, rule, fp, generation)
             for k, task in enumerate(rule.tasks):
-                decision = self._reprocess_decision(
+                decision = "replace" if force else self._reprocess_decision(
                     series_uid,
                     rule.name,
                     task.task,
@@ -400,6 +404,7 @@ class Pipeline:
         built: list[tuple[str, Event, str | None]] = []
         held: list[dict[str, Any]] = []
         released: list[dict[str, Any]] = []
+        unchanged: list[str] = []
         started: list[str] = []  # output series this attempt recorded as building
         try:
             for k, out in enumerate(result.outputs):
@@ -422,8 +427,10 @@ class Pipeline:
                                  "stats": report.stats, "output_index": k},
                                 Outcome.MINOR_FAILURE)
                     continue
-                if self._complete_output(output_series_uid(output_uid_seed(job, prov, k))):
-                    continue  # this very output is already built and recorded
+                same = output_series_uid(output_uid_seed(job, prov, k))
+                if self._complete_output(same):
+                    unchanged.append(same)  # this very output is already built and recorded
+                    continue
                 built.append(self._build_and_store(job, source, out, prov, k,
                                                    report.stats if report else {}, timings,
                                                    started))
@@ -442,7 +449,7 @@ class Pipeline:
                    for uid, _, why in built if why is not None]
         if made:
             self.pool.wake()
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"unchanged": unchanged} if unchanged else {}
         if spec.released_by:
             extra["quality_released"] = {"from_job": spec.released_from, "by": spec.released_by,
                                          "reason": spec.release_reason, "outputs": released}
@@ -717,6 +724,90 @@ class Pipeline:
             outputs.c.job_id.in_(earlier), outputs.c.series_uid.not_in(made),
         )).values(superseded=True))
 
+    # -- the administrator's view of a study, and re-routing it ----------------------------
+    def reprocess(self, study_uid: str, *, by: str, reason: str) -> list[str]:
+        """Route a stored study again with the current rules and models (``synthnode study
+        reprocess``): a new engine job per matching rule and task, also where the same
+        source was processed before. Recorded in the ledger (``study.reopened``, actor
+        ``user:<by>``, payload reprocess, reason, the queued jobs). Returns the job ids."""
+        status = self.tracker.status(study_uid)
+        if status is None and not self.parts.index.instances(study_instance_uid=study_uid):
+            raise ValueError(f"unknown study {study_uid}")
+        generation = status.generation if status else 0
+        queued = self.on_study_complete(study_uid, generation, force=True)
+        self.parts.ledger.append(Event(
+            type=EventType.STUDY_REOPENED, actor=f"user:{by}", outcome=Outcome.SUCCESS,
+            subject={"study_uid": study_uid},
+            payload={"reprocess": True, "reason": reason, "jobs": queued}))
+        return queued
+
+    def study_report(self, study_uid: str) -> dict[str, Any]:
+        """Everything an administrator asks about one study (``synthnode study show``):
+        completion, series received (with the rule that routes each now), engine jobs with
+        their outcome, outputs and, per destination, delivered / queued / held / refused /
+        failed and why."""
+        status = self.tracker.status(study_uid)
+        insts = self.parts.index.instances(study_instance_uid=study_uid)
+        if status is None and not insts:
+            raise ValueError(f"unknown study {study_uid}")
+        with self.parts.engine.connect() as c:
+            out_rows = {r.series_uid: r for r in c.execute(
+                select(outputs).where(outputs.c.study_uid == study_uid))}
+        by_series: dict[str, list[IndexedInstance]] = {}
+        for i in insts:
+            if i.series_instance_uid not in out_rows:
+                by_series.setdefault(i.series_instance_uid, []).append(i)
+        series = []
+        for uid, group in sorted(by_series.items()):
+            head = self._read(group[0].file_path, headers_only=True)
+            facts = SeriesFacts(head, len(group), status.called_ae if status else None,
+                                status.calling_ae if status else None, is_synthetic(head),
+                                False)
+            routing = route(self.settings, facts)
+            series.append({"series_uid": uid, "instances": len(group),
+                           "modality": str(head.get("Modality", "")),
+                           "description": str(head.get("SeriesDescription", "")),
+                           "rule": routing.rule.name if routing.rule else None,
+                           "not_routed": None if routing.rule else (routing.skipped
+                                                                    or "no rule matched")})
+        all_jobs = self.jobs.list(study_uid=study_uid, limit=10000)
+        dispatch = [j for j in all_jobs if j.kind is JobKind.DISPATCH]
+        engine_jobs = []
+        for j in sorted((j for j in all_jobs if j.kind is JobKind.ENGINE),
+                        key=lambda j: j.created_at):
+            r = j.result or {}
+            outs = []
+            for uid in r.get("outputs") or []:
+                row = out_rows.get(uid)
+                dests = {d: {"state": "not queued"} for d in j.engine_spec.destinations}
+                for dj in dispatch:
+                    if dj.series_uid == uid:
+                        dests[dj.dispatch_spec.destination] = {
+                            "state": _dispatch_state(dj), "job_id": dj.id,
+                            **({"why": dj.error} if dj.error else {})}
+                if row is not None and row.held:
+                    dests = {d: {"state": "refused", "why": "watermark not verified"}
+                             for d in j.engine_spec.destinations}
+                outs.append({"series_uid": uid,
+                             "instances": row.instances if row is not None else None,
+                             "superseded": bool(row.superseded) if row is not None else None,
+                             "destinations": dests})
+            engine_jobs.append({
+                "job_id": j.id, "series_uid": j.series_uid, "rule": j.rule, "task": j.task,
+                "state": j.state.value, "outcome": r.get("outcome"), "error": j.error,
+                "held": r.get("held") or [], "refused": r.get("refused") or [],
+                "decision": r.get("decision"), "outputs": outs})
+        originals = [{"series_uid": dj.series_uid, "destination": dj.dispatch_spec.destination,
+                      "state": _dispatch_state(dj), **({"why": dj.error} if dj.error else {})}
+                     for dj in dispatch if dj.dispatch_spec.original]
+        return {"study_uid": study_uid,
+                "state": status.state if status else "unknown",
+                "generation": status.generation if status else None,
+                "instances": len(insts) - sum(int(r.instances or 0) for r in out_rows.values()),
+                "completed_at": str(status.completed_at) if status and status.completed_at
+                else None,
+                "series": series, "jobs": engine_jobs, "forwarded_originals": originals}
+
     # -- administrator decisions on held / refused outputs ------------------------------------
     def _decidable(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -827,6 +918,16 @@ class Pipeline:
             raise PermanentJobError(f"dispatch failed: {result.reason}")
         raise TransientJobError(f"dispatch to {dest_name}: {result.reason}",
                                 retry_after_s=self.dispatcher.backoff(dest, max(1, job.attempts)))
+
+
+def _dispatch_state(job: Job) -> str:
+    """A dispatch job as the administrator reads it: delivered, queued, sending, refused
+    (destination policy) or failed."""
+    if job.state is JobState.SUCCEEDED:
+        return "delivered"
+    if job.state is JobState.FAILED:
+        return "refused" if (job.error or "").startswith("refused by policy") else "failed"
+    return {"queued": "queued", "running": "sending"}.get(job.state.value, job.state.value)
 
 
 def build_pipeline(ctx: NodeContext) -> Pipeline:

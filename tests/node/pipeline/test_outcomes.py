@@ -171,3 +171,44 @@ def test_rerun_gives_the_same_output_uids(tmp_path: Path) -> None:
     assert a != output_series_uid(output_uid_seed(job, prov, 1))
     assert a == output_series_uid(output_uid_seed(job, prov, 0))
     pipe.stop()
+
+
+def test_study_show_and_reprocess(tmp_path: Path) -> None:
+    ctx, pipe = node(tmp_path, nlm_runner, mark_key=WatermarkKey.generate(key_id=4))
+    study = send(ctx, make_series(2, rows=256, cols=256))
+    assert pipe.complete_study(study)
+    assert pipe.pool.drain() == 2  # engine job; its dispatch job fails (no peer, 1 attempt)
+    rep = pipe.study_report(study)
+    assert rep["state"] == "complete" and rep["instances"] == 2
+    (s,) = rep["series"]
+    assert s["rule"] == "ct" and s["modality"] == "CT"
+    (j,) = rep["jobs"]
+    assert j["outcome"] == "passed"
+    (o,) = j["outputs"]
+    assert o["destinations"]["pacs"]["state"] == "failed" and o["destinations"]["pacs"]["why"]
+    cfg = tmp_path / "same.toml"  # the node's configuration, rules included
+    dest = ctx.settings.pipeline.destinations[0]
+    cfg.write_text(
+        f'environment = "development"\ndata_dir = "{ctx.settings.data_dir}"\n'
+        "[pipeline]\nquiet_period_s = 3600\n"
+        "[[pipeline.destinations]]\n"
+        f'name = "pacs"\nkind = "dimse"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        f"port = {dest.port}\naccepts_synthetic = true\nmax_attempts = 1\n"
+        "[[pipeline.rules]]\n"
+        'name = "ct"\nmatch = { modality = "CT" }\ndestinations = ["pacs"]\n'
+        'tasks = [{ task = "ct_denoise", output_format = "sc" }]\n')
+    text = CliRunner().invoke(app, ["study", "show", study, "-c", str(cfg)]).output
+    assert "-> rule ct" in text and "outcome passed" in text and "pacs: failed" in text
+    # re-routing the stored study: recorded with who and why; the unchanged job gives the
+    # same output UIDs and builds nothing new
+    res = CliRunner().invoke(app, ["study", "reprocess", study, "--reason", "rule fixed",
+                                   "--by", "carol", "-c", str(cfg)])
+    assert res.exit_code == 0 and "1 engine job(s) queued" in " ".join(res.output.split())
+    (ev,) = [e.event for e in ctx.ledger.entries() if e.event.type.value == "study.reopened"]
+    assert ev.actor == "user:carol" and ev.payload["reason"] == "rule fixed"
+    pipe.pool.drain()
+    new = [x for x in pipe.jobs.list(kind="engine") if x.id != j["job_id"]][0]
+    assert new.state is JobState.SUCCEEDED and new.result["unchanged"] == [o["series_uid"]]
+    with ctx.engine.connect() as c:
+        assert len(c.execute(outputs.select()).all()) == 1
+    pipe.stop()
