@@ -332,6 +332,12 @@ class _Context:
         ):
             if kw not in ds:
                 setattr(ds, kw, "")
+        # Patient Identity Removed YES makes a method Type 1C (PS3.3 C.7.1.1); real
+        # de-identified sources often omit it (pydicom's 693_UNCR.dcm): say where YES came from
+        if (str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
+                and "DeidentificationMethod" not in ds
+                and "DeidentificationMethodCodeSequence" not in ds):
+            ds.DeidentificationMethod = "as declared by the source series (method not given)"
 
     def series_equipment(self, ds: Dataset) -> None:
         ds.Modality = self.modality
