@@ -19,6 +19,7 @@ class EventType(str, Enum):
     ASSOCIATION_REJECTED = "association.rejected"
     INSTANCE_RECEIVED = "instance.received"
     INSTANCE_REJECTED = "instance.rejected"  # bad input: reason + status in payload
+    INSTANCE_LEFT_OUT = "instance.left_out"  # stored, but not part of the series' volume
     QUERY = "query"
     RETRIEVE = "retrieve"
     STORAGE_COMMITMENT = "storage.commitment"
@@ -116,6 +117,8 @@ class Event:
                            instances), attempt (that built it), planned_instances, reason;
                            an administrator's discard (actor user:<name>): reason, and
                            held_outputs or the removed series' sop_uids
+    ``instance.left_out``  subject study_uid, series_uid, sop_uid; payload reason, job_id
+                           (when an engine job left it out) or routing (at routing)
     ``output.released``    actor user:<name>; subject job_id (the held job), study_uid;
                            payload source_series_uids, reason, new_job_id, checks
     ``dispatch.*``         subject series_uid (the output series; a list when one send

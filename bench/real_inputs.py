@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.e2e_real import dump, run_real_inputs, table  # noqa: E402
-from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.e2e_real import dump, run_real_inputs, table
+from tests.support.orthanc import OrthancServer
 
 
 def main() -> None:

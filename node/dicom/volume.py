@@ -283,6 +283,33 @@ def frames_of(ds: Dataset) -> list[_Frame]:
     return out
 
 
+# -- what is not part of a volume ------------------------------------------------------------
+
+
+def leave_out_reason(ds: Dataset) -> str | None:
+    """Why an object of a received series is not part of its volume, or None (it is).
+
+    Read from the header only (no pixel data needed): localizers / scouts (Image Type
+    (0008,0008) contains LOCALIZER), burned-in annotation (Burned In Annotation (0028,0301)
+    YES: text in the pixels), secondary captures (dose screens, report pages, screenshots:
+    Secondary Capture SOP classes) and objects that are not images at all (dose reports and
+    other structured reports, presentation states: SOP class not an Image Storage)."""
+    from pydicom.uid import UID
+
+    sop = UID(str(ds.get("SOPClassUID", "")))
+    name = sop.keyword or str(sop)
+    if sop and not name.endswith("ImageStorage"):
+        return f"not an image ({sop.name if sop.is_valid else name}): e.g. a dose report"
+    if "SecondaryCapture" in name:
+        return "secondary capture (dose screen, report page or screenshot)"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return "localizer / scout (Image Type LOCALIZER)"
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        return "burned-in annotation (Burned In Annotation YES)"
+    return None
+
+
 # -- grouping and sorting ------------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Engine, and_, select, update
@@ -49,7 +50,7 @@ from engine.api import Provenance, Volume
 from node.context import NodeContext
 from node.dicom import codes
 from node.dicom.series import SeriesSpec, build_series
-from node.dicom.volume import AssembledVolume, VolumeError, assemble
+from node.dicom.volume import AssembledVolume, VolumeError, assemble, leave_out_reason
 from node.dispatch.base import DispatchState
 from node.dispatch.dispatcher import Dispatcher, watermark_check
 from node.ingest.results import StoredInstance
@@ -235,6 +236,13 @@ class Pipeline:
         self.parts.ledger.append(Event(type=type_, actor=ACTOR, outcome=outcome,
                                        subject=subject, payload=payload))
 
+    def _left_out(self, study_uid: str, series_uid: str, sop_uid: str, reason: str,
+                  extra: dict[str, Any]) -> None:
+        logger.info("left out of the volume: %s (%s)", sop_uid, reason)
+        self._event(EventType.INSTANCE_LEFT_OUT,
+                    {"study_uid": study_uid, "series_uid": series_uid, "sop_uid": sop_uid},
+                    {"reason": reason, **extra}, Outcome.SUCCESS)
+
     def _series_of(self, study_uid: str) -> list[str]:
         return sorted({i.series_instance_uid for i in
                        self.parts.index.instances(study_instance_uid=study_uid)})
@@ -286,6 +294,14 @@ class Pipeline:
             if self._our_output(series_uid):
                 continue
             headers = [self._read(i.file_path, headers_only=True) for i in insts]
+            reasons = [leave_out_reason(h) for h in headers]
+            if all(reasons) and not any(is_synthetic(h) for h in headers):
+                # a localizer / dose report / screenshot series: nothing to process; each
+                # object is named in the ledger, the study goes on
+                for inst, why in zip(insts, reasons, strict=True):
+                    self._left_out(study_uid, series_uid, inst.sop_instance_uid, str(why),
+                                   {"routing": "series not routed"})
+                continue
             synthetic = any(is_synthetic(h) for h in headers)
             marked = False
             if not synthetic and self.detect is not None:
@@ -389,11 +405,7 @@ class Pipeline:
             raise PermanentJobError(f"source series {job.series_uid} has no instances")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        datasets = [self._read(i.file_path) for i in insts]
-        try:
-            source = assemble(datasets)
-        except VolumeError as exc:
-            raise PermanentJobError(f"volume assembly: {exc}") from exc
+        source, left_out = self._load_source(job, insts)
         timings["load"] = time.perf_counter() - t0
         spec = job.engine_spec
         seed = int(job.seed if job.seed is not None else 0)
@@ -450,6 +462,8 @@ class Pipeline:
         if made:
             self.pool.wake()
         extra: dict[str, Any] = {"unchanged": unchanged} if unchanged else {}
+        if left_out:
+            extra["left_out"] = left_out
         if spec.released_by:
             extra["quality_released"] = {"from_job": spec.released_from, "by": spec.released_by,
                                          "reason": spec.release_reason, "outputs": released}
@@ -458,6 +472,31 @@ class Pipeline:
                 "model_version": prov.model_version,
                 "weights_sha256": prov.weights_sha256, "seed": prov.seed,
                 "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
+
+    def _load_source(self, job: Job, insts: Sequence[IndexedInstance]
+                     ) -> tuple[AssembledVolume, list[dict[str, str]]]:
+        """The series' volume, without the objects that are not part of it (each left out
+        with a ledger entry: localizers, secondary captures, dose reports, burned-in
+        annotation)."""
+        datasets = []
+        left_out = []
+        for inst in insts:
+            ds = self._read(inst.file_path)
+            why = leave_out_reason(ds)
+            if why is None:
+                datasets.append(ds)
+                continue
+            left_out.append({"sop_uid": inst.sop_instance_uid, "reason": why})
+            self._left_out(job.study_uid or "", job.series_uid or "", inst.sop_instance_uid,
+                           why, {"job_id": job.id})
+        if not datasets:
+            raise PermanentJobError("no image of the series is part of a volume: "
+                                    + "; ".join(sorted({x["reason"] for x in left_out})))
+        try:
+            source = assemble(datasets)
+        except VolumeError as exc:
+            raise PermanentJobError(f"volume assembly: {exc}") from exc
+        return source, left_out
 
     def _complete_outputs(self, job: Job,
                           built: list[tuple[str, Event, str | None]]) -> list[str]:
@@ -626,26 +665,43 @@ class Pipeline:
                 marked, report = embed_verified(
                     a, key, payload, units=units, bits_stored=16, signed=False,
                     max_delta=delta, detect_keys=self.detect_keys or None)
+                undetected = report.detected.count(False)
+                if out.fov is not None and not out.fov.all():
+                    # padding / out-of-FOV pixels keep the input's values (no mark there);
+                    # the mark is checked again on what is actually stored
+                    marked = np.where(out.fov, marked, a).astype(a.dtype, copy=False)
+                    undetected = sum(not self._unit_marked(marked, u, payload) for u in units)
+                    verified["watermark_fov_only"] = True
                 verified.update(watermark_max_delta=max(report.max_delta),
-                                watermark_verified=report.verified,
+                                watermark_verified=undetected == 0,
                                 watermark_units=len(units),
-                                watermark_undetected=report.detected.count(False))
+                                watermark_undetected=undetected)
                 if report.raised:
                     logger.info("watermark of %s: bound raised from %d to %d in %d of %d "
                                 "unit(s) (below the image noise) to make it detectable",
                                 series_uid, delta, max(report.max_delta), report.raised,
                                 len(units))
-                if not report.verified:
+                if undetected:
                     logger.warning(
                         "watermark of %s not detectable in %d of %d unit(s) within the "
                         "fidelity bound (up to %d stored units): the output is not dispatched",
-                        series_uid, report.detected.count(False), len(units),
+                        series_uid, undetected, len(units),
                         max(report.limit))
                 return marked
             finally:
                 timings["watermark"] = timings.get("watermark", 0.0) + time.perf_counter() - t
 
         return mark, phex(payload)
+
+    def _unit_marked(self, marked: Any, unit: list[int], payload: int) -> bool:
+        """Whether a receiver finds the mark in one unit (as ``embed_verified`` checks it)."""
+        from audit.watermark import detect
+        from audit.watermark.core import VERIFY_MAX_FRAMES, sample_frames
+
+        host = marked[np.asarray(unit, dtype=np.int64)]
+        probe = sample_frames(len(unit), VERIFY_MAX_FRAMES)
+        det = detect(host[probe] if len(unit) > 1 else host[0], self.detect_keys)
+        return bool(det.marked and det.payload == payload)
 
     def _build_and_store(self, job: Job, source: AssembledVolume, out: Volume, prov: Provenance,
                          k: int, stats: dict[str, str], timings: dict[str, float],

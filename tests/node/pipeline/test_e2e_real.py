@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from audit.watermark import WatermarkKey, detect
 from tests.support.dicomcheck import dciodvfy_errors
@@ -46,6 +47,14 @@ def test_real_inputs_storescu_to_orthanc(tmp_path: Path, orthanc: OrthancServer)
     assert len(head.delivered) == 2
     for s in head.delivered:
         check_delivered(s)
+    # the restored CT keeps the scanner's padding values, watermark included (no mark there)
+    pad = pydicom.dcmread(get_testdata_file("693_UNCR.dcm")).pixel_array == -2000
+    for s in head.delivered:
+        for i in node.ctx.index.instances(series_instance_uid=s):
+            ds = pydicom.dcmread(BytesIO(orthanc.instance_file(i.sop_instance_uid)))
+            if ds.Modality == "CT":
+                hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                assert (hu[pad] == -3024).all()
     # every other input: delivered, or a named outcome / refusal on the job
     for name in ("ge-ct-128", "philips-mr-1024"):
         o = by_name[name]

@@ -127,7 +127,7 @@ def test_quality_hold_is_the_job_outcome(tmp_path: Path) -> None:
                                    "-c", str(cfg)])
     assert res.exit_code == 0, res.output
     n = pipe.pool.drain()  # the release job builds it; its dispatch job runs (and
-    new = [j for j in pipe.jobs.list(kind="engine") if j.id != job.id][0]  # fails: no peer)
+    new = next(j for j in pipe.jobs.list(kind="engine") if j.id != job.id)  # fails: no peer)
     assert new.state is JobState.SUCCEEDED and len(new.result["outputs"]) == 1
     assert new.result["outcome"] == "passed" and n == 2
     assert new.result["quality_released"]["by"] == "bob"
@@ -207,8 +207,41 @@ def test_study_show_and_reprocess(tmp_path: Path) -> None:
     (ev,) = [e.event for e in ctx.ledger.entries() if e.event.type.value == "study.reopened"]
     assert ev.actor == "user:carol" and ev.payload["reason"] == "rule fixed"
     pipe.pool.drain()
-    new = [x for x in pipe.jobs.list(kind="engine") if x.id != j["job_id"]][0]
+    new = next(x for x in pipe.jobs.list(kind="engine") if x.id != j["job_id"])
     assert new.state is JobState.SUCCEEDED and new.result["unchanged"] == [o["series_uid"]]
     with ctx.engine.connect() as c:
         assert len(c.execute(outputs.select()).all()) == 1
+    pipe.stop()
+
+
+def test_localizer_and_screenshot_series_are_left_out_one_by_one(tmp_path: Path) -> None:
+    import copy
+
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    ctx, pipe = node(tmp_path, nlm_runner, mark_key=WatermarkKey.generate(key_id=4))
+    series = make_series(3, rows=256, cols=256)
+    scout = copy.deepcopy(series[0])  # a localizer inside the axial series
+    scout.SOPInstanceUID = generate_uid()
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    screen = copy.deepcopy(series[1])  # a dose screen: its own series, Secondary Capture
+    screen.SOPInstanceUID, screen.SeriesInstanceUID = generate_uid(), generate_uid()
+    screen.SOPClassUID = SecondaryCaptureImageStorage
+    for ds in (scout, screen):
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    study = send(ctx, [*series, scout, screen])
+    assert pipe.complete_study(study)
+    pipe.pool.drain()
+    (job,) = pipe.jobs.list(kind="engine")  # the screenshot series is not routed at all
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert job.result["left_out"] == [{"sop_uid": str(scout.SOPInstanceUID),
+                                       "reason": "localizer / scout (Image Type LOCALIZER)"}]
+    assert len(job.result["outputs"]) == 1
+    left = {e.event.subject["sop_uid"]: e.event.payload for e in ctx.ledger.entries()
+            if e.event.type.value == "instance.left_out"}
+    assert set(left) == {str(scout.SOPInstanceUID), str(screen.SOPInstanceUID)}
+    assert left[str(screen.SOPInstanceUID)]["reason"].startswith("secondary capture")
+    assert left[str(scout.SOPInstanceUID)]["job_id"] == job.id
     pipe.stop()
