@@ -266,3 +266,20 @@ def test_real_ct_as_12_bit_unsigned_with_another_rescale() -> None:
     got = assemble(series).volume.data
     inside = hu < -1100 + 0.5 * 4095  # what 12 bits at slope 0.5 can hold
     np.testing.assert_allclose(got[inside], hu[inside], atol=0.5)
+
+
+@pytest.mark.parametrize(("name", "reference", "lossy"), [
+    ("693_J2KR.dcm", "693_UNCR.dcm", False),  # JPEG 2000 lossless, padding -2000
+    ("MR_small_RLE.dcm", "MR_small.dcm", False),
+    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm", False),
+    ("MR_small_jp2klossless.dcm", "MR_small.dcm", False),
+    ("693_J2KI.dcm", None, True),  # JPEG 2000 irreversible: decoded, flagged lossy
+])
+def test_real_compressed_slices_decode_like_uncompressed(name: str, reference: str | None,
+                                                         lossy: bool) -> None:
+    got = assemble([pydicom.dcmread(get_testdata_file(name))])
+    assert got.geometry.lossy is lossy
+    if reference is not None:
+        ref = assemble([pydicom.dcmread(get_testdata_file(reference))])
+        np.testing.assert_array_equal(got.volume.data, ref.volume.data)
+        assert (got.volume.fov is None) == (ref.volume.fov is None)

@@ -153,3 +153,12 @@ def test_shifted_air_and_out_of_range_are_held() -> None:
     data = out.data.copy()
     data[:, 250:260, 250:260] = -2500.0  # inside the FOV, far below the input's range
     assert "hu_range" in check(Volume(data, out.spacing, out.intensity), vol).checks
+
+
+@pytest.mark.parametrize("task", ["ct_denoise", "ct_to_mr"])
+def test_enhanced_multiframe_ct_passes(task: str) -> None:
+    # pydicom's eCT_Supplemental.dcm: Enhanced CT, 2 frames of 512 px through functional groups
+    vol = assemble([pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))]).volume
+    out = run(task, vol)
+    report = check(out, vol)
+    assert report.passed, report.reasons
