@@ -174,7 +174,10 @@ def jobs_list(
         typer.echo(json.dumps([_job_dict(j) for j in jobs], indent=1, default=str))
         return
     rows = [{"id": j.id if plain else j.id[:8], "kind": j.kind.value, "state": j.state.value,
-             "outcome": job_outcome_text(j.result), "checks": _checks_text(j.result),
+             "outcome": (job_outcome_text(j.result)
+                         or ("refused" if (j.error or "").startswith("refused by policy")
+                             else "")),
+             "checks": _checks_text(j.result),
              "task": j.task or "", "rule": j.rule or "",
              "attempts": f"{j.attempts}/{j.max_attempts}", "updated": fmt_time(j.updated_at),
              "study_uid": j.study_uid or "", "error": j.error or ""} for j in jobs]
