@@ -50,7 +50,14 @@ from engine.api import Provenance, Volume
 from node.context import NodeContext
 from node.dicom import codes
 from node.dicom.series import SeriesSpec, build_series
-from node.dicom.volume import AssembledVolume, VolumeError, assemble, leave_out_reason
+from node.dicom.volume import (
+    AssembledVolume,
+    Reason,
+    VolumeError,
+    assemble,
+    assemble_split,
+    leave_out_reason,
+)
 from node.dispatch.base import DispatchState
 from node.dispatch.dispatcher import Dispatcher, watermark_check
 from node.ingest.results import StoredInstance
@@ -80,6 +87,11 @@ ACTOR = "component:pipeline"
 SOURCE = "pipeline"  # ingest source of the outputs the pipeline stores
 OUTPUT_BUILDING = "building"  # pipeline_outputs.state: instances being stored
 OUTPUT_COMPLETE = "complete"  # output.created + dispatch jobs written (one transaction)
+#: assembly failures where the largest regular stack of a series is processed and the other
+#: objects are left out (a missing slice or uneven spacing is refused: the volume would
+#: not be continuous)
+SPLITTABLE = (Reason.DIFFERENT_SIZES, Reason.MIXED_ORIENTATION, Reason.DIFFERENT_PIXEL_SPACING,
+              Reason.MIXED_FRAME_OF_REFERENCE)
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -495,7 +507,25 @@ class Pipeline:
         try:
             source = assemble(datasets)
         except VolumeError as exc:
-            raise PermanentJobError(f"volume assembly: {exc}") from exc
+            if exc.reason not in SPLITTABLE:
+                raise PermanentJobError(f"volume assembly: {exc}") from exc
+            # a few objects of another size / orientation / frame of reference in the series
+            # (a reformat, a second reconstruction): the largest regular stack is the volume,
+            # every other object is left out with its reason
+            stacks, rejected = assemble_split(datasets)
+            if not stacks:
+                raise PermanentJobError(f"volume assembly: {exc}") from exc
+            source = max(stacks, key=lambda v: v.volume.data.shape[0])
+            kept = {r.sop_instance_uid for r in source.geometry.sources}
+            own = {u: f"{r.reason.value}: {r.message}" for r in rejected
+                   for u in r.sop_instance_uids}
+            for ds in datasets:
+                uid = str(ds.SOPInstanceUID)
+                if uid not in kept:
+                    why = own.get(uid) or f"not part of the series' largest regular stack ({exc})"
+                    left_out.append({"sop_uid": uid, "reason": why})
+                    self._left_out(job.study_uid or "", job.series_uid or "", uid, why,
+                                   {"job_id": job.id})
         return source, left_out
 
     def _complete_outputs(self, job: Job,

@@ -245,3 +245,25 @@ def test_localizer_and_screenshot_series_are_left_out_one_by_one(tmp_path: Path)
     assert left[str(screen.SOPInstanceUID)]["reason"].startswith("secondary capture")
     assert left[str(scout.SOPInstanceUID)]["job_id"] == job.id
     pipe.stop()
+
+
+def test_other_size_objects_are_left_out_and_the_largest_stack_processed(tmp_path: Path) -> None:
+    from pydicom.uid import generate_uid
+
+    ctx, pipe = node(tmp_path, nlm_runner, mark_key=WatermarkKey.generate(key_id=4))
+    series = make_series(3, rows=256, cols=256)
+    (small,) = make_series(1, rows=128, cols=128, study_uid=str(series[0].StudyInstanceUID),
+                           for_uid=str(series[0].FrameOfReferenceUID))
+    small.SeriesInstanceUID = series[0].SeriesInstanceUID  # a second recon in the series
+    small.SOPInstanceUID = generate_uid()
+    small.file_meta.MediaStorageSOPInstanceUID = small.SOPInstanceUID
+    study = send(ctx, [*series, small])
+    assert pipe.complete_study(study)
+    pipe.pool.drain()
+    (job,) = pipe.jobs.list(kind="engine")
+    assert job.state is JobState.SUCCEEDED, job.error
+    (left,) = job.result["left_out"]
+    assert left["sop_uid"] == str(small.SOPInstanceUID)
+    assert "different_sizes" in left["reason"]
+    assert len(ctx.index.instances(series_instance_uid=job.result["outputs"][0])) == 3
+    pipe.stop()
