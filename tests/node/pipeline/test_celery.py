@@ -41,7 +41,7 @@ from node.pipeline.broker import (
     queue_names,
 )
 from node.pipeline.jobs import JobKind, JobState, JobStore
-from tests.support.net import IN_CI, get_port
+from tests.support.net import IN_CI, get_port, wait_for
 from tests.support.factory import make_series
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
@@ -530,13 +530,15 @@ def test_worker_killed_mid_store_partial_series_discarded(
     series: the node's sweeper requeues the job when its lease (``pipeline.lease_s`` = 3 s)
     expires and publishes it again; a second worker discards the partial series (files,
     index rows, ``output.discarded``), builds the output once and dispatches only it."""
-    # single frames of 256 x 256: the mark must be detectable in each instance to dispatch it
-    node = engine_node(output_format="sc", size=256, lease_s=3)
+    # single frames of 512 x 512: the mark must be verified in each instance to dispatch it
+    # (at 256 px the untrained model's CT->MR, background 0 outside the body, is not)
+    node = engine_node(output_format="sc", size=512, lease_s=3)
     env, pipe, ctx = node.env, node.pipe, node.env.ctx
     assert pipe.jobs.lease.total_seconds() == 3
     log = env.start_worker("engine", prelude=HANG_AFTER_FIRST_OUTPUT)
     pipe.start()
     assert pipe.complete_study(node.study) is True
+    wait_for(lambda: pipe.jobs.list(kind=JobKind.ENGINE), 60, "the engine job queued")
     (job,) = pipe.jobs.list(kind=JobKind.ENGINE)
     deadline = time.monotonic() + 240
     hit = None
