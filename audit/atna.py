@@ -105,6 +105,8 @@ EVENT_MAP: dict[EventType, tuple[tuple[str, str], str, tuple[str, str] | None]] 
     EventType.OUTPUT_CREATED: (INSTANCES_ACCESSED, "C", None),
     EventType.OUTPUT_HELD: (INSTANCES_ACCESSED, "R", None),
     EventType.OUTPUT_DISCARDED: (INSTANCES_ACCESSED, "D", None),
+    EventType.OUTPUT_RELEASED: (INSTANCES_ACCESSED, "U", None),
+    EventType.INSTANCE_LEFT_OUT: (INSTANCES_ACCESSED, "R", None),
     EventType.DISPATCH_ATTEMPTED: (INSTANCES_TRANSFERRED, "R", None),
     EventType.DISPATCH_SUCCEEDED: (INSTANCES_TRANSFERRED, "R", None),
     EventType.DISPATCH_FAILED: (INSTANCES_TRANSFERRED, "R", None),

@@ -19,6 +19,7 @@ class EventType(str, Enum):
     ASSOCIATION_REJECTED = "association.rejected"
     INSTANCE_RECEIVED = "instance.received"
     INSTANCE_REJECTED = "instance.rejected"  # bad input: reason + status in payload
+    INSTANCE_LEFT_OUT = "instance.left_out"  # stored, but not part of the series' volume
     QUERY = "query"
     RETRIEVE = "retrieve"
     STORAGE_COMMITMENT = "storage.commitment"
@@ -33,6 +34,7 @@ class EventType(str, Enum):
     OUTPUT_CREATED = "output.created"
     OUTPUT_HELD = "output.held"  # quality gate held an output back
     OUTPUT_DISCARDED = "output.discarded"  # partial output series of a dead attempt removed
+    OUTPUT_RELEASED = "output.released"  # an administrator released a held output
     DISPATCH_ATTEMPTED = "dispatch.attempted"
     DISPATCH_SUCCEEDED = "dispatch.succeeded"
     DISPATCH_FAILED = "dispatch.failed"
@@ -107,10 +109,18 @@ class Event:
     ``output.held``        subject job_id, study_uid, model_id; payload
                            source_series_uids, output_index, reasons (list of strings),
                            checks (names of the failed checks, node/pipeline/quality.py), stats
-                           (decimal strings)
+                           (decimal strings); an output refused dispatch because its mark
+                           did not verify: subject series_uid too, checks
+                           ["watermark_unverified"], dispatch "refused"
     ``output.discarded``   subject job_id, study_uid, series_uid (= the partial output
                            series); payload source_series_uids, sop_uids (the removed
-                           instances), attempt (that built it), planned_instances, reason
+                           instances), attempt (that built it), planned_instances, reason;
+                           an administrator's discard (actor user:<name>): reason, and
+                           held_outputs or the removed series' sop_uids
+    ``instance.left_out``  subject study_uid, series_uid, sop_uid; payload reason, job_id
+                           (when an engine job left it out) or routing (at routing)
+    ``output.released``    actor user:<name>; subject job_id (the held job), study_uid;
+                           payload source_series_uids, reason, new_job_id, checks
     ``dispatch.*``         subject series_uid (the output series; a list when one send
                            covered several), study_uid, destination, job_id (the dispatch
                            job); payload sop_uids (list), attempt(s), state, acknowledged,

@@ -265,7 +265,8 @@ JOB_TYPES = {
     EventType.JOB_FAILED,
     EventType.JOB_CANCELLED,
 }
-OUTPUT_TYPES = {EventType.OUTPUT_CREATED, EventType.OUTPUT_HELD, EventType.OUTPUT_DISCARDED}
+OUTPUT_TYPES = {EventType.OUTPUT_CREATED, EventType.OUTPUT_HELD, EventType.OUTPUT_DISCARDED,
+                EventType.OUTPUT_RELEASED}
 DISPATCH_TYPES = {
     EventType.DISPATCH_ATTEMPTED,
     EventType.DISPATCH_SUCCEEDED,
@@ -415,7 +416,7 @@ def _engine_jobs(
     jobs: dict[str, dict[str, Any]] = {
         j: {"job_id": j, "task": None, "model_id": None, "model_version": None,
             "weights_sha256": None, "source_series_uids": [], "events": [], "outputs": [],
-            "held": [], "discarded": []}
+            "held": [], "discarded": [], "released": []}
         for j in engine_ids}
     outputs: dict[str, dict[str, Any]] = {}
     for e in events:
@@ -456,10 +457,16 @@ def _add_to_job(job: dict[str, Any], e: StoredEntry, outputs: dict[str, dict[str
         outputs[str(series)] = out
     elif ev.type == EventType.OUTPUT_HELD:
         job["held"].append({"seq": e.seq, "output_index": ev.payload.get("output_index"),
+                            "series_uid": ev.subject.get("series_uid"),
+                            "checks": list(ev.payload.get("checks") or []),
                             "reasons": list(ev.payload.get("reasons") or [])})
     elif ev.type == EventType.OUTPUT_DISCARDED:
         job["discarded"].append({"seq": e.seq, "series_uid": ev.subject.get("series_uid"),
-                                 "reason": ev.payload.get("reason")})
+                                 "reason": ev.payload.get("reason"), "actor": ev.actor})
+    elif ev.type == EventType.OUTPUT_RELEASED:
+        job["released"].append({"seq": e.seq, "actor": ev.actor,
+                                "reason": ev.payload.get("reason"),
+                                "job_id": ev.payload.get("new_job_id")})
 
 
 def _sources(

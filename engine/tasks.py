@@ -2,9 +2,9 @@
 
 Tasks
 -----
-``ct_denoise``  low-dose CT restoration; HU in, HU out; any slice size divisible by 16
-                (512x512 in practice); starts from the received image (SDEdit-style partial
-                noising at ``strength``) and takes 1-2 flow steps.
+``ct_denoise``  low-dose CT restoration; HU in, HU out; any slice size of at least 16 px
+                (padded to a multiple of 16 and cropped back); starts from the received
+                image (SDEdit-style partial noising at ``strength``) and takes 1-2 flow steps.
 ``mr_denoise``  MR restoration (Rician noise); arbitrary units in and out (per-volume
                 percentile normalisation, inverted on output).
 ``ct_to_mr``    CT (HU) -> T1w or T2w MR (param ``target``), 6-8 flow steps from pure noise
@@ -18,6 +18,11 @@ Tasks
 
 Restoration models may be *residual* (``io.residual_scale = k``): the flow then runs on
 ``k * (clean - received)``, whose start value (zero residual) is the received image itself.
+
+Every task sees a conditioned input (:mod:`engine.conditioning`): out-of-FOV and padding
+pixels become air / background for the network and are put back unchanged after it, CT air
+noise below -1024 HU is raised to that floor, and CT -> MR outputs are background outside the
+CT's body outline.
 
 Every task runs on Haar sub-bands (engine.wavelet) with 2.5D context: each slice is
 conditioned on itself and ``context_slices`` neighbours on each side (edge slices repeat).
@@ -35,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from engine.conditioning import condition, restore
 from engine.models import LoadedModel
 from engine.nets import (
     dynamic_threshold,
@@ -141,8 +147,8 @@ class TaskSpec:
             "task": self.name,
             "input_intensities": [i.value for i in self.input_intensities],
             "shape": (
-                f"(z, y, x) float32; y and x divisible by {self.size_multiple}, "
-                f">= {self.min_size}"
+                f"(z, y, x) float32; y and x >= {self.min_size} (padded to a multiple of "
+                f"{self.size_multiple} by engine.conditioning)"
             ),
             "params": {
                 k: {
@@ -566,11 +572,8 @@ def check_input(spec: TaskSpec, volume: Volume, model: LoadedModel) -> None:
     if data.shape[0] < 1:
         raise TaskInputError("volume has no slices")
     for n, v in (("rows", y), ("columns", x)):
-        if v < spec.min_size or v % spec.size_multiple:
-            raise TaskInputError(
-                f"{spec.name}: {n}={v} must be >= {spec.min_size} and divisible by "
-                f"{spec.size_multiple}"
-            )
+        if v < spec.min_size:  # other sizes are padded to a multiple (engine.conditioning)
+            raise TaskInputError(f"{spec.name}: {n}={v} must be >= {spec.min_size}")
     if not np.all(np.isfinite(data)):
         raise TaskInputError("volume contains NaN or infinite values")
     norm_in = model.config["normalisation"]["input"]["kind"]
@@ -887,7 +890,12 @@ def execute(
     if opts.threads > 0 and torch.get_num_threads() != opts.threads:
         torch.set_num_threads(opts.threads)
     t0 = time.perf_counter()
-    run = spec.run(spec, model, volume, p, int(seed), opts)
+    # the network sees the field of view with air / padding normalised (engine.conditioning);
+    # its outputs are put back around it
+    cond = condition(volume, task, spec.size_multiple)
+    run = spec.run(spec, model, Volume(cond.data, volume.spacing, volume.intensity), p,
+                   int(seed), opts)
+    run.outputs = [restore(o, volume, cond) for o in run.outputs]
     seconds = time.perf_counter() - t0
     log.info(
         "task %s model %s: %d slice(s) in %.2f s on %s",
@@ -913,6 +921,7 @@ def execute(
             "batch_slices": opts.batch_slices,
             "dtype": "bfloat16" if dev.startswith("cuda") and opts.bf16_on_gpu else "float32",
             **({"base": model.config["base"]} if "base" in model.config else {}),
+            "conditioning": cond.record(),
             **run.extra,
         },
     )

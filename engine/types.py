@@ -39,11 +39,15 @@ class Volume:
 
     data     float32 array (z, y, x); slices ordered along the slice normal
     spacing  voxel spacing in mm (z, y, x)
+    fov      optional bool array of ``data``'s shape: True inside the field of view, False
+             for padding (the node's Pixel Padding Value / Range Limit); the engine works on
+             the field of view and passes the rest through (``engine.conditioning``)
     """
 
     data: np.ndarray
     spacing: tuple[float, float, float]
     intensity: Intensity
+    fov: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.data.ndim != 3:
@@ -52,6 +56,11 @@ class Volume:
             raise ValueError(f"Volume.spacing must be 3 positive values in mm, got {self.spacing}")
         if not isinstance(self.intensity, Intensity):
             object.__setattr__(self, "intensity", Intensity(self.intensity))
+        if self.fov is not None:
+            fov = np.asarray(self.fov)
+            if fov.shape != self.data.shape or fov.dtype != bool:
+                raise ValueError(f"Volume.fov must be a bool array of shape {self.data.shape}, "
+                                 f"got {fov.dtype} {fov.shape}")
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,18 @@ class QualitySettings(Section):
     min_slice_foreground_dice: float = Field(
         default=0.5, ge=0, le=1,
         description="cross-modality: body mask overlap of every slice with foreground")
+    # -- relative to the received input ------------------------------------------------------
+    hu_range_margin: float = Field(
+        default=200.0, ge=0,
+        description="CT outputs: the field of view may span the input's own range widened by "
+                    "this many HU (the absolute [hu_min, hu_max] is the least allowed)")
+    max_air_shift_hu: float = Field(
+        default=50.0, gt=0,
+        description="CT restoration: mean change of the air around the body (HU)")
+    max_background_fraction: float = Field(
+        default=0.1, gt=0, le=1,
+        description="MR outputs: mean outside the body at most this fraction of the body's "
+                    "median (restoration: plus the input's own background mean)")
 
     @model_validator(mode="after")
     def _ordered(self) -> QualitySettings:

@@ -435,15 +435,21 @@ def _job_node(parent: Tree, j: dict[str, Any]) -> None:
         )
         jn.add(f"#{e['seq']} {e['type']} {e['time']} {extra}".rstrip())
     for h in j.get("held") or []:
-        jn.add(
-            f"#{h['seq']} [yellow]output {h.get('output_index')} held by the quality "
-            "gate[/yellow]: " + escape("; ".join(h["reasons"]))
-        )
+        what = (f"output {h['series_uid']} refused dispatch" if h.get("series_uid")
+                else f"output {h.get('output_index')} held by the quality gate")
+        checks = f" ({', '.join(h['checks'])})" if h.get("checks") else ""
+        jn.add(f"#{h['seq']} [yellow]{escape(what)}[/yellow]{escape(checks)}: "
+               + escape("; ".join(h["reasons"])))
     for x in j.get("discarded") or []:
+        what = f"output {x['series_uid']}" if x.get("series_uid") else "held output"
         jn.add(
-            f"#{x['seq']} partial output {escape(str(x['series_uid']))} discarded: "
+            f"#{x['seq']} {escape(what)} discarded by {escape(str(x.get('actor')))}: "
             f"{escape(str(x.get('reason')))}"
         )
+    for r in j.get("released") or []:
+        jn.add(f"#{r['seq']} [green]held output released[/green] by "
+               f"{escape(str(r.get('actor')))} (job {escape(str(r.get('job_id')))}): "
+               f"{escape(str(r.get('reason')))}")
     for o in j["outputs"]:
         on = jn.add(f"#{o['seq']} output series [bold]{escape(str(o['series_uid']))}[/bold] "
                     f"({o['sop_uids']} SOP, {escape(str(o.get('output_format') or '?'))}) "

@@ -18,21 +18,26 @@ app = typer.Typer(no_args_is_help=True)
 def problems(file: Path) -> list[ConfigError]:
     """Every mistake in ``file``: what the settings schema rejects (unknown keys with a
     suggestion, bad values, missing keys, duplicate approver names), then what only the
-    node knows (rules: unknown match keys, malformed comparisons, bad regexes); each with
-    the line it is on."""
+    node knows (rules: unknown match keys, malformed comparisons, bad regexes, unknown
+    tasks and task parameters, tasks without an installed model); each with the line it is
+    on."""
     errors = check_config(file)
     if errors and not errors[0].path:  # the file itself: missing, not TOML
         return errors
     from node.pipeline.rules import rule_problems
 
+    models_dir = None
     try:
-        pipeline = (load_settings(file).pipeline if not errors
-                    else PipelineSettings(**tomllib.loads(file.read_text())["pipeline"]))
+        if not errors:
+            settings = load_settings(file)
+            pipeline, models_dir = settings.pipeline, settings.models_dir
+        else:
+            pipeline = PipelineSettings(**tomllib.loads(file.read_text())["pipeline"])
     except (KeyError, ValueError):  # no pipeline section, or it has schema errors itself
         return errors
     text = file.read_text(encoding="utf-8", errors="replace")
     return errors + [ConfigError(p.path, p.reason, key_line(text, p.path), p.hint)
-                     for p in rule_problems(pipeline)]
+                     for p in rule_problems(pipeline, models_dir)]
 
 
 @app.command("check")

@@ -53,7 +53,7 @@ def rules_test(
     from node.pipeline.rules import SeriesFacts, check_rules, route
 
     settings = settings_from(config)
-    problems = check_rules(settings.pipeline)
+    problems = check_rules(settings.pipeline, settings.models_dir)
     series: dict[str, list[Any]] = defaultdict(list)
     unreadable = []
     for f in _files(files):
@@ -139,6 +139,7 @@ def _job_dict(job: Any) -> dict[str, Any]:
 
 
 JOB_COLS = [Col("id", "id"), Col("kind", "kind"), Col("state", "state"),
+            Col("outcome", "outcome"),
             Col("task", "task", "text"), Col("rule", "rule", "text"),
             Col("attempts", "tries", align="right"), Col("updated", "updated (UTC)"),
             Col("study_uid", "study", "uid")]
@@ -173,15 +174,44 @@ def jobs_list(
         typer.echo(json.dumps([_job_dict(j) for j in jobs], indent=1, default=str))
         return
     rows = [{"id": j.id if plain else j.id[:8], "kind": j.kind.value, "state": j.state.value,
+             "outcome": (job_outcome_text(j.result)
+                         or ("refused" if (j.error or "").startswith("refused by policy")
+                             else "")),
+             "checks": _checks_text(j.result),
              "task": j.task or "", "rule": j.rule or "",
              "attempts": f"{j.attempts}/{j.max_attempts}", "updated": fmt_time(j.updated_at),
              "study_uid": j.study_uid or "", "error": j.error or ""} for j in jobs]
     if plain:
-        emit([*JOB_COLS, Col("error", "error")], rows, plain=True)
+        emit([*JOB_COLS, Col("checks", "checks"), Col("error", "error")], rows, plain=True)
         return
     errors = [f"  {r['id']} {r['state']}: {r['error']}" for r in rows if r["error"]]
+    held = [f"  {r['id']} {r['outcome']}: {r['checks']}" for r in rows if r["checks"]]
     emit(JOB_COLS, rows, wide=wide, footer="\n".join(
-        [f"{len(rows)} job(s)", *(["last errors:", *errors] if errors else [])]))
+        [f"{len(rows)} job(s)", *(["held / refused outputs (jobs show ID for the reasons; "
+                                   "jobs release / jobs discard ID --reason TEXT):", *held]
+                                  if held else []),
+         *(["last errors:", *errors] if errors else [])]))
+
+
+def job_outcome_text(result: dict[str, Any] | None) -> str:
+    """An engine job's outcome for people: passed, held, refused, or the administrator's
+    decision on them (held -> released / discarded)."""
+    if not result or "outcome" not in result:
+        return ""
+    decision = result.get("decision") or {}
+    if decision.get("action"):
+        return f"{result['outcome']} -> {decision['action']}"
+    if result.get("quality_released"):
+        return "released"
+    return str(result["outcome"])
+
+
+def _checks_text(result: dict[str, Any] | None) -> str:
+    if not result:
+        return ""
+    checks = [c for h in (result.get("held") or []) + (result.get("refused") or [])
+              for c in h.get("checks") or []]
+    return ", ".join(dict.fromkeys(checks))
 
 
 @jobs_app.command("show")
@@ -236,6 +266,60 @@ def jobs_cancel(job_id: str = typer.Argument(..., help="job id or a unique prefi
     console.print(f"job {job.id} cancelled")
 
 
+def _decide(action: str, job_id: str, by: str | None, reason: str,
+            config: Path | None) -> None:
+    import getpass
+
+    from node.app import build_context
+    from node.pipeline.orchestrator import Pipeline
+
+    who = by or getpass.getuser()
+    settings = settings_from(config)
+    open_engine(settings, config).dispose()
+    ctx = build_context(settings, migrate=False)
+    pipeline = Pipeline.from_context(ctx)
+    try:
+        job = pipeline.jobs.get(job_id)
+        if action == "release":
+            new = pipeline.release(job.id, by=who, reason=reason)
+            console.print(f"job {job.id}: held output(s) released by {who}; job {new} queued "
+                          "(the node's workers build and dispatch them)")
+        else:
+            removed = pipeline.discard(job.id, by=who, reason=reason)
+            console.print(f"job {job.id}: held / refused output(s) discarded by {who}"
+                          + (f"; removed series {', '.join(removed)}" if removed else ""))
+    except (KeyError, ValueError) as exc:
+        fail(str(exc).strip("'"))
+    finally:
+        pipeline.tracker.shutdown()
+
+
+@jobs_app.command("release")
+def jobs_release(job_id: str = typer.Argument(..., help="job id or a unique prefix"),
+                 reason: str = typer.Option(..., "--reason", help="why (recorded in the ledger)"),
+                 by: str | None = typer.Option(None, "--by",
+                                               help="who decides (default: the login name)"),
+                 config: Path | None = ConfigOption) -> None:
+    """Release the outputs the quality gate held for an engine job: a new job with the same
+    source, parameters and seed builds them anyway (the gate's findings go into its result
+    and the output's ledger entry) and dispatches them. Recorded in the ledger
+    (output.released) with who and why. Outputs refused for an unverified watermark cannot
+    be released."""
+    _decide("release", job_id, by, reason, config)
+
+
+@jobs_app.command("discard")
+def jobs_discard(job_id: str = typer.Argument(..., help="job id or a unique prefix"),
+                 reason: str = typer.Option(..., "--reason", help="why (recorded in the ledger)"),
+                 by: str | None = typer.Option(None, "--by",
+                                               help="who decides (default: the login name)"),
+                 config: Path | None = ConfigOption) -> None:
+    """Discard the held or refused outputs of an engine job: a refused series stored in the
+    node is removed; the decision is recorded in the ledger (output.discarded) with who and
+    why."""
+    _decide("discard", job_id, by, reason, config)
+
+
 # -- study ------------------------------------------------------------------------------
 
 
@@ -263,3 +347,86 @@ def study_complete(study_uid: str = typer.Argument(..., help="Study Instance UID
         console.print(f"study completed; {len(queued)} engine job(s) queued")
     finally:
         pipeline.tracker.shutdown()
+
+
+def _pipeline(config: Path | None):  # type: ignore[no-untyped-def]
+    from node.app import build_context
+    from node.pipeline.orchestrator import Pipeline
+
+    settings = settings_from(config)
+    open_engine(settings, config).dispose()  # one line, not a traceback, when not migrated
+    return Pipeline.from_context(build_context(settings, migrate=False))
+
+
+@study_app.command("show")
+def study_show(study_uid: str = typer.Argument(..., help="Study Instance UID"),
+               as_json: bool = typer.Option(False, "--json", help="as one JSON object"),
+               config: Path | None = ConfigOption) -> None:
+    """One study as the node sees it: completion, the series received and the rule that
+    routes each, engine jobs with their outcome (passed / held / refused, failed checks,
+    decisions), output series and, per destination, delivered / queued / refused / failed
+    and why."""
+    pipeline = _pipeline(config)
+    try:
+        rep = pipeline.study_report(study_uid)
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    finally:
+        pipeline.tracker.shutdown()
+    if as_json:
+        typer.echo(json.dumps(rep, indent=1, default=str))
+        return
+    out = [f"study {rep['study_uid']}: {rep['state']} (generation {rep['generation']}), "
+           f"{rep['instances']} instance(s) received"]
+    for s in rep["series"]:
+        route_txt = (f"rule {s['rule']}" if s["rule"] else f"not routed: {s['not_routed']}")
+        out.append(f"  series {s['series_uid']} {s['modality']} {s['description']!r} "
+                   f"{s['instances']} instance(s) -> {route_txt}")
+    for j in rep["jobs"]:
+        out.append(f"  job {j['job_id'][:8]} {j['task']} on {j['series_uid']}: {j['state']}"
+                   + (f", outcome {j['outcome']}" if j["outcome"] else "")
+                   + (f" ({j['error']})" if j["error"] else ""))
+        for h in j["held"]:
+            out.append(f"    held output {h.get('index')}: {', '.join(h.get('checks') or [])}: "
+                       + "; ".join(h.get("reasons") or []))
+        for r in j["refused"]:
+            out.append(f"    refused output {r['series_uid']}: " + "; ".join(r.get("reasons") or
+                                                                         r.get("checks") or []))
+        if j["decision"]:
+            d = j["decision"]
+            out.append(f"    {d.get('action')} by {d.get('by')}: {d.get('reason')}")
+        for o in j["outputs"]:
+            out.append(f"    output {o['series_uid']} ({o['instances']} instance(s))"
+                       + (" superseded" if o["superseded"] else ""))
+            for dest, st in o["destinations"].items():
+                out.append(f"      {dest}: {st['state']}"
+                           + (f" ({st['why']})" if st.get("why") else ""))
+    for f in rep["forwarded_originals"]:
+        out.append(f"  original {f['series_uid']} -> {f['destination']}: {f['state']}")
+    typer.echo("\n".join(out))
+
+
+@study_app.command("reprocess")
+def study_reprocess(study_uid: str = typer.Argument(..., help="Study Instance UID"),
+                    reason: str = typer.Option(..., "--reason",
+                                               help="why (recorded in the ledger)"),
+                    by: str | None = typer.Option(None, "--by",
+                                                  help="who (default: the login name)"),
+                    config: Path | None = ConfigOption) -> None:
+    """Route a stored study again with the current rules and models (after fixing a rule
+    or approving a model): a new engine job per matching rule and task, also for series
+    processed before; outputs replace the earlier ones, and an unchanged job gives the same
+    output UIDs (nothing duplicated in PACS). Recorded in the ledger with who and why."""
+    import getpass
+
+    pipeline = _pipeline(config)
+    try:
+        queued = pipeline.reprocess(study_uid, by=by or getpass.getuser(), reason=reason)
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    finally:
+        pipeline.tracker.shutdown()
+    console.print(f"study {study_uid}: {len(queued)} engine job(s) queued "
+                  "(the node's workers run them)")

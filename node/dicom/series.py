@@ -127,6 +127,10 @@ class SeriesSpec:
     series_instance_uid
         UID of the new series (default: generated); lets the caller derive the watermark
         payload from it before the pixels are built.
+    uid_seed
+        None = fresh SOP Instance UIDs; a text = SOP Instance UIDs (and the Series Instance
+        UID when not given) derived from it and the instance's position: building the same
+        output again gives the same UIDs, so a re-run never duplicates a series in PACS.
     """
 
     output_format: OutputFormat | str
@@ -139,6 +143,7 @@ class SeriesSpec:
     recognizable_visual_features: bool | None = None
     derivation_codes: tuple[codes.CodedConcept, ...] = field(default=())
     series_instance_uid: str | None = None
+    uid_seed: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -288,7 +293,7 @@ class _Context:
         self.spec = spec
         self.stored = stored
         self.when = _now()
-        self.series_uid = spec.series_instance_uid or generate_uid()
+        self.series_uid = spec.series_instance_uid or self.uid("series")
         self.modality = output_modality(output, spec)
         self.intensity = output.intensity
         task = spec.description or spec.provenance.task
@@ -304,6 +309,12 @@ class _Context:
         )
 
     # -- attribute groups -----------------------------------------------------------------
+
+    def uid(self, *parts: object) -> str:
+        """A new UID: fresh, or derived from ``spec.uid_seed`` and ``parts``."""
+        if self.spec.uid_seed is None:
+            return str(generate_uid())
+        return str(generate_uid(entropy_srcs=[self.spec.uid_seed, *map(str, parts)]))
 
     def patient_study(self, ds: Dataset) -> None:
         for kw in _COPIED:
@@ -321,6 +332,12 @@ class _Context:
         ):
             if kw not in ds:
                 setattr(ds, kw, "")
+        # Patient Identity Removed YES makes a method Type 1C (PS3.3 C.7.1.1); real
+        # de-identified sources often omit it (pydicom's 693_UNCR.dcm): say where YES came from
+        if (str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
+                and "DeidentificationMethod" not in ds
+                and "DeidentificationMethodCodeSequence" not in ds):
+            ds.DeidentificationMethod = "as declared by the source series (method not given)"
 
     def series_equipment(self, ds: Dataset) -> None:
         ds.Modality = self.modality
@@ -463,7 +480,7 @@ def _build_sc(ctx: _Context) -> list[Dataset]:
             study_instance_uid=str(ref.StudyInstanceUID),
             series_instance_uid=ctx.series_uid,
             series_number=ctx.spec.series_number,
-            sop_instance_uid=generate_uid(),
+            sop_instance_uid=ctx.uid("sop", k),
             instance_number=k + 1,
             manufacturer=codes.MANUFACTURER,
             patient_orientation=po,
@@ -528,7 +545,7 @@ def _functional_groups(ctx: _Context, ds: Dataset) -> None:
 def _build_mf_word_sc(ctx: _Context) -> list[Dataset]:
     ds = Dataset()
     ds.SOPClassUID = codes.MULTIFRAME_GRAYSCALE_WORD_SC_IMAGE_STORAGE
-    ds.SOPInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ctx.uid("sop", 0)
     ctx.patient_study(ds)
     ctx.series_equipment(ds)
     ctx.frame_of_reference(ds)
@@ -572,7 +589,7 @@ def _legacy_slices(ctx: _Context) -> list[Dataset]:
     for k in range(ctx.stored.array.shape[0]):
         ds = Dataset()
         ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = generate_uid()
+        ds.SOPInstanceUID = ctx.uid("legacy", k)
         ctx.patient_study(ds)
         ctx.series_equipment(ds)
         ctx.frame_of_reference(ds)
@@ -617,7 +634,7 @@ def _build_enhanced(ctx: _Context) -> list[Dataset]:
         legacy_datasets=legacy,
         series_instance_uid=ctx.series_uid,
         series_number=ctx.spec.series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=ctx.uid("sop", 0),
         instance_number=1,
         transfer_syntax_uid=ctx.spec.transfer_syntax_uid,
     )

@@ -14,6 +14,8 @@ The node converts DICOM to and from the engine's array contract here (design sec
   Pixel Value Transformation macros.
 * Compressed pixel data are decoded by pydicom's pixel handlers (pylibjpeg, openjpeg, RLE,
   JPEG-LS are installed).
+* Padding pixels (Pixel Padding Value / Range Limit, PS3.3 C.7.5.1.1.2) are passed to the
+  engine as ``Volume.fov`` False: the engine leaves them out and the output keeps them.
 * Stored values map to physical intensity by the Modality LUT: Rescale Slope / Intercept
   (PS3.3 C.11.1.1.2), or the first linear Real World Value Mapping item (PS3.3 C.7.6.16.2.11)
   when no rescale is present. :func:`to_stored` maps back for output.
@@ -132,6 +134,7 @@ class _Frame:
     frame_of_reference_uid: str | None
     rows: int
     columns: int
+    padding: np.ndarray | None = None  # True = padding pixel (PS3.3 C.7.5.1.1.2)
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -207,6 +210,22 @@ def _pixels(ds: Dataset) -> np.ndarray:
         ) from exc
 
 
+def padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Padding pixels of stored values (PS3.3 C.7.5.1.1.2): equal to Pixel Padding Value
+    (0028,0120), or with Pixel Padding Range Limit (0028,0121) within the range the two
+    values span (inclusive). None when the instance declares no padding or none is present."""
+    ppv = ds.get("PixelPaddingValue")
+    if ppv is None or isinstance(ppv, bytes):
+        return None
+    lo = hi = int(ppv)
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is not None and not isinstance(limit, bytes):
+        lo, hi = min(lo, int(limit)), max(lo, int(limit))
+    values = stored.astype(np.int64, copy=False)
+    mask = (values >= lo) & (values <= hi)
+    return mask if mask.any() else None
+
+
 def frames_of(ds: Dataset) -> list[_Frame]:
     """Split one instance into frames with their geometry and rescale (PS3.3 C.7.6.16)."""
     arr = _pixels(ds)
@@ -258,9 +277,37 @@ def frames_of(ds: Dataset) -> list[_Frame]:
                 frame_of_reference_uid=for_uid,
                 rows=rows,
                 columns=cols,
+                padding=padding_mask(ds, arr[i]),
             )
         )
     return out
+
+
+# -- what is not part of a volume ------------------------------------------------------------
+
+
+def leave_out_reason(ds: Dataset) -> str | None:
+    """Why an object of a received series is not part of its volume, or None (it is).
+
+    Read from the header only (no pixel data needed): localizers / scouts (Image Type
+    (0008,0008) contains LOCALIZER), burned-in annotation (Burned In Annotation (0028,0301)
+    YES: text in the pixels), secondary captures (dose screens, report pages, screenshots:
+    Secondary Capture SOP classes) and objects that are not images at all (dose reports and
+    other structured reports, presentation states: SOP class not an Image Storage)."""
+    from pydicom.uid import UID
+
+    sop = UID(str(ds.get("SOPClassUID", "")))
+    name = sop.keyword or str(sop)
+    if sop and not name.endswith("ImageStorage"):
+        return f"not an image ({sop.name if sop.is_valid else name}): e.g. a dose report"
+    if "SecondaryCapture" in name:
+        return "secondary capture (dose screen, report page or screenshot)"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return "localizer / scout (Image Type LOCALIZER)"
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        return "burned-in annotation (Burned In Annotation YES)"
+    return None
 
 
 # -- grouping and sorting ------------------------------------------------------------------
@@ -488,6 +535,10 @@ def _assemble_stack(
             for f in frames
         ]
     ).astype(np.float32)
+    fov = None
+    if any(f.padding is not None for f in frames):
+        fov = ~np.stack([f.padding if f.padding is not None
+                         else np.zeros((f.rows, f.columns), dtype=bool) for f in frames])
     head = datasets[0]
     slopes = {f.slope for f in frames}
     intercepts = {f.intercept for f in frames}
@@ -513,6 +564,7 @@ def _assemble_stack(
         data=data,
         spacing=(slice_spacing, first.pixel_spacing[0], first.pixel_spacing[1]),
         intensity=intensity,
+        fov=fov,
     )
     logger.debug(
         "assembled %d slices %dx%d spacing %s",

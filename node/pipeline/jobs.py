@@ -442,6 +442,20 @@ class JobStore:
                 {"reason": reason},
             )
 
+    def annotate(self, job_id: str, key: str, value: Any,
+                 conn: Connection | None = None) -> Job:
+        """Add ``key`` to a finished job's result (an administrator's decision on its held
+        outputs); the ledger entry of the decision is the caller's, in ``conn``."""
+        if conn is None:
+            with self.engine.begin() as c:
+                return self.annotate(job_id, key, value, c)
+        job = self.get(job_id, conn)
+        result = dict(job.result or {})
+        result[key] = value
+        conn.execute(update(jobs).where(jobs.c.id == job.id).values(
+            result=json.dumps(result, sort_keys=True, default=str), updated_at=_now()))
+        return self.get(job.id, conn)
+
     def retry(self, job_id: str) -> Job:
         """Manual retry of a failed or cancelled job: queued again with a fresh budget."""
         with self.engine.begin() as conn:

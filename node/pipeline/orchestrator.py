@@ -51,7 +51,14 @@ from engine.api import Provenance, Volume
 from node.context import NodeContext
 from node.dicom import codes
 from node.dicom.series import SeriesSpec, build_series
-from node.dicom.volume import AssembledVolume, VolumeError, assemble
+from node.dicom.volume import (
+    AssembledVolume,
+    Reason,
+    VolumeError,
+    assemble,
+    assemble_split,
+    leave_out_reason,
+)
 from node.dispatch.base import DispatchState
 from node.dispatch.dispatcher import Dispatcher, watermark_check
 from node.ingest.results import StoredInstance
@@ -81,14 +88,51 @@ ACTOR = "component:pipeline"
 SOURCE = "pipeline"  # ingest source of the outputs the pipeline stores
 OUTPUT_BUILDING = "building"  # pipeline_outputs.state: instances being stored
 OUTPUT_COMPLETE = "complete"  # output.created + dispatch jobs written (one transaction)
+#: assembly failures where the largest regular stack of a series is processed and the other
+#: objects are left out (a missing slice or uneven spacing is refused: the volume would
+#: not be continuous)
+SPLITTABLE = (Reason.DIFFERENT_SIZES, Reason.MIXED_ORIENTATION, Reason.DIFFERENT_PIXEL_SPACING,
+              Reason.MIXED_FRAME_OF_REFERENCE)
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def job_outcome(held: Sequence[Any], refused: Sequence[Any]) -> str:
+    """An engine job's outcome: ``held`` (the quality gate held an output), ``refused`` (an
+    output is not dispatched: its mark could not be verified) or ``passed``."""
+    return "held" if held else "refused" if refused else "passed"
+
+
 def fingerprint(sop_uids: Sequence[str]) -> str:
     """Identity of a set of source instances (order-free)."""
     return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
+
+
+def output_uid_seed(job: Job, prov: Provenance, index: int) -> str:
+    """What an output's UIDs are derived from: the source instances, the task, the model
+    (id, version, weights digest), the filled-in parameters, the seed, the output format, the
+    output's index and the job's attempt. The same job on the same input gives the same UIDs
+    (a re-run, `jobs retry` or a new job for the same series, starts at attempt 1 and
+    replaces the series in PACS instead of adding one); any change gives new ones. The
+    attempt keeps the partial series of an attempt that died (never dispatched, discarded)
+    apart from the series its successor builds, also while a stale attempt that lost its
+    claim still stores."""
+    import json
+
+    return json.dumps({
+        "source": job.engine_spec.fingerprint, "series": job.series_uid, "task": job.task,
+        "model": [prov.model_id, prov.model_version, prov.weights_sha256],
+        "params": prov.parameters, "seed": prov.seed,
+        "format": job.engine_spec.output_format, "index": index, "attempt": job.attempts,
+    }, sort_keys=True, default=str)
+
+
+def output_series_uid(seed_text: str) -> str:
+    """The Series Instance UID of an output, derived from :func:`output_uid_seed`."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[seed_text, "series"]))
 
 
 def mark_id_for(series_uid: str) -> int:
@@ -206,6 +250,13 @@ class Pipeline:
         self.parts.ledger.append(Event(type=type_, actor=ACTOR, outcome=outcome,
                                        subject=subject, payload=payload))
 
+    def _left_out(self, study_uid: str, series_uid: str, sop_uid: str, reason: str,
+                  extra: dict[str, Any]) -> None:
+        logger.info("left out of the volume: %s (%s)", sop_uid, reason)
+        self._event(EventType.INSTANCE_LEFT_OUT,
+                    {"study_uid": study_uid, "series_uid": series_uid, "sop_uid": sop_uid},
+                    {"reason": reason, **extra}, Outcome.SUCCESS)
+
     def _series_of(self, study_uid: str) -> list[str]:
         return sorted({i.series_instance_uid for i in
                        self.parts.index.instances(study_instance_uid=study_uid)})
@@ -213,6 +264,12 @@ class Pipeline:
     def _read(self, rel_path: str, *, headers_only: bool = False) -> Dataset:
         data = self.parts.store.read(rel_path)
         return pydicom.dcmread(BytesIO(data), stop_before_pixels=headers_only)
+
+    def _complete_output(self, series_uid: str) -> bool:
+        with self.parts.engine.connect() as c:
+            return c.execute(select(outputs.c.series_uid).where(and_(
+                outputs.c.series_uid == series_uid,
+                outputs.c.state == OUTPUT_COMPLETE))).first() is not None
 
     def _our_output(self, series_uid: str) -> bool:
         with self.parts.engine.connect() as c:
@@ -235,8 +292,12 @@ class Pipeline:
         return self.tracker.complete(study_uid, trigger=trigger)
 
     # -- stage 2: routing ----------------------------------------------------------------------
-    def on_study_complete(self, study_uid: str, generation: int) -> list[str]:
-        """Route every series of the study; queue engine jobs. Returns the new job ids."""
+    def on_study_complete(self, study_uid: str, generation: int, *,
+                          force: bool = False) -> list[str]:
+        """Route every series of the study; queue engine jobs. Returns the new job ids.
+        ``force`` (``study reprocess``): queue a job per matching rule and task even where
+        one for the same source instances exists (its outputs replace the earlier ones; an
+        unchanged job gives the same output UIDs and builds nothing new)."""
         status = self.tracker.status(study_uid)
         instances = self.parts.index.instances(study_instance_uid=study_uid)
         by_series: dict[str, list[IndexedInstance]] = {}
@@ -247,6 +308,14 @@ class Pipeline:
             if self._our_output(series_uid):
                 continue
             headers = [self._read(i.file_path, headers_only=True) for i in insts]
+            reasons = [leave_out_reason(h) for h in headers]
+            if all(reasons) and not any(is_synthetic(h) for h in headers):
+                # a localizer / dose report / screenshot series: nothing to process; each
+                # object is named in the ledger, the study goes on
+                for inst, why in zip(insts, reasons, strict=True):
+                    self._left_out(study_uid, series_uid, inst.sop_instance_uid, str(why),
+                                   {"routing": "series not routed"})
+                continue
             synthetic = any(is_synthetic(h) for h in headers)
             marked = False
             if not synthetic and self.detect is not None:
@@ -264,7 +333,7 @@ class Pipeline:
             if rule.forward_originals:
                 queued += self._forward_original(study_uid, series_uid, rule, fp, generation)
             for k, task in enumerate(rule.tasks):
-                decision = self._reprocess_decision(
+                decision = "replace" if force else self._reprocess_decision(
                     series_uid,
                     rule.name,
                     task.task,
@@ -331,14 +400,18 @@ class Pipeline:
                                      reason=f"left by an earlier attempt; attempt {job.attempts} "
                                             "builds the output again")
         with self.parts.engine.connect() as c:
-            done = [r[0] for r in c.execute(select(outputs.c.series_uid).where(and_(
+            rows = c.execute(select(outputs.c.series_uid, outputs.c.held).where(and_(
                 outputs.c.job_id == job.id, outputs.c.state == OUTPUT_COMPLETE,
-            )).order_by(outputs.c.created_at))]
+            )).order_by(outputs.c.created_at)).all()
+        done = [r[0] for r in rows]
         if done:
             # an earlier attempt recorded its outputs (and their dispatch jobs, in the same
             # transaction) and then died: finish, do not redo
             self._queue_dispatch(job, done)
-            return {"outputs": done, "held": [], "resumed": True}
+            refused = [{"series_uid": r[0], "checks": ["watermark_unverified"]}
+                       for r in rows if r[1]]
+            return {"outputs": done, "held": [], "refused": refused,
+                    "outcome": job_outcome([], refused), "resumed": True}
         if self.runner is None:
             raise PermanentJobError("no engine runner configured")
         insts = self.parts.index.instances(series_instance_uid=job.series_uid)
@@ -346,11 +419,7 @@ class Pipeline:
             raise PermanentJobError(f"source series {job.series_uid} has no instances")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        datasets = [self._read(i.file_path) for i in insts]
-        try:
-            source = assemble(datasets)
-        except VolumeError as exc:
-            raise PermanentJobError(f"volume assembly: {exc}") from exc
+        source, left_out = self._load_source(job, insts)
         timings["load"] = time.perf_counter() - t0
         spec = job.engine_spec
         seed = int(job.seed if job.seed is not None else 0)
@@ -358,8 +427,10 @@ class Pipeline:
         result = self.runner(job.task or "", source.volume, dict(spec.params), seed, spec.model)
         timings["engine"] = time.perf_counter() - t0
         prov = result.provenance
-        built: list[tuple[str, Event]] = []
+        built: list[tuple[str, Event, str | None]] = []
         held: list[dict[str, Any]] = []
+        released: list[dict[str, Any]] = []
+        unchanged: list[str] = []
         started: list[str] = []  # output series this attempt recorded as building
         try:
             for k, out in enumerate(result.outputs):
@@ -367,7 +438,11 @@ class Pipeline:
                 report = (check(out, source.volume, self.limits)
                           if self.settings.quality.enabled else None)
                 timings["quality"] = timings.get("quality", 0.0) + time.perf_counter() - t0
-                if report is not None and not report.passed:
+                if report is not None and not report.passed and spec.released_by:
+                    # released by an administrator: built anyway, the findings recorded
+                    released.append({"index": k, "checks": list(report.checks),
+                                     "reasons": list(report.reasons)})
+                elif report is not None and not report.passed:
                     held.append({"index": k, "reasons": list(report.reasons),
                                  "checks": list(report.checks)})
                     self._event(EventType.OUTPUT_HELD,
@@ -377,6 +452,10 @@ class Pipeline:
                                  "reasons": list(report.reasons), "checks": list(report.checks),
                                  "stats": report.stats, "output_index": k},
                                 Outcome.MINOR_FAILURE)
+                    continue
+                same = output_series_uid(output_uid_seed(job, prov, k))
+                if self._complete_output(same):
+                    unchanged.append(same)  # this very output is already built and recorded
                     continue
                 built.append(self._build_and_store(job, source, out, prov, k,
                                                    report.stats if report else {}, timings,
@@ -392,25 +471,79 @@ class Pipeline:
             except Exception:
                 logger.exception("could not discard the partial outputs of job %s", job.id)
             raise
+        refused = [{"series_uid": uid, "reasons": [why], "checks": ["watermark_unverified"]}
+                   for uid, _, why in built if why is not None]
         if made:
             self.pool.wake()
-        return {"outputs": made, "held": held, "model_id": prov.model_id,
+        extra: dict[str, Any] = {"unchanged": unchanged} if unchanged else {}
+        if left_out:
+            extra["left_out"] = left_out
+        if spec.released_by:
+            extra["quality_released"] = {"from_job": spec.released_from, "by": spec.released_by,
+                                         "reason": spec.release_reason, "outputs": released}
+        return {"outputs": made, "held": held, "refused": refused,
+                "outcome": job_outcome(held, refused), **extra, "model_id": prov.model_id,
                 "model_version": prov.model_version,
                 "weights_sha256": prov.weights_sha256, "seed": prov.seed,
                 "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
 
-    def _complete_outputs(self, job: Job, built: list[tuple[str, Event]]) -> list[str]:
+    def _load_source(self, job: Job, insts: Sequence[IndexedInstance]
+                     ) -> tuple[AssembledVolume, list[dict[str, str]]]:
+        """The series' volume, without the objects that are not part of it (each left out
+        with a ledger entry: localizers, secondary captures, dose reports, burned-in
+        annotation)."""
+        datasets = []
+        left_out = []
+        for inst in insts:
+            ds = self._read(inst.file_path)
+            why = leave_out_reason(ds)
+            if why is None:
+                datasets.append(ds)
+                continue
+            left_out.append({"sop_uid": inst.sop_instance_uid, "reason": why})
+            self._left_out(job.study_uid or "", job.series_uid or "", inst.sop_instance_uid,
+                           why, {"job_id": job.id})
+        if not datasets:
+            raise PermanentJobError("no image of the series is part of a volume: "
+                                    + "; ".join(sorted({x["reason"] for x in left_out})))
+        try:
+            source = assemble(datasets)
+        except VolumeError as exc:
+            if exc.reason not in SPLITTABLE:
+                raise PermanentJobError(f"volume assembly: {exc}") from exc
+            # a few objects of another size / orientation / frame of reference in the series
+            # (a reformat, a second reconstruction): the largest regular stack is the volume,
+            # every other object is left out with its reason
+            stacks, rejected = assemble_split(datasets)
+            if not stacks:
+                raise PermanentJobError(f"volume assembly: {exc}") from exc
+            source = max(stacks, key=lambda v: v.volume.data.shape[0])
+            kept = {r.sop_instance_uid for r in source.geometry.sources}
+            own = {u: f"{r.reason.value}: {r.message}" for r in rejected
+                   for u in r.sop_instance_uids}
+            for ds in datasets:
+                uid = str(ds.SOPInstanceUID)
+                if uid not in kept:
+                    why = own.get(uid) or f"not part of the series' largest regular stack ({exc})"
+                    left_out.append({"sop_uid": uid, "reason": why})
+                    self._left_out(job.study_uid or "", job.series_uid or "", uid, why,
+                                   {"job_id": job.id})
+        return source, left_out
+
+    def _complete_outputs(self, job: Job,
+                          built: list[tuple[str, Event, str | None]]) -> list[str]:
         """One transaction: every output series of this attempt ``building`` -> ``complete``
-        with its ``output.created`` entry, the replace policy's supersede mark and the
-        dispatch jobs. Before it commits, a crash leaves only partial (building) series."""
-        made = [uid for uid, _ in built]
+        with its ``output.created`` entry (and ``output.held`` naming why for one refused
+        dispatch), the replace policy's supersede mark and the dispatch jobs. Before it
+        commits, a crash leaves only partial (building) series."""
+        made = [uid for uid, _, _ in built]
         with self.parts.engine.begin() as conn:
             # only while this attempt's claim is current (not cancelled, lease not lost to
             # another worker): the conditional UPDATE also locks the job row until commit
             if not self.jobs.heartbeat(job.id, claim=job, conn=conn):
                 raise JobClaimLost(f"job {job.id} was cancelled or claimed again while attempt "
                                    f"{job.attempts} built its outputs: they are not released")
-            for series_uid, event in built:
+            for series_uid, event, refusal in built:
                 res = conn.execute(update(outputs).where(and_(
                     outputs.c.series_uid == series_uid, outputs.c.state == OUTPUT_BUILDING,
                 )).values(state=OUTPUT_COMPLETE, created_at=_now()))
@@ -418,6 +551,14 @@ class Pipeline:
                     raise RuntimeError(f"output series {series_uid} was discarded while this "
                                        "attempt built it (the job was claimed again)")
                 self.parts.ledger.append(event, conn=conn)
+                if refusal is not None:
+                    self.parts.ledger.append(Event(
+                        type=EventType.OUTPUT_HELD, actor=ACTOR, outcome=Outcome.MINOR_FAILURE,
+                        subject={"job_id": job.id, "study_uid": job.study_uid,
+                                 "series_uid": series_uid},
+                        payload={"source_series_uids": [job.series_uid],
+                                 "reasons": [refusal], "checks": ["watermark_unverified"],
+                                 "dispatch": "refused"}), conn=conn)
             if job.engine_spec.replace and made:
                 self._supersede(job, made, conn)
             self._queue_dispatch(job, made, conn=conn)
@@ -433,7 +574,11 @@ class Pipeline:
             return
         existing = {(j.series_uid, j.dispatch_spec.destination)
                     for j in self.jobs.find(parent_id=job.id, conn=conn)}
+        held = ({r[0] for r in conn.execute(select(outputs.c.series_uid).where(and_(
+            outputs.c.series_uid.in_(made), outputs.c.held.is_(True))))} if made else set())
         for series_uid in made:
+            if series_uid in held:  # refused (mark not verified) or held: never dispatched
+                continue
             for dest in job.engine_spec.destinations:
                 if (series_uid, dest) in existing:
                     continue
@@ -468,22 +613,27 @@ class Pipeline:
         return [uid for uid in uids if self._discard_output(uid, reason)]
 
     def _discard_output(self, series_uid: str, reason: str, *,
-                        orphans_of: Job | None = None) -> bool:
+                        orphans_of: Job | None = None, held_by: str | None = None) -> bool:
         """Remove one ``building`` output series. ``orphans_of`` (the job whose attempt
         built it): also instances of the series when its row is already gone (an attempt
         that lost its claim kept storing into a series the next attempt had discarded).
-        A ``complete`` series is never touched."""
+        A ``complete`` series is never touched, except a held one that an administrator
+        discards (``held_by``: the actor, ``user:<name>``)."""
         insts = self.parts.index.instances(series_instance_uid=series_uid)
         with self.parts.engine.begin() as conn:
             row = conn.execute(select(outputs).where(outputs.c.series_uid == series_uid)).first()
             if row is None:
                 if orphans_of is None or not insts:
                     return False
-            elif row.state != OUTPUT_BUILDING:
+            elif held_by is None and row.state != OUTPUT_BUILDING:
                 return False
+            elif held_by is not None and not row.held:
+                return False  # an administrator removes held outputs only
             else:
+                wanted = (outputs.c.held.is_(True) if held_by is not None
+                          else outputs.c.state == OUTPUT_BUILDING)
                 res = conn.execute(outputs.delete().where(and_(
-                    outputs.c.series_uid == series_uid, outputs.c.state == OUTPUT_BUILDING)))
+                    outputs.c.series_uid == series_uid, wanted)))
                 if res.rowcount != 1:
                     return False  # completed or discarded by someone else meanwhile
             self.parts.index.delete_instances(conn, [i.pk for i in insts])
@@ -495,7 +645,8 @@ class Pipeline:
                 job_id, study_uid = orphans_of.id, orphans_of.study_uid
                 source, attempt, planned = orphans_of.series_uid, orphans_of.attempts, None
             self.parts.ledger.append(Event(
-                type=EventType.OUTPUT_DISCARDED, actor=ACTOR, outcome=Outcome.MINOR_FAILURE,
+                type=EventType.OUTPUT_DISCARDED, actor=held_by or ACTOR,
+                outcome=Outcome.SUCCESS if held_by else Outcome.MINOR_FAILURE,
                 subject={"job_id": job_id, "study_uid": study_uid, "series_uid": series_uid},
                 payload={"source_series_uids": [source],
                          "sop_uids": [i.sop_instance_uid for i in insts],
@@ -553,8 +704,17 @@ class Pipeline:
                     a, key, payload, units=units, bits_stored=16, signed=False,
                     max_delta=delta, ceiling=ceiling, detect_keys=self.detect_keys or None,
                     fmt=CURRENT_FORMAT)
+                undetected = report.detected.count(False)
+                if out.fov is not None and not out.fov.all():
+                    # padding / out-of-FOV pixels keep the input's values (no mark there);
+                    # the mark is checked again on what is actually stored
+                    marked = np.where(out.fov, marked, a).astype(a.dtype, copy=False)
+                    undetected = sum(not self._unit_marked(marked, u, payload) for u in units)
+                    verified["watermark_fov_only"] = True
                 verified.update(watermark_max_delta=max(report.max_delta),
-                                watermark_verified=report.verified,
+                                watermark_verified=undetected == 0,
+                                watermark_units=len(units),
+                                watermark_undetected=undetected,
                                 watermark_format=report.format_version,
                                 watermark_bound=bound.record(hu=hu),
                                 watermark_fidelity=measure(a, marked, slope=slope, hu=hu,
@@ -568,11 +728,11 @@ class Pipeline:
                                 "unit(s) (below the image noise) to make it detectable",
                                 series_uid, delta, max(report.max_delta), report.raised,
                                 len(units))
-                if not report.verified:
+                if undetected:
                     logger.warning(
                         "watermark of %s not detectable in %d of %d unit(s) within the "
-                        "fidelity bound (up to %d stored units): dispatch will refuse them",
-                        series_uid, report.detected.count(False), len(units),
+                        "fidelity bound (up to %d stored units): the output is not dispatched",
+                        series_uid, undetected, len(units),
                         max(report.limit))
                 return marked
             finally:
@@ -580,14 +740,25 @@ class Pipeline:
 
         return mark, phex(payload)
 
+    def _unit_marked(self, marked: Any, unit: list[int], payload: int) -> bool:
+        """Whether a receiver finds the mark in one unit (as ``embed_verified`` checks it)."""
+        from audit.watermark import detect
+        from audit.watermark.core import VERIFY_MAX_FRAMES, sample_frames
+
+        host = marked[np.asarray(unit, dtype=np.int64)]
+        probe = sample_frames(len(unit), VERIFY_MAX_FRAMES)
+        det = detect(host[probe] if len(unit) > 1 else host[0], self.detect_keys)
+        return bool(det.marked and det.payload == payload)
+
     def _build_and_store(self, job: Job, source: AssembledVolume, out: Volume, prov: Provenance,
                          k: int, stats: dict[str, str], timings: dict[str, float],
-                         started: list[str]) -> tuple[str, Event]:
+                         started: list[str]) -> tuple[str, Event, str | None]:
         """Build one output series, record it as ``building``, store its instances.
-        Returns the series UID and its ``output.created`` event (appended on completion)."""
-        from pydicom.uid import generate_uid
-
-        series_uid = generate_uid()
+        Returns the series UID, its ``output.created`` event (appended on completion) and,
+        when the node marked it but could not verify the mark, why it is refused dispatch
+        (the series is stored and recorded, flagged held, and never dispatched)."""
+        seed_text = output_uid_seed(job, prov, k)
+        series_uid = output_series_uid(seed_text)
         output_format = codes.OutputFormat(job.engine_spec.output_format)
         verified: dict[str, Any] = {}
         mark, payload_hex = self._marker(series_uid, out, output_format, timings, verified)
@@ -596,9 +767,15 @@ class Pipeline:
         n_out = self.settings.output_series_number_base + job.engine_spec.task_index * 10 + k + 1
         spec = SeriesSpec(
             output_format, prov, ledger_entry=f"job:{job.id}",
-            series_number=n_out, series_instance_uid=series_uid,
+            series_number=n_out, series_instance_uid=series_uid, uid_seed=seed_text,
         )
         built = build_series(source, out, spec, mark=mark)
+        refusal = None
+        if verified.get("watermark_verified") is False:
+            refusal = (f"watermark not detectable in {verified.get('watermark_undetected')} of "
+                       f"{verified.get('watermark_units')} unit(s) within the fidelity bound (up "
+                       f"to {verified.get('watermark_max_delta')} stored units): an output "
+                       "whose mark the node cannot verify is never dispatched")
         wm = timings.get("watermark", 0.0) - wm_before
         timings["build"] = timings.get("build", 0.0) + time.perf_counter() - t0 - wm
         # the plan first: a crash while storing leaves a row that names the partial series
@@ -607,7 +784,8 @@ class Pipeline:
                 series_uid=series_uid, job_id=job.id, study_uid=job.study_uid,
                 source_series_uid=job.series_uid, generation=job.generation,
                 output_format=built.output_format.value, instances=len(built.datasets),
-                watermark_payload=payload_hex, digest=None, held=False, superseded=False,
+                watermark_payload=payload_hex, digest=None, held=refusal is not None,
+                superseded=False,
                 state=OUTPUT_BUILDING, attempt=job.attempts, created_at=_now(),
             ))
         started.append(series_uid)
@@ -634,9 +812,12 @@ class Pipeline:
                      "output_format": built.output_format.value,
                      "model_id": prov.model_id, "model_version": prov.model_version,
                      "weights_sha256": prov.weights_sha256, "seed": prov.seed,
-                     "quality": stats},
+                     "quality": stats,
+                     **({"quality_released_by": job.engine_spec.released_by,
+                         "quality_release_reason": job.engine_spec.release_reason}
+                        if job.engine_spec.released_by else {})},
         )
-        return series_uid, event
+        return series_uid, event, refusal
 
     def _supersede(self, job: Job, made: list[str], conn: Connection) -> None:
         earlier = [j.id for j in self.jobs.find(kind=JobKind.ENGINE, series_uid=job.series_uid,
@@ -645,6 +826,166 @@ class Pipeline:
         conn.execute(update(outputs).where(and_(
             outputs.c.job_id.in_(earlier), outputs.c.series_uid.not_in(made),
         )).values(superseded=True))
+
+    # -- the administrator's view of a study, and re-routing it ----------------------------
+    def reprocess(self, study_uid: str, *, by: str, reason: str) -> list[str]:
+        """Route a stored study again with the current rules and models (``synthnode study
+        reprocess``): a new engine job per matching rule and task, also where the same
+        source was processed before. Recorded in the ledger (``study.reopened``, actor
+        ``user:<by>``, payload reprocess, reason, the queued jobs). Returns the job ids."""
+        status = self.tracker.status(study_uid)
+        if status is None and not self.parts.index.instances(study_instance_uid=study_uid):
+            raise ValueError(f"unknown study {study_uid}")
+        generation = status.generation if status else 0
+        queued = self.on_study_complete(study_uid, generation, force=True)
+        self.parts.ledger.append(Event(
+            type=EventType.STUDY_REOPENED, actor=f"user:{by}", outcome=Outcome.SUCCESS,
+            subject={"study_uid": study_uid},
+            payload={"reprocess": True, "reason": reason, "jobs": queued}))
+        return queued
+
+    def study_report(self, study_uid: str) -> dict[str, Any]:
+        """Everything an administrator asks about one study (``synthnode study show``):
+        completion, series received (with the rule that routes each now), engine jobs with
+        their outcome, outputs and, per destination, delivered / queued / held / refused /
+        failed and why."""
+        status = self.tracker.status(study_uid)
+        insts = self.parts.index.instances(study_instance_uid=study_uid)
+        if status is None and not insts:
+            raise ValueError(f"unknown study {study_uid}")
+        with self.parts.engine.connect() as c:
+            out_rows = {r.series_uid: r for r in c.execute(
+                select(outputs).where(outputs.c.study_uid == study_uid))}
+        by_series: dict[str, list[IndexedInstance]] = {}
+        for i in insts:
+            if i.series_instance_uid not in out_rows:
+                by_series.setdefault(i.series_instance_uid, []).append(i)
+        series = []
+        for uid, group in sorted(by_series.items()):
+            head = self._read(group[0].file_path, headers_only=True)
+            facts = SeriesFacts(head, len(group), status.called_ae if status else None,
+                                status.calling_ae if status else None, is_synthetic(head),
+                                False)
+            routing = route(self.settings, facts)
+            series.append({"series_uid": uid, "instances": len(group),
+                           "modality": str(head.get("Modality", "")),
+                           "description": str(head.get("SeriesDescription", "")),
+                           "rule": routing.rule.name if routing.rule else None,
+                           "not_routed": None if routing.rule else (routing.skipped
+                                                                    or "no rule matched")})
+        all_jobs = self.jobs.list(study_uid=study_uid, limit=10000)
+        dispatch = [j for j in all_jobs if j.kind is JobKind.DISPATCH]
+        engine_jobs = []
+        for j in sorted((j for j in all_jobs if j.kind is JobKind.ENGINE),
+                        key=lambda j: j.created_at):
+            r = j.result or {}
+            outs = []
+            for uid in r.get("outputs") or []:
+                row = out_rows.get(uid)
+                dests = {d: {"state": "not queued"} for d in j.engine_spec.destinations}
+                for dj in dispatch:
+                    if dj.series_uid == uid:
+                        dests[dj.dispatch_spec.destination] = {
+                            "state": _dispatch_state(dj), "job_id": dj.id,
+                            **({"why": dj.error} if dj.error else {})}
+                if row is not None and row.held:
+                    dests = {d: {"state": "refused", "why": "watermark not verified"}
+                             for d in j.engine_spec.destinations}
+                outs.append({"series_uid": uid,
+                             "instances": row.instances if row is not None else None,
+                             "superseded": bool(row.superseded) if row is not None else None,
+                             "destinations": dests})
+            engine_jobs.append({
+                "job_id": j.id, "series_uid": j.series_uid, "rule": j.rule, "task": j.task,
+                "state": j.state.value, "outcome": r.get("outcome"), "error": j.error,
+                "held": r.get("held") or [], "refused": r.get("refused") or [],
+                "decision": r.get("decision"), "outputs": outs})
+        originals = [{"series_uid": dj.series_uid, "destination": dj.dispatch_spec.destination,
+                      "state": _dispatch_state(dj), **({"why": dj.error} if dj.error else {})}
+                     for dj in dispatch if dj.dispatch_spec.original]
+        return {"study_uid": study_uid,
+                "state": status.state if status else "unknown",
+                "generation": status.generation if status else None,
+                "instances": len(insts) - sum(int(r.instances or 0) for r in out_rows.values()),
+                "completed_at": str(status.completed_at) if status and status.completed_at
+                else None,
+                "series": series, "jobs": engine_jobs, "forwarded_originals": originals}
+
+    # -- administrator decisions on held / refused outputs ------------------------------------
+    def _decidable(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job.kind is not JobKind.ENGINE or job.state is not JobState.SUCCEEDED:
+            raise ValueError(f"job {job.id} is a {job.state.value} {job.kind.value} job: only a "
+                             "succeeded engine job with held or refused outputs is decided")
+        result = job.result or {}
+        if not (result.get("held") or result.get("refused")):
+            raise ValueError(f"job {job.id} has no held or refused output "
+                             f"(outcome {result.get('outcome', 'passed')})")
+        if result.get("decision"):
+            d = result["decision"]
+            raise ValueError(f"job {job.id} was already {d.get('action')} by {d.get('by')}: "
+                             f"{d.get('reason')}")
+        return job
+
+    def release(self, job_id: str, *, by: str, reason: str) -> str:
+        """An administrator releases the quality-held outputs of an engine job: a new engine
+        job (same source, parameters and seed, so the same output) runs the gate, records
+        its findings and builds them anyway; its outputs are dispatched like any other. An
+        output refused for an unverified watermark cannot be released (discard it). Recorded
+        in the ledger (``output.released``, actor ``user:<by>``, the reason). Returns the new
+        job's id."""
+        job = self._decidable(job_id)
+        result = job.result or {}
+        if result.get("refused"):
+            raise ValueError(f"job {job.id} has output(s) whose watermark could not be verified: "
+                             "such an output is never dispatched; discard it (jobs discard)")
+        if not reason.strip():
+            raise ValueError("a release needs a reason")
+        spec = job.engine_spec.model_copy(update={
+            "released_from": job.id, "released_by": by, "release_reason": reason})
+        with self.parts.engine.begin() as conn:
+            new_id = self.jobs.enqueue(
+                JobKind.ENGINE, study_uid=job.study_uid, series_uid=job.series_uid,
+                rule=job.rule, task=job.task, spec=spec, seed=job.seed,
+                max_attempts=self.settings.job_max_attempts, generation=job.generation,
+                conn=conn)
+            self.parts.ledger.append(Event(
+                type=EventType.OUTPUT_RELEASED, actor=f"user:{by}", outcome=Outcome.SUCCESS,
+                subject={"job_id": job.id, "study_uid": job.study_uid},
+                payload={"source_series_uids": [job.series_uid], "reason": reason,
+                         "new_job_id": new_id,
+                         "checks": sorted({c for h in result.get("held") or []
+                                           for c in h.get("checks") or []})}), conn=conn)
+            self.jobs.annotate(job.id, "decision", {
+                "action": "released", "by": by, "reason": reason, "at": _now().isoformat(),
+                "job_id": new_id}, conn=conn)
+        self.pool.wake()
+        return new_id
+
+    def discard(self, job_id: str, *, by: str, reason: str) -> list[str]:
+        """An administrator discards the held and refused outputs of an engine job: a
+        refused output series stored in the node is removed through storage's delete path;
+        a quality-held output (never built) is closed. Recorded in the ledger
+        (``output.discarded``, actor ``user:<by>``, the reason). Returns the removed series."""
+        job = self._decidable(job_id)
+        if not reason.strip():
+            raise ValueError("a discard needs a reason")
+        result = job.result or {}
+        removed = [r["series_uid"] for r in result.get("refused") or []
+                   if self._discard_output(r["series_uid"], reason, held_by=f"user:{by}")]
+        with self.parts.engine.begin() as conn:
+            if result.get("held"):
+                self.parts.ledger.append(Event(
+                    type=EventType.OUTPUT_DISCARDED, actor=f"user:{by}",
+                    outcome=Outcome.SUCCESS,
+                    subject={"job_id": job.id, "study_uid": job.study_uid},
+                    payload={"source_series_uids": [job.series_uid], "reason": reason,
+                             "held_outputs": [h.get("index") for h in result["held"]]}),
+                    conn=conn)
+            self.jobs.annotate(job.id, "decision", {
+                "action": "discarded", "by": by, "reason": reason, "at": _now().isoformat(),
+                "removed": removed}, conn=conn)
+        return removed
 
     # -- stage 4: dispatch job -----------------------------------------------------------------
     def run_dispatch_job(self, job: Job) -> dict[str, Any]:
@@ -680,6 +1021,16 @@ class Pipeline:
             raise PermanentJobError(f"dispatch failed: {result.reason}")
         raise TransientJobError(f"dispatch to {dest_name}: {result.reason}",
                                 retry_after_s=self.dispatcher.backoff(dest, max(1, job.attempts)))
+
+
+def _dispatch_state(job: Job) -> str:
+    """A dispatch job as the administrator reads it: delivered, queued, sending, refused
+    (destination policy) or failed."""
+    if job.state is JobState.SUCCEEDED:
+        return "delivered"
+    if job.state is JobState.FAILED:
+        return "refused" if (job.error or "").startswith("refused by policy") else "failed"
+    return {"queued": "queued", "running": "sending"}.get(job.state.value, job.state.value)
 
 
 def build_pipeline(ctx: NodeContext) -> Pipeline:

@@ -40,6 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from engine.api import Intensity, Volume
+from engine.conditioning import AIR_HU, body_mask, field_of_view
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ BODY_EROSION_PX = 9
 #: MR bias: fewest background voxels to estimate the Rician sigma from (else no correction)
 MIN_BACKGROUND_VOXELS = 500
 MR_INTENSITIES = (Intensity.MR, Intensity.MR_T1W, Intensity.MR_T2W)
+#: dilation (pixels) of the input's body outline before "outside the body" is judged as
+#: background (a synthesised skin edge may be a few pixels wider than the CT's)
+BACKGROUND_MARGIN_PX = 5
+#: CT input values below this (outside the body) are the air the background checks look at
+AIR_BELOW_HU = -900.0
 
 
 @dataclass(frozen=True)
@@ -79,11 +85,16 @@ class QualityLimits:
     min_slice_edge_ratio: float = 0.85
     max_slice_edge_ratio: float = 1.5
     min_slice_foreground_dice: float = 0.5
+    # relative to the received input
+    hu_range_margin: float = 200.0  # CT: output within the input's own FOV range +- this
+    max_air_shift_hu: float = 50.0  # CT restoration: mean change of the air around the body
+    max_background_fraction: float = 0.1  # MR outputs: background vs body level
 
     def __post_init__(self) -> None:
         positive = ("min_std", "max_abs_bias_hu", "max_mean_abs_residual_hu", "max_rel_bias",
                     "max_rel_mean_abs_residual", "max_slice_abs_bias_hu", "max_slice_rel_bias",
-                    "min_slice_edge_ratio", "max_slice_edge_ratio")
+                    "min_slice_edge_ratio", "max_slice_edge_ratio", "max_air_shift_hu",
+                    "max_background_fraction")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -93,6 +104,8 @@ class QualityLimits:
         for name in ("min_foreground_dice", "min_slice_foreground_dice", "mr_negative_tolerance"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.hu_range_margin < 0:
+            raise ValueError(f"hu_range_margin must be >= 0, got {self.hu_range_margin!r}")
         if not self.hu_min < self.hu_max:
             raise ValueError(f"hu_min ({self.hu_min}) must be below hu_max ({self.hu_max})")
         if not self.min_slice_edge_ratio < self.max_slice_edge_ratio:
@@ -375,6 +388,93 @@ def _cross_modality(g: _Gate, src: np.ndarray, data: np.ndarray, limits: Quality
             )
 
 
+def _outside_body(src: Volume, fov: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Inside the FOV, more than ``BACKGROUND_MARGIN_PX`` from the body outline; for CT also
+    air (below ``AIR_BELOW_HU``: not a head holder or table)."""
+    near = np.stack([ndimage.binary_dilation(b, iterations=BACKGROUND_MARGIN_PX) for b in body])
+    out = fov & ~near
+    if src.intensity is Intensity.HU:
+        out &= np.asarray(src.data) < AIR_BELOW_HU
+    return out
+
+
+def _background(g: _Gate, source: Volume, src: np.ndarray, data: np.ndarray,
+                fov: np.ndarray, out_intensity: Intensity, limits: QualityLimits) -> None:
+    """Background stays background: CT restoration keeps the mean of the air around the body
+    (``air_shift``); an MR output (synthesised or restored) is dark outside the body
+    (``background``) relative to its body level (and, for restoration, to the input's own
+    background)."""
+    if source.intensity is Intensity.HU:
+        body = body_mask(src, fov, source.spacing)
+    else:
+        body = np.stack([ndimage.binary_fill_holes(m) for m in _foreground(src) & fov])
+    outside = _outside_body(source, fov, body)
+    if int(outside.sum()) < MIN_BACKGROUND_VOXELS or not body.any():
+        g.stats["background_judged"] = "no"
+        return
+    bg_out, bg_in = float(data[outside].mean()), float(src[outside].mean())
+    g.stats.update(background_output_mean=_fmt(bg_out), background_input_mean=_fmt(bg_in))
+    if out_intensity is Intensity.HU:
+        shift = bg_out - bg_in
+        if abs(shift) > limits.max_air_shift_hu:
+            g.fail("air_shift", f"air around the body moved by {shift:.1f} HU (input "
+                                f"{bg_in:.0f}, output {bg_out:.0f}; limit "
+                                f"{limits.max_air_shift_hu:g})")
+        return
+    level = float(np.median(data[body]))
+    g.stats["body_output_median"] = _fmt(level)
+    allowed = limits.max_background_fraction * max(level, 0.0)
+    if source.intensity is not Intensity.HU:  # MR restoration: the input's background too
+        allowed += max(bg_in, 0.0)
+    if bg_out > allowed:
+        g.fail("background", f"background is not dark: mean {bg_out:.4g} outside the body "
+                             f"above {allowed:.4g} ({limits.max_background_fraction:g} x body "
+                             f"median {level:.4g}"
+                             + (f" + input background {bg_in:.4g})"
+                                if source.intensity is not Intensity.HU else ")"))
+
+
+def _field_of_view(g: _Gate, source: Volume, data: np.ndarray,
+                   same: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The input's field of view and its data with out-of-FOV pixels as air / background;
+    for same-intensity outputs the out-of-FOV pixels must be the input's, unchanged
+    (``fov_changed``)."""
+    src = np.asarray(source.data, dtype=np.float64)
+    src = src[None] if src.ndim == 2 else src
+    fov = field_of_view(Volume(src.astype(np.float32), source.spacing, source.intensity,
+                               fov=source.fov))
+    outside = int((~fov).sum())
+    g.stats["fov_fraction"] = _fmt(float(fov.mean()))
+    if outside and same and data.shape == src.shape:
+        changed = int((data[~fov] != src[~fov]).sum())
+        if changed:
+            g.fail("fov_changed", f"{changed} of {outside} padding / out-of-FOV pixel(s) differ "
+                                  "from the input's")
+    fill = AIR_HU if source.intensity is Intensity.HU else 0.0
+    return fov, np.where(fov, src, fill)
+
+
+def _hu_range(g: _Gate, data: np.ndarray, fov: np.ndarray | None, src: np.ndarray | None,
+              limits: QualityLimits) -> None:
+    """CT output inside the FOV within ``[hu_min, hu_max]``, widened to the input's own FOV
+    range +- ``hu_range_margin`` (real air noise goes below -1100 HU, metal above 4000)."""
+    vals = data[fov] if fov is not None else data
+    if vals.size == 0:
+        return
+    lo_lim, hi_lim = limits.hu_min, limits.hu_max
+    if src is not None and fov is not None and fov.any():
+        lo_lim = min(lo_lim, float(src[fov].min()) - limits.hu_range_margin)
+        hi_lim = max(hi_lim, float(src[fov].max()) + limits.hu_range_margin)
+    lo, hi = float(vals.min()), float(vals.max())
+    g.stats.update(fov_min=_fmt(lo), fov_max=_fmt(hi), hu_range_allowed=f"[{lo_lim:.0f}, "
+                                                                          f"{hi_lim:.0f}]")
+    if lo < lo_lim or hi > hi_lim:
+        g.fail("hu_range", f"HU range in the field of view [{lo:.0f}, {hi:.0f}] outside "
+                           f"[{lo_lim:.0f}, {hi_lim:.0f}] (the input's range +- "
+                           f"{limits.hu_range_margin:g}, at least [{limits.hu_min:.0f}, "
+                           f"{limits.hu_max:.0f}])")
+
+
 def check(
     output: Volume, source: Volume | None = None, limits: QualityLimits | None = None
 ) -> QualityReport:
@@ -400,27 +500,36 @@ def check(
     if flat and std > limits.min_std:
         g.fail("slice_constant", f"{len(flat)} constant slice(s), first index {flat[0]}")
     intensity = Intensity(output.intensity)
-    lo, hi = float(data.min()), float(data.max())
+    fov: np.ndarray | None = None
+    src: np.ndarray | None = None
+    if source is not None:
+        same = Intensity(source.intensity) is intensity
+        fov, src = _field_of_view(g, source, data, same)
+        if src.shape != data.shape:
+            g.fail("shape", f"shape {data.shape} differs from input {src.shape}")
+            return QualityReport(False, tuple(g.reasons), g.stats, tuple(g.checks))
+    elif intensity is Intensity.HU:
+        fov = field_of_view(Volume(data.astype(np.float32), (1.0, 1.0, 1.0), intensity))
     if intensity is Intensity.HU:
-        if lo < limits.hu_min or hi > limits.hu_max:
-            g.fail("hu_range", f"HU range [{lo:.0f}, {hi:.0f}] outside "
-                               f"[{limits.hu_min:.0f}, {limits.hu_max:.0f}]")
+        _hu_range(g, data, fov, src if source is not None and
+                  Intensity(source.intensity) is Intensity.HU else None, limits)
     elif intensity in MR_INTENSITIES:
         p99 = float(np.percentile(data, 99.0))
         floor = -limits.mr_negative_tolerance * max(p99, 0.0)
         g.stats["p99"] = _fmt(p99)
+        lo = float(data.min())
         if lo < floor:
             g.fail("mr_range", f"MR magnitude below 0: minimum {lo:.4g} under {floor:.4g} "
                                f"(-{limits.mr_negative_tolerance:g} x 99th percentile {p99:.4g})")
-    if source is not None:
-        src = np.asarray(source.data, dtype=np.float64)
-        src = src[None] if src.ndim == 2 else src
-        if src.shape != data.shape:
-            g.fail("shape", f"shape {data.shape} differs from input {src.shape}")
-        elif Intensity(source.intensity) is intensity:
-            _restoration(g, src, data, intensity is Intensity.HU, limits)
+    if source is not None and src is not None and fov is not None:
+        assert source is not None
+        # out-of-FOV pixels are judged above (unchanged); the statistics see them as air
+        filled = np.where(fov, data, src) if Intensity(source.intensity) is intensity else data
+        if Intensity(source.intensity) is intensity:
+            _restoration(g, src, filled, intensity is Intensity.HU, limits)
         else:
-            _cross_modality(g, src, data, limits)
+            _cross_modality(g, src, filled, limits)
+        _background(g, source, src, filled, fov, intensity, limits)
     if g.reasons:
         logger.warning("quality gate held an output: %s", "; ".join(g.reasons))
     return QualityReport(not g.reasons, tuple(g.reasons), g.stats, tuple(g.checks))

@@ -11,12 +11,13 @@ pixel data carry a detectable watermark of ours, is never routed as an original.
 """
 from __future__ import annotations
 
-import difflib
+import json
 import logging
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
@@ -233,12 +234,13 @@ def _entry_problem(rule: Rule, key: str, pattern: str, path: str) -> RuleProblem
     return None
 
 
-def rule_problems(settings: PipelineSettings) -> list[RuleProblem]:
+def rule_problems(settings: PipelineSettings,
+                  models_dir: Path | None = None) -> list[RuleProblem]:
     """Mistakes in the rule set that the settings schema cannot see: unknown match keys,
     malformed comparisons on numeric fields, bad regular expressions, rules without tasks,
-    task names the engine does not have (:class:`engine.types.TaskName`)."""
+    unknown tasks and task parameters (with a suggestion), and with ``models_dir`` tasks or
+    models with no installed model."""
     problems: list[RuleProblem] = []
-    known = [t.value for t in TaskName]
     for i, rule in enumerate(settings.rules):
         for key, pattern in rule.match.items():
             p = _entry_problem(rule, key, pattern, f"pipeline.rules.{i}.match.{key}")
@@ -247,16 +249,72 @@ def rule_problems(settings: PipelineSettings) -> list[RuleProblem]:
         if not rule.tasks:
             problems.append(
                 RuleProblem(f"pipeline.rules.{i}.tasks", f"rule {rule.name!r}: no tasks"))
-        for j, spec in enumerate(rule.tasks):
-            if spec.task not in known:
-                near = difflib.get_close_matches(spec.task, known, n=1)
-                problems.append(RuleProblem(
-                    f"pipeline.rules.{i}.tasks.{j}.task",
-                    f"rule {rule.name!r}: unknown task {spec.task!r}; known: {', '.join(known)}",
-                    f"did you mean {near[0]!r}?" if near else None))
+        for k, task in enumerate(rule.tasks):
+            problems += task_problems(rule.name, task.task, dict(task.params), task.model,
+                                      f"pipeline.rules.{i}.tasks.{k}", models_dir)
     return problems
 
 
-def check_rules(settings: PipelineSettings) -> list[str]:
-    """Problems in the rule set a config check should report (unknown keys, bad regexes)."""
-    return [p.reason + (f" ({p.hint})" if p.hint else "") for p in rule_problems(settings)]
+def _did_you_mean(word: str, known: Iterable[str]) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+def installed_models(models_dir: Path) -> list[dict[str, Any]]:
+    """Manifests (model_id, task, ...) of the model folders in ``models_dir`` (one level, and
+    ``experimental/``); approval is the model gate's business, checked when a job runs."""
+    found = []
+    for manifest in sorted([*models_dir.glob("*/manifest.json"),
+                            *models_dir.glob("*/*/manifest.json")]):
+        try:
+            found.append(json.loads(manifest.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def task_problems(rule: str, task: str, params: dict[str, Any], model: str | None, path: str,
+                  models_dir: Path | None = None) -> list[RuleProblem]:
+    """A rule's task checked against the engine's task registry (name, parameter names,
+    types and ranges) and, with ``models_dir``, against the installed models (one for the
+    task, or the named one)."""
+    from engine.tasks import TASKS, TaskInputError
+
+    spec = TASKS.get(task)
+    if spec is None:
+        return [RuleProblem(f"{path}.task", f"rule {rule!r}: unknown task {task!r} (known: "
+                                            f"{', '.join(sorted(TASKS))})",
+                            _did_you_mean(task, TASKS))]
+    out = []
+    for name, value in params.items():
+        p = spec.params.get(name)
+        if p is None:
+            out.append(RuleProblem(f"{path}.params.{name}",
+                                   f"rule {rule!r}: task {task} has no parameter {name!r} "
+                                   f"(known: {', '.join(sorted(spec.params))})",
+                                   _did_you_mean(name, spec.params)))
+            continue
+        try:
+            p.coerce(name, value)
+        except TaskInputError as exc:
+            out.append(RuleProblem(f"{path}.params.{name}", f"rule {rule!r}: {exc}"))
+    if models_dir is not None and models_dir.is_dir():
+        manifests = installed_models(models_dir)
+        if model is not None and not any(m.get("model_id") == model for m in manifests):
+            out.append(RuleProblem(f"{path}.model", f"rule {rule!r}: no model {model!r} in "
+                                                    f"{models_dir}",
+                                   _did_you_mean(model, [str(m.get("model_id"))
+                                                         for m in manifests])))
+        elif model is None and not any(m.get("task") == task for m in manifests):
+            out.append(RuleProblem(f"{path}.task", f"rule {rule!r}: no model for task {task!r} "
+                                                   f"in {models_dir}"))
+    return out
+
+
+def check_rules(settings: PipelineSettings, models_dir: Path | None = None) -> list[str]:
+    """Problems in the rule set a config check should report (unknown keys, bad regexes,
+    unknown tasks / parameters, missing models)."""
+    return [p.reason + (f" ({p.hint})" if p.hint else "")
+            for p in rule_problems(settings, models_dir)]

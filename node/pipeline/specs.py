@@ -46,6 +46,11 @@ class EngineJobSpec(_Spec):
     #: reprocess policy "replace": earlier outputs of the same series / rule / task are
     #: marked superseded once these are complete
     replace: bool = False
+    #: an administrator released the quality-held outputs of job ``released_from``: this job
+    #: runs the gate, records its findings and builds the outputs anyway
+    released_from: str | None = None
+    released_by: str | None = None
+    release_reason: str | None = None
 
 
 class DispatchJobSpec(_Spec):

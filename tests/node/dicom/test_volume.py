@@ -214,3 +214,72 @@ def test_to_stored_mr_scaling_and_nan() -> None:
     assert np.max(np.abs(sp.to_physical() - x)) <= sp.slope / 2 + 1e-6
     with pytest.raises(ValueError):
         to_stored(np.array([[[np.nan]]]), Intensity.HU)
+
+
+def test_pixel_padding_value_becomes_the_fov_mask() -> None:
+    from tests.support.realdata import series_from_real_slice
+
+    series = series_from_real_slice("693_UNCR.dcm", 2)
+    stored = series[0].pixel_array
+    av = assemble(series)
+    assert av.volume.fov is not None
+    np.testing.assert_array_equal(av.volume.fov[0], stored != -2000)
+    assert av.volume.data[~av.volume.fov].max() == -3024.0
+    # Pixel Padding Range Limit: every stored value between the two is padding
+    for ds in series:
+        ds.PixelPaddingRangeLimit = -1024  # stored -1024 = -2048 HU: the whole outside
+    av = assemble(series)
+    assert av.volume.fov is not None
+    np.testing.assert_array_equal(av.volume.fov[0], ~((stored >= -2000) & (stored <= -1024)))
+    # no padding declared: no mask
+    assert assemble(series_from_real_slice("CT_small.dcm", 2)).volume.fov is None
+
+
+def test_gantry_tilt_is_assembled_with_the_received_positions() -> None:
+    tilt = 0.3  # rad: slice planes tilted, the table moves along z
+    series = make_series(4, orientation=(1, 0, 0, 0, np.cos(tilt), -np.sin(tilt)),
+                         shuffle=True)
+    for ds in series:
+        k = int(ds.InstanceNumber) - 1
+        ds.ImagePositionPatient = [-10.0, -20.0, 30.0 + 2.5 * k]
+        ds.GantryDetectorTilt = 17.19
+    av = assemble(series)
+    assert av.volume.spacing[0] == pytest.approx(2.5 * np.cos(tilt), rel=1e-4)
+    z = [p[2] for p in av.geometry.positions]
+    assert z == sorted(z) and z[0] == pytest.approx(30.0)  # the received positions, kept
+
+
+def test_real_ct_as_12_bit_unsigned_with_another_rescale() -> None:
+    from tests.support.realdata import series_from_real_slice
+
+    series = series_from_real_slice("CT_small.dcm", 2)
+    hu = assemble(series).volume.data
+    for ds in series:  # the same HU as Bits Stored 12, unsigned, slope 0.5, intercept -1100
+        stored = np.clip(np.rint((ds.pixel_array * float(ds.RescaleSlope)
+                                  + float(ds.RescaleIntercept) + 1100) / 0.5), 0, 4095)
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -1100
+        for kw in ("PixelPaddingValue", "SmallestImagePixelValue", "LargestImagePixelValue"):
+            if kw in ds:
+                del ds[kw]
+    got = assemble(series).volume.data
+    inside = hu < -1100 + 0.5 * 4095  # what 12 bits at slope 0.5 can hold
+    np.testing.assert_allclose(got[inside], hu[inside], atol=0.5)
+
+
+@pytest.mark.parametrize(("name", "reference", "lossy"), [
+    ("693_J2KR.dcm", "693_UNCR.dcm", False),  # JPEG 2000 lossless, padding -2000
+    ("MR_small_RLE.dcm", "MR_small.dcm", False),
+    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm", False),
+    ("MR_small_jp2klossless.dcm", "MR_small.dcm", False),
+    ("693_J2KI.dcm", None, True),  # JPEG 2000 irreversible: decoded, flagged lossy
+])
+def test_real_compressed_slices_decode_like_uncompressed(name: str, reference: str | None,
+                                                         lossy: bool) -> None:
+    got = assemble([pydicom.dcmread(get_testdata_file(name))])
+    assert got.geometry.lossy is lossy
+    if reference is not None:
+        ref = assemble([pydicom.dcmread(get_testdata_file(reference))])
+        np.testing.assert_array_equal(got.volume.data, ref.volume.data)
+        assert (got.volume.fov is None) == (ref.volume.fov is None)

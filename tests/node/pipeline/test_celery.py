@@ -41,7 +41,7 @@ from node.pipeline.broker import (
     queue_names,
 )
 from node.pipeline.jobs import JobKind, JobState, JobStore
-from tests.support.net import IN_CI, get_port
+from tests.support.net import IN_CI, get_port, wait_for
 from tests.support.factory import make_series
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
@@ -377,7 +377,10 @@ def engine_node(tmp_path: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch
 
     made: list[EngineNode] = []
 
-    def make(output_format: str = "mf_word_sc", size: int = 128, **pipeline: Any) -> EngineNode:
+    # 256 px: the CT->MR output is background (0) outside the body outline, and in a 128 px
+    # series of the untrained model the 2-unit mark is not verifiable; the pipeline refuses
+    # to dispatch such an output (tests/node/pipeline/test_outcomes.py)
+    def make(output_format: str = "mf_word_sc", size: int = 256, **pipeline: Any) -> EngineNode:
         peer = StoragePeer()
         prefix = f"synthnode-test-{uuid.uuid4().hex[:12]}-"
         approver = Ed25519PrivateKey.generate()
@@ -527,13 +530,15 @@ def test_worker_killed_mid_store_partial_series_discarded(
     series: the node's sweeper requeues the job when its lease (``pipeline.lease_s`` = 3 s)
     expires and publishes it again; a second worker discards the partial series (files,
     index rows, ``output.discarded``), builds the output once and dispatches only it."""
-    # single frames of 256 x 256: the mark must be detectable in each instance to dispatch it
-    node = engine_node(output_format="sc", size=256, lease_s=3)
+    # single frames of 512 x 512: the mark must be verified in each instance to dispatch it
+    # (at 256 px the untrained model's CT->MR, background 0 outside the body, is not)
+    node = engine_node(output_format="sc", size=512, lease_s=3)
     env, pipe, ctx = node.env, node.pipe, node.env.ctx
     assert pipe.jobs.lease.total_seconds() == 3
     log = env.start_worker("engine", prelude=HANG_AFTER_FIRST_OUTPUT)
     pipe.start()
     assert pipe.complete_study(node.study) is True
+    wait_for(lambda: pipe.jobs.list(kind=JobKind.ENGINE), 60, "the engine job queued")
     (job,) = pipe.jobs.list(kind=JobKind.ENGINE)
     deadline = time.monotonic() + 240
     hit = None
