@@ -26,7 +26,6 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from config.sections.pipeline import PipelineSettings, Rule
-from engine.types import TaskName
 from storage.synthetic import is_synthetic
 
 logger = logging.getLogger(__name__)
