@@ -16,7 +16,7 @@ from audit.export import lineage
 from audit.watermark import WatermarkKey
 from config.settings import load_settings
 from engine.api import Provenance, TaskResult, Volume
-from engine.baselines import nlm_ct
+from engine.research.baselines import nlm_ct
 from node.app import build_context
 from node.cli import app
 from node.ingest.ingestor import Ingestor
