@@ -257,7 +257,7 @@ def rule_problems(settings: PipelineSettings,
 def _did_you_mean(word: str, known: Iterable[str]) -> str | None:
     import difflib
 
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, [str(k) for k in known], n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else None
 
 
