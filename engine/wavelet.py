@@ -8,9 +8,9 @@ inverse is the transpose: the round trip is exact up to float rounding.
 
 Wavelet diffusion models (WDM; Friedrich et al., 2024) run the denoiser on these
 coefficients: a quarter of the spatial positions, so a UNet of the same width is ~4x cheaper
-per forward (measured in docs/design.md section 5). The seed document (seeds.md section 1)
-uses a per-level schedule ``alpha_t(k) = alpha_t * 2**(k-1)``; :func:`level_noise_scale`
-gives that factor. The shipped models use ONE level (k = 1, factor 1), so the schedule
+per forward (bench/results/engine_speed.md). Multi-level wavelet diffusion uses a per-level
+schedule ``alpha_t(k) = alpha_t * 2**(k-1)``; :func:`level_noise_scale` gives that factor.
+The shipped models use ONE level (k = 1, factor 1), so the schedule
 reduces to the plain rectified-flow schedule; multi-level transforms are provided and
 tested for experiments.
 
@@ -127,7 +127,7 @@ def waverec2(ll: torch.Tensor, details: list[torch.Tensor]) -> torch.Tensor:
 
 
 def level_noise_scale(level: int) -> float:
-    """Per-level schedule factor of seeds.md section 1: ``alpha_t(k) = alpha_t * 2**(k-1)``.
+    """Per-level schedule factor: ``alpha_t(k) = alpha_t * 2**(k-1)``.
 
     Level 1 (the only level used by the shipped models) gives 1.0, i.e. the unmodified
     schedule.

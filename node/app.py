@@ -1,5 +1,5 @@
 """Composition root: build the node's runtime objects from settings, recover after a crash,
-start and stop the services (design.md section 3).
+start and stop the services.
 
 Start-up order:
 
@@ -45,7 +45,7 @@ NODE_ACTOR = "component:node"
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    """What start-up recovery found (design.md 4: nothing or the whole instance)."""
+    """What start-up recovery found."""
 
     temp_files_removed: int
     unreferenced_files_removed: int

@@ -1,6 +1,5 @@
 """The shared runtime objects of a running node, built once by the composition root
-(:mod:`node.app`) and injected into every service module (design.md section 3;
-style.md 8: settings injected, not a mutable global).
+(:mod:`node.app`) and injected into every service module.
 
 Service modules (DIMSE, pipeline, and any HTTP service) receive a :class:`NodeContext`; nothing
 reaches for a module-level singleton.

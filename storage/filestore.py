@@ -12,7 +12,7 @@ the old file is removed. A crash at any point leaves the index pointing at a com
 file; what it can leave behind is an unreferenced file (see :meth:`FileStore.unreferenced`)
 or a temp file (see :meth:`FileStore.sweep_temp`), never a half-written indexed file.
 
-Design: synthnode design.md section 4 (durability contract). POSIX rename(2) is atomic
+Durability contract (docs/architecture.md). POSIX rename(2) is atomic
 within one file system; fsync of the directory makes the new name durable.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Index writes and reads: patient / study / series / instance rows (``storage.tables``).
 
 Writers take an open :class:`sqlalchemy.Connection` inside ``engine.begin()`` so the
-caller commits the index rows together with its ledger entry (design.md section 4).
+caller commits the index rows together with its ledger entry (the durability contract).
 Parent rows are created with ``INSERT .. ON CONFLICT DO NOTHING`` and then read back, so
 concurrent associations that deliver the first instances of one study do not collide
 (SQLite and PostgreSQL). Within :attr:`Index.PARENT_CACHE_S` of writing a series' parent

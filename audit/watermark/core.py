@@ -204,9 +204,10 @@ def suggest_max_delta(array: NDArray, *, hu_calibrated: bool, fraction: float = 
                       floor: int = 2, ceiling: int = 64) -> int:
     """Fidelity bound to pass to :func:`embed`.
 
-    HU-calibrated CT keeps the fixed bound ``floor`` (2 HU by default, governance.md
-    "Watermark"); other images (MR, 16-bit data using the full range) get a bound below the
-    image noise: ``fraction`` x :func:`noise_sigma`, at least ``floor``.
+    HU-calibrated CT keeps the fixed bound ``floor`` (2 HU by default; the
+    pipeline passes its configured bound, docs/watermark.md); other images (MR, 16-bit data
+    using the full range) get a bound below the image noise: ``fraction`` x
+    :func:`noise_sigma`, at least ``floor``.
     """
     if hu_calibrated:
         return floor
@@ -274,7 +275,7 @@ def embed_verified(
     the ledger), is marked again from its unmarked values with
     the bound doubled, while the bound stays at most
     ``max(max_delta, noise_fraction x noise_sigma(unit))`` (below the image noise,
-    governance.md "Watermark") and at most ``ceiling`` (the configured fidelity bound). A unit
+    docs/watermark.md) and at most ``ceiling`` (the configured fidelity bound). A unit
     still not detected at that limit keeps the highest bound tried and is reported
     ``detected=False``; the caller decides what that means. ``fmt``: the mark format (its
     version is reported in the result).

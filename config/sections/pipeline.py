@@ -20,7 +20,7 @@ from config.sections import Section
 
 
 class ReprocessPolicy(str, Enum):
-    """What a late instance does to a completed study (design.md 1.3)."""
+    """What a late instance does to a completed study."""
 
     NEVER = "never"  # keep the existing synthetic series, do nothing
     ALWAYS = "always"  # process again, keep the earlier synthetic series too

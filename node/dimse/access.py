@@ -1,5 +1,5 @@
 """Association access control: calling-AE allow-list with optional host binding, called-AE
-check, association limit, refusal while stopping (design.md section 8).
+check, association limit, refusal while stopping.
 
 Checked when the A-ASSOCIATE-RQ arrives (pynetdicom ``EVT_REQUESTED``), before any
 presentation context is negotiated. A refusal is an A-ASSOCIATE-RJ with the PS3.8

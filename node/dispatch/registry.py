@@ -13,7 +13,7 @@ from node.dispatch.stow import StowSender
 __all__ = ["SENDERS", "make_sender"]
 
 
-#: destination kind -> transport (registry, style.md 6)
+#: destination kind -> transport
 SENDERS: dict[str, Callable[[Destination, str], Sender]] = {
     "dimse": DimseSender,
     "dicomweb": StowSender,

@@ -1,7 +1,7 @@
 """Durable ingest of one received object: the C-STORE SCP and the pipeline (which stores
 its outputs through it) use it, and so does any other receiving service (STOW-RS).
 
-Order (design.md section 4, durability contract)::
+Order::
 
     check encoding + keys -> temp file -> fsync -> rename -> fsync(dir)
         -> ONE transaction { index rows + ledger entry } -> success

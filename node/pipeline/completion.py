@@ -1,4 +1,4 @@
-"""Study completion: a per-study quiet period, explicit triggers and re-opening (design.md 1.3).
+"""Study completion: a per-study quiet period, explicit triggers and re-opening.
 
 * Every stored instance calls :meth:`StudyTracker.instance_received` (the ingest hook
   ``NodeContext.on_instance_stored``): the study's row in ``pipeline_studies`` is created or

@@ -181,7 +181,7 @@ def worker_name() -> str:
 
 
 class JobStore:
-    """All job state changes go through here (single bookkeeper, style.md 5).
+    """All job state changes go through here (the single bookkeeper).
 
     Parameters
     ----------

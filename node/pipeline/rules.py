@@ -6,7 +6,7 @@ AE titles of the association that delivered it). Rules are tried in order; the f
 enabled rule whose every ``match`` entry holds routes the series. Each verdict carries one
 line per entry saying why it held or failed: ``synthnode rules test`` prints them.
 
-Loop guard (design.md 6): a series whose instances carry Synthetic Data YES, or whose
+Loop guard: a series whose instances carry Synthetic Data YES, or whose
 pixel data carry a detectable watermark of ours, is never routed as an original.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Engine runners: run one engine task on an assembled volume with a model the model gate
-admitted (design.md 7, model tier)."""
+admitted."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ EngineRunner = Callable[[str, Volume, dict[str, Any], int, str | None], TaskResu
 
 
 class GatedEngineRunner:
-    """Runs engine tasks with models admitted by the model gate (design.md 7, model tier).
+    """Runs engine tasks with models admitted by the model gate.
 
     The model folder is chosen by model id (``TaskSpec.model``) or, by default, the one
     approved folder whose manifest names the task. The weights digest the gate checked is

@@ -1,4 +1,4 @@
-"""Crash consistency (design.md section 4) and graceful stop, with the node as a real
+"""Crash consistency (the durability contract) and graceful stop, with the node as a real
 ``synthnode serve`` subprocess.
 
 kill -9 while 8 DCMTK storescu processes send one study in parallel, restart, then: every instance
