@@ -101,7 +101,11 @@ def create_app(ctx: NodeContext, recorder: AccessRecorder | None = None) -> Fast
     _qido_routes(app, svc)
     _wado_routes(app, svc)
     _rendered_routes(app, svc)
-    _viewer_routes(app, svc)
+    if ctx.observability is not None:  # /healthz, /readyz, /metrics; HTTP request metrics
+        from node.observability.routes import add_operations
+
+        add_operations(app, ctx.observability, svc.tokens)
+    _viewer_routes(app, svc)  # last: its catch-all serves the bundle's files
     return app
 
 

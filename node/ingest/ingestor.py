@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from io import BytesIO
 from typing import Any
 
@@ -157,13 +158,22 @@ class Ingestor:
         ctx_info = {"calling_ae": calling_ae, "called_ae": called_ae, "peer": peer,
                     "source": source, "transfer_syntax_uid": str(transfer_syntax),
                     "sop_class_uid": sop_class_uid, "sop_instance_uid": sop_instance_uid}
+        t0 = time.perf_counter()
+        obs = self.ctx.observability
         try:
-            return self._ingest(dataset, str(transfer_syntax), sop_class_uid,
+            info = self._ingest(dataset, str(transfer_syntax), sop_class_uid,
                                 sop_instance_uid, calling_ae, called_ae, source, actor,
                                 ctx_info)
         except IngestError as exc:
             self._record_rejection(exc, actor, ctx_info, len(dataset))
+            if obs is not None:
+                obs.metrics.observe_ingest(source, time.perf_counter() - t0, None,
+                                           exc.reason.value)
             raise
+        if obs is not None:
+            obs.metrics.observe_ingest(source, time.perf_counter() - t0, info.outcome.value,
+                                       None, info.record.file_size)
+        return info
 
     def ingest_part10(self, data: bytes, *, calling_ae: str | None = None,
                       called_ae: str | None = None, peer: str | None = None,
@@ -181,6 +191,9 @@ class Ingestor:
             err = IngestError(RejectReason.UNPARSEABLE, f"cannot read file meta: {exc}"[:64])
             self._record_rejection(err, actor or f"component:{source}",
                                    {"source": source, "calling_ae": calling_ae}, len(data))
+            if self.ctx.observability is not None:
+                self.ctx.observability.metrics.observe_ingest(source, 0.0, None,
+                                                              err.reason.value)
             raise err from None
         return self.ingest_dataset(body, str(ts), sop_class_uid=sop_class,
                                    sop_instance_uid=sop_inst, calling_ae=calling_ae,
