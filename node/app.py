@@ -284,6 +284,10 @@ def acceptor_main(argv: list[str] | None = None) -> None:
     settings.dimse.port = port
     logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    if settings.log_format == "json":
+        from node.observability.logs import use_json_logs
+
+        use_json_logs()
     if settings.log_level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     node = create_node(settings, role="acceptor")

@@ -37,6 +37,7 @@ from node.dicom.encoding import PIXEL_TAGS, EncodingError, check_encoding
 from node.dicom.part10 import build_part10, split_part10
 from node.ingest.attributes import INDEX_TAGS, index_record, text_value
 from node.ingest.results import IngestError, IngestOutcome, RejectReason, StoredInstance
+from node.observability.logs import bind_study, unbind_study
 from storage.filestore import OutOfSpaceError, StoreError, instance_rel_path
 from storage.index import InstanceRecord
 
@@ -160,6 +161,7 @@ class Ingestor:
                     "sop_class_uid": sop_class_uid, "sop_instance_uid": sop_instance_uid}
         t0 = time.perf_counter()
         obs = self.ctx.observability
+        study_token = bind_study(None)  # _ingest names the study once parsed (JSON logs)
         try:
             info = self._ingest(dataset, str(transfer_syntax), sop_class_uid,
                                 sop_instance_uid, calling_ae, called_ae, source, actor,
@@ -170,6 +172,8 @@ class Ingestor:
                 obs.metrics.observe_ingest(source, time.perf_counter() - t0, None,
                                            exc.reason.value)
             raise
+        finally:
+            unbind_study(study_token)
         if obs is not None:
             obs.metrics.observe_ingest(source, time.perf_counter() - t0, info.outcome.value,
                                        None, info.record.file_size)
@@ -284,6 +288,7 @@ class Ingestor:
         sop = text_value(probe, "SOPInstanceUID") or ""
         rel = instance_rel_path(study, series, sop, sha)
         rec = index_record(probe, ts, rel, len(part10), sha, calling_ae, called_ae, source)
+        bind_study(study or None)
         ctx_info["parsed"] = {"study_uid": study, "series_uid": series,
                               **self._patient_subject(rec)}
         policy = ctx.settings.dimse.duplicate_policy
