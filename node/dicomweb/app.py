@@ -105,6 +105,9 @@ def create_app(ctx: NodeContext, recorder: AccessRecorder | None = None) -> Fast
         from node.observability.routes import add_operations
 
         add_operations(app, ctx.observability, svc.tokens)
+    from node.console.routes import add_console
+
+    add_console(app, svc)  # the browser console under /console/
     _viewer_routes(app, svc)  # last: its catch-all serves the bundle's files
     return app
 
