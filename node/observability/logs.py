@@ -56,7 +56,7 @@ def _association() -> dict[str, Any] | None:
         return None
     a: Any = t
     try:
-        out: dict[str, Any] = {"id": t.name}
+        out: dict[str, Any] = {"id": f"{t.name}/{t.native_id}"}
         req, acc = a.requestor, a.acceptor
         if a.is_acceptor:
             peer, out["calling_ae"], out["called_ae"] = req, req.ae_title, acc.ae_title
@@ -65,7 +65,7 @@ def _association() -> dict[str, Any] | None:
         out["peer"] = f"{peer.address}:{peer.port}" if peer.address else None
         return {k: (v.strip() if isinstance(v, str) else v) for k, v in out.items()}
     except Exception:  # a log line must never fail on a half-built association
-        return {"id": t.name}
+        return {"id": f"{t.name}/{t.native_id}"}
 
 
 _STD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
