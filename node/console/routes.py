@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Form, Request, Response
+from fastapi import FastAPI, Form, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
@@ -83,6 +83,7 @@ def add_console(app: FastAPI, svc: Any) -> None:
     _study_routes(app, c)
     _job_routes(app, c)
     _audit_routes(app, c)
+    _watermark_routes(app, c)
 
 
 def _login_routes(app: FastAPI, c: _Console) -> None:
@@ -306,6 +307,36 @@ def _audit_routes(app: FastAPI, c: _Console) -> None:
         return page(request, "models.html", p, models=data.model_rows(ctx),
                     models_dir=str(ctx.settings.models_dir))
 
+
+
+def _watermark_routes(app: FastAPI, c: _Console) -> None:
+    ctx, page, guarded = c.ctx, c.page, c.guarded
+
+    @app.get(PREFIX + "/watermark", response_class=HTMLResponse)
+    def watermark_form(request: Request) -> Response:
+        p = guarded(request, "audit")
+        if isinstance(p, Response):
+            return p
+        return page(request, "watermark.html", p, result=None)
+
+    @app.post(PREFIX + "/watermark", response_class=HTMLResponse)
+    async def watermark_check(request: Request, file: UploadFile) -> Response:
+        same_origin(request)
+        p = guarded(request, "audit")
+        if isinstance(p, Response):
+            return p
+        from node.console.watermark import check_upload
+
+        body = await file.read(64 * 2**20 + 1)
+        if len(body) > 64 * 2**20:
+            return c.error(request, p, 413, "Content Too Large", "upload at most 64 MiB")
+        result = await run_in_threadpool(check_upload, ctx, file.filename or "", body)
+        ctx.ledger.append(Event(
+            type=EventType.AUDIT_QUERIED, actor=p.actor,
+            payload={"via": "console", "watermark_check": True,
+                     "marked": bool(result.get("marked")), "payload": result.get("payload"),
+                     "size": len(body)}))
+        return page(request, "watermark.html", p, result=result)
 
 def _verify(ctx: Any, p: Principal) -> dict[str, Any]:
     from audit.verify import verify_database

@@ -51,7 +51,7 @@ def _value(d: Any, label: str) -> str:
     return str(row.text).strip()
 
 
-def test_console_in_chromium(web: Any, browser: Any) -> None:
+def test_console_in_chromium(web: Any, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -83,9 +83,11 @@ def test_console_in_chromium(web: Any, browser: Any) -> None:
     _shot(d, "studies")
     d.get(f"{web.url}/console/studies/{sent[0].StudyInstanceUID}")
     img = d.find_element(By.CSS_SELECTOR, "#series img")
-    loaded = d.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
-                              img)
-    assert loaded and int(loaded) > 0  # the node rendered it, the browser decoded it
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # the node rendered it, the browser decoded it (waits while it loads; fails after 30 s)
+    WebDriverWait(d, 30).until(lambda drv: drv.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth > 0", img))
     assert img.get_attribute("alt").startswith("thumbnail of series")
     _shot(d, "study")
 
@@ -107,3 +109,15 @@ def test_console_in_chromium(web: Any, browser: Any) -> None:
     _shot(d, "lineage")
     d.get(f"{web.url}/console/models")
     _shot(d, "models")
+
+    from tests.node.console.test_watermark_page import marked_png
+
+    png, _plain, _payload = marked_png(ctx)
+    upload = tmp_path / "synthetic-slice.png"
+    upload.write_bytes(png)
+    d.get(f"{web.url}/console/watermark")
+    d.find_element(By.ID, "file").send_keys(str(upload))
+    d.find_element(By.ID, "check").click()
+    assert d.find_element(By.ID, "wm-result").text.startswith("MARKED")
+    assert "1.2.826.0.1.3680043.8.498.2" in d.find_element(By.ID, "wm-ledger").text
+    _shot(d, "watermark")
