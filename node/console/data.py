@@ -130,6 +130,10 @@ def dashboard(ctx: NodeContext, node_info: dict[str, Any]) -> list[dict[str, Any
                        .order_by(ledger_checkpoints.c.size.desc()).limit(1)).first()
         held = _held_outputs(c)
     add("instances stored", int(n), f"{int(size)} bytes")
+    rate, peers = _recent(ctx)
+    add("ingest rate", f"{rate} in the last 5 min", "instances received (ledger)")
+    add("peers seen in the last hour", ", ".join(peers) or "none",
+        "DIMSE associations accepted / refused (ledger)")
     states = _job_counts(ctx)
     add("queue depth by job state",
         ", ".join(f"{k}: {v}" for k, v in sorted(states.items())) or "no jobs",
@@ -149,6 +153,29 @@ def dashboard(ctx: NodeContext, node_info: dict[str, Any]) -> list[dict[str, Any
         add("last checkpoint", "none yet")
     add("model gate", _gate_summary(ctx))
     return rows
+
+
+def _recent(ctx: NodeContext) -> tuple[int, list[str]]:
+    """Instances received in the last 5 minutes; calling AEs of the last hour's
+    associations with their count (refusals marked)."""
+    from datetime import timedelta
+
+    from audit.events import EventType
+    from audit.tables import ledger_entries as e
+
+    now = datetime.now(UTC)
+    with ctx.engine.connect() as c:
+        rate = c.execute(select(func.count()).select_from(e).where(
+            e.c.event_type == EventType.INSTANCE_RECEIVED.value,
+            e.c.time >= now - timedelta(minutes=5))).scalar() or 0
+        rows = c.execute(select(e.c.actor, e.c.event_type, func.count()).where(
+            e.c.event_type.in_([EventType.ASSOCIATION_ACCEPTED.value,
+                                EventType.ASSOCIATION_REJECTED.value]),
+            e.c.time >= now - timedelta(hours=1)).group_by(e.c.actor, e.c.event_type)
+            .order_by(e.c.actor)).all()
+    peers = [f"{actor} ({n}{' refused' if et.endswith('rejected') else ''})"
+             for actor, et, n in rows]
+    return int(rate), peers
 
 
 def _held_outputs(conn: Any) -> int:

@@ -59,6 +59,8 @@ def test_sign_in_and_dashboard_numbers_match_what_was_sent(web: Any) -> None:
     assert _cell(html, "DIMSE listener") == f"SYNTHNODE@{host}:{port}"
     assert _cell(html, "ledger size") == str(web.node.ctx.ledger.size())
     assert _cell(html, "held outputs") == "0"
+    assert _cell(html, "ingest rate") == f"{len(sent)} in the last 5 min"
+    assert _cell(html, "peers seen in the last hour") == "ae:STORESCU (1)"
     assert "<time>" in html  # every value with its measurement time
     # a header token works as well as the cookie
     h = httpx.get(web.url + "/console/",
