@@ -4,7 +4,6 @@ exactly what was sent, refused and stored."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,7 +32,9 @@ def _storescu(web: Any, files: list[str]) -> None:
                     str(port), *files], check=True, capture_output=True, timeout=60)
 
 
-def test_metrics_count_what_was_sent(web: Any, tmp_path: Path) -> None:
+def test_metrics_count_what_was_sent(web_factory: Any, db_url: str) -> None:
+    """On SQLite and PostgreSQL (the scrape-time gauges query either)."""
+    web = web_factory(database_url=db_url if db_url.startswith("postgresql") else None)
     files = [get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")]
     _storescu(web, [str(f) for f in files])
     good = part10(make_dataset(SPECS[0]))
