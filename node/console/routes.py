@@ -290,6 +290,26 @@ def _audit_routes(app: FastAPI, c: _Console) -> None:
         return Response(body, media_type="application/x-ndjson", headers={
             "Content-Disposition": 'attachment; filename="ledger.jsonl"'})
 
+    @app.get(PREFIX + "/audit/proof/{seq}")
+    def proof(seq: int, request: Request) -> Response:
+        """Inclusion proof of one entry (against the latest signed checkpoint when it covers
+        the entry), verified before it is sent; as ``synthnode audit prove``."""
+        who(request, "audit")
+        from types import SimpleNamespace
+
+        from audit.ledger import LedgerError
+        from node.cli.audit import _proofs
+
+        if not 0 <= seq < ctx.ledger.size():
+            raise Problem(404, "Not Found", f"no ledger entry {seq}")
+        try:
+            out = _proofs(SimpleNamespace(ledger=ctx.ledger), [seq])
+        except LedgerError as exc:
+            raise Problem(500, "Internal Server Error", str(exc)) from None
+        out["entries"][str(seq)]["leaf_data"] = ctx.ledger.entry(seq).data.decode("utf-8")
+        return Response(json.dumps(out, indent=1), media_type="application/json", headers={
+            "Content-Disposition": f'attachment; filename="ledger-proof-{seq}.json"'})
+
     @app.post(PREFIX + "/audit/verify", response_class=HTMLResponse)
     async def verify(request: Request) -> Response:
         same_origin(request)

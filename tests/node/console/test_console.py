@@ -141,6 +141,18 @@ def test_audit_search_lineage_verify_export_and_scopes(web: Any) -> None:
     lines = [json.loads(x) for x in exp.text.splitlines()]
     assert exp.headers["content-disposition"].startswith("attachment")
     assert [x["type"] for x in lines] == ["instance.received"]
+    seq = int(lines[0]["seq"])
+    assert f'/console/audit/proof/{seq}"' in r.text
+    pr = admin.get(f"/console/audit/proof/{seq}")
+    assert pr.status_code == 200 and pr.headers["content-disposition"].startswith("attachment")
+    from audit import merkle
+
+    p = pr.json()["entries"][str(seq)]
+    merkle.verify_inclusion(seq, p["tree_size"], bytes.fromhex(p["leaf_hash"]),
+                            [bytes.fromhex(h) for h in p["proof"]],
+                            bytes.fromhex(p["root_hash"]))  # raises if the proof is wrong
+    assert merkle.leaf_hash(p["leaf_data"].encode()) == bytes.fromhex(p["leaf_hash"])
+    assert admin.get("/console/audit/proof/999999").status_code == 404
     m = admin.get("/console/models")
     assert m.status_code == 200 and "Models" in m.text
 
