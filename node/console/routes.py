@@ -277,18 +277,21 @@ def _audit_routes(app: FastAPI, c: _Console) -> None:
                     tree_json=json.dumps(tree, indent=1, default=str) if tree else "")
 
     @app.get(PREFIX + "/audit/export")
-    def export(request: Request, uid: str = "", event: str = "") -> Response:
+    def export(request: Request, uid: str = "", event: str = "",
+               format: str = "jsonl") -> Response:
+        """The entries found (``jsonl``: decoded events; ``fhir``: an R4 Bundle of
+        AuditEvent + Provenance; ``dicom``: PS3.15 A.5 messages, one per line) or the
+        whole ledger with its leaf bytes for offline verification (``ledger``)."""
         p = who(request, "audit")
-        from audit.export import event_json
-
-        found = ctx.ledger.query(uids=[uid] if uid else [],
-                                 event_types=[EventType(event).value] if event else [])
-        body = "".join(json.dumps(event_json(r), sort_keys=True) + "\n" for r in found)
+        if format not in _EXPORTS:
+            raise Problem(400, "Bad Request", f"format is one of {', '.join(_EXPORTS)}")
+        text, n = _export(ctx, format, uid.strip(), event)
         ctx.ledger.append(Event(type=EventType.AUDIT_QUERIED, actor=p.actor,
-                                payload={"via": "console", "export": "jsonl", "uid": uid,
-                                         "event": event, "entries": len(found)}))
-        return Response(body, media_type="application/x-ndjson", headers={
-            "Content-Disposition": 'attachment; filename="ledger.jsonl"'})
+                                payload={"via": "console", "export": format, "uid": uid,
+                                         "event": event, "entries": n}))
+        media, ext = _EXPORTS[format]
+        return Response(text, media_type=media, headers={
+            "Content-Disposition": f'attachment; filename="ledger-{format}.{ext}"'})
 
     @app.get(PREFIX + "/audit/proof/{seq}")
     def proof(seq: int, request: Request) -> Response:
@@ -371,6 +374,37 @@ def _verify(ctx: Any, p: Principal) -> dict[str, Any]:
                                      "first_bad_entry": report.first_bad_entry,
                                      "via": "console"}))
     return report.as_dict()
+
+
+_EXPORTS = {"jsonl": ("application/x-ndjson", "jsonl"),
+            "ledger": ("application/x-ndjson", "jsonl"),
+            "fhir": ("application/fhir+json", "json"),
+            "dicom": ("application/xml", "xml")}
+
+
+def _export(ctx: Any, fmt: str, uid: str, event: str) -> tuple[str, int]:
+    """The export text and the number of records (the CLI's ``audit export`` writers)."""
+    import io
+    from types import SimpleNamespace
+
+    from audit.atna import write_dicom_audit
+    from audit.export import event_json, export_ledger, write_fhir_bundle
+    from node.cli.audit import _dicom_renderer
+
+    out = io.StringIO()
+    if fmt == "ledger":
+        n = export_ledger(ctx.ledger, out, origin=ctx.settings.audit.origin)
+        return out.getvalue(), n
+    types = [EventType(event).value] if event else []
+    rows = ctx.ledger.query(uids=[uid] if uid else [], event_types=types)
+    if fmt == "jsonl":
+        return "".join(json.dumps(event_json(r), sort_keys=True) + "\n" for r in rows), len(rows)
+    if fmt == "fhir":
+        n = write_fhir_bundle(rows, out)
+        return out.getvalue(), n
+    render = _dicom_renderer(ctx.settings, SimpleNamespace(ledger=ctx.ledger), True)
+    n = write_dicom_audit(rows, out, render=render)
+    return out.getvalue(), n
 
 
 def _jobs(ctx: Any) -> Any:

@@ -141,6 +141,16 @@ def test_audit_search_lineage_verify_export_and_scopes(web: Any) -> None:
     lines = [json.loads(x) for x in exp.text.splitlines()]
     assert exp.headers["content-disposition"].startswith("attachment")
     assert [x["type"] for x in lines] == ["instance.received"]
+    fhir = admin.get("/console/audit/export", params={"uid": study, "format": "fhir"}).json()
+    assert fhir["resourceType"] == "Bundle"
+    assert "AuditEvent" in {e["resource"]["resourceType"] for e in fhir["entry"]}
+    dic = admin.get("/console/audit/export", params={"uid": study, "format": "dicom"}).text
+    assert dic.count("<AuditMessage") == 1
+    whole = admin.get("/console/audit/export", params={"format": "ledger"}).text.splitlines()
+    head = json.loads(whole[0])  # the verifiable export of `synthnode audit export`
+    assert head["format"] == "synthnode-ledger-export"
+    assert [json.loads(x)["seq"] for x in whole[1:] if "seq" in x] == list(range(head["size"]))
+    assert admin.get("/console/audit/export", params={"format": "pdf"}).status_code == 400
     seq = int(lines[0]["seq"])
     assert f'/console/audit/proof/{seq}"' in r.text
     pr = admin.get(f"/console/audit/proof/{seq}")
