@@ -247,6 +247,9 @@ def create_node(settings: Settings, *, services: list[Any] | None = None,
         ctx.observability.add_probe("dimse", dimse_probe(dimse))
         if node.pipeline is not None:
             ctx.observability.add_probe("workers", workers_probe(node.pipeline))
+            if getattr(node.pipeline, "runner", None) is not None:  # engine s / slice
+                node.pipeline.runner = ctx.observability.metrics.timed_runner(
+                    node.pipeline.runner)
     return node
 
 

@@ -8,8 +8,8 @@ nodes in one process). Two kinds of series:
   ``synthnode_instances_received_total{source,result}``,
   ``synthnode_instances_refused_total{source,reason}``,
   ``synthnode_ingest_seconds{source}`` (``source="dimse"``: C-STORE, ``"stow"``: STOW-RS),
-  ``synthnode_stored_bytes_total{source}``, ``synthnode_http_requests_total{route,method,status}``
-  and ``synthnode_http_request_seconds{route}``;
+  ``synthnode_stored_bytes_total{source}``, ``synthnode_http_requests_total{route,method,status}``,
+  ``synthnode_http_request_seconds{route}`` and ``synthnode_engine_seconds_per_slice{task}``;
 * gauges read from the database at scrape time (the whole node, every process, since the
   database was created): instances and bytes in the index, jobs by kind / state / task,
   dispatch jobs and attempts by destination and state, ledger entries, last checkpoint
@@ -62,6 +62,11 @@ class NodeMetrics:
         self.http_seconds = Histogram("synthnode_http_request_seconds", "HTTP request "
                                       "duration until the response starts", ["route"],
                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.engine_seconds = Histogram("synthnode_engine_seconds_per_slice", "engine "
+                                        "time of one job divided by its slices",
+                                        ["task"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05,
+                                                           0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                                                           10.0), registry=r)
         if ctx is not None:
             r.register(DatabaseCollector(ctx))
 
@@ -81,6 +86,18 @@ class NodeMetrics:
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
         self.http_seconds.labels(route).observe(seconds)
+
+    def timed_runner(self, runner: Any) -> Any:
+        """``runner`` (the pipeline's engine runner: ``(task, volume, params, seed, model)``)
+        observing ``synthnode_engine_seconds_per_slice`` on each successful call."""
+        def run(task: str, volume: Any, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = runner(task, volume, *args, **kwargs)
+            shape: tuple[int, ...] = tuple(getattr(volume, "shape", ()))
+            slices = int(shape[0]) if len(shape) >= 3 and shape[0] else 1
+            self.engine_seconds.labels(task or "").observe((time.perf_counter() - t0) / slices)
+            return out
+        return run
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every series."""

@@ -94,3 +94,23 @@ def test_health_and_readiness(web: Any) -> None:
     assert r.status_code == 503
     bad = [c for c in r.json()["checks"] if not c["ok"]]
     assert [c["name"] for c in bad] == ["dimse"]
+
+
+def test_engine_seconds_per_slice() -> None:
+    import numpy as np
+
+    from node.observability.metrics import NodeMetrics
+
+    m = NodeMetrics()
+    seen = []
+
+    def runner(task: str, volume: Any, params: dict[str, Any], seed: int, model: Any) -> str:
+        seen.append((task, volume.shape, params, seed, model))
+        return "result"
+
+    timed = m.timed_runner(runner)
+    assert timed("ct2mr", np.zeros((40, 8, 8)), {"a": 1}, 7, None) == "result"
+    assert seen == [("ct2mr", (40, 8, 8), {"a": 1}, 7, None)]  # passed through unchanged
+    s = _samples(m.exposition().decode())
+    assert _get(s, "synthnode_engine_seconds_per_slice_count", task="ct2mr") == 1
+    assert _get(s, "synthnode_engine_seconds_per_slice_sum", task="ct2mr") > 0
