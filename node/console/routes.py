@@ -235,9 +235,9 @@ def _job_routes(app: FastAPI, c: _Console) -> None:
         ctx.ledger.append(Event(
             type=EventType.JOB_QUEUED if action == "retry" else EventType.JOB_CANCELLED,
             actor=p.actor, outcome=Outcome.SUCCESS,
-            subject={"job_id": j.id, **({"study_uid": j.study_uid} if j.study_uid else {})},
-            payload={"action": action, "reason": reason, "via": "console",
-                     "address": p.address}))
+            subject=_job_subject(j),
+            payload={"kind": j.kind.value, **_job_payload(j), "action": action,
+                     "reason": reason, "via": "console", "address": p.address}))
         return RedirectResponse(f"{PREFIX}/jobs/{j.id}?done={action}", 303)
 
 
@@ -274,6 +274,7 @@ def _audit_routes(app: FastAPI, c: _Console) -> None:
 
         tree = build(ctx.ledger, uid.strip()) if uid.strip() else None
         return page(request, "lineage.html", p, uid=uid, tree=tree,
+                    tree_text=_tree_text(tree) if tree and tree.get("entries") else "",
                     tree_json=json.dumps(tree, indent=1, default=str) if tree else "")
 
     @app.get(PREFIX + "/audit/export")
@@ -405,6 +406,39 @@ def _export(ctx: Any, fmt: str, uid: str, event: str) -> tuple[str, int]:
     render = _dicom_renderer(ctx.settings, SimpleNamespace(ledger=ctx.ledger), True)
     n = write_dicom_audit(rows, out, render=render)
     return out.getvalue(), n
+
+
+def _tree_text(tree: dict[str, Any]) -> str:
+    """The lineage as ``synthnode audit lineage`` draws it (source series -> jobs, model
+    -> outputs -> destinations and attempts), as plain text."""
+    import io
+
+    from rich.console import Console
+
+    from node.cli.audit import lineage_tree
+
+    con = Console(width=160, record=True, file=io.StringIO(), color_system=None,
+                  highlight=False)
+    con.print(lineage_tree(tree))
+    return con.export_text()
+
+
+def _job_subject(j: Any) -> dict[str, str]:
+    """Subject keys of a job event as the job store writes them (audit.events vocabulary:
+    lineage reads them)."""
+    out = {"job_id": j.id}
+    if j.study_uid:
+        out["study_uid"] = j.study_uid
+    if j.kind.value == "dispatch" and j.series_uid:
+        out["series_uid"] = j.series_uid
+    return out
+
+
+def _job_payload(j: Any) -> dict[str, Any]:
+    spec = j.spec if isinstance(j.spec, dict) else {}
+    if j.kind.value == "dispatch":
+        return {"destination": spec["destination"]} if spec.get("destination") else {}
+    return {"source_series_uids": [j.series_uid]} if j.series_uid else {}
 
 
 def _jobs(ctx: Any) -> Any:
