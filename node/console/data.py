@@ -126,7 +126,8 @@ def dashboard(ctx: NodeContext, node_info: dict[str, Any]) -> list[dict[str, Any
         n, size = c.execute(select(func.count(), func.coalesce(func.sum(ti.c.file_size),
                                                                 0))).one()
         head = c.execute(select(ledger_head.c.size)).scalar() or 0
-        cp = c.execute(select(ledger_checkpoints.c.size, ledger_checkpoints.c.signed_at)
+        cp = c.execute(select(ledger_checkpoints.c.size, ledger_checkpoints.c.signed_at,
+                              ledger_checkpoints.c.note, ledger_checkpoints.c.root_hash)
                        .order_by(ledger_checkpoints.c.size.desc()).limit(1)).first()
         held = _held_outputs(c)
     add("instances stored", int(n), f"{int(size)} bytes")
@@ -147,7 +148,7 @@ def dashboard(ctx: NodeContext, node_info: dict[str, Any]) -> list[dict[str, Any
         add("disk free (store)", "unknown", str(exc))
     add("ledger size", int(head), "entries")
     if cp is not None:
-        add("last checkpoint", f"{int(cp[0])} entries",
+        add("last checkpoint", f"{int(cp[0])} entries, {_checkpoint_state(ctx, cp)}",
             f"signed {cp[1].isoformat(timespec='seconds') if cp[1] else '?'}")
     else:
         add("last checkpoint", "none yet")
@@ -176,6 +177,22 @@ def _recent(ctx: NodeContext) -> tuple[int, list[str]]:
     peers = [f"{actor} ({n}{' refused' if et.endswith('rejected') else ''})"
              for actor, et, n in rows]
     return int(rate), peers
+
+
+def _checkpoint_state(ctx: NodeContext, cp: Any) -> str:
+    """Whether the last checkpoint's signature verifies with this node's key and its root
+    is the root of the stored tree at its size ('verify the whole ledger' on the Audit page
+    re-derives every hash)."""
+    from audit.checkpoint import open_checkpoint
+
+    if ctx.audit is None:
+        return "not verified (no verifier)"
+    try:
+        opened = open_checkpoint(cp[2], ctx.audit.verifier, ctx.settings.audit.origin)
+        ok = opened.root == bytes(cp[3]) == ctx.ledger.root(int(cp[0]))
+    except Exception as exc:  # a bad signature or note: shown, not raised
+        return f"NOT VERIFIED ({type(exc).__name__}: {exc})"[:200]
+    return "verified" if ok else "NOT VERIFIED (root differs from the stored tree)"
 
 
 def _held_outputs(conn: Any) -> int:

@@ -51,7 +51,20 @@ def test_sign_in_and_dashboard_numbers_match_what_was_sent(web: Any) -> None:
     assert store_only.status_code == 403
     sent = _send(web)
     c = _login(web, "reader")
+    assert "none yet" in c.get("/console/").text
+    cp = web.node.ctx.audit.checkpoint(force=True)
     html = c.get("/console/").text
+    assert _cell(html, "last checkpoint") == f"{cp.size} entries, verified"
+    from sqlalchemy import update
+
+    from audit.tables import ledger_checkpoints
+
+    with web.node.ctx.engine.begin() as conn:  # a tampered stored root is shown, not hidden
+        conn.execute(update(ledger_checkpoints).values(root_hash=b"\0" * 32))
+    tampered = _cell(c.get("/console/").text, "last checkpoint")
+    assert tampered.startswith(f"{cp.size} entries, NOT VERIFIED")
+    with web.node.ctx.engine.begin() as conn:
+        conn.execute(update(ledger_checkpoints).values(root_hash=cp.root))
     assert _cell(html, "C-STORE instances received since start") == str(len(sent))
     assert _cell(html, "instances stored") == str(len(sent))
     assert _cell(html, "readiness") == "ready"
