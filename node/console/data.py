@@ -139,7 +139,8 @@ def dashboard(ctx: NodeContext, node_info: dict[str, Any]) -> list[dict[str, Any
     add("queue depth by job state",
         ", ".join(f"{k}: {v}" for k, v in sorted(states.items())) or "no jobs",
         "engine and dispatch jobs")
-    add("held outputs", held, "synthetic series held back by the quality gate")
+    add("held outputs", held, "outputs the quality gate held back (output.held entries); "
+        "their jobs' pages show the failed checks")
     add("failed dispatches", _failed_dispatches(ctx), "dispatch jobs in state failed")
     try:
         free = shutil.disk_usage(ctx.store.root).free
@@ -196,12 +197,13 @@ def _checkpoint_state(ctx: NodeContext, cp: Any) -> str:
 
 
 def _held_outputs(conn: Any) -> int:
-    try:
-        from node.pipeline.tables import outputs
-    except ImportError:  # pragma: no cover
-        return 0
-    return int(conn.execute(select(func.count()).select_from(outputs)
-                            .where(outputs.c.held.is_(True))).scalar() or 0)
+    """Outputs the quality gate held back (``output.held`` ledger entries: a held output
+    is not stored or dispatched; its job's page shows the failed checks)."""
+    from audit.events import EventType
+    from audit.tables import ledger_entries as e
+
+    return int(conn.execute(select(func.count()).select_from(e).where(
+        e.c.event_type == EventType.OUTPUT_HELD.value)).scalar() or 0)
 
 
 def _job_counts(ctx: NodeContext) -> dict[str, int]:

@@ -191,3 +191,30 @@ def test_pages_have_labels_and_skip_link(web: Any, path: str) -> None:
     ids = re.findall(r'<(?:input|select)[^>]* id="([^"]+)"', html)
     for i in ids:
         assert f'for="{i}"' in html, i
+
+
+def test_held_output_shown_on_dashboard_and_job_page(web: Any) -> None:
+    """A job whose output the quality gate held (as the pipeline records it: the job's
+    result lists it with the failed checks, and an output.held ledger entry)."""
+    from audit.events import Event, EventType, Outcome
+    from node.pipeline.jobs import JobStore
+
+    ctx = web.node.ctx
+    store = JobStore(ctx.engine, ctx.ledger)
+    jid = store.enqueue("engine", study_uid="1.2.3", series_uid="1.2.3.4", task="ct2mr",
+                        spec={"fingerprint": "f00"})
+    job = store.claim(job_id=jid)
+    assert job is not None
+    checks = [{"name": "max_abs_bias_hu", "value": "88.0", "limit": "30.0", "passed": False}]
+    store.finish(jid, {"outputs": [], "held": [{"index": 0, "reasons": ["bias 88 HU > 30"],
+                                                "checks": checks}]}, claim=job)
+    ctx.ledger.append(Event(EventType.OUTPUT_HELD, "component:pipeline", Outcome.MINOR_FAILURE,
+                            subject={"job_id": jid, "study_uid": "1.2.3"},
+                            payload={"source_series_uids": ["1.2.3.4"],
+                                     "reasons": ["bias 88 HU > 30"], "checks": checks,
+                                     "output_index": 0}))
+    c = _login(web, "reader")
+    assert _cell(c.get("/console/").text, "held outputs") == "1"
+    page = c.get(f"/console/jobs/{jid}").text
+    held = page.split('id="held"', 1)[1].split("</table>", 1)[0]
+    assert "bias 88 HU &gt; 30" in held and "max_abs_bias_hu" in held
