@@ -82,6 +82,20 @@ def series_of(ctx: NodeContext, recorder: AccessRecorder, who: Principal,
     return sorted(out, key=lambda s: (s["synthetic"] == "YES", s["number"].zfill(6)))
 
 
+def completion(ctx: NodeContext, study: str) -> dict[str, Any] | None:
+    """The pipeline's completion state of a study (open / complete, instances, times), or
+    None when the pipeline has not seen it."""
+    from node.pipeline.tables import studies as t
+
+    with ctx.engine.connect() as c:
+        row = c.execute(select(t.c.state, t.c.instances, t.c.first_instance_at,
+                               t.c.last_instance_at, t.c.completed_at, t.c.generation)
+                        .where(t.c.study_uid == study)).first()
+    if row is None:
+        return None
+    return dict(row._mapping)
+
+
 def delivery(jobs: list[Any]) -> list[dict[str, Any]]:
     """Per destination: each dispatch job's state, attempts and last error."""
     out = []

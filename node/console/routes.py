@@ -160,7 +160,8 @@ def _study_routes(app: FastAPI, c: _Console) -> None:
                         detail="no such study")
         jobs = _jobs(ctx).list(study_uid=study, limit=200)
         return page(request, "study.html", p, study=study, series=series, jobs=jobs,
-                    delivery=data.delivery(jobs))
+                    delivery=data.delivery(jobs), completion=data.completion(ctx, study),
+                    rules=sorted({j.rule for j in jobs if j.rule}))
 
     @app.get(PREFIX + "/thumbnail/{study}/{series}")
     async def thumbnail(study: str, series: str, request: Request) -> Response:

@@ -95,6 +95,7 @@ def test_studies_search_study_page_and_thumbnail(web: Any) -> None:
     page = c.get(f"/console/studies/{ct.StudyInstanceUID}")
     assert page.status_code == 200 and str(ct.SeriesInstanceUID) in page.text
     assert "original" in page.text and "Nothing dispatched" in page.text
+    assert "not tracked" in page.text and "Rules matched: none" in page.text  # no pipeline
     thumb = c.get(f"/console/thumbnail/{ct.StudyInstanceUID}/{ct.SeriesInstanceUID}")
     assert thumb.status_code == 200 and thumb.content[:8] == b"\x89PNG\r\n\x1a\n"
     web.flush()  # console reads are in the ledger like any DICOMweb read
@@ -218,3 +219,23 @@ def test_held_output_shown_on_dashboard_and_job_page(web: Any) -> None:
     page = c.get(f"/console/jobs/{jid}").text
     held = page.split('id="held"', 1)[1].split("</table>", 1)[0]
     assert "bias 88 HU &gt; 30" in held and "max_abs_bias_hu" in held
+
+
+def test_study_completion_state_with_the_pipeline(start_node: Any) -> None:
+    from tests.node.dicomweb.conftest import Web
+    from tests.support.dicomweb import web_overrides
+
+    web = Web(start_node(dicomweb=web_overrides(),
+                         pipeline={"enabled": True, "quiet_period_s": 3600}))
+    sent = _send(web)
+    c = _login(web, "reader")
+    page = c.get(f"/console/studies/{sent[0].StudyInstanceUID}").text
+    line = page.split('id="completion"', 1)[1].split("</p>", 1)[0]
+    assert "Completion: open (1 instance(s) seen by the pipeline" in line
+    html = c.get("/console/").text
+    assert "workers: ok" in _cell_detail(html, "readiness")
+
+
+def _cell_detail(html: str, label: str) -> str:
+    row = html.split(f'data-key="{label}"', 1)[1].split("</tr>", 1)[0]
+    return row.split("</td>", 1)[1]
