@@ -3,7 +3,8 @@ node's process, on the node's :class:`~node.context.NodeContext`).
 
 Routes (PS3.18): STOW-RS ``POST /studies[/{study}]``; QIDO-RS ``GET /studies``,
 ``/series``, ``/instances`` and below a study / series; WADO-RS instances, metadata,
-frames, bulk data, rendered and thumbnail; ``/viewer/`` (OHIF, when installed).
+frames, bulk data, rendered and thumbnail; ``/viewer/`` (OHIF, when installed); the
+console under ``/console/`` and ``/healthz``, ``/readyz``, ``/metrics`` (docs/console.md).
 Scopes: store (STOW), read (QIDO / WADO / viewer). Errors are problem+json.
 """
 from __future__ import annotations
