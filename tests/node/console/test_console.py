@@ -131,6 +131,13 @@ def test_jobs_cancel_needs_admin_and_is_recorded(web: Any) -> None:
     assert len(ev) == 1 and ev[0].payload["reason"] == "wrong destination"
     assert ev[0].subject["job_id"] == job.id
     assert JobStore(ctx.engine, ctx.ledger).get(job.id).state.value == "cancelled"
+    r = admin.post(f"/console/jobs/{job.id}/retry", data={"reason": "destination fixed"})
+    assert r.status_code == 303
+    assert JobStore(ctx.engine, ctx.ledger).get(job.id).state.value == "queued"
+    ev = [e for e in ledger_events(web.node, "job.queued") if e.actor == "token:admin"]
+    assert [e.payload["reason"] for e in ev] == ["destination fixed"]
+    again = admin.post(f"/console/jobs/{job.id}/retry", data={"reason": "twice"})
+    assert again.status_code == 409  # a queued job cannot be retried
 
 
 def test_audit_search_lineage_verify_export_and_scopes(web: Any) -> None:
