@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = "production"
     data_dir: Path = Field(default=Path("var"), description="root for index, store, keys, logs")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per log line, with the DIMSE "
+                                    "association, job and study where known")
     logging: LogSettings = Field(default_factory=LogSettings)
     dimse: DimseSettings = Field(default_factory=DimseSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)

@@ -32,6 +32,7 @@ from node.atna import start_feed
 from node.context import NodeContext
 from node.db import make_engine, upgrade
 from node.dimse.server import DimseServer
+from node.observability.health import Observability, dimse_probe, workers_probe
 from node.patients import PatientRefs
 from storage.filestore import FileStore
 from storage.index import Index
@@ -106,9 +107,11 @@ def build_context(settings: Settings, *, migrate: bool = True,
     patients = PatientRefs(
         PatientDigester(load_or_create_patient_key(settings.patient_key_file)), engine)
     audit.ledger.annotate = patients.annotate  # digests on every event naming a study
-    return NodeContext(settings=settings, engine=engine, store=store, index=Index(engine),
-                       ledger=audit.ledger, logger=logging.getLogger("node"), audit=audit,
-                       patients=patients)
+    ctx = NodeContext(settings=settings, engine=engine, store=store, index=Index(engine),
+                      ledger=audit.ledger, logger=logging.getLogger("node"), audit=audit,
+                      patients=patients)
+    ctx.observability = Observability(ctx)  # metrics, readiness probes
+    return ctx
 
 
 def recover(ctx: NodeContext, *, remove_unreferenced: bool = True) -> RecoveryReport:
@@ -273,6 +276,13 @@ def create_node(settings: Settings, *, services: list[Any] | None = None,
     node = Node(ctx, dimse, report)
     node.pipeline = _pipeline(ctx)
     node.dicomweb = _dicomweb(ctx)
+    if ctx.observability is not None:  # /readyz checks the services this node runs
+        ctx.observability.add_probe("dimse", dimse_probe(dimse))
+        if node.pipeline is not None:
+            ctx.observability.add_probe("workers", workers_probe(node.pipeline))
+            if getattr(node.pipeline, "runner", None) is not None:  # engine s / slice
+                node.pipeline.runner = ctx.observability.metrics.timed_runner(
+                    node.pipeline.runner)
     return node
 
 
@@ -310,6 +320,10 @@ def acceptor_main(argv: list[str] | None = None) -> None:
     settings.dimse.port = port
     logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    if settings.log_format == "json":
+        from node.observability.logs import use_json_logs
+
+        use_json_logs()
     if settings.log_level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     node = create_node(settings, role="acceptor")

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
@@ -109,6 +109,9 @@ class NodeContext:
     inflight: InFlight = field(default_factory=InFlight)
     audit: AuditService | None = None
     patients: PatientRefs | None = None
+    #: node.observability.health.Observability: metrics and readiness probes (None: bare
+    #: contexts of component tests)
+    observability: Any = None
 
     def run_stored_hooks(self, info: StoredInstance) -> None:
         """Run every ``on_instance_stored`` hook; a failing hook is logged, never raised."""

@@ -22,12 +22,16 @@ from node.cli.output import Col, JsonOption, PlainOption, WideOption, emit
 db_app = typer.Typer(no_args_is_help=True, help="Index and ledger database.")
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, fmt: str = "text") -> None:
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
         stream=sys.stderr,
     )
+    if fmt == "json":
+        from node.observability.logs import use_json_logs
+
+        use_json_logs()
     # pynetdicom logs every PDU at INFO; keep it to warnings unless debugging
     if level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -49,7 +53,7 @@ def serve(
         settings.dimse.port = port
     if no_migrate:
         open_engine(settings, config).dispose()  # refuse an unmigrated database in one line
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     if config_path(config) is None:
         logging.getLogger("node").info(
             "no --config: bundled defaults, data in %s (copy %s, edit it and pass --config "

@@ -3,7 +3,8 @@ node's process, on the node's :class:`~node.context.NodeContext`).
 
 Routes (PS3.18): STOW-RS ``POST /studies[/{study}]``; QIDO-RS ``GET /studies``,
 ``/series``, ``/instances`` and below a study / series; WADO-RS instances, metadata,
-frames, bulk data, rendered and thumbnail; ``/viewer/`` (OHIF, when installed).
+frames, bulk data, rendered and thumbnail; ``/viewer/`` (OHIF, when installed); the
+console under ``/console/`` and ``/healthz``, ``/readyz``, ``/metrics`` (docs/console.md).
 Scopes: store (STOW), read (QIDO / WADO / viewer). Errors are problem+json.
 """
 from __future__ import annotations
@@ -101,7 +102,14 @@ def create_app(ctx: NodeContext, recorder: AccessRecorder | None = None) -> Fast
     _qido_routes(app, svc)
     _wado_routes(app, svc)
     _rendered_routes(app, svc)
-    _viewer_routes(app, svc)
+    if ctx.observability is not None:  # /healthz, /readyz, /metrics; HTTP request metrics
+        from node.observability.routes import add_operations
+
+        add_operations(app, ctx.observability, svc.tokens)
+    from node.console.routes import add_console
+
+    add_console(app, svc)  # the browser console under /console/
+    _viewer_routes(app, svc)  # last: its catch-all serves the bundle's files
     return app
 
 

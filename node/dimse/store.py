@@ -170,7 +170,8 @@ def _log_instance(ctx: NodeContext, result: Any, status: int) -> None:
         level, "C-STORE %s from %s: SOP %s (%s) series %s study %s, %d bytes, status 0x%04X %s",
         rec.called_ae or "?", rec.calling_ae or "?", rec.sop_instance_uid,
         UID(rec.sop_class_uid).name, rec.series_instance_uid, rec.study_instance_uid,
-        rec.file_size, status, result.outcome.value)
+        rec.file_size, status, result.outcome.value,
+        extra={"study": rec.study_instance_uid})  # a field of JSON log lines
 
 
 def handlers(ctx: NodeContext) -> list[tuple[evt.EventType, Any]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -34,6 +35,7 @@ from node.dicom.part10 import build_part10, split_part10
 from node.ingest.attributes import index_record, text_value
 from node.ingest.results import IngestError, IngestOutcome, RejectReason, StoredInstance
 from node.ingest.validation import Limits, check_owners, validate
+from node.observability.logs import bind_study, unbind_study
 from storage.filestore import OutOfSpaceError, StoreError, instance_rel_path
 from storage.index import InstanceRecord
 
@@ -161,13 +163,25 @@ class Ingestor:
         ctx_info = {"calling_ae": calling_ae, "called_ae": called_ae, "peer": peer,
                     "source": source, "transfer_syntax_uid": str(transfer_syntax),
                     "sop_class_uid": sop_class_uid, "sop_instance_uid": sop_instance_uid}
+        t0 = time.perf_counter()
+        obs = self.ctx.observability
+        study_token = bind_study(None)  # _ingest names the study once parsed (JSON logs)
         try:
-            return self._ingest(dataset, str(transfer_syntax), sop_class_uid,
+            info = self._ingest(dataset, str(transfer_syntax), sop_class_uid,
                                 sop_instance_uid, calling_ae, called_ae, source, actor,
                                 ctx_info)
         except IngestError as exc:
             self._record_rejection(exc, actor, ctx_info, len(dataset))
+            if obs is not None:
+                obs.metrics.observe_ingest(source, time.perf_counter() - t0, None,
+                                           exc.reason.value)
             raise
+        finally:
+            unbind_study(study_token)
+        if obs is not None:
+            obs.metrics.observe_ingest(source, time.perf_counter() - t0, info.outcome.value,
+                                       None, info.record.file_size)
+        return info
 
     def ingest_part10(self, data: bytes, *, calling_ae: str | None = None,
                       called_ae: str | None = None, peer: str | None = None,
@@ -185,6 +199,9 @@ class Ingestor:
             err = IngestError(RejectReason.UNPARSEABLE, f"cannot read file meta: {exc}"[:64])
             self._record_rejection(err, actor or f"component:{source}",
                                    {"source": source, "calling_ae": calling_ae}, len(data))
+            if self.ctx.observability is not None:
+                self.ctx.observability.metrics.observe_ingest(source, 0.0, None,
+                                                              err.reason.value)
             raise err from None
         return self.ingest_dataset(body, str(ts), sop_class_uid=sop_class,
                                    sop_instance_uid=sop_inst, calling_ae=calling_ae,
@@ -251,6 +268,7 @@ class Ingestor:
         sop = text_value(probe, "SOPInstanceUID") or ""
         rel = instance_rel_path(study, series, sop, sha)
         rec = index_record(probe, ts, rel, len(part10), sha, calling_ae, called_ae, source)
+        bind_study(study or None)
         ctx_info["parsed"] = {"study_uid": study, "series_uid": series,
                               **self._patient_subject(rec)}
         check_owners(ctx.index, study, series, rec.patient_id, rec.issuer_of_patient_id)

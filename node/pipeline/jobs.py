@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, or_, select, update
 
 from audit.events import Event, EventType, Outcome
+from node.observability.logs import log_context
 from node.pipeline.specs import DispatchJobSpec, EngineJobSpec, InvalidJobSpec, JobSpec, parse_spec
 from node.pipeline.tables import jobs
 
@@ -641,7 +642,8 @@ class WorkerPool:
         job = self.store.claim(kinds=tuple(self.handlers))
         if job is None:
             return False
-        run_job(self.store, self.handlers, job, backoff_s=self.backoff_s)
+        with log_context(job=job.id, study=job.study_uid):  # in JSON log lines
+            run_job(self.store, self.handlers, job, backoff_s=self.backoff_s)
         return True
 
     def drain(self, max_jobs: int = 1000) -> int:

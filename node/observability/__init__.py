@@ -1,0 +1,1 @@
+"""Health, readiness, Prometheus metrics and structured logs of a running node."""

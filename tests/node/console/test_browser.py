@@ -1,0 +1,123 @@
+"""The console in a real browser: Debian's headless chromium driven through chromedriver
+(selenium; nothing is downloaded). Sign in with the keyboard, read the dashboard's numbers
+against what DCMTK storescu sent, open a study (its thumbnail is decoded by the browser),
+cancel a job as admin. ``SYNTHNODE_SCREENSHOTS=DIR`` saves a screenshot of each page
+(docs/img/ holds those of the docs)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.node.console.test_console import _send
+from tests.support.dicomweb import TOKENS
+from tests.support.dimse import ledger_events
+from tests.support.net import require_tool
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    pytest.importorskip("selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager fetch anything
+    driver_path = require_tool("chromedriver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = require_tool("chromium")
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--window-size=1280,900"):
+        opts.add_argument(a)
+    d = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
+    d.implicitly_wait(5)
+    yield d
+    d.quit()
+
+
+def _shot(d: Any, name: str) -> None:
+    out = os.environ.get("SYNTHNODE_SCREENSHOTS")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        d.save_screenshot(str(Path(out) / f"console-{name}.png"))
+
+
+def _value(d: Any, label: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    row = d.find_element(By.CSS_SELECTOR, f'tr[data-key="{label}"] td.value')
+    return str(row.text).strip()
+
+
+def test_console_in_chromium(web: Any, browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from node.pipeline.jobs import JobStore
+
+    sent = _send(web)
+    ctx = web.node.ctx
+    store = JobStore(ctx.engine, ctx.ledger)
+    job_id = store.enqueue("dispatch", study_uid=str(sent[0].StudyInstanceUID),
+                           series_uid=str(sent[0].SeriesInstanceUID),
+                           spec={"destination": "ORTHANC"})
+    d = browser
+    d.get(web.url + "/console/")
+    assert "/console/login" in d.current_url  # not signed in: the login page
+    _shot(d, "login")
+    token = d.switch_to.active_element  # the token field has the focus (autofocus)
+    assert token.get_attribute("id") == "token"
+    token.send_keys(TOKENS["admin"][0] + Keys.ENTER)  # keyboard only
+    assert d.current_url.endswith("/console/")
+    assert _value(d, "C-STORE instances received since start") == str(len(sent))
+    assert _value(d, "instances stored") == str(len(sent))
+    assert _value(d, "readiness") == "ready"
+    assert _value(d, "queue depth by job state") == "queued: 1"
+    _shot(d, "dashboard")
+
+    d.find_element(By.LINK_TEXT, "Studies").click()
+    rows = d.find_elements(By.CSS_SELECTOR, "#studies tbody tr")
+    assert len(rows) == len({str(s.StudyInstanceUID) for s in sent})
+    _shot(d, "studies")
+    d.get(f"{web.url}/console/studies/{sent[0].StudyInstanceUID}")
+    img = d.find_element(By.CSS_SELECTOR, "#series img")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # the node rendered it, the browser decoded it (waits while it loads; fails after 30 s)
+    WebDriverWait(d, 30).until(lambda drv: drv.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth > 0", img))
+    assert img.get_attribute("alt").startswith("thumbnail of series")
+    _shot(d, "study")
+
+    d.get(f"{web.url}/console/jobs/{job_id}")
+    reason = d.find_element(By.ID, "reason-cancel")
+    reason.send_keys("sent to the wrong PACS" + Keys.ENTER)
+    assert d.find_element(By.ID, "job-state").text == "cancelled"
+    _shot(d, "job")
+    ev = [e for e in ledger_events(web.node, "job.cancelled") if e.actor == "token:admin"]
+    assert [e.payload["reason"] for e in ev] == ["sent to the wrong PACS"]
+
+    d.get(f"{web.url}/console/audit?uid={sent[0].StudyInstanceUID}")
+    assert d.find_elements(By.CSS_SELECTOR, "#entries tbody tr")
+    _shot(d, "audit")
+    d.find_element(By.ID, "verify").click()
+    assert d.find_element(By.ID, "verify-result").text.startswith("Verified")
+    d.get(f"{web.url}/console/audit/lineage?uid={sent[0].StudyInstanceUID}")
+    assert str(sent[0].SeriesInstanceUID) in d.find_element(By.ID, "lineage").text
+    _shot(d, "lineage")
+    d.get(f"{web.url}/console/models")
+    _shot(d, "models")
+
+    from tests.node.console.test_watermark_page import marked_png
+
+    png, _plain, _payload = marked_png(ctx)
+    upload = tmp_path / "synthetic-slice.png"
+    upload.write_bytes(png)
+    d.get(f"{web.url}/console/watermark")
+    d.find_element(By.ID, "file").send_keys(str(upload))
+    d.find_element(By.ID, "check").click()
+    assert d.find_element(By.ID, "wm-result").text.startswith("MARKED")
+    assert "1.2.826.0.1.3680043.8.498.2" in d.find_element(By.ID, "wm-ledger").text
+    _shot(d, "watermark")

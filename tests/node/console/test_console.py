@@ -1,0 +1,248 @@
+"""The console on a running node, driven over HTTP like a browser (cookies, forms,
+redirects): sign-in, the dashboard's numbers against what DCMTK storescu sent, study search
+and page with thumbnails, jobs with an admin cancel recorded in the ledger, audit search,
+lineage, verification and export, models; scopes enforced."""
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from tests.support.dicomweb import TOKENS
+from tests.support.dimse import dcmtk, ledger_events
+
+FILES = ["CT_small.dcm", "MR_small.dcm"]
+
+
+def _send(web: Any) -> list[Any]:
+    paths = [str(get_testdata_file(f)) for f in FILES]
+    host, port = web.node.address
+    subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "SYNTHNODE", host,
+                    str(port), *paths], check=True, capture_output=True, timeout=60)
+    return [dcmread(p, stop_before_pixels=True) for p in paths]
+
+
+def _login(web: Any, name: str) -> httpx.Client:
+    c = httpx.Client(base_url=web.url, timeout=60)
+    r = c.post("/console/login", data={"token": TOKENS[name][0], "next": "/console/"})
+    assert r.status_code == 303 and r.headers["location"] == "/console/"
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/console" in cookie
+    return c
+
+
+def _cell(html: str, label: str) -> str:
+    """The value cell of the dashboard row ``label``."""
+    row = html.split(f'data-key="{label}"', 1)[1].split("</tr>", 1)[0]
+    return row.split('class="value', 1)[1].split(">", 1)[1].split("</td>", 1)[0].strip()
+
+
+def test_sign_in_and_dashboard_numbers_match_what_was_sent(web: Any) -> None:
+    anon = httpx.get(web.url + "/console/")
+    assert anon.status_code == 303 and anon.headers["location"].startswith("/console/login")
+    bad = httpx.post(web.url + "/console/login", data={"token": "wrong"})
+    assert bad.status_code == 401 and "unknown token" in bad.text
+    store_only = httpx.post(web.url + "/console/login", data={"token": TOKENS["storer"][0]})
+    assert store_only.status_code == 403
+    sent = _send(web)
+    c = _login(web, "reader")
+    assert "none yet" in c.get("/console/").text
+    cp = web.node.ctx.audit.checkpoint(force=True)
+    html = c.get("/console/").text
+    assert _cell(html, "last checkpoint") == f"{cp.size} entries, verified"
+    from sqlalchemy import update
+
+    from audit.tables import ledger_checkpoints
+
+    with web.node.ctx.engine.begin() as conn:  # a tampered stored root is shown, not hidden
+        conn.execute(update(ledger_checkpoints).values(root_hash=b"\0" * 32))
+    tampered = _cell(c.get("/console/").text, "last checkpoint")
+    assert tampered.startswith(f"{cp.size} entries, NOT VERIFIED")
+    with web.node.ctx.engine.begin() as conn:
+        conn.execute(update(ledger_checkpoints).values(root_hash=cp.root))
+    assert _cell(html, "C-STORE instances received since start") == str(len(sent))
+    assert _cell(html, "instances stored") == str(len(sent))
+    assert _cell(html, "readiness") == "ready"
+    host, port = web.node.address
+    assert _cell(html, "DIMSE listener") == f"SYNTHNODE@{host}:{port}"
+    assert _cell(html, "ledger size") == str(web.node.ctx.ledger.size())
+    assert _cell(html, "held outputs") == "0"
+    assert _cell(html, "ingest rate") == f"{len(sent)} in the last 5 min"
+    assert _cell(html, "peers seen in the last hour") == "ae:STORESCU (1)"
+    assert "<time>" in html  # every value with its measurement time
+    # a header token works as well as the cookie
+    h = httpx.get(web.url + "/console/",
+                  headers={"Authorization": f"Bearer {TOKENS['reader'][0]}"})
+    assert h.status_code == 200
+    assert c.post("/console/logout").status_code == 303
+
+
+def test_studies_search_study_page_and_thumbnail(web: Any) -> None:
+    sent = _send(web)
+    c = _login(web, "reader")
+    ct = sent[0]
+    r = c.get("/console/studies", params={"patient_id": str(ct.PatientID)})
+    assert r.status_code == 200
+    assert f"/console/studies/{ct.StudyInstanceUID}" in r.text
+    assert f"/console/studies/{sent[1].StudyInstanceUID}" not in r.text
+    none = c.get("/console/studies", params={"synthetic": "YES"})
+    assert "0 studies" in none.text
+    page = c.get(f"/console/studies/{ct.StudyInstanceUID}")
+    assert page.status_code == 200 and str(ct.SeriesInstanceUID) in page.text
+    assert "original" in page.text and "Nothing dispatched" in page.text
+    assert "not tracked" in page.text and "Rules matched: none" in page.text  # no pipeline
+    thumb = c.get(f"/console/thumbnail/{ct.StudyInstanceUID}/{ct.SeriesInstanceUID}")
+    assert thumb.status_code == 200 and thumb.content[:8] == b"\x89PNG\r\n\x1a\n"
+    web.flush()  # console reads are in the ledger like any DICOMweb read
+    reads = ledger_events(web.node, "dicomweb.access")
+    assert any(e.actor == "token:reader" and e.payload.get("kind") == "thumbnail"
+               for e in reads)
+    assert c.get("/console/studies/1.2.3.4.5").status_code == 404
+
+
+def test_jobs_cancel_needs_admin_and_is_recorded(web: Any) -> None:
+    from node.pipeline.jobs import JobStore
+
+    ctx = web.node.ctx
+    store = JobStore(ctx.engine, ctx.ledger)
+    job = store.get(store.enqueue("dispatch", study_uid="1.2.3", series_uid="1.2.3.4",
+                                  spec={"destination": "ORTHANC"}))
+    reader = _login(web, "reader")
+    lst = reader.get("/console/jobs", params={"state": "queued"})
+    assert job.id[:8] in lst.text
+    assert 'id="do-cancel"' not in reader.get(f"/console/jobs/{job.id}").text
+    denied = reader.post(f"/console/jobs/{job.id}/cancel", data={"reason": "x"})
+    assert denied.status_code == 403
+    admin = _login(web, "admin")
+    assert admin.post(f"/console/jobs/{job.id}/cancel", data={"reason": ""}).status_code == 400
+    cross = admin.post(f"/console/jobs/{job.id}/cancel", data={"reason": "x"},
+                       headers={"Origin": "http://evil.example"})
+    assert cross.status_code == 403
+    r = admin.post(f"/console/jobs/{job.id}/cancel", data={"reason": "wrong destination"})
+    assert r.status_code == 303
+    page = admin.get(r.headers["location"])
+    assert 'id="job-state">cancelled' in page.text
+    ev = [e for e in ledger_events(web.node, "job.cancelled") if e.actor == "token:admin"]
+    assert len(ev) == 1 and ev[0].payload["reason"] == "wrong destination"
+    assert ev[0].subject["job_id"] == job.id
+    assert JobStore(ctx.engine, ctx.ledger).get(job.id).state.value == "cancelled"
+    r = admin.post(f"/console/jobs/{job.id}/retry", data={"reason": "destination fixed"})
+    assert r.status_code == 303
+    assert JobStore(ctx.engine, ctx.ledger).get(job.id).state.value == "queued"
+    ev = [e for e in ledger_events(web.node, "job.queued") if e.actor == "token:admin"]
+    assert [e.payload["reason"] for e in ev] == ["destination fixed"]
+    again = admin.post(f"/console/jobs/{job.id}/retry", data={"reason": "twice"})
+    assert again.status_code == 409  # a queued job cannot be retried
+
+
+def test_audit_search_lineage_verify_export_and_scopes(web: Any) -> None:
+    sent = _send(web)
+    study = str(sent[0].StudyInstanceUID)
+    reader = _login(web, "reader")
+    assert reader.get("/console/audit").status_code == 403  # audit needs the audit scope
+    assert reader.get("/console/models").status_code == 403
+    admin = _login(web, "admin")
+    r = admin.get("/console/audit", params={"uid": study, "event": "instance.received"})
+    assert r.status_code == 200 and "1 entry" in r.text and "ae:STORESCU" in r.text
+    bad = admin.get("/console/audit", params={"since": "yesterday"})
+    assert bad.status_code == 200 and 'role="alert"' in bad.text
+    lin = admin.get("/console/audit/lineage", params={"uid": study})
+    assert lin.status_code == 200 and 'id="lineage"' in lin.text
+    assert str(sent[0].SeriesInstanceUID) in lin.text
+    v = admin.post("/console/audit/verify")
+    assert v.status_code == 200 and "Verified" in v.text
+    runs = ledger_events(web.node, "verification.run")
+    assert runs[-1].actor == "token:admin" and runs[-1].payload["ok"] is True
+    exp = admin.get("/console/audit/export", params={"uid": study})
+    lines = [json.loads(x) for x in exp.text.splitlines()]
+    assert exp.headers["content-disposition"].startswith("attachment")
+    assert [x["type"] for x in lines] == ["instance.received"]
+    fhir = admin.get("/console/audit/export", params={"uid": study, "format": "fhir"}).json()
+    assert fhir["resourceType"] == "Bundle"
+    assert "AuditEvent" in {e["resource"]["resourceType"] for e in fhir["entry"]}
+    dic = admin.get("/console/audit/export", params={"uid": study, "format": "dicom"}).text
+    assert dic.count("<AuditMessage") == 1
+    whole = admin.get("/console/audit/export", params={"format": "ledger"}).text.splitlines()
+    head = json.loads(whole[0])  # the verifiable export of `synthnode audit export`
+    assert head["format"] == "synthnode-ledger-export"
+    assert [json.loads(x)["seq"] for x in whole[1:] if "seq" in x] == list(range(head["size"]))
+    assert admin.get("/console/audit/export", params={"format": "pdf"}).status_code == 400
+    seq = int(lines[0]["seq"])
+    assert f'/console/audit/proof/{seq}"' in r.text
+    pr = admin.get(f"/console/audit/proof/{seq}")
+    assert pr.status_code == 200 and pr.headers["content-disposition"].startswith("attachment")
+    from audit import merkle
+
+    p = pr.json()["entries"][str(seq)]
+    merkle.verify_inclusion(seq, p["tree_size"], bytes.fromhex(p["leaf_hash"]),
+                            [bytes.fromhex(h) for h in p["proof"]],
+                            bytes.fromhex(p["root_hash"]))  # raises if the proof is wrong
+    assert merkle.leaf_hash(p["leaf_data"].encode()) == bytes.fromhex(p["leaf_hash"])
+    assert admin.get("/console/audit/proof/999999").status_code == 404
+    m = admin.get("/console/models")
+    assert m.status_code == 200 and "Models" in m.text
+
+
+@pytest.mark.parametrize("path", ["/console/", "/console/studies", "/console/jobs"])
+def test_pages_have_labels_and_skip_link(web: Any, path: str) -> None:
+    c = _login(web, "admin")
+    html = c.get(path).text
+    assert 'href="#main"' in html and '<main id="main"' in html
+    # every input / select has a label naming it
+    import re
+
+    ids = re.findall(r'<(?:input|select)[^>]* id="([^"]+)"', html)
+    for i in ids:
+        assert f'for="{i}"' in html, i
+
+
+def test_held_output_shown_on_dashboard_and_job_page(web: Any) -> None:
+    """A job whose output the quality gate held (as the pipeline records it: the job's
+    result lists it with the failed checks, and an output.held ledger entry)."""
+    from audit.events import Event, EventType, Outcome
+    from node.pipeline.jobs import JobStore
+
+    ctx = web.node.ctx
+    store = JobStore(ctx.engine, ctx.ledger)
+    jid = store.enqueue("engine", study_uid="1.2.3", series_uid="1.2.3.4", task="ct2mr",
+                        spec={"fingerprint": "f00"})
+    job = store.claim(job_id=jid)
+    assert job is not None
+    checks = [{"name": "max_abs_bias_hu", "value": "88.0", "limit": "30.0", "passed": False}]
+    store.finish(jid, {"outputs": [], "held": [{"index": 0, "reasons": ["bias 88 HU > 30"],
+                                                "checks": checks}]}, claim=job)
+    ctx.ledger.append(Event(EventType.OUTPUT_HELD, "component:pipeline", Outcome.MINOR_FAILURE,
+                            subject={"job_id": jid, "study_uid": "1.2.3"},
+                            payload={"source_series_uids": ["1.2.3.4"],
+                                     "reasons": ["bias 88 HU > 30"], "checks": checks,
+                                     "output_index": 0}))
+    c = _login(web, "reader")
+    assert _cell(c.get("/console/").text, "held outputs") == "1"
+    page = c.get(f"/console/jobs/{jid}").text
+    held = page.split('id="held"', 1)[1].split("</table>", 1)[0]
+    assert "bias 88 HU &gt; 30" in held and "max_abs_bias_hu" in held
+
+
+def test_study_completion_state_with_the_pipeline(start_node: Any) -> None:
+    from tests.node.dicomweb.conftest import Web
+    from tests.support.dicomweb import web_overrides
+
+    web = Web(start_node(dicomweb=web_overrides(),
+                         pipeline={"enabled": True, "quiet_period_s": 3600}))
+    sent = _send(web)
+    c = _login(web, "reader")
+    page = c.get(f"/console/studies/{sent[0].StudyInstanceUID}").text
+    line = page.split('id="completion"', 1)[1].split("</p>", 1)[0]
+    assert "Completion: open (1 instance(s) seen by the pipeline" in line
+    html = c.get("/console/").text
+    assert "workers: ok" in _cell_detail(html, "readiness")
+
+
+def _cell_detail(html: str, label: str) -> str:
+    row = html.split(f'data-key="{label}"', 1)[1].split("</tr>", 1)[0]
+    return row.split("</td>", 1)[1]
