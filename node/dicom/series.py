@@ -465,6 +465,43 @@ class _Context:
 # -- builders -----------------------------------------------------------------------------------
 
 
+def padding_values(source: AssembledVolume, stored: StoredPixels) -> tuple[int, int | None] | None:
+    """The output's Pixel Padding Value and Range Limit (stored values, PS3.3 C.7.5.1.1.2), or
+    None.
+
+    Only where the source declares Pixel Padding Value: its padding pixels (``fov`` False) keep
+    their physical values through the engine (the quality gate holds an output that changed
+    them), so in the output they are the stored values found there. One value gives Pixel
+    Padding Value alone; several (a source padding range, or a rescale that spreads it) give
+    the range lowest..highest (MONOCHROME2: Pixel Padding Value is the lower end). None, with
+    a log line, where a field-of-view pixel of the output falls on a padding value: writing it
+    would declare real image pixels padding.
+    """
+    if "PixelPaddingValue" not in source.reference:
+        return None
+    fov = source.volume.fov
+    if fov is None or bool(fov.all()):
+        return None
+    pad = stored.array[~fov]
+    lo, hi = int(pad.min()), int(pad.max())
+    inside = stored.array[fov]
+    clash = int(((inside >= lo) & (inside <= hi)).sum())
+    if clash:
+        logger.warning("output keeps the source's padding pixels but %d field-of-view pixel(s) "
+                       "fall on its padding values [%d, %d]: Pixel Padding Value not written",
+                       clash, lo, hi)
+        return None
+    return lo, (None if lo == hi else hi)
+
+
+def _add_padding(ds: Dataset, padding: tuple[int, int | None]) -> None:
+    # unsigned stored values (Pixel Representation 0): US, in the Image Pixel / General
+    # Equipment modules every output IOD includes
+    ds.add_new(0x00280120, "US", padding[0])  # Pixel Padding Value
+    if padding[1] is not None:
+        ds.add_new(0x00280121, "US", padding[1])  # Pixel Padding Range Limit
+
+
 def _build_sc(ctx: _Context) -> list[Dataset]:
     from highdicom.sc import SCImage
 
@@ -741,7 +778,10 @@ def build_series(
     ):
         raise ValueError(f"no enhanced form for modality {modality}")
     datasets = BUILDERS[OutputFormat(spec.output_format)](ctx)
+    padding = padding_values(source, stored)
     for ds in datasets:
+        if padding is not None:
+            _add_padding(ds, padding)
         if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
             ctx.file_meta(ds, spec.transfer_syntax_uid)
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID

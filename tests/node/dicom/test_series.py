@@ -233,3 +233,61 @@ def test_recognizable_visual_features_explicit() -> None:
     b = build_series(src, src.volume, SeriesSpec("sc", PROV, recognizable_visual_features=False))
     assert b.datasets[0].RecognizableVisualFeatures == "NO"
     assert codes.SYNTHESIZING_EQUIPMENT.value == "109100"
+
+
+@pytest.mark.dciodvfy
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("range_limit", [False, True], ids=["value", "range"])
+def test_output_keeps_the_input_padding_convention(fmt: str, range_limit: bool,
+                                                   tmp_path: Path) -> None:
+    """A real slice with Pixel Padding Value -2000 (-3024 HU outside the reconstruction
+    circle), optionally a Pixel Padding Range Limit: the output declares padding exactly on the
+    pixels the input declared it, with the same physical values, and stays dciodvfy-clean."""
+    from tests.support.realdata import series_from_real_slice
+
+    tool = require_tool("dciodvfy")
+    series = series_from_real_slice("693_UNCR.dcm", 3, noise=10.0)
+    if range_limit:
+        for ds in series:
+            ds.PixelPaddingRangeLimit = -1024  # stored -2000..-1024: -3024..-2048 HU
+    src = assemble(series)
+    assert src.volume.fov is not None and not src.volume.fov.all()
+    pad = ~src.volume.fov
+    data = np.where(pad, src.volume.data, src.volume.data * 0.9 + 3.0)  # engine keeps padding
+    out = Volume(data.astype(np.float32), src.volume.spacing, Intensity.HU, fov=src.volume.fov)
+    built = build_series(src, out, SeriesSpec(fmt, PROV, ledger_entry="5"))
+    frames = []
+    for path in _save(built, tmp_path):
+        assert dciodvfy_errors(path, tool) == [], path
+        ds = pydicom.dcmread(path)
+        assert "PixelPaddingValue" in ds
+        arr = ds.pixel_array.reshape(-1, *ds.pixel_array.shape[-2:])
+        lo = int(ds.PixelPaddingValue)
+        hi = int(ds.get("PixelPaddingRangeLimit", lo))
+        assert lo <= hi
+        frames.append(((arr >= lo) & (arr <= hi),
+                       arr * built.stored.slope + built.stored.intercept))
+    declared = np.concatenate([f[0] for f in frames])
+    physical = np.concatenate([f[1] for f in frames])
+    np.testing.assert_array_equal(declared, pad)  # padding exactly where the input had it
+    np.testing.assert_array_equal(physical[pad], src.volume.data[pad])
+    assert ("PixelPaddingRangeLimit" in ds) == bool(np.unique(src.volume.data[pad]).size > 1)
+
+
+def test_no_padding_declared_when_the_source_has_none_or_it_would_cover_image_pixels() -> None:
+    from node.dicom.series import padding_values
+    from tests.support.realdata import series_from_real_slice
+
+    plain = assemble(series_from_real_slice("CT_small.dcm", 2))
+    built = build_series(plain, plain.volume, SeriesSpec("sc", PROV))
+    assert "PixelPaddingValue" not in built.datasets[0]
+    src = assemble(series_from_real_slice("693_UNCR.dcm", 2))
+    assert src.volume.fov is not None
+    pad = ~src.volume.fov
+    # an output whose image pixels reach the padding HU: declaring it would hide them
+    data = np.where(pad, src.volume.data, np.float32(-3024.0))
+    out = Volume(data.astype(np.float32), src.volume.spacing, Intensity.HU, fov=src.volume.fov)
+    from node.dicom.volume import to_stored
+    assert padding_values(src, to_stored(out.data, out.intensity)) is None
+    built = build_series(src, out, SeriesSpec("sc", PROV))
+    assert "PixelPaddingValue" not in built.datasets[0]
