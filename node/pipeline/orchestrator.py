@@ -74,7 +74,7 @@ from node.pipeline.jobs import (
     WorkerPool,
 )
 from node.pipeline.quality import QualityLimits, check
-from node.pipeline.rules import SeriesFacts, route
+from node.pipeline.rules import SeriesFacts, hold_reason, route
 from node.pipeline.runner import EngineRunner, GatedEngineRunner
 from node.pipeline.specs import DispatchJobSpec, EngineJobSpec
 from node.pipeline.tables import dispatch_acks, outputs
@@ -329,6 +329,10 @@ class Pipeline:
                 logger.info("series not routed: %s", routing.skipped or "no rule matched")
                 continue
             rule = routing.rule
+            held = hold_reason(rule)
+            if held is not None:
+                logger.info("series %s %s", series_uid, held)
+                continue
             fp = fingerprint([i.sop_instance_uid for i in insts])
             if rule.forward_originals:
                 queued += self._forward_original(study_uid, series_uid, rule, fp, generation)
@@ -871,6 +875,7 @@ class Pipeline:
                            "modality": str(head.get("Modality", "")),
                            "description": str(head.get("SeriesDescription", "")),
                            "rule": routing.rule.name if routing.rule else None,
+                           "held": hold_reason(routing.rule) if routing.rule else None,
                            "not_routed": None if routing.rule else (routing.skipped
                                                                     or "no rule matched")})
         all_jobs = self.jobs.list(study_uid=study_uid, limit=10000)

@@ -196,6 +196,17 @@ def route(settings: PipelineSettings, facts: SeriesFacts) -> Routing:
     return Routing(chosen, tuple(verdicts))
 
 
+def hold_reason(rule: Rule) -> str | None:
+    """Why a series routed by ``rule`` is held, or None. A rule with neither tasks nor
+    destinations (nor ``forward_originals``) is a *hold rule*: placed before the processing
+    rules (the first matching rule wins), it keeps the series it matches (phantom / QA /
+    calibration series, e.g. on Series Description or Protocol Name) out of every task and
+    destination; the series stays stored and ``study show`` names the rule."""
+    if rule.tasks or rule.destinations or rule.forward_originals:
+        return None
+    return f"held by rule {rule.name!r} (no tasks, no destinations): not processed"
+
+
 @dataclass(frozen=True)
 class RuleProblem:
     """A mistake in the rule set: the settings path it is at (``pipeline.rules.1.match.rows``),
@@ -245,9 +256,11 @@ def rule_problems(settings: PipelineSettings,
             p = _entry_problem(rule, key, pattern, f"pipeline.rules.{i}.match.{key}")
             if p is not None:
                 problems.append(p)
-        if not rule.tasks:
-            problems.append(
-                RuleProblem(f"pipeline.rules.{i}.tasks", f"rule {rule.name!r}: no tasks"))
+        if not rule.tasks and rule.destinations and not rule.forward_originals:
+            problems.append(RuleProblem(
+                f"pipeline.rules.{i}.tasks",
+                f"rule {rule.name!r}: no tasks: its destinations get nothing (a rule with "
+                "neither tasks nor destinations is a hold rule)"))
         for k, task in enumerate(rule.tasks):
             problems += task_problems(rule.name, task.task, dict(task.params), task.model,
                                       f"pipeline.rules.{i}.tasks.{k}", models_dir)

@@ -267,3 +267,44 @@ def test_other_size_objects_are_left_out_and_the_largest_stack_processed(tmp_pat
     assert "different_sizes" in left["reason"]
     assert len(ctx.index.instances(series_instance_uid=job.result["outputs"][0])) == 3
     pipe.stop()
+
+
+def test_phantom_series_is_held_by_a_hold_rule(tmp_path: Path) -> None:
+    """The documented hold rule (neither tasks nor destinations, before the processing rules)
+    keeps a QA / phantom / calibration series out of processing; the patient series of the
+    same study is processed; `study show` names the hold."""
+    hold = {"name": "qa-hold", "match": {"SeriesDescription": r".*\b(PHANTOM|QA|CALIBRATION)\b.*"}}
+    settings = load_settings(None, environment="development",
+                             data_dir=str(tmp_path / "node"), pipeline={
+        "quiet_period_s": 3600,
+        "destinations": [{"name": "pacs", "kind": "dimse", "ae_title": "PACS",
+                          "host": "127.0.0.1", "port": get_port(),
+                          "accepts_synthetic": True, "max_attempts": 1, "backoff_s": 0.1}],
+        "rules": [hold,
+                  {"name": "ct", "match": {"modality": "CT"},
+                   "tasks": [{"task": "ct_denoise", "output_format": "sc"}],
+                   "destinations": ["pacs"]}],
+    })
+    from node.pipeline.rules import check_rules
+
+    assert check_rules(settings.pipeline) == []  # a hold rule is not a configuration mistake
+    ctx = build_context(settings, fsync=False)
+    pipe = Pipeline.from_context(ctx, runner=nlm_runner)
+    patient = make_series(2, rows=64, cols=64)
+    qa = make_series(2, rows=64, cols=64, study_uid=str(patient[0].StudyInstanceUID))
+    for ds in qa:
+        ds.SeriesDescription = "Daily QA water phantom"
+    for ds in patient:
+        ds.SeriesDescription = "Head 5mm"
+    study = send(ctx, patient + qa)
+    assert pipe.complete_study(study)
+    pipe.pool.drain()
+    engine = pipe.jobs.list(kind="engine")
+    assert [j.series_uid for j in engine] == [str(patient[0].SeriesInstanceUID)]
+    rep = pipe.study_report(study)
+    by_uid = {s["series_uid"]: s for s in rep["series"]}
+    held = by_uid[str(qa[0].SeriesInstanceUID)]
+    assert held["rule"] == "qa-hold" and "held by rule 'qa-hold'" in held["held"]
+    assert by_uid[str(patient[0].SeriesInstanceUID)]["held"] is None
+    assert by_uid[str(patient[0].SeriesInstanceUID)]["rule"] == "ct"
+    pipe.stop()

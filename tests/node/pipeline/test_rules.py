@@ -95,7 +95,13 @@ def test_rule_set_checks_and_settings_validation() -> None:
     problems = check_rules(s)
     assert any("unknown match key 'NoSuchKeyword'" in p for p in problems)
     assert any("bad regex" in p for p in problems)
-    assert any("no tasks" in p for p in problems)
+    # neither tasks nor destinations: a hold rule, not a mistake; destinations but no tasks is
+    assert not any("no tasks" in p for p in problems)
+    s = PipelineSettings(
+        destinations=[{"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "h",
+                       "port": 104}],
+        rules=[Rule(name="b", destinations=["pacs"])])
+    assert any("rule 'b': no tasks" in p for p in check_rules(s))
     with pytest.raises(ValueError, match="unknown destination"):
         PipelineSettings(rules=[Rule(name="a", tasks=T, destinations=["nowhere"])])
     with pytest.raises(ValueError, match="needs url"):
