@@ -55,6 +55,9 @@ class Reason(str, Enum):
     DIFFERENT_SIZES = "different_sizes"
     DIFFERENT_PIXEL_SPACING = "different_pixel_spacing"
     SPACING_GAP = "spacing_gap"
+    #: 2D multi-slice MR whose slice positions are not one evenly spaced stack (several
+    #: packages, skipped slices): its slices are not one volume
+    MR_2D_NON_CONTIGUOUS = "mr_2d_non_contiguous"
     DUPLICATE_POSITION = "duplicate_position"
     NOT_GRAYSCALE = "not_grayscale"
     NO_PIXEL_DATA = "no_pixel_data"
@@ -507,6 +510,11 @@ def _reference(ds: Dataset) -> Dataset:
     return ref
 
 
+def _is_2d_mr(ds: Dataset) -> bool:
+    return (str(ds.get("Modality", "")).upper() == "MR"
+            and str(ds.get("MRAcquisitionType", "")).upper() == "2D")
+
+
 def _assemble_stack(
     frames: Sequence[_Frame], datasets: Sequence[Dataset], intensity: Intensity
 ) -> AssembledVolume:
@@ -516,6 +524,14 @@ def _assemble_stack(
     frames = [frames[i] for i in order]
     dist = dist[order]
     runs = _runs(dist)
+    if len(runs) > 1 and _is_2d_mr(datasets[0]):
+        sizes = [r.stop - r.start for r in runs]
+        raise VolumeError(
+            Reason.MR_2D_NON_CONTIGUOUS,
+            f"2D multi-slice MR (MR Acquisition Type 2D) with non-contiguous slice positions: "
+            f"runs of {sizes} slices (nominal spacing {float(np.median(np.diff(dist))):.3f} "
+            f"mm); its slices are not one volume, the series is not processed",
+        )
     if len(runs) > 1:
         sizes = [r.stop - r.start for r in runs]
         raise VolumeError(

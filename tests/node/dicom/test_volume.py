@@ -283,3 +283,27 @@ def test_real_compressed_slices_decode_like_uncompressed(name: str, reference: s
         ref = assemble([pydicom.dcmread(get_testdata_file(reference))])
         np.testing.assert_array_equal(got.volume.data, ref.volume.data)
         assert (got.volume.fov is None) == (ref.volume.fov is None)
+
+
+def test_2d_multislice_mr_with_gaps() -> None:
+    """2D multi-slice MR: an even gap between slices (spacing 6 mm, thickness 5 mm) is one
+    volume at the received positions; non-contiguous positions (a skipped slice, two packages)
+    are refused with their own reason, not the generic spacing gap."""
+    series = make_series(6, modality="MR", spacing=6.0, shuffle=False)
+    for ds in series:
+        ds.MRAcquisitionType = "2D"
+        ds.SliceThickness = 5.0
+    av = assemble(series)
+    assert av.volume.data.shape[0] == 6
+    assert av.geometry.slice_spacing == pytest.approx(6.0)
+    assert av.geometry.slice_thickness == pytest.approx(5.0)
+    del series[2]  # a skipped slice: runs of 2 and 3
+    with pytest.raises(VolumeError) as exc:
+        assemble(series)
+    assert exc.value.reason is Reason.MR_2D_NON_CONTIGUOUS
+    assert "runs of [2, 3] slices" in str(exc.value)
+    for ds in series:  # the same positions in a 3D acquisition: the generic spacing gap
+        ds.MRAcquisitionType = "3D"
+    with pytest.raises(VolumeError) as exc:
+        assemble(series)
+    assert exc.value.reason is Reason.SPACING_GAP

@@ -308,3 +308,44 @@ def test_phantom_series_is_held_by_a_hold_rule(tmp_path: Path) -> None:
     assert by_uid[str(patient[0].SeriesInstanceUID)]["held"] is None
     assert by_uid[str(patient[0].SeriesInstanceUID)]["rule"] == "ct"
     pipe.stop()
+
+
+def test_2d_multislice_mr_with_non_contiguous_slices_is_refused_by_name(tmp_path: Path) -> None:
+    """A 2D multi-slice MR series with a skipped slice is not one volume: the engine job fails
+    with the named reason, shown by `jobs list` and `study show`; the engine never runs."""
+    calls: list[str] = []
+
+    def runner(task: str, volume: Volume, params: dict, seed: int,
+               model: str | None) -> TaskResult:
+        calls.append(task)
+        return nlm_runner(task, volume, params, seed, model)
+
+    settings = load_settings(None, environment="development",
+                             data_dir=str(tmp_path / "node"), pipeline={
+        "quiet_period_s": 3600,
+        "rules": [{"name": "mr", "match": {"modality": "MR"},
+                   "tasks": [{"task": "mr_denoise", "output_format": "sc"}]}],
+    })
+    ctx = build_context(settings, fsync=False)
+    pipe = Pipeline.from_context(ctx, runner=runner)
+    series = make_series(6, rows=64, cols=64, modality="MR", spacing=6.0, shuffle=False)
+    for ds in series:
+        ds.MRAcquisitionType = "2D"
+    del series[2]
+    study = send(ctx, series)
+    assert pipe.complete_study(study)
+    pipe.pool.drain()
+    (job,) = pipe.jobs.list(kind="engine")
+    assert job.state is JobState.FAILED and calls == []
+    assert "mr_2d_non_contiguous" in (job.error or "")
+    (j,) = pipe.study_report(study)["jobs"]
+    assert j["state"] == "failed" and "mr_2d_non_contiguous" in j["error"]
+    cfg = tmp_path / "same.toml"
+    cfg.write_text(f'environment = "development"\ndata_dir = "{ctx.settings.data_dir}"\n')
+    text = " ".join(CliRunner().invoke(app, ["jobs", "list", "--wide", "-c", str(cfg)])
+                    .output.split())
+    assert "failed" in text and "mr_2d_non_contiguous" in text
+    text = " ".join(CliRunner().invoke(app, ["study", "show", study, "-c", str(cfg)])
+                    .output.split())
+    assert "failed" in text and "mr_2d_non_contiguous" in text
+    pipe.stop()
