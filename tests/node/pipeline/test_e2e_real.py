@@ -55,6 +55,8 @@ def test_real_inputs_storescu_to_orthanc(tmp_path: Path, orthanc: OrthancServer)
             if ds.Modality == "CT":
                 hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
                 assert (hu[pad] == -3024).all()
+                # ... and declares them padding, on exactly those pixels
+                assert (ds.pixel_array == int(ds.PixelPaddingValue)).tolist() == pad.tolist()
     # every other input: delivered, or a named outcome / refusal on the job
     for name in ("ge-ct-128", "philips-mr-1024"):
         o = by_name[name]
