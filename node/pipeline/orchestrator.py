@@ -331,7 +331,12 @@ class Pipeline:
             rule = routing.rule
             held = hold_reason(rule)
             if held is not None:
+                # a phantom / QA / calibration series: stored, never processed; each object
+                # named in the ledger like the other objects that are not processed
                 logger.info("series %s %s", series_uid, held)
+                for inst in insts:
+                    self._left_out(study_uid, series_uid, inst.sop_instance_uid, held,
+                                   {"routing": "held by rule", "rule": rule.name})
                 continue
             fp = fingerprint([i.sop_instance_uid for i in insts])
             if rule.forward_originals:

@@ -307,6 +307,11 @@ def test_phantom_series_is_held_by_a_hold_rule(tmp_path: Path) -> None:
     assert held["rule"] == "qa-hold" and "held by rule 'qa-hold'" in held["held"]
     assert by_uid[str(patient[0].SeriesInstanceUID)]["held"] is None
     assert by_uid[str(patient[0].SeriesInstanceUID)]["rule"] == "ct"
+    # each held object is named in the ledger with the rule
+    left = [e.event for e in ctx.ledger.entries() if e.event.type.value == "instance.left_out"]
+    assert {e.subject["sop_uid"] for e in left} == {str(ds.SOPInstanceUID) for ds in qa}
+    assert all(e.payload["rule"] == "qa-hold" and e.payload["routing"] == "held by rule"
+               for e in left)
     pipe.stop()
 
 
