@@ -563,7 +563,8 @@ def _functional_groups(ctx: _Context, ds: Dataset) -> None:
     pm = Dataset()
     pm.PixelSpacing = [_dsv(v) for v in g.pixel_spacing]
     pm.SliceThickness = _dsv(g.slice_thickness or g.slice_spacing)
-    pm.SpacingBetweenSlices = _dsv(g.slice_spacing)
+    if not ctx.source.runs:  # non-contiguous 2D slices: no single spacing between them
+        pm.SpacingBetweenSlices = _dsv(g.slice_spacing)
     shared.PixelMeasuresSequence = DicomSequence([pm])
     po = Dataset()
     po.ImageOrientationPatient = [_dsv(v) for v in g.orientation]

@@ -122,6 +122,10 @@ class AssembledVolume:
     volume: Volume
     geometry: Geometry
     reference: Dataset = field(repr=False)
+    #: 2D multi-slice MR with non-contiguous positions (``assemble(..., slice_runs=True)``):
+    #: the (start, stop) slice ranges of ``volume`` that are each one evenly spaced stack; the
+    #: engine runs on each on its own (its 2.5D context never spans a gap). Empty: one stack.
+    runs: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -516,7 +520,8 @@ def _is_2d_mr(ds: Dataset) -> bool:
 
 
 def _assemble_stack(
-    frames: Sequence[_Frame], datasets: Sequence[Dataset], intensity: Intensity
+    frames: Sequence[_Frame], datasets: Sequence[Dataset], intensity: Intensity,
+    *, slice_runs: bool = False,
 ) -> AssembledVolume:
     _check_uniform(frames)
     dist = _distances(frames)
@@ -524,6 +529,10 @@ def _assemble_stack(
     frames = [frames[i] for i in order]
     dist = dist[order]
     runs = _runs(dist)
+    kept_runs: tuple[tuple[int, int], ...] = ()
+    if len(runs) > 1 and _is_2d_mr(datasets[0]) and slice_runs:
+        kept_runs = tuple((int(r.start), int(r.stop)) for r in runs)
+        runs = [slice(0, len(frames))]
     if len(runs) > 1 and _is_2d_mr(datasets[0]):
         sizes = [r.stop - r.start for r in runs]
         raise VolumeError(
@@ -541,7 +550,12 @@ def _assemble_stack(
         )
     first = frames[0]
     assert first.pixel_spacing is not None and first.orientation is not None
-    if len(frames) > 1:
+    if kept_runs:  # the spacing within the runs (the gaps between them are not spacing)
+        steps = np.concatenate([np.diff(dist[a:b]) for a, b in kept_runs]) \
+            if any(b - a > 1 for a, b in kept_runs) else np.array([])
+        slice_spacing = (float(np.median(steps)) if steps.size
+                         else float(first.thickness or 1.0))
+    elif len(frames) > 1:
         slice_spacing = float(np.median(np.diff(dist)))
     else:
         slice_spacing = float(first.thickness or 1.0)
@@ -589,7 +603,7 @@ def _assemble_stack(
         first.columns,
         volume.spacing,
     )
-    return AssembledVolume(volume, geometry, _reference(head))
+    return AssembledVolume(volume, geometry, _reference(head), kept_runs)
 
 
 def _all_frames(datasets: Sequence[Dataset]) -> list[_Frame]:
@@ -602,7 +616,8 @@ def _all_frames(datasets: Sequence[Dataset]) -> list[_Frame]:
     return frames
 
 
-def assemble(datasets: Iterable[Dataset], *, intensity: Intensity | None = None) -> AssembledVolume:
+def assemble(datasets: Iterable[Dataset], *, intensity: Intensity | None = None,
+             slice_runs: bool = False) -> AssembledVolume:
     """Assemble the instances of one series into one volume, or raise.
 
     Parameters
@@ -611,6 +626,10 @@ def assemble(datasets: Iterable[Dataset], *, intensity: Intensity | None = None)
         pydicom datasets with pixel data (single-frame slices and/or multi-frame instances).
     intensity
         override of the intensity meaning (default: :func:`intensity_of` the first instance).
+    slice_runs
+        2D multi-slice MR with non-contiguous positions becomes one volume at the received
+        positions with ``runs`` naming its evenly spaced parts (the caller processes each on
+        its own) instead of raising ``mr_2d_non_contiguous``.
 
     Raises
     ------
@@ -619,7 +638,8 @@ def assemble(datasets: Iterable[Dataset], *, intensity: Intensity | None = None)
     """
     datasets = list(datasets)
     frames = _all_frames(datasets)
-    return _assemble_stack(frames, datasets, intensity or intensity_of(datasets[0]))
+    return _assemble_stack(frames, datasets, intensity or intensity_of(datasets[0]),
+                           slice_runs=slice_runs)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -47,7 +47,7 @@ from audit.ledger import Ledger
 from audit.watermark import WatermarkKey
 from audit.watermark.fidelity import FidelityBound
 from config.sections.pipeline import Destination, PipelineSettings, ReprocessPolicy, Rule
-from engine.api import Provenance, Volume
+from engine.api import Provenance, TaskResult, Volume
 from node.context import NodeContext
 from node.dicom import codes
 from node.dicom.series import SeriesSpec, build_series
@@ -433,7 +433,7 @@ class Pipeline:
         spec = job.engine_spec
         seed = int(job.seed if job.seed is not None else 0)
         t0 = time.perf_counter()
-        result = self.runner(job.task or "", source.volume, dict(spec.params), seed, spec.model)
+        result = self._run_engine(job.task or "", source, dict(spec.params), seed, spec.model)
         timings["engine"] = time.perf_counter() - t0
         prov = result.provenance
         built: list[tuple[str, Event, str | None]] = []
@@ -496,6 +496,39 @@ class Pipeline:
                 "weights_sha256": prov.weights_sha256, "seed": prov.seed,
                 "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
 
+    def _run_engine(self, task: str, source: AssembledVolume, params: dict[str, Any],
+                    seed: int, model: str | None) -> TaskResult:
+        """The engine on the source volume; a 2D multi-slice MR with non-contiguous positions
+        (``source.runs``) one evenly spaced run at a time (the 2.5D context never spans a
+        gap), the outputs joined back in slice order."""
+        assert self.runner is not None
+        vol = source.volume
+        if not source.runs:
+            return self.runner(task, vol, params, seed, model)
+        parts = []
+        for a, b in source.runs:
+            fov = vol.fov[a:b] if vol.fov is not None else None
+            parts.append(self.runner(task, Volume(vol.data[a:b], vol.spacing, vol.intensity,
+                                                  fov=fov), params, seed, model))
+        n = len(parts[0].outputs)
+        if any(len(p.outputs) != n for p in parts):
+            raise PermanentJobError("the engine gave a different number of outputs per run")
+        outputs = []
+        for k in range(n):
+            outs = [p.outputs[k] for p in parts]
+            fovs = [o.fov for o in outs]
+            fov = (None if all(f is None for f in fovs) else np.concatenate(
+                [f if f is not None else np.ones(o.data.shape, bool)
+                 for f, o in zip(fovs, outs, strict=True)]))
+            outputs.append(Volume(np.concatenate([o.data for o in outs]), outs[0].spacing,
+                                  outs[0].intensity, fov=fov))
+        prov = parts[0].provenance
+        prov = replace(prov, seconds=sum(p.provenance.seconds for p in parts),
+                       extra={**prov.extra, "slice_runs": [list(r) for r in source.runs]})
+        logger.info("2D multi-slice MR: %d run(s) of slices processed one at a time",
+                    len(source.runs))
+        return TaskResult(outputs, prov)
+
     def _load_source(self, job: Job, insts: Sequence[IndexedInstance]
                      ) -> tuple[AssembledVolume, list[dict[str, str]]]:
         """The series' volume, without the objects that are not part of it (each left out
@@ -516,7 +549,7 @@ class Pipeline:
             raise PermanentJobError("no image of the series is part of a volume: "
                                     + "; ".join(sorted({x["reason"] for x in left_out})))
         try:
-            source = assemble(datasets)
+            source = assemble(datasets, slice_runs=True)
         except VolumeError as exc:
             if exc.reason not in SPLITTABLE:
                 raise PermanentJobError(f"volume assembly: {exc}") from exc

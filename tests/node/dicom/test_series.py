@@ -296,3 +296,32 @@ def test_no_padding_declared_when_the_source_has_none_or_it_would_cover_image_pi
     assert padding_values(src, to_stored(out.data, out.intensity)) is None
     built = build_series(src, out, SeriesSpec("sc", PROV))
     assert "PixelPaddingValue" not in built.datasets[0]
+
+
+@pytest.mark.dciodvfy
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_non_contiguous_2d_mr_output_keeps_received_positions(fmt: str, tmp_path: Path) -> None:
+    """2D multi-slice MR with a skipped slice (processed run by run): every format passes
+    dciodvfy, slices keep their received positions, and the enhanced form states no single
+    Spacing Between Slices."""
+    tool = require_tool("dciodvfy")
+    series = make_series(5, modality="MR", rows=24, cols=20, spacing=6.0, shuffle=False)
+    for ds in series:
+        ds.MRAcquisitionType = "2D"
+    del series[2]
+    src = assemble(series, slice_runs=True)
+    assert src.runs == ((0, 2), (2, 4))
+    out = Volume(src.volume.data * 0.5 + 10.0, src.volume.spacing, Intensity.MR)
+    built = build_series(src, out, SeriesSpec(fmt, PROV, ledger_entry="3", modality="MR"))
+    z = []
+    for path in _save(built, tmp_path):
+        assert dciodvfy_errors(path, tool) == [], path
+        ds = pydicom.dcmread(path)
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            shared = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+            assert "SpacingBetweenSlices" not in shared
+            z += [float(f.PlanePositionSequence[0].ImagePositionPatient[2])
+                  for f in ds.PerFrameFunctionalGroupsSequence]
+        else:
+            z.append(float(ds.ImagePositionPatient[2]))
+    assert sorted(z) == pytest.approx(sorted(float(d.ImagePositionPatient[2]) for d in series))

@@ -302,6 +302,13 @@ def test_2d_multislice_mr_with_gaps() -> None:
         assemble(series)
     assert exc.value.reason is Reason.MR_2D_NON_CONTIGUOUS
     assert "runs of [2, 3] slices" in str(exc.value)
+    # ... or, asked for, one volume at the received positions naming its runs
+    av = assemble(series, slice_runs=True)
+    assert av.runs == ((0, 2), (2, 5)) and av.volume.data.shape[0] == 5
+    assert av.geometry.slice_spacing == pytest.approx(6.0)
+    assert [p[2] for p in av.geometry.positions] == pytest.approx(
+        [float(ds.ImagePositionPatient[2]) for ds in series])
+    assert assemble(series[:2], slice_runs=True).runs == ()  # contiguous: no runs
     for ds in series:  # the same positions in a 3D acquisition: the generic spacing gap
         ds.MRAcquisitionType = "3D"
     with pytest.raises(VolumeError) as exc:
