@@ -381,6 +381,8 @@ def study_show(study_uid: str = typer.Argument(..., help="Study Instance UID"),
            f"{rep['instances']} instance(s) received"]
     for s in rep["series"]:
         route_txt = (f"rule {s['rule']}" if s["rule"] else f"not routed: {s['not_routed']}")
+        if s.get("held"):
+            route_txt = s["held"]  # a hold rule: stored, never processed or sent
         out.append(f"  series {s['series_uid']} {s['modality']} {s['description']!r} "
                    f"{s['instances']} instance(s) -> {route_txt}")
     for j in rep["jobs"]:
