@@ -73,6 +73,7 @@ from node.pipeline.jobs import (
     TransientJobError,
     WorkerPool,
 )
+from node.pipeline.preview import save_held_slices
 from node.pipeline.quality import QualityLimits, check
 from node.pipeline.rules import SeriesFacts, route
 from node.pipeline.runner import EngineRunner, GatedEngineRunner
@@ -177,6 +178,10 @@ class Pipeline:
         ``watermark.*`` settings); recorded with every output in ``output.created``.
     """
 
+    #: where the middle slices of held outputs are kept for the console's pictures
+    #: (:mod:`node.pipeline.preview`); ``from_context`` sets ``<data_dir>/held``
+    held_dir: Path | None = None
+
     def __init__(self, parts: Parts, *, runner: EngineRunner | None = None,
                  mark_key: WatermarkKey | None = None,
                  detect_keys: Sequence[WatermarkKey] | None = None,
@@ -227,6 +232,7 @@ class Pipeline:
             ingest=lambda data: ingestor.ingest_part10(data, source=SOURCE),
         )
         pipeline = cls(parts, **kwargs)
+        pipeline.held_dir = ctx.settings.data_dir / "held"
         ctx.on_instance_stored.append(pipeline.on_instance_stored)
         return pipeline
 
@@ -452,6 +458,8 @@ class Pipeline:
                                  "reasons": list(report.reasons), "checks": list(report.checks),
                                  "stats": report.stats, "output_index": k},
                                 Outcome.MINOR_FAILURE)
+                    if self.held_dir is not None:  # for the administrator's pictures
+                        save_held_slices(self.held_dir, job.id, k, source.volume, out)
                     continue
                 same = output_series_uid(output_uid_seed(job, prov, k))
                 if self._complete_output(same):
@@ -950,7 +958,7 @@ class Pipeline:
                 max_attempts=self.settings.job_max_attempts, generation=job.generation,
                 conn=conn)
             self.parts.ledger.append(Event(
-                type=EventType.OUTPUT_RELEASED, actor=f"user:{by}", outcome=Outcome.SUCCESS,
+                type=EventType.OUTPUT_RELEASED, actor=_decider(by), outcome=Outcome.SUCCESS,
                 subject={"job_id": job.id, "study_uid": job.study_uid},
                 payload={"source_series_uids": [job.series_uid], "reason": reason,
                          "new_job_id": new_id,
@@ -972,11 +980,11 @@ class Pipeline:
             raise ValueError("a discard needs a reason")
         result = job.result or {}
         removed = [r["series_uid"] for r in result.get("refused") or []
-                   if self._discard_output(r["series_uid"], reason, held_by=f"user:{by}")]
+                   if self._discard_output(r["series_uid"], reason, held_by=_decider(by))]
         with self.parts.engine.begin() as conn:
             if result.get("held"):
                 self.parts.ledger.append(Event(
-                    type=EventType.OUTPUT_DISCARDED, actor=f"user:{by}",
+                    type=EventType.OUTPUT_DISCARDED, actor=_decider(by),
                     outcome=Outcome.SUCCESS,
                     subject={"job_id": job.id, "study_uid": job.study_uid},
                     payload={"source_series_uids": [job.series_uid], "reason": reason,
@@ -1031,6 +1039,13 @@ def _dispatch_state(job: Job) -> str:
     if job.state is JobState.FAILED:
         return "refused" if (job.error or "").startswith("refused by policy") else "failed"
     return {"queued": "queued", "running": "sending"}.get(job.state.value, job.state.value)
+
+
+def _decider(by: str) -> str:
+    """The ledger actor of an administrator's decision: ``user:<by>`` for a person named on
+    the command line, or ``by`` itself when it is already an actor (``token:NAME``: the
+    console's signed-in token)."""
+    return by if by.startswith("token:") else f"user:{by}"
 
 
 def build_pipeline(ctx: NodeContext) -> Pipeline:
