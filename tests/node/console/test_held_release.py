@@ -9,6 +9,8 @@ the model was used for. Another held job is discarded."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from audit.modelgate import public_key_b64
 from config.settings import load_settings
 from node.app import create_node
 from node.pipeline.jobs import JobKind, JobState
+from tests.node.console.test_browser import _shot, _value
 from tests.support.dicomweb import TOKENS, web_overrides
 from tests.support.dimse import dcmtk, ledger_events, node_settings_dict
 from tests.support.engine import approved_tiny_model
@@ -69,8 +72,11 @@ def _held_job(node: Any, study: str) -> Any:
     return wait_for(done, 240, "the engine job")
 
 
-def test_held_output_released_from_the_console_reaches_orthanc(
-        tmp_path: Path, orthanc: OrthancServer) -> None:
+@contextmanager
+def held_node(tmp_path: Path, orthanc: OrthancServer) -> Iterator[tuple[Any, int]]:
+    """A running node (DIMSE, DICOMweb + console, pipeline sending to ``orthanc``) whose
+    quality gate holds the tiny model's CT -> MR output; yields the node and its DIMSE
+    port."""
     approver = Ed25519PrivateKey.generate()
     models = tmp_path / "models"
     port = get_port()
@@ -96,6 +102,14 @@ def test_held_output_released_from_the_console_reaches_orthanc(
     approved_tiny_model(models, Ledger(node.ctx.engine), approver)
     node.start()
     try:
+        yield node, port
+    finally:
+        node.stop(grace_s=5)
+
+
+def test_held_output_released_from_the_console_reaches_orthanc(
+        tmp_path: Path, orthanc: OrthancServer) -> None:
+    with held_node(tmp_path, orthanc) as (node, port):
         url = str(node.dicomweb.url)
         study = _send(tmp_path, port, "a")
         job = _held_job(node, study)
@@ -159,5 +173,34 @@ def test_held_output_released_from_the_console_reaches_orthanc(
         assert _cell(reader.get("/console/").text, "held outputs") == "0"
         assert not [j for j in node.pipeline.jobs.list(study_uid=study2)
                     if j.kind is JobKind.DISPATCH]
-    finally:
-        node.stop(grace_s=5)
+
+
+def test_held_output_released_in_chromium(tmp_path: Path, orthanc: OrthancServer,
+                                          browser: Any) -> None:
+    """The same from a real browser: the picture decodes, the reason is typed and the form
+    sent with the keyboard, the output arrives in Orthanc."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with held_node(tmp_path, orthanc) as (node, port):
+        url = str(node.dicomweb.url)
+        job = _held_job(node, _send(tmp_path, port, "c"))
+        assert job.result["outcome"] == "held"
+        d = browser
+        d.get(url + "/console/login")
+        d.switch_to.active_element.send_keys(TOKENS["admin"][0] + Keys.ENTER)
+        assert d.current_url.endswith("/console/")
+        assert _value(d, "held outputs") == "1"
+        d.get(f"{url}/console/jobs/{job.id}")
+        img = d.find_element(By.ID, "held-picture-0")
+        WebDriverWait(d, 30).until(lambda drv: drv.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth > 0", img))
+        assert "difference" in img.get_attribute("alt")
+        _shot(d, "held")
+        d.find_element(By.ID, "reason-release").send_keys("slices reviewed" + Keys.ENTER)
+        assert "token:admin" in d.find_element(By.ID, "decision").text
+        (ev,) = ledger_events(node, "output.released")
+        assert ev.actor == "token:admin" and ev.payload["reason"] == "slices reviewed"
+        got = wait_for(lambda: orthanc.instance_uids() or None, 240, "the output in Orthanc")
+        assert len(got) == 1
