@@ -286,10 +286,11 @@ def _decide(c: _Console, request: Request, p: Principal, job_id: str, action: st
                       detail="a reason is required")
     try:
         job = pipeline.jobs.get(job_id)
+        via = {"via": "console", "address": p.address}
         if action == "release":
-            pipeline.release(job.id, by=p.actor, reason=reason)
+            pipeline.release(job.id, by=p.actor, reason=reason, via=via)
         else:
-            pipeline.discard(job.id, by=p.actor, reason=reason)
+            pipeline.discard(job.id, by=p.actor, reason=reason, via=via)
     except KeyError as exc:
         return c.page(request, "error.html", p, status=404, title="Not Found",
                       detail=str(exc).strip("'"))

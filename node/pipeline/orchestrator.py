@@ -935,12 +935,14 @@ class Pipeline:
                              f"{d.get('reason')}")
         return job
 
-    def release(self, job_id: str, *, by: str, reason: str) -> str:
+    def release(self, job_id: str, *, by: str, reason: str,
+                via: dict[str, str] | None = None) -> str:
         """An administrator releases the quality-held outputs of an engine job: a new engine
         job (same source, parameters and seed, so the same output) runs the gate, records
         its findings and builds them anyway; its outputs are dispatched like any other. An
         output refused for an unverified watermark cannot be released (discard it). Recorded
-        in the ledger (``output.released``, actor ``user:<by>``, the reason). Returns the new
+        in the ledger (``output.released``, actor ``user:<by>``, the reason, and ``via``: where
+        the decision came from, e.g. the console and its client's address). Returns the new
         job's id."""
         job = self._decidable(job_id)
         result = job.result or {}
@@ -960,8 +962,8 @@ class Pipeline:
             self.parts.ledger.append(Event(
                 type=EventType.OUTPUT_RELEASED, actor=_decider(by), outcome=Outcome.SUCCESS,
                 subject={"job_id": job.id, "study_uid": job.study_uid},
-                payload={"source_series_uids": [job.series_uid], "reason": reason,
-                         "new_job_id": new_id,
+                payload={**(via or {}), "source_series_uids": [job.series_uid],
+                         "reason": reason, "new_job_id": new_id,
                          "checks": sorted({c for h in result.get("held") or []
                                            for c in h.get("checks") or []})}), conn=conn)
             self.jobs.annotate(job.id, "decision", {
@@ -970,11 +972,13 @@ class Pipeline:
         self.pool.wake()
         return new_id
 
-    def discard(self, job_id: str, *, by: str, reason: str) -> list[str]:
+    def discard(self, job_id: str, *, by: str, reason: str,
+                via: dict[str, str] | None = None) -> list[str]:
         """An administrator discards the held and refused outputs of an engine job: a
         refused output series stored in the node is removed through storage's delete path;
         a quality-held output (never built) is closed. Recorded in the ledger
-        (``output.discarded``, actor ``user:<by>``, the reason). Returns the removed series."""
+        (``output.discarded``, actor ``user:<by>``, the reason, ``via`` as for
+        :meth:`release`). Returns the removed series."""
         job = self._decidable(job_id)
         if not reason.strip():
             raise ValueError("a discard needs a reason")
@@ -987,7 +991,8 @@ class Pipeline:
                     type=EventType.OUTPUT_DISCARDED, actor=_decider(by),
                     outcome=Outcome.SUCCESS,
                     subject={"job_id": job.id, "study_uid": job.study_uid},
-                    payload={"source_series_uids": [job.series_uid], "reason": reason,
+                    payload={**(via or {}), "source_series_uids": [job.series_uid],
+                             "reason": reason,
                              "held_outputs": [h.get("index") for h in result["held"]]}),
                     conn=conn)
             self.jobs.annotate(job.id, "decision", {

@@ -148,6 +148,7 @@ def test_held_output_released_from_the_console_reaches_orthanc(
         assert ev.actor == "token:admin"
         assert ev.payload["reason"] == "reviewed the slices: anatomy matches"
         assert "foreground_dice" in ev.payload["checks"]
+        assert ev.payload["via"] == "console" and ev.payload["address"].startswith("127.0.0.1")
         # the release job builds the output and the pipeline dispatches it to Orthanc
         got = wait_for(lambda: orthanc.instance_uids() or None, 240, "the output in Orthanc")
         (uid,) = got
@@ -170,6 +171,7 @@ def test_held_output_released_from_the_console_reaches_orthanc(
         assert r.status_code == 303
         (gone,) = ledger_events(node, "output.discarded")
         assert gone.actor == "token:admin" and gone.payload["reason"] == "motion artefact"
+        assert gone.payload["via"] == "console"
         assert _cell(reader.get("/console/").text, "held outputs") == "0"
         assert not [j for j in node.pipeline.jobs.list(study_uid=study2)
                     if j.kind is JobKind.DISPATCH]
