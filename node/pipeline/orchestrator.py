@@ -458,8 +458,7 @@ class Pipeline:
                                  "reasons": list(report.reasons), "checks": list(report.checks),
                                  "stats": report.stats, "output_index": k},
                                 Outcome.MINOR_FAILURE)
-                    if self.held_dir is not None:  # for the administrator's pictures
-                        save_held_slices(self.held_dir, job.id, k, source.volume, out)
+                    self._keep_held_slices(job, k, source.volume, out)
                     continue
                 same = output_series_uid(output_uid_seed(job, prov, k))
                 if self._complete_output(same):
@@ -494,6 +493,17 @@ class Pipeline:
                 "model_version": prov.model_version,
                 "weights_sha256": prov.weights_sha256, "seed": prov.seed,
                 "timings_ms": {k: int(v * 1000) for k, v in timings.items()}}
+
+    def _keep_held_slices(self, job: Job, k: int, source: Volume, out: Volume) -> None:
+        """The middle slices of a held output and its input, for the console's picture
+        (:mod:`node.pipeline.preview`); a failure costs the picture, never the hold."""
+        if self.held_dir is None:
+            return
+        try:
+            save_held_slices(self.held_dir, job.id, k, source, out)
+        except OSError as exc:
+            logger.warning("could not keep the slices of held output %d of job %s: %s",
+                           k, job.id, exc)
 
     def _load_source(self, job: Job, insts: Sequence[IndexedInstance]
                      ) -> tuple[AssembledVolume, list[dict[str, str]]]:

@@ -48,3 +48,28 @@ def test_identical_slices_give_a_flat_difference(tmp_path: Path) -> None:
 def test_a_job_id_is_not_a_path(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         held_slices_path(tmp_path, "../etc", 0)
+
+
+def test_the_gate_keeps_the_slices_and_a_failure_to_keep_them_costs_only_the_picture(
+        tmp_path: Path) -> None:
+    from audit.watermark import WatermarkKey
+    from tests.node.pipeline.test_outcomes import broken_runner, node, send
+    from tests.support.factory import make_series
+
+    ctx, pipe = node(tmp_path / "a", broken_runner, mark_key=WatermarkKey.generate(key_id=4))
+    assert pipe.held_dir == ctx.settings.data_dir / "held"
+    study = send(ctx, make_series(2, rows=64, cols=64))
+    assert pipe.complete_study(study) and pipe.pool.drain() == 1
+    (job,) = pipe.jobs.list()
+    assert job.result["outcome"] == "held"
+    assert held_slices_path(pipe.held_dir, job.id, 0).is_file()
+    pipe.stop()
+
+    ctx, pipe = node(tmp_path / "b", broken_runner, mark_key=WatermarkKey.generate(key_id=4))
+    pipe.held_dir = tmp_path / "not-a-dir"
+    pipe.held_dir.write_text("a file where the folder should be")
+    study = send(ctx, make_series(2, rows=64, cols=64))
+    assert pipe.complete_study(study) and pipe.pool.drain() == 1
+    (job,) = pipe.jobs.list()
+    assert job.state.value == "succeeded" and job.result["outcome"] == "held"
+    pipe.stop()
