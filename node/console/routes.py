@@ -255,7 +255,8 @@ def _held_routes(app: FastAPI, c: _Console) -> None:
     @app.get(PREFIX + "/jobs/{job_id}/held/{index}.png")
     def held_picture(job_id: str, index: int, request: Request) -> Response:
         """input | output | difference of a held output's middle slice
-        (:mod:`node.pipeline.preview`)."""
+        (:mod:`node.pipeline.preview`); recorded in the ledger as a read
+        (``dicomweb.access``, service ``console``)."""
         from node.pipeline.preview import comparison_png, held_slices_path
 
         p = guarded(request, "read")
@@ -268,7 +269,13 @@ def _held_routes(app: FastAPI, c: _Console) -> None:
             return Response(status_code=404)
         if not path.is_file():
             return Response(status_code=404)
-        return Response(comparison_png(path), media_type="image/png",
+        png = comparison_png(path)
+        # pixel data of the study: recorded as a read, as thumbnails are
+        c.svc.recorder.record(actor=p.actor, service="console", kind="held-picture",
+                              path=request.url.path, address=p.address,
+                              studies=[j.study_uid or ""], series=[j.series_uid or ""],
+                              count=1, extra={"job_id": j.id, "output_index": index})
+        return Response(png, media_type="image/png",
                         headers={"Cache-Control": "private, max-age=3600"})
 
 

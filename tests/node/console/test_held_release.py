@@ -128,6 +128,11 @@ def test_held_output_released_from_the_console_reaches_orthanc(
         assert img.mode == "L" and img.size == (3 * 256 + 2 * 4, 256)
         panels = [img.crop((x, 0, x + 256, 256)) for x in (0, 260, 520)]
         assert all(p.getextrema()[1] > p.getextrema()[0] for p in panels)  # not blank
+        node.dicomweb.recorder.flush()
+        (read,) = [e for e in ledger_events(node, "dicomweb.access")
+                   if e.payload.get("kind") == "held-picture"]
+        assert read.actor == "token:reader" and read.subject["study_uid"] == study
+        assert read.payload["job_id"] == job.id and read.payload["series_uids"] == [job.series_uid]
         assert reader.get(f"/console/jobs/{job.id}/held/7.png").status_code == 404
         assert reader.post(f"/console/jobs/{job.id}/release",
                            data={"reason": "x"}).status_code == 403
