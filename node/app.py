@@ -276,6 +276,8 @@ def create_node(settings: Settings, *, services: list[Any] | None = None,
     node = Node(ctx, dimse, report)
     node.pipeline = _pipeline(ctx)
     node.dicomweb = _dicomweb(ctx)
+    if node.dicomweb is not None:  # the console's release / discard call this pipeline
+        node.dicomweb.app.state.pipeline = node.pipeline
     if ctx.observability is not None:  # /readyz checks the services this node runs
         ctx.observability.add_probe("dimse", dimse_probe(dimse))
         if node.pipeline is not None:

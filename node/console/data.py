@@ -143,7 +143,6 @@ def dashboard(ctx: NodeContext, node_info: dict[str, Any]) -> list[dict[str, Any
         cp = c.execute(select(ledger_checkpoints.c.size, ledger_checkpoints.c.signed_at,
                               ledger_checkpoints.c.note, ledger_checkpoints.c.root_hash)
                        .order_by(ledger_checkpoints.c.size.desc()).limit(1)).first()
-        held = _held_outputs(c)
     add("instances stored", int(n), f"{int(size)} bytes")
     rate, peers = _recent(ctx)
     add("ingest rate", f"{rate} in the last 5 min", "instances received (ledger)")
@@ -153,8 +152,9 @@ def dashboard(ctx: NodeContext, node_info: dict[str, Any]) -> list[dict[str, Any
     add("queue depth by job state",
         ", ".join(f"{k}: {v}" for k, v in sorted(states.items())) or "no jobs",
         "engine and dispatch jobs")
-    add("held outputs", held, "outputs the quality gate held back (output.held entries); "
-        "their jobs' pages show the failed checks")
+    add("held outputs", _held_outputs(ctx), "outputs held by the quality gate or refused "
+        "(watermark not verified) and not yet released or discarded; their jobs' pages show "
+        "the failed checks and the pictures")
     add("failed dispatches", _failed_dispatches(ctx), "dispatch jobs in state failed")
     try:
         free = shutil.disk_usage(ctx.store.root).free
@@ -210,14 +210,16 @@ def _checkpoint_state(ctx: NodeContext, cp: Any) -> str:
     return "verified" if ok else "NOT VERIFIED (root differs from the stored tree)"
 
 
-def _held_outputs(conn: Any) -> int:
-    """Outputs the quality gate held back (``output.held`` ledger entries: a held output
-    is not stored or dispatched; its job's page shows the failed checks)."""
-    from audit.events import EventType
-    from audit.tables import ledger_entries as e
+def _held_outputs(ctx: NodeContext) -> int:
+    """Outputs waiting for an administrator, from the pipeline's own state: a succeeded
+    engine job's held (quality gate; never built) and refused (watermark not verified;
+    stored in ``pipeline_outputs`` flagged held) outputs, until it is released or
+    discarded."""
+    from node.pipeline.jobs import JobStore
 
-    return int(conn.execute(select(func.count()).select_from(e).where(
-        e.c.event_type == EventType.OUTPUT_HELD.value)).scalar() or 0)
+    jobs = JobStore(ctx.engine, ctx.ledger).list(state="succeeded", kind="engine", limit=100000)
+    return sum(len(r.get("held") or []) + len(r.get("refused") or [])
+               for r in (j.result or {} for j in jobs) if not r.get("decision"))
 
 
 def _job_counts(ctx: NodeContext) -> dict[str, int]:
@@ -252,6 +254,26 @@ def model_rows(ctx: NodeContext) -> list[dict[str, str]]:
         out.append({"folder": f.name, "model_id": s.model_id, "version": s.version,
                     "state": s.state, "detail": s.detail or "", "card": card})
     return out
+
+
+def model_uses(ctx: NodeContext, per_model: int = 20) -> dict[str, dict[str, Any]]:
+    """Where each model was used, from the ledger: the engine jobs whose outputs it made
+    (``output.created``) or the quality gate held (``output.held``), by model id: the
+    number of such entries and the latest ``per_model`` of them (job, study, event, time)."""
+    uses: dict[str, dict[str, Any]] = {}
+    for entry in reversed(ctx.ledger.query(event_types=["output.created", "output.held"])):
+        ev = entry.event
+        model = ev.subject.get("model_id") or ev.payload.get("model_id")
+        if not model:
+            continue
+        u = uses.setdefault(str(model), {"count": 0, "jobs": []})
+        u["count"] += 1
+        if len(u["jobs"]) < per_model:
+            u["jobs"].append({"job_id": ev.subject.get("job_id", ""),
+                              "study_uid": ev.subject.get("study_uid", ""),
+                              "event": ev.type.value, "seq": entry.seq,
+                              "time": ev.time.isoformat(timespec="seconds")})
+    return uses
 
 
 def _gate_summary(ctx: NodeContext) -> str:

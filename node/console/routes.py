@@ -4,7 +4,9 @@ Sign-in: the login form takes a bearer token and sets it as an ``HttpOnly``,
 ``SameSite=Strict`` cookie (``Secure`` under TLS) scoped to ``/console``; a request may
 instead send ``Authorization: Bearer``. The token's scopes decide what a page shows: ``read``
 for the dashboard, studies and jobs, ``audit`` for the audit and models pages, ``admin``
-for retry / cancel (recorded in the ledger with the token's name and the reason typed).
+for retry / cancel and for release / discard of a held output (each recorded in the ledger
+with the token's name and the reason typed; release / discard call the pipeline's own
+decision functions, the ones ``synthnode jobs release / discard`` call).
 Forms that change state also check that ``Origin`` (when sent) is this server.
 """
 from __future__ import annotations
@@ -82,6 +84,7 @@ def add_console(app: FastAPI, svc: Any) -> None:
     _login_routes(app, c)
     _study_routes(app, c)
     _job_routes(app, c)
+    _held_routes(app, c)
     _audit_routes(app, c)
     _watermark_routes(app, c)
 
@@ -205,7 +208,9 @@ def _job_routes(app: FastAPI, c: _Console) -> None:
         except KeyError:
             return page(request, "error.html", p, status=404, title="Not Found",
                         detail=f"no job {job_id}")
-        return page(request, "job.html", p, job=j, done=done,
+        held_dir = ctx.settings.data_dir / "held" / j.id
+        pictures = {int(f.stem) for f in held_dir.glob("*.npz")} if held_dir.is_dir() else set()
+        return page(request, "job.html", p, job=j, done=done, pictures=pictures,
                     result=json.dumps(j.result, indent=1, default=str) if j.result else "",
                     spec=json.dumps(j.spec, indent=1, default=str))
 
@@ -219,6 +224,8 @@ def _job_routes(app: FastAPI, c: _Console) -> None:
         from node.pipeline.jobs import InvalidTransition
 
         reason = reason.strip()
+        if action in ("release", "discard"):
+            return _decide(c, request, p, job_id, action, reason)
         if action not in ("retry", "cancel"):
             return page(request, "error.html", p, status=404, title="Not Found",
                         detail=f"no action {action}")
@@ -240,6 +247,64 @@ def _job_routes(app: FastAPI, c: _Console) -> None:
             payload={"kind": j.kind.value, **_job_payload(j), "action": action,
                      "reason": reason, "via": "console", "address": p.address}))
         return RedirectResponse(f"{PREFIX}/jobs/{j.id}?done={action}", 303)
+
+
+def _held_routes(app: FastAPI, c: _Console) -> None:
+    ctx, guarded = c.ctx, c.guarded
+
+    @app.get(PREFIX + "/jobs/{job_id}/held/{index}.png")
+    def held_picture(job_id: str, index: int, request: Request) -> Response:
+        """input | output | difference of a held output's middle slice
+        (:mod:`node.pipeline.preview`); recorded in the ledger as a read
+        (``dicomweb.access``, service ``console``)."""
+        from node.pipeline.preview import comparison_png, held_slices_path
+
+        p = guarded(request, "read")
+        if isinstance(p, Response):
+            return p
+        try:
+            j = _jobs(ctx).get(job_id)
+            path = held_slices_path(ctx.settings.data_dir / "held", j.id, index)
+        except (KeyError, ValueError):
+            return Response(status_code=404)
+        if not path.is_file():
+            return Response(status_code=404)
+        png = comparison_png(path)
+        # pixel data of the study: recorded as a read, as thumbnails are
+        c.svc.recorder.record(actor=p.actor, service="console", kind="held-picture",
+                              path=request.url.path, address=p.address,
+                              studies=[j.study_uid or ""], series=[j.series_uid or ""],
+                              count=1, extra={"job_id": j.id, "output_index": index})
+        return Response(png, media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _decide(c: _Console, request: Request, p: Principal, job_id: str, action: str,
+            reason: str) -> Response:
+    """Release / discard a held output through the running pipeline (the functions the
+    CLI's ``jobs release`` / ``jobs discard`` call; they record the ledger entry with the
+    token's name and the reason, and refuse what may not be decided)."""
+    pipeline = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
+        return c.page(request, "error.html", p, status=409, title="Conflict",
+                      detail="the pipeline is not enabled on this node")
+    if not reason:
+        return c.page(request, "error.html", p, status=400, title="Bad Request",
+                      detail="a reason is required")
+    try:
+        job = pipeline.jobs.get(job_id)
+        via = {"via": "console", "address": p.address}
+        if action == "release":
+            pipeline.release(job.id, by=p.actor, reason=reason, via=via)
+        else:
+            pipeline.discard(job.id, by=p.actor, reason=reason, via=via)
+    except KeyError as exc:
+        return c.page(request, "error.html", p, status=404, title="Not Found",
+                      detail=str(exc).strip("'"))
+    except ValueError as exc:
+        return c.page(request, "error.html", p, status=409, title="Conflict",
+                      detail=str(exc))
+    return RedirectResponse(f"{PREFIX}/jobs/{job.id}?done={action}d", 303)
 
 
 def _audit_routes(app: FastAPI, c: _Console) -> None:
@@ -330,7 +395,7 @@ def _audit_routes(app: FastAPI, c: _Console) -> None:
         if isinstance(p, Response):
             return p
         return page(request, "models.html", p, models=data.model_rows(ctx),
-                    models_dir=str(ctx.settings.models_dir))
+                    uses=data.model_uses(ctx), models_dir=str(ctx.settings.models_dir))
 
 
 

@@ -73,6 +73,7 @@ from node.pipeline.jobs import (
     TransientJobError,
     WorkerPool,
 )
+from node.pipeline.preview import save_held_slices
 from node.pipeline.quality import QualityLimits, check
 from node.pipeline.rules import SeriesFacts, hold_reason, route
 from node.pipeline.runner import EngineRunner, GatedEngineRunner
@@ -177,6 +178,10 @@ class Pipeline:
         ``watermark.*`` settings); recorded with every output in ``output.created``.
     """
 
+    #: where the middle slices of held outputs are kept for the console's pictures
+    #: (:mod:`node.pipeline.preview`); ``from_context`` sets ``<data_dir>/held``
+    held_dir: Path | None = None
+
     def __init__(self, parts: Parts, *, runner: EngineRunner | None = None,
                  mark_key: WatermarkKey | None = None,
                  detect_keys: Sequence[WatermarkKey] | None = None,
@@ -227,6 +232,7 @@ class Pipeline:
             ingest=lambda data: ingestor.ingest_part10(data, source=SOURCE),
         )
         pipeline = cls(parts, **kwargs)
+        pipeline.held_dir = ctx.settings.data_dir / "held"
         ctx.on_instance_stored.append(pipeline.on_instance_stored)
         return pipeline
 
@@ -461,6 +467,7 @@ class Pipeline:
                                  "reasons": list(report.reasons), "checks": list(report.checks),
                                  "stats": report.stats, "output_index": k},
                                 Outcome.MINOR_FAILURE)
+                    self._keep_held_slices(job, k, source.volume, out)
                     continue
                 same = output_series_uid(output_uid_seed(job, prov, k))
                 if self._complete_output(same):
@@ -528,6 +535,17 @@ class Pipeline:
         logger.info("2D multi-slice MR: %d run(s) of slices processed one at a time",
                     len(source.runs))
         return TaskResult(outputs, prov)
+
+    def _keep_held_slices(self, job: Job, k: int, source: Volume, out: Volume) -> None:
+        """The middle slices of a held output and its input, for the console's picture
+        (:mod:`node.pipeline.preview`); a failure costs the picture, never the hold."""
+        if self.held_dir is None:
+            return
+        try:
+            save_held_slices(self.held_dir, job.id, k, source, out)
+        except OSError as exc:
+            logger.warning("could not keep the slices of held output %d of job %s: %s",
+                           k, job.id, exc)
 
     def _load_source(self, job: Job, insts: Sequence[IndexedInstance]
                      ) -> tuple[AssembledVolume, list[dict[str, str]]]:
@@ -970,12 +988,14 @@ class Pipeline:
                              f"{d.get('reason')}")
         return job
 
-    def release(self, job_id: str, *, by: str, reason: str) -> str:
+    def release(self, job_id: str, *, by: str, reason: str,
+                via: dict[str, str] | None = None) -> str:
         """An administrator releases the quality-held outputs of an engine job: a new engine
         job (same source, parameters and seed, so the same output) runs the gate, records
         its findings and builds them anyway; its outputs are dispatched like any other. An
         output refused for an unverified watermark cannot be released (discard it). Recorded
-        in the ledger (``output.released``, actor ``user:<by>``, the reason). Returns the new
+        in the ledger (``output.released``, actor ``user:<by>``, the reason, and ``via``: where
+        the decision came from, e.g. the console and its client's address). Returns the new
         job's id."""
         job = self._decidable(job_id)
         result = job.result or {}
@@ -993,10 +1013,10 @@ class Pipeline:
                 max_attempts=self.settings.job_max_attempts, generation=job.generation,
                 conn=conn)
             self.parts.ledger.append(Event(
-                type=EventType.OUTPUT_RELEASED, actor=f"user:{by}", outcome=Outcome.SUCCESS,
+                type=EventType.OUTPUT_RELEASED, actor=_decider(by), outcome=Outcome.SUCCESS,
                 subject={"job_id": job.id, "study_uid": job.study_uid},
-                payload={"source_series_uids": [job.series_uid], "reason": reason,
-                         "new_job_id": new_id,
+                payload={**(via or {}), "source_series_uids": [job.series_uid],
+                         "reason": reason, "new_job_id": new_id,
                          "checks": sorted({c for h in result.get("held") or []
                                            for c in h.get("checks") or []})}), conn=conn)
             self.jobs.annotate(job.id, "decision", {
@@ -1005,24 +1025,27 @@ class Pipeline:
         self.pool.wake()
         return new_id
 
-    def discard(self, job_id: str, *, by: str, reason: str) -> list[str]:
+    def discard(self, job_id: str, *, by: str, reason: str,
+                via: dict[str, str] | None = None) -> list[str]:
         """An administrator discards the held and refused outputs of an engine job: a
         refused output series stored in the node is removed through storage's delete path;
         a quality-held output (never built) is closed. Recorded in the ledger
-        (``output.discarded``, actor ``user:<by>``, the reason). Returns the removed series."""
+        (``output.discarded``, actor ``user:<by>``, the reason, ``via`` as for
+        :meth:`release`). Returns the removed series."""
         job = self._decidable(job_id)
         if not reason.strip():
             raise ValueError("a discard needs a reason")
         result = job.result or {}
         removed = [r["series_uid"] for r in result.get("refused") or []
-                   if self._discard_output(r["series_uid"], reason, held_by=f"user:{by}")]
+                   if self._discard_output(r["series_uid"], reason, held_by=_decider(by))]
         with self.parts.engine.begin() as conn:
             if result.get("held"):
                 self.parts.ledger.append(Event(
-                    type=EventType.OUTPUT_DISCARDED, actor=f"user:{by}",
+                    type=EventType.OUTPUT_DISCARDED, actor=_decider(by),
                     outcome=Outcome.SUCCESS,
                     subject={"job_id": job.id, "study_uid": job.study_uid},
-                    payload={"source_series_uids": [job.series_uid], "reason": reason,
+                    payload={**(via or {}), "source_series_uids": [job.series_uid],
+                             "reason": reason,
                              "held_outputs": [h.get("index") for h in result["held"]]}),
                     conn=conn)
             self.jobs.annotate(job.id, "decision", {
@@ -1074,6 +1097,13 @@ def _dispatch_state(job: Job) -> str:
     if job.state is JobState.FAILED:
         return "refused" if (job.error or "").startswith("refused by policy") else "failed"
     return {"queued": "queued", "running": "sending"}.get(job.state.value, job.state.value)
+
+
+def _decider(by: str) -> str:
+    """The ledger actor of an administrator's decision: ``user:<by>`` for a person named on
+    the command line, or ``by`` itself when it is already an actor (``token:NAME``: the
+    console's signed-in token)."""
+    return by if by.startswith("token:") else f"user:{by}"
 
 
 def build_pipeline(ctx: NodeContext) -> Pipeline:
