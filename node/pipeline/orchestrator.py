@@ -73,7 +73,7 @@ from node.pipeline.jobs import (
     TransientJobError,
     WorkerPool,
 )
-from node.pipeline.preview import save_held_slices
+from node.pipeline.preview import forget_held_slices, save_held_slices
 from node.pipeline.quality import QualityLimits, check
 from node.pipeline.rules import SeriesFacts, hold_reason, route
 from node.pipeline.runner import EngineRunner, GatedEngineRunner
@@ -1022,6 +1022,7 @@ class Pipeline:
             self.jobs.annotate(job.id, "decision", {
                 "action": "released", "by": by, "reason": reason, "at": _now().isoformat(),
                 "job_id": new_id}, conn=conn)
+        self._forget_held_slices(job.id)
         self.pool.wake()
         return new_id
 
@@ -1051,7 +1052,18 @@ class Pipeline:
             self.jobs.annotate(job.id, "decision", {
                 "action": "discarded", "by": by, "reason": reason, "at": _now().isoformat(),
                 "removed": removed}, conn=conn)
+        self._forget_held_slices(job.id)
         return removed
+
+    def _forget_held_slices(self, job_id: str) -> None:
+        """The console's picture of a held output is patient pixel data kept only until the
+        administrator decides (:func:`node.pipeline.preview.forget_held_slices`)."""
+        if self.held_dir is None:
+            return
+        try:
+            forget_held_slices(self.held_dir, job_id)
+        except OSError as exc:
+            logger.warning("could not remove the kept slices of job %s: %s", job_id, exc)
 
     # -- stage 4: dispatch job -----------------------------------------------------------------
     def run_dispatch_job(self, job: Job) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.types import Volume
 
-__all__ = ["comparison_png", "held_slices_path", "save_held_slices"]
+__all__ = ["comparison_png", "forget_held_slices", "held_slices_path", "save_held_slices"]
 
 
 def held_slices_path(held_dir: Path, job_id: str, index: int) -> Path:
@@ -39,6 +39,20 @@ def save_held_slices(held_dir: Path, job_id: str, index: int, source: Volume,
             output_intensity=np.array(output.intensity.value))
     os.replace(tmp, path)
     return path
+
+
+def forget_held_slices(held_dir: Path, job_id: str) -> int:
+    """Remove the kept slices of one job's held outputs (patient pixel data) once an
+    administrator has decided on them; returns how many files were removed."""
+    folder = held_slices_path(held_dir, job_id, 0).parent
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for f in folder.iterdir():
+        f.unlink(missing_ok=True)
+        removed += 1
+    folder.rmdir()
+    return removed
 
 
 def _window(a: np.ndarray, lo: float, hi: float) -> np.ndarray:

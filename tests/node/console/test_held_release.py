@@ -144,6 +144,9 @@ def test_held_output_released_from_the_console_reaches_orthanc(
         r = admin.post(f"/console/jobs/{job.id}/release",
                        data={"reason": "reviewed the slices: anatomy matches"})
         assert r.status_code == 303, r.text
+        # decided: the kept slices (patient pixel data) are gone, and so is the picture
+        assert not (node.ctx.settings.data_dir / "held" / job.id).exists()
+        assert reader.get(f"/console/jobs/{job.id}/held/0.png").status_code == 404
         page = admin.get(r.headers["location"]).text
         assert 'id="decision"' in page and "token:admin" in page
         assert 'id="do-release"' not in page
@@ -172,8 +175,10 @@ def test_held_output_released_from_the_console_reaches_orthanc(
         study2 = _send(tmp_path, port, "b")
         job2 = _held_job(node, study2)
         assert _cell(reader.get("/console/").text, "held outputs") == "1"
+        assert (node.ctx.settings.data_dir / "held" / job2.id / "0.npz").is_file()
         r = admin.post(f"/console/jobs/{job2.id}/discard", data={"reason": "motion artefact"})
         assert r.status_code == 303
+        assert not (node.ctx.settings.data_dir / "held" / job2.id).exists()
         (gone,) = ledger_events(node, "output.discarded")
         assert gone.actor == "token:admin" and gone.payload["reason"] == "motion artefact"
         assert gone.payload["via"] == "console"

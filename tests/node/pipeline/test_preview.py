@@ -10,7 +10,12 @@ import pytest
 from PIL import Image
 
 from engine.types import Intensity, Volume
-from node.pipeline.preview import comparison_png, held_slices_path, save_held_slices
+from node.pipeline.preview import (
+    comparison_png,
+    forget_held_slices,
+    held_slices_path,
+    save_held_slices,
+)
 
 
 def _vol(data: np.ndarray, intensity: Intensity = Intensity.HU) -> Volume:
@@ -73,3 +78,14 @@ def test_the_gate_keeps_the_slices_and_a_failure_to_keep_them_costs_only_the_pic
     (job,) = pipe.jobs.list()
     assert job.state.value == "succeeded" and job.result["outcome"] == "held"
     pipe.stop()
+
+
+def test_forget_removes_one_jobs_slices_only(tmp_path: Path) -> None:
+    v = Volume(np.zeros((3, 8, 8), np.float32), (1.0, 1.0, 1.0), Intensity.HU)
+    for job in ("job-a", "job-b"):
+        for k in (0, 1):
+            save_held_slices(tmp_path, job, k, v, v)
+    assert forget_held_slices(tmp_path, "job-a") == 2
+    assert not (tmp_path / "job-a").exists()
+    assert held_slices_path(tmp_path, "job-b", 1).is_file()
+    assert forget_held_slices(tmp_path, "job-a") == 0  # nothing left: no error
