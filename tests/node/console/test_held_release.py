@@ -8,6 +8,7 @@ and the reason, and the output arrives in a real Orthanc; the Models page lists 
 the model was used for. Another held job is discarded."""
 from __future__ import annotations
 
+import html
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +87,9 @@ def held_node(tmp_path: Path, orthanc: OrthancServer) -> Iterator[tuple[Any, int
                               "public_key": public_key_b64(approver.public_key())}],
                "models_dir": str(models)},
         engine={"device": "cpu"},
+        # the untrained model's smooth output: a bound that carries a readable mark whatever
+        # the (random) watermark key, so the released output is verified and dispatched
+        watermark={"other_max_delta": 16},
         pipeline={
             "enabled": True, "quiet_period_s": 2,
             # strict: the foreground masks of input and output must overlap exactly
@@ -158,10 +162,22 @@ def test_held_output_released_from_the_console_reaches_orthanc(
         assert "foreground_dice" in ev.payload["checks"]
         assert ev.payload["via"] == "console" and ev.payload["address"].startswith("127.0.0.1")
         # the release job builds the output and the pipeline dispatches it to Orthanc
-        got = wait_for(lambda: orthanc.instance_uids() or None, 240, "the output in Orthanc")
+        new = node.pipeline.jobs.get(ev.payload["new_job_id"])
+        try:
+            got = wait_for(lambda: orthanc.instance_uids() or None, 240, "the output in Orthanc")
+        except AssertionError as exc:  # say what the release job did
+            raise AssertionError(f"{exc}; release job {node.pipeline.jobs.get(new.id)}") from exc
         (uid,) = got
         out = pydicom.dcmread(BytesIO(orthanc.instance_file(uid)))
         assert out.SyntheticData == "YES" and out.StudyInstanceUID == study
+        # the lineage page follows the study to the destination and its send attempt
+        def lineage_to_pacs() -> str | None:
+            text = html.unescape(admin.get("/console/audit/lineage",
+                                           params={"uid": study}).text)
+            return text if "-> pacs" in text and "dispatch." in text else None
+
+        lineage = wait_for(lineage_to_pacs, 60, "the dispatch in the lineage")
+        assert out.SeriesInstanceUID in lineage and job.series_uid in lineage
         new = node.pipeline.jobs.get(ev.payload["new_job_id"])
         assert new.result["quality_released"]["by"] == "token:admin"
         assert _cell(reader.get("/console/").text, "held outputs") == "0"
