@@ -31,6 +31,7 @@ def _value(d: Any, label: str) -> str:
 def test_console_in_chromium(web: Any, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from node.pipeline.jobs import JobStore
 
@@ -47,7 +48,8 @@ def test_console_in_chromium(web: Any, browser: Any, tmp_path: Path) -> None:
     token = d.switch_to.active_element  # the token field has the focus (autofocus)
     assert token.get_attribute("id") == "token"
     token.send_keys(TOKENS["admin"][0] + Keys.ENTER)  # keyboard only
-    assert d.current_url.endswith("/console/")
+    # the form posts and redirects: wait for the dashboard, not the first poll
+    WebDriverWait(d, 30).until(lambda drv: drv.current_url.endswith("/console/"))
     assert _value(d, "C-STORE instances received since start") == str(len(sent))
     assert _value(d, "instances stored") == str(len(sent))
     assert _value(d, "readiness") == "ready"
@@ -60,7 +62,6 @@ def test_console_in_chromium(web: Any, browser: Any, tmp_path: Path) -> None:
     _shot(d, "studies")
     d.get(f"{web.url}/console/studies/{sent[0].StudyInstanceUID}")
     img = d.find_element(By.CSS_SELECTOR, "#series img")
-    from selenium.webdriver.support.ui import WebDriverWait
 
     # the node rendered it, the browser decoded it (waits while it loads; fails after 30 s)
     WebDriverWait(d, 30).until(lambda drv: drv.execute_script(

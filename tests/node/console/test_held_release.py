@@ -218,7 +218,8 @@ def test_held_output_released_in_chromium(tmp_path: Path, orthanc: OrthancServer
         d = browser
         d.get(url + "/console/login")
         d.switch_to.active_element.send_keys(TOKENS["admin"][0] + Keys.ENTER)
-        assert d.current_url.endswith("/console/")
+        # the form posts and redirects: wait for the dashboard, not the first poll
+        WebDriverWait(d, 30).until(lambda drv: drv.current_url.endswith("/console/"))
         assert _value(d, "held outputs") == "1"
         d.get(f"{url}/console/jobs/{job.id}")
         img = d.find_element(By.ID, "held-picture-0")
