@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 from monai.networks.nets import ControlNet
-from safetensors.torch import load as st_load
 
-from engine.models import LoadedModel, ModelLoadError, sha256_hex
+from engine.models import LoadedModel, ModelLoadError, load_frozen, sha256_hex
 from engine.nets import count_parameters, in_out_channels
 
 log = logging.getLogger(__name__)
@@ -151,19 +150,7 @@ def load_adapter(config: dict[str, Any], weights: bytes, weights_sha256: str,
     if missing:
         raise ModelLoadError(f"adapter config lacks {missing}")
     check_base(config, base)
-    try:
-        state = st_load(weights)
-    except Exception as exc:  # safetensors raises its own error types
-        raise ModelLoadError(f"not a safetensors file: {exc}") from None
-    cn = build_controlnet(base.config, config)
-    try:
-        cn.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"weights do not fit the ControlNet: {exc}") from None
-    cn.eval()
-    for p in cn.parameters():
-        p.requires_grad_(False)
-    cn.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # as engine.models
+    cn = load_frozen(build_controlnet(base.config, config), weights, "the ControlNet")
     in_ch, out_ch = in_out_channels(base.config["io"])
     net = ControlledUNet(base.net, cn, out_ch, in_ch,
                          float(config["controlnet"].get("conditioning_scale", 1.0)))

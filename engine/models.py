@@ -103,23 +103,7 @@ def load_model(config: dict[str, Any], weights: bytes, weights_sha256: str) -> L
     if digest != weights_sha256.lower():
         raise ModelLoadError("weights SHA-256 does not match the verified digest")
     _validate_config(config)
-    try:
-        state = st_load(weights)
-    except Exception as exc:  # safetensors raises its own error types
-        raise ModelLoadError(f"not a safetensors file: {exc}") from None
-    net = build_unet(config)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"weights do not fit the architecture: {exc}") from None
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    # channels-last (NHWC) weights: oneDNN's fast convolution layout on the CPU (conv outputs
-    # follow the weights' layout); the same numbers up to float rounding, 1.2-1.5x faster per
-    # forward on the 2-core bench machine (bench/results/engine_speed.md); on CUDA the layout
-    # tensor cores prefer for bf16 (not measured here: no GPU was lent)
-    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (torch stubs lack the keyword)
+    net = load_frozen(build_unet(config), weights, "the architecture")
     log.info(
         "loaded model %s %s (%d parameters)",
         config["model_id"],
@@ -127,6 +111,28 @@ def load_model(config: dict[str, Any], weights: bytes, weights_sha256: str) -> L
         count_parameters(net),
     )
     return LoadedModel(copy.deepcopy(config), net, digest, count_parameters(net))
+
+
+def load_frozen(net: torch.nn.Module, weights: bytes, what: str) -> Any:
+    """``net`` with the safetensors ``weights`` loaded exactly, frozen for inference, in the
+    channels-last (NHWC) layout: oneDNN's fast convolution layout on the CPU (conv outputs
+    follow the weights' layout); the same numbers up to float rounding, 1.2-1.5x faster per
+    forward on the 2-core bench machine (bench/results/engine_speed.md); on CUDA the layout
+    tensor cores prefer for bf16 (not measured here: no GPU was lent). ``what`` names the
+    module in the error when the weights do not fit."""
+    try:
+        state = st_load(weights)
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelLoadError(f"not a safetensors file: {exc}") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"weights do not fit {what}: {exc}") from None
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (torch stubs lack the keyword)
+    return net
 
 
 def load_model_dir(path: Path | str) -> LoadedModel:
