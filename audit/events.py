@@ -20,6 +20,9 @@ class EventType(str, Enum):
     INSTANCE_RECEIVED = "instance.received"
     INSTANCE_REJECTED = "instance.rejected"  # bad input: reason + status in payload
     INSTANCE_LEFT_OUT = "instance.left_out"  # stored, but not part of the series' volume
+    # indexed, but its file never became durable (a flush failed, or a crash before the
+    # success status was sent): removed again; the sender got no success and resends
+    INSTANCE_ROLLED_BACK = "instance.rolled_back"
     QUERY = "query"
     RETRIEVE = "retrieve"
     STORAGE_COMMITMENT = "storage.commitment"
@@ -117,6 +120,8 @@ class Event:
                            instances), attempt (that built it), planned_instances, reason;
                            an administrator's discard (actor user:<name>): reason, and
                            held_outputs or the removed series' sop_uids
+    ``instance.rolled_back``  subject study_uid, series_uid, sop_uid; payload reason,
+                           file, sha256 (the instance's ``instance.received`` entry stays)
     ``instance.left_out``  subject study_uid, series_uid, sop_uid; payload reason, job_id
                            (when an engine job left it out) or routing (at routing)
     ``output.released``    actor user:<name>; subject job_id (the held job), study_uid;

@@ -649,6 +649,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             finally:
                 node.stop()
             prof_md = summarise_profile(node.profile_out, len(series), wall)
+            if args.keep_profile:
+                shutil.copy(node.profile_out, args.keep_profile)
             print(prof_md)
         md = [f"# C-STORE ingest benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
               "", f"Command: `nice -n 10 python bench/bench_ingest.py {' '.join(sys.argv[1:])}`", "",
@@ -683,6 +685,7 @@ def main() -> None:
     r.add_argument("--mp", type=int, default=2, help="acceptor processes of synthnode-mp")
     r.add_argument("--corpus", action=argparse.BooleanOptionalAction, default=True)
     r.add_argument("--profile", action="store_true")
+    r.add_argument("--keep-profile", default=None, help="copy the merged cProfile stats here")
     r.add_argument("--workdir", default=None)
     r.add_argument("--out", default=None)
     r.add_argument("--json", default=None)

@@ -32,6 +32,7 @@ from node.atna import start_feed
 from node.context import NodeContext
 from node.db import make_engine, upgrade
 from node.dimse.server import DimseServer
+from node.ingest.ingestor import roll_back_instance
 from node.observability.health import Observability, dimse_probe, workers_probe
 from node.patients import PatientRefs
 from storage.filestore import FileStore
@@ -51,6 +52,8 @@ class RecoveryReport:
     temp_files_removed: int
     unreferenced_files_removed: int
     missing_files: tuple[str, ...]  # index rows without their file: must stay empty
+    landing_confirmed: int = 0  # indexed files a crash left unconfirmed, found complete
+    rolled_back: tuple[str, ...] = ()  # ... found incomplete: SOP Instance UIDs removed
 
 
 def private_data_dir(data_dir: Path) -> None:
@@ -117,10 +120,15 @@ def build_context(settings: Settings, *, migrate: bool = True,
 def recover(ctx: NodeContext, *, remove_unreferenced: bool = True) -> RecoveryReport:
     """Start-up recovery; run before any service accepts work.
 
-    Removes temp files of interrupted writes and stored files no index row references
-    (a crash after rename, before commit: the sender got no success for them). Index rows
+    First checks every instance whose file was not yet confirmed durable when the node
+    stopped (its landing row, see :mod:`node.ingest.ingestor`): a complete file (size and
+    SHA-256 as indexed) is flushed and kept; an incomplete or missing one means the sender
+    never got a success, so the instance is rolled back (``instance.rolled_back`` in the
+    ledger). Then removes temp files of interrupted writes and stored files no index row
+    references (a crash before the commit: the sender got no success for them). Index rows
     whose file is missing are reported (logged as errors), never silently dropped.
     """
+    confirmed, rolled = recover_landing(ctx)
     temp = ctx.store.sweep_temp()
     referenced = ctx.index.file_paths()
     removed = 0
@@ -134,7 +142,32 @@ def recover(ctx: NodeContext, *, remove_unreferenced: bool = True) -> RecoveryRe
     if missing:
         logger.error("%d indexed instance(s) have no file in the store (first: %s)",
                      len(missing), missing[0])
-    return RecoveryReport(temp, removed, missing)
+    return RecoveryReport(temp, removed, missing, confirmed, rolled)
+
+
+def recover_landing(ctx: NodeContext) -> tuple[int, tuple[str, ...]]:
+    """Settle every landing row (see :func:`recover`): (files kept, SOP UIDs rolled back)."""
+    kept, rolled = 0, []
+    for path, sop, sha, size in ctx.index.landing():
+        try:
+            complete = (ctx.store.exists(path) and ctx.store.path(path).stat().st_size == size
+                        and ctx.store.sha256(path) == sha)
+            if complete:
+                ctx.store.flush(path)  # complete in the page cache is not yet on disk
+        except OSError:
+            complete = False
+        if complete:
+            with ctx.engine.begin() as conn:
+                ctx.index.clear_landing(conn, [path])
+            kept += 1
+        elif roll_back_instance(ctx, path, sop, sha,
+                                "file incomplete after a stop before acknowledgement"):
+            rolled.append(sop)
+    if rolled:
+        logger.warning("rolled back %d instance(s) whose file was incomplete after a crash "
+                       "(never acknowledged; the senders resend): %s", len(rolled),
+                       ", ".join(rolled[:5]))
+    return kept, tuple(rolled)
 
 
 class Node:

@@ -23,8 +23,10 @@ import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,37 @@ def instance_rel_path(study_uid: str, series_uid: str, sop_uid: str, sha256: str
     )
 
 
+class PendingWrite:
+    """A file written under its final name whose durability is being made in the
+    background (:meth:`FileStore.write_async`). :meth:`wait` returns once the file's data
+    and its directory entry are on disk, or raises :class:`StoreError`."""
+
+    def __init__(self, stored: StoredFile, futures: list[Future[None]]):
+        self.stored = stored
+        self._futures = futures
+
+    def wait(self) -> StoredFile:
+        error: OSError | None = None
+        for f in self._futures:  # wait for every flush, even after a failure
+            try:
+                f.result()
+            except OSError as exc:
+                error = error or exc
+        if error is not None:
+            if error.errno in _NO_SPACE:
+                raise OutOfSpaceError(
+                    f"out of space writing {self.stored.rel_path}: {error}") from error
+            raise StoreError(f"cannot make {self.stored.rel_path} durable: {error}") from error
+        return self.stored
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -110,6 +143,9 @@ class FileStore:
         self.temp_dir = self.root / TEMP_DIR
         self.temp_dir.mkdir(exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
 
     # -- paths -------------------------------------------------------------------
     def path(self, rel_path: str) -> Path:
@@ -200,6 +236,84 @@ class FileStore:
             raise
         return StoredFile(rel_path=rel_path, size=size, sha256=digest.hexdigest())
 
+    def _sync_pool(self) -> ThreadPoolExecutor:
+        pid = os.getpid()
+        with self._pool_lock:  # a forked acceptor process starts its own threads
+            if self._pool is None or self._pool_pid != pid:
+                self._pool = ThreadPoolExecutor(max_workers=32,
+                                                thread_name_prefix="store-sync")
+                self._pool_pid = pid
+            return self._pool
+
+    def write_async(self, rel_path: str, data: bytes) -> PendingWrite:
+        """Write ``data`` at ``rel_path`` now (temp file, then a hard link under the final
+        name: readers only ever see the complete content) and make it durable in the
+        background: fsync of the file and of its folder, overlapped with whatever the
+        caller does meanwhile (the ingestor commits the index row and ledger entry). The
+        caller acknowledges only after :meth:`PendingWrite.wait`.
+
+        Because the rename may reach the disk before the data, a crash before
+        ``wait`` returns can leave an incomplete file under its final name; the ingestor
+        records every such file in the ``landing`` table in the transaction that indexes
+        it, and start-up recovery checks each one by its SHA-256 (``node.app.recover``);
+        files no index row names are removed at start-up as before.
+
+        Raises (before anything is visible)
+        ------
+        OutOfSpaceError, StoreError
+        """
+        size = len(data)
+        self.check_space(size)
+        final = self.path(rel_path)
+        tmp = self.temp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        digest = hashlib.sha256(data).hexdigest()
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            self._ensure_dir(final.parent)
+            try:
+                os.link(tmp, final)  # only where nothing has this name yet
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:
+                    raise
+                # the name exists (the same object sent twice at once, or a file left
+                # by a crash) or the file system has no hard links: durable first, then
+                # an atomic replace, as :meth:`write` does
+                if self.fsync:
+                    os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                os.replace(tmp, final)
+                if self.fsync:
+                    _fsync_dir(final.parent)
+                return PendingWrite(StoredFile(rel_path, size, digest), [])
+            _unlink_quietly(tmp)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            _unlink_quietly(tmp)
+            if exc.errno in _NO_SPACE:
+                raise OutOfSpaceError(f"out of space writing {rel_path}: {exc}") from exc
+            raise StoreError(f"cannot write {rel_path}: {exc}") from exc
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        stored = StoredFile(rel_path=rel_path, size=size, sha256=digest)
+        if not self.fsync:
+            os.close(fd)
+            return PendingWrite(stored, [])
+        # two flushes in flight at once: the file system merges them into one journal
+        # commit where it can (bench/results/ingest.md measures the difference)
+        pool = self._sync_pool()
+        return PendingWrite(stored, [pool.submit(_fsync_close, fd),
+                                     pool.submit(_fsync_dir, final.parent)])
+
     # -- read / delete -------------------------------------------------------------
     def read(self, rel_path: str) -> bytes:
         return self.path(rel_path).read_bytes()
@@ -210,6 +324,19 @@ class FileStore:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
         return h.hexdigest()
+
+    def flush(self, rel_path: str) -> None:
+        """fsync a stored file and its folder (recovery: a file found complete after a
+        crash may still be only in the page cache)."""
+        if not self.fsync:
+            return
+        p = self.path(rel_path)
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(p.parent)
 
     def delete(self, rel_path: str) -> bool:
         """Remove a stored file (and fsync its folder). Returns False if it was absent."""

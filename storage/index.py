@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from storage.synthetic import is_synthetic
-from storage.tables import Instance, Patient, Series, Study
+from storage.tables import Instance, Landing, Patient, Series, Study
 
 __all__ = [
     "Index",
@@ -277,6 +277,27 @@ class Index:
         conn.execute(update(t).where(t.c.id == row.id)
                      .values(**self._instance_values(rec, series_pk)))
         return int(row.id), str(row.file_path)
+
+    # -- landing (files indexed before their durability was confirmed) -------------
+    def add_landing(self, conn: Connection, rec: InstanceRecord) -> None:
+        """Record, in the transaction indexing ``rec``, that its file is not yet
+        confirmed durable (``storage.tables.Landing``)."""
+        conn.execute(Landing.__table__.insert().values(
+            file_path=rec.file_path, sop_instance_uid=rec.sop_instance_uid,
+            sha256=rec.sha256, file_size=rec.file_size, created_at=rec.received_at))
+
+    def clear_landing(self, conn: Connection, file_paths: Sequence[str]) -> None:
+        """Files confirmed durable: forget their landing rows."""
+        if file_paths:
+            t = Landing.__table__
+            conn.execute(delete(t).where(t.c.file_path.in_(list(file_paths))))
+
+    def landing(self) -> list[tuple[str, str, str, int]]:
+        """Every landing row: (file path, SOP Instance UID, SHA-256, size)."""
+        t = Landing.__table__
+        with self.engine.connect() as c:
+            return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in c.execute(
+                select(t.c.file_path, t.c.sop_instance_uid, t.c.sha256, t.c.file_size))]
 
     def delete_instances(self, conn: Connection, pks: Sequence[int]) -> None:
         """Remove instance rows (retention); empty series/studies are removed too."""

@@ -129,3 +129,18 @@ class Instance(Base):
     source: Mapped[str] = mapped_column(String(16), default="dimse")  # dimse | stow | engine
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Landing(Base):
+    """Instances indexed before their file was confirmed durable (see
+    :meth:`storage.filestore.FileStore.write_async`): a row is written in the transaction
+    that indexes the instance and removed by a later transaction once the file and its
+    directory entry are on disk. Start-up recovery checks every row still here."""
+
+    __tablename__ = "landing"
+
+    file_path: Mapped[str] = mapped_column(String(512), primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sha256: Mapped[str] = mapped_column(String(64))
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
