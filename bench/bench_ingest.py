@@ -401,6 +401,23 @@ def send(files: list[Path], port: int, aet: str, n_assoc: int) -> tuple[float, l
     return elapsed, codes
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system, reaped children included) of every process in the
+    process group ``pgid`` (a server and its acceptor / forked children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat: pgrp
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / tick
+
+
 def echo(port: int, aet: str) -> None:
     """C-ECHO before timing: the server is up and accepts STORESCU (same for all servers)."""
     out = subprocess.run([dcmtk("echoscu"), "-aet", "STORESCU", "-aec", aet, "127.0.0.1",
@@ -456,6 +473,7 @@ class Cell:
     failures: list[str] = field(default_factory=list)
     echo_s: list[float] = field(default_factory=list)
     load: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # server CPU per instance
 
     @property
     def median(self) -> float | None:
@@ -480,7 +498,10 @@ def run_cell(cell: Cell, files: list[Path], root: Path, repeats: int) -> None:
             server.start()
             cell.echo_s.append(echo_latency(server.port, server.aet))
             cell.load.append(os.getloadavg()[0])
+            assert server.proc is not None
+            cpu0 = group_cpu_s(server.proc.pid)  # started with start_new_session
             elapsed, codes = send(files, server.port, server.aet, cell.assocs)
+            cell.cpu_ms.append((group_cpu_s(server.proc.pid) - cpu0) * 1000 / cell.n)
             deadline = time.monotonic() + 60
             got = server.count()
             while got < cell.n and time.monotonic() < deadline:
@@ -598,8 +619,8 @@ def summarise_profile(path: Path, n: int, wall: float) -> str:
 def table(cells: list[Cell]) -> str:
     ref = {(c.dataset, c.assocs): c.ips for c in cells if c.server == "orthanc"}
     lines = ["| data set | server | assocs | instances | MB | median s | inst/s | MB/s | vs Orthanc "
-             "| echoscu run (ms) | load avg | runs (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| server CPU ms/inst | echoscu run (ms) | load avg | runs (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in cells:
         r = ref.get((c.dataset, c.assocs))
         ratio = f"{c.ips / r:.2f}x" if (c.ips and r) else "-"
@@ -607,6 +628,7 @@ def table(cells: list[Cell]) -> str:
         lines.append(
             f"| {c.dataset} | {c.server} | {c.assocs} | {c.n} | {c.nbytes / 1e6:.1f} | "
             f"{(c.median or 0):.2f} | {(c.ips or 0):.1f} | {(c.mbps or 0):.1f} | {ratio} | "
+            f"{statistics.median(c.cpu_ms) if c.cpu_ms else 0:.2f} | "
             f"{statistics.median(c.echo_s) * 1000 if c.echo_s else 0:.0f} | "
             f"{statistics.median(c.load) if c.load else 0:.1f} | {runs} |")
     return "\n".join(lines)

@@ -245,7 +245,8 @@ class FileStore:
                 self._pool_pid = pid
             return self._pool
 
-    def write_async(self, rel_path: str, data: bytes) -> PendingWrite:
+    def write_async(self, rel_path: str, data: bytes, sha256: str | None = None
+                    ) -> PendingWrite:
         """Write ``data`` at ``rel_path`` now (temp file, then a hard link under the final
         name: readers only ever see the complete content) and make it durable in the
         background: fsync of the file and of its folder, overlapped with whatever the
@@ -266,7 +267,7 @@ class FileStore:
         self.check_space(size)
         final = self.path(rel_path)
         tmp = self.temp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256 or hashlib.sha256(data).hexdigest()  # the caller's, if it has it
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

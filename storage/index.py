@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 
 from storage.synthetic import is_synthetic
 from storage.tables import Instance, Landing, Patient, Series, Study
@@ -156,10 +157,24 @@ class Index:
         self.engine = engine
         # series UID -> (series pk, monotonic time its parents were last written)
         self._parents: dict[str, tuple[int, float]] = {}
+        # series UID -> (study UID, Patient ID, Issuer, monotonic time) as last written
+        self._owners: dict[str, tuple[str, str, str, float]] = {}
+        self._sql_cache: dict[str, dict[str, str]] = {}
 
     def clear_cache(self) -> None:
         """Forget cached parent rows (after a rollback or a delete)."""
         self._parents.clear()
+        self._owners.clear()
+
+    def known_owners(self, study_instance_uid: str, series_instance_uid: str,
+                     patient_id: str, issuer: str) -> bool:
+        """Whether this process indexed an instance of this series, under this study and
+        patient, within :attr:`PARENT_CACHE_S` (so :meth:`owners` would agree: another
+        process cannot re-file a committed study, see ``check_owners``)."""
+        o = self._owners.get(series_instance_uid)
+        return (o is not None and time.monotonic() - o[3] < self.PARENT_CACHE_S
+                and o[:3] == (study_instance_uid, (patient_id or "")[:64],
+                              (issuer or "")[:64]))
 
     # -- writes (inside the caller's transaction) ---------------------------------
     def _patient_pk(self, conn: Connection, rec: InstanceRecord) -> int:
@@ -252,15 +267,59 @@ class Index:
             patient_pk = self._patient_pk(conn, rec)
             study_pk = self._study_pk(conn, rec, patient_pk)
             series_pk = self._series_pk(conn, rec, study_pk)
-        result = conn.execute(
-            Instance.__table__.insert().values(**self._instance_values(rec, series_pk))
-        )
-        self._parents[rec.series_instance_uid] = (series_pk, cached[1] if (
-            cached is not None and now - cached[1] < self.PARENT_CACHE_S and not synthetic)
-            else now)
-        inserted = result.inserted_primary_key
-        assert inserted is not None  # a single-row INSERT
-        return int(inserted[0])
+        pk = self._insert_instance(conn, self._instance_values(rec, series_pk))
+        fresh = cached is not None and now - cached[1] < self.PARENT_CACHE_S and not synthetic
+        t_written = cached[1] if (cached is not None and fresh) else now
+        self._parents[rec.series_instance_uid] = (series_pk, t_written)
+        self._owners[rec.series_instance_uid] = (
+            rec.study_instance_uid, (rec.patient_id or "")[:64],
+            (rec.issuer_of_patient_id or "")[:64], t_written)
+        return pk
+
+    # the two statements every received instance runs: on the DBAPI cursor of the
+    # caller's transaction, without SQL compilation (as audit.ledger does)
+    def _sql(self, conn: Connection) -> dict[str, str]:
+        style = conn.dialect.paramstyle
+        cached = self._sql_cache.get(style)
+        if cached is None:
+            ph = "?" if style == "qmark" else "%s"
+            cols = [c.name for c in Instance.__table__.columns if c.name != "id"]
+            quote = conn.dialect.identifier_preparer.quote
+            cached = {
+                "cols": ",".join(cols),
+                "instance": f"INSERT INTO instances ({', '.join(map(quote, cols))}) VALUES "
+                            f"({', '.join([ph] * len(cols))}) RETURNING id",
+                "landing": "INSERT INTO landing (file_path, sop_instance_uid, sha256, "
+                           f"file_size, created_at) VALUES ({ph}, {ph}, {ph}, {ph}, {ph})",
+                "ph": ph,
+            }
+            self._sql_cache[style] = cached
+        return cached
+
+    @staticmethod
+    def _time(conn: Connection, t: datetime) -> Any:
+        if conn.dialect.name == "sqlite":  # SQLAlchemy's storage format for DateTime
+            return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return t
+
+    def _raw(self, conn: Connection, sql: str, params: Sequence[Any]) -> Any:
+        cur = conn.connection.cursor()
+        try:
+            cur.execute(sql, tuple(params))
+        except conn.dialect.dbapi.IntegrityError as exc:  # type: ignore[union-attr]
+            # what conn.execute would raise: callers decide duplicates on it
+            raise IntegrityError(sql, params, exc) from exc
+        return cur
+
+    def _insert_instance(self, conn: Connection, values: dict[str, Any]) -> int:
+        sql = self._sql(conn)
+        cols = sql["cols"].split(",")
+        params = [self._time(conn, values[c]) if c == "received_at" else values.get(c)
+                  for c in cols]
+        cur = self._raw(conn, sql["instance"], params)
+        row = cur.fetchone()
+        cur.close()
+        return int(row[0])
 
     def replace_instance(self, conn: Connection, rec: InstanceRecord) -> tuple[int, str]:
         """Point an indexed SOP Instance at a new file (duplicate policy ``replace``).
@@ -282,15 +341,16 @@ class Index:
     def add_landing(self, conn: Connection, rec: InstanceRecord) -> None:
         """Record, in the transaction indexing ``rec``, that its file is not yet
         confirmed durable (``storage.tables.Landing``)."""
-        conn.execute(Landing.__table__.insert().values(
-            file_path=rec.file_path, sop_instance_uid=rec.sop_instance_uid,
-            sha256=rec.sha256, file_size=rec.file_size, created_at=rec.received_at))
+        self._raw(conn, self._sql(conn)["landing"], (
+            rec.file_path, rec.sop_instance_uid, rec.sha256, rec.file_size,
+            self._time(conn, rec.received_at))).close()
 
     def clear_landing(self, conn: Connection, file_paths: Sequence[str]) -> None:
         """Files confirmed durable: forget their landing rows."""
         if file_paths:
-            t = Landing.__table__
-            conn.execute(delete(t).where(t.c.file_path.in_(list(file_paths))))
+            ph = self._sql(conn)["ph"]
+            self._raw(conn, f"DELETE FROM landing WHERE file_path IN "
+                            f"({', '.join([ph] * len(file_paths))})", list(file_paths)).close()
 
     def landing(self) -> list[tuple[str, str, str, int]]:
         """Every landing row: (file path, SOP Instance UID, SHA-256, size)."""

@@ -105,7 +105,7 @@ class DimseSettings(Section):
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
-    max_pdu: int = Field(default=16382, ge=0, description="0 = unlimited (PS3.8 D.1)")
+    max_pdu: int = Field(default=1048576, ge=0, description="0 = unlimited (PS3.8 D.1)")
     acceptor_processes: int = Field(default=1, ge=1, le=64)
     move_destinations: list[MoveDestination] = Field(default_factory=list)
     tls: DimseTls | None = Field(default=None, description="DICOM TLS on the SCP; empty = off")

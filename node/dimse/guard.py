@@ -13,11 +13,20 @@ thread (and an association slot) forever. :class:`GuardedDUL` replaces that read
   not on each ``recv``), else the connection is aborted.
 
 Each refusal is counted per peer host in :class:`RefusalSummary` (bounded ledger entries).
+
+It also waits instead of polling: pynetdicom's DUL loop sleeps 1 ms whenever it finds no
+work, so every received PDU and every response waits for the next tick and an idle
+association wakes 1,000 times a second. :class:`GuardedDUL` blocks in ``select`` on the
+socket and a wake-up pipe that :meth:`GuardedDUL.send_pdu` writes to, so a PDU is read
+as it arrives and a response leaves as soon as it is queued.
 """
 from __future__ import annotations
 
 import logging
+import os
+import select
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass
@@ -67,6 +76,56 @@ class GuardedDUL(DULServiceProvider):
 
     limits: PduLimits
     on_refused: Any = None  # callable(host, reason) -> None
+    #: longest idle wait; the loop's timers (ARTIM, idle) are checked at least this often
+    IDLE_WAIT_S = 0.05
+    _wake_r = _wake_w = -1
+
+    def enable_waiting(self) -> None:
+        """Wait in ``select`` instead of polling (call before the DUL thread starts)."""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._run_loop_delay = 0  # the wait happens in _is_transport_event
+
+    def _wake(self) -> None:
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:  # pipe full (already awake) or closed
+                pass
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def _is_transport_event(self) -> bool:
+        if (self._wake_r >= 0 and not self._kill_thread and self.to_provider_queue.empty()
+                and self.event_queue.empty()
+                and self.state_machine.current_state != "Sta13"):
+            raw = getattr(self.socket, "socket", None)
+            if raw is not None and not (isinstance(raw, ssl.SSLSocket) and raw.pending()):
+                try:
+                    select.select([raw, self._wake_r], [], [], self.IDLE_WAIT_S)
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except (OSError, ValueError):  # socket closed meanwhile: super() reports it
+                    pass
+        return bool(super()._is_transport_event())
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            r, w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
 
     def _recv_exact(self, sock: socket.socket, n: int, deadline: float) -> bytearray:
         buf = bytearray()

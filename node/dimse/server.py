@@ -22,7 +22,9 @@ References: PS3.7 (DIMSE), PS3.8 (upper layer: association, PDU size, ARTIM), py
 """
 from __future__ import annotations
 
+import copy
 import logging
+import queue
 import socket
 import ssl
 import threading
@@ -33,6 +35,7 @@ from typing import Any, Protocol, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -170,6 +173,37 @@ class GuardedAssociation(Association):
         super()._serve_request(msg, context_id)
 
 
+class WaitingDIMSE(DIMSEServiceProvider):
+    """pynetdicom's acceptor loop sleeps 1 ms, then looks for a complete DIMSE message
+    without waiting; this waits for one (up to ``WAIT_S``, so the loop still checks for a
+    release or abort request that often), so a request is served as soon as it is whole."""
+
+    WAIT_S = 0.02
+
+    def get_msg(self, block: bool = False) -> Any:
+        if block:
+            return super().get_msg(block=True)
+        try:
+            return self.msg_queue.get(timeout=self.WAIT_S)
+        except queue.Empty:
+            return None, None
+
+
+class _ContextList(list):  # type: ignore[type-arg]
+    """The server's presentation contexts: pynetdicom deep-copies them for every
+    association (hundreds of SOP classes x transfer syntaxes: tenths of a second of CPU
+    per association); a copy of each context object with its own transfer syntax list
+    is what negotiation needs (UIDs are immutable strings)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        out = []
+        for cx in self:
+            c = copy.copy(cx)
+            c._transfer_syntax = list(cx._transfer_syntax)
+            out.append(c)
+        return out
+
+
 class NodeRequestHandler(RequestHandler):
     """Creates :class:`GuardedAssociation` acceptors whose DUL bounds every PDU read
     (:class:`node.dimse.guard.GuardedDUL`)."""
@@ -198,6 +232,7 @@ class NodeRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         assoc.__class__ = GuardedAssociation
+        assoc.dimse.__class__ = WaitingDIMSE
         server = self.server
         limits = getattr(server, "pdu_limits", None)
         if limits is not None:
@@ -205,6 +240,7 @@ class NodeRequestHandler(RequestHandler):
             dul = cast(GuardedDUL, assoc.dul)
             dul.limits = limits
             dul.on_refused = getattr(server, "on_refused", None)
+            dul.enable_waiting()
         return assoc
 
 
@@ -348,6 +384,7 @@ class DimseServer:
             ssl_context=server_context(s.tls) if s.tls is not None else None,
         )
         assert isinstance(server, NodeAssociationServer)  # an instance of server_class
+        server.contexts = _ContextList(server.contexts)
         server.node_ctx = self.ctx
         server.pdu_limits = PduLimits.from_settings(s)
         server.max_connections = s.max_connections

@@ -317,7 +317,7 @@ class Ingestor:
                             "received_sha256": sha, "parsed": ctx_info["parsed"]}, len(part10))
                 return StoredInstance(IngestOutcome.KEPT_FIRST, rec, None)
             # a new instance: its flushes overlap the commit; a replacement: durable first
-            pending = self._write_async(rel, part10) if existing is None else None
+            pending = self._write_async(rel, part10, sha) if existing is None else None
             if pending is None:
                 self._write(rel, part10)
             try:
@@ -371,9 +371,9 @@ class Ingestor:
             logger.error("file store write failed: %s", exc)
             raise IngestError(RejectReason.STORE_FAILED, "file store write failed") from None
 
-    def _write_async(self, rel: str, part10: bytes) -> PendingWrite:
+    def _write_async(self, rel: str, part10: bytes, sha: str) -> PendingWrite:
         try:
-            return self.ctx.store.write_async(rel, part10)
+            return self.ctx.store.write_async(rel, part10, sha)
         except OutOfSpaceError as exc:
             raise IngestError(RejectReason.OUT_OF_SPACE, str(exc)[:64]) from None
         except StoreError as exc:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
@@ -53,6 +54,9 @@ __all__ = ["Limits", "Validated", "check_owners", "validate"]
 # what is refused, so its per-value warnings would only flood the node log
 warnings.filterwarnings("ignore", message=r"(Invalid value|The value length)",
                         module=r"pydicom\.")
+# ... and its per-value checks (a regular expression per value read) cost about as much
+# as the rest of the validation: values are checked here instead
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 _KEY_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
              "FrameOfReferenceUID")
@@ -239,7 +243,12 @@ def check_owners(index: Any, study_uid: str, series_uid: str, patient_id: str,
                  issuer: str, conn: Any = None) -> None:
     """Refuse an instance that would file itself under another patient's study, or put
     its series under another study (the index files by these keys, PS3.4 C.6.1.1).
-    The ingestor checks before writing, and again inside the commit transaction."""
+    The ingestor checks before writing, and again inside the commit transaction; both
+    skip the lookup while this process indexed the same series under the same study and
+    patient moments ago (``Index.known_owners``)."""
+    known = getattr(index, "known_owners", None)
+    if known is not None and known(study_uid, series_uid, patient_id, issuer):
+        return
     owner, series_study = index.owners(study_uid, series_uid, conn)
     if owner is not None and owner != ((patient_id or "")[:64], (issuer or "")[:64]):
         raise _fail(RejectReason.PATIENT_CONFLICT,
