@@ -81,10 +81,17 @@ def test_console_in_chromium(web: Any, browser: Any, tmp_path: Path) -> None:
     assert d.find_elements(By.CSS_SELECTOR, "#entries tbody tr")
     _shot(d, "audit")
     d.find_element(By.ID, "verify").click()
+    # runs in the background: the page shows its progress and reloads itself when done
+    WebDriverWait(d, 60).until(lambda drv: drv.find_elements(By.ID, "verify-result"))
     assert d.find_element(By.ID, "verify-result").text.startswith("Verified")
+    _shot(d, "verify")
     d.get(f"{web.url}/console/audit/lineage?uid={sent[0].StudyInstanceUID}")
     assert str(sent[0].SeriesInstanceUID) in d.find_element(By.ID, "lineage").text
-    _shot(d, "lineage")
+    graph = d.find_element(By.ID, "lineage-graph")  # drawn by the node, shown by the browser
+    assert graph.is_displayed()
+    src = d.find_element(By.CSS_SELECTOR, '#lineage-graph [data-kind="source series"]')
+    assert src.is_displayed() and "1 instance(s) from" in src.text
+    assert "1 instance(s) from ae:STORESCU" in src.get_attribute("aria-label")
     d.get(f"{web.url}/console/models")
     _shot(d, "models")
 
