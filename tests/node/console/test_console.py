@@ -383,3 +383,54 @@ def test_verification_runs_in_the_background_with_progress(web: Any) -> None:
     runs_ev = ledger_events(web.node, "verification.run")
     assert runs_ev[-1].payload["ok"] is False and runs_ev[-1].payload["first_bad_entry"] == seq
     assert runs_ev[-1].actor == "token:admin" and runs_ev[-1].payload["via"] == "console"
+
+
+def test_held_pictures_expire_with_the_retention_period(start_node: Any) -> None:
+    """The kept slices of a held output no one decided on are removed once older than
+    ``storage.retention_days``, recorded in the ledger; a younger one stays; the held output
+    still waits for a decision, its page without a picture."""
+    import os
+    import time
+
+    import numpy as np
+
+    from engine.types import Intensity, Volume
+    from node.pipeline.jobs import JobStore
+    from node.pipeline.preview import held_slices_path, save_held_slices
+    from tests.node.dicomweb.conftest import Web
+    from tests.support.dicomweb import web_overrides
+
+    web = Web(start_node(dicomweb=web_overrides(), storage={"retention_days": 2},
+                         pipeline={"enabled": True, "quiet_period_s": 3600}))
+    ctx, pipeline = web.node.ctx, web.node.pipeline
+    assert pipeline.held_retention_days == 2
+    store = JobStore(ctx.engine, ctx.ledger)
+    held_dir = ctx.settings.data_dir / "held"
+    vol = Volume(np.linspace(-1000, 1000, 4 * 16 * 16, dtype=np.float32).reshape(4, 16, 16),
+                 (1.0, 1.0, 1.0), Intensity.HU)
+    jobs = []
+    for study in ("1.2.3.1", "1.2.3.2"):
+        jid = store.enqueue("engine", study_uid=study, series_uid=study + ".1", task="ct2mr",
+                            spec={"fingerprint": "f00"})
+        job = store.claim(job_id=jid)
+        assert job is not None
+        store.finish(jid, {"outputs": [], "held": [{"index": 0, "reasons": ["bias"],
+                                                    "checks": []}]}, claim=job)
+        save_held_slices(held_dir, jid, 0, vol, vol)
+        jobs.append(jid)
+    old, young = jobs
+    three_days_ago = time.time() - 3 * 86400
+    os.utime(held_slices_path(held_dir, old, 0), (three_days_ago, three_days_ago))
+    c = _login(web, "reader")
+    assert c.get(f"/console/jobs/{old}/held/0.png").status_code == 200
+    assert pipeline.expire_held_pictures() == {old: 1}
+    assert not (held_dir / old).exists() and held_slices_path(held_dir, young, 0).is_file()
+    (ev,) = ledger_events(web.node, "output.pictures_expired")
+    assert ev.subject == {"job_id": old, "study_uid": "1.2.3.1"}
+    assert ev.payload["files"] == 1 and ev.payload["retention_days"] == 2
+    assert ev.actor == "component:pipeline"
+    assert c.get(f"/console/jobs/{old}/held/0.png").status_code == 404
+    assert c.get(f"/console/jobs/{young}/held/0.png").status_code == 200
+    assert _cell(c.get("/console/").text, "held outputs") == "2"  # still to be decided
+    assert pipeline.expire_held_pictures() == {}  # nothing more, nothing recorded twice
+    assert len(ledger_events(web.node, "output.pictures_expired")) == 1
