@@ -25,7 +25,7 @@ _COLOURS = {"ok": ("#e8f5e9", "#2e7d32"), "held": ("#fff3cd", "#b26a00"),
             "discarded": ("#eeeeee", "#555555"), "released": ("#e3f2fd", "#1565c0"),
             "": ("#ffffff", "#1d3557")}
 _MAX_ATTEMPTS = 6  # per destination; the rest summed up in one node
-_W, _H, _GAP_X, _GAP_Y, _PAD = 178, 58, 30, 14, 8
+_W, _H, _GAP_X, _GAP_Y, _PAD = 172, 58, 26, 14, 8
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Graph:
         return node.id
 
 
-def _short(value: Any, n: int = 21) -> str:
+def _short(value: Any, n: int = 20) -> str:
     s = str(value or "?")
     return s if len(s) <= n else "…" + s[-(n - 1):]
 
@@ -115,7 +115,8 @@ def _destinations(g: Graph, prefix: str, parent: str | None, series: str,
             st, w = _attempt(x)
             extra = " ".join(f"{k} {x[k]}" for k in ("attempt", "error") if x.get(k))
             g.add(GraphNode(id=f"a:{x['seq']}", layer=5, kind="attempt",
-                            title=f"#{x['seq']} {x.get('type')}", state=st, state_text=w,
+                            title=f"#{x['seq']} {str(x.get('type')).rpartition('.')[2]}",
+                            state=st, state_text=w,
                             detail=str(x.get("time", ""))[:19], href=_entry(prefix, x["seq"]),
                             tooltip=f"ledger entry {x['seq']}: {x.get('type')} {extra}".strip()),
                   nid)
@@ -283,9 +284,9 @@ def render_svg(g: Graph) -> Markup:
                 f'<rect x="{x}" y="{y}" width="{_W}" height="{_H}" rx="6" fill="{fill}" '
                 f'stroke="{stroke}" stroke-width="{2 if n.state else 1}"/>',
                 _line(x + 6, y + 14, n.kind + (f" · {n.state_text}" if n.state_text else ""),
-                      "s" if n.state_text else "k", 29),
-                _line(x + 6, y + 31, n.title, "t", 22),
-                _line(x + 6, y + 48, n.detail, "d", 29)]
+                      "s" if n.state_text else "k", 26),
+                _line(x + 6, y + 31, n.title, "t", 21),
+                _line(x + 6, y + 48, n.detail, "d", 27)]
         attrs = (f'class="node state-{n.state or "none"}" data-id="{escape(n.id)}" '
                  f'data-kind="{escape(n.kind)}" data-state="{escape(n.state_text)}"')
         if n.href:

@@ -212,7 +212,11 @@ def _job_routes(app: FastAPI, c: _Console) -> None:
                         detail=f"no job {job_id}")
         held_dir = ctx.settings.data_dir / "held" / j.id
         pictures = {int(f.stem) for f in held_dir.glob("*.npz")} if held_dir.is_dir() else set()
+        expired = [e.seq for e in ctx.ledger.query(
+            uids=[j.id], event_types=[EventType.OUTPUT_PICTURES_EXPIRED.value])] \
+            if (j.result or {}).get("held") and not pictures else []
         return page(request, "job.html", p, job=j, done=done, pictures=pictures,
+                    pictures_expired=expired,
                     result=json.dumps(j.result, indent=1, default=str) if j.result else "",
                     spec=json.dumps(j.spec, indent=1, default=str))
 

@@ -430,7 +430,16 @@ def test_held_pictures_expire_with_the_retention_period(start_node: Any) -> None
     assert ev.payload["files"] == 1 and ev.payload["retention_days"] == 2
     assert ev.actor == "component:pipeline"
     assert c.get(f"/console/jobs/{old}/held/0.png").status_code == 404
+    page = c.get(f"/console/jobs/{old}").text
+    assert 'id="picture-expired-0"' in page and f"/console/audit?seq={ev_seq(web, old)}" in page
+    assert 'id="held-picture-0"' in c.get(f"/console/jobs/{young}").text
     assert c.get(f"/console/jobs/{young}/held/0.png").status_code == 200
     assert _cell(c.get("/console/").text, "held outputs") == "2"  # still to be decided
     assert pipeline.expire_held_pictures() == {}  # nothing more, nothing recorded twice
     assert len(ledger_events(web.node, "output.pictures_expired")) == 1
+
+
+def ev_seq(web: Any, job_id: str) -> int:
+    """The seq of the ``output.pictures_expired`` entry of ``job_id``."""
+    (e,) = web.node.ctx.ledger.query(uids=[job_id], event_types=["output.pictures_expired"])
+    return int(e.seq)
