@@ -443,3 +443,41 @@ def ev_seq(web: Any, job_id: str) -> int:
     """The seq of the ``output.pictures_expired`` entry of ``job_id``."""
     (e,) = web.node.ctx.ledger.query(uids=[job_id], event_types=["output.pictures_expired"])
     return int(e.seq)
+
+
+def test_lineage_graph_of_a_failed_forward(start_node: Any) -> None:
+    """A rule forwards the original CT series to a PACS that is down (a closed port): the
+    graph draws source series -> destination FAILED -> each failed attempt, linked to its
+    ledger entry and its dispatch job."""
+    from node.pipeline.jobs import JobStore
+    from tests.node.dicomweb.conftest import Web
+    from tests.support.dicomweb import web_overrides
+    from tests.support.net import get_port, wait_for
+
+    web = Web(start_node(dicomweb=web_overrides(), pipeline={
+        "enabled": True, "quiet_period_s": 1, "retry_backoff_s": 0.2,
+        "destinations": [{"name": "downpacs", "kind": "dimse", "ae_title": "DOWN",
+                          "host": "127.0.0.1", "port": get_port(), "max_attempts": 2,
+                          "backoff_s": 0.2}],
+        "rules": [{"name": "forward-ct", "match": {"modality": "CT"},
+                   "destinations": ["downpacs"], "forward_originals": True}]}))
+    ct = _send(web)[0]
+    series, study = str(ct.SeriesInstanceUID), str(ct.StudyInstanceUID)
+    ctx = web.node.ctx
+    store = JobStore(ctx.engine, ctx.ledger)
+
+    def failed() -> Any:
+        jobs = [j for j in store.list(study_uid=study) if j.kind.value == "dispatch"]
+        return jobs if jobs and all(j.state.value == "failed" for j in jobs) else None
+
+    (job,) = wait_for(failed, 60, "the dispatch job to fail")
+    c = _login(web, "admin")
+    nodes, edges = _graph(c.get("/console/audit/lineage", params={"uid": study}).text)
+    dest = f"d:{series}:downpacs"
+    assert (f"s:{series}", dest) in edges
+    assert nodes[dest]["data-state"] == "FAILED"
+    assert nodes[dest]["href"] == f"/console/jobs/{job.id}"
+    attempts = [nodes[b] for a, b in edges if a == dest]
+    assert attempts and "FAILED" in {a["data-state"] for a in attempts}
+    assert all(a["href"].startswith("/console/audit?seq=") for a in attempts)
+    assert not [n for n in nodes if n.startswith("j:")]  # no engine job: forwarded as received
