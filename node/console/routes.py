@@ -83,6 +83,7 @@ def same_origin(request: Request) -> None:
 def add_console(app: FastAPI, svc: Any) -> None:
     """Mount the console pages on the DICOMweb application's service ``svc``."""
     c = _Console(app, svc)
+    app.state.verifications = c.verifications  # the node's verification runs
     _login_routes(app, c)
     _study_routes(app, c)
     _job_routes(app, c)

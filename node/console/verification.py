@@ -66,7 +66,8 @@ class Verifications:
         from audit.verify import verify_database
 
         self.ctx = ctx
-        self._verify = verify or verify_database
+        #: the verification itself (:func:`audit.verify.verify_database`)
+        self.verify = verify or verify_database
         self._lock = threading.Lock()
         self.latest: VerificationRun | None = None
         self._thread: threading.Thread | None = None
@@ -102,7 +103,7 @@ class Verifications:
             run.phase, run.checked, run.total = phase, done, total
 
         try:
-            report = self._verify(ctx.engine, ctx.audit.verifier, ctx.settings.checkpoint_file,
+            report = self.verify(ctx.engine, ctx.audit.verifier, ctx.settings.checkpoint_file,
                                   batch=BATCH, progress=progress)
             run.report = report.as_dict()
             # the checkpoints it read are the first ones in size order (read before the rest)

@@ -326,13 +326,13 @@ def test_verification_runs_in_the_background_with_progress(web: Any) -> None:
 
     from audit.tables import ledger_entries
     from audit.verify import verify_database
-    from node.console.verification import Verifications
+    from tests.support.net import wait_for
 
     _send(web)
     ctx = web.node.ctx
     cp = ctx.audit.checkpoint(force=True)
-    # the runner on its own: a verification held at its first progress step shows the
-    # progress and makes a second start join it
+    # the node's verification, held at its first progress step (a real verification,
+    # waiting): the page shows the progress, and a second start joins the run
     gate, seen = threading.Event(), []
 
     def held(*args: Any, progress: Any, **kw: Any) -> Any:
@@ -342,26 +342,36 @@ def test_verification_runs_in_the_background_with_progress(web: Any) -> None:
             gate.wait(30)
         return verify_database(*args, **{**kw, "progress": slow})
 
-    runs = Verifications(ctx, verify=held)
-    first, started = runs.start("token:test", {"via": "test"})
-    assert started
-    from tests.support.net import wait_for
-
-    wait_for(lambda: seen, 30, "the first progress step")
-    again, started2 = runs.start("token:other", {"via": "test"})
-    assert again is first and not started2
-    state = first.as_dict()
-    assert state["running"] and state["phase"] == "entries" and state["total"] >= cp.size
-    gate.set()
-    runs.wait(30)
-    done = first.as_dict()
+    runs = web.node.dicomweb.app.state.verifications
+    runs.verify = held
+    admin = _login(web, "admin")
+    try:
+        r = admin.post("/console/audit/verify")
+        assert r.status_code == 303
+        run_url = r.headers["location"]
+        wait_for(lambda: seen, 30, "the first progress step")
+        again = admin.post("/console/audit/verify")
+        assert again.headers["location"] == run_url  # one run at a time
+        state = admin.get(run_url + "/progress").json()
+        assert state["running"] and state["phase"] == "entries"
+        assert state["total"] >= cp.size and state["checked"] == 0
+        page = admin.get(run_url).text
+        assert '<progress id="verify-bar"' in page and 'id="verify-result"' not in page
+        assert '<noscript><meta http-equiv="refresh"' in page  # without script too
+        assert f"of {state['total']} entries checked" in page
+    finally:
+        gate.set()
+        runs.wait(30)
+        runs.verify = verify_database
+    done = admin.get(run_url + "/progress").json()
     assert done["report"]["ok"] and not done["running"] and done["percent"] == 100
     assert done["checkpoint"] == {"size": cp.size, "root": cp.root.hex(), "verified": True}
     assert seen[-1][0] == "tree nodes, head and checkpoints" and seen[-1][1] == seen[-1][2]
+    assert "noscript" not in admin.get(run_url).text  # finished: no more refreshing
 
-    admin = _login(web, "admin")
     reader = _login(web, "reader")
     assert reader.post("/console/audit/verify").status_code == 403
+    assert reader.get(run_url + "/progress").status_code == 403
     ok = _verified(admin)
     assert "Verified" in ok and f"Latest signed checkpoint checked: {cp.size} entries" in ok
     # tamper with one entry's data: the run fails and names it
