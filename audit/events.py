@@ -38,6 +38,8 @@ class EventType(str, Enum):
     OUTPUT_HELD = "output.held"  # quality gate held an output back
     OUTPUT_DISCARDED = "output.discarded"  # partial output series of a dead attempt removed
     OUTPUT_RELEASED = "output.released"  # an administrator released a held output
+    # the kept slices (pictures) of a held output no one decided on, removed by retention
+    OUTPUT_PICTURES_EXPIRED = "output.pictures_expired"
     DISPATCH_ATTEMPTED = "dispatch.attempted"
     DISPATCH_SUCCEEDED = "dispatch.succeeded"
     DISPATCH_FAILED = "dispatch.failed"

@@ -34,7 +34,8 @@ from audit.ledger import Ledger, StoredEntry
 
 __all__ = [
     "EVENT_MAP", "dicom_audit_message", "event_json", "export_ledger", "fhir_audit_event",
-    "fhir_provenance", "lineage", "retrieval_item", "write_dicom_audit", "write_fhir_bundle",
+    "fhir_provenance", "inclusion_proofs", "lineage", "retrieval_item", "write_dicom_audit",
+    "write_fhir_bundle",
 ]
 
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -611,3 +612,27 @@ def write_path(path: Path | None) -> IO[str]:
     return (
         sys.stdout if path is None or str(path) == "-" else Path(path).open("w", encoding="utf-8")
     )
+
+
+def inclusion_proofs(ledger: Ledger, seqs: list[int]) -> dict[str, Any]:
+    """Inclusion proofs of ``seqs`` (RFC 9162 2.1.3) against the latest signed checkpoint
+    (entries after it: against the current tree, marked unsigned), each verified here."""
+    from audit import merkle
+
+    cps = ledger.checkpoints()
+    size, root, note = cps[-1] if cps else (0, b"", None)
+    out: dict[str, Any] = {"checkpoint": {"tree_size": size, "root_hash": root.hex(),
+                                          "note": note} if note else None,
+                           "entries": {}}
+    head_size = ledger.size()
+    head_root = ledger.root(head_size)
+    for seq in seqs:
+        signed = seq < size
+        n, r = (size, root) if signed else (head_size, head_root)
+        entry = ledger.entry(seq)
+        path = ledger.inclusion_proof(seq, n)
+        merkle.verify_inclusion(seq, n, entry.leaf_hash, path, r)
+        out["entries"][str(seq)] = {"leaf_hash": entry.leaf_hash.hex(), "tree_size": n,
+                                    "root_hash": r.hex(), "signed": signed,
+                                    "proof": [h.hex() for h in path]}
+    return out

@@ -319,7 +319,8 @@ def _verify(rows: Iterable[Batch], verifier: Verifier,
 
 
 def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = None,  # type: ignore[no-untyped-def]
-                    batch: int = 50000, deep: bool = False) -> Report:
+                    batch: int = 50000, deep: bool = False,
+                    progress: Callable[[str, int, int], None] | None = None) -> Report:
     """Verify the ledger stored in ``engine``'s database (see module docs).
 
     ``deep`` also parses every leaf (it must be a canonical event) and checks the derived
@@ -338,6 +339,7 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
     t0 = time.perf_counter()
     report = Report()
     e, c, h = ledger_entries.c, ledger_checkpoints.c, ledger_head.c
+    tell = progress or (lambda phase, done, total: None)
     with engine.connect() as conn:
         db_notes = [(int(r.size), bytes(r.root_hash), r.note)
                     for r in conn.execute(select(c.size, c.root_hash, c.note).order_by(c.size))]
@@ -363,8 +365,12 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
                 return dbapi.cursor(name=f"verify_{time.monotonic_ns()}")
             return dbapi.cursor()
 
+        total = limit or 0
+
         def entry_batches() -> Iterator[Batch]:
             cur = cursor()
+            done = 0
+            tell("entries", 0, total)
             try:
                 cur.execute(
                     "SELECT seq, leaf_hash, data FROM ledger_entries "
@@ -376,8 +382,11 @@ def verify_database(engine, verifier: Verifier, checkpoint_file: Path | None = N
                     if not rows:
                         break
                     yield rows
+                    done += len(rows)
+                    tell("entries", done, total)
             finally:
                 cur.close()
+            tell("tree nodes, head and checkpoints", done, total)
 
         def node_rows(level: int, count: int, with_idx: bool) -> Sequence[Any]:
             cur = cursor()

@@ -386,7 +386,12 @@ def serve_multi(settings: Settings, config: str | None, n: int, *, grace_s: floa
     import subprocess
     import sys
 
+    from node.observability.metrics import process_exited, start_multiprocess, stop_multiprocess
+
     stop = stop or threading.Event()
+    # every process's counters in one per-run folder, summed on /metrics (the children
+    # inherit PROMETHEUS_MULTIPROC_DIR)
+    metrics_dir = start_multiprocess(settings.data_dir)
     parent = create_node(settings)  # migrations, recovery, config.loaded
     port = settings.dimse.port
     cmd = [sys.executable, "-c", "from node.app import acceptor_main; acceptor_main()",
@@ -424,6 +429,7 @@ def serve_multi(settings: Settings, config: str | None, n: int, *, grace_s: floa
                 if c.poll() is not None:
                     logger.error("acceptor pid %d exited with %s; restarting", c.pid,
                                  c.returncode)
+                    process_exited(c.pid)
                     children[i] = spawn()
     finally:
         for c in children:
@@ -435,5 +441,7 @@ def serve_multi(settings: Settings, config: str | None, n: int, *, grace_s: floa
             except subprocess.TimeoutExpired:
                 c.kill()
                 c.wait(5)
+            process_exited(c.pid)
         parent.ctx.stopping.set()
         parent.stop(grace_s=1.0)
+        stop_multiprocess(metrics_dir)

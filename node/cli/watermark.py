@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,15 @@ from audit.watermark import (
     embed,
     make_payload,
     payload_hex,
-    split_payload,
     suggest_max_delta,
 )
+from node.audit_views import IMAGE_SUFFIXES, LedgerIndex, describe_detection, read_pixels
 from node.cli.common import ConfigOption, console, err_console, fail, open_engine, settings_from
 
 logger = logging.getLogger(__name__)
 
 app = typer.Typer(no_args_is_help=True)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
 
 
@@ -224,7 +222,7 @@ def embed_cmd(
 def _verify_written(path: Path, key: WatermarkKey, payload: int) -> str | None:
     """Why the written file does not carry ``payload`` detectably (None when it does)."""
     try:
-        det = detect(_read_pixels(path), [key])
+        det = detect(read_pixels(path), [key])
     except Exception as exc:
         return f"cannot read the written file back ({exc})"
     if not det.marked:
@@ -240,26 +238,7 @@ def _verify_written(path: Path, key: WatermarkKey, payload: int) -> str | None:
 # ----------------------------------------------------------------------------- detect
 
 
-def _read_pixels(path: Path) -> np.ndarray:
-    if _is_image(path):
-        from PIL import Image
-
-        return np.asarray(Image.open(path).convert("L"))
-    import pydicom
-
-    ds = pydicom.dcmread(path)
-    if "PixelData" not in ds:
-        raise ValueError("no Pixel Data")
-    return ds.pixel_array
-
-
-@dataclass
-class _LedgerIndex:
-    by_payload: dict[str, dict[str, Any]]
-    error: str | None = None
-
-
-def _ledger_index(settings: Any) -> _LedgerIndex:
+def _ledger_index(settings: Any) -> LedgerIndex:
     """``watermark_payload`` hex -> {seq, time, subject} of ``output.created`` events."""
     try:
         from audit.events import EventType
@@ -269,7 +248,7 @@ def _ledger_index(settings: Any) -> _LedgerIndex:
         url = settings.database_url
         problem = schema_problem(url)  # never creates a database
         if problem:
-            return _LedgerIndex({}, f"ledger not available ({problem})")
+            return LedgerIndex({}, f"ledger not available ({problem})")
         engine = make_engine(url)
         try:
             entries = Ledger(engine).query(event_types=[EventType.OUTPUT_CREATED.value])
@@ -277,34 +256,14 @@ def _ledger_index(settings: Any) -> _LedgerIndex:
             engine.dispose()
     except Exception as exc:  # no database / not migrated: report, still print the payload
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return _LedgerIndex({}, f"ledger not available ({type(exc).__name__}: {first})")
+        return LedgerIndex({}, f"ledger not available ({type(exc).__name__}: {first})")
     out: dict[str, dict[str, Any]] = {}
     for e in entries:
         ev = e.event
         hexv = str(ev.payload.get("watermark_payload", "")).lower()
         if hexv:
             out[hexv] = {"seq": e.seq, "time": ev.time.isoformat(), "subject": ev.subject}
-    return _LedgerIndex(out)
-
-
-def _describe(path: Path, det: Detection, ledger: _LedgerIndex) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "file": str(path), "marked": det.marked, "score": round(det.score, 2),
-        "threshold": round(det.threshold, 2), "key_id": det.key_id, "payload": det.payload_hex,
-        "scale": det.scale, "ledger": None,
-    }
-    if det.payload is not None:
-        kid, mid = split_payload(det.payload)
-        row["mark_id"] = mid
-        row["payload_key_id"] = kid
-        if ledger.error:
-            row["ledger"] = ledger.error
-        else:
-            row["ledger"] = (
-                ledger.by_payload.get(det.payload_hex or "")
-                or "no output.created event with this payload"
-            )
-    return row
+    return LedgerIndex(out)
 
 
 @app.command("detect")
@@ -325,13 +284,13 @@ def detect_cmd(
     dets: list[tuple[Path, Detection | None, str | None]] = []
     for f, _ in files:
         try:
-            dets.append((f, detect(_read_pixels(f), keys), None))
+            dets.append((f, detect(read_pixels(f), keys), None))
         except Exception as exc:
             dets.append((f, None, str(exc)))
     ledger = (
         _ledger_index(settings)
         if any(d and d.payload is not None for _, d, _ in dets)
-        else _LedgerIndex({})
+        else LedgerIndex({})
     )
     any_unmarked = False
     for f, det, error in dets:
@@ -339,7 +298,7 @@ def detect_cmd(
             any_unmarked = True
             row = {"file": str(f), "error": error}
         else:
-            row = _describe(f, det, ledger)
+            row = describe_detection(f, det, ledger)
             any_unmarked |= not det.marked
         rows.append(row)
         if as_json:
@@ -435,7 +394,7 @@ def identify_cmd(
     if not path.is_file():
         fail(f"{path}: no such file")
     try:
-        pixels = _read_pixels(path)
+        pixels = read_pixels(path)
     except Exception as exc:
         fail(f"{path}: unreadable ({exc})")
         return

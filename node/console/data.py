@@ -127,11 +127,9 @@ def dashboard(ctx: NodeContext, node_info: dict[str, Any]) -> list[dict[str, Any
         add("readiness", "ready" if ok else "NOT READY",
             ", ".join(f"{c.name}: {'ok' if c.ok else 'FAILED'} ({c.detail})" for c in checks))
         m = obs.metrics
-        for source in ("dimse", "stow"):
-            rec = sum(s.value for fam in m.received.collect() for s in fam.samples
-                      if s.name.endswith("_total") and s.labels.get("source") == source)
-            ref = sum(s.value for fam in m.refused.collect() for s in fam.samples
-                      if s.name.endswith("_total") and s.labels.get("source") == source)
+        for source in ("dimse", "stow"):  # summed over the acceptor processes, if several
+            rec = m.total("synthnode_instances_received", source=source)
+            ref = m.total("synthnode_instances_refused", source=source)
             label = "C-STORE" if source == "dimse" else "STOW-RS"
             add(f"{label} instances received since start", int(rec),
                 f"{int(ref)} refused; up {int(time.time() - obs.started)} s")

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from audit.events import Event, EventType, Outcome
 from node.console import data
+from node.console.verification import Verifications
 from node.dicomweb.auth import Principal, Problem
 
 __all__ = ["add_console"]
@@ -40,6 +41,7 @@ class _Console:
         self.svc = svc
         self.ctx = svc.ctx
         self.tls = bool(self.ctx.settings.dicomweb.tls_cert_file)
+        self.verifications = Verifications(self.ctx)
 
     def who(self, request: Request, scope: str) -> Principal:
         cookie = request.cookies.get(COOKIE)
@@ -81,6 +83,7 @@ def same_origin(request: Request) -> None:
 def add_console(app: FastAPI, svc: Any) -> None:
     """Mount the console pages on the DICOMweb application's service ``svc``."""
     c = _Console(app, svc)
+    app.state.verifications = c.verifications  # the node's verification runs
     _login_routes(app, c)
     _study_routes(app, c)
     _job_routes(app, c)
@@ -210,7 +213,11 @@ def _job_routes(app: FastAPI, c: _Console) -> None:
                         detail=f"no job {job_id}")
         held_dir = ctx.settings.data_dir / "held" / j.id
         pictures = {int(f.stem) for f in held_dir.glob("*.npz")} if held_dir.is_dir() else set()
+        expired = [e.seq for e in ctx.ledger.query(
+            uids=[j.id], event_types=[EventType.OUTPUT_PICTURES_EXPIRED.value])] \
+            if (j.result or {}).get("held") and not pictures else []
         return page(request, "job.html", p, job=j, done=done, pictures=pictures,
+                    pictures_expired=expired,
                     result=json.dumps(j.result, indent=1, default=str) if j.result else "",
                     spec=json.dumps(j.spec, indent=1, default=str))
 
@@ -312,7 +319,7 @@ def _audit_routes(app: FastAPI, c: _Console) -> None:
 
     @app.get(PREFIX + "/audit", response_class=HTMLResponse)
     def audit(request: Request, uid: str = "", event: str = "", since: str = "",
-              until: str = "", limit: int = 200) -> Response:
+              until: str = "", limit: int = 200, seq: int | None = None) -> Response:
         p = guarded(request, "audit")
         if isinstance(p, Response):
             return p
@@ -322,9 +329,14 @@ def _audit_routes(app: FastAPI, c: _Console) -> None:
         try:
             s, u = _time(since), _time(until)
             types = [EventType(event).value] if event else []
-            found = ctx.ledger.query(uids=[uid.strip()] if uid.strip() else [],
-                                     event_types=types, since=s, until=u,
-                                     limit=max(1, min(limit, 2000)))
+            if seq is not None:  # one entry (the lineage graph links to them)
+                if not 0 <= seq < ctx.ledger.size():
+                    raise ValueError(f"no ledger entry {seq}")
+                found = [ctx.ledger.entry(seq)]
+            else:
+                found = ctx.ledger.query(uids=[uid.strip()] if uid.strip() else [],
+                                         event_types=types, since=s, until=u,
+                                         limit=max(1, min(limit, 2000)))
             rows = [event_json(r) for r in found]
         except ValueError as exc:
             error = str(exc)
@@ -337,9 +349,11 @@ def _audit_routes(app: FastAPI, c: _Console) -> None:
         if isinstance(p, Response):
             return p
         from audit.export import lineage as build
+        from node.console.graph import lineage_graph, render_svg
 
         tree = build(ctx.ledger, uid.strip()) if uid.strip() else None
-        return page(request, "lineage.html", p, uid=uid, tree=tree,
+        svg = render_svg(lineage_graph(tree, PREFIX)) if tree and tree.get("entries") else ""
+        return page(request, "lineage.html", p, uid=uid, tree=tree, svg=svg,
                     tree_text=_tree_text(tree) if tree and tree.get("entries") else "",
                     tree_json=json.dumps(tree, indent=1, default=str) if tree else "")
 
@@ -365,29 +379,21 @@ def _audit_routes(app: FastAPI, c: _Console) -> None:
         """Inclusion proof of one entry (against the latest signed checkpoint when it covers
         the entry), verified before it is sent; as ``synthnode audit prove``."""
         who(request, "audit")
-        from types import SimpleNamespace
 
+        from audit.export import inclusion_proofs
         from audit.ledger import LedgerError
-        from node.cli.audit import _proofs
 
         if not 0 <= seq < ctx.ledger.size():
             raise Problem(404, "Not Found", f"no ledger entry {seq}")
         try:
-            out = _proofs(SimpleNamespace(ledger=ctx.ledger), [seq])
+            out = inclusion_proofs(ctx.ledger, [seq])
         except LedgerError as exc:
             raise Problem(500, "Internal Server Error", str(exc)) from None
         out["entries"][str(seq)]["leaf_data"] = ctx.ledger.entry(seq).data.decode("utf-8")
         return Response(json.dumps(out, indent=1), media_type="application/json", headers={
             "Content-Disposition": f'attachment; filename="ledger-proof-{seq}.json"'})
 
-    @app.post(PREFIX + "/audit/verify", response_class=HTMLResponse)
-    async def verify(request: Request) -> Response:
-        same_origin(request)
-        p = guarded(request, "audit")
-        if isinstance(p, Response):
-            return p
-        report = await run_in_threadpool(_verify, ctx, p)
-        return page(request, "verify.html", p, report=report)
+    _verify_routes(app, c)
 
     @app.get(PREFIX + "/models", response_class=HTMLResponse)
     def models(request: Request) -> Response:
@@ -397,6 +403,57 @@ def _audit_routes(app: FastAPI, c: _Console) -> None:
         return page(request, "models.html", p, models=data.model_rows(ctx),
                     uses=data.model_uses(ctx), models_dir=str(ctx.settings.models_dir))
 
+
+
+def _verify_routes(app: FastAPI, c: _Console) -> None:
+    """Verification of the whole ledger in the background (:mod:`node.console.verification`):
+    start (or join the run going on), its page (a progress bar, refreshing itself with or
+    without script) and its progress as JSON."""
+    page, guarded, who = c.page, c.guarded, c.who
+
+    @app.post(PREFIX + "/audit/verify", response_class=HTMLResponse)
+    def verify(request: Request) -> Response:
+        """Start verifying the whole ledger in the background (or join the run going on)
+        and show its progress page."""
+        same_origin(request)
+        p = guarded(request, "audit")
+        if isinstance(p, Response):
+            return p
+        try:
+            run, _ = c.verifications.start(p.actor, {"via": "console", "address": p.address})
+        except RuntimeError as exc:
+            return c.error(request, p, 503, "Service Unavailable", str(exc))
+        return RedirectResponse(f"{PREFIX}/audit/verify/{run.id}", 303)
+
+    @app.get(PREFIX + "/audit/verify", response_class=HTMLResponse)
+    def verify_latest(request: Request) -> Response:
+        p = guarded(request, "audit")
+        if isinstance(p, Response):
+            return p
+        latest = c.verifications.latest
+        return page(request, "verify.html", p,
+                    run=latest.as_dict() if latest is not None else None)
+
+    @app.get(PREFIX + "/audit/verify/{run_id}", response_class=HTMLResponse)
+    def verify_run(run_id: str, request: Request) -> Response:
+        p = guarded(request, "audit")
+        if isinstance(p, Response):
+            return p
+        run = c.verifications.get(run_id)
+        if run is None:
+            return c.error(request, p, 404, "Not Found",
+                           f"no verification run {run_id} (only the latest is kept)")
+        return page(request, "verify.html", p, run=run.as_dict())
+
+    @app.get(PREFIX + "/audit/verify/{run_id}/progress")
+    def verify_progress(run_id: str, request: Request) -> Response:
+        """The run's phase, entries checked / total, and its result once finished."""
+        who(request, "audit")
+        run = c.verifications.get(run_id)
+        if run is None:
+            raise Problem(404, "Not Found", f"no verification run {run_id}")
+        return Response(json.dumps(run.as_dict()), media_type="application/json",
+                        headers={"Cache-Control": "no-store"})
 
 
 def _watermark_routes(app: FastAPI, c: _Console) -> None:
@@ -428,21 +485,6 @@ def _watermark_routes(app: FastAPI, c: _Console) -> None:
                      "size": len(body)}))
         return page(request, "watermark.html", p, result=result)
 
-def _verify(ctx: Any, p: Principal) -> dict[str, Any]:
-    from audit.verify import verify_database
-
-    if ctx.audit is None:
-        raise Problem(503, "Service Unavailable", "no ledger verifier on this node")
-    report = verify_database(ctx.engine, ctx.audit.verifier, ctx.settings.checkpoint_file)
-    ctx.ledger.append(Event(EventType.VERIFICATION_RUN, p.actor,
-                            Outcome.SUCCESS if report.ok else Outcome.SERIOUS_FAILURE,
-                            payload={"size": report.size, "root_hash": report.root.hex(),
-                                     "ok": report.ok, "problems": len(report.problems),
-                                     "first_bad_entry": report.first_bad_entry,
-                                     "via": "console"}))
-    return report.as_dict()
-
-
 _EXPORTS = {"jsonl": ("application/x-ndjson", "jsonl"),
             "ledger": ("application/x-ndjson", "jsonl"),
             "fhir": ("application/fhir+json", "json"),
@@ -452,11 +494,10 @@ _EXPORTS = {"jsonl": ("application/x-ndjson", "jsonl"),
 def _export(ctx: Any, fmt: str, uid: str, event: str) -> tuple[str, int]:
     """The export text and the number of records (the CLI's ``audit export`` writers)."""
     import io
-    from types import SimpleNamespace
 
     from audit.atna import write_dicom_audit
     from audit.export import event_json, export_ledger, write_fhir_bundle
-    from node.cli.audit import _dicom_renderer
+    from node.atna import AuditRenderer
 
     out = io.StringIO()
     if fmt == "ledger":
@@ -469,7 +510,7 @@ def _export(ctx: Any, fmt: str, uid: str, event: str) -> tuple[str, int]:
     if fmt == "fhir":
         n = write_fhir_bundle(rows, out)
         return out.getvalue(), n
-    render = _dicom_renderer(ctx.settings, SimpleNamespace(ledger=ctx.ledger), True)
+    render = AuditRenderer.from_settings(ctx.settings, ctx.ledger.engine, resolve=True).xml
     n = write_dicom_audit(rows, out, render=render)
     return out.getvalue(), n
 
@@ -481,7 +522,7 @@ def _tree_text(tree: dict[str, Any]) -> str:
 
     from rich.console import Console
 
-    from node.cli.audit import lineage_tree
+    from node.audit_views import lineage_tree
 
     con = Console(width=160, record=True, file=io.StringIO(), color_system=None,
                   highlight=False)

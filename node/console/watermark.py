@@ -30,7 +30,7 @@ def check_upload(ctx: NodeContext, filename: str, data: bytes) -> dict[str, Any]
     """Detection result of one uploaded file (``error`` names why there is none)."""
     from audit.events import EventType
     from audit.watermark import detect
-    from node.cli.watermark import _describe, _LedgerIndex, _read_pixels
+    from node.audit_views import LedgerIndex, describe_detection, read_pixels
 
     suffix = Path(filename or "").suffix.lower()
     if suffix not in SUFFIXES:
@@ -42,7 +42,7 @@ def check_upload(ctx: NodeContext, filename: str, data: bytes) -> dict[str, Any]
         path = Path(d) / f"upload{suffix or '.dcm'}"
         path.write_bytes(data)
         try:
-            det = detect(_read_pixels(path), keys)
+            det = detect(read_pixels(path), keys)
         except Exception as exc:  # unreadable upload: say so
             return {"file": filename, "error": f"cannot read the image: {exc}"[:200]}
     by_payload: dict[str, dict[str, Any]] = {}
@@ -52,6 +52,6 @@ def check_upload(ctx: NodeContext, filename: str, data: bytes) -> dict[str, Any]
             if hexv:
                 by_payload[hexv] = {"seq": e.seq, "time": e.event.time.isoformat(),
                                     "subject": e.event.subject}
-    row = _describe(Path(filename), det, _LedgerIndex(by_payload))
+    row = describe_detection(Path(filename), det, LedgerIndex(by_payload))
     row["file"] = filename
     return row

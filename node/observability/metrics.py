@@ -14,14 +14,25 @@ nodes in one process). Two kinds of series:
   database was created): instances and bytes in the index, jobs by kind / state / task,
   dispatch jobs and attempts by destination and state, ledger entries, last checkpoint
   size and age, free disk space of the store.
+
+A node run as several acceptor processes (``dimse.acceptor_processes > 1``) uses the
+library's multiprocess mode: the parent calls :func:`start_multiprocess` before it builds
+its node, which makes a fresh per-run folder ``<data_dir>/run/metrics-<pid>`` and sets
+``PROMETHEUS_MULTIPROC_DIR`` to it, so that every process's counters and histograms (the
+parent's and the acceptor children's, which inherit the variable) are written there;
+``/metrics`` and the console sum them over the processes
+(:class:`~prometheus_client.multiprocess.MultiProcessCollector`). A child that exits is
+marked dead (:func:`process_exited`); its counts stay in the sums.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -32,7 +43,11 @@ from sqlalchemy import func, select
 if TYPE_CHECKING:
     from node.context import NodeContext
 
-__all__ = ["CONTENT_TYPE", "NodeMetrics"]
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "NodeMetrics", "process_exited",
+           "start_multiprocess", "stop_multiprocess"]
+
+#: the variable prometheus_client reads to write each process's values to a folder
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -46,6 +61,9 @@ class NodeMetrics:
     def __init__(self, ctx: NodeContext | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: the multiprocess folder when this node's processes share their counts
+        self.multiprocess_dir: str | None = os.environ.get(MULTIPROC_ENV) or None
+        self._database = DatabaseCollector(ctx) if ctx is not None else None
         self.received = Counter("synthnode_instances_received", "instances stored or "
                                 "acknowledged (identical re-send, kept first copy)",
                                 ["source", "result"], registry=r)
@@ -67,8 +85,8 @@ class NodeMetrics:
                                         ["task"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05,
                                                            0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                                                            10.0), registry=r)
-        if ctx is not None:
-            r.register(DatabaseCollector(ctx))
+        if self._database is not None:
+            r.register(self._database)
 
     # instruments ------------------------------------------------------------------------
     def observe_ingest(self, source: str, seconds: float, result: str | None,
@@ -100,8 +118,67 @@ class NodeMetrics:
         return run
 
     def exposition(self) -> bytes:
-        """The Prometheus text format of every series."""
-        return generate_latest(self.registry)
+        """The Prometheus text format of every series (in multiprocess mode the live series
+        summed over the node's processes)."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        reg = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(reg, self.multiprocess_dir)
+        if self._database is not None:
+            reg.register(self._database)
+        return generate_latest(reg)
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of a live counter's ``name_total`` samples matching ``labels`` (over
+        every process of the node in multiprocess mode)."""
+        if self.multiprocess_dir is None:
+            families = [f for c in (self.received, self.refused, self.stored_bytes,
+                                    self.http_requests) for f in c.collect()]
+        else:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            families = list(MultiProcessCollector(None, self.multiprocess_dir).collect())
+        return sum(s.value for f in families for s in f.samples
+                   if s.name == name + "_total"
+                   and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def start_multiprocess(data_dir: Path) -> Path:
+    """Multiprocess mode for a node run as several processes (call in the parent before its
+    node is built; the children inherit the variable): a fresh per-run folder under
+    ``data_dir / "run"`` (folders of earlier runs removed), ``PROMETHEUS_MULTIPROC_DIR`` set
+    to it, and this process's instruments made from now on writing there too."""
+    from prometheus_client import values
+
+    root = Path(data_dir) / "run"
+    for old in root.glob("metrics-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    folder = root / f"metrics-{os.getpid()}"
+    folder.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(folder)
+    values.ValueClass = values.get_value_class()  # chosen at import time otherwise
+    return folder
+
+
+def process_exited(pid: int) -> None:
+    """A process of the node exited: its live gauges go (its counts stay in the sums)."""
+    folder = os.environ.get(MULTIPROC_ENV)
+    if folder:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, folder)
+
+
+def stop_multiprocess(folder: Path) -> None:
+    """The run is over: back to single-process values; the folder is removed."""
+    from prometheus_client import values
+
+    if os.environ.get(MULTIPROC_ENV) == str(folder):
+        del os.environ[MULTIPROC_ENV]
+    values.ValueClass = values.get_value_class()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _source(source: str) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -73,7 +74,7 @@ from node.pipeline.jobs import (
     TransientJobError,
     WorkerPool,
 )
-from node.pipeline.preview import forget_held_slices, save_held_slices
+from node.pipeline.preview import expire_held_slices, forget_held_slices, save_held_slices
 from node.pipeline.quality import QualityLimits, check
 from node.pipeline.rules import SeriesFacts, hold_reason, route
 from node.pipeline.runner import EngineRunner, GatedEngineRunner
@@ -86,6 +87,8 @@ from storage.synthetic import is_synthetic
 logger = logging.getLogger(__name__)
 
 ACTOR = "component:pipeline"
+#: how often the pictures of undecided held outputs are checked against their retention
+HELD_RETENTION_CHECK_S = 3600.0
 SOURCE = "pipeline"  # ingest source of the outputs the pipeline stores
 OUTPUT_BUILDING = "building"  # pipeline_outputs.state: instances being stored
 OUTPUT_COMPLETE = "complete"  # output.created + dispatch jobs written (one transaction)
@@ -181,6 +184,9 @@ class Pipeline:
     #: where the middle slices of held outputs are kept for the console's pictures
     #: (:mod:`node.pipeline.preview`); ``from_context`` sets ``<data_dir>/held``
     held_dir: Path | None = None
+    #: retention of those slices when no one decides (``storage.retention_days``; None: kept
+    #: until a decision); checked at start and every ``HELD_RETENTION_CHECK_S``
+    held_retention_days: int | None = None
 
     def __init__(self, parts: Parts, *, runner: EngineRunner | None = None,
                  mark_key: WatermarkKey | None = None,
@@ -188,6 +194,7 @@ class Pipeline:
                  fidelity: FidelityBound | None = None) -> None:
         self.parts = parts
         self.settings = parts.settings
+        self._retention_stop = threading.Event()
         self.runner = runner
         self.mark_key = mark_key
         self.fidelity = fidelity or FidelityBound()
@@ -233,6 +240,7 @@ class Pipeline:
         )
         pipeline = cls(parts, **kwargs)
         pipeline.held_dir = ctx.settings.data_dir / "held"
+        pipeline.held_retention_days = ctx.settings.storage.retention_days
         ctx.on_instance_stored.append(pipeline.on_instance_stored)
         return pipeline
 
@@ -244,8 +252,12 @@ class Pipeline:
         self.discard_partial_outputs(reason="partial output of an attempt that died "
                                             "(found at start-up)")
         self.pool.start()
+        if self.held_retention_days is not None and self.held_dir is not None:
+            threading.Thread(target=self._held_retention_loop, daemon=True,
+                             name="synthnode-held-retention").start()
 
     def stop(self) -> None:
+        self._retention_stop.set()
         self.pool.stop()
         self.tracker.shutdown()
         self.dispatcher.close()
@@ -1053,6 +1065,37 @@ class Pipeline:
                 "action": "discarded", "by": by, "reason": reason, "at": _now().isoformat(),
                 "removed": removed}, conn=conn)
         self._forget_held_slices(job.id)
+        return removed
+
+    def _held_retention_loop(self) -> None:
+        while True:
+            try:
+                self.expire_held_pictures()
+            except Exception:  # a full disk or a database hiccup: try again next time
+                logger.exception("could not expire the pictures of held outputs")
+            if self._retention_stop.wait(HELD_RETENTION_CHECK_S):
+                return
+
+    def expire_held_pictures(self, now: float | None = None) -> dict[str, int]:
+        """Remove the kept slices of held outputs that no one released or discarded within
+        the retention period (``storage.retention_days``; patient pixel data are not kept
+        longer than the instances they came from), each recorded in the ledger
+        (``output.pictures_expired``); the held output itself stays waiting for a decision,
+        without its picture. Returns ``{job id: files removed}``."""
+        if self.held_retention_days is None or self.held_dir is None:
+            return {}
+        cutoff = (now if now is not None else time.time()) - self.held_retention_days * 86400
+        removed = expire_held_slices(self.held_dir, cutoff)
+        for job_id, files in removed.items():
+            try:
+                study = self.jobs.get(job_id).study_uid
+            except KeyError:
+                study = None
+            self._event(EventType.OUTPUT_PICTURES_EXPIRED,
+                        {"job_id": job_id, **({"study_uid": study} if study else {})},
+                        {"files": files, "retention_days": self.held_retention_days,
+                         "reason": "retention: no one released or discarded the held output "
+                                   f"within {self.held_retention_days} day(s)"})
         return removed
 
     def _forget_held_slices(self, job_id: str) -> None:

@@ -15,7 +15,8 @@ import numpy as np
 
 from engine.types import Volume
 
-__all__ = ["comparison_png", "forget_held_slices", "held_slices_path", "save_held_slices"]
+__all__ = ["comparison_png", "expire_held_slices", "forget_held_slices", "held_slices_path",
+           "save_held_slices"]
 
 
 def held_slices_path(held_dir: Path, job_id: str, index: int) -> Path:
@@ -53,6 +54,21 @@ def forget_held_slices(held_dir: Path, job_id: str) -> int:
         removed += 1
     folder.rmdir()
     return removed
+
+
+def expire_held_slices(held_dir: Path, cutoff: float) -> dict[str, int]:
+    """Remove the kept slices of held outputs no one decided on, written before ``cutoff``
+    (a POSIX time: the retention period, ``storage.retention_days``); returns ``{job id:
+    files removed}``."""
+    out: dict[str, int] = {}
+    if not held_dir.is_dir():
+        return out
+    for folder in sorted(held_dir.iterdir()):
+        files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
+        if not files or max(f.stat().st_mtime for f in files) >= cutoff:
+            continue
+        out[folder.name] = forget_held_slices(held_dir, folder.name)
+    return out
 
 
 def _window(a: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -80,11 +80,52 @@ def test_console_in_chromium(web: Any, browser: Any, tmp_path: Path) -> None:
     d.get(f"{web.url}/console/audit?uid={sent[0].StudyInstanceUID}")
     assert d.find_elements(By.CSS_SELECTOR, "#entries tbody tr")
     _shot(d, "audit")
-    d.find_element(By.ID, "verify").click()
+    # runs in the background: the page shows its progress (the node's verification held at
+    # its first step here, so the browser sees it) and reloads itself when done
+    import threading
+
+    from audit.verify import verify_database
+
+    gate, seen = threading.Event(), []
+
+    def held(*args: Any, progress: Any, **kw: Any) -> Any:
+        def slow(phase: str, done: int, total: int) -> None:
+            progress(phase, done, total)
+            seen.append(done)
+            gate.wait(30)
+        return verify_database(*args, **{**kw, "progress": slow})
+
+    runs = web.node.dicomweb.app.state.verifications
+    runs.verify = held
+    try:
+        d.find_element(By.ID, "verify").click()
+        bar = d.find_element(By.ID, "verify-bar")
+        assert bar.is_displayed() and not d.find_elements(By.ID, "verify-result")
+        assert "entries checked" in d.find_element(By.ID, "verify-phase").text
+        _shot(d, "verify-progress")
+    finally:
+        gate.set()
+    WebDriverWait(d, 60).until(lambda drv: drv.find_elements(By.ID, "verify-result"))
+    runs.verify = verify_database
     assert d.find_element(By.ID, "verify-result").text.startswith("Verified")
+    _shot(d, "verify")
     d.get(f"{web.url}/console/audit/lineage?uid={sent[0].StudyInstanceUID}")
     assert str(sent[0].SeriesInstanceUID) in d.find_element(By.ID, "lineage").text
-    _shot(d, "lineage")
+    graph = d.find_element(By.ID, "lineage-graph")  # drawn by the node, shown by the browser
+    assert graph.is_displayed()
+    src = d.find_element(By.CSS_SELECTOR, '#lineage-graph [data-kind="source series"]')
+    assert src.is_displayed() and "1 instance(s) from" in src.text
+    assert "1 instance(s) from ae:STORESCU" in src.get_attribute("aria-label")
+    # keyboard: Tab reaches the graph's links (after the form), Enter follows one
+    d.find_element(By.ID, "f-uid").click()
+    for _ in range(10):
+        d.switch_to.active_element.send_keys(Keys.TAB)
+        if d.switch_to.active_element.get_attribute("data-kind") == "source series":
+            break
+    focused = d.switch_to.active_element
+    assert focused.get_attribute("data-kind") == "source series"
+    focused.send_keys(Keys.ENTER)
+    WebDriverWait(d, 30).until(lambda drv: "/console/studies/" in drv.current_url)
     d.get(f"{web.url}/console/models")
     _shot(d, "models")
 

@@ -154,8 +154,8 @@ def test_audit_search_lineage_verify_export_and_scopes(web: Any) -> None:
     lin = admin.get("/console/audit/lineage", params={"uid": study})
     assert lin.status_code == 200 and 'id="lineage"' in lin.text
     assert str(sent[0].SeriesInstanceUID) in lin.text
-    v = admin.post("/console/audit/verify")
-    assert v.status_code == 200 and "Verified" in v.text
+    v = _verified(admin)
+    assert 'id="verify-result" class="ok"' in v and "Verified" in v
     runs = ledger_events(web.node, "verification.run")
     assert runs[-1].actor == "token:admin" and runs[-1].payload["ok"] is True
     exp = admin.get("/console/audit/export", params={"uid": study})
@@ -246,3 +246,248 @@ def test_study_completion_state_with_the_pipeline(start_node: Any) -> None:
 def _cell_detail(html: str, label: str) -> str:
     row = html.split(f'data-key="{label}"', 1)[1].split("</tr>", 1)[0]
     return row.split("</td>", 1)[1]
+
+
+def _graph(html: str) -> tuple[dict[str, dict[str, str]], set[tuple[str, str]]]:
+    """The lineage SVG's nodes (data-id -> attributes) and edges (data-from, data-to)."""
+    import re
+
+    svg = html.split('<svg id="lineage-graph"', 1)[1].split("</svg>", 1)[0]
+    nodes = {}
+    for tag in re.findall(r'<(?:a|g) [^>]*data-id="[^"]*"[^>]*>', svg):
+        attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', tag))
+        nodes[attrs["data-id"]] = attrs
+    edges = set(re.findall(r'data-from="([^"]+)" data-to="([^"]+)"', svg))
+    return nodes, edges
+
+
+def test_lineage_graph_of_a_held_output(web: Any) -> None:
+    """Sent by storescu, an engine job on its CT series whose output the quality gate held
+    (as the pipeline records it): the graph draws source -> job -> model -> held output,
+    the held state in words, each node a link; the text tree stays beside it."""
+    from audit.events import Event, EventType, Outcome
+    from node.pipeline.jobs import JobStore
+
+    sent = _send(web)
+    ct = sent[0]
+    series, study = str(ct.SeriesInstanceUID), str(ct.StudyInstanceUID)
+    ctx = web.node.ctx
+    store = JobStore(ctx.engine, ctx.ledger)
+    jid = store.enqueue("engine", study_uid=study, series_uid=series, task="ct2mr",
+                        spec={"fingerprint": "f00"})
+    job = store.claim(job_id=jid)
+    assert job is not None
+    store.finish(jid, {"outputs": [], "held": [{"index": 0, "reasons": ["bias 88 HU > 30"],
+                                                "checks": []}]}, claim=job)
+    held = ctx.ledger.append(Event(
+        EventType.OUTPUT_HELD, "component:pipeline", Outcome.MINOR_FAILURE,
+        subject={"job_id": jid, "study_uid": study, "model_id": "tiny-ct2mr"},
+        payload={"source_series_uids": [series], "reasons": ["bias 88 HU > 30"],
+                 "checks": ["max_abs_bias_hu"], "output_index": 0}))
+    c = _login(web, "admin")
+    html = c.get("/console/audit/lineage", params={"uid": study}).text
+    nodes, edges = _graph(html)
+    assert {(f"s:{series}", f"j:{jid}"), (f"j:{jid}", f"m:{jid}"),
+            (f"m:{jid}", f"h:{held.seq}")} <= edges
+    mr = f"s:{sent[1].SeriesInstanceUID}"
+    assert mr not in nodes  # another study
+    assert nodes[f"h:{held.seq}"]["data-state"] == "HELD"
+    assert nodes[f"h:{held.seq}"]["href"] == f"/console/jobs/{jid}"
+    assert nodes[f"j:{jid}"]["data-state"] == "SUCCEEDED"
+    assert nodes[f"s:{series}"]["href"] == f"/console/studies/{study}"
+    assert nodes[f"m:{jid}"]["href"] == "/console/models"
+    assert 'id="lineage"' in html and "held by the quality gate" in html  # the text view
+    one = c.get("/console/audit", params={"seq": held.seq}).text
+    assert f'id="e-{held.seq}"' in one and "1 entry" in one
+    assert 'role="alert"' in c.get("/console/audit", params={"seq": 10**6}).text
+
+
+def _verified(c: httpx.Client) -> str:
+    """Start a verification from the Audit page's form, poll its progress endpoint as the
+    page does, and return the finished run's page."""
+    from tests.support.net import wait_for
+
+    r = c.post("/console/audit/verify")
+    assert r.status_code == 303 and r.headers["location"].startswith("/console/audit/verify/")
+    page = c.get(r.headers["location"])
+    assert page.status_code == 200 and 'id="verify-progress"' in page.text
+    wait_for(lambda: not c.get(r.headers["location"] + "/progress").json()["running"], 60,
+             "the verification to finish")
+    return c.get(r.headers["location"]).text
+
+
+def test_verification_runs_in_the_background_with_progress(web: Any) -> None:
+    """One run at a time (a second start joins the first), its progress readable while it
+    runs (entries checked of the ledger's size), the verified checkpoint at the end; a
+    tampered entry ends in a failed verification on the page, naming the entry."""
+    import threading
+
+    from sqlalchemy import select, update
+
+    from audit.tables import ledger_entries
+    from audit.verify import verify_database
+    from tests.support.net import wait_for
+
+    _send(web)
+    ctx = web.node.ctx
+    cp = ctx.audit.checkpoint(force=True)
+    # the node's verification, held at its first progress step (a real verification,
+    # waiting): the page shows the progress, and a second start joins the run
+    gate, seen = threading.Event(), []
+
+    def held(*args: Any, progress: Any, **kw: Any) -> Any:
+        def slow(phase: str, done: int, total: int) -> None:
+            progress(phase, done, total)
+            seen.append((phase, done, total))
+            gate.wait(30)
+        return verify_database(*args, **{**kw, "progress": slow})
+
+    runs = web.node.dicomweb.app.state.verifications
+    runs.verify = held
+    admin = _login(web, "admin")
+    try:
+        r = admin.post("/console/audit/verify")
+        assert r.status_code == 303
+        run_url = r.headers["location"]
+        wait_for(lambda: seen, 30, "the first progress step")
+        again = admin.post("/console/audit/verify")
+        assert again.headers["location"] == run_url  # one run at a time
+        state = admin.get(run_url + "/progress").json()
+        assert state["running"] and state["phase"] == "entries"
+        assert state["total"] >= cp.size and state["checked"] == 0
+        page = admin.get(run_url).text
+        assert '<progress id="verify-bar"' in page and 'id="verify-result"' not in page
+        assert '<noscript><meta http-equiv="refresh"' in page  # without script too
+        assert f"of {state['total']} entries checked" in page
+    finally:
+        gate.set()
+        runs.wait(30)
+        runs.verify = verify_database
+    done = admin.get(run_url + "/progress").json()
+    assert done["report"]["ok"] and not done["running"] and done["percent"] == 100
+    assert done["checkpoint"] == {"size": cp.size, "root": cp.root.hex(), "verified": True}
+    assert seen[-1][0] == "tree nodes, head and checkpoints" and seen[-1][1] == seen[-1][2]
+    assert "noscript" not in admin.get(run_url).text  # finished: no more refreshing
+
+    reader = _login(web, "reader")
+    assert reader.post("/console/audit/verify").status_code == 403
+    assert reader.get(run_url + "/progress").status_code == 403
+    ok = _verified(admin)
+    assert "Verified" in ok and f"Latest signed checkpoint checked: {cp.size} entries" in ok
+    # tamper with one entry's data: the run fails and names it
+    seq = 1
+    with ctx.engine.begin() as conn:
+        saved = conn.execute(select(ledger_entries.c.data)
+                             .where(ledger_entries.c.seq == seq)).scalar_one()
+        conn.execute(update(ledger_entries).where(ledger_entries.c.seq == seq)
+                     .values(data=bytes(saved).replace(b"STORESCU", b"STORESCX")
+                             if b"STORESCU" in bytes(saved) else bytes(saved) + b" "))
+    try:
+        bad = _verified(admin)
+    finally:
+        with ctx.engine.begin() as conn:
+            conn.execute(update(ledger_entries).where(ledger_entries.c.seq == seq)
+                         .values(data=saved))
+    assert 'id="verify-result" class="bad"' in bad and "FAILED" in bad
+    assert f"first bad entry {seq}" in bad and 'id="verify-problems"' in bad
+    runs_ev = ledger_events(web.node, "verification.run")
+    assert runs_ev[-1].payload["ok"] is False and runs_ev[-1].payload["first_bad_entry"] == seq
+    assert runs_ev[-1].actor == "token:admin" and runs_ev[-1].payload["via"] == "console"
+
+
+def test_held_pictures_expire_with_the_retention_period(start_node: Any) -> None:
+    """The kept slices of a held output no one decided on are removed once older than
+    ``storage.retention_days``, recorded in the ledger; a younger one stays; the held output
+    still waits for a decision, its page without a picture."""
+    import os
+    import time
+
+    import numpy as np
+
+    from engine.types import Intensity, Volume
+    from node.pipeline.jobs import JobStore
+    from node.pipeline.preview import held_slices_path, save_held_slices
+    from tests.node.dicomweb.conftest import Web
+    from tests.support.dicomweb import web_overrides
+
+    web = Web(start_node(dicomweb=web_overrides(), storage={"retention_days": 2},
+                         pipeline={"enabled": True, "quiet_period_s": 3600}))
+    ctx, pipeline = web.node.ctx, web.node.pipeline
+    assert pipeline.held_retention_days == 2
+    store = JobStore(ctx.engine, ctx.ledger)
+    held_dir = ctx.settings.data_dir / "held"
+    vol = Volume(np.linspace(-1000, 1000, 4 * 16 * 16, dtype=np.float32).reshape(4, 16, 16),
+                 (1.0, 1.0, 1.0), Intensity.HU)
+    jobs = []
+    for study in ("1.2.3.1", "1.2.3.2"):
+        jid = store.enqueue("engine", study_uid=study, series_uid=study + ".1", task="ct2mr",
+                            spec={"fingerprint": "f00"})
+        job = store.claim(job_id=jid)
+        assert job is not None
+        store.finish(jid, {"outputs": [], "held": [{"index": 0, "reasons": ["bias"],
+                                                    "checks": []}]}, claim=job)
+        save_held_slices(held_dir, jid, 0, vol, vol)
+        jobs.append(jid)
+    old, young = jobs
+    three_days_ago = time.time() - 3 * 86400
+    os.utime(held_slices_path(held_dir, old, 0), (three_days_ago, three_days_ago))
+    c = _login(web, "reader")
+    assert c.get(f"/console/jobs/{old}/held/0.png").status_code == 200
+    assert pipeline.expire_held_pictures() == {old: 1}
+    assert not (held_dir / old).exists() and held_slices_path(held_dir, young, 0).is_file()
+    (ev,) = ledger_events(web.node, "output.pictures_expired")
+    assert ev.subject == {"job_id": old, "study_uid": "1.2.3.1"}
+    assert ev.payload["files"] == 1 and ev.payload["retention_days"] == 2
+    assert ev.actor == "component:pipeline"
+    assert c.get(f"/console/jobs/{old}/held/0.png").status_code == 404
+    page = c.get(f"/console/jobs/{old}").text
+    assert 'id="picture-expired-0"' in page and f"/console/audit?seq={ev_seq(web, old)}" in page
+    assert 'id="held-picture-0"' in c.get(f"/console/jobs/{young}").text
+    assert c.get(f"/console/jobs/{young}/held/0.png").status_code == 200
+    assert _cell(c.get("/console/").text, "held outputs") == "2"  # still to be decided
+    assert pipeline.expire_held_pictures() == {}  # nothing more, nothing recorded twice
+    assert len(ledger_events(web.node, "output.pictures_expired")) == 1
+
+
+def ev_seq(web: Any, job_id: str) -> int:
+    """The seq of the ``output.pictures_expired`` entry of ``job_id``."""
+    (e,) = web.node.ctx.ledger.query(uids=[job_id], event_types=["output.pictures_expired"])
+    return int(e.seq)
+
+
+def test_lineage_graph_of_a_failed_forward(start_node: Any) -> None:
+    """A rule forwards the original CT series to a PACS that is down (a closed port): the
+    graph draws source series -> destination FAILED -> each failed attempt, linked to its
+    ledger entry and its dispatch job."""
+    from node.pipeline.jobs import JobStore
+    from tests.node.dicomweb.conftest import Web
+    from tests.support.dicomweb import web_overrides
+    from tests.support.net import get_port, wait_for
+
+    web = Web(start_node(dicomweb=web_overrides(), pipeline={
+        "enabled": True, "quiet_period_s": 1, "retry_backoff_s": 0.2,
+        "destinations": [{"name": "downpacs", "kind": "dimse", "ae_title": "DOWN",
+                          "host": "127.0.0.1", "port": get_port(), "max_attempts": 2,
+                          "backoff_s": 0.2}],
+        "rules": [{"name": "forward-ct", "match": {"modality": "CT"},
+                   "destinations": ["downpacs"], "forward_originals": True}]}))
+    ct = _send(web)[0]
+    series, study = str(ct.SeriesInstanceUID), str(ct.StudyInstanceUID)
+    ctx = web.node.ctx
+    store = JobStore(ctx.engine, ctx.ledger)
+
+    def failed() -> Any:
+        jobs = [j for j in store.list(study_uid=study) if j.kind.value == "dispatch"]
+        return jobs if jobs and all(j.state.value == "failed" for j in jobs) else None
+
+    (job,) = wait_for(failed, 60, "the dispatch job to fail")
+    c = _login(web, "admin")
+    nodes, edges = _graph(c.get("/console/audit/lineage", params={"uid": study}).text)
+    dest = f"d:{series}:downpacs"
+    assert (f"s:{series}", dest) in edges
+    assert nodes[dest]["data-state"] == "FAILED"
+    assert nodes[dest]["href"] == f"/console/jobs/{job.id}"
+    attempts = [nodes[b] for a, b in edges if a == dest]
+    assert attempts and "FAILED" in {a["data-state"] for a in attempts}
+    assert all(a["href"].startswith("/console/audit?seq=") for a in attempts)
+    assert not [n for n in nodes if n.startswith("j:")]  # no engine job: forwarded as received

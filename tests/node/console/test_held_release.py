@@ -28,6 +28,7 @@ from config.settings import load_settings
 from node.app import create_node
 from node.pipeline.jobs import JobKind, JobState
 from tests.node.console.test_browser import _shot, _value
+from tests.node.console.test_console import _graph
 from tests.support.dicomweb import TOKENS, web_overrides
 from tests.support.dimse import dcmtk, ledger_events, node_settings_dict
 from tests.support.engine import approved_tiny_model
@@ -178,6 +179,20 @@ def test_held_output_released_from_the_console_reaches_orthanc(
 
         lineage = wait_for(lineage_to_pacs, 60, "the dispatch in the lineage")
         assert out.SeriesInstanceUID in lineage and job.series_uid in lineage
+        # the graph: source -> held job -> model -> held output (released), and the release
+        # job -> model -> output -> pacs (delivered) -> its send attempts
+        nodes, edges = _graph(admin.get("/console/audit/lineage", params={"uid": study}).text)
+        src, j1, j2 = f"s:{job.series_uid}", f"j:{job.id}", f"j:{new.id}"
+        (held,) = [n for n in nodes if n.startswith("h:")]
+        assert nodes[held]["data-state"] == "HELD, RELEASED"
+        assert "by token:admin: reviewed the slices" in nodes[held]["aria-label"]
+        out_node, dest = f"o:{out.SeriesInstanceUID}", f"d:{out.SeriesInstanceUID}:pacs"
+        assert {(src, j1), (j1, f"m:{job.id}"), (f"m:{job.id}", held), (src, j2),
+                (j2, f"m:{new.id}"), (f"m:{new.id}", out_node), (out_node, dest)} <= edges
+        assert nodes[dest]["data-state"] == "DELIVERED"
+        attempts = {b: nodes[b]["data-state"] for a, b in edges if a == dest}
+        assert "SENT" in attempts.values(), attempts
+        assert all(nodes[b]["href"].startswith("/console/audit?seq=") for b in attempts)
         new = node.pipeline.jobs.get(ev.payload["new_job_id"])
         assert new.result["quality_released"]["by"] == "token:admin"
         assert _cell(reader.get("/console/").text, "held outputs") == "0"
@@ -233,3 +248,17 @@ def test_held_output_released_in_chromium(tmp_path: Path, orthanc: OrthancServer
         assert ev.actor == "token:admin" and ev.payload["reason"] == "slices reviewed"
         got = wait_for(lambda: orthanc.instance_uids() or None, 240, "the output in Orthanc")
         assert len(got) == 1
+        # the lineage graph, drawn by the node, shown by the browser up to the destination
+        def delivered() -> bool:
+            d.get(f"{url}/console/audit/lineage?uid={job.study_uid}")
+            return bool(d.find_elements(By.CSS_SELECTOR, '#lineage-graph [data-kind='
+                                        '"destination"][data-state="DELIVERED"]'))
+
+        wait_for(delivered, 60, "the delivered destination in the lineage graph")
+        graph = d.find_element(By.ID, "lineage-graph")
+        assert graph.is_displayed() and graph.size["width"] > 600
+        dest = d.find_element(By.CSS_SELECTOR, '#lineage-graph [data-kind="destination"]')
+        assert dest.is_displayed() and "pacs" in dest.text and "DELIVERED" in dest.text
+        assert "RELEASED" in d.find_element(
+            By.CSS_SELECTOR, '#lineage-graph [data-kind="output"]').text
+        _shot(d, "lineage")

@@ -4,13 +4,15 @@ exactly what was sent, refused and stored."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 
-from tests.support.dicomweb import auth, multipart
+from tests.support.dicomweb import TOKENS, auth, multipart
 from tests.support.dimse import SPECS, dcmtk, make_dataset, part10
 
 
@@ -114,3 +116,60 @@ def test_engine_seconds_per_slice() -> None:
     s = _samples(m.exposition().decode())
     assert _get(s, "synthnode_engine_seconds_per_slice_count", task="ct2mr") == 1
     assert _get(s, "synthnode_engine_seconds_per_slice_sum", task="ct2mr") > 0
+
+
+@pytest.mark.dcmtk
+@pytest.mark.slow
+def test_metrics_summed_over_acceptor_processes(node_process: Any, tmp_path: Path) -> None:
+    """dimse.acceptor_processes = 2: the children receive every C-STORE, the parent serves
+    HTTP; /metrics (and the console's dashboard) count what all processes received, from
+    the run's multiprocess folder under the data folder (removed when the node stops)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from tests.support.dicomweb import web_overrides
+    from tests.support.net import get_port, wait_for
+
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    groups = []
+    for g in range(4):
+        files = []
+        for i in range(6):
+            src.SOPInstanceUID = generate_uid()
+            src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+            f = tmp_path / f"g{g}_{i}.dcm"
+            src.save_as(f, enforce_file_format=True)
+            files.append(str(f))
+        groups.append(files)
+    http = get_port()
+    node = node_process(dimse={"acceptor_processes": 2}, dicomweb=web_overrides(port=http))
+    assert "(2 acceptor processes)" in node.output()
+    url = f"http://127.0.0.1:{http}"
+    wait_for(lambda: _ok(url + "/healthz"), 30, "the HTTP server of the parent")
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "SYNTHNODE",
+                               "127.0.0.1", str(node.port), *files]) for files in groups]
+    assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
+    sent = sum(len(g) for g in groups)
+    s = _samples(httpx.get(url + "/metrics", headers=auth("admin"), timeout=30).text)
+    assert _get(s, "synthnode_instances_received_total", source="dimse",
+                result="stored") == sent
+    assert _get(s, "synthnode_ingest_seconds_count", source="dimse") == sent
+    assert _get(s, "synthnode_index_instances") == sent  # the database gauge agrees
+    (folder,) = (node.data_dir / "run").glob("metrics-*")
+    writers = {p.name for p in folder.glob("counter_*.db")}
+    assert len(writers) >= 3, writers  # the parent and both acceptor children
+    # the console's dashboard reads the same sums
+    c = httpx.Client(base_url=url, timeout=30)
+    c.post("/console/login", data={"token": TOKENS["reader"][0], "next": "/console/"})
+    html = c.get("/console/").text
+    row = html.split('data-key="C-STORE instances received since start"', 1)[1]
+    assert row.split('class="value', 1)[1].split(">", 1)[1].split("<", 1)[0].strip() == str(sent)
+    assert node.terminate(timeout=60) == 0
+    assert not folder.exists()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

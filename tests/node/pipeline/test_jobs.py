@@ -383,7 +383,7 @@ def test_lineage_tree_source_job_output_dispatch(store: JobStore, start: str) ->
     from rich.console import Console
 
     from audit.export import lineage
-    from node.cli.audit import lineage_tree
+    from node.audit_views import lineage_tree
 
     eid, dids = _run_pipeline_ledger(store, None)
     uid = {"study": L_STUDY, "src": L_SRC, "src_sop": L_SRC + ".1", "engine_job": eid,
