@@ -54,7 +54,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -187,8 +187,10 @@ def dciodvfy_errors(path: Path) -> tuple[int, str]:
     return sum(1 for line in text.splitlines() if line.startswith("Error")), text
 
 
-def real_corpus() -> list[Path]:
-    """Uncompressed image files of pydicom + pydicom-data, unique SOP Instance UIDs."""
+def real_corpus(compressed: bool = False) -> list[Path]:
+    """Image files of pydicom + pydicom-data with unique SOP Instance UIDs: uncompressed
+    (explicit / implicit VR little endian), or with ``compressed`` the ones in a
+    compressed transfer syntax (JPEG family, JPEG-LS, JPEG 2000, RLE), sent as stored."""
     import pydicom
 
     roots = [Path(pydicom.data.__file__).parent]
@@ -211,7 +213,7 @@ def real_corpus() -> list[Path]:
                 ds = dcmread(p, stop_before_pixels=False)
                 ts = ds.file_meta.TransferSyntaxUID
                 uid = str(ds.SOPInstanceUID)
-                ok = ("PixelData" in ds and not ts.is_compressed and ts.is_little_endian
+                ok = ("PixelData" in ds and ts.is_compressed == compressed and ts.is_little_endian
                       and str(ds.SOPClassUID).startswith("1.2.840.10008.5.1.4.1.1.")
                       and ds.file_meta.MediaStorageSOPInstanceUID == uid
                       and "StudyInstanceUID" in ds and "SeriesInstanceUID" in ds)
@@ -264,9 +266,24 @@ class Server:
         fh.close()
 
 
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _pg(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as c:
+        c.execute(sql)
+
+
 class SynthNode(Server):
     profile_out: Path | None = None
     acceptors: int = 1
+    #: index on PostgreSQL (a fresh database per start) instead of the embedded SQLite
+    postgres: bool = False
+    #: ``taskset -c`` CPU list for the server (None: every CPU)
+    cpus: str | None = None
+    _pg_db: str | None = None
 
     def start(self) -> None:
         self.aet = "SYNTHNODE"
@@ -283,6 +300,7 @@ class SynthNode(Server):
             + "".join(f'[[dimse.allowed_peers]]\nae_title = "{a}"\n' for a in ("STORESCU",))
             + "[storage]\nmin_free_bytes = 0\n"
             + "[pipeline]\nenabled = false\n"
+            + self._database_section()
         )
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         if self.profile_out is not None:
@@ -291,6 +309,13 @@ class SynthNode(Server):
         else:
             args = [sys.executable, "-c", "import sys; from node.cli import main; "
                     "sys.argv[0] = 'synthnode'; main()", "serve", "--config", str(cfg)]
+        if self.cpus:
+            args = ["taskset", "-c", self.cpus, *args]
+        if self.postgres:  # the schema first, as `synthnode db upgrade` would
+            subprocess.run([sys.executable, "-c", "import sys; from node.cli import main; "
+                            "sys.argv[0] = 'synthnode'; main()", "db", "upgrade", "--config",
+                            str(cfg)], env=env, check=True, capture_output=True,
+                           cwd=self.workdir)
         self._popen(args, env)
         assert self.log is not None
         end = time.monotonic() + 120
@@ -302,9 +327,38 @@ class SynthNode(Server):
             time.sleep(0.1)
         raise TimeoutError("synthnode did not start")
 
+    def _database_section(self) -> str:
+        if not self.postgres:
+            return ""
+        self._pg_db = f"bench_{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+        _pg(f"CREATE DATABASE {self._pg_db}")
+        return ("[database]\n"
+                f'url = "postgresql+psycopg://postgres@127.0.0.1:5432/{self._pg_db}"\n')
+
     def count(self) -> int:
+        if self._pg_db is not None:
+            import psycopg
+
+            with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{self._pg_db}") as c:
+                row = c.execute("select count(*) from instances").fetchone()
+                return int(row[0]) if row else 0
         with sqlite3.connect(self.workdir / "data" / "index.db") as c:
             return int(c.execute("select count(*) from instances").fetchone()[0])
+
+    def sop_uids(self) -> set[str]:
+        if self._pg_db is not None:
+            import psycopg
+
+            with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{self._pg_db}") as c:
+                return {r[0] for r in c.execute("select sop_instance_uid from instances")}
+        with sqlite3.connect(self.workdir / "data" / "index.db") as c:
+            return {r[0] for r in c.execute("select sop_instance_uid from instances")}
+
+    def stop(self) -> None:
+        super().stop()
+        if self._pg_db is not None:
+            _pg(f"DROP DATABASE IF EXISTS {self._pg_db} WITH (FORCE)")
+            self._pg_db = None
 
 
 class SynthNodeMP(SynthNode):
@@ -366,7 +420,7 @@ class DcmtkSCP(Server):
         self.aet = "STORESCP"
         self.port = free_port()
         (self.workdir / "out").mkdir()
-        self._popen([dcmtk("storescp"), "--fork", "-aet", self.aet, "-od",
+        self._popen([dcmtk("storescp"), "--fork", "+xa", "-aet", self.aet, "-od",
                      str(self.workdir / "out"), str(self.port)])
         wait_port(self.port, self.proc)
 
@@ -380,15 +434,17 @@ SERVERS: dict[str, type[Server]] = {
 
 
 # ------------------------------------------------------------------------------- sending
-def send(files: list[Path], port: int, aet: str, n_assoc: int) -> tuple[float, list[int]]:
-    """storescu on ``n_assoc`` parallel associations; (wall seconds, exit codes)."""
+def send(files: list[Path], port: int, aet: str, n_assoc: int, client: str = "storescu"
+         ) -> tuple[float, list[int]]:
+    """``client`` (DCMTK storescu, or dcmsend: proposes each file's own transfer syntax,
+    compressed ones included) on ``n_assoc`` parallel associations; (wall s, exit codes)."""
     k, r = divmod(len(files), n_assoc)
     chunks, start = [], 0
     for i in range(n_assoc):
         end = start + k + (1 if i < r else 0)
         chunks.append(files[start:end])
         start = end
-    exe = dcmtk("storescu")
+    exe = dcmtk(client)
     t0 = time.perf_counter()
     procs = [subprocess.Popen([exe, "-aet", "STORESCU", "-aec", aet, "127.0.0.1", str(port),
                                *map(str, chunk)], stdout=subprocess.DEVNULL,
@@ -436,15 +492,16 @@ def echo_latency(port: int, aet: str, n: int = 5) -> float:
     return statistics.median(times)
 
 
-def preflight(files: list[Path], root: Path) -> list[Path]:
-    """Corpus files both DCMTK storescp and synthnode store (one pass each, storescu -nh)."""
+def preflight(files: list[Path], root: Path, client: str = "storescu") -> list[Path]:
+    """Corpus files both DCMTK storescp and synthnode store (one pass each, ``client``)."""
     keep: set[str] | None = None
     for kind in ("dcmtk", "synthnode"):
         wd = Path(tempfile.mkdtemp(prefix=f"preflight-{kind}-", dir=root))
         server = SERVERS[kind](kind, wd)
         try:
             server.start()
-            subprocess.run([dcmtk("storescu"), "-nh", "-aet", "STORESCU", "-aec", server.aet,
+            subprocess.run([dcmtk(client), *(["-nh"] if client == "storescu" else []),
+                            "-aet", "STORESCU", "-aec", server.aet,
                             "127.0.0.1", str(server.port), *map(str, files)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
@@ -452,8 +509,7 @@ def preflight(files: list[Path], root: Path) -> list[Path]:
                 got = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                        for p in (wd / "out").iterdir()}
             else:
-                with sqlite3.connect(wd / "data" / "index.db") as c:
-                    got = {r[0] for r in c.execute("select sop_instance_uid from instances")}
+                got = cast(SynthNode, server).sop_uids()
         finally:
             server.stop()
             shutil.rmtree(wd, ignore_errors=True)
@@ -490,6 +546,9 @@ class Cell:
         return self.nbytes / m / 1e6 if m else None
 
 
+CLIENT = {"ct-series": "storescu", "corpus": "storescu", "corpus-compressed": "dcmsend"}
+
+
 def run_cell(cell: Cell, files: list[Path], root: Path, repeats: int) -> None:
     for rep in range(repeats):
         wd = Path(tempfile.mkdtemp(prefix=f"{cell.server}-{cell.assocs}-", dir=root))
@@ -500,7 +559,8 @@ def run_cell(cell: Cell, files: list[Path], root: Path, repeats: int) -> None:
             cell.load.append(os.getloadavg()[0])
             assert server.proc is not None
             cpu0 = group_cpu_s(server.proc.pid)  # started with start_new_session
-            elapsed, codes = send(files, server.port, server.aet, cell.assocs)
+            elapsed, codes = send(files, server.port, server.aet, cell.assocs,
+                                  CLIENT.get(cell.dataset, "storescu"))
             cell.cpu_ms.append((group_cpu_s(server.proc.pid) - cpu0) * 1000 / cell.n)
             deadline = time.monotonic() + 60
             got = server.count()
@@ -636,6 +696,8 @@ def table(cells: list[Cell]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> None:
     SynthNodeMP.acceptors = args.mp
+    SynthNode.postgres = args.postgres
+    SynthNode.cpus = args.cpus
     root = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
     try:
         print(f"generating {args.slices} CT slices ...", flush=True)
@@ -648,6 +710,13 @@ def cmd_run(args: argparse.Namespace) -> None:
             datasets["corpus"] = preflight(corpus, root)
             print(f"corpus: {len(datasets['corpus'])} of {len(corpus)} candidate files stored "
                   "by both DCMTK storescp and synthnode", flush=True)
+        if args.compressed:
+            comp = real_corpus(compressed=True)
+            datasets["corpus-compressed"] = preflight(comp, root, "dcmsend")
+            print(f"compressed corpus: {len(datasets['corpus-compressed'])} of {len(comp)} "
+                  "candidate files stored by both", flush=True)
+        if args.no_series:
+            del datasets["ct-series"]
         cells: list[Cell] = []
         if args.repeats > 0:
             for name, files in datasets.items():
@@ -706,6 +775,13 @@ def main() -> None:
                    choices=list(SERVERS))
     r.add_argument("--mp", type=int, default=2, help="acceptor processes of synthnode-mp")
     r.add_argument("--corpus", action=argparse.BooleanOptionalAction, default=True)
+    r.add_argument("--compressed", action="store_true",
+                   help="also the compressed real corpus, sent as stored with dcmsend")
+    r.add_argument("--no-series", action="store_true", help="skip the generated CT series")
+    r.add_argument("--postgres", action="store_true",
+                   help="synthnode's index on PostgreSQL (127.0.0.1:5432, a database per run)")
+    r.add_argument("--cpus", default=None,
+                   help="pin synthnode to these CPUs (taskset -c LIST), e.g. 0 or 0,1")
     r.add_argument("--profile", action="store_true")
     r.add_argument("--keep-profile", default=None, help="copy the merged cProfile stats here")
     r.add_argument("--workdir", default=None)

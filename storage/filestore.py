@@ -146,6 +146,7 @@ class FileStore:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
+        self._dir_flush: dict[Path, Future[None]] = {}  # new folders' entry flushes
 
     # -- paths -------------------------------------------------------------------
     def path(self, rel_path: str) -> Path:
@@ -190,6 +191,50 @@ class FileStore:
             if self.fsync:
                 _fsync_dir(m.parent)  # the new directory entry itself must be durable
         self._known_dirs.add(directory)
+
+    def _ensure_dir_async(self, directory: Path) -> list[Future[None]]:
+        """Create ``directory`` (and missing parents) without waiting for their entries
+        to reach the disk: returns the flushes to wait for. A directory another write
+        created moments ago comes with that write's flush, so no writer acknowledges a
+        file whose folder is not yet durable."""
+        with self._pool_lock:
+            pending = self._dir_flush.get(directory)
+            if pending is not None:
+                if not pending.done():
+                    return [pending]
+                del self._dir_flush[directory]
+            if directory in self._known_dirs:
+                return []
+        missing: list[Path] = []
+        d = directory
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        for m in reversed(missing):
+            try:
+                m.mkdir()
+            except FileExistsError:
+                pass
+        futures: list[Future[None]] = []
+        if self.fsync and missing:
+            pool = self._sync_pool()
+            futures = [pool.submit(_fsync_dir, m.parent) for m in missing]
+            done: Future[None] = Future()
+
+            def settle(_: Future[None]) -> None:
+                if all(f.done() for f in futures) and not done.done():
+                    errors = [f.exception() for f in futures if f.exception() is not None]
+                    if errors:
+                        done.set_exception(errors[0])  # type: ignore[arg-type]
+                    else:
+                        done.set_result(None)
+            with self._pool_lock:
+                self._dir_flush[directory] = done
+            for f in futures:
+                f.add_done_callback(settle)
+        with self._pool_lock:
+            self._known_dirs.add(directory)
+        return futures
 
     def write(self, rel_path: str, chunks: bytes | Iterable[bytes]) -> StoredFile:
         """Write a file durably at ``rel_path``: temp file, fsync, rename, fsync dir.
@@ -275,7 +320,7 @@ class FileStore:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            self._ensure_dir(final.parent)
+            dir_flushes = self._ensure_dir_async(final.parent)
             try:
                 os.link(tmp, final)  # only where nothing has this name yet
             except OSError as exc:
@@ -291,7 +336,7 @@ class FileStore:
                 os.replace(tmp, final)
                 if self.fsync:
                     _fsync_dir(final.parent)
-                return PendingWrite(StoredFile(rel_path, size, digest), [])
+                return PendingWrite(StoredFile(rel_path, size, digest), dir_flushes)
             _unlink_quietly(tmp)
         except OSError as exc:
             if fd >= 0:
@@ -313,7 +358,7 @@ class FileStore:
         # commit where it can (bench/results/ingest.md measures the difference)
         pool = self._sync_pool()
         return PendingWrite(stored, [pool.submit(_fsync_close, fd),
-                                     pool.submit(_fsync_dir, final.parent)])
+                                     pool.submit(_fsync_dir, final.parent), *dir_flushes])
 
     # -- read / delete -------------------------------------------------------------
     def read(self, rel_path: str) -> bytes:
