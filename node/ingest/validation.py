@@ -32,6 +32,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
@@ -93,38 +94,88 @@ def _fail(reason: RejectReason, comment: str) -> IngestError:
     return IngestError(reason, comment[:64])
 
 
+# VRs whose value pydicom turns into text without any check that can fail (with the
+# reading validation off): nothing to decode ahead of time
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM",
+                       "UC", "UI", "UR", "UT"})
+# fixed-size binary VRs: a value is a whole number of these (PS3.5 6.2)
+_BINARY_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "AT": 4, "SV": 8,
+                "UV": 8}
+_BYTES_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
+
+
+def _check_number(vr: str, text: str, tag: str) -> None:
+    s = text.strip(" \0")
+    if not s:
+        return
+    try:
+        f = float(s)
+    except ValueError:
+        raise _fail(RejectReason.UNPARSEABLE, f"{vr} value of {tag} is not a number") from None
+    if vr == "IS" and f != int(f):
+        raise _fail(RejectReason.UNPARSEABLE, f"IS value of {tag} not an integer")
+
+
 def _check_values(ds: Dataset) -> None:
-    """Decode every element value, sequences included (raises IngestError)."""
-    for elem in _iter_all(ds):
-        tag = f"({elem.tag.group:04X},{elem.tag.element:04X})"
+    """Decode every element value, sequences included (raises IngestError).
+
+    Elements still in their raw form are checked on their bytes where that decides the
+    same thing pydicom's conversion would (a whole number of binary values; IS / DS
+    values that are numbers; text, which converts without a check that can fail), so
+    only sequences and what this module does not know are converted."""
+    raw_dict = ds._dict  # raw elements as read, not yet converted
+    for tag in list(raw_dict.keys()):
+        raw = raw_dict[tag]
+        vr = getattr(raw, "VR", None)
+        if getattr(raw, "is_raw", False) and vr is None:
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = None
+        value = getattr(raw, "value", None) if getattr(raw, "is_raw", False) else None
+        if isinstance(value, bytes) and vr is not None:
+            if vr in _TEXT_VRS or vr in _BYTES_VRS:
+                continue
+            size = _BINARY_SIZE.get(vr)
+            if size is not None:
+                if len(value) % size:
+                    raise _fail(RejectReason.UNPARSEABLE,
+                                f"({tag.group:04X},{tag.element:04X}): {vr} value of "
+                                f"{len(value)} bytes")
+                continue
+            if vr in ("IS", "DS"):
+                tag_s = f"({tag.group:04X},{tag.element:04X})"
+                for part in value.decode("latin-1").split("\\"):
+                    _check_number(vr, part, tag_s)
+                continue
+        _check_converted(ds, tag)
+
+
+def _check_converted(ds: Dataset, tag: Any) -> None:
+    """Convert one element (and walk its sequence items) and check its numbers."""
+    for elem in _iter_all(ds, [tag]):
         vr = str(elem.VR)
         if vr in ("IS", "DS"):
+            tag_s = f"({elem.tag.group:04X},{elem.tag.element:04X})"
             for v in (elem.value if elem.VM > 1 else [elem.value]):
-                s = str(v).strip() if v is not None else ""
-                if not s:
-                    continue
-                try:
-                    f = float(s)
-                except ValueError:
-                    raise _fail(RejectReason.UNPARSEABLE, f"{vr} value of {tag} is not a "
-                                "number") from None
-                if vr == "IS" and f != int(f):
-                    raise _fail(RejectReason.UNPARSEABLE, f"IS value of {tag} not an integer")
+                if v is not None:
+                    _check_number(vr, str(v), tag_s)
+        elif vr == "SQ":
+            for item in elem.value:
+                _check_values(item)
 
 
-def _iter_all(ds: Dataset) -> Any:
-    """Every element of ``ds`` and its sequence items, converted (raises IngestError)."""
-    for tag in list(ds.keys()):
+def _iter_all(ds: Dataset, tags: Any = None) -> Any:
+    """Every element of ``ds`` (or those of ``tags``), converted (raises IngestError).
+    Sequence items are walked by the caller."""
+    for tag in (list(ds.keys()) if tags is None else tags):
         try:
             elem = ds[tag]
-            value = elem.value
+            _ = elem.value  # converts (and so checks) the value
         except Exception as exc:
             raise _fail(RejectReason.UNPARSEABLE,
                         f"({tag.group:04X},{tag.element:04X}): {type(exc).__name__}") from None
         yield elem
-        if elem.VR == "SQ":
-            for item in value:
-                yield from _iter_all(item)
 
 
 def _read(enc: Encoding, start: int, end: int) -> Dataset:
