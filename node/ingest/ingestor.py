@@ -25,10 +25,14 @@ SHA-256) and is recognised as such.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
+import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -60,6 +64,30 @@ class _Pending:
         self.finished = False
         self.entry: Any = None
         self.error: BaseException | None = None
+
+
+@contextmanager
+def _writer_lock(ctx: NodeContext) -> Iterator[None]:
+    """On an SQLite file, the ingest transactions of all acceptor processes take turns on
+    an advisory file lock: a waiter wakes the moment the writer before it finishes,
+    where SQLite's own busy handler would sleep and retry (and a transaction that read
+    before writing could fail at once on a stale snapshot). PostgreSQL needs none."""
+    url = ctx.engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        yield
+        return
+    fd = _LOCK_FDS.get(url.database)
+    if fd is None:
+        fd = os.open(url.database + ".ingest-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        _LOCK_FDS[url.database] = fd
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+_LOCK_FDS: dict[str, int] = {}
 
 
 class GroupCommit:
@@ -119,7 +147,7 @@ class GroupCommit:
         with self._cond:
             confirmed, self._durable = self._durable, []
         try:
-            with ctx.engine.begin() as conn:
+            with _writer_lock(ctx), ctx.engine.begin() as conn:
                 for it in items:
                     rec = it.rec
                     # again inside the transaction (sees this batch's own rows): two
