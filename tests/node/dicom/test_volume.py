@@ -314,3 +314,38 @@ def test_2d_multislice_mr_with_gaps() -> None:
     with pytest.raises(VolumeError) as exc:
         assemble(series)
     assert exc.value.reason is Reason.SPACING_GAP
+
+
+def test_ct_stored_floor_connected_to_the_border_is_out_of_fov() -> None:
+    """A cone-beam CT (docs/realdata.md, Varian OBI) stores raw 0 = its lowest value outside
+    the reconstruction circle and for the air it clipped there, with no padding declared:
+    the border-connected floor is out of the FOV; a clipped pocket inside the body is not."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32] - 15.5
+    r = np.hypot(yy, xx)
+    hu = np.where(r < 9, 40.0, -1040.0) + rng.normal(0, 20, (2, 32, 32))
+    hu[:, 15:17, 15:17] = -1100.0  # an air pocket inside, clipped too
+    series = make_series(hu=hu)
+    for ds in series:  # unsigned, intercept -1000: raw 0 is the floor, -1000 HU
+        stored = np.clip(np.rint(ds.pixel_array.astype(float) - 1024 + 1000), 0, 65535)
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+        ds.RescaleIntercept = "-1000"
+    vol = assemble(series).volume
+    data = np.asarray(vol.data)
+    assert vol.fov is not None
+    outside = ~vol.fov
+    assert outside[:, 0, 0].all() and (data[outside] == -1000).all()
+    assert vol.fov[:, 15:17, 15:17].all() and vol.fov[:, r < 8].all()
+    assert 0.5 < outside[:, r > 11].mean() < 1.0  # clipped noise, not every air pixel
+    # the floor above air (intercept -900): air noise at raw 0 is no floor of the scanner
+    for ds in series:
+        ds.RescaleIntercept = "-900"
+    assert assemble(series).volume.fov is None
+    # declared padding wins (here: none of its value present -> no mask at all)
+    for ds in series:
+        ds.RescaleIntercept = "-1000"
+        ds.PixelPaddingValue = 65535
+    assert assemble(series).volume.fov is None
+    # MR is never floored
+    mr = make_series(2, modality="MR")
+    assert all(f.padding is None for ds in mr for f in frames_of(ds))
