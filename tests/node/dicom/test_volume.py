@@ -55,7 +55,8 @@ def test_reversed_stack_is_sorted_ascending() -> None:
 
 def test_mixed_orientation_rejected_and_split() -> None:
     a = make_series(4, shuffle=False)
-    b = make_series(4, orientation=(0, 1, 0, 0, 0, -1), shuffle=False, for_uid=a[0].FrameOfReferenceUID)
+    b = make_series(4, orientation=(0, 1, 0, 0, 0, -1), shuffle=False,
+                    for_uid=a[0].FrameOfReferenceUID)
     for ds in b:
         ds.SeriesInstanceUID = a[0].SeriesInstanceUID
     with pytest.raises(VolumeError) as exc:
@@ -72,13 +73,14 @@ def test_spacing_gap_rejected_and_split() -> None:
     with pytest.raises(VolumeError) as exc:
         assemble(series)
     assert exc.value.reason is Reason.SPACING_GAP
-    vols, rejected = assemble_split(series, min_slices=2)
+    vols, _ = assemble_split(series, min_slices=2)
     assert sorted(v.volume.data.shape[0] for v in vols) == [4, 5]
 
 
 def test_different_sizes_rejected() -> None:
     a = make_series(3, rows=32, shuffle=False)
-    b = make_series(3, rows=16, shuffle=False, for_uid=a[0].FrameOfReferenceUID, origin=(-10, -20, 60))
+    b = make_series(3, rows=16, shuffle=False, for_uid=a[0].FrameOfReferenceUID,
+                    origin=(-10, -20, 60))
     with pytest.raises(VolumeError) as exc:
         assemble(a + b)
     assert exc.value.reason is Reason.DIFFERENT_SIZES
@@ -93,7 +95,7 @@ def test_missing_geometry_and_duplicates() -> None:
         assemble(series)
     assert exc.value.reason is Reason.MISSING_GEOMETRY
     assert "Image Position" in str(exc.value)
-    vols, rejected = assemble_split(series)
+    _, rejected = assemble_split(series)
     assert [r.reason for r in rejected] == [Reason.MISSING_GEOMETRY]
     dup = make_series(3, shuffle=False)
     dup.append(copy.deepcopy(dup[0]))
@@ -161,7 +163,8 @@ def test_enhanced_mr_without_geometry_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["emri_small_jpeg_2k_lossless.dcm", "emri_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm"]
+    "name", ["emri_small_jpeg_2k_lossless.dcm", "emri_small_jpeg_ls_lossless.dcm",
+             "emri_small_RLE.dcm"]
 )
 def test_compressed_frames_decode_like_uncompressed(name: str) -> None:
     ref_path, path = get_testdata_file("emri_small.dcm"), get_testdata_file(name)
@@ -170,7 +173,7 @@ def test_compressed_frames_decode_like_uncompressed(name: str) -> None:
     ref = frames_of(pydicom.dcmread(ref_path))
     got = frames_of(pydicom.dcmread(path))
     assert len(got) == len(ref) == 10
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         np.testing.assert_array_equal(a.stored, b.stored)
 
 
