@@ -45,7 +45,7 @@ class RealInput:
 
     def datasets(self) -> list[Dataset]:
         if self.n == 0:
-            return [pydicom.dcmread(get_testdata_file(self.file))]
+            return [pydicom.dcmread(str(get_testdata_file(self.file)))]
         return series_from_real_slice(self.file, self.n, noise=self.noise, seed=7)
 
 
@@ -59,7 +59,7 @@ INPUTS = (
     # multi-frame MR without Plane Position / Orientation: refused, named reason
     RealInput("mr-multiframe-no-geometry", "emri_small.dcm", 0, 0.0, "MR_EMRI"),
 )
-TASKS = {
+TASKS: dict[str, list[dict[str, Any]]] = {
     "CT_HEAD": [{"task": "ct_denoise", "output_format": "sc"},
                 {"task": "ct_to_mr", "params": {"target": "t1w"}, "output_format": "enhanced"}],
     "CT_SMALL": [{"task": "ct_denoise", "output_format": "sc"}],
@@ -110,7 +110,7 @@ def run_real_inputs(tmp_path: Path, orthanc: Any, inputs: tuple[Input, ...] = IN
     approver = Ed25519PrivateKey.generate()
     tmp_path.mkdir(parents=True, exist_ok=True)
     models, data, port = tmp_path / "models", tmp_path / "node", get_port()
-    tasks = TASKS if tasks is None else tasks
+    rule_tasks = TASKS if tasks is None else tasks
     held_aes = {str(r["match"]["calling_ae"]) for r in hold_rules}
     peers = [{"ae_title": ae} for ae in sorted({i.calling_ae for i in inputs})]
     cfg = node_settings_dict(
@@ -127,7 +127,7 @@ def run_real_inputs(tmp_path: Path, orthanc: Any, inputs: tuple[Input, ...] = IN
             "rules": [*hold_rules,
                       *({"name": ae.lower(), "match": {"calling_ae": ae},
                          "tasks": ts, "destinations": ["pacs"]}
-                        for ae, ts in tasks.items())],
+                        for ae, ts in rule_tasks.items())],
         })
     cfg["dimse"]["allowed_peers"] = cfg["dimse"]["allowed_peers"] + peers
     cfg_file = tmp_path / "synthnode.toml"
@@ -172,7 +172,7 @@ def run_real_inputs(tmp_path: Path, orthanc: Any, inputs: tuple[Input, ...] = IN
                     continue
                 js = pipe.jobs.list(study_uid=study)
                 engine = [j for j in js if j.kind is JobKind.ENGINE]
-                if (len(engine) == len(tasks[inp.calling_ae])
+                if (len(engine) == len(rule_tasks[inp.calling_ae])
                         and all(j.state in (JobState.SUCCEEDED, JobState.FAILED,
                                             JobState.CANCELLED) for j in js)):
                     break
@@ -197,7 +197,7 @@ def table(outcomes: list[Outcome]) -> str:
     rows = ["| input | file | vendor | transfer syntax | size | task | outcome | seconds |",
             "|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
-        ds = pydicom.dcmread(get_testdata_file(o.input.file), stop_before_pixels=True)
+        ds = pydicom.dcmread(str(get_testdata_file(o.input.file)), stop_before_pixels=True)
         size = f"{ds.Rows}x{ds.Columns}x{max(o.input.n, int(ds.get('NumberOfFrames', 1)))}"
         for j in o.jobs:
             r = j["result"]

@@ -67,7 +67,8 @@ def read(name: str, start: int = 0, count: int | None = None, *,
     """The series' image slices in slice order (along the normal), ``count`` of them from
     ``start``; with ``images_only=False`` the other objects of the folder follow them."""
     folder = realdata_dir() / name
-    dss = [pydicom.dcmread(p) for p in sorted(folder.iterdir()) if p.name != ".done"]
+    dss: list[Dataset] = [pydicom.dcmread(p) for p in sorted(folder.iterdir())
+                          if p.name != ".done"]
     images = sorted((d for d in dss if "ImagePositionPatient" in d), key=_position)
     others = [d for d in dss if "ImagePositionPatient" not in d]
     sel = images[start:None if count is None else start + count]

@@ -53,7 +53,8 @@ def test_real_series_storescu_to_orthanc(tmp_path: Path, orthanc: OrthancServer)
         (series,) = o.delivered
         uids = [i.sop_instance_uid for i in node.ctx.index.instances(series_instance_uid=series)]
         assert uids and set(uids) <= in_orthanc
-        outs = [pydicom.dcmread(BytesIO(orthanc.instance_file(u))) for u in uids]
+        outs: list[Dataset] = [pydicom.dcmread(BytesIO(orthanc.instance_file(u)))
+                               for u in uids]
         src = [d for d in o.input.datasets() if "ImagePositionPatient" in d]
         assert len(outs) == len(src)
         outs.sort(key=lambda d: int(d.InstanceNumber))

@@ -62,7 +62,7 @@ def test_real_2d_mr_runs_with_the_shipped_model(tmp_path: Path) -> None:
     assert pipe.complete_study(study)
     pipe.pool.drain()
     (job,) = pipe.jobs.list(kind="engine")
-    assert job.state is JobState.SUCCEEDED, job.error
+    assert job.state is JobState.SUCCEEDED and job.result is not None, job.error
     assert job.result["outcome"] == "passed", job.result  # no hold on the real runs
     assert [n for n, _, _ in calls] == [4, 4, 6]
     # the engine saw each run's received slices, one run at a time
