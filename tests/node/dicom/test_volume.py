@@ -340,6 +340,10 @@ def test_ct_stored_floor_connected_to_the_border_is_out_of_fov() -> None:
     assert outside[:, 0, 0].all() and (data[outside] == -1000).all()
     assert vol.fov[:, 15:17, 15:17].all() and vol.fov[:, r < 8].all()
     assert 0.5 < outside[:, r > 11].mean() < 1.0  # clipped noise, not every air pixel
+    # low-dose air noise clipped at the floor (speckle, about half the air pixels): no mask,
+    # the denoiser smooths it like the rest of the air
+    speckle = make_series(hu=np.where(r < 9, 40.0, -1024.0) + rng.normal(0, 30, (2, 32, 32)))
+    assert assemble(speckle).volume.fov is None
     # the floor above air (intercept -900): air noise at raw 0 is no floor of the scanner
     for ds in series:
         ds.RescaleIntercept = "-900"
