@@ -15,7 +15,8 @@ The node converts DICOM to and from the engine's array contract here (design sec
 * Compressed pixel data are decoded by pydicom's pixel handlers (pylibjpeg, openjpeg, RLE,
   JPEG-LS are installed).
 * Padding pixels (Pixel Padding Value / Range Limit, PS3.3 C.7.5.1.1.2) are passed to the
-  engine as ``Volume.fov`` False: the engine leaves them out and the output keeps them.
+  engine as ``Volume.fov`` False: the engine leaves them out and the output keeps them. So is
+  a CT's *stored floor* where no padding is declared (:func:`floor_mask`).
 * Stored values map to physical intensity by the Modality LUT: Rescale Slope / Intercept
   (PS3.3 C.11.1.1.2), or the first linear Real World Value Mapping item (PS3.3 C.7.6.16.2.11)
   when no rescale is present. :func:`to_stored` maps back for output.
@@ -141,7 +142,8 @@ class _Frame:
     frame_of_reference_uid: str | None
     rows: int
     columns: int
-    padding: np.ndarray | None = None  # True = padding pixel (PS3.3 C.7.5.1.1.2)
+    # True = padding pixel (PS3.3 C.7.5.1.1.2) or a CT's stored floor (floor_mask)
+    padding: np.ndarray | None = None
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -233,6 +235,51 @@ def padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     return mask if mask.any() else None
 
 
+#: air in HU: a CT stored floor at or below it is the scanner's clip / out-of-FOV value
+FLOOR_MAX_HU = -1000.0
+#: a floor region must hold a square of this many pixels a side (not clipped noise speckle)
+FLOOR_MIN_WIDTH_PX = 5
+
+
+def floor_mask(ds: Dataset, stored: np.ndarray, slope: float,
+               intercept: float) -> np.ndarray | None:
+    """CT without Pixel Padding Value: pixels holding the lowest stored value the Pixel
+    Representation and Bits Stored allow, when that value is at or below air
+    (:data:`FLOOR_MAX_HU`), in solid regions (opened by a :data:`FLOOR_MIN_WIDTH_PX` square)
+    connected to the slice border. None when there are none.
+
+    A cone-beam CT (the Varian OBI head series of docs/realdata.md: unsigned, Rescale
+    Intercept -1000) stores raw 0 both outside its reconstruction circle and for the air it
+    clipped there; no padding is declared. Those pixels carry no information below the floor:
+    they are passed to the engine as out-of-FOV (kept bit for bit, no watermark there; the
+    denoiser wrote up to 34 HU of texture into the flat region). Clipped pixels inside the
+    body (an air bubble) are not connected to the border and stay in the field of view."""
+    if str(ds.get("Modality", "")).upper() != "CT" or "PixelPaddingValue" in ds:
+        return None
+    bits = int(ds.get("BitsStored", 0) or 0) or stored.dtype.itemsize * 8
+    floor = -(1 << (bits - 1)) if int(ds.get("PixelRepresentation", 0) or 0) == 1 else 0
+    if floor * slope + intercept > FLOOR_MAX_HU:
+        return None
+    at = stored == floor
+    if not at.any():
+        return None
+    from scipy import ndimage
+
+    # only solid floor regions: low-dose air noise clipped at the floor is speckle, which
+    # the denoiser should smooth like the rest of the air (a 5 x 5 opening removes it)
+    at = ndimage.binary_opening(at, structure=np.ones((FLOOR_MIN_WIDTH_PX,) * 2, bool))
+    labels, _ = ndimage.label(at)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    mask = np.isin(labels, edge[edge > 0])
+    return mask if mask.any() else None
+
+
+def _padding(ds: Dataset, stored: np.ndarray, slope: float,
+             intercept: float) -> np.ndarray | None:
+    pad = padding_mask(ds, stored)
+    return pad if pad is not None else floor_mask(ds, stored, slope, intercept)
+
+
 def frames_of(ds: Dataset) -> list[_Frame]:
     """Split one instance into frames with their geometry and rescale (PS3.3 C.7.6.16)."""
     arr = _pixels(ds)
@@ -284,7 +331,7 @@ def frames_of(ds: Dataset) -> list[_Frame]:
                 frame_of_reference_uid=for_uid,
                 rows=rows,
                 columns=cols,
-                padding=padding_mask(ds, arr[i]),
+                padding=_padding(ds, arr[i], slope, intercept),
             )
         )
     return out

@@ -9,7 +9,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pydicom
 import tomli_w
@@ -21,6 +21,16 @@ from tests.support.realdata import series_from_real_slice
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "engine" / "weights"
 MODELS = ("ct-denoise-wreg", "ct-to-mr-wreg", "mr-denoise-wreg")
+
+
+class Input(Protocol):
+    """What the harness sends: a name, the calling AE that routes it, its datasets."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def calling_ae(self) -> str: ...
+    def datasets(self) -> list[Dataset]: ...
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class RealInput:
 
     def datasets(self) -> list[Dataset]:
         if self.n == 0:
-            return [pydicom.dcmread(get_testdata_file(self.file))]
+            return [pydicom.dcmread(str(get_testdata_file(self.file)))]
         return series_from_real_slice(self.file, self.n, noise=self.noise, seed=7)
 
 
@@ -49,7 +59,7 @@ INPUTS = (
     # multi-frame MR without Plane Position / Orientation: refused, named reason
     RealInput("mr-multiframe-no-geometry", "emri_small.dcm", 0, 0.0, "MR_EMRI"),
 )
-TASKS = {
+TASKS: dict[str, list[dict[str, Any]]] = {
     "CT_HEAD": [{"task": "ct_denoise", "output_format": "sc"},
                 {"task": "ct_to_mr", "params": {"target": "t1w"}, "output_format": "enhanced"}],
     "CT_SMALL": [{"task": "ct_denoise", "output_format": "sc"}],
@@ -62,11 +72,12 @@ TASKS = {
 class Outcome:
     """What happened to one input: per engine job, its outcome or failure."""
 
-    input: RealInput
+    input: Any  # an Input
     study_uid: str
     seconds: float
     jobs: list[dict[str, Any]] = field(default_factory=list)
     delivered: list[str] = field(default_factory=list)  # output series in Orthanc
+    storescu_log: str = ""  # what storescu said, for an input expected to be refused
 
 
 def approve_shipped(models: Path, ledger: Any, key: Ed25519PrivateKey) -> None:
@@ -78,10 +89,14 @@ def approve_shipped(models: Path, ledger: Any, key: Ed25519PrivateKey) -> None:
         gate.approve(models / name, key)
 
 
-def run_real_inputs(tmp_path: Path, orthanc: Any, inputs: tuple[RealInput, ...] = INPUTS,
-                    timeout_s: float = 600) -> tuple[list[Outcome], Any]:
-    """Send every input with storescu, wait until each study's jobs are finished; returns the
-    outcomes and the (stopped) node."""
+def run_real_inputs(tmp_path: Path, orthanc: Any, inputs: tuple[Input, ...] = INPUTS,
+                    timeout_s: float = 600, *, tasks: dict[str, list[dict[str, Any]]] | None = None,
+                    hold_rules: tuple[dict[str, Any], ...] = ()) -> tuple[list[Outcome], Any]:
+    """Send every input with storescu, wait until each study's jobs are finished (a study
+    whose calling AE only a hold rule routes: until each object sent has its
+    ``instance.left_out`` ledger entry); returns the outcomes and the (stopped) node.
+    ``tasks``: per calling AE the rule's tasks (default :data:`TASKS`); ``hold_rules`` come
+    first, each matching on ``calling_ae`` (and more)."""
     from audit.ledger import Ledger
     from audit.modelgate import public_key_b64
     from audit.watermark import WatermarkKey
@@ -95,7 +110,9 @@ def run_real_inputs(tmp_path: Path, orthanc: Any, inputs: tuple[RealInput, ...] 
     approver = Ed25519PrivateKey.generate()
     tmp_path.mkdir(parents=True, exist_ok=True)
     models, data, port = tmp_path / "models", tmp_path / "node", get_port()
-    peers = [{"ae_title": i.calling_ae} for i in inputs]
+    rule_tasks = TASKS if tasks is None else tasks
+    held_aes = {str(r["match"]["calling_ae"]) for r in hold_rules}
+    peers = [{"ae_title": ae} for ae in sorted({i.calling_ae for i in inputs})]
     cfg = node_settings_dict(
         data, port,
         audit={"approvers": [{"name": "tester",
@@ -107,9 +124,10 @@ def run_real_inputs(tmp_path: Path, orthanc: Any, inputs: tuple[RealInput, ...] 
             "destinations": [{"name": "pacs", "kind": "dimse", "ae_title": orthanc.aet,
                               "host": "127.0.0.1", "port": orthanc.dicom_port,
                               "accepts_synthetic": True, "backoff_s": 1}],
-            "rules": [{"name": ae.lower(), "match": {"calling_ae": ae},
-                       "tasks": tasks, "destinations": ["pacs"]}
-                      for ae, tasks in TASKS.items()],
+            "rules": [*hold_rules,
+                      *({"name": ae.lower(), "match": {"calling_ae": ae},
+                         "tasks": ts, "destinations": ["pacs"]}
+                        for ae, ts in rule_tasks.items())],
         })
     cfg["dimse"]["allowed_peers"] = cfg["dimse"]["allowed_peers"] + peers
     cfg_file = tmp_path / "synthnode.toml"
@@ -132,15 +150,29 @@ def run_real_inputs(tmp_path: Path, orthanc: Any, inputs: tuple[RealInput, ...] 
                 files.append(str(p))
             study = str(dss[0].StudyInstanceUID)
             t0 = time.perf_counter()
-            subprocess.run([storescu, "-aet", inp.calling_ae, "-aec", "SYNTHNODE",
-                            "127.0.0.1", str(port), *files], check=True, timeout=120,
-                           capture_output=True)
+            refused = bool(getattr(inp, "ingest_refused", False))
+            # an input expected to be refused: every object sent (storescu halts by default)
+            sent = subprocess.run([storescu, *(["--no-halt"] if refused else []),
+                                   "-aet", inp.calling_ae, "-aec", "SYNTHNODE",
+                                   "127.0.0.1", str(port), *files], check=not refused,
+                                  timeout=120, capture_output=True, text=True)
+            if refused:  # expected to be refused at ingest: nothing to wait for
+                outcomes.append(Outcome(inp, study, time.perf_counter() - t0,
+                                        storescu_log=sent.stdout + sent.stderr))
+                continue
             pipe = node.pipeline
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
+                if inp.calling_ae in held_aes:
+                    left = {e.event.subject.get("sop_uid") for e in node.ctx.ledger.entries()
+                            if e.event.type.value == "instance.left_out"}
+                    if {str(d.SOPInstanceUID) for d in dss} <= left:
+                        break
+                    time.sleep(0.5)
+                    continue
                 js = pipe.jobs.list(study_uid=study)
                 engine = [j for j in js if j.kind is JobKind.ENGINE]
-                if (len(engine) == len(TASKS[inp.calling_ae])
+                if (len(engine) == len(rule_tasks[inp.calling_ae])
                         and all(j.state in (JobState.SUCCEEDED, JobState.FAILED,
                                             JobState.CANCELLED) for j in js)):
                     break
@@ -165,7 +197,7 @@ def table(outcomes: list[Outcome]) -> str:
     rows = ["| input | file | vendor | transfer syntax | size | task | outcome | seconds |",
             "|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
-        ds = pydicom.dcmread(get_testdata_file(o.input.file), stop_before_pixels=True)
+        ds = pydicom.dcmread(str(get_testdata_file(o.input.file)), stop_before_pixels=True)
         size = f"{ds.Rows}x{ds.Columns}x{max(o.input.n, int(ds.get('NumberOfFrames', 1)))}"
         for j in o.jobs:
             r = j["result"]

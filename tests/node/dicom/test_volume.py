@@ -55,7 +55,8 @@ def test_reversed_stack_is_sorted_ascending() -> None:
 
 def test_mixed_orientation_rejected_and_split() -> None:
     a = make_series(4, shuffle=False)
-    b = make_series(4, orientation=(0, 1, 0, 0, 0, -1), shuffle=False, for_uid=a[0].FrameOfReferenceUID)
+    b = make_series(4, orientation=(0, 1, 0, 0, 0, -1), shuffle=False,
+                    for_uid=a[0].FrameOfReferenceUID)
     for ds in b:
         ds.SeriesInstanceUID = a[0].SeriesInstanceUID
     with pytest.raises(VolumeError) as exc:
@@ -72,13 +73,14 @@ def test_spacing_gap_rejected_and_split() -> None:
     with pytest.raises(VolumeError) as exc:
         assemble(series)
     assert exc.value.reason is Reason.SPACING_GAP
-    vols, rejected = assemble_split(series, min_slices=2)
+    vols, _ = assemble_split(series, min_slices=2)
     assert sorted(v.volume.data.shape[0] for v in vols) == [4, 5]
 
 
 def test_different_sizes_rejected() -> None:
     a = make_series(3, rows=32, shuffle=False)
-    b = make_series(3, rows=16, shuffle=False, for_uid=a[0].FrameOfReferenceUID, origin=(-10, -20, 60))
+    b = make_series(3, rows=16, shuffle=False, for_uid=a[0].FrameOfReferenceUID,
+                    origin=(-10, -20, 60))
     with pytest.raises(VolumeError) as exc:
         assemble(a + b)
     assert exc.value.reason is Reason.DIFFERENT_SIZES
@@ -93,7 +95,7 @@ def test_missing_geometry_and_duplicates() -> None:
         assemble(series)
     assert exc.value.reason is Reason.MISSING_GEOMETRY
     assert "Image Position" in str(exc.value)
-    vols, rejected = assemble_split(series)
+    _, rejected = assemble_split(series)
     assert [r.reason for r in rejected] == [Reason.MISSING_GEOMETRY]
     dup = make_series(3, shuffle=False)
     dup.append(copy.deepcopy(dup[0]))
@@ -161,7 +163,8 @@ def test_enhanced_mr_without_geometry_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["emri_small_jpeg_2k_lossless.dcm", "emri_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm"]
+    "name", ["emri_small_jpeg_2k_lossless.dcm", "emri_small_jpeg_ls_lossless.dcm",
+             "emri_small_RLE.dcm"]
 )
 def test_compressed_frames_decode_like_uncompressed(name: str) -> None:
     ref_path, path = get_testdata_file("emri_small.dcm"), get_testdata_file(name)
@@ -170,7 +173,7 @@ def test_compressed_frames_decode_like_uncompressed(name: str) -> None:
     ref = frames_of(pydicom.dcmread(ref_path))
     got = frames_of(pydicom.dcmread(path))
     assert len(got) == len(ref) == 10
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         np.testing.assert_array_equal(a.stored, b.stored)
 
 
@@ -314,3 +317,42 @@ def test_2d_multislice_mr_with_gaps() -> None:
     with pytest.raises(VolumeError) as exc:
         assemble(series)
     assert exc.value.reason is Reason.SPACING_GAP
+
+
+def test_ct_stored_floor_connected_to_the_border_is_out_of_fov() -> None:
+    """A cone-beam CT (docs/realdata.md, Varian OBI) stores raw 0 = its lowest value outside
+    the reconstruction circle and for the air it clipped there, with no padding declared:
+    the border-connected floor is out of the FOV; a clipped pocket inside the body is not."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32] - 15.5
+    r = np.hypot(yy, xx)
+    hu = np.where(r < 9, 40.0, -1040.0) + rng.normal(0, 20, (2, 32, 32))
+    hu[:, 15:17, 15:17] = -1100.0  # an air pocket inside, clipped too
+    series = make_series(hu=hu)
+    for ds in series:  # unsigned, intercept -1000: raw 0 is the floor, -1000 HU
+        stored = np.clip(np.rint(ds.pixel_array.astype(float) - 1024 + 1000), 0, 65535)
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+        ds.RescaleIntercept = "-1000"
+    vol = assemble(series).volume
+    data = np.asarray(vol.data)
+    assert vol.fov is not None
+    outside = ~vol.fov
+    assert outside[:, 0, 0].all() and (data[outside] == -1000).all()
+    assert vol.fov[:, 15:17, 15:17].all() and vol.fov[:, r < 8].all()
+    assert 0.5 < outside[:, r > 11].mean() < 1.0  # clipped noise, not every air pixel
+    # low-dose air noise clipped at the floor (speckle, about half the air pixels): no mask,
+    # the denoiser smooths it like the rest of the air
+    speckle = make_series(hu=np.where(r < 9, 40.0, -1024.0) + rng.normal(0, 30, (2, 32, 32)))
+    assert assemble(speckle).volume.fov is None
+    # the floor above air (intercept -900): air noise at raw 0 is no floor of the scanner
+    for ds in series:
+        ds.RescaleIntercept = "-900"
+    assert assemble(series).volume.fov is None
+    # declared padding wins (here: none of its value present -> no mask at all)
+    for ds in series:
+        ds.RescaleIntercept = "-1000"
+        ds.PixelPaddingValue = 65535
+    assert assemble(series).volume.fov is None
+    # MR is never floored
+    mr = make_series(2, modality="MR")
+    assert all(f.padding is None for ds in mr for f in frames_of(ds))
