@@ -76,10 +76,11 @@ def _writer_lock(ctx: NodeContext) -> Iterator[None]:
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         yield
         return
-    fd = _LOCK_FDS.get(url.database)
+    key = (os.getpid(), url.database)  # flock is per open file: a forked child opens its own
+    fd = _LOCK_FDS.get(key)
     if fd is None:
         fd = os.open(url.database + ".ingest-lock", os.O_RDWR | os.O_CREAT, 0o600)
-        _LOCK_FDS[url.database] = fd
+        _LOCK_FDS[key] = fd
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         yield
@@ -87,7 +88,7 @@ def _writer_lock(ctx: NodeContext) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-_LOCK_FDS: dict[str, int] = {}
+_LOCK_FDS: dict[tuple[int, str], int] = {}
 
 
 class GroupCommit:
