@@ -283,6 +283,8 @@ class SynthNode(Server):
     postgres: bool = False
     #: ``taskset -c`` CPU list for the server (None: every CPU)
     cpus: str | None = None
+    #: the source tree whose node runs (another commit's checkout: before/after runs)
+    repo: Path = REPO
     _pg_db: str | None = None
 
     def start(self) -> None:
@@ -302,7 +304,7 @@ class SynthNode(Server):
             + "[pipeline]\nenabled = false\n"
             + self._database_section()
         )
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(self.repo)}
         if self.profile_out is not None:
             args = [sys.executable, str(Path(__file__).resolve()), "profile-serve",
                     str(cfg), str(self.profile_out)]
@@ -695,6 +697,10 @@ def table(cells: list[Cell]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    for spec in args.tree or []:  # NAME=PATH: synthnode from another checkout
+        name, _, path = spec.partition("=")
+        SERVERS[name] = type(f"SynthNode_{name}", (SynthNode,), {"repo": Path(path).resolve()})
+        args.servers = [*args.servers, name]
     SynthNodeMP.acceptors = args.mp
     SynthNode.postgres = args.postgres
     SynthNode.cpus = args.cpus
@@ -772,9 +778,12 @@ def main() -> None:
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--assocs", type=int, nargs="+", default=[1, 4])
     r.add_argument("--servers", nargs="+", default=["synthnode", "orthanc", "pynetdicom", "dcmtk"],
-                   choices=list(SERVERS))
+                   choices=list(SERVERS))  # plus the --tree names
     r.add_argument("--mp", type=int, default=2, help="acceptor processes of synthnode-mp")
     r.add_argument("--corpus", action=argparse.BooleanOptionalAction, default=True)
+    r.add_argument("--tree", action="append", metavar="NAME=PATH",
+                   help="also run synthnode from this checkout (e.g. an earlier commit's "
+                        "git worktree) as server NAME; repeatable")
     r.add_argument("--compressed", action="store_true",
                    help="also the compressed real corpus, sent as stored with dcmsend")
     r.add_argument("--no-series", action="store_true", help="skip the generated CT series")
