@@ -37,6 +37,7 @@ from node.dicomweb.media import (
     multipart_content_type,
 )
 from node.ingest.ingestor import Ingestor
+from storage.derived import DerivedCache
 from storage.matching import QueryLevel
 
 __all__ = ["DicomwebServer", "create_app"]
@@ -52,7 +53,8 @@ class _Service:
         self.tokens = TokenStore(ctx.settings.dicomweb)
         self.ingestor = Ingestor(ctx)
         self.recorder = recorder
-        self.metadata = wado.MetadataCache()
+        self.metadata = wado.MetadataCache(
+            DerivedCache(ctx.settings.cache_dir / "metadata"))
 
     def read(self, request: Request) -> Principal:
         return self.tokens.require(request, "read")
@@ -79,6 +81,23 @@ def _multipart(parts: Iterator[tuple[str, Iterator[bytes]]], part_type: str,
         yield from coalesce(recorded())
 
     return StreamingResponse(body(), media_type=multipart_content_type(part_type, bnd))
+
+
+def _stored(ctx: NodeContext, refs: list[Any], done: Callable[[], None]) -> StreamingResponse:
+    """The stored files of ``refs`` as multipart/related: known length, large blocks."""
+    bnd = boundary()
+    length, blocks = wado.stored_body(ctx, refs, bnd)
+
+    def recorded() -> Iterator[bytes]:
+        n = 0
+        for b in blocks:
+            n += len(b)
+            if n == length:
+                done()  # before the last block: recorded once the client has all
+            yield b
+
+    return StreamingResponse(recorded(), headers={"Content-Length": str(length)},
+                             media_type=multipart_content_type(DICOM, bnd))
 
 
 def create_app(ctx: NodeContext, recorder: AccessRecorder | None = None) -> FastAPI:
@@ -181,10 +200,14 @@ def _wado_routes(app: FastAPI, svc: _Service) -> None:
         who = svc.read(request)
         sel = wado.select_instances(ctx, study, series, sop)
         ts = wado.choose_dicom_ts(request.headers.get("accept"), sel.refs)
-        parts = wado.dicom_parts(ctx, sel.refs, ts)
-        resp = _multipart(parts, DICOM, lambda: svc.wado_record(
-            who, "instances", request, sel, len(sel.refs), extra={"transfer_syntax": ts}))
-        return resp
+
+        def done() -> None:
+            svc.wado_record(who, "instances", request, sel, len(sel.refs),
+                            extra={"transfer_syntax": ts})
+
+        if all(ts in ("*", r.transfer_syntax_uid) for r in sel.refs):
+            return _stored(ctx, sel.refs, done)
+        return _multipart(wado.dicom_parts(ctx, sel.refs, ts), DICOM, done)
 
     @app.get("/studies/{study}")
     def study(study: str, request: Request) -> StreamingResponse:
@@ -324,6 +347,8 @@ class DicomwebServer:
         cfg = ctx.settings.dicomweb
         self.recorder = AccessRecorder(ctx, cfg.access_flush_s)
         self.app = create_app(ctx, self.recorder)
+        self.warmer = (wado.MetadataWarmer(ctx, self.app.state.service.metadata)
+                       if cfg.metadata_warm else None)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._address: tuple[str, int] | None = None
@@ -360,6 +385,8 @@ class DicomwebServer:
         self._server = uvicorn.Server(config)
         self._address = (cfg.bind_address, sock.getsockname()[1])
         self.recorder.start()
+        if self.warmer is not None:
+            self.warmer.start()
 
         def run() -> None:
             asyncio.run(self._server.serve(sockets=[sock]))
@@ -378,4 +405,6 @@ class DicomwebServer:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=15)
+        if self.warmer is not None:
+            self.warmer.stop()
         self.recorder.stop()
