@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ from storage.matching import QueryLevel
 __all__ = ["DicomwebServer", "create_app"]
 
 log = logging.getLogger(__name__)
+
+#: bytes per write of a streamed stored body (what a loopback socket buffer takes at once)
+WRITE = 1 << 20
 
 
 class _Service:
@@ -84,19 +87,21 @@ def _multipart(parts: Iterator[tuple[str, Iterator[bytes]]], part_type: str,
 
 
 def _stored(ctx: NodeContext, refs: list[Any], done: Callable[[], None]) -> StreamingResponse:
-    """The stored files of ``refs`` as multipart/related: known length, large blocks."""
+    """The stored files of ``refs`` as multipart/related: known length, files read in
+    blocks of several (one worker-thread hop each), written in pieces the socket takes."""
     bnd = boundary()
     length, blocks = wado.stored_body(ctx, refs, bnd)
 
-    def recorded() -> Iterator[bytes]:
+    async def body() -> AsyncIterator[memoryview]:
         n = 0
-        for b in blocks:
-            n += len(b)
+        while (block := await run_in_threadpool(next, blocks, None)) is not None:
+            n += len(block)
             if n == length:
                 done()  # before the last block: recorded once the client has all
-            yield b
+            for i in range(0, len(block), WRITE):
+                yield block[i:i + WRITE]
 
-    return StreamingResponse(recorded(), headers={"Content-Length": str(length)},
+    return StreamingResponse(body(), headers={"Content-Length": str(length)},
                              media_type=multipart_content_type(DICOM, bnd))
 
 

@@ -60,8 +60,8 @@ __all__ = ["CHUNK", "MetadataCache", "MetadataWarmer", "Selection", "choose_dico
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-#: bytes per block of a streamed as-stored WADO-RS body
-BATCH = 8 << 20
+#: smallest block of a streamed as-stored WADO-RS body (one file each when files are larger)
+BATCH = 4 << 20
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 
 #: Single-frame media type of each compressed transfer syntax (PS3.18 Table 8.7.3-4).
@@ -153,31 +153,45 @@ def _transcode(path: Any, ts: str) -> bytes:
 
 
 def stored_body(ctx: NodeContext, refs: list[InstanceRef],
-                bnd: str) -> tuple[int, Iterator[bytes]]:
+                bnd: str) -> tuple[int, Iterator[memoryview]]:
     """The multipart/related body of the stored files as they are (no transcoding, no
-    parsing): its exact length, from the index's file sizes, and blocks of about
-    :data:`BATCH` bytes (several files per block: one worker-thread hop and one socket
-    write per block, not per file)."""
+    parsing): its exact length, from the index's file sizes, and blocks of at least
+    :data:`BATCH` bytes (small files share a block: one worker-thread hop and one socket
+    write per block). Each file is read straight into its block, after its part header:
+    the bytes are copied once on their way from the page cache to the response."""
     heads = [multipart_part_header(bnd, f"{DICOM}; transfer-syntax={r.transfer_syntax_uid}")
              for r in refs]
     end = multipart_end(bnd)
     length = sum(map(len, heads)) + sum(r.file_size for r in refs) + len(end)
 
-    def blocks() -> Iterator[bytes]:
-        pieces: list[bytes] = []
+    def fill(group: list[tuple[bytes, InstanceRef]], tail: bytes) -> memoryview:
+        block = bytearray(sum(len(h) + r.file_size for h, r in group) + len(tail))
+        view = memoryview(block)
+        pos = 0
+        for head, r in group:
+            view[pos:pos + len(head)] = head
+            pos += len(head)
+            with open(ctx.store.path(r.file_path), "rb", buffering=0) as f:
+                want = r.file_size
+                while want:
+                    got = f.readinto(view[pos:pos + want])
+                    if not got:  # the announced length would be wrong
+                        raise OSError(f"stored file of {r.sop_instance_uid} is shorter "
+                                      "than indexed")
+                    pos, want = pos + got, want - got
+        view[pos:] = tail
+        return view
+
+    def blocks() -> Iterator[memoryview]:
+        group: list[tuple[bytes, InstanceRef]] = []
         n = 0
         for head, r in zip(heads, refs, strict=True):
-            with open(ctx.store.path(r.file_path), "rb") as f:
-                data = f.read(r.file_size + 1)
-            if len(data) != r.file_size:  # the announced length would be wrong
-                raise OSError(f"stored file of {r.sop_instance_uid} is not its indexed size")
-            pieces += (head, data)
-            n += len(head) + len(data)
+            group.append((head, r))
+            n += len(head) + r.file_size
             if n >= BATCH:
-                yield b"".join(pieces)
-                pieces, n = [], 0
-        pieces.append(end)
-        yield b"".join(pieces)
+                yield fill(group, b"")
+                group, n = [], 0
+        yield fill(group, end)
 
     return length, blocks()
 
