@@ -339,7 +339,7 @@ def _viewer_routes(app: FastAPI, svc: _Service) -> None:
 
     d = viewer_dir(svc.ctx)
     if d is not None:
-        mount_viewer(app, d)
+        mount_viewer(app, d, svc.tokens)
 
 
 # -- server ----------------------------------------------------------------------------
