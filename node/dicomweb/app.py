@@ -343,6 +343,23 @@ def _viewer_routes(app: FastAPI, svc: _Service) -> None:
 
 
 # -- server ----------------------------------------------------------------------------
+class _Activity:
+    """ASGI wrapper telling the metadata warmer when HTTP requests run."""
+
+    def __init__(self, app: Any, warmer: wado.MetadataWarmer):
+        self.app, self.warmer = app, warmer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.warmer.request_started()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.warmer.request_ended()
+
+
 class DicomwebServer:
     """uvicorn serving :func:`create_app` in a background thread (same process, same
     context as the DIMSE server)."""
@@ -354,6 +371,7 @@ class DicomwebServer:
         self.app = create_app(ctx, self.recorder)
         self.warmer = (wado.MetadataWarmer(ctx, self.app.state.service.metadata)
                        if cfg.metadata_warm else None)
+        self.asgi: Any = self.app if self.warmer is None else _Activity(self.app, self.warmer)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._address: tuple[str, int] | None = None
@@ -383,7 +401,7 @@ class DicomwebServer:
         sock.listen(128)
         sock.setblocking(False)
         config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="off",
+            self.asgi, log_level="warning", access_log=False, lifespan="off",
             ssl_certfile=str(cfg.tls_cert_file) if cfg.tls_cert_file else None,
             ssl_keyfile=str(cfg.tls_key_file) if cfg.tls_key_file else None,
             timeout_graceful_shutdown=10)

@@ -312,17 +312,43 @@ class MetadataWarmer:
 
     Stays off the store path: the ``on_instance_stored`` hook only appends to a bounded
     queue (a full queue drops: that instance is built on its first read), and the thread
-    works only once no store has arrived for ``quiet_s``, so it does not compete with a
-    burst of C-STORE / STOW-RS for the interpreter."""
+    works only once no store has arrived and no HTTP request has run for ``quiet_s``, so it
+    does not compete for the interpreter with a burst of C-STORE / STOW-RS or with
+    readers."""
 
     def __init__(self, ctx: NodeContext, cache: MetadataCache, quiet_s: float = 0.3,
                  maxsize: int = 100_000):
         self.ctx, self.cache, self.quiet_s = ctx, cache, quiet_s
         self._q: queue.Queue[InstanceRef] = queue.Queue(maxsize)
         self._last = 0.0
+        self._busy = 0
+        self._busy_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.built = 0
+
+    def request_started(self) -> None:
+        """An HTTP request began: the thread pauses until none is running for ``quiet_s``
+        (it would otherwise take the interpreter lock from the request's threads)."""
+        with self._busy_lock:
+            self._busy += 1
+        self._last = time.monotonic()
+
+    def request_ended(self) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+        self._last = time.monotonic()
+
+    def _wait_quiet(self) -> bool:
+        """Block until nothing was stored or served for ``quiet_s``; False when stopping."""
+        while True:
+            wait = self._last + self.quiet_s - time.monotonic()
+            if self._busy > 0:
+                wait = max(wait, self.quiet_s)
+            if wait <= 0:
+                return True
+            if self._stop.wait(wait):
+                return False
 
     def offer(self, info: StoredInstance) -> None:
         """The ``on_instance_stored`` hook: O(1), never blocks, never raises."""
@@ -370,9 +396,8 @@ class MetadataWarmer:
             except queue.Empty:
                 continue
             try:
-                while (wait := self._last + self.quiet_s - time.monotonic()) > 0:
-                    if self._stop.wait(wait):
-                        return
+                if not self._wait_quiet():
+                    return
                 if self.cache.warm(self.ctx, r):
                     self.built += 1
             except FileNotFoundError:
