@@ -200,6 +200,8 @@ def test_metadata_and_bulk_data(web: Any) -> None:
     from pydicom import dcmread
     from pydicom.encaps import generate_frames
 
+    from tests.support.dicomcheck import dciodvfy_errors
+
     sent = [dcmread(get_testdata_file(f))
             for f in ("CT_small.dcm", "SC_rgb_dcmtk_+eb+cy+np.dcm")]
     ctype, body = _json_request(sent, absolute="http://client.example/")
@@ -218,6 +220,8 @@ def test_metadata_and_bulk_data(web: Any) -> None:
             assert list(generate_frames(got.PixelData, number_of_frames=1)) == list(
                 generate_frames(ds.PixelData, number_of_frames=1))
         assert (got.pixel_array == ds.pixel_array).all()
+        inst = web.node.ctx.index.get_instance(str(ds.SOPInstanceUID))
+        assert dciodvfy_errors(web.node.ctx.store.path(inst.file_path)) == []
     # a bulk data part that is missing fails that instance (409: none stored), with the
     # reason in the ledger
     (mr,) = [dcmread(get_testdata_file("MR_small.dcm"))]
