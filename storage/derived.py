@@ -14,10 +14,11 @@ document or none) but not fsynced; a lost or damaged entry is rebuilt from the s
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +27,8 @@ __all__ = ["DerivedCache"]
 logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+#: a temp file older than this is a write cut short, not one in flight
+STALE_S = 600.0
 
 
 class DerivedCache:
@@ -35,8 +38,14 @@ class DerivedCache:
         self.root = Path(root)
         self.suffix = suffix
         self._tmp = self.root / ".tmp"
-        shutil.rmtree(self._tmp, ignore_errors=True)  # writes cut short by a stop
         self._tmp.mkdir(parents=True, exist_ok=True)
+        # writes cut short by a stop (older than any write in flight: several processes
+        # may share a data folder)
+        cutoff = time.time() - STALE_S
+        for p in self._tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
         self._dirs: set[str] = set()
 
     def _path(self, digest: str) -> Path:

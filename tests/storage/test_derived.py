@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from storage.derived import DerivedCache
+from storage.derived import STALE_S, DerivedCache
 
 
 def _digest(s: str) -> str:
@@ -25,10 +27,16 @@ def test_put_get_prune(tmp_path: Path) -> None:
     assert cache.prune({b}) == 1
     assert cache.get(a) is None and cache.get(b) == b"[2]"
     assert list((tmp_path / "md" / ".tmp").iterdir()) == []  # no temp file left
-    # a restart keeps the documents and drops interrupted writes
-    (tmp_path / "md" / ".tmp" / "x.part").write_bytes(b"half")
+    # a restart keeps the documents and drops interrupted writes (not one another process
+    # sharing the folder may have in flight)
+    old, new = tmp_path / "md" / ".tmp" / "old.part", tmp_path / "md" / ".tmp" / "new.part"
+    old.write_bytes(b"half")
+    new.write_bytes(b"half")
+    stale = time.time() - STALE_S - 1
+    os.utime(old, (stale, stale))
     again = DerivedCache(tmp_path / "md")
-    assert again.get(b) == b"[2]" and list((tmp_path / "md" / ".tmp").iterdir()) == []
+    assert again.get(b) == b"[2]"
+    assert list((tmp_path / "md" / ".tmp").iterdir()) == [new]
 
 
 def test_refuses_what_is_not_a_digest(tmp_path: Path) -> None:
