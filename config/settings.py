@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         return self.storage.root or self.data_dir / "store"
 
     @property
+    def cache_dir(self) -> Path:
+        """Rebuildable documents derived from stored files (DICOM JSON metadata ...)."""
+        return self.data_dir / "cache"
+
+    @property
     def keys_dir(self) -> Path:
         return self.data_dir / "keys"
 

@@ -508,17 +508,33 @@ def build_query(
         if is_universal(raw):
             continue  # universal (a lone '*' is tolerated on every VR)
         where.append(_condition(attr, attr.column, raw))
-    if where:
-        stmt = stmt.where(and_(*where))
-    stmt = stmt.order_by(_ENTITY_PK[level])
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    if offset:
-        stmt = stmt.offset(offset)
+    stmt = _paged(stmt, level, where, limit, offset)
     if unsupported:
         log.debug("keys not in the index (answered empty): %s", unsupported)
     return Query(level, stmt, tuple(return_keys), tuple(unsupported), tuple(ignored),
                  tuple(distinct))
+
+
+def _paged(stmt: Select[Any], level: QueryLevel, where: list[ColumnElement[bool]],
+           limit: int | None, offset: int | None) -> Select[Any]:
+    """``stmt`` restricted by ``where``, in key order, paged."""
+    pk = _ENTITY_PK[level]
+    if not offset:
+        stmt = stmt.where(and_(*where)) if where else stmt
+        return stmt.order_by(pk) if limit is None else stmt.order_by(pk).limit(limit)
+    # page on the keys alone, then compute the returned columns (related counts ...) for
+    # that page only: an OFFSET over the full statement evaluates them for every skipped
+    # row too (PostgreSQL does)
+    order = [P, ST, SE, IM][: level.depth + 1]
+    page = select(pk).select_from(_TABLE[level])
+    for lower, upper in pairwise(reversed(order)):
+        page = page.join(_TABLE[upper], _PARENT_FK[lower] == _ENTITY_PK[upper])
+    if where:
+        page = page.where(and_(*where))
+    page = page.order_by(pk).offset(offset)
+    if limit is not None:
+        page = page.limit(limit)
+    return stmt.where(pk.in_(page.scalar_subquery())).order_by(pk)
 
 
 Executor = Connection | Session

@@ -83,6 +83,9 @@ class DicomwebSettings(Section):
     access_flush_s: float = Field(default=1.0, gt=0,
                                   description="QIDO / WADO reads are written to the ledger "
                                   "in batches this often")
+    metadata_warm: bool = Field(
+        default=True, description="build the DICOM JSON metadata of each stored instance in "
+        "the background once stores pause (otherwise on its first WADO-RS metadata read)")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> DicomwebSettings:

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from audit.events import Event, EventType, Outcome
 from node.console import data
 from node.console.verification import Verifications
+from node.dicomweb import viewer
 from node.dicomweb.auth import Principal, Problem
 
 __all__ = ["add_console"]
@@ -116,12 +117,16 @@ def _login_routes(app: FastAPI, c: _Console) -> None:
         resp = RedirectResponse(_local(next), 303)
         resp.set_cookie(COOKIE, token.strip(), httponly=True, samesite="strict", secure=tls,
                         path=PREFIX)
+        if p.allows("read"):  # the viewer's copy (node.dicomweb.viewer)
+            resp.set_cookie(viewer.COOKIE, token.strip(), httponly=True, samesite="strict",
+                            secure=tls, path=viewer.PREFIX.rstrip("/"))
         return resp
 
     @app.post(PREFIX + "/logout")
     def logout(request: Request) -> Response:
         resp = RedirectResponse(PREFIX + "/login", 303)
         resp.delete_cookie(COOKIE, path=PREFIX)
+        resp.delete_cookie(viewer.COOKIE, path=viewer.PREFIX.rstrip("/"))
         return resp
 
     @app.get(PREFIX, include_in_schema=False)
@@ -564,8 +569,9 @@ def _time(value: str) -> Any:
 
 
 def _local(url: str) -> str:
-    """Only a path under the console (no open redirect)."""
-    return url if url.startswith(PREFIX + "/") and "//" not in url else PREFIX + "/"
+    """Only a path under the console or the viewer (no open redirect)."""
+    ok = url.startswith((PREFIX + "/", viewer.PREFIX)) and "//" not in url and "\\" not in url
+    return url if ok else PREFIX + "/"
 
 
 def _has_viewer(app: FastAPI) -> bool:

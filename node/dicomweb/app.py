@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,15 @@ from node.dicomweb.media import (
     multipart_content_type,
 )
 from node.ingest.ingestor import Ingestor
+from storage.derived import DerivedCache
 from storage.matching import QueryLevel
 
 __all__ = ["DicomwebServer", "create_app"]
 
 log = logging.getLogger(__name__)
+
+#: bytes per write of a streamed stored body (what a loopback socket buffer takes at once)
+WRITE = 1 << 20
 
 
 class _Service:
@@ -52,7 +56,8 @@ class _Service:
         self.tokens = TokenStore(ctx.settings.dicomweb)
         self.ingestor = Ingestor(ctx)
         self.recorder = recorder
-        self.metadata = wado.MetadataCache()
+        self.metadata = wado.MetadataCache(
+            DerivedCache(ctx.settings.cache_dir / "metadata"))
 
     def read(self, request: Request) -> Principal:
         return self.tokens.require(request, "read")
@@ -79,6 +84,25 @@ def _multipart(parts: Iterator[tuple[str, Iterator[bytes]]], part_type: str,
         yield from coalesce(recorded())
 
     return StreamingResponse(body(), media_type=multipart_content_type(part_type, bnd))
+
+
+def _stored(ctx: NodeContext, refs: list[Any], done: Callable[[], None]) -> StreamingResponse:
+    """The stored files of ``refs`` as multipart/related: known length, files read in
+    blocks of several (one worker-thread hop each), written in pieces the socket takes."""
+    bnd = boundary()
+    length, blocks = wado.stored_body(ctx, refs, bnd)
+
+    async def body() -> AsyncIterator[memoryview]:
+        n = 0
+        while (block := await run_in_threadpool(next, blocks, None)) is not None:
+            n += len(block)
+            if n == length:
+                done()  # before the last block: recorded once the client has all
+            for i in range(0, len(block), WRITE):
+                yield block[i:i + WRITE]
+
+    return StreamingResponse(body(), headers={"Content-Length": str(length)},
+                             media_type=multipart_content_type(DICOM, bnd))
 
 
 def create_app(ctx: NodeContext, recorder: AccessRecorder | None = None) -> FastAPI:
@@ -181,10 +205,14 @@ def _wado_routes(app: FastAPI, svc: _Service) -> None:
         who = svc.read(request)
         sel = wado.select_instances(ctx, study, series, sop)
         ts = wado.choose_dicom_ts(request.headers.get("accept"), sel.refs)
-        parts = wado.dicom_parts(ctx, sel.refs, ts)
-        resp = _multipart(parts, DICOM, lambda: svc.wado_record(
-            who, "instances", request, sel, len(sel.refs), extra={"transfer_syntax": ts}))
-        return resp
+
+        def done() -> None:
+            svc.wado_record(who, "instances", request, sel, len(sel.refs),
+                            extra={"transfer_syntax": ts})
+
+        if all(ts in ("*", r.transfer_syntax_uid) for r in sel.refs):
+            return _stored(ctx, sel.refs, done)
+        return _multipart(wado.dicom_parts(ctx, sel.refs, ts), DICOM, done)
 
     @app.get("/studies/{study}")
     def study(study: str, request: Request) -> StreamingResponse:
@@ -311,10 +339,27 @@ def _viewer_routes(app: FastAPI, svc: _Service) -> None:
 
     d = viewer_dir(svc.ctx)
     if d is not None:
-        mount_viewer(app, d)
+        mount_viewer(app, d, svc.tokens)
 
 
 # -- server ----------------------------------------------------------------------------
+class _Activity:
+    """ASGI wrapper telling the metadata warmer when HTTP requests run."""
+
+    def __init__(self, app: Any, warmer: wado.MetadataWarmer):
+        self.app, self.warmer = app, warmer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.warmer.request_started()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.warmer.request_ended()
+
+
 class DicomwebServer:
     """uvicorn serving :func:`create_app` in a background thread (same process, same
     context as the DIMSE server)."""
@@ -324,6 +369,9 @@ class DicomwebServer:
         cfg = ctx.settings.dicomweb
         self.recorder = AccessRecorder(ctx, cfg.access_flush_s)
         self.app = create_app(ctx, self.recorder)
+        self.warmer = (wado.MetadataWarmer(ctx, self.app.state.service.metadata)
+                       if cfg.metadata_warm else None)
+        self.asgi: Any = self.app if self.warmer is None else _Activity(self.app, self.warmer)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._address: tuple[str, int] | None = None
@@ -353,13 +401,15 @@ class DicomwebServer:
         sock.listen(128)
         sock.setblocking(False)
         config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="off",
+            self.asgi, log_level="warning", access_log=False, lifespan="off",
             ssl_certfile=str(cfg.tls_cert_file) if cfg.tls_cert_file else None,
             ssl_keyfile=str(cfg.tls_key_file) if cfg.tls_key_file else None,
             timeout_graceful_shutdown=10)
         self._server = uvicorn.Server(config)
         self._address = (cfg.bind_address, sock.getsockname()[1])
         self.recorder.start()
+        if self.warmer is not None:
+            self.warmer.start()
 
         def run() -> None:
             asyncio.run(self._server.serve(sockets=[sock]))
@@ -378,4 +428,6 @@ class DicomwebServer:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=15)
+        if self.warmer is not None:
+            self.warmer.stop()
         self.recorder.stop()

@@ -163,7 +163,7 @@ class MultipartReader:
             if len(self._buf) < after + 2:
                 break  # need to see whether this is the closing delimiter
             if self._started:
-                parts.append(self._part(bytes(self._buf[:i])))
+                parts.append(self._part(self._buf, i))
             tail = bytes(self._buf[after:after + 2])
             if tail == b"--":
                 self.done = True
@@ -182,17 +182,21 @@ class MultipartReader:
             raise MultipartError("multipart body ends without its closing boundary")
 
     @staticmethod
-    def _part(raw: bytes) -> Part:
-        head, sep, body = raw.partition(b"\r\n\r\n")
-        if not sep:
-            if raw.startswith(b"\r\n"):  # part without headers
-                return Part({}, raw[2:])
+    def _part(buf: bytearray, end: int) -> Part:
+        """The part in ``buf[:end]``; its body copied once (a part is often megabytes)."""
+        sep = buf.find(b"\r\n\r\n", 0, end)
+        if sep < 0:
+            if buf.startswith(b"\r\n"):  # part without headers
+                with memoryview(buf) as view:
+                    return Part({}, bytes(view[2:end]))
             raise MultipartError("multipart part without a header/body separator")
         headers: dict[str, str] = {}
-        for line in head.decode("latin-1").split("\r\n"):
+        for line in buf[:sep].decode("latin-1").split("\r\n"):
             k, colon, v = line.partition(":")
             if colon:
                 headers[k.strip().lower()] = v.strip()
+        with memoryview(buf) as view:
+            body = bytes(view[sep + 4:end])
         return Part(headers, body)
 
 

@@ -193,6 +193,11 @@ def _url(base: str, m: dict[str, Any], level: QueryLevel) -> str | None:
 def search(ctx: NodeContext, recorder: AccessRecorder, who: Principal, req: QidoRequest,
            base: str, path: str) -> Iterator[bytes]:
     """The JSON array of matches, streamed; records the read when done."""
+    return _stream(ctx, recorder, who, req, build(req), base, path)
+
+
+def build(req: QidoRequest) -> Query:
+    """The index query a QIDO-RS request runs (bench/bench_qido_index.py reads its plan)."""
     try:
         query = build_query(req.level, req.keys, limit=req.limit, offset=req.offset)
     except InvalidQuery as exc:
@@ -201,7 +206,7 @@ def search(ctx: NodeContext, recorder: AccessRecorder, who: Principal, req: Qido
         query = _with_synthetic(query, req.level, req.synthetic)
     if req.level is not IM and "SyntheticData" in query.return_keys:
         query = _synthetic_column(query, req.level)
-    return _stream(ctx, recorder, who, req, query, base, path)
+    return query
 
 
 def _stream(ctx: NodeContext, recorder: AccessRecorder, who: Principal, req: QidoRequest,

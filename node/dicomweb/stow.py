@@ -1,4 +1,7 @@
-"""STOW-RS (PS3.18 10.5): store instances sent as multipart/related application/dicom.
+"""STOW-RS (PS3.18 10.5): store instances sent as multipart/related application/dicom, or
+as metadata and bulk data (PS3.18 10.5.1.2: multipart/related application/dicom+json, a
+first part holding a DICOM JSON array of instances, then one part per bulk data value,
+each named by the ``Content-Location`` its ``BulkDataURI`` gives).
 
 Every part goes through the node's one durable ingest path (:class:`node.ingest.ingestor.
 Ingestor`, the same as C-STORE): validation, temp file + fsync + rename, one transaction
@@ -6,21 +9,35 @@ with the index rows and the ledger entry; a part is acknowledged only after that
 Refusals carry the C-STORE status of their reason as Failure Reason (0008,1197), mapped in
 :data:`node.dimse.store.STATUS_FOR_REASON`.
 
+A metadata + bulk data instance is rebuilt into a PS3.10 file (explicit VR little
+endian; a compressed Pixel Data part, ``image/jpeg`` ... with its ``transfer-syntax``
+parameter, is stored encapsulated as one frame in that syntax) and then takes the same
+path. The request is read whole before the first instance is rebuilt (the metadata may
+name bulk data that comes later), within ``dicomweb.max_request_bytes``.
+
 Responses: 200 all stored; 202 some failed or stored with a warning (Warning Reason
-(0008,1196)); 409 none stored; 415 not multipart/related application/dicom; 413 body over
-``dicomweb.max_request_bytes``; 400 malformed multipart.
+(0008,1196)); 409 none stored; 415 not multipart/related application/dicom or
+application/dicom+json; 413 body over ``dicomweb.max_request_bytes``; 400 malformed
+multipart or metadata.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import struct
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
@@ -28,7 +45,15 @@ from audit.events import Event, EventType, Outcome
 from node.context import NodeContext
 from node.dicom.part10 import build_part10
 from node.dicomweb.auth import Principal, Problem
-from node.dicomweb.media import DICOM, MultipartError, Part, parse_media_type, read_parts
+from node.dicomweb.media import (
+    DICOM,
+    DICOM_JSON,
+    OCTET,
+    MultipartError,
+    Part,
+    parse_media_type,
+    read_parts,
+)
 from node.dimse.status import General, Storage
 from node.dimse.store import STATUS_FOR_REASON
 from node.ingest.ingestor import Ingestor
@@ -202,9 +227,11 @@ async def stow(ctx: NodeContext, ingestor: Ingestor, who: Principal, request: Re
     if ctx.stopping.is_set():
         raise Problem(503, "Service Unavailable", "the node is shutting down")
     ct = parse_media_type(request.headers.get("content-type", ""))
-    if ct.type != "multipart/related" or ct.params.get("type", DICOM).lower() != DICOM:
+    root_type = ct.params.get("type", DICOM).lower()
+    if ct.type != "multipart/related" or root_type not in (DICOM, DICOM_JSON):
         raise _refused(ctx, who, Problem(415, "Unsupported Media Type",
-                       'STOW-RS accepts multipart/related; type="application/dicom"'))
+                       'STOW-RS accepts multipart/related; type="application/dicom" or '
+                       'type="application/dicom+json" (metadata and bulk data)'))
     bnd = ct.params.get("boundary")
     if not bnd:
         raise _refused(ctx, who, Problem(400, "Bad Request",
@@ -214,6 +241,8 @@ async def stow(ctx: NodeContext, ingestor: Ingestor, who: Principal, request: Re
     if length and length.isdigit() and int(length) > limit:
         raise _refused(ctx, who, Problem(413, "Content Too Large",
                                          f"the limit is {limit} bytes"))
+    if root_type == DICOM_JSON:
+        return await _stow_json(ctx, ingestor, who, request, study, bnd, limit)
     sem = asyncio.Semaphore(PARALLEL_PARTS)
     tasks: list[asyncio.Task[StowItem]] = []
 
@@ -238,3 +267,123 @@ async def stow(ctx: NodeContext, ingestor: Ingestor, who: Principal, request: Re
     if not items:
         raise _refused(ctx, who, Problem(400, "Bad Request", "the request holds no part"))
     return StowResult(items)
+
+
+# -- metadata + bulk data (application/dicom+json) -------------------------------------
+class JsonPartError(ValueError):
+    """An instance of a metadata + bulk data request that cannot be rebuilt."""
+
+
+def _location_key(uri: str) -> str:
+    """A bulk data reference compared without scheme and host (a client may name the part
+    by a relative or an absolute URI)."""
+    parts = urlsplit(uri.strip())
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def part10_from_json(obj: dict[str, Any], bulk: dict[str, Part]) -> bytes:
+    """One instance of a metadata + bulk data request as a PS3.10 file."""
+    found: dict[int, Part] = {}
+
+    def resolve(tag: str, vr: str, uri: str) -> bytes:
+        part = bulk.get(uri) or bulk.get(_location_key(uri))
+        if part is None:
+            raise JsonPartError(f"no part with Content-Location {uri!r} (bulk data of {tag})")
+        found[int(tag, 16)] = part
+        return part.body
+
+    if not isinstance(obj, dict):
+        raise JsonPartError("an instance of the metadata array is not a JSON object")
+    try:
+        ds = Dataset.from_json(obj, bulk_data_uri_handler=resolve)
+    except JsonPartError:
+        raise
+    except Exception as exc:
+        raise JsonPartError(f"not valid DICOM JSON: {exc}") from None
+    for kw in ("SOPClassUID", "SOPInstanceUID"):
+        if not ds.get(kw):
+            raise JsonPartError(f"the metadata has no {kw}")
+    ts = str(ExplicitVRLittleEndian)
+    pixel = found.get(0x7FE00010)
+    if pixel is not None:
+        media = parse_media_type(pixel.content_type or OCTET)
+        wanted = media.params.get("transfer-syntax")
+        if media.type != OCTET or (wanted and UID(wanted).is_compressed):
+            if not wanted or not UID(wanted).is_compressed:
+                raise JsonPartError(f"Pixel Data as {media.type} needs its transfer-syntax "
+                                    "parameter (a compressed transfer syntax)")
+            if int(ds.get("NumberOfFrames") or 1) != 1:
+                raise JsonPartError("compressed multi-frame Pixel Data is taken as "
+                                    "application/dicom only")
+            ds.PixelData = encapsulate([pixel.body])  # one frame, as sent
+            ds["PixelData"].VR = "OB"
+            ds["PixelData"].is_undefined_length = True
+            ts = wanted
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    try:
+        write_dataset(buf, ds)
+    except Exception as exc:
+        raise JsonPartError(f"the metadata cannot be encoded: {exc}") from None
+    return build_part10(buf.getvalue(), str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts)
+
+
+async def _stow_json(ctx: NodeContext, ingestor: Ingestor, who: Principal, request: Request,
+                     study: str | None, bnd: str, limit: int) -> StowResult:
+    parts: list[Part] = []
+    try:
+        async for part in read_parts(request.stream(), bnd, limit):
+            parts.append(part)
+    except OverflowError:
+        raise _refused(ctx, who, Problem(413, "Content Too Large",
+                                         f"the limit is {limit} bytes")) from None
+    except MultipartError as exc:
+        raise _refused(ctx, who, Problem(400, "Bad Request", str(exc))) from None
+    meta = [p for p in parts if parse_media_type(p.content_type).type == DICOM_JSON]
+    if not meta:
+        raise _refused(ctx, who, Problem(400, "Bad Request",
+                                         "no application/dicom+json part (the metadata)"))
+    bulk: dict[str, Part] = {}
+    for p in parts:
+        loc = p.headers.get("content-location")
+        if loc and p not in meta:
+            bulk[loc.strip()] = p
+            bulk.setdefault(_location_key(loc), p)
+    objects: list[Any] = []
+    for p in meta:
+        try:
+            doc = json.loads(p.body)
+        except ValueError as exc:
+            raise _refused(ctx, who, Problem(400, "Bad Request",
+                                             f"the metadata part is not JSON: {exc}")) from None
+        objects.extend(doc if isinstance(doc, list) else [doc])
+    if not objects:
+        raise _refused(ctx, who, Problem(400, "Bad Request", "the metadata holds no instance"))
+    sem = asyncio.Semaphore(PARALLEL_PARTS)
+
+    def one(obj: Any) -> StowItem:
+        try:
+            body = part10_from_json(obj, bulk)
+        except JsonPartError as exc:
+            item = StowItem(*_json_uids(obj))
+            item.failure = Storage.CANNOT_UNDERSTAND
+            _reject(ctx, who, item, "json_invalid", str(exc)[:300])
+            return item
+        return store_part(ctx, ingestor, who, Part({"content-type": DICOM}, body), study)
+
+    async def guarded(obj: Any) -> StowItem:
+        async with sem:
+            return await run_in_threadpool(one, obj)
+
+    return StowResult(list(await asyncio.gather(*(guarded(o) for o in objects))))
+
+
+def _json_uids(obj: Any) -> tuple[str, str, str, str]:
+    """SOP Class, SOP Instance, Study, Series UIDs of a DICOM JSON object, where present."""
+    out = []
+    for tag in ("00080016", "00080018", "0020000D", "0020000E"):
+        try:
+            out.append(str(obj[tag]["Value"][0]))
+        except (KeyError, IndexError, TypeError):
+            out.append("")
+    return out[0], out[1], out[2], out[3]

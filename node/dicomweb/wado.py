@@ -10,14 +10,18 @@ instance (one file) at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread, dcmwrite
 from pydicom.dataelem import DataElement
@@ -33,15 +37,31 @@ from sqlalchemy import select
 
 from node.context import NodeContext
 from node.dicomweb.auth import Problem
-from node.dicomweb.media import DICOM, OCTET, MediaRange, parse_accept
+from node.dicomweb.media import (
+    DICOM,
+    OCTET,
+    MediaRange,
+    multipart_end,
+    multipart_part_header,
+    parse_accept,
+)
+from storage.derived import DerivedCache
 from storage.matching import InvalidQuery, QueryLevel
 from storage.query import InstanceRef, retrieve_set
 from storage.tables import Instance
 
-__all__ = ["CHUNK", "Selection", "choose_dicom_ts", "dicom_parts", "frames_parts",
-           "metadata_etag", "metadata_stream", "select_instances"]
+if TYPE_CHECKING:
+    from node.ingest.results import StoredInstance
+
+__all__ = ["CHUNK", "MetadataCache", "MetadataWarmer", "Selection", "choose_dicom_ts",
+           "dicom_parts", "frames_parts", "metadata_etag", "metadata_stream",
+           "select_instances", "stored_body"]
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+#: smallest block of a streamed as-stored WADO-RS body (one file each when files are larger)
+BATCH = 4 << 20
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 
 #: Single-frame media type of each compressed transfer syntax (PS3.18 Table 8.7.3-4).
@@ -132,6 +152,50 @@ def _transcode(path: Any, ts: str) -> bytes:
     return buf.getvalue()
 
 
+def stored_body(ctx: NodeContext, refs: list[InstanceRef],
+                bnd: str) -> tuple[int, Iterator[memoryview]]:
+    """The multipart/related body of the stored files as they are (no transcoding, no
+    parsing): its exact length, from the index's file sizes, and blocks of at least
+    :data:`BATCH` bytes (small files share a block: one worker-thread hop and one socket
+    write per block). Each file is read straight into its block, after its part header:
+    the bytes are copied once on their way from the page cache to the response."""
+    heads = [multipart_part_header(bnd, f"{DICOM}; transfer-syntax={r.transfer_syntax_uid}")
+             for r in refs]
+    end = multipart_end(bnd)
+    length = sum(map(len, heads)) + sum(r.file_size for r in refs) + len(end)
+
+    def fill(group: list[tuple[bytes, InstanceRef]], tail: bytes) -> memoryview:
+        block = bytearray(sum(len(h) + r.file_size for h, r in group) + len(tail))
+        view = memoryview(block)
+        pos = 0
+        for head, r in group:
+            view[pos:pos + len(head)] = head
+            pos += len(head)
+            with open(ctx.store.path(r.file_path), "rb", buffering=0) as f:
+                want = r.file_size
+                while want:
+                    got = f.readinto(view[pos:pos + want])
+                    if not got:  # the announced length would be wrong
+                        raise OSError(f"stored file of {r.sop_instance_uid} is shorter "
+                                      "than indexed")
+                    pos, want = pos + got, want - got
+        view[pos:] = tail
+        return view
+
+    def blocks() -> Iterator[memoryview]:
+        group: list[tuple[bytes, InstanceRef]] = []
+        n = 0
+        for head, r in zip(heads, refs, strict=True):
+            group.append((head, r))
+            n += len(head) + r.file_size
+            if n >= BATCH:
+                yield fill(group, b"")
+                group, n = [], 0
+        yield fill(group, end)
+
+    return length, blocks()
+
+
 def dicom_parts(ctx: NodeContext, refs: list[InstanceRef],
                 ts: str) -> Iterator[tuple[str, Iterator[bytes]]]:
     """(content type, chunks) of each instance in ``ts`` ('*': as stored)."""
@@ -156,77 +220,192 @@ def _instance_url(base: str, r: InstanceRef) -> str:
             f"/instances/{r.sop_instance_uid}")
 
 
-def _pixel_info(ctx: NodeContext, refs: list[InstanceRef]) -> dict[str, tuple[Any, Any]]:
-    uids = [r.sop_instance_uid for r in refs]
-    out: dict[str, tuple[Any, Any]] = {}
-    with ctx.engine.connect() as conn:
-        for start in range(0, len(uids), 500):
-            stmt = select(Instance.sop_instance_uid, Instance.rows, Instance.bits_allocated) \
-                .where(Instance.sop_instance_uid.in_(uids[start:start + 500]))
-            for uid, rows, bits in conn.execute(stmt):
-                out[uid] = (rows, bits)
-    return out
-
-
-def instance_json(ctx: NodeContext, r: InstanceRef, base: str,
-                  pixel: tuple[Any, Any] | None) -> dict[str, Any]:
+def instance_json(path: Any, r: InstanceRef, base: str) -> dict[str, Any]:
     """One instance's metadata: every attribute, values over 1 KiB (and Pixel Data) as
     BulkDataURI."""
     url = _instance_url(base, r)
-    ds = dcmread(ctx.store.path(r.file_path), stop_before_pixels=True)
+    ds = dcmread(path, stop_before_pixels=True)
 
     def bulk(elem: DataElement) -> str:
         return f"{url}/bulkdata/{elem.tag:08X}"
 
     obj = ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=bulk)
-    if pixel is not None and pixel[0]:
+    if ds.get("Rows"):  # an image: its Pixel Data (not read) as bulk data
         compressed = UID(r.transfer_syntax_uid).is_compressed
-        vr = "OB" if compressed or (pixel[1] or 16) <= 8 else "OW"
+        vr = "OB" if compressed or int(ds.get("BitsAllocated") or 16) <= 8 else "OW"
         obj["7FE00010"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}
     return obj
 
 
 class MetadataCache:
-    """Encoded metadata of recently read instances, keyed by the stored file's SHA-256
+    """Encoded metadata of stored instances, keyed by the stored file's SHA-256
     (content-addressed: a replaced instance has another digest), with the server's URL
-    left as a placeholder so one entry serves every host name it is reached by."""
+    left as a placeholder so one document serves every host name it is reached by
+    (X-Forwarded-Host / -Proto are applied per request).
+
+    Three tiers: recently read documents in memory, every built document on disk
+    (:class:`storage.derived.DerivedCache`, survives restarts), else built from the stored
+    file (pydicom, ~1-3 ms per instance) and written to both."""
 
     BASE = b"\x00base\x00"
+    _BASE_IN_JSON = b"\\u0000base\\u0000"
 
-    def __init__(self, size: int = 4096):
+    def __init__(self, disk: DerivedCache | None = None, size: int = 4096):
         self.size = size
+        self.disk = disk
         self._d: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, ctx: NodeContext, r: InstanceRef, pixel: tuple[Any, Any] | None) -> bytes:
+    def build(self, ctx: NodeContext, r: InstanceRef) -> bytes:
+        obj = instance_json(ctx.store.path(r.file_path), r, self.BASE.decode())
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        if self.disk is not None:
+            try:
+                self.disk.put(r.sha256, data)
+            except OSError:
+                log.warning("could not keep the metadata of %s on disk", r.sop_instance_uid,
+                            exc_info=True)
+        return data
+
+    def get(self, ctx: NodeContext, r: InstanceRef) -> bytes:
         with self._lock:
             hit = self._d.get(r.sha256)
             if hit is not None:
                 self._d.move_to_end(r.sha256)
                 return hit
-        obj = instance_json(ctx, r, self.BASE.decode(), pixel)
-        data = json.dumps(obj, separators=(",", ":")).encode()
+        data = self.disk.get(r.sha256) if self.disk is not None else None
+        if data is None:
+            data = self.build(ctx, r)
         with self._lock:
             self._d[r.sha256] = data
             while len(self._d) > self.size:
                 self._d.popitem(last=False)
         return data
 
+    def warm(self, ctx: NodeContext, r: InstanceRef) -> bool:
+        """Build the on-disk document of ``r`` unless it exists; True if built."""
+        if self.disk is None or self.disk.has(r.sha256):
+            return False
+        self.build(ctx, r)
+        return True
+
 
 def metadata_stream(ctx: NodeContext, refs: list[InstanceRef], base: str,
                     done: Callable[[int], None], cache: MetadataCache) -> Iterator[bytes]:
-    pixels = _pixel_info(ctx, refs)
     n = 0
     b = json.dumps(base)[1:-1].encode()  # as it appears inside a JSON string
     try:
         yield b"["
         for r in refs:
-            data = cache.get(ctx, r, pixels.get(r.sop_instance_uid))
-            yield (b"," if n else b"") + data.replace(b"\\u0000base\\u0000", b)
+            data = cache.get(ctx, r)
+            yield (b"," if n else b"") + data.replace(MetadataCache._BASE_IN_JSON, b)
             n += 1
         yield b"]"
     finally:
         done(n)
+
+
+class MetadataWarmer:
+    """Builds the metadata documents of newly stored instances in a background thread
+    (``dicomweb.metadata_warm``), so the first WADO-RS metadata read of a series
+    concatenates documents instead of parsing every file.
+
+    Stays off the store path: the ``on_instance_stored`` hook only appends to a bounded
+    queue (a full queue drops: that instance is built on its first read), and the thread
+    works only once no store has arrived and no HTTP request has run for ``quiet_s``, so it
+    does not compete for the interpreter with a burst of C-STORE / STOW-RS or with
+    readers."""
+
+    def __init__(self, ctx: NodeContext, cache: MetadataCache, quiet_s: float = 0.3,
+                 maxsize: int = 100_000):
+        self.ctx, self.cache, self.quiet_s = ctx, cache, quiet_s
+        self._q: queue.Queue[InstanceRef] = queue.Queue(maxsize)
+        self._last = 0.0
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.built = 0
+
+    def request_started(self) -> None:
+        """An HTTP request began: the thread pauses until none is running for ``quiet_s``
+        (it would otherwise take the interpreter lock from the request's threads)."""
+        with self._busy_lock:
+            self._busy += 1
+        self._last = time.monotonic()
+
+    def request_ended(self) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+        self._last = time.monotonic()
+
+    def _wait_quiet(self) -> bool:
+        """Block until nothing was stored or served for ``quiet_s``; False when stopping."""
+        while True:
+            wait = self._last + self.quiet_s - time.monotonic()
+            if self._busy > 0:
+                wait = max(wait, self.quiet_s)
+            if wait <= 0:
+                return True
+            if self._stop.wait(wait):
+                return False
+
+    def offer(self, info: StoredInstance) -> None:
+        """The ``on_instance_stored`` hook: O(1), never blocks, never raises."""
+        rec = info.record
+        self._last = time.monotonic()
+        with contextlib.suppress(queue.Full):
+            self._q.put_nowait(InstanceRef(
+                rec.sop_instance_uid, rec.sop_class_uid, rec.transfer_syntax_uid,
+                rec.study_instance_uid, rec.series_instance_uid, rec.file_path,
+                rec.file_size, rec.sha256))
+
+    def start(self) -> None:
+        self.ctx.on_instance_stored.append(self.offer)
+        self._thread = threading.Thread(target=self._run, name="metadata-warmer",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.ctx.on_instance_stored.remove(self.offer)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def idle(self) -> bool:
+        """Nothing waiting to be built (tests, benchmarks)."""
+        return self._q.unfinished_tasks == 0
+
+    def _prune(self) -> None:
+        """Drop the documents of files the index no longer holds (deleted, replaced)."""
+        if self.cache.disk is None:
+            return
+        try:
+            with self.ctx.engine.connect() as conn:
+                live = set(conn.execute(select(Instance.sha256)).scalars())
+            self.cache.disk.prune(live)
+        except Exception:
+            log.exception("could not prune the metadata cache")
+
+    def _run(self) -> None:
+        self._prune()
+        while not self._stop.is_set():
+            try:
+                r = self._q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                if not self._wait_quiet():
+                    return
+                if self.cache.warm(self.ctx, r):
+                    self.built += 1
+            except FileNotFoundError:
+                pass  # replaced or deleted since
+            except Exception:
+                log.exception("could not build the metadata of %s", r.sop_instance_uid)
+            finally:
+                self._q.task_done()
 
 
 # -- bulk data -------------------------------------------------------------------------

@@ -3,6 +3,7 @@ metadata (+ ETag, forwarded host), bulk data round trip, frames, rendered, thumb
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,30 @@ def test_transcoded_instances_pass_dciodvfy(web: Any, tmp_path: Path) -> None:
         orig.write_bytes(_stored(web, ds))
         assert dcmread(out).file_meta.TransferSyntaxUID == ts
         assert set(dciodvfy_errors(out, tool)) <= set(dciodvfy_errors(orig, tool))
+
+
+def test_metadata_documents_built_in_background_and_read_from_disk(web: Any) -> None:
+    from node.dicomweb.wado import MetadataCache, instance_json
+    from storage.query import InstanceRef
+
+    (ct,) = _store(web, "CT_small.dcm")
+    warmer = web.node.dicomweb.warmer
+    inst = web.node.ctx.index.get_instance(str(ct.SOPInstanceUID))
+    disk = web.node.dicomweb.app.state.service.metadata.disk
+    for _ in range(200):  # the warmer works once stores pause (0.3 s)
+        if disk.has(inst.sha256):
+            break
+        time.sleep(0.05)
+    assert disk.has(inst.sha256) and warmer.built >= 1
+    doc = disk.get(inst.sha256)
+    assert web.url.encode() not in doc and b"\\u0000base\\u0000" in doc  # URL templated
+    # a fresh cache (a restarted node) answers from the document on disk, per host
+    web.node.dicomweb.app.state.service.metadata = MetadataCache(disk)
+    url = f"{web.url}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/metadata"
+    r = _get(url, None, **{"X-Forwarded-Host": "pacs.example.org", "X-Forwarded-Proto": "https"})
+    ref = InstanceRef(str(ct.SOPInstanceUID), str(ct.SOPClassUID), inst.transfer_syntax_uid,
+                      str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), inst.file_path,
+                      inst.file_size, inst.sha256)
+    expect = instance_json(web.node.ctx.store.path(inst.file_path), ref,
+                           "https://pacs.example.org")
+    assert r.json() == [expect]
