@@ -917,15 +917,37 @@ def _fp_ledger(pos: list[dict], n: int, pool: Any) -> tuple[Any, list[int]]:
     return index, owner
 
 
-def _fp_tables(pos_r: dict[str, list[tuple[int, ...]]], neg: NDArray
+def _fp_neg_labels(n_neg: int, n_real_series: int) -> list[str]:
+    """Per unrelated slice of ``build_sets(0, n_neg)`` (same order): "phantom", "clean" (a real
+    slice, or an augmentation of one, whose base is not among the real output series in the
+    ledger) or "near" (the base of a real output series in the ledger, or an augmentation of
+    it: a flipped / cropped / noisier copy of a recorded image, not an unrelated one)."""
+    reals = real_slices()
+    big = [r for r in reals if min(r.arr.shape) >= 256]
+    in_ledger = {big[k % len(big)].source for k in range(n_real_series)} if big else set()
+    n_ph = n_neg * 3 // 10 + n_neg // 25
+    out = ["phantom"] * min(n_ph, n_neg)
+    for i in range(n_neg - len(out)):
+        # the real slices themselves, then build_sets' augmentations of reals[j % len]
+        r = reals[i] if i < len(reals) else reals[(i - len(reals)) % len(reals)]
+        out.append("near" if r.source in in_ledger else "clean")
+    return out
+
+
+def _fp_tables(pos_r: dict[str, list[tuple[int, ...]]], neg: NDArray, labels: list[str]
                ) -> tuple[int, dict[str, dict], list[tuple[str, str, str, str, float]]]:
-    """Penalty, match distance and false matches (set on one half of the unrelated slices,
-    measured on the other) and the identification rows, for the plain and searched lookup."""
-    perm = np.random.default_rng(0).permutation(len(neg))
-    calib, test = neg[perm[: len(perm) // 2]], neg[perm[len(perm) // 2:]]
-    # penalty: the searched distance of unrelated slices no closer than their plain one in
-    # the tail (1 % quantiles of the calibration half)
-    pen = max(0, math.ceil(np.quantile(calib[:, 0], 0.01) - np.quantile(calib[:, 1], 0.01)))
+    """Penalty, match distance and false matches (set on one half of the unrelated slices
+    that are not near-copies of recorded ones, measured on the other half and on the
+    near-copies) and the identification rows, for the plain and the searched lookup."""
+    lab = np.array(labels)
+    unrel, near = neg[lab != "near"], neg[lab == "near"]
+    perm = np.random.default_rng(0).permutation(len(unrel))
+    calib, test = unrel[perm[: len(perm) // 2]], unrel[perm[len(perm) // 2:]]
+    # penalty: the smallest that keeps the unrelated slices' searched distance no closer than
+    # their plain one (0.1 % quantile of the calibration half)
+    q_plain = np.quantile(calib[:, 0], 0.001)
+    pen = next(p for p in range(0, 65) if
+               np.quantile(np.minimum(calib[:, 0], calib[:, 1] + p), 0.001) >= q_plain)
     rows, summary = [], {}
     for label, plain in (("plain (dctr1 lookup as before)", True),
                          ("crop search (shipped)", False)):
@@ -933,13 +955,16 @@ def _fp_tables(pos_r: dict[str, list[tuple[int, ...]]], neg: NDArray
             return a if plain else np.minimum(a, b + pen)
 
         e_cal, e_test = eff(calib[:, 0], calib[:, 1]), eff(test[:, 0], test[:, 1])
-        e_all = eff(neg[:, 0], neg[:, 1])
+        e_all, e_near = eff(unrel[:, 0], unrel[:, 1]), eff(near[:, 0], near[:, 1])
         thr = int(np.quantile(e_cal, 0.001, method="lower")) - 1
         false_m = [bool(x <= thr) for x in e_test]
-        summary[label] = {"thr": thr, "mean": float(e_all.mean()), "sd": float(e_all.std()),
-                          "false": _rate(false_m), "n_false": int(sum(false_m)),
-                          "q": [float(np.quantile(e_all, q)) for q in (0.001, 0.01, 0.5)],
-                          "min": int(e_all.min()), "n_cal": len(calib), "n_test": len(test)}
+        summary[label] = {
+            "thr": thr, "mean": float(e_all.mean()), "sd": float(e_all.std()),
+            "false": _rate(false_m), "n_false": int(sum(false_m)),
+            "near": _rate([bool(x <= thr) for x in e_near]),
+            "q": [float(np.quantile(e_all, q)) for q in (0.001, 0.01, 0.5)],
+            "min": int(e_all.min()), "n_cal": len(calib), "n_test": len(test),
+            "n_near": len(near)}
         for name in SERIES_TRANSFORMS:
             # per query: own plain, other plain, own searched, other searched
             a = np.array(pos_r[name], dtype=np.int64)
@@ -948,6 +973,42 @@ def _fp_tables(pos_r: dict[str, list[tuple[int, ...]]], neg: NDArray
             ident = [bool(x) for x in (own < oth) & (own <= thr)]
             rows.append((name, label, _rate(ident), _rate(top1), float(np.median(own))))
     return pen, summary, rows
+
+
+def _fp_report_lines(pen: int, summary: dict[str, dict],
+                     rows: list[tuple[str, str, str, str, float]]) -> list[str]:
+    lines = ["- crop search penalty (smallest keeping the unrelated slices' searched distance "
+             f"no closer than their plain one at the 0.1 % quantile): {pen} bits", ""]
+    for label, v in summary.items():
+        lines.append(
+            f"- {label}: closest recorded slice of an unrelated slice (phantom and real, "
+            f"near-copies left out; {v['n_cal'] + v['n_test']}): distance min {v['min']}, "
+            f"0.1 % quantile {v['q'][0]:.0f}, 1 % {v['q'][1]:.0f}, median {v['q'][2]:.0f}, "
+            f"mean {v['mean']:.1f}, sd {v['sd']:.1f}; match distance chosen on {v['n_cal']} "
+            f"(false-match rate <= 0.1 %): <= {v['thr']} bits; false matches on the other "
+            f"{v['n_test']}: {v['n_false']}, rate {v['false']}; near-copies of recorded real "
+            f"slices (flips / crops / noise of the same source slice; {v['n_near']}) within "
+            f"the match distance: {v['near']}")
+    lines += [
+        "", "Identified = the right output series is strictly closer than every other recorded "
+        "slice (ties count as misses) and within the match distance; top-1 = strictly closer, "
+        "any distance.", "",
+        "| transform | mark aim | lookup | identified | top-1 (any distance) | median distance "
+        "to own slice |", "|---|---|---|---|---|---|"]
+    for name, label, ident, top1, med in sorted(
+            rows, key=lambda r: (SERIES_TRANSFORMS.index(r[0]), r[1])):
+        aim = "exempt" if name in EXEMPT else ">= 99 %"
+        lines.append(f"| {name} | {aim} | {label} | {ident} | {top1} | {med:.0f} |")
+    return lines
+
+
+def fingerprint_report(path: Path, n_neg: int, n_real_series: int) -> str:
+    """The tables of a ``--fingerprint --json`` dump, recomputed (``--fingerprint-report``)."""
+    d = json.loads(path.read_text())
+    neg = np.array(d["neg"])
+    labels = d.get("labels") or _fp_neg_labels(n_neg, n_real_series)
+    pen, summary, rows = _fp_tables(d["pos"], neg, labels)
+    return "\n".join(_fp_report_lines(pen, summary, rows)) + "\n"
 
 
 def fingerprint_main(args: argparse.Namespace) -> None:
@@ -990,7 +1051,8 @@ def fingerprint_main(args: argparse.Namespace) -> None:
             for _ in r["queries"][name]:
                 pos_r[name].append(res[k])
                 k += 1
-    pen, summary, rows = _fp_tables(pos_r, neg)
+    labels = _fp_neg_labels(len(negs), args.real_series)
+    pen, summary, rows = _fp_tables(pos_r, neg, labels)
     t_hash, t_look = [], []  # the shipped search at this ledger size, one core
     for s in negs[:200]:
         t = time.perf_counter()
@@ -1009,36 +1071,18 @@ def fingerprint_main(args: argparse.Namespace) -> None:
         "volumes, CT / T1w / T2w, one seed each). Unrelated slices: "
         f"{len(neg)} (held-out phantom seeds at 256 / 512 px, the distinct real pydicom / "
         "pydicom-data slices and their augmentations).", "",
-        "- crop search penalty (1 % quantiles of the unrelated slices' plain and searched "
-        f"distance): {pen} bits", ""]
-    for label, v in summary.items():
-        lines.append(
-            f"- {label}: closest recorded slice of an unrelated slice: distance min {v['min']}, "
-            f"0.1 % quantile {v['q'][0]:.0f}, 1 % {v['q'][1]:.0f}, median {v['q'][2]:.0f}, "
-            f"mean {v['mean']:.1f}, sd {v['sd']:.1f}; match distance chosen on {v['n_cal']} "
-            f"(false-match rate <= 0.1 %): <= {v['thr']} bits; false matches on the other "
-            f"{v['n_test']}: {v['n_false']}, rate {v['false']}")
-    lines += [
-        "", f"- shipped lookup at {len(index)} recorded slices (one core, numpy; "
+        f"- shipped lookup at {len(index)} recorded slices (one core, numpy; "
         f"{1 + len(fpm.UNCROP_PADS)} hashes per query): hashing the query median "
         f"{1000 * np.median(t_hash):.1f} ms (99th percentile {1000 * np.quantile(t_hash, 0.99):.1f}"
         f" ms, 256 - 512 px), search median {1000 * np.median(t_look):.1f} ms (99th percentile "
-        f"{1000 * np.quantile(t_look, 0.99):.1f} ms)", "",
-        "Identified = the right output series is strictly closer than every other recorded "
-        "slice (ties count as misses) and within the match distance; top-1 = strictly closer, "
-        "any distance.", "",
-        "| transform | mark aim | lookup | identified | top-1 (any distance) | median distance "
-        "to own slice |", "|---|---|---|---|---|---|"]
-    for name, label, ident, top1, med in sorted(
-            rows, key=lambda r: (SERIES_TRANSFORMS.index(r[0]), r[1])):
-        aim = "exempt" if name in EXEMPT else ">= 99 %"
-        lines.append(f"| {name} | {aim} | {label} | {ident} | {top1} | {med:.0f} |")
+        f"{1000 * np.quantile(t_look, 0.99):.1f} ms)", ""]
+    lines += _fp_report_lines(pen, summary, rows)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         args.out.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps({"neg": neg.tolist(), "penalty": pen,
+        args.json.write_text(json.dumps({"neg": neg.tolist(), "penalty": pen, "labels": labels,
                                          "summary": summary, "pos": pos_r}))
 
 
@@ -1083,8 +1127,14 @@ def main() -> None:
                          "the detector is the shipped one")
     ap.add_argument("--fingerprint", action="store_true",
                     help="identification by fingerprint against --ledger recorded slices")
+    ap.add_argument("--fingerprint-report", type=Path, default=None, metavar="JSON",
+                    help="the tables of a --fingerprint --json dump, recomputed (give the run's "
+                         "--negatives and --real-series)")
     ap.add_argument("--ledger", type=int, default=100_000, help="--fingerprint: recorded slices")
     args = ap.parse_args()
+    if args.fingerprint_report:
+        print(fingerprint_report(args.fingerprint_report, args.negatives, args.real_series))
+        return
     if args.fingerprint:
         fingerprint_main(args)
         return
