@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -126,10 +126,11 @@ def augment(base: Slice, rng: np.random.Generator, min_side: int = 128) -> Slice
         side = int(rng.integers(min_side, min(ny, nx, 512) + 1))
         y0, x0 = int(rng.integers(0, ny - side + 1)), int(rng.integers(0, nx - side + 1))
         a = a[y0 : y0 + side, x0 : x0 + side]
-    sigma = rng.choice([0.0, 1.0, 3.0, 8.0])
+    sigma = float(rng.choice([0.0, 1.0, 3.0, 8.0]))
+    af = a.astype(np.float64)
     if sigma:
-        a = a + rng.normal(0, sigma, a.shape)
-    return Slice(_to_stored(a, base.bits, base.signed), base.bits, base.signed, base.slope, base.intercept,
+        af = af + rng.normal(0, sigma, a.shape)
+    return Slice(_to_stored(af, base.bits, base.signed), base.bits, base.signed, base.slope, base.intercept,
                  base.ct, base.source + "+aug")
 
 
@@ -238,7 +239,7 @@ def _phantom_one(seed: int, size: int = 256, n_slices: int = 8, ct_only: bool = 
     from engine.research.phantoms import make_sample
 
     rng = np.random.default_rng(seed)
-    kind = "head" if seed % 10 == 9 else "abdomen"
+    kind: Literal["head", "abdomen"] = "head" if seed % 10 == 9 else "abdomen"
     s = make_sample(seed, size=size, n_slices=n_slices, kind=kind)
     out = []
     for z in range(s.ct_hu.shape[0]):
@@ -297,13 +298,13 @@ def summarise(pos: list[dict], neg: list[dict], thr: float, command: str, elapse
                   + ", ".join(f"{k} {sum(r['t'][k]['marked'] for r in tneg)}" for k in TRANSFORMS)
                   + " flagged.", ""]
     fid = [r["fidelity"] for r in pos]
-    md = 2 if MAX_DELTA is None else MAX_DELTA
+    md0 = 2 if MAX_DELTA is None else MAX_DELTA
     md = np.array([f["max_abs_delta"] for f in fid])
     ps = np.array([f["psnr_db"] for f in fid])
     ss = np.array([f["ssim"] for f in fid])
     lines += [
-        "## Fidelity of embedding (strength " f"{CURRENT_FORMAT.strength}; max_delta = {md} for CT (HU), "
-        f"suggest_max_delta = max({md}, 0.25 x noise sd) for MR / other)", "",
+        "## Fidelity of embedding (strength " f"{CURRENT_FORMAT.strength}; max_delta = {md0} for CT (HU), "
+        f"suggest_max_delta = max({md0}, 0.25 x noise sd) for MR / other)", "",
         f"- positives: {len(pos)}; max |delta| over all: {md.max():.0f}; outside valid range: "
         f"{sum(not f['in_range'] for f in fid)}",
         f"- PSNR at stored bit depth: min {ps.min():.1f} dB, median {np.median(ps):.1f} dB",
@@ -432,7 +433,7 @@ def mini(max_delta: int | None = None, sets: tuple[str, ...] = (), json_out: Pat
             neg.append(augment(reals[len(neg) % len(reals)], rng))
     t0 = time.time()
     res: dict[tuple[str, str], list[tuple[bool, bool, float]]] = {}
-    fids: list[dict[str, float]] = []
+    fids: list[dict[str, Any]] = []
     per: dict[str, list[list[object]]] = {}  # per positive (in order): [marked, score]
     for i, s in enumerate(pos):
         rng = np.random.default_rng(i)
@@ -443,7 +444,7 @@ def mini(max_delta: int | None = None, sets: tuple[str, ...] = (), json_out: Pat
             md = suggest_max_delta(s.arr, hu_calibrated=s.ct, floor=max_delta)
         marked = _embed(s.arr, payload, bits_stored=s.bits, signed=s.signed, max_delta=md)
         src = s.source.split(":")[1][:12] if s.source.startswith("real") else s.source.split(":")[0]
-        fids.append(dict(fidelity(s, marked), source=src, ct=s.ct, max_delta=md))
+        fids.append({**fidelity(s, marked), "source": src, "ct": s.ct, "max_delta": md})
         for t in MINI_TRANSFORMS:
             d = _detect(TRANSFORMS[t](s, marked, rng), [KEY])
             res.setdefault((src, t), []).append((d.marked, d.payload == payload, d.score))

@@ -29,9 +29,9 @@ slices is no closer than their plain one).
 A match is reported at a distance <= :data:`MATCH_DISTANCE` bits, chosen in the benchmark so
 that unrelated slices (real and phantom, not in the ledger) match a ledger of 100,000
 recorded slices in at most 0.1 % of lookups (bench/RESULTS.md; flipped / cropped / noisier
-copies of a recorded slice's source are not unrelated: 1.1 % of those matched). The score is calibrated
-against the same measurement: (NULL_MEAN - distance) / NULL_SD, where NULL_MEAN and NULL_SD
-are the mean and sd of the distance from an unrelated slice to its closest recorded slice in
+copies of a recorded slice's source are not unrelated: 1.1 % of those matched). The score is
+calibrated against the same measurement: (NULL_MEAN - distance) / NULL_SD, where NULL_MEAN and
+NULL_SD are the mean and sd of the distance from an unrelated slice to its closest recorded slice in
 that ledger: a score of 3 means three null standard deviations closer than unrelated slices
 come. Candidates above the match distance are still listed (closest first): after JPEG q75
 or a 0.5x resize the right slice is usually the closest one at 6 - 8 bits.

@@ -31,7 +31,7 @@ def _real(name: str) -> wt.Slice:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(get_testdata_file(name))
+        ds = pydicom.dcmread(str(get_testdata_file(name)))
     ct = ds.Modality == "CT"
     arr = ds.pixel_array
     return wt.Slice(arr if arr.ndim == 2 else arr[0], int(ds.BitsStored), int(ds.PixelRepresentation) == 1,
