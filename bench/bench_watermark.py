@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -126,10 +126,11 @@ def augment(base: Slice, rng: np.random.Generator, min_side: int = 128) -> Slice
         side = int(rng.integers(min_side, min(ny, nx, 512) + 1))
         y0, x0 = int(rng.integers(0, ny - side + 1)), int(rng.integers(0, nx - side + 1))
         a = a[y0 : y0 + side, x0 : x0 + side]
-    sigma = rng.choice([0.0, 1.0, 3.0, 8.0])
+    sigma = float(rng.choice([0.0, 1.0, 3.0, 8.0]))
+    af = a.astype(np.float64)
     if sigma:
-        a = a + rng.normal(0, sigma, a.shape)
-    return Slice(_to_stored(a, base.bits, base.signed), base.bits, base.signed, base.slope, base.intercept,
+        af = af + rng.normal(0, sigma, a.shape)
+    return Slice(_to_stored(af, base.bits, base.signed), base.bits, base.signed, base.slope, base.intercept,
                  base.ct, base.source + "+aug")
 
 
@@ -238,7 +239,7 @@ def _phantom_one(seed: int, size: int = 256, n_slices: int = 8, ct_only: bool = 
     from engine.research.phantoms import make_sample
 
     rng = np.random.default_rng(seed)
-    kind = "head" if seed % 10 == 9 else "abdomen"
+    kind: Literal["head", "abdomen"] = "head" if seed % 10 == 9 else "abdomen"
     s = make_sample(seed, size=size, n_slices=n_slices, kind=kind)
     out = []
     for z in range(s.ct_hu.shape[0]):
@@ -297,13 +298,13 @@ def summarise(pos: list[dict], neg: list[dict], thr: float, command: str, elapse
                   + ", ".join(f"{k} {sum(r['t'][k]['marked'] for r in tneg)}" for k in TRANSFORMS)
                   + " flagged.", ""]
     fid = [r["fidelity"] for r in pos]
-    md = 2 if MAX_DELTA is None else MAX_DELTA
+    md0 = 2 if MAX_DELTA is None else MAX_DELTA
     md = np.array([f["max_abs_delta"] for f in fid])
     ps = np.array([f["psnr_db"] for f in fid])
     ss = np.array([f["ssim"] for f in fid])
     lines += [
-        "## Fidelity of embedding (strength " f"{CURRENT_FORMAT.strength}; max_delta = {md} for CT (HU), "
-        f"suggest_max_delta = max({md}, 0.25 x noise sd) for MR / other)", "",
+        "## Fidelity of embedding (strength " f"{CURRENT_FORMAT.strength}; max_delta = {md0} for CT (HU), "
+        f"suggest_max_delta = max({md0}, 0.25 x noise sd) for MR / other)", "",
         f"- positives: {len(pos)}; max |delta| over all: {md.max():.0f}; outside valid range: "
         f"{sum(not f['in_range'] for f in fid)}",
         f"- PSNR at stored bit depth: min {ps.min():.1f} dB, median {np.median(ps):.1f} dB",
@@ -432,7 +433,7 @@ def mini(max_delta: int | None = None, sets: tuple[str, ...] = (), json_out: Pat
             neg.append(augment(reals[len(neg) % len(reals)], rng))
     t0 = time.time()
     res: dict[tuple[str, str], list[tuple[bool, bool, float]]] = {}
-    fids: list[dict[str, float]] = []
+    fids: list[dict[str, Any]] = []
     per: dict[str, list[list[object]]] = {}  # per positive (in order): [marked, score]
     for i, s in enumerate(pos):
         rng = np.random.default_rng(i)
@@ -443,7 +444,7 @@ def mini(max_delta: int | None = None, sets: tuple[str, ...] = (), json_out: Pat
             md = suggest_max_delta(s.arr, hu_calibrated=s.ct, floor=max_delta)
         marked = _embed(s.arr, payload, bits_stored=s.bits, signed=s.signed, max_delta=md)
         src = s.source.split(":")[1][:12] if s.source.startswith("real") else s.source.split(":")[0]
-        fids.append(dict(fidelity(s, marked), source=src, ct=s.ct, max_delta=md))
+        fids.append({**fidelity(s, marked), "source": src, "ct": s.ct, "max_delta": md})
         for t in MINI_TRANSFORMS:
             d = _detect(TRANSFORMS[t](s, marked, rng), [KEY])
             res.setdefault((src, t), []).append((d.marked, d.payload == payload, d.score))
@@ -590,6 +591,10 @@ SERIES_TRANSFORMS = ("none", "png window brain", "png window soft", "png window 
 EXEMPT = ("jpeg q75 (lung)", "resize 0.5x")
 SERIES_SLICES = 4
 NOISE_FRACTION = 0.0  # --noise-fraction: watermark.other_noise_fraction for non-HU outputs
+SERIES_SIZES = (128, 256, 512, 1024)  # --sizes
+SERIES_KINDS = ("ct", "t1w", "t2w")  # --kinds
+HU_MAX_CHANGE = 4.0  # --hu-max-change: the CT bound (FidelityBound.hu_max_change; shipped 4)
+EMBED_FMT = CURRENT_FORMAT  # --embed-set FIELD=VALUE: an embedding variant (bench-only version 90)
 
 
 def _as_output(arr: NDArray, ct: bool) -> tuple[NDArray, int]:
@@ -643,7 +648,7 @@ def run_series(args: tuple[int, tuple[str, int, int]]) -> dict[str, object]:
 
     idx, spec = args
     hosts = _series_hosts(spec)
-    bound = FidelityBound(other_noise_fraction=NOISE_FRACTION)
+    bound = FidelityBound(other_noise_fraction=NOISE_FRACTION, hu_max_change=HU_MAX_CHANGE)
     payload = make_payload(KEY.key_id, int(np.random.default_rng(idx).integers(0, 1 << 40)))
     marked, fids = [], []
     for h in hosts:  # as the pipeline marks: start at the bound, raise (below the noise,
@@ -655,7 +660,8 @@ def run_series(args: tuple[int, tuple[str, int, int]]) -> dict[str, object]:
                                      noise_fraction=NOISE_FRACTION)
             m, d = m3[0], rep.max_delta[0]
         else:
-            m = embed(h.arr, KEY, payload, bits_stored=h.bits, signed=h.signed, max_delta=d)
+            m = embed(h.arr, KEY, payload, bits_stored=h.bits, signed=h.signed, max_delta=d,
+                      fmt=EMBED_FMT)
         marked.append(m)
         fids.append(dict(measure(h.arr, m, slope=h.slope, hu=h.ct,
                                  peak=None if h.ct else 4095), max_delta=d))
@@ -701,9 +707,9 @@ def series_specs(n_per_cell: int, n_real: int) -> list[tuple[str, int, int]]:
     plus ``n_real`` series of augmented real slices (>= 256 px). Seeds disjoint from the
     negatives'."""
     specs: list[tuple[str, int, int]] = []
-    for size in (128, 256, 512, 1024):
+    for size in SERIES_SIZES:
         n = n_per_cell if size < 1024 else max(1, n_per_cell // 2)
-        for kind in ("ct", "t1w", "t2w"):
+        for kind in SERIES_KINDS:
             specs += [(kind, size, 2_300_000_000 + size * 1000 + 100 * ("ct", "t1w", "t2w").index(kind) + i)
                       for i in range(n)]
     specs += [(f"real:{i}", 0, 2_400_000_000 + i) for i in range(n_real)]
@@ -729,11 +735,14 @@ def series_summary(pos: list[dict], neg: list[dict], command: str, elapsed: floa
     lines = ["# Watermark benchmark: fidelity bound by meaning, sizes 128 - 1024 px, series pooling", "",
              f"Command: `{command}`", "",
              f"Elapsed {elapsed / 60:.1f} min; threshold {thr:.3f} (Bonferroni, FPR <= 0.1 %, 1 key, "
-             f"all registered formats); bound: CT 4 HU, other outputs 2 stored units of 4,096 levels "
+             f"all registered formats); bound: CT {HU_MAX_CHANGE:g} HU, other outputs 2 stored units of 4,096 levels "
              f"and PSNR >= 50 dB (audit.watermark.fidelity.FidelityBound defaults)"
              + (f"; non-HU slices whose mark is not read untransformed raised (doubling) up to {NOISE_FRACTION} x noise sd "
                 "(watermark.other_noise_fraction, as the pipeline's embed_verified)" if NOISE_FRACTION else
                 "; no raise (watermark.other_noise_fraction = 0)")
+             + f"; series of {SERIES_SLICES} slices; marks embedded with format "
+             + (f"{EMBED_FMT.version} (bench variant: {EMBED_FMT})" if EMBED_FMT != CURRENT_FORMAT
+                else f"{EMBED_FMT.version} (shipped)")
              + ".", "",
              "## False positives (unmarked, no transform)", "",
              f"- single slices: {sum(single_neg)} of {len(single_neg)} flagged, FPR {_rate(single_neg)}; "
@@ -779,8 +788,21 @@ def series_summary(pos: list[dict], neg: list[dict], command: str, elapsed: floa
 
 def series_main(args: argparse.Namespace) -> None:
     command = "nice -n 10 python bench/bench_watermark.py " + " ".join(sys.argv[1:])
-    global NOISE_FRACTION
+    global NOISE_FRACTION, SERIES_SIZES, SERIES_KINDS, SERIES_SLICES, EMBED_FMT, HU_MAX_CHANGE
     NOISE_FRACTION = args.noise_fraction
+    HU_MAX_CHANGE = args.hu_max_change
+    SERIES_SIZES = tuple(args.sizes)
+    SERIES_KINDS = tuple(args.kinds)
+    SERIES_SLICES = args.series_slices
+    if args.embed_set:
+        import dataclasses
+
+        from audit.watermark.format import MarkFormat
+
+        pairs = (x.split("=", 1) for x in args.embed_set)
+        over = {k: type(getattr(CURRENT_FORMAT, k))(v) for k, v in pairs}
+        EMBED_FMT = dataclasses.replace(CURRENT_FORMAT, version=90, **over)
+        assert isinstance(EMBED_FMT, MarkFormat)
     t0 = time.time()
     pool = mp.get_context("fork").Pool(args.workers)
     specs = series_specs(args.series_per_cell, args.real_series)
@@ -804,17 +826,22 @@ def series_main(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- fingerprints
 
+FILLER_SLICES = 64  # slices per 128 px filler phantom volume (x CT, T1w, T2w: 192 recorded slices)
+
 
 def _fp_filler(seed: int) -> list[list[str]]:
-    """Fingerprints of one 16-slice 128 px phantom volume (CT in HU, T1w, T2w as 12-bit
-    outputs): ledger filler standing for other outputs."""
+    """Fingerprints of one 64-slice 128 px phantom volume (CT in HU with its own noise level,
+    T1w, T2w as 12-bit outputs; every tenth seed a head): ledger filler standing for other
+    outputs. Every recorded slice is a distinct image (its own anatomy position, seed and
+    noise draw); neighbouring slices of a volume resemble each other as in a real series."""
     from audit.watermark.fingerprint import slice_fingerprint
     from engine.research.phantoms import make_sample
 
-    ph = make_sample(seed, size=128, n_slices=16, kind="head" if seed % 10 == 9 else "abdomen")
+    ph = make_sample(seed, size=128, n_slices=FILLER_SLICES,
+                     kind="head" if seed % 10 == 9 else "abdomen")
     rng = np.random.default_rng(seed)
     out = []
-    for z in range(16):
+    for z in range(FILLER_SLICES):
         hu = ph.ct_hu[z] + rng.normal(0.0, rng.uniform(3.0, 20.0), ph.ct_hu[z].shape)
         out.append(slice_fingerprint(np.rint(hu + 1024.0), hu=True, intercept=-1024.0))
         for img in (ph.t1w[z], ph.t2w[z]):
@@ -824,9 +851,9 @@ def _fp_filler(seed: int) -> list[list[str]]:
 
 def _fp_positive(args: tuple[int, tuple[str, int, int]]) -> dict[str, object]:
     """One marked output series of the series run: its recorded fingerprints and the query
-    hash of every slice after every transform."""
+    hashes (plain + crop search) of every slice after every transform."""
     from audit.watermark.fidelity import FidelityBound
-    from audit.watermark.fingerprint import slice_fingerprint, slice_hash
+    from audit.watermark.fingerprint import query_hashes, slice_fingerprint
 
     idx, spec = args
     hosts = _series_hosts(spec)
@@ -834,110 +861,230 @@ def _fp_positive(args: tuple[int, tuple[str, int, int]]) -> dict[str, object]:
     payload = make_payload(KEY.key_id, idx)
     rec: dict[str, object] = {"kind": spec[0], "size": int(hosts[0].arr.shape[0]),
                               "recorded": [], "queries": {}}
-    for z, h in enumerate(hosts):
+    for h in hosts:
         d, _ = bound.limits(h.arr, hu=h.ct, slope=h.slope, peak=None if h.ct else 4095)
         m = embed(h.arr, KEY, payload, bits_stored=h.bits, signed=h.signed, max_delta=d)
         rec["recorded"].append(slice_fingerprint(m, hu=h.ct, slope=h.slope,  # type: ignore[attr-defined]
                                                  intercept=h.intercept))
         for ti, name in enumerate(SERIES_TRANSFORMS):
             img = TRANSFORMS[name](h, m, np.random.default_rng([idx, ti]))
-            rec["queries"].setdefault(name, []).append(slice_hash(img).hex())  # type: ignore[attr-defined]
+            rec["queries"].setdefault(name, []).append([q.hex() for q in query_hashes(img)])  # type: ignore[attr-defined]
     return rec
 
 
-def _fp_negative(s: Slice) -> str:
-    from audit.watermark.fingerprint import slice_hash
+def _fp_negative(s: Slice) -> list[str]:
+    from audit.watermark.fingerprint import query_hashes
 
-    return slice_hash(s.arr).hex()
+    return [q.hex() for q in query_hashes(s.arr)]
+
+
+_FP_INDEX: Any = None  # the ledger index, inherited by the lookup workers (fork)
+_FP_OWNER: Any = None  # per recorded slice: the positive series it belongs to (-1: filler)
+
+
+def _fp_lookup(args: tuple[int, list[str]]) -> tuple[int, int, int, int]:
+    """Plain and searched distance of one query to the closest slice of its own series
+    (``owner``; -1: none) and to the closest other slice of the ledger."""
+    owner, qs = args
+    hs = [bytes.fromhex(q) for q in qs]
+    dp = _FP_INDEX._plain(hs[0]).astype(np.int64)
+    ds = _FP_INDEX._plain(hs[1]).astype(np.int64)
+    for h in hs[2:]:
+        ds = np.minimum(ds, _FP_INDEX._plain(h))
+    mine = _FP_OWNER == owner
+    big = 1 << 20
+    return (int(dp[mine].min()) if mine.any() else big, int(dp[~mine].min()),
+            int(ds[mine].min()) if mine.any() else big, int(ds[~mine].min()))
+
+
+def _fp_ledger(pos: list[dict], n: int, pool: Any) -> tuple[Any, list[int]]:
+    """The ledger index: the positives' recorded slices, then 128 px phantom filler up to
+    ``n`` slices; and per slice the positive series it belongs to (-1: filler)."""
+    from audit.watermark.fingerprint import FingerprintIndex
+
+    index = FingerprintIndex()
+    owner: list[int] = []
+    for i, r in enumerate(pos):
+        for z, hs in enumerate(r["recorded"]):
+            index.add(i, f"pos-{i}", None, z, hs)
+            owner.append(i)
+    n_fill = max(0, n - len(index))
+    seeds = [2_500_000_000 + v for v in range(-(-n_fill // (3 * FILLER_SLICES)))]
+    for v in pool.imap(_fp_filler, seeds, chunksize=2):
+        for hs in v:
+            if len(index) < n:
+                index.add(-1, "filler", None, 0, hs)
+                owner.append(-1)
+    return index, owner
+
+
+def _fp_neg_labels(n_neg: int, n_real_series: int) -> list[str]:
+    """Per unrelated slice of ``build_sets(0, n_neg)`` (same order): "phantom", "clean" (a real
+    slice, or an augmentation of one, whose base is not among the real output series in the
+    ledger) or "near" (the base of a real output series in the ledger, or an augmentation of
+    it: a flipped / cropped / noisier copy of a recorded image, not an unrelated one)."""
+    reals = real_slices()
+    big = [r for r in reals if min(r.arr.shape) >= 256]
+    in_ledger = {big[k % len(big)].source for k in range(n_real_series)} if big else set()
+    n_ph = n_neg * 3 // 10 + n_neg // 25
+    out = ["phantom"] * min(n_ph, n_neg)
+    for i in range(n_neg - len(out)):
+        # the real slices themselves, then build_sets' augmentations of reals[j % len]
+        r = reals[i] if i < len(reals) else reals[(i - len(reals)) % len(reals)]
+        out.append("near" if r.source in in_ledger else "clean")
+    return out
+
+
+def _fp_tables(pos_r: dict[str, list[tuple[int, ...]]], neg: NDArray, labels: list[str]
+               ) -> tuple[int, dict[str, dict], list[tuple[str, str, str, str, float]]]:
+    """Penalty, match distance and false matches (set on one half of the unrelated slices
+    that are not near-copies of recorded ones, measured on the other half and on the
+    near-copies) and the identification rows, for the plain and the searched lookup."""
+    lab = np.array(labels)
+    unrel, near = neg[lab != "near"], neg[lab == "near"]
+    perm = np.random.default_rng(0).permutation(len(unrel))
+    calib, test = unrel[perm[: len(perm) // 2]], unrel[perm[len(perm) // 2:]]
+    # penalty: the smallest that keeps the unrelated slices' searched distance no closer than
+    # their plain one (0.1 % quantile of the calibration half)
+    q_plain = np.quantile(calib[:, 0], 0.001)
+    pen = next(p for p in range(0, 65) if
+               np.quantile(np.minimum(calib[:, 0], calib[:, 1] + p), 0.001) >= q_plain)
+    rows, summary = [], {}
+    for label, plain in (("plain (dctr1 lookup as before)", True),
+                         ("crop search (shipped)", False)):
+        def eff(a: NDArray, b: NDArray, plain: bool = plain) -> NDArray:
+            return a if plain else np.minimum(a, b + pen)
+
+        e_cal, e_test = eff(calib[:, 0], calib[:, 1]), eff(test[:, 0], test[:, 1])
+        e_all, e_near = eff(unrel[:, 0], unrel[:, 1]), eff(near[:, 0], near[:, 1])
+        thr = int(np.quantile(e_cal, 0.001, method="lower")) - 1
+        false_m = [bool(x <= thr) for x in e_test]
+        summary[label] = {
+            "thr": thr, "mean": float(e_all.mean()), "sd": float(e_all.std()),
+            "false": _rate(false_m), "n_false": int(sum(false_m)),
+            "near": _rate([bool(x <= thr) for x in e_near]),
+            "q": [float(np.quantile(e_all, q)) for q in (0.001, 0.01, 0.5)],
+            "min": int(e_all.min()), "n_cal": len(calib), "n_test": len(test),
+            "n_near": len(near)}
+        for name in SERIES_TRANSFORMS:
+            # per query: own plain, other plain, own searched, other searched
+            a = np.array(pos_r[name], dtype=np.int64)
+            own, oth = eff(a[:, 0], a[:, 2]), eff(a[:, 1], a[:, 3])
+            top1 = [bool(x) for x in own < oth]
+            ident = [bool(x) for x in (own < oth) & (own <= thr)]
+            rows.append((name, label, _rate(ident), _rate(top1), float(np.median(own))))
+    return pen, summary, rows
+
+
+def _fp_report_lines(pen: int, summary: dict[str, dict],
+                     rows: list[tuple[str, str, str, str, float]]) -> list[str]:
+    lines = ["- crop search penalty (smallest keeping the unrelated slices' searched distance "
+             f"no closer than their plain one at the 0.1 % quantile): {pen} bits", ""]
+    for label, v in summary.items():
+        lines.append(
+            f"- {label}: closest recorded slice of an unrelated slice (phantom and real, "
+            f"near-copies left out; {v['n_cal'] + v['n_test']}): distance min {v['min']}, "
+            f"0.1 % quantile {v['q'][0]:.0f}, 1 % {v['q'][1]:.0f}, median {v['q'][2]:.0f}, "
+            f"mean {v['mean']:.1f}, sd {v['sd']:.1f}; match distance chosen on {v['n_cal']} "
+            f"(false-match rate <= 0.1 %): <= {v['thr']} bits; false matches on the other "
+            f"{v['n_test']}: {v['n_false']}, rate {v['false']}; near-copies of recorded real "
+            f"slices (flips / crops / noise of the same source slice; {v['n_near']}) within "
+            f"the match distance: {v['near']}")
+    lines += [
+        "", "Identified = the right output series is strictly closer than every other recorded "
+        "slice (ties count as misses) and within the match distance; top-1 = strictly closer, "
+        "any distance.", "",
+        "| transform | mark aim | lookup | identified | top-1 (any distance) | median distance "
+        "to own slice |", "|---|---|---|---|---|---|"]
+    for name, label, ident, top1, med in sorted(
+            rows, key=lambda r: (SERIES_TRANSFORMS.index(r[0]), r[1])):
+        aim = "exempt" if name in EXEMPT else ">= 99 %"
+        lines.append(f"| {name} | {aim} | {label} | {ident} | {top1} | {med:.0f} |")
+    return lines
+
+
+def fingerprint_report(path: Path, n_neg: int, n_real_series: int) -> str:
+    """The tables of a ``--fingerprint --json`` dump, recomputed (``--fingerprint-report``)."""
+    d = json.loads(path.read_text())
+    neg = np.array(d["neg"])
+    labels = d.get("labels") or _fp_neg_labels(n_neg, n_real_series)
+    pen, summary, rows = _fp_tables(d["pos"], neg, labels)
+    return "\n".join(_fp_report_lines(pen, summary, rows)) + "\n"
 
 
 def fingerprint_main(args: argparse.Namespace) -> None:
     """Identification by fingerprint: rate per transform (exempt ones included) for the marked
     output series of the series run, false matches of unrelated real and phantom slices, and
-    lookup time, against a ledger of ``--ledger`` recorded slices."""
-    from audit.watermark.fingerprint import FingerprintIndex
+    lookup time, against a ledger of ``--ledger`` recorded slices (the positives' slices plus
+    distinct 128 px phantom output slices). Plain lookup (scheme dctr1 as recorded) and the
+    crop search (audit.watermark.fingerprint.query_hashes) are both measured; the penalty and
+    the match distance are chosen on one half of the unrelated slices and the false-match rate
+    measured on the other half."""
+    global _FP_INDEX, _FP_OWNER
+    from audit.watermark import fingerprint as fpm
 
     command = "nice -n 10 python bench/bench_watermark.py " + " ".join(sys.argv[1:])
     t0 = time.time()
     pool = mp.get_context("fork").Pool(args.workers)
     specs = series_specs(args.series_per_cell, args.real_series)
-    pos = pool.map(_fp_positive, list(enumerate(specs)), chunksize=1)
-    index = FingerprintIndex()
-    for i, r in enumerate(pos):
-        for z, hs in enumerate(r["recorded"]):  # type: ignore[arg-type]
-            index.add(i, f"pos-{i}", None, z, hs)
-    n_fill = max(0, args.ledger - len(index))
-    seeds = [2_500_000_000 + v for v in range(n_fill // 48 + 1)]
-    for v in pool.imap(_fp_filler, seeds, chunksize=4):
-        for hs in v:
-            if len(index) < args.ledger:
-                index.add(-1, "filler", None, 0, hs)
+    pos: list[dict[str, Any]] = pool.map(_fp_positive, list(enumerate(specs)), chunksize=1)
+    print(f"{len(pos)} positive series in {time.time() - t0:.0f}s", flush=True)
+    index, owner = _fp_ledger(pos, args.ledger, pool)
     print(f"ledger of {len(index)} fingerprints in {time.time() - t0:.0f}s", flush=True)
     _, negs = build_sets(0, args.negatives, pool)
-    neg_hashes = pool.map(_fp_negative, negs, chunksize=32)
+    neg_q = pool.map(_fp_negative, negs, chunksize=32)
     pool.close()
-    print(f"{len(neg_hashes)} negatives hashed in {time.time() - t0:.0f}s", flush=True)
-    index._packed()
-    lookups: list[float] = []
-
-    def best(q: str) -> tuple[int, str]:
+    print(f"{len(neg_q)} negatives hashed in {time.time() - t0:.0f}s", flush=True)
+    index._words()
+    _FP_INDEX, _FP_OWNER = index, np.array(owner)
+    jobs = [(i, q) for i, r in enumerate(pos) for name in SERIES_TRANSFORMS
+            for q in r["queries"][name]]
+    jobs += [(-2, q) for q in neg_q]
+    with mp.get_context("fork").Pool(args.workers) as lp:
+        res = lp.map(_fp_lookup, jobs, chunksize=64)
+    print(f"lookups done in {time.time() - t0:.0f}s", flush=True)
+    n_pos = len(jobs) - len(neg_q)
+    neg = np.array([(r[1], r[3]) for r in res[n_pos:]])  # plain, searched: closest other slice
+    pos_r: dict[str, list[tuple[int, ...]]] = {n: [] for n in SERIES_TRANSFORMS}
+    k = 0
+    for r in pos:
+        for name in SERIES_TRANSFORMS:
+            for _ in r["queries"][name]:
+                pos_r[name].append(res[k])
+                k += 1
+    labels = _fp_neg_labels(len(negs), args.real_series)
+    pen, summary, rows = _fp_tables(pos_r, neg, labels)
+    t_hash, t_look = [], []  # the shipped search at this ledger size, one core
+    for s in negs[:200]:
         t = time.perf_counter()
-        (m,) = index.search_hash(bytes.fromhex(q), 1)
-        lookups.append(time.perf_counter() - t)
-        return m.distance, m.series_uid
-
-    pos_d = {name: [(best(q), f"pos-{i}") for i, r in enumerate(pos) for q in r["queries"][name]]  # type: ignore[index]
-             for name in SERIES_TRANSFORMS}
-    neg_d = np.array([best(q)[0] for q in neg_hashes])
-    # the match distance is chosen on one half of the unrelated slices (largest distance whose
-    # false-match rate there is <= 0.1 %) and the false-match rate measured on the other half
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(len(neg_d))
-    calib, test = neg_d[perm[: len(perm) // 2]], neg_d[perm[len(perm) // 2:]]
-    thr = int(np.quantile(calib, 0.001, method="lower")) - 1
-    false_m = [bool(x <= thr) for x in test]
-    big = FingerprintIndex()  # lookup time at --lookup-size: the hashes above, repeated
-    reps = -(-args.lookup_size // len(index))
-    big.hashes = np.concatenate([index._packed()] * reps)[: args.lookup_size]
-    big.seqs = [0] * len(big.hashes)
-    big.series = ["x"] * len(big.hashes)
-    big.sops = [None] * len(big.hashes)
-    big.slices = [0] * len(big.hashes)
-    big_n, big_t = len(big), []
-    for q in neg_hashes[:300]:
+        qs = fpm.query_hashes(s.arr)
+        t_hash.append(time.perf_counter() - t)
         t = time.perf_counter()
-        big.search_hash(bytes.fromhex(q), 1)
-        big_t.append(time.perf_counter() - t)
-    lines = ["# Identification by perceptual fingerprint (scheme dctr1)", "", f"Command: `{command}`", "",
-             f"Elapsed {(time.time() - t0) / 60:.1f} min. Ledger: {len(index)} recorded slices "
-             f"({sum(len(r['recorded']) for r in pos)} of the marked output series below, the rest 128 px "
-             "phantom CT / T1w / T2w output slices, 4 renderings each).", "",
-             f"- closest recorded slice of an unrelated slice (held-out phantom seeds at 256 / 512 px, the "
-             f"distinct real pydicom / pydicom-data slices and their augmentations; {len(neg_d)}): distance "
-             f"(bits of {143}) min {neg_d.min()}, 0.1 % quantile {np.quantile(neg_d, 0.001):.0f}, 1 % "
-             f"{np.quantile(neg_d, 0.01):.0f}, median {np.median(neg_d):.0f}, mean {neg_d.mean():.1f}, sd {neg_d.std():.1f}",
-             f"- match distance chosen on {len(calib)} of them (false-match rate <= 0.1 %): <= {thr} bits; "
-             f"false matches on the other {len(test)}: {sum(false_m)}, rate {_rate(false_m)}",
-             f"- lookup time (brute force over {len(index)} x 4 renderings, one core, numpy): median "
-             f"{1000 * np.median(lookups):.1f} ms, 99th percentile {1000 * np.quantile(lookups, 0.99):.1f} ms; "
-             f"at {big_n} recorded slices (this ledger's hashes repeated): median {1000 * np.median(big_t):.1f} ms, "
-             f"99th percentile {1000 * np.quantile(big_t, 0.99):.1f} ms", "",
-             "| transform | mark aim | identified (closest slice in the right series, distance <= match) "
-             "| closest slice in the right series (any distance) | median distance |",
-             "|---|---|---|---|---|"]
-    for name in SERIES_TRANSFORMS:
-        rs = pos_d[name]
-        top1 = [ser == want for (d, ser), want in rs]
-        ident = [ser == want and d <= thr for (d, ser), want in rs]
-        lines.append(f"| {name} | {'exempt' if name in EXEMPT else '>= 99 %'} | {_rate(ident)} | {_rate(top1)} | "
-                     f"{np.median([d for (d, _), _ in rs]):.0f} |")
+        index.search_hash(qs, 5)
+        t_look.append(time.perf_counter() - t)
+    n_rec = sum(len(r["recorded"]) for r in pos)
+    lines = [
+        "# Identification by perceptual fingerprint (scheme dctr1, crop search)", "",
+        f"Command: `{command}`", "",
+        f"Elapsed {(time.time() - t0) / 60:.1f} min. Ledger: {len(index)} recorded slices, "
+        f"4 renderings each: {n_rec} of the marked output series below and "
+        f"{len(index) - n_rec} distinct 128 px phantom output slices ({FILLER_SLICES}-slice "
+        "volumes, CT / T1w / T2w, one seed each). Unrelated slices: "
+        f"{len(neg)} (held-out phantom seeds at 256 / 512 px, the distinct real pydicom / "
+        "pydicom-data slices and their augmentations).", "",
+        f"- shipped lookup at {len(index)} recorded slices (one core, numpy; "
+        f"{1 + len(fpm.UNCROP_PADS)} hashes per query): hashing the query median "
+        f"{1000 * np.median(t_hash):.1f} ms (99th percentile {1000 * np.quantile(t_hash, 0.99):.1f}"
+        f" ms, 256 - 512 px), search median {1000 * np.median(t_look):.1f} ms (99th percentile "
+        f"{1000 * np.quantile(t_look, 0.99):.1f} ms)", ""]
+    lines += _fp_report_lines(pen, summary, rows)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         args.out.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps({"neg_d": neg_d.tolist(), "threshold": thr, "pos": {
-            k: [[int(d), ser == want] for (d, ser), want in v] for k, v in pos_d.items()}}))
+        args.json.write_text(json.dumps({"neg": neg.tolist(), "penalty": pen, "labels": labels,
+                                         "summary": summary, "pos": pos_r}))
 
 
 def main() -> None:
@@ -968,11 +1115,27 @@ def main() -> None:
     ap.add_argument("--negative-series", type=int, default=1000, help="--series: negatives also pooled in 4s")
     ap.add_argument("--noise-fraction", type=float, default=0.0,
                     help="--series: non-HU slices not read at 2 units raised up to this x noise sd (watermark.other_noise_fraction)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024],
+                    help="--series: phantom sizes")
+    ap.add_argument("--kinds", nargs="+", default=["ct", "t1w", "t2w"],
+                    help="--series: phantom kinds")
+    ap.add_argument("--hu-max-change", type=float, default=4.0,
+                    help="--series: CT bound in HU (what-if; the shipped bound is 4)")
+    ap.add_argument("--series-slices", type=int, default=4,
+                    help="--series: slices per series (pooled)")
+    ap.add_argument("--embed-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="--series: embed with a MarkFormat variant (bench version 90); "
+                         "the detector is the shipped one")
     ap.add_argument("--fingerprint", action="store_true",
                     help="identification by fingerprint against --ledger recorded slices")
+    ap.add_argument("--fingerprint-report", type=Path, default=None, metavar="JSON",
+                    help="the tables of a --fingerprint --json dump, recomputed (give the run's "
+                         "--negatives and --real-series)")
     ap.add_argument("--ledger", type=int, default=100_000, help="--fingerprint: recorded slices")
-    ap.add_argument("--lookup-size", type=int, default=100_000, help="--fingerprint: ledger size for the lookup time")
     args = ap.parse_args()
+    if args.fingerprint_report:
+        print(fingerprint_report(args.fingerprint_report, args.negatives, args.real_series))
+        return
     if args.fingerprint:
         fingerprint_main(args)
         return

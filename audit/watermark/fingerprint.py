@@ -17,17 +17,28 @@ stored values and three standard windows (CT: soft tissue 40 / 400, brain 40 / 8
 -600 / 1500 HU; other images: the 1 - 99 and 25 - 75 percentile ranges and the full range).
 
 Matching: Hamming distance to every recorded rendering (an entry's distance is its closest
-rendering). A match is reported at a distance <= :data:`MATCH_DISTANCE` bits, chosen in the
-benchmark so that unrelated slices (real and phantom, not in the ledger) match a ledger of
-20,000 recorded slices in at most 0.1 % of lookups (bench/RESULTS.md). The score is
-calibrated against the same measurement: (NULL_MEAN - distance) / NULL_SD, where NULL_MEAN
-and NULL_SD are the mean and sd of the distance from an unrelated slice to its closest
-recorded slice in that ledger: a score of 3 means three null standard deviations closer than
-unrelated slices come. Candidates above the match distance are still listed (closest first):
-after JPEG q75 or a 0.5x resize the right slice is usually the closest one at 6 - 8 bits.
+rendering). **Crop search** (query side only; the recorded hashes do not change): a crop
+removes a margin of the slice, which moves the intensity moments and with them the whole
+hash. The query is therefore also hashed after padding it back with its own edge values by
+each of :data:`UNCROP_PADS` (3 or 8 % of its height / width on the top, bottom, left and
+right independently: 16 patterns), and an entry's
+distance is ``min(plain distance, searched distance + UNCROP_PENALTY)``, the penalty paying
+for the extra hypotheses (set in the benchmark so that the searched distance of unrelated
+slices is no closer than their plain one).
+
+A match is reported at a distance <= :data:`MATCH_DISTANCE` bits, chosen in the benchmark so
+that unrelated slices (real and phantom, not in the ledger) match a ledger of 100,000
+recorded slices in at most 0.1 % of lookups (bench/RESULTS.md; flipped / cropped / noisier
+copies of a recorded slice's source are not unrelated: 1.4 % of those matched). The score is
+calibrated against the same measurement: (NULL_MEAN - distance) / NULL_SD, where NULL_MEAN and
+NULL_SD are the mean and sd of the distance from an unrelated slice to its closest recorded slice in
+that ledger: a score of 3 means three null standard deviations closer than unrelated slices
+come. Candidates above the match distance are still listed (closest first): after JPEG q75
+or a 0.5x resize the right slice is usually the closest one at 6 - 8 bits.
 
 Not handled: rotations other than none (90-degree rotations and flips change the hash),
-perspective (a photo of a screen at an angle), and heavy crops that cut into the body.
+perspective (a photo of a screen at an angle), crops beyond the searched margins (about 10 %
+a side) and crops that keep only part of the body.
 """
 from __future__ import annotations
 
@@ -45,13 +56,21 @@ LOW = 12
 SPAN = 1.5
 BITS = LOW * LOW - 1  # 143
 NBYTES = (BITS + 7) // 8  # 18
-#: distance from an unrelated slice to its closest slice in a ledger of 20,000 (mean, sd;
-#: bench/bench_watermark.py --fingerprint of 2026-12-07, bench/RESULTS.md)
-NULL_MEAN = 38.3
-NULL_SD = 11.3
-#: largest distance reported as a match: false-match rate <= 0.1 % on 2,500 unrelated slices
-#: against that ledger (1 of another 2,500 matched); the closest candidates are listed anyway
-MATCH_DISTANCE = 7
+#: distance from an unrelated slice (real and phantom, not a copy of a recorded one) to its
+#: closest slice in a ledger of 100,000, crop search included (mean, sd; bench/bench_watermark.py
+#: --fingerprint of 2026-12-07, bench/RESULTS.md)
+NULL_MEAN = 32.5
+NULL_SD = 11.7
+#: largest distance reported as a match: false-match rate <= 0.1 % on 3,500 unrelated slices
+#: against that ledger (3 of another 3,500 matched); the closest candidates are listed anyway
+MATCH_DISTANCE = 11
+#: crop search: margins (top, bottom, left, right; fractions of the query's height / width)
+#: the query is padded back by, with its edge values, before it is hashed again
+UNCROP_PADS: tuple[tuple[float, float, float, float], ...] = tuple(
+    (t, b, left, r) for t in (0.03, 0.08) for b in (0.03, 0.08) for left in (0.03, 0.08)
+    for r in (0.03, 0.08))
+#: bits added to a searched (padded) hypothesis' distance: the price of the extra hypotheses
+UNCROP_PENALTY = 2
 #: CT display windows (level, width) in HU
 CT_WINDOWS = ((40.0, 400.0), (40.0, 80.0), (-600.0, 1500.0))
 _WORDS = (NBYTES + 7) // 8
@@ -109,6 +128,18 @@ def slice_hash(image: NDArray) -> bytes:
     coef = dctn(c - c.mean(), norm="ortho")[:LOW, :LOW].ravel()[1:]
     bits = (coef > np.median(coef)).astype(np.uint8)
     return np.packbits(bits).tobytes()
+
+
+def query_hashes(image: NDArray) -> list[bytes]:
+    """The hashes a query is looked up with: the plain hash first, then the crop search's
+    (the image padded back by each of :data:`UNCROP_PADS` with its edge values)."""
+    x = _grey(image)
+    out = [slice_hash(x)]
+    ny, nx = x.shape
+    for t, b, left, r in UNCROP_PADS:
+        pad = ((round(t * ny), round(b * ny)), (round(left * nx), round(r * nx)))
+        out.append(slice_hash(np.pad(x, pad, mode="edge")))
+    return out
 
 
 def _window8(values: NDArray[np.float64], level: float, width: float) -> NDArray[np.uint8]:
@@ -224,31 +255,52 @@ class FingerprintIndex:
             self._pending = []
         return self.hashes
 
-    def distances(self, query: bytes) -> NDArray[np.int64]:
-        """Per recorded slice: the smallest Hamming distance over its renderings."""
-        h = self._words()
-        if not len(h):
-            return np.zeros(0, np.int64)
+    def _plain(self, query: bytes) -> NDArray[np.uint8]:
+        """Per recorded slice: the smallest Hamming distance of ``query`` over its renderings."""
+        w = self._words()
+        n = w.shape[1] // 4
+        if not n:
+            return np.zeros(0, np.uint8)
         q = np.zeros(_WORDS * 8, np.uint8)
         q[:NBYTES] = np.frombuffer(query, np.uint8)
-        x = np.bitwise_xor(h, q.view(np.uint64))
-        d = np.bitwise_count(x).sum(axis=2, dtype=np.int64)
-        return d.min(axis=1)
+        qw = q.view(np.uint64)
+        buf = np.empty(w.shape[1], np.uint64)
+        cnt = np.empty(w.shape[1], np.uint8)
+        d = np.bitwise_count(np.bitwise_xor(w[0], qw[0], out=buf))
+        for i in range(1, _WORDS):
+            d += np.bitwise_count(np.bitwise_xor(w[i], qw[i], out=buf), out=cnt)
+        v = d.reshape(n, 4)
+        return np.minimum(np.minimum(v[:, 0], v[:, 1]), np.minimum(v[:, 2], v[:, 3]))
+
+    def distances(self, query: bytes | Sequence[bytes]) -> NDArray[np.int64]:
+        """Per recorded slice: the smallest Hamming distance over its renderings; for the
+        hashes of :func:`query_hashes` (plain first, then the crop search's), the smaller of
+        the plain distance and the searched one plus :data:`UNCROP_PENALTY`."""
+        qs = [query] if isinstance(query, bytes) else list(query)
+        d = self._plain(qs[0]).astype(np.int64)
+        if len(qs) > 1 and len(d):
+            s = self._plain(qs[1])
+            for q in qs[2:]:
+                np.minimum(s, self._plain(q), out=s)
+            np.minimum(d, s.astype(np.int64) + UNCROP_PENALTY, out=d)
+        return d
 
     def _words(self) -> NDArray[np.uint64]:
-        """The packed hashes as 64-bit words (zero-padded), for XOR + popcount."""
+        """The packed hashes as 64-bit words (zero-padded), word-major: (words, slices x 4)."""
         h = self._packed()
-        if self._cache is None or len(self._cache) != len(h):
+        if self._cache is None or self._cache.shape[1] != 4 * len(h):
             pad = np.zeros((len(h), 4, _WORDS * 8), np.uint8)
             pad[:, :, :NBYTES] = h
-            self._cache = pad.view(np.uint64)
+            self._cache = np.ascontiguousarray(pad.view(np.uint64).reshape(-1, _WORDS).T)
         return self._cache
 
     def search(self, image: NDArray, k: int = 5) -> list[Match]:
-        """The ``k`` closest recorded slices to ``image`` (closest first), scored."""
-        return self.search_hash(slice_hash(image), k)
+        """The ``k`` closest recorded slices to ``image`` (closest first, crop search
+        included), scored."""
+        return self.search_hash(query_hashes(image), k)
 
-    def search_hash(self, query: bytes, k: int = 5) -> list[Match]:
+    def search_hash(self, query: bytes | Sequence[bytes], k: int = 5) -> list[Match]:
+        """As :meth:`search` for a hash, or the hashes of :func:`query_hashes`."""
         d = self.distances(query)
         if not len(d):
             return []

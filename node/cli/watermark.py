@@ -388,7 +388,7 @@ def identify_cmd(
     from audit.events import EventType
     from audit.export import lineage
     from audit.ledger import Ledger
-    from audit.watermark.fingerprint import MATCH_DISTANCE, FingerprintIndex, slice_hash
+    from audit.watermark.fingerprint import MATCH_DISTANCE, FingerprintIndex
 
     settings = settings_from(config)
     if not path.is_file():
@@ -410,7 +410,7 @@ def identify_cmd(
         for e in created:
             index.add_event(e.seq, e.event.payload)
         frame = pixels if pixels.ndim == 2 or pixels.shape[-1] in (3, 4) else pixels[0]
-        matches = index.search_hash(slice_hash(frame), top)
+        matches = index.search(frame, top)  # crop search included
         result: dict[str, Any] = {
             "file": str(path),
             "mark": None if det is None else {

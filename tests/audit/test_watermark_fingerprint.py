@@ -12,8 +12,11 @@ import pytest
 from audit.watermark.fingerprint import (
     BITS,
     MATCH_DISTANCE,
+    UNCROP_PADS,
+    UNCROP_PENALTY,
     FingerprintIndex,
     hamming,
+    query_hashes,
     rank_normalise,
     slice_fingerprint,
     slice_hash,
@@ -28,7 +31,7 @@ def _real(name: str) -> wt.Slice:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(get_testdata_file(name))
+        ds = pydicom.dcmread(str(get_testdata_file(name)))
     ct = ds.Modality == "CT"
     arr = ds.pixel_array
     return wt.Slice(arr if arr.ndim == 2 else arr[0], int(ds.BitsStored), int(ds.PixelRepresentation) == 1,
@@ -77,6 +80,31 @@ def test_identified_after_transform(transform: str) -> None:
     assert best.distance < second.distance
     if transform.startswith("png window"):  # the recorded renderings themselves
         assert best.matched and best.distance <= MATCH_DISTANCE and best.score > 0
+
+
+def test_crop_search_brings_a_cropped_slice_within_the_match_distance() -> None:
+    """A crop of 5 % a side moves the plain hash far from the recorded one; the crop search
+    (the query padded back with its edge values) finds the recorded slice within the match
+    distance, first among unrelated real and phantom slices."""
+    ct = _real("693_UNCR.dcm")
+    others = [_real(n) for n in ("MR_small.dcm", "CT_small.dcm", "RG3_UNCR.dcm",
+                                 "eCT_Supplemental.dcm")] + _phantoms()
+    index = FingerprintIndex()
+    for i, s in enumerate([ct, *others]):
+        index.add(i, f"series-{i}", None, 0,
+                  slice_fingerprint(s.arr, hu=s.ct, slope=s.slope, intercept=s.intercept))
+    ny, nx = ct.arr.shape
+    leaked = ct.arr[ny // 20: ny - ny // 20, nx // 20: nx - nx // 20]
+    qs = query_hashes(leaked)
+    assert len(qs) == 1 + len(UNCROP_PADS) and qs[0] == slice_hash(leaked)
+    (plain,) = index.search_hash(qs[0], 1)
+    (best,) = index.search(leaked, 1)
+    assert plain.distance > MATCH_DISTANCE  # without the search: no match
+    assert best.series_uid == "series-0" and best.matched and best.distance < plain.distance
+    # an entry's distance: the plain one, or the searched one plus the penalty
+    d = index.distances(qs)
+    assert d[0] == min(index.distances(qs[0])[0],
+                       min(int(index.distances(q)[0]) for q in qs[1:]) + UNCROP_PENALTY)
 
 
 def test_unrelated_query_not_matched() -> None:
