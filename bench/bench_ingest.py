@@ -732,6 +732,24 @@ def cmd_run(args: argparse.Namespace) -> None:
                         cell = Cell(name, server, n_assoc, len(files), nbytes)
                         run_cell(cell, files, root, args.repeats)
                         cells.append(cell)
+        if args.flame:  # py-spy (sampling, no slow-down of Python code) on 1 association
+            wd = root / "flame"
+            wd.mkdir()
+            node = SynthNode("synthnode", wd)
+            node.start()
+            echo(node.port, node.aet)
+            assert node.proc is not None
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(node.proc.pid), "--rate",
+                                    "250", "--threads", "--output", args.flame],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(2)  # py-spy attached
+            try:
+                send(series, node.port, node.aet, 1)
+            finally:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
+                node.stop()
+            print(f"flame graph: {args.flame}", flush=True)
         prof_md = ""
         if args.profile:
             wd = root / "profile"
@@ -793,6 +811,9 @@ def main() -> None:
                    help="pin synthnode to these CPUs (taskset -c LIST), e.g. 0 or 0,1")
     r.add_argument("--profile", action="store_true")
     r.add_argument("--keep-profile", default=None, help="copy the merged cProfile stats here")
+    r.add_argument("--flame", default=None, metavar="SVG",
+                   help="record a py-spy flame graph of synthnode receiving the series on "
+                        "1 association (pip install py-spy)")
     r.add_argument("--workdir", default=None)
     r.add_argument("--out", default=None)
     r.add_argument("--json", default=None)
