@@ -175,9 +175,10 @@ class FileStore:
             )
 
     # -- write -------------------------------------------------------------------
-    def _ensure_dir(self, directory: Path) -> None:
-        if directory in self._known_dirs:
-            return
+    @staticmethod
+    def _make_dirs(directory: Path) -> list[Path]:
+        """Create ``directory`` and its missing parents, outermost first; returns the
+        folders created (each one's entry in its parent still to be flushed)."""
         missing: list[Path] = []
         d = directory
         while not d.exists():
@@ -188,6 +189,12 @@ class FileStore:
                 m.mkdir()
             except FileExistsError:
                 pass
+        return missing[::-1]
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        for m in self._make_dirs(directory):
             if self.fsync:
                 _fsync_dir(m.parent)  # the new directory entry itself must be durable
         self._known_dirs.add(directory)
@@ -205,16 +212,7 @@ class FileStore:
                 del self._dir_flush[directory]
             if directory in self._known_dirs:
                 return []
-        missing: list[Path] = []
-        d = directory
-        while not d.exists():
-            missing.append(d)
-            d = d.parent
-        for m in reversed(missing):
-            try:
-                m.mkdir()
-            except FileExistsError:
-                pass
+        missing = self._make_dirs(directory)
         futures: list[Future[None]] = []
         if self.fsync and missing:
             pool = self._sync_pool()
