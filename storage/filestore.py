@@ -103,6 +103,12 @@ class PendingWrite:
         return self.stored
 
 
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _fsync_close(fd: int) -> None:
     try:
         os.fsync(fd)
@@ -257,10 +263,7 @@ class FileStore:
             try:
                 for c in parts:
                     digest.update(c)
-                    view = memoryview(c)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
+                    _write_all(fd, c)
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -314,10 +317,7 @@ class FileStore:
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, data)
             dir_flushes = self._ensure_dir_async(final.parent)
             try:
                 os.link(tmp, final)  # only where nothing has this name yet

@@ -278,15 +278,16 @@ class Index:
 
     # the two statements every received instance runs: on the DBAPI cursor of the
     # caller's transaction, without SQL compilation (as audit.ledger does)
+    _INSTANCE_COLS = tuple(c.name for c in Instance.__table__.columns if c.name != "id")
+
     def _sql(self, conn: Connection) -> dict[str, str]:
         style = conn.dialect.paramstyle
         cached = self._sql_cache.get(style)
         if cached is None:
             ph = "?" if style == "qmark" else "%s"
-            cols = [c.name for c in Instance.__table__.columns if c.name != "id"]
+            cols = self._INSTANCE_COLS
             quote = conn.dialect.identifier_preparer.quote
             cached = {
-                "cols": ",".join(cols),
                 "instance": f"INSERT INTO instances ({', '.join(map(quote, cols))}) VALUES "
                             f"({', '.join([ph] * len(cols))}) RETURNING id",
                 "landing": "INSERT INTO landing (file_path, sop_instance_uid, sha256, "
@@ -313,9 +314,8 @@ class Index:
 
     def _insert_instance(self, conn: Connection, values: dict[str, Any]) -> int:
         sql = self._sql(conn)
-        cols = sql["cols"].split(",")
         params = [self._time(conn, values[c]) if c == "received_at" else values.get(c)
-                  for c in cols]
+                  for c in self._INSTANCE_COLS]
         cur = self._raw(conn, sql["instance"], params)
         row = cur.fetchone()
         cur.close()

@@ -105,6 +105,20 @@ def training_pairs(task: str, n: int, size: int) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(np.stack(clean_l)), torch.from_numpy(np.stack(deg_l))
 
 
+def _sample_batch(clean: torch.Tensor, deg: torch.Tensor, batch: int, size: int, crop: int,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of (clean, degraded) crops at even offsets, flipped left-right half
+    of the time (the phantoms' orientation is fixed)."""
+    idx = torch.randint(0, clean.shape[0], (batch,), generator=gen)
+    y0 = torch.randint(0, size - crop + 1, (1,), generator=gen).item() // 2 * 2
+    x0 = torch.randint(0, size - crop + 1, (1,), generator=gen).item() // 2 * 2
+    c = clean[idx, :, y0:y0 + crop, x0:x0 + crop]
+    d = deg[idx, :, y0:y0 + crop, x0:x0 + crop]
+    if torch.rand((), generator=gen) < 0.5:
+        c, d = c.flip(-1), d.flip(-1)
+    return c, d
+
+
 def adapter_config(task: str, base: LoadedModel, model_id: str, version: str,
                    training: dict[str, Any]) -> dict[str, Any]:
     io = {k: base.config["io"][k] for k in ("target_channels", "cond_channels", "context_slices")}
@@ -159,17 +173,10 @@ def train(task: str, base_dir: Path, out_dir: Path, *, steps: int = 300, batch: 
     opt = torch.optim.AdamW(cn.parameters(), lr=lr)
     t_total = int(base.config.get("scheduler", {}).get("num_train_timesteps", 1000))
     t_max = float(base.config.get("train_t_max", 1.0))
-    n = clean.shape[0]
     losses: list[float] = []
     t1 = time.perf_counter()
     for step in range(steps):
-        idx = torch.randint(0, n, (batch,), generator=gen)
-        y0 = torch.randint(0, size - crop + 1, (1,), generator=gen).item() // 2 * 2
-        x0 = torch.randint(0, size - crop + 1, (1,), generator=gen).item() // 2 * 2
-        c = clean[idx, :, y0:y0 + crop, x0:x0 + crop]
-        d = deg[idx, :, y0:y0 + crop, x0:x0 + crop]
-        if torch.rand((), generator=gen) < 0.5:  # flips: the phantoms' orientation is fixed
-            c, d = c.flip(-1), d.flip(-1)
+        c, d = _sample_batch(clean, deg, batch, size, crop, gen)
         target = dwt2(c[:, 1:2]).to(device)
         cond = dwt2(d).to(device)
         start = torch.where(torch.rand((batch, 1, 1, 1), generator=gen) < p_clean_start,
@@ -230,17 +237,10 @@ def train_regressor(task: str, base_dir: Path, out_dir: Path, *, steps: int = 80
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     t_total = int(base.config.get("scheduler", {}).get("num_train_timesteps", 1000))
     _, out_ch = in_out_channels(base.config["io"])
-    n = clean.shape[0]
     losses: list[float] = []
     t1 = time.perf_counter()
     for _ in range(steps):
-        idx = torch.randint(0, n, (batch,), generator=gen)
-        y0 = torch.randint(0, size - crop + 1, (1,), generator=gen).item() // 2 * 2
-        x0 = torch.randint(0, size - crop + 1, (1,), generator=gen).item() // 2 * 2
-        c = clean[idx, :, y0:y0 + crop, x0:x0 + crop]
-        d = deg[idx, :, y0:y0 + crop, x0:x0 + crop]
-        if torch.rand((), generator=gen) < 0.5:
-            c, d = c.flip(-1), d.flip(-1)
+        c, d = _sample_batch(clean, deg, batch, size, crop, gen)
         pred = regression_predict(net, dwt2(d).to(device), out_ch, t_total)
         loss = torch.nn.functional.mse_loss(pred, dwt2(c[:, 1:2]).to(device))
         opt.zero_grad(set_to_none=True)

@@ -192,6 +192,20 @@ def run_real_inputs(tmp_path: Path, orthanc: Any, inputs: tuple[Input, ...] = IN
     return outcomes, node
 
 
+
+def job_outcome(j: dict[str, Any]) -> str:
+    """A job's outcome for a results table: refused with the error, or the outcome with
+    the failed checks of held outputs and a refused dispatch."""
+    r = j["result"]
+    if j["state"] == "failed":
+        return f"refused: {j['error']}"
+    what = str(r.get("outcome", "?"))
+    if r.get("held"):
+        what += " (" + ", ".join(c for h in r["held"] for c in h["checks"]) + ")"
+    if r.get("refused"):
+        what += " (watermark_unverified)"
+    return what
+
 def table(outcomes: list[Outcome]) -> str:
     """bench/RESULTS.md rows: file, vendor, transfer syntax, size, task, outcome, seconds."""
     rows = ["| input | file | vendor | transfer syntax | size | task | outcome | seconds |",
@@ -200,15 +214,7 @@ def table(outcomes: list[Outcome]) -> str:
         ds = pydicom.dcmread(str(get_testdata_file(o.input.file)), stop_before_pixels=True)
         size = f"{ds.Rows}x{ds.Columns}x{max(o.input.n, int(ds.get('NumberOfFrames', 1)))}"
         for j in o.jobs:
-            r = j["result"]
-            if j["state"] == "failed":
-                what = f"refused: {j['error']}"
-            else:
-                what = r.get("outcome", "?")
-                if r.get("held"):
-                    what += " (" + ", ".join(c for h in r["held"] for c in h["checks"]) + ")"
-                if r.get("refused"):
-                    what += " (watermark_unverified)"
+            what = job_outcome(j)
             rows.append(f"| {o.input.name} | {o.input.file} | "
                         f"{ds.get('Manufacturer', '') or '-'} | "
                         f"{ds.file_meta.TransferSyntaxUID.name} | {size} | {j['task']} | "

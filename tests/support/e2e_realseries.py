@@ -12,7 +12,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.support.e2e_real import Outcome
+from tests.support.e2e_real import Outcome, job_outcome
 from tests.support.realseries import SERIES, read, realdata_dir
 
 
@@ -99,21 +99,14 @@ def table(outcomes: list[Outcome]) -> str:
                            "state": "refused at ingest" if inp.ingest_refused
                            else "held by rule", "error": None, "result": {}}]
         for j in jobs:
-            r = j["result"]
-            if j["state"] == "failed":
-                what = f"refused: {j['error']}"
-            elif j["state"] == "refused at ingest":
+            if j["state"] == "refused at ingest":
                 what = ("refused at ingest: invalid_uid (Series Instance UID component with a "
                         "leading zero)")
             elif j["state"] == "held by rule":
                 what = f"held by rule {HOLD_RULES[0]['name']!r} (Patient Name)"
             else:
-                what = r.get("outcome", "?")
-                if r.get("held"):
-                    what += " (" + ", ".join(c for h in r["held"] for c in h["checks"]) + ")"
-                if r.get("refused"):
-                    what += " (watermark_unverified)"
-                if o.delivered:
+                what = job_outcome(j)
+                if j["state"] != "failed" and o.delivered:
                     what += ": delivered"
             rows.append(f"| {inp.name} | {inp.series} ({SERIES[inp.series].source.split()[0]}) | "
                         f"{vendor} | {ds.file_meta.TransferSyntaxUID.name} | {size} | "
