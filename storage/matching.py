@@ -29,6 +29,7 @@ Computed return keys (``NumberOfStudyRelatedInstances`` ...) are answered but ne
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ from sqlalchemy import (
     Connection,
     Select,
     and_,
+    bindparam,
     exists,
     false,
     func,
@@ -473,46 +475,54 @@ def build_query(
         a value is not valid for its attribute's VR
     """
     level = QueryLevel(level)
+    unique = UNIQUE_KEYS[level]
+    return_keys = ([unique] if unique not in keys else []) + list(keys)
+    shape = _shape(level, tuple(return_keys))
+    ignored: list[str] = []
+    where: list[ColumnElement[bool]] = []
+    for kw in return_keys:
+        raw = keys.get(kw)
+        if kw in shape.unsupported or is_universal(raw):
+            continue  # universal (a lone '*' is tolerated on every VR)
+        attr = ATTRIBUTES[kw]
+        if attr.computed is Computed.COUNT:
+            ignored.append(kw)
+        elif attr.computed is Computed.DISTINCT:
+            where.append(_distinct_match(attr.level, attr, raw))
+        else:
+            where.append(_condition(attr, attr.column, raw))
+    stmt = shape.statement
+    unsupported, distinct = shape.unsupported, shape.distinct_keys
+    stmt = _paged(stmt, level, where, limit, offset)
+    if unsupported:
+        log.debug("keys not in the index (answered empty): %s", unsupported)
+    return Query(level, stmt, tuple(return_keys), unsupported, tuple(ignored), distinct)
+
+
+@functools.lru_cache(maxsize=256)
+def _shape(level: QueryLevel, return_keys: tuple[str, ...]) -> Query:
+    """What a query returns, whatever it matches: the level's tables joined, the columns
+    (related counts included) and which keys are unsupported or listed per study. Built
+    once per (level, keys): statements are immutable, the conditions are added per call."""
     order = [P, ST, SE, IM][: level.depth + 1]
-    base = _TABLE[level]
-    stmt = select(_ENTITY_PK[level].label("_pk")).select_from(base)
+    stmt = select(_ENTITY_PK[level].label("_pk")).select_from(_TABLE[level])
     for lower, upper in pairwise(reversed(order)):
         stmt = stmt.join(_TABLE[upper], _PARENT_FK[lower] == _ENTITY_PK[upper])
     if level.depth >= ST.depth:
         stmt = stmt.add_columns(Study.id.label("_study_pk"))
-
-    unique = UNIQUE_KEYS[level]
-    requested = list(keys)
-    return_keys = ([unique] if unique not in keys else []) + requested
     unsupported: list[str] = []
-    ignored: list[str] = []
     distinct: list[str] = []
-    where: list[ColumnElement[bool]] = []
     for kw in return_keys:
         attr = ATTRIBUTES.get(kw)
-        raw = keys.get(kw)
         if attr is None or attr.level.depth > level.depth:
             unsupported.append(kw)
-            continue
-        if attr.computed is Computed.COUNT:
+        elif attr.computed is Computed.COUNT:
             stmt = stmt.add_columns(_count_expr(attr.level, attr.over).label(kw))  # type: ignore[arg-type]
-            if not is_universal(raw):
-                ignored.append(kw)
-            continue
-        if attr.computed is Computed.DISTINCT:
+        elif attr.computed is Computed.DISTINCT:
             distinct.append(kw)
-            if not is_universal(raw):
-                where.append(_distinct_match(attr.level, attr, raw))
-            continue
-        stmt = stmt.add_columns(attr.column.label(kw))
-        if is_universal(raw):
-            continue  # universal (a lone '*' is tolerated on every VR)
-        where.append(_condition(attr, attr.column, raw))
-    stmt = _paged(stmt, level, where, limit, offset)
-    if unsupported:
-        log.debug("keys not in the index (answered empty): %s", unsupported)
-    return Query(level, stmt, tuple(return_keys), tuple(unsupported), tuple(ignored),
-                 tuple(distinct))
+        else:
+            stmt = stmt.add_columns(attr.column.label(kw))
+    return Query(level, stmt, return_keys, tuple(unsupported), (), tuple(distinct))
 
 
 def _paged(stmt: Select[Any], level: QueryLevel, where: list[ColumnElement[bool]],
@@ -543,20 +553,29 @@ Executor = Connection | Session
 def _distinct_values(
     conn: Executor, attr: Attribute, study_pks: Sequence[int]
 ) -> dict[int, list[str]]:
-    assert attr.over is not None and attr.distinct_column is not None
+    stmt = _distinct_statement(attr.keyword)
     out: dict[int, list[str]] = {}
     for chunk_start in range(0, len(study_pks), 500):
         chunk = list(study_pks[chunk_start : chunk_start + 500])
-        stmt = select(Series.study_pk, attr.distinct_column).distinct()
-        if attr.over is IM:
-            stmt = stmt.select_from(Instance).join(Series, Instance.series_pk == Series.id)
-        stmt = stmt.where(Series.study_pk.in_(chunk), attr.distinct_column.is_not(None))
-        for spk, value in conn.execute(stmt):
+        for spk, value in conn.execute(stmt, {"study_pks": chunk}):
             if value != "":
                 out.setdefault(spk, []).append(value)
     for v in out.values():
         v.sort()
     return out
+
+
+@functools.cache
+def _distinct_statement(keyword: str) -> Select[Any]:
+    """(study key, value) of the listed attribute ``keyword`` under the studies bound as
+    ``study_pks``."""
+    attr = ATTRIBUTES[keyword]
+    assert attr.over is not None and attr.distinct_column is not None
+    stmt = select(Series.study_pk, attr.distinct_column).distinct()
+    if attr.over is IM:
+        stmt = stmt.select_from(Instance).join(Series, Instance.series_pk == Series.id)
+    return stmt.where(Series.study_pk.in_(bindparam("study_pks", expanding=True)),
+                      attr.distinct_column.is_not(None))
 
 
 def run(conn: Executor, query: Query, *, batch: int = 200) -> Iterator[dict[str, Any]]:

@@ -86,6 +86,25 @@ def _multipart(parts: Iterator[tuple[str, Iterator[bytes]]], part_type: str,
     return StreamingResponse(body(), media_type=multipart_content_type(part_type, bnd))
 
 
+def _json(body: Iterator[bytes], headers: dict[str, str] | None) -> Response:
+    """A DICOM JSON body: computed here (the route's worker thread) up to its first 64 KiB
+    write; a body that ends there (most searches) is sent whole, with a Content-Length,
+    the rest of a longer one is streamed. Streaming a short body costs two more
+    worker-thread hops (next chunk, end) for nothing."""
+    chunks = coalesce(body)
+    first = next(chunks, b"")
+    rest = next(chunks, None)
+    if rest is None:
+        return Response(first, media_type=DICOM_JSON, headers=headers)
+
+    def more() -> Iterator[bytes]:
+        yield first
+        yield rest
+        yield from chunks
+
+    return StreamingResponse(more(), media_type=DICOM_JSON, headers=headers)
+
+
 def _stored(ctx: NodeContext, refs: list[Any], done: Callable[[], None]) -> StreamingResponse:
     """The stored files of ``refs`` as multipart/related: known length, files read in
     blocks of several (one worker-thread hop each), written in pieces the socket takes."""
@@ -157,7 +176,7 @@ def _stow_routes(app: FastAPI, svc: _Service) -> None:
 # -- QIDO-RS ---------------------------------------------------------------------------
 def _qido_routes(app: FastAPI, svc: _Service) -> None:
     def search(request: Request, level: QueryLevel, path_keys: dict[str, str],
-               across: bool) -> StreamingResponse:
+               across: bool) -> Response:
         who = svc.read(request)
         qido.check_accept(request.headers.get("accept"))
         req = qido.parse_qido(level, list(request.query_params.multi_items()), path_keys,
@@ -166,32 +185,32 @@ def _qido_routes(app: FastAPI, svc: _Service) -> None:
         body = qido.search(svc.ctx, svc.recorder, who, req, base_url(request),
                            request.url.path)
         headers = {"Warning": ", ".join(req.warnings)} if req.warnings else None
-        return StreamingResponse(coalesce(body), media_type=DICOM_JSON, headers=headers)
+        return _json(body, headers)
 
     ST, SE, IM = QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE
 
     @app.get("/studies")
-    def studies(request: Request) -> StreamingResponse:
+    def studies(request: Request) -> Response:
         return search(request, ST, {}, False)
 
     @app.get("/series")
-    def all_series(request: Request) -> StreamingResponse:
+    def all_series(request: Request) -> Response:
         return search(request, SE, {}, True)
 
     @app.get("/instances")
-    def all_instances(request: Request) -> StreamingResponse:
+    def all_instances(request: Request) -> Response:
         return search(request, IM, {}, True)
 
     @app.get("/studies/{study}/series")
-    def study_series(study: str, request: Request) -> StreamingResponse:
+    def study_series(study: str, request: Request) -> Response:
         return search(request, SE, {"StudyInstanceUID": study}, False)
 
     @app.get("/studies/{study}/instances")
-    def study_instances(study: str, request: Request) -> StreamingResponse:
+    def study_instances(study: str, request: Request) -> Response:
         return search(request, IM, {"StudyInstanceUID": study}, True)
 
     @app.get("/studies/{study}/series/{series}/instances")
-    def series_instances(study: str, series: str, request: Request) -> StreamingResponse:
+    def series_instances(study: str, series: str, request: Request) -> Response:
         return search(request, IM, {"StudyInstanceUID": study, "SeriesInstanceUID": series},
                       False)
 
@@ -240,7 +259,7 @@ def _wado_routes(app: FastAPI, svc: _Service) -> None:
             return Response(status_code=304, headers=headers)
         body = wado.metadata_stream(ctx, sel.refs, base, lambda n: svc.wado_record(
             who, "metadata", request, sel, n), svc.metadata)
-        return StreamingResponse(coalesce(body), media_type=DICOM_JSON, headers=headers)
+        return _json(body, headers)
 
     @app.get("/studies/{study}/metadata")
     def study_md(study: str, request: Request) -> Response:

@@ -2,6 +2,7 @@
 attributes (keyword or 8 hex digits)."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from fastapi import Request
@@ -39,9 +40,17 @@ def _vr(keyword: str) -> str:
         return "UN"
 
 
-def attr_json(keyword: str, value: Any) -> dict[str, Any]:
+@functools.lru_cache(maxsize=1024)
+def _json_key(keyword: str) -> tuple[str, str] | None:
+    """(8-hex tag, VR) of ``keyword``; None for a name that is not a DICOM keyword."""
+    if tag_for_keyword(keyword) is None:
+        return None
+    return tag_hex(keyword), _vr(keyword)
+
+
+def attr_json(keyword: str, value: Any, vr: str | None = None) -> dict[str, Any]:
     """One attribute as ``{"vr": ..., "Value": [...]}`` (no Value when empty)."""
-    vr = _vr(keyword)
+    vr = vr or _vr(keyword)
     out: dict[str, Any] = {"vr": vr}
     if value is None or value == "" or value == []:
         return out
@@ -63,7 +72,11 @@ def attr_json(keyword: str, value: Any) -> dict[str, Any]:
 
 def match_json(match: dict[str, Any]) -> dict[str, Any]:
     """An index match (keyword -> value) as a DICOM JSON object, tags in order."""
-    obj = {tag_hex(kw): attr_json(kw, v) for kw, v in match.items() if tag_for_keyword(kw)}
+    obj = {}
+    for kw, v in match.items():
+        key = _json_key(kw)
+        if key is not None:
+            obj[key[0]] = attr_json(kw, v, key[1])
     return dict(sorted(obj.items()))
 
 

@@ -209,6 +209,16 @@ def build(req: QidoRequest) -> Query:
     return query
 
 
+#: matches encoded together (one json.dumps call each)
+_ENCODE_BATCH = 64
+
+
+def _encoded(objs: list[dict[str, Any]], before: int) -> bytes:
+    """``objs`` as the next members of the JSON array (``before`` members already sent)."""
+    body = json.dumps(objs, separators=(",", ":")).encode()[1:-1]
+    return b"," + body if before else body
+
+
 def _stream(ctx: NodeContext, recorder: AccessRecorder, who: Principal, req: QidoRequest,
             query: Query, base: str, path: str) -> Iterator[bytes]:
     started = time.monotonic()
@@ -217,6 +227,7 @@ def _stream(ctx: NodeContext, recorder: AccessRecorder, who: Principal, req: Qid
     status = 200
     try:
         yield b"["
+        objs: list[dict[str, Any]] = []
         with ctx.engine.connect() as conn:
             for m in run(conn, query):
                 obj = match_json(m)
@@ -224,11 +235,16 @@ def _stream(ctx: NodeContext, recorder: AccessRecorder, who: Principal, req: Qid
                 if url:
                     obj["00081190"] = {"vr": "UR", "Value": [url]}
                     obj = dict(sorted(obj.items()))
-                yield (b"," if n else b"") + json.dumps(obj, separators=(",", ":")).encode()
-                n += 1
+                objs.append(obj)
                 s = m.get("StudyInstanceUID")
                 if s and (not studies or studies[-1] != s):
                     studies.append(s)
+                if len(objs) == _ENCODE_BATCH:
+                    yield _encoded(objs, n)
+                    n, objs = n + len(objs), []
+        if objs:
+            yield _encoded(objs, n)
+            n += len(objs)
         yield b"]"
     except Exception:
         status = 500
