@@ -156,8 +156,11 @@ class FileStore:
 
     # -- paths -------------------------------------------------------------------
     def path(self, rel_path: str) -> Path:
-        """Absolute path of a stored file; refuses paths that leave the root."""
-        p = (self.root / rel_path).resolve()
+        """Absolute path of a stored file; refuses paths that leave the root. The check is
+        lexical (``..`` collapsed, no symlink resolution: one ``lstat`` per path component
+        on every ingest otherwise); the store holds no links, and every name in it is
+        built by :func:`instance_rel_path` from sanitised UID components."""
+        p = Path(os.path.normpath(self.root / rel_path))
         if self.root not in p.parents:
             raise StoreError(f"path outside the store: {rel_path!r}")
         return p

@@ -32,6 +32,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -89,6 +90,25 @@ def _writer_lock(ctx: NodeContext) -> Iterator[None]:
 
 
 _LOCK_FDS: dict[tuple[int, str], int] = {}
+
+#: data sets from this size on are hashed on a pool thread while they are validated
+_HASH_AHEAD_BYTES = 64 * 1024
+_HASH_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_HASH_POOL_LOCK = threading.Lock()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """This process's hashing threads (a forked acceptor process starts its own)."""
+    global _HASH_POOL
+    with _HASH_POOL_LOCK:
+        if _HASH_POOL is None or _HASH_POOL[0] != os.getpid():
+            _HASH_POOL = (os.getpid(), ThreadPoolExecutor(max_workers=4,
+                                                          thread_name_prefix="ingest-hash"))
+        return _HASH_POOL[1]
 
 
 class GroupCommit:
@@ -282,12 +302,31 @@ class Ingestor:
             logger.exception("could not record the rejection in the ledger")
 
     def _parse(self, dataset: bytes, ts: str, sop_class_uid: str | None,
-               sop_instance_uid: str | None) -> tuple[Dataset, bytes]:
-        v = validate(dataset, ts, self.limits, sop_class_uid=sop_class_uid,
-                     sop_instance_uid=sop_instance_uid)
-        ds_class = text_value(v.probe, "SOPClassUID") or ""
-        ds_inst = text_value(v.probe, "SOPInstanceUID") or ""
-        return v.probe, build_part10(dataset, ds_class, ds_inst, ts)
+               sop_instance_uid: str | None) -> tuple[Dataset, bytes, str]:
+        """Validate; the file to store and its SHA-256. When the request names the SOP
+        class and instance (C-STORE, a STOW-RS part's file meta), the file is built from
+        those and hashed on another thread while the data set is validated (hashlib
+        releases the interpreter lock); validation refuses a data set whose UIDs differ,
+        and the file is rebuilt from the data set's own UIDs should they differ in form."""
+        hashing: Future[str] | None = None
+        named = (sop_class_uid.strip(), sop_instance_uid.strip()) if (
+            sop_class_uid and sop_instance_uid) else None
+        part10, sha = b"", ""
+        if named is not None and len(dataset) >= _HASH_AHEAD_BYTES:
+            part10 = build_part10(dataset, *named, ts)
+            hashing = _hash_pool().submit(_sha256, part10)
+        try:
+            v = validate(dataset, ts, self.limits, sop_class_uid=sop_class_uid,
+                         sop_instance_uid=sop_instance_uid)
+        finally:
+            if hashing is not None:
+                sha = hashing.result()
+        own = (text_value(v.probe, "SOPClassUID") or "",
+               text_value(v.probe, "SOPInstanceUID") or "")
+        if hashing is None or own != named:
+            part10 = build_part10(dataset, *own, ts)
+            sha = _sha256(part10)
+        return v.probe, part10, sha
 
     def _patient_subject(self, rec: InstanceRecord) -> dict[str, str]:
         """Keyed digests of the record's Patient ID / Issuer and Accession Number (its study
@@ -313,8 +352,7 @@ class Ingestor:
                 sop_instance_uid: str | None, calling_ae: str | None, called_ae: str | None,
                 source: str, actor: str, ctx_info: dict[str, Any]) -> StoredInstance:
         ctx = self.ctx
-        probe, part10 = self._parse(dataset, ts, sop_class_uid, sop_instance_uid)
-        sha = hashlib.sha256(part10).hexdigest()
+        probe, part10, sha = self._parse(dataset, ts, sop_class_uid, sop_instance_uid)
         study = text_value(probe, "StudyInstanceUID") or ""
         series = text_value(probe, "SeriesInstanceUID") or ""
         sop = text_value(probe, "SOPInstanceUID") or ""

@@ -46,7 +46,7 @@ from node.dicom.encoding import (
     valid_uid,
 )
 from node.dicom.pixeldata import ImagePixel, PixelDataError, check_pixel_data
-from node.ingest.attributes import INDEX_TAGS, text_value
+from node.ingest.attributes import text_value
 from node.ingest.results import IngestError, RejectReason
 
 __all__ = ["Limits", "Validated", "check_owners", "validate"]
@@ -258,11 +258,10 @@ def validate(dataset: bytes, ts: str, limits: Limits, *, sop_class_uid: str | No
     except EncodingError as exc:
         raise _fail(RejectReason.UNPARSEABLE, str(exc)) from None
     header_end = enc.header_end()
-    try:  # the index attributes, unconverted (node.ingest.attributes decodes them)
-        probe = read_dataset(BytesIO(enc.plain[:header_end]), is_implicit_VR=enc.implicit_vr,
-                             is_little_endian=enc.little_endian, specific_tags=INDEX_TAGS)
-    except Exception as exc:
-        raise _fail(RejectReason.UNPARSEABLE, f"cannot decode: {exc}") from None
+    # everything before the pixel data, read once, values unconverted: the index
+    # attributes come from it (node.ingest.attributes decodes them), then every value
+    # is checked (_check_values)
+    probe = header = _read(enc, 0, header_end)
     for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not text_value(probe, kw):
             raise _fail(RejectReason.MISSING_ATTRIBUTE, f"{kw} missing or empty")
@@ -281,7 +280,6 @@ def validate(dataset: bytes, ts: str, limits: Limits, *, sop_class_uid: str | No
         # every image IOD has the Image Pixel module with Pixel Data Type 1C/1 (PS3.3)
         if not enc.tags.keys() & PIXEL_TAGS:
             raise _fail(RejectReason.SOP_CLASS_MISMATCH, "image SOP class without pixel data")
-    header = _read(enc, 0, header_end)
     _check_values(header)
     tail = [o for t, o in enc.tags.items() if t > max(PIXEL_TAGS)]
     if tail:  # elements after the pixel data (e.g. Data Set Trailing Padding)
