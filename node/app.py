@@ -15,6 +15,7 @@ Nothing here is a global: tests build as many nodes as they like in one process.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -170,6 +171,16 @@ def recover_landing(ctx: NodeContext) -> tuple[int, tuple[str, ...]]:
     return kept, tuple(rolled)
 
 
+def _freeze_heap() -> None:
+    """Move everything start-up created (modules, dictionaries, the app, ~140,000 objects)
+    out of the garbage collector's reach. A full collection otherwise walks all of it,
+    ~100 ms holding the interpreter lock, whenever the collector's thresholds trip under
+    load and every time pynetdicom's server loop forces one (every 60 polls): every
+    association stalls meanwhile (bench/results/ingest.md)."""
+    gc.collect()
+    gc.freeze()
+
+
 class Node:
     """A running node: context plus services.
 
@@ -196,6 +207,7 @@ class Node:
     def start(self) -> tuple[str, int]:
         host, port = self.dimse.start()
         if self.role == "acceptor":
+            _freeze_heap()
             return host, port  # the parent process records and checkpoints
         if self.ctx.audit is not None:
             self.ctx.audit.start()  # signed checkpoints every audit.checkpoint_interval_s
@@ -218,6 +230,7 @@ class Node:
             except OSError:
                 self.stop(grace_s=1.0)  # e.g. the HTTP port is taken: no half-started node
                 raise
+        _freeze_heap()
         return host, port
 
     def stop(self, grace_s: float = 30.0) -> None:
