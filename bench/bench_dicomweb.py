@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
 import re
 import shutil
 import statistics
@@ -192,6 +193,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
     try:
         for name in args.servers:
+            # the previous server's files gone and every dirty page written: a server
+            # that flushes each instance would otherwise pay for the one before it
+            for old in work.iterdir():
+                shutil.rmtree(old, ignore_errors=True)
+            os.sync()
             if name in ("synthnode", "synthnode-pg", "synthnode-lazy"):
                 url, drop = pg_database(args.pg) if name == "synthnode-pg" else (None, None)
                 sub = work / name

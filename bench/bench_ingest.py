@@ -555,6 +555,7 @@ def run_cell(cell: Cell, files: list[Path], root: Path, repeats: int) -> None:
     for rep in range(repeats):
         wd = Path(tempfile.mkdtemp(prefix=f"{cell.server}-{cell.assocs}-", dir=root))
         server = SERVERS[cell.server](cell.server, wd)
+        os.sync()  # no dirty pages of an earlier run left for this server's flushes to wait on
         try:
             server.start()
             cell.echo_s.append(echo_latency(server.port, server.aet))
