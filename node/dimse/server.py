@@ -227,11 +227,14 @@ class WaitingDIMSE(DIMSEServiceProvider):
                 and primitive.OffendingElement is None and primitive.AffectedSOPClassUID
                 and primitive.AffectedSOPInstanceUID
                 and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
-            command = store_rsp_command(primitive.AffectedSOPClassUID,
-                                        primitive.MessageIDBeingRespondedTo,
-                                        primitive.Status, primitive.AffectedSOPInstanceUID)
+            try:
+                command = store_rsp_command(primitive.AffectedSOPClassUID,
+                                            primitive.MessageIDBeingRespondedTo,
+                                            primitive.Status, primitive.AffectedSOPInstanceUID)
+            except (UnicodeEncodeError, struct.error):  # pynetdicom's encoder decides
+                command = b""
             limit = self.maximum_pdu_size
-            if not limit or len(command) + 6 <= limit:
+            if command and (not limit or len(command) + 6 <= limit):
                 pdata = P_DATA()
                 pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
                 self.dul.send_pdu(pdata)

@@ -1,11 +1,21 @@
 """The directly encoded C-STORE-RSP equals pynetdicom's encoding of the same response."""
 from __future__ import annotations
 
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
+from node.dimse import server as server_module
 from node.dimse.server import store_rsp_command
+from tests.support.dimse import dcmtk
 
 
 @pytest.mark.parametrize(("sop_class", "sop_inst", "msg_id", "status"), [
@@ -26,3 +36,40 @@ def test_store_rsp_command_matches_pynetdicom(sop_class: str, sop_inst: str, msg
     ((context_id, pdv),) = pdata.presentation_data_value_list
     assert context_id == 1 and pdv[:1] == b"\x03"
     assert store_rsp_command(sop_class, msg_id, status, sop_inst) == pdv[1:]
+
+
+@pytest.mark.dcmtk
+def test_storescu_is_answered_by_the_direct_encoder(start_node: Any, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a real association (DCMTK storescu) a plain success is encoded by
+    :func:`store_rsp_command`, and DCMTK accepts it; with pynetdicom's logger at INFO its
+    own handlers stay bound and its encoder answers (the fallback)."""
+    calls: list[tuple[Any, ...]] = []
+
+    def counted(*args: Any) -> bytes:
+        calls.append(args)
+        return store_rsp_command(*args)
+
+    monkeypatch.setattr(server_module, "store_rsp_command", counted)
+    logger = logging.getLogger("pynetdicom")
+    original = logger.level
+    try:
+        for level, expected in ((logging.WARNING, 1), (logging.INFO, 0)):
+            logger.setLevel(level)  # setLevel also clears logging's isEnabledFor cache
+            node = start_node()
+            calls.clear()
+            src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+            src.SOPInstanceUID = generate_uid()
+            src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+            path = tmp_path / f"ct-{level}.dcm"
+            src.save_as(path, enforce_file_format=True)
+            host, port = node.address
+            r = subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "SYNTHNODE", host,
+                                str(port), str(path)], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            assert node.ctx.index.get_instance(str(src.SOPInstanceUID)) is not None
+            assert len(calls) == expected
+            if expected:
+                assert calls[0][1:3] == (1, 0x0000)  # message ID 1, success
+    finally:
+        logger.setLevel(original)
