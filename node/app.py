@@ -374,12 +374,28 @@ def acceptor_main(argv: list[str] | None = None) -> None:
         use_json_logs()
     if settings.log_level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    parent = os.getppid()
     node = create_node(settings, role="acceptor")
     node.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: node.request_stop())
+    _stop_when_orphaned(node, parent)
     print(f"acceptor listening pid {os.getpid()}", flush=True)
     node.run(grace_s=grace)
+
+
+def _stop_when_orphaned(node: Node, parent: int, every_s: float = 1.0) -> None:
+    """An acceptor whose parent died without stopping it (SIGKILL, a crash) stops too,
+    finishing its in-flight stores: otherwise it keeps the shared DIMSE port and takes
+    associations no parent records or restarts, beside the children of a restarted node."""
+    def watch() -> None:
+        while not node.stop_requested.wait(every_s):
+            if os.getppid() != parent:
+                logger.warning("parent process %d is gone: this acceptor stops", parent)
+                node.request_stop()
+                return
+
+    threading.Thread(target=watch, name="acceptor-parent-watch", daemon=True).start()
 
 
 def serve_multi(settings: Settings, config: str | None, n: int, *, grace_s: float = 30.0,

@@ -116,3 +116,50 @@ def test_serve_with_two_acceptor_processes(node_process: Any, tmp_path: Path) ->
         assert events[-2].type.value == "node.stopped"
     finally:
         ctx.engine.dispose()
+
+
+@pytest.mark.slow
+def test_acceptors_stop_when_the_parent_is_killed(node_process: Any) -> None:
+    """A parent killed without a chance to stop its children (SIGKILL): the acceptor
+    children notice and stop, instead of keeping the shared DIMSE port."""
+    import os
+    import signal
+
+    from tests.support.net import wait_for
+
+    node = node_process(dimse={"acceptor_processes": 2})
+    pids = wait_for(lambda: _children(node.proc.pid) if len(_children(node.proc.pid)) == 2
+                    else None, 30, "two acceptor children")
+    assert isinstance(pids, list)
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    node.kill()
+    try:
+        assert wait_for(lambda: not any(_alive(p) for p in pids), 60,
+                        "the orphaned acceptors to stop")
+    finally:
+        for p in pids:  # whatever the outcome, leave no acceptor behind
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def _children(parent: int) -> list[int]:
+    """The live processes whose parent is ``parent``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie left for init to reap counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

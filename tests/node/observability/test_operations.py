@@ -3,6 +3,7 @@ instances; the Prometheus exposition (parsed with prometheus_client's own parser
 exactly what was sent, refused and stored."""
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -132,9 +133,9 @@ def test_metrics_summed_over_acceptor_processes(node_process: Any, tmp_path: Pat
 
     src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     groups = []
-    for g in range(4):
+    for g in range(8):
         files = []
-        for i in range(6):
+        for i in range(3):
             src.SOPInstanceUID = generate_uid()
             src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
             f = tmp_path / f"g{g}_{i}.dcm"
@@ -148,7 +149,7 @@ def test_metrics_summed_over_acceptor_processes(node_process: Any, tmp_path: Pat
     wait_for(lambda: _ok(url + "/healthz"), 30, "the HTTP server of the parent")
     procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "SYNTHNODE",
                                "127.0.0.1", str(node.port), *files]) for files in groups]
-    assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
+    assert [p.wait(120) for p in procs] == [0] * len(groups)
     sent = sum(len(g) for g in groups)
     s = _samples(httpx.get(url + "/metrics", headers=auth("admin"), timeout=30).text)
     assert _get(s, "synthnode_instances_received_total", source="dimse",
@@ -157,7 +158,12 @@ def test_metrics_summed_over_acceptor_processes(node_process: Any, tmp_path: Pat
     assert _get(s, "synthnode_index_instances") == sent  # the database gauge agrees
     (folder,) = (node.data_dir / "run").glob("metrics-*")
     writers = {p.name for p in folder.glob("counter_*.db")}
-    assert len(writers) >= 3, writers  # the parent and both acceptor children
+    # the parent (HTTP) and every acceptor child that served an association wrote (the
+    # kernel spreads associations over the children: usually both, not always)
+    served = set(re.findall(r"node\.dimse\.associations \[(\d+)\] association STORESCU",
+                            node.output()))
+    assert served and {f"counter_{pid}.db" for pid in served} <= writers, (served, writers)
+    assert len(writers) == len(served) + 1, (served, writers)
     # the console's dashboard reads the same sums
     c = httpx.Client(base_url=url, timeout=30)
     c.post("/console/login", data={"token": TOKENS["reader"][0], "next": "/console/"})
