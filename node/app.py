@@ -174,7 +174,7 @@ def recover_landing(ctx: NodeContext) -> tuple[int, tuple[str, ...]]:
 def _freeze_heap() -> None:
     """Move everything start-up created (modules, dictionaries, the app, ~140,000 objects)
     out of the garbage collector's reach. A full collection otherwise walks all of it,
-    ~100 ms holding the interpreter lock, whenever the collector's thresholds trip under
+    80-100 ms holding the interpreter lock, whenever the collector's thresholds trip under
     load and every time pynetdicom's server loop forces one (every 60 polls): every
     association stalls meanwhile (bench/results/ingest.md)."""
     gc.collect()

@@ -276,10 +276,10 @@ class Index:
             (rec.issuer_of_patient_id or "")[:64], t_written)
         return pk
 
-    # the two statements every received instance runs: on the DBAPI cursor of the
-    # caller's transaction, without SQL compilation (as audit.ledger does)
     _INSTANCE_COLS = tuple(c.name for c in Instance.__table__.columns if c.name != "id")
 
+    # the two statements every received instance runs: on the DBAPI cursor of the
+    # caller's transaction, without SQL compilation (as audit.ledger does)
     def _sql(self, conn: Connection) -> dict[str, str]:
         style = conn.dialect.paramstyle
         cached = self._sql_cache.get(style)

@@ -491,12 +491,10 @@ def build_query(
             where.append(_distinct_match(attr.level, attr, raw))
         else:
             where.append(_condition(attr, attr.column, raw))
-    stmt = shape.statement
-    unsupported, distinct = shape.unsupported, shape.distinct_keys
-    stmt = _paged(stmt, level, where, limit, offset)
-    if unsupported:
-        log.debug("keys not in the index (answered empty): %s", unsupported)
-    return Query(level, stmt, tuple(return_keys), unsupported, tuple(ignored), distinct)
+    if shape.unsupported:
+        log.debug("keys not in the index (answered empty): %s", shape.unsupported)
+    return Query(level, _paged(shape.statement, level, where, limit, offset),
+                 shape.return_keys, shape.unsupported, tuple(ignored), shape.distinct_keys)
 
 
 @functools.lru_cache(maxsize=256)

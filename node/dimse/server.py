@@ -295,7 +295,9 @@ class NodeRequestHandler(RequestHandler):
         assoc.__class__ = GuardedAssociation
         assoc.dimse.__class__ = WaitingDIMSE
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            # each association binds pynetdicom's logging handlers again (see start)
+            # pynetdicom's own notification handlers only write its INFO / DEBUG lines,
+            # yet format them (every PDU and DIMSE message) whatever the log level; the
+            # association holds both its own and the server's binding of them
             for event, handler in _PYNETDICOM_LOG_HANDLERS:
                 assoc.unbind(event, handler)
         server = self.server
@@ -449,11 +451,6 @@ class DimseServer:
             ssl_context=server_context(s.tls) if s.tls is not None else None,
         )
         assert isinstance(server, NodeAssociationServer)  # an instance of server_class
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            # pynetdicom's own notification handlers only write its INFO / DEBUG lines,
-            # yet format them (every PDU and DIMSE message) whatever the log level
-            for event, handler in _PYNETDICOM_LOG_HANDLERS:
-                server.unbind(event, handler)
         server.contexts = _ContextList(server.contexts)
         server.node_ctx = self.ctx
         server.pdu_limits = PduLimits.from_settings(s)

@@ -93,22 +93,10 @@ _LOCK_FDS: dict[tuple[int, str], int] = {}
 
 #: data sets from this size on are hashed on a pool thread while they are validated
 _HASH_AHEAD_BYTES = 64 * 1024
-_HASH_POOL: tuple[int, ThreadPoolExecutor] | None = None
-_HASH_POOL_LOCK = threading.Lock()
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    """This process's hashing threads (a forked acceptor process starts its own)."""
-    global _HASH_POOL
-    with _HASH_POOL_LOCK:
-        if _HASH_POOL is None or _HASH_POOL[0] != os.getpid():
-            _HASH_POOL = (os.getpid(), ThreadPoolExecutor(max_workers=4,
-                                                          thread_name_prefix="ingest-hash"))
-        return _HASH_POOL[1]
 
 
 class GroupCommit:
@@ -212,6 +200,8 @@ class Ingestor:
         self.ctx = ctx
         self.limits = limits or Limits.from_settings(ctx.settings)
         self._commits = GroupCommit(ctx)
+        # threads start on first use (acceptor children are new processes, not forks)
+        self._hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest-hash")
 
     # public API -------------------------------------------------------------------
     def ingest_dataset(self, dataset: bytes, transfer_syntax: str, *,
@@ -314,7 +304,7 @@ class Ingestor:
         part10, sha = b"", ""
         if named is not None and len(dataset) >= _HASH_AHEAD_BYTES:
             part10 = build_part10(dataset, *named, ts)
-            hashing = _hash_pool().submit(_sha256, part10)
+            hashing = self._hasher.submit(_sha256, part10)
         try:
             v = validate(dataset, ts, self.limits, sop_class_uid=sop_class_uid,
                          sop_instance_uid=sop_instance_uid)

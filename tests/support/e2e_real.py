@@ -192,7 +192,6 @@ def run_real_inputs(tmp_path: Path, orthanc: Any, inputs: tuple[Input, ...] = IN
     return outcomes, node
 
 
-
 def job_outcome(j: dict[str, Any]) -> str:
     """A job's outcome for a results table: refused with the error, or the outcome with
     the failed checks of held outputs and a refused dispatch."""
@@ -205,6 +204,7 @@ def job_outcome(j: dict[str, Any]) -> str:
     if r.get("refused"):
         what += " (watermark_unverified)"
     return what
+
 
 def table(outcomes: list[Outcome]) -> str:
     """bench/RESULTS.md rows: file, vendor, transfer syntax, size, task, outcome, seconds."""
