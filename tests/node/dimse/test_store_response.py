@@ -73,3 +73,41 @@ def test_storescu_is_answered_by_the_direct_encoder(start_node: Any, tmp_path: P
                 assert calls[0][1:3] == (1, 0x0000)  # message ID 1, success
     finally:
         logger.setLevel(original)
+
+
+@pytest.mark.dcmtk
+def test_acceptor_loop_serves_without_sleeping(start_node: Any, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's acceptor loop sleeps 1 ms at the top of every turn, so each request of
+    an association waited up to a millisecond before it was served; the node's loop waits
+    on the message queue instead. Ten C-STOREs and the release over one real association
+    (DCMTK storescu): stored, released, and no 1 ms sleep in the association's thread."""
+    import threading
+    import time
+
+    sleeps: list[str] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        name = threading.current_thread().name
+        if seconds == 0.001 and name.startswith("AcceptorThread"):
+            sleeps.append(name)
+        real_sleep(seconds)
+
+    node = start_node()
+    paths, uids = [], []
+    for i in range(10):
+        src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        src.SOPInstanceUID = generate_uid()
+        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+        uids.append(str(src.SOPInstanceUID))
+        paths.append(tmp_path / f"ct{i}.dcm")
+        src.save_as(paths[-1], enforce_file_format=True)
+    monkeypatch.setattr(time, "sleep", sleep)
+    host, port = node.address
+    r = subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "SYNTHNODE", host,
+                        str(port), *map(str, paths)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(node.ctx.index.get_instance(u) is not None for u in uids)
+    assert sleeps == []
