@@ -729,10 +729,16 @@ def cmd_run(args: argparse.Namespace) -> None:
             for name, files in datasets.items():
                 nbytes = sum(p.stat().st_size for p in files)
                 for n_assoc in args.assocs:
-                    for server in args.servers:
-                        cell = Cell(name, server, n_assoc, len(files), nbytes)
-                        run_cell(cell, files, root, args.repeats)
-                        cells.append(cell)
+                    row = [Cell(name, server, n_assoc, len(files), nbytes)
+                           for server in args.servers]
+                    if args.interleave:  # rounds of one run per server, order alternating
+                        for rep in range(args.repeats):
+                            for cell in (row if rep % 2 == 0 else row[::-1]):
+                                run_cell(cell, files, root, 1)
+                    else:
+                        for cell in row:
+                            run_cell(cell, files, root, args.repeats)
+                    cells.extend(row)
         if args.flame:  # py-spy (sampling, no slow-down of Python code) on 1 association
             wd = root / "flame"
             wd.mkdir()
@@ -795,6 +801,11 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--slices", type=int, default=500)
     r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--interleave", action="store_true",
+                   help="run the servers in rounds (one run each per round, the order "
+                        "reversed every other round) instead of all repeats of one server "
+                        "back to back: drift of the machine during the run is spread over "
+                        "every server (A/B comparisons of trees)")
     r.add_argument("--assocs", type=int, nargs="+", default=[1, 4])
     r.add_argument("--servers", nargs="+", default=["synthnode", "orthanc", "pynetdicom", "dcmtk"],
                    choices=list(SERVERS))  # plus the --tree names
