@@ -739,19 +739,20 @@ def cmd_run(args: argparse.Namespace) -> None:
                         for cell in row:
                             run_cell(cell, files, root, args.repeats)
                     cells.extend(row)
-        if args.flame:  # py-spy (sampling, no slow-down of Python code) on 1 association
+        if args.flame:  # py-spy (sampling, no slow-down of Python code)
             wd = root / "flame"
             wd.mkdir()
             node = SynthNode("synthnode", wd)
             node.start()
             echo(node.port, node.aet)
             assert node.proc is not None
+            raw = ["--idle", "--format", "raw"] if args.flame.endswith(".txt") else []
             spy = subprocess.Popen(["py-spy", "record", "--pid", str(node.proc.pid), "--rate",
-                                    "250", "--threads", "--output", args.flame],
+                                    "250", "--threads", *raw, "--output", args.flame],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(2)  # py-spy attached
             try:
-                send(series, node.port, node.aet, 1)
+                send(series, node.port, node.aet, args.flame_assocs)
             finally:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
@@ -826,6 +827,10 @@ def main() -> None:
     r.add_argument("--flame", default=None, metavar="SVG",
                    help="record a py-spy flame graph of synthnode receiving the series on "
                         "1 association (pip install py-spy)")
+    r.add_argument("--flame-assocs", type=int, default=1,
+                   help="associations while recording --flame; an output name ending in "
+                        ".txt records collapsed stacks with idle threads (py-spy --format raw "
+                        "--idle: where association threads wait)")
     r.add_argument("--workdir", default=None)
     r.add_argument("--out", default=None)
     r.add_argument("--json", default=None)
