@@ -32,7 +32,7 @@ from engine.nets import count_parameters, in_out_channels
 log = logging.getLogger(__name__)
 
 __all__ = ["ADAPTER_KIND", "ControlledUNet", "base_record", "build_controlnet", "is_adapter",
-           "load_adapter"]
+           "load_adapter", "load_adapter_dir", "load_model_or_adapter_dir"]
 
 #: ``config["kind"]`` of an adapter folder
 ADAPTER_KIND = "controlnet_adapter"
@@ -172,3 +172,24 @@ def load_adapter_dir(path: Any, base_path: Any) -> LoadedModel:
     config = json.loads((Path(path) / "config.json").read_text())
     weights = (Path(path) / "model.safetensors").read_bytes()
     return load_adapter(config, weights, sha256_hex(weights), base)
+
+
+def load_model_or_adapter_dir(path: Any) -> LoadedModel:
+    """A model folder from disk, or an adapter folder on its base, found beside it by the
+    base's recorded model id (in the folder above, or the one above that:
+    ``weights/adapters/X`` -> ``weights/BASE``); evaluation and benchmarks (the node goes
+    through the model gate)."""
+    import json
+    from pathlib import Path
+
+    from engine.models import load_model_dir
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    if not is_adapter(config):
+        return load_model_dir(path)
+    base_id = str((config.get("base") or {}).get("model_id", ""))
+    for root in (path.parent, path.parent.parent):
+        if base_id and (root / base_id / "config.json").is_file():
+            return load_adapter_dir(path, root / base_id)
+    raise ModelLoadError(f"the base {base_id!r} of adapter {path} is not beside it")

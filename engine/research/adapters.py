@@ -8,6 +8,10 @@ the 2.5D context, abdomen and head alternating):
 * ``mr_undersampled``: the phantom's T1w / T2w (alternating, with its own Rician noise at SNR
   40 as a scanner image has) and its zero-filled reconstruction from 4x or 8x Cartesian
   undersampled k-space (:func:`engine.research.degrade.mr_undersample`), alternating.
+* ``ct_denoise``: the normal-dose CT and its projection-domain low-dose version at 0.25 or
+  0.1 of full dose (:func:`engine.research.degrade.low_dose_ct`, the simulator the shipped
+  restoration models were trained with), alternating: the same task as the shipped one-step
+  regressor, as an adapter on the shared base, to compare the two.
 
 Training: the base (an x0-prediction diffusion model in the wavelet domain, frozen) and a
 ControlNet initialised from the base's encoder (MONAI's recipe: the encoder's weights, zero
@@ -44,22 +48,34 @@ from engine.wavelet import dwt2
 
 log = logging.getLogger(__name__)
 
-ADAPTER_TASKS = (TaskName.CT_SPARSE_VIEW, TaskName.MR_UNDERSAMPLED)
+ADAPTER_TASKS = (TaskName.CT_SPARSE_VIEW, TaskName.MR_UNDERSAMPLED, TaskName.CT_DENOISE)
+CT_ADAPTER_TASKS = (TaskName.CT_SPARSE_VIEW, TaskName.CT_DENOISE)
+ADAPTER_DOSES = (0.25, 0.1)
 CT_NORM = {"kind": "hu", "scale": 1000.0}
 MR_NORM = {"kind": "percentile", "q": 0.995}
 DEFAULT_IDS = {TaskName.CT_SPARSE_VIEW: "ct-sparse-view-cnet",
-               TaskName.MR_UNDERSAMPLED: "mr-undersampled-cnet"}
+               TaskName.MR_UNDERSAMPLED: "mr-undersampled-cnet",
+               TaskName.CT_DENOISE: "ct-denoise-cnet"}
 
 
 def _norm(task: str) -> dict[str, Any]:
-    return CT_NORM if task == TaskName.CT_SPARSE_VIEW else MR_NORM
+    return CT_NORM if task in CT_ADAPTER_TASKS else MR_NORM
 
 
 def degrade_sample(task: str, s: Any, i: int) -> tuple[np.ndarray, np.ndarray, Intensity, str]:
     """(clean, degraded, intensity, label) for phantom sample ``s`` (index ``i`` picks the view
     count / acceleration and, for MR, the weighting)."""
-    from engine.research.degrade import SPARSE_VIEWS, mr_undersample, sparse_view_ct
+    from engine.research.degrade import (
+        SPARSE_VIEWS,
+        low_dose_ct,
+        mr_undersample,
+        sparse_view_ct,
+    )
 
+    if task == TaskName.CT_DENOISE:
+        dose = ADAPTER_DOSES[i % len(ADAPTER_DOSES)]
+        low = low_dose_ct(s.ct_hu, float(s.spacing[1]), dose, seed=s.seed)
+        return s.ct_hu, low, Intensity.HU, f"dose {dose:g}"
     if task == TaskName.CT_SPARSE_VIEW:
         views = SPARSE_VIEWS[i % len(SPARSE_VIEWS)]
         return s.ct_hu, sparse_view_ct(s.ct_hu, views), Intensity.HU, f"{views} views"
@@ -122,7 +138,7 @@ def _sample_batch(clean: torch.Tensor, deg: torch.Tensor, batch: int, size: int,
 def adapter_config(task: str, base: LoadedModel, model_id: str, version: str,
                    training: dict[str, Any]) -> dict[str, Any]:
     io = {k: base.config["io"][k] for k in ("target_channels", "cond_channels", "context_slices")}
-    io["target_names"] = ["ct"] if task == TaskName.CT_SPARSE_VIEW else ["mr"]
+    io["target_names"] = ["ct"] if task in CT_ADAPTER_TASKS else ["mr"]
     norm = _norm(task)
     return {
         "format": "synthnode-adapter/1",
@@ -296,8 +312,9 @@ def write_card(out_dir: Path, digest: str | None = None, metrics_md: str | None 
         f"{tr.get('n_train')} --size {tr.get('size')} --crop {tr.get('crop')} --batch "
         f"{tr.get('batch')} --lr {tr.get('lr')} --seed {tr.get('seed')}`, then the config's "
         f"sampling defaults: {tr.get('sampling_choice', 'as trained')}",
-        "- data: engine.research.adapters (sparse-view FBP from 60 / 90 of 720 parallel views, or "
-        "4x / 8x Cartesian undersampling with a fully sampled centre, zero-filled)",
+        "- data: engine.research.adapters (sparse-view FBP from 60 / 90 of 720 parallel views, "
+        "4x / 8x Cartesian undersampling with a fully sampled centre, zero-filled, or "
+        "projection-domain low dose at 0.25 / 0.1 of full dose)",
         "- a minutes-long CPU run that proves the adapter path end to end; it is NOT trained "
         "to convergence and does not meet any quality aim (see the metrics below)",
         "",
@@ -330,9 +347,13 @@ def tv_method(task: str, weight: float) -> Callable[[Volume], Volume]:
 
 def evaluate(task: str, adapter_dir: Path, base_dir: Path, out_dir: Path, n: int = 4,
              size: int = 256, tv_weights: tuple[float, ...] = (0.02, 0.05, 0.1),
-             seed: int = 0, regressor_dir: Path | None = None) -> Path:
-    """Test-split report (engine.research.evaluate): input (FBP / zero-filled), TV on the input
-    (weight chosen on 2 validation cases by PSNR) and the adapter."""
+             seed: int = 0, regressor_dir: Path | None = None,
+             models: tuple[Path, ...] = ()) -> Path:
+    """Test-split report (engine.research.evaluate): input (FBP / zero-filled / low dose), TV
+    on the input (weight chosen on 2 validation cases by PSNR), for ``ct_denoise`` also NLM
+    (the restoration baseline of ``synthnode engine evaluate``), the one-step regressor
+    baseline, every model folder of ``models`` (e.g. the shipped model of the task), and the
+    adapter."""
     from engine.adapters import load_adapter_dir
     from engine.api import run_task
     from engine.research.evaluate import run_section, score, write_report
@@ -346,12 +367,20 @@ def evaluate(task: str, adapter_dir: Path, base_dir: Path, out_dir: Path, n: int
     def adapter(v: Volume) -> Volume:
         return run_task(task, v, model=model, params=None, seed=seed, device="cpu").outputs[0]
 
-    methods = {f"TV (weight {best}, chosen on val)": tv_method(task, best)}
-    if regressor_dir is not None:
-        from engine.research.evaluate import model_method
+    from engine.research.evaluate import model_method
 
+    methods = {f"TV (weight {best}, chosen on val)": tv_method(task, best)}
+    if task == TaskName.CT_DENOISE:
+        from engine.research.baselines import nlm_ct
+
+        nlm = nlm_ct()
+        methods[f"NLM (h={nlm.h_factor} sigma)"] = nlm
+    if regressor_dir is not None:
         methods["same UNet, one-step regressor (same data and steps)"] = model_method(
             regressor_dir, task, seed=seed)[0]
+    for mdir in models:
+        fn, desc = model_method(mdir, task, seed=seed)
+        methods[f"{desc['model_id']} {desc['version']} ({desc['objective']})"] = fn
     methods[f"{model.model_id} {model.version} (adapter)"] = adapter
     test = cases(task, "test", n, size)
     sec = run_section(f"{task} (test split)", task, test, methods, out_dir,
@@ -402,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - research 
     e.add_argument("--n", type=int, default=4)
     e.add_argument("--size", type=int, default=256)
     e.add_argument("--regressor", type=Path, default=None)
+    e.add_argument("--model", type=Path, action="append", default=[],
+                   help="another model folder evaluated beside the adapter (repeat)")
     r = sub.add_parser("train-regressor")
     r.add_argument("task", choices=[str(x) for x in ADAPTER_TASKS])
     r.add_argument("--base", type=Path, required=True)
@@ -427,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - research 
             print(" ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
     else:
         print(evaluate(a.task, a.adapter, a.base, a.out, n=a.n, size=a.size,
-                       regressor_dir=a.regressor))
+                       regressor_dir=a.regressor, models=tuple(a.model)))
 
 
 if __name__ == "__main__":  # pragma: no cover

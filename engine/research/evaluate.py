@@ -817,14 +817,15 @@ variant 1 - input (+/- 100 HU) | SD across variants (0..100 HU), centre slice.
 
 def model_method(model_dir: Path | str, task: str, params: dict[str, Any] | None = None,
                  seed: int = 0, options: Any = None) -> tuple[Method, dict[str, Any]]:
-    """A ``Volume -> Volume`` method from a model folder, through :func:`engine.api.run_task`.
+    """A ``Volume -> Volume`` method from a model (or adapter) folder, through
+    :func:`engine.api.run_task`.
 
     Returns the method and a description (model id, version, objective, SHA-256).
     """
+    from engine.adapters import load_model_or_adapter_dir
     from engine.api import run_task
-    from engine.models import load_model_dir
 
-    model = load_model_dir(model_dir)
+    model = load_model_or_adapter_dir(model_dir)
 
     def run(volume: Volume) -> Volume:
         return run_task(task, volume, model=model, params=params, seed=seed,

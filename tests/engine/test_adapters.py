@@ -148,3 +148,46 @@ def test_shipped_sparse_view_adapter_removes_streaks() -> None:
     before, after = score(case, case.input), score(case, out)
     assert after["ssim"] >= before["ssim"] + 0.05, (before["ssim"], after["ssim"])
     assert after["psnr"] >= before["psnr"] - 2.0, (before["psnr"], after["psnr"])
+
+
+def test_evaluation_loads_an_adapter_folder_on_the_base_beside_it(tmp_path: Path) -> None:
+    """``load_model_or_adapter_dir`` (what ``synthnode engine evaluate --model`` uses): a
+    plain model folder loads as itself; an adapter folder loads on the base found beside it
+    by its recorded model id; an adapter copied away from its base is refused by name."""
+    import shutil
+
+    from engine.adapters import load_model_or_adapter_dir
+    from engine.models import ModelLoadError
+
+    plain = load_model_or_adapter_dir(WEIGHTS / "ct-denoise-wreg")
+    assert plain.model_id == "ct-denoise-wreg"
+    d = WEIGHTS / "adapters" / "ct-sparse-view-cnet"
+    adapter = load_model_or_adapter_dir(d)
+    assert adapter.model_id == "ct-sparse-view-cnet" and adapter.tasks == ["ct_sparse_view"]
+    lone = tmp_path / "x" / "ct-sparse-view-cnet"
+    shutil.copytree(d, lone)
+    with pytest.raises(ModelLoadError, match="ct-augment-wdiff"):
+        load_model_or_adapter_dir(lone)
+
+
+def test_ct_denoise_adapter_recipe_pairs_low_dose_with_normal_dose() -> None:
+    """The ct_denoise adapter data (engine.research.adapters): normal-dose phantom CT paired
+    with its projection-domain low dose at 0.25 and 0.1 of full dose, alternating; on the same
+    phantom the lower dose is the noisier one, and both keep the reference's mean (noise, not
+    bias)."""
+    from engine.research.adapters import ADAPTER_TASKS, cases, degrade_sample
+    from engine.research.phantoms import iter_dataset
+
+    assert TaskName.CT_DENOISE in ADAPTER_TASKS
+    pair = cases(TaskName.CT_DENOISE, "val", 2, 128)
+    assert [c.info["degradation"] for c in pair] == ["dose 0.25", "dose 0.1"]
+    assert all(c.input.intensity == Intensity.HU for c in pair)
+    s = next(iter(iter_dataset("val", 1, size=128, n_slices=3, kind="mixed")))  # type: ignore[arg-type]
+    err = []
+    for i in (0, 1):  # dose 0.25, then 0.1, on the same phantom
+        clean, low, inten, _ = degrade_sample(TaskName.CT_DENOISE, s, i)
+        assert inten == Intensity.HU and low.shape == clean.shape
+        d = (low - clean)[clean > -500]
+        assert abs(float(d.mean())) < 5.0
+        err.append(float(d.std()))
+    assert 0 < err[0] < err[1]
