@@ -345,6 +345,16 @@ def tv_method(task: str, weight: float) -> Callable[[Volume], Volume]:
     return run
 
 
+def tv_weight_on_val(task: str, size: int = 256,
+                     weights: tuple[float, ...] = (0.02, 0.05, 0.1)) -> float:
+    """The TV baseline's weight: best mean PSNR on 2 validation cases of ``task``."""
+    from engine.research.evaluate import score
+
+    val = cases(task, "val", 2, size)
+    return max(weights, key=lambda w: float(np.mean(
+        [score(c, tv_method(task, w)(c.input))["psnr"] for c in val])))
+
+
 def evaluate(task: str, adapter_dir: Path, base_dir: Path, out_dir: Path, n: int = 4,
              size: int = 256, tv_weights: tuple[float, ...] = (0.02, 0.05, 0.1),
              seed: int = 0, regressor_dir: Path | None = None,
@@ -356,12 +366,10 @@ def evaluate(task: str, adapter_dir: Path, base_dir: Path, out_dir: Path, n: int
     adapter."""
     from engine.adapters import load_adapter_dir
     from engine.api import run_task
-    from engine.research.evaluate import run_section, score, write_report
+    from engine.research.evaluate import run_section, write_report
 
     task = TaskName(task)
-    val = cases(task, "val", 2, size)
-    best = max(tv_weights, key=lambda w: float(np.mean(
-        [score(c, tv_method(task, w)(c.input))["psnr"] for c in val])))
+    best = tv_weight_on_val(task, size, tv_weights)
     model = load_adapter_dir(adapter_dir, base_dir)
 
     def adapter(v: Volume) -> Volume:

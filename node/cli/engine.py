@@ -357,7 +357,9 @@ def _phantom_version() -> int:
 
 @app.command("evaluate")
 def evaluate_cmd(
-    task: str = typer.Argument(..., help="ct_denoise | mr_denoise | ct_to_mr | augment"),
+    task: str = typer.Argument(
+        ..., help="ct_denoise | mr_denoise | ct_to_mr | augment | ct_sparse_view | "
+        "mr_undersampled"),
     model: list[Path] = typer.Option(
         [], "--model", help="model folder (repeat: diffusion, regressor)"
     ),
@@ -379,7 +381,10 @@ def evaluate_cmd(
     ),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Evaluate models and baselines on held-out phantoms (+ real CT): Markdown + PNG report.
+    """Evaluate models and baselines on held-out phantoms (+ real CT / MR): Markdown + PNG report.
+
+    ct_sparse_view / mr_undersampled: --model is an adapter folder (its base beside it);
+    baseline TV; the real images get the task's simulated degradation.
 
     augment: --model is an augmentation model; --param n=K sets the variants per input (default 4).
     """

@@ -173,6 +173,50 @@ def real_mr_cases(snr: float, seed: int = 0, names: tuple[str, ...] = REAL_MR_FI
     return cases
 
 
+#: reconstruction tasks ``synthnode engine evaluate`` runs on phantoms and real images
+RECON_TASKS = (TaskName.CT_SPARSE_VIEW, TaskName.MR_UNDERSAMPLED)
+
+
+def real_recon_cases(task: str, seed: int = 0) -> list:
+    """:class:`engine.research.evaluate.Case` list for a reconstruction task on the real
+    images, each degraded as the task's training data is (engine.research.adapters):
+    ``ct_sparse_view``: the real CT slices plus the streaks of FBP from 60 / 90 of 720 views
+    (alternating); ``mr_undersampled``: the real MR images (centre-cropped to a multiple of
+    16 px) zero-filled from 4x / 8x Cartesian undersampling (alternating). The reference is
+    the scan as received (its own noise included)."""
+    from engine.research.degrade import SPARSE_VIEWS, mr_undersample, sparse_view_ct
+    from engine.research.evaluate import Case
+
+    cases = []
+    if task == TaskName.CT_SPARSE_VIEW:
+        for i, rs in enumerate(load_real_ct()):
+            v = rs.volume
+            ref = _scan_hu(v)
+            views = SPARSE_VIEWS[i % len(SPARSE_VIEWS)]
+            cases.append(Case(f"real-{rs.name}", Volume(sparse_view_ct(ref, views), v.spacing,
+                                                        Intensity.HU),
+                              Volume(ref, v.spacing, Intensity.HU), None, None,
+                              {"file": rs.name, "transfer_syntax": rs.transfer_syntax,
+                               "degradation": f"{views} views", "hu_sha256": rs.sha256}))
+        return cases
+    if task != TaskName.MR_UNDERSAMPLED:
+        raise ValueError(f"no real-image recipe for {task!r}")
+    for i, rs in enumerate(load_real_ct(REAL_MR_FILES, intensity=Intensity.MR)):
+        v = rs.volume
+        h, w = v.data.shape[1:]
+        y0, x0 = (h - h // 16 * 16) // 2, (w - w // 16 * 16) // 2
+        ref = np.clip(v.data[:, y0:y0 + h // 16 * 16, x0:x0 + w // 16 * 16], 0.0, None
+                      ).astype(np.float32)
+        acc = (4, 8)[i % 2]
+        cases.append(Case(f"real-{rs.name}", Volume(mr_undersample(ref, acc, seed=seed * 1000 + i),
+                                                    v.spacing, Intensity.MR),
+                          Volume(ref, v.spacing, Intensity.MR), None, None,
+                          {"file": rs.name, "transfer_syntax": rs.transfer_syntax,
+                           "degradation": f"{acc}x", "shape": list(ref.shape),
+                           "pixels_sha256": rs.sha256}))
+    return cases
+
+
 def method_labels(descs: list[dict]) -> list[str]:
     """Report labels for the evaluated models: ``model_id (objective)``, with the version where two
     models share an id (a model beside its previous version), and the position where even that
@@ -199,8 +243,8 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
     """
     from engine.research.evaluate import AUGMENT_CONVENTIONS, EVAL_TASKS, write_report
 
-    if task not in EVAL_TASKS:
-        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
+    if task not in EVAL_TASKS + RECON_TASKS:
+        raise ValueError(f"task must be one of {EVAL_TASKS + RECON_TASKS}, got {task!r}")
     out = Path(out_dir)
     size = size or (512 if task == TaskName.CT_DENOISE else 256)
     loaded, model_lines = _load_models(task, models, params, seed, options)
@@ -212,6 +256,8 @@ def evaluate_task(task: str, out_dir, *, models: list | tuple = (), n: int = 8,
         sections = _mr_denoise_sections(ev, snrs, real)
     elif task == TaskName.AUGMENT:
         sections = _augment_sections(ev, int((params or {}).get("n") or 4), real)
+    elif task in RECON_TASKS:
+        sections = _recon_sections(ev, real)
     else:
         sections = _ct_to_mr_sections(ev, models, targets, lut_train_n, options)
     pre = "Models:\n" + ("\n".join(model_lines) if model_lines else "- (none: baselines only)")
@@ -339,6 +385,34 @@ def _mr_denoise_sections(ev: _EvalRun, snrs: tuple[float, ...], real: bool) -> l
                     ev.n_pictures,
                 )
             )
+    return sections
+
+
+def _recon_sections(ev: _EvalRun, real: bool) -> list[Section]:
+    """A reconstruction task (adapters): the test-split phantoms of its training recipe, and
+    with ``real`` the real images degraded the same way; baseline: TV on the input, its weight
+    chosen on 2 validation phantoms."""
+    from engine.research.adapters import cases as recon_cases
+    from engine.research.adapters import tv_method, tv_weight_on_val
+    from engine.research.evaluate import run_section
+
+    weight = tv_weight_on_val(ev.task, ev.size)
+    methods: dict[str, Method] = {f"TV (weight {weight:g}, chosen on val)":
+                                  tv_method(ev.task, weight), **ev.models()}
+    what = ("FBP from 60 / 90 of 720 parallel views" if ev.task == TaskName.CT_SPARSE_VIEW
+            else "zero-filled 4x / 8x Cartesian undersampling")
+    cases = recon_cases(ev.task, "test", ev.n, ev.size)
+    sections = [run_section(
+        f"{ev.task}, phantoms", ev.task, cases, methods, ev.out,
+        f"{ev.n} test-split phantoms, 3 slices of {ev.size} px; input: {what}; reference: the "
+        "phantom image.", ev.n_pictures)]
+    if real:
+        rcases = real_recon_cases(ev.task, seed=ev.seed)
+        sections.append(run_section(
+            f"{ev.task}, real images", ev.task, rcases, methods, ev.out,
+            f"{len(rcases)} real images from pydicom / pydicom-data "
+            f"({', '.join(c.info['file'] + ' ' + c.info['degradation'] for c in rcases)}); "
+            f"input: {what} of the scan; reference: the scan as received.", ev.n_pictures))
     return sections
 
 
