@@ -51,6 +51,13 @@ CASES: list[tuple] = [
      "experimental/ct-denoise-wdiff", "ct_denoise", 512, {}, {"batch": 4}),
     ("CT->MR T1w (shipped regression; NCHW weights, batch 4: the runtime before)", "ct-to-mr-wreg", "ct_to_mr", 256,
      {"target": "t1w"}, {"batch": 4, "contiguous": True}),
+    # reconstruction adapters (ControlNet on the frozen ct-augment-wdiff base), experimental
+    ("CT sparse-view adapter (experimental, 1 step on the frozen base)", "adapters/ct-sparse-view-cnet",
+     "ct_sparse_view", 512, {}),
+    ("MR undersampled adapter (experimental, 1 step on the frozen CT base)", "adapters/mr-undersampled-cnet",
+     "mr_undersampled", 512, {}),
+    ("the adapters' base alone, 1 step (ct-augment-wdiff as a CT restoration start, strength 0.05)",
+     "ct-augment-wdiff", "augment", 512, {"n": 1, "steps": 1, "strength": 0.05}),
 ]
 
 
@@ -62,16 +69,16 @@ def one(model_dir: str, task: str, size: int, params: dict, slices: int, repeats
     torch.set_num_threads(threads)
     from engine.research import phantoms
     from engine.api import Intensity, Volume, run_task
-    from engine.models import load_model_dir
+    from engine.adapters import load_model_or_adapter_dir
     from engine.tasks import RunOptions, default_batch_slices
 
     s = phantoms.make_sample(phantoms.split_seed("test", 0), size=size, n_slices=slices, kind="abdomen")
     rng = np.random.default_rng(0)
-    if task == "mr_denoise":
+    if task in ("mr_denoise", "mr_undersampled"):
         vol = Volume(s.t1w, s.spacing, Intensity.MR_T1W)
     else:
         vol = Volume((s.ct_hu + rng.normal(0, 30, s.ct_hu.shape)).astype(np.float32), s.spacing, Intensity.HU)
-    m = load_model_dir(WEIGHTS / model_dir)
+    m = load_model_or_adapter_dir(WEIGHTS / model_dir)
     if contiguous:
         m.net.to(memory_format=torch.contiguous_format)
     opts = RunOptions(device=device, batch_slices=batch or default_batch_slices(device, size, size))
@@ -105,6 +112,8 @@ def main() -> None:
                     help="slices per forward pass (default: the engine's, engine.tasks.default_batch_slices)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_speed.md"))
+    ap.add_argument("--match", default=None,
+                    help="run only the cases whose name contains this text")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -113,6 +122,8 @@ def main() -> None:
         return
     rows = []
     for name, mdir, task, size, params, *run in CASES:
+        if a.match and a.match not in name:
+            continue
         ro = run[0] if run else {}
         if not (WEIGHTS / mdir / "model.safetensors").exists():
             print(f"skip {name}: {mdir} not shipped", file=sys.stderr)
@@ -137,7 +148,8 @@ def main() -> None:
         "# Engine speed and memory",
         "",
         f"Command: `nice -n 10 python bench/bench_engine.py --threads {a.threads} --slices {a.slices} "
-        f"--repeats {a.repeats}{f' --batch {a.batch}' if a.batch else ''} --device {a.device}`",
+        f"--repeats {a.repeats}{f' --batch {a.batch}' if a.batch else ''} --device {a.device}"
+        f"{f' --match {a.match!r}' if a.match else ''}{' --out ' + a.out if a.match else ''}`",
         "",
         f"Machine: {cpu}, torch threads {a.threads}, device {a.device}, {platform.python_version()}; "
         "the machine's 2 cores are shared with other work, so these are upper bounds.",
