@@ -92,6 +92,7 @@ EVENT_MAP: dict[EventType, tuple[tuple[str, str], str, tuple[str, str] | None]] 
     EventType.INSTANCE_RECEIVED: (INSTANCES_TRANSFERRED, "C", None),
     EventType.INSTANCE_REJECTED: (INSTANCES_TRANSFERRED, "C", None),
     EventType.INSTANCE_ROLLED_BACK: (INSTANCES_TRANSFERRED, "D", None),
+    EventType.INSTANCES_EXPIRED: (INSTANCES_ACCESSED, "D", None),
     EventType.QUERY: (QUERY, "E", None),
     EventType.RETRIEVE: (INSTANCES_TRANSFERRED, "R", None),
     EventType.STORAGE_COMMITMENT: (INSTANCES_TRANSFERRED, "R", None),

@@ -23,6 +23,8 @@ class EventType(str, Enum):
     # indexed, but its file never became durable (a flush failed, or a crash before the
     # success status was sent): removed again; the sender got no success and resends
     INSTANCE_ROLLED_BACK = "instance.rolled_back"
+    # received instances removed by the retention period (storage.retention_days), per series
+    INSTANCES_EXPIRED = "instance.expired"
     QUERY = "query"
     RETRIEVE = "retrieve"
     STORAGE_COMMITMENT = "storage.commitment"

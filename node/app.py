@@ -197,6 +197,7 @@ class Node:
         self.pipeline: Any = None  # node.pipeline.orchestrator.Pipeline (set by create_node)
         self.feed: Any = None  # audit.syslog.SyslogFeed when [audit.syslog] host is set
         self.dicomweb: Any = None  # node.dicomweb.app.DicomwebServer when [dicomweb] enabled
+        self.retention: Any = None  # node.ingest.retention.InstanceRetention when set
         self.stop_requested = threading.Event()
         self._stopped = False
 
@@ -224,6 +225,7 @@ class Node:
         ))
         if self.pipeline is not None:
             self.pipeline.start()  # quiet-period timers, worker pool
+        self.retention = start_retention(self.ctx)
         if self.dicomweb is not None:
             try:
                 self.dicomweb.start()  # same process, same context as the DIMSE SCP
@@ -244,6 +246,8 @@ class Node:
         if self.role == "acceptor":
             self.ctx.engine.dispose()
             return
+        if self.retention is not None:
+            self.retention.stop()
         if self.pipeline is not None:
             self.pipeline.stop()
         try:
@@ -352,6 +356,18 @@ def _pipeline(ctx: NodeContext) -> Any:
     return build_pipeline(ctx)
 
 
+def start_retention(ctx: NodeContext) -> Any:
+    """Instance retention (``storage.retention_days``), started; None when unset."""
+    days = ctx.settings.storage.retention_days
+    if days is None:
+        return None
+    from node.ingest.retention import InstanceRetention
+
+    retention = InstanceRetention(ctx, days)
+    retention.start()
+    return retention
+
+
 # -- multi-process acceptors ------------------------------------------------------------
 def acceptor_main(argv: list[str] | None = None) -> None:
     """Entry point of one acceptor child: ``python -c 'from node.app import acceptor_main;
@@ -448,6 +464,7 @@ def serve_multi(settings: Settings, config: str | None, n: int, *, grace_s: floa
     if parent.ctx.audit is not None:
         parent.ctx.audit.start()
     parent.feed = start_feed(parent.ctx)
+    parent.retention = start_retention(parent.ctx)
     if parent.dicomweb is not None:
         parent.dicomweb.start()  # HTTP in the parent; the acceptors serve DIMSE
     if on_listening is not None:

@@ -2,13 +2,16 @@
 
 Index rows go first, in one transaction; files after the commit. A crash in between
 leaves unreferenced files, which start-up recovery removes (``node.app.recover``), never
-an index row without its file. The caller (the node's scheduler) records what was
-removed in the ledger; storage knows no ledger.
+an index row without its file. The caller records what was removed in the ledger, in the
+same transaction (``record``; node.ingest.retention); storage knows no ledger.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection
 
 from storage.filestore import FileStore
 from storage.index import Index, IndexedInstance
@@ -28,20 +31,22 @@ def cutoff_for(retention_days: int, now: datetime | None = None) -> datetime:
     return now - timedelta(days=retention_days)
 
 
-def expire(index: Index, store: FileStore, cutoff: datetime, *, limit: int = 1000
+def expire(index: Index, store: FileStore, cutoff: datetime, *, limit: int = 1000,
+           record: Callable[[Connection, list[IndexedInstance]], object] | None = None
            ) -> list[IndexedInstance]:
     """Delete up to ``limit`` instances received before ``cutoff`` (oldest first); empty
-    series and studies go with them. Returns what was removed."""
+    series and studies go with them. ``record`` is called in the deleting transaction, before
+    the rows go (the node writes its ledger entries there). Returns what was removed."""
     rows = index.received_before(cutoff, limit=limit)
     if not rows:
         return []
     with index.engine.begin() as conn:
+        if record is not None:
+            record(conn, rows)
         index.delete_instances(conn, [r.pk for r in rows])
     for r in rows:
         try:
             store.delete(r.file_path)
         except Exception:  # the row is gone: recovery removes the file at next start
             logger.exception("could not remove expired file %s", r.file_path)
-    logger.info("retention removed %d instance(s) received before %s", len(rows),
-                cutoff.isoformat())
     return rows

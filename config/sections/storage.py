@@ -25,7 +25,10 @@ class DatabaseSettings(Section):
 
 class StorageSettings(Section):
     root: Path | None = Field(default=None, description="file store; empty = <data_dir>/store")
-    retention_days: int | None = Field(default=None, ge=1, description="None = keep forever")
+    retention_days: int | None = Field(
+        default=None, ge=1,
+        description="remove instances received more than this many days ago (checked at start "
+                    "and hourly, each removal in the ledger); None = keep forever")
     min_free_bytes: int = Field(
         default=256 * 1024 * 1024, ge=0,
         description="refuse stores (0xA700 / HTTP 507) below this much free space",
