@@ -366,7 +366,7 @@ def evaluate(task: str, adapter_dir: Path, base_dir: Path, out_dir: Path, n: int
     adapter."""
     from engine.adapters import load_adapter_dir
     from engine.api import run_task
-    from engine.research.evaluate import run_section, write_report
+    from engine.research.evaluate import model_method, run_section, write_report
 
     task = TaskName(task)
     best = tv_weight_on_val(task, size, tv_weights)
@@ -374,8 +374,6 @@ def evaluate(task: str, adapter_dir: Path, base_dir: Path, out_dir: Path, n: int
 
     def adapter(v: Volume) -> Volume:
         return run_task(task, v, model=model, params=None, seed=seed, device="cpu").outputs[0]
-
-    from engine.research.evaluate import model_method
 
     methods = {f"TV (weight {best}, chosen on val)": tv_method(task, best)}
     if task == TaskName.CT_DENOISE:
