@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from audit.ledger import Ledger
 from audit.service import AuditService
 from config.settings import Settings
+from storage.derived import DerivedCache
 from storage.filestore import FileStore
 from storage.index import Index
 
@@ -112,6 +113,11 @@ class NodeContext:
     #: node.observability.health.Observability: metrics and readiness probes (None: bare
     #: contexts of component tests)
     observability: Any = None
+
+    def metadata_documents(self) -> DerivedCache:
+        """The DICOM JSON metadata documents of stored files (DICOMweb), kept on disk by
+        file digest under the settings' cache folder."""
+        return DerivedCache(self.settings.cache_dir / "metadata")
 
     def run_stored_hooks(self, info: StoredInstance) -> None:
         """Run every ``on_instance_stored`` hook; a failing hook is logged, never raised."""

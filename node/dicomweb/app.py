@@ -37,7 +37,6 @@ from node.dicomweb.media import (
     multipart_content_type,
 )
 from node.ingest.ingestor import Ingestor
-from storage.derived import DerivedCache
 from storage.matching import QueryLevel
 
 __all__ = ["DicomwebServer", "create_app"]
@@ -56,8 +55,7 @@ class _Service:
         self.tokens = TokenStore(ctx.settings.dicomweb)
         self.ingestor = Ingestor(ctx)
         self.recorder = recorder
-        self.metadata = wado.MetadataCache(
-            DerivedCache(ctx.settings.cache_dir / "metadata"))
+        self.metadata = wado.MetadataCache(ctx.metadata_documents())
 
     def read(self, request: Request) -> Principal:
         return self.tokens.require(request, "read")

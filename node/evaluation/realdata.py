@@ -145,6 +145,15 @@ def real_ct_originals(names: tuple[str, ...] = REAL_CT_FILES) -> list:
     return cases
 
 
+def _mr_grid(v: Volume) -> np.ndarray:
+    """A real MR image centre-cropped to a multiple of 16 px (the engine's contract),
+    negative values clipped to 0."""
+    h, w = v.data.shape[1:]
+    y0, x0 = (h - h // 16 * 16) // 2, (w - w // 16 * 16) // 2
+    return np.clip(v.data[:, y0:y0 + h // 16 * 16, x0:x0 + w // 16 * 16], 0.0, None
+                   ).astype(np.float32)
+
+
 def real_mr_cases(snr: float, seed: int = 0, names: tuple[str, ...] = REAL_MR_FILES) -> list:
     """:class:`engine.research.evaluate.Case` list: real MR images plus Rician noise at ``snr``.
 
@@ -160,11 +169,7 @@ def real_mr_cases(snr: float, seed: int = 0, names: tuple[str, ...] = REAL_MR_FI
     cases = []
     for i, rs in enumerate(load_real_ct(names, intensity=Intensity.MR)):
         v = rs.volume
-        h, w = v.data.shape[1:]
-        y0, x0 = (h - h // 16 * 16) // 2, (w - w // 16 * 16) // 2
-        ref = np.clip(v.data[:, y0 : y0 + h // 16 * 16, x0 : x0 + w // 16 * 16], 0.0, None).astype(
-            np.float32
-        )
+        ref = _mr_grid(v)
         noisy = mr_noise(ref, snr, seed=seed * 1000 + i).astype(np.float32)
         cases.append(Case(f"real-{rs.name}", Volume(noisy, v.spacing, Intensity.MR),
                           Volume(ref, v.spacing, Intensity.MR), None, None,
@@ -203,10 +208,7 @@ def real_recon_cases(task: str, seed: int = 0) -> list:
         raise ValueError(f"no real-image recipe for {task!r}")
     for i, rs in enumerate(load_real_ct(REAL_MR_FILES, intensity=Intensity.MR)):
         v = rs.volume
-        h, w = v.data.shape[1:]
-        y0, x0 = (h - h // 16 * 16) // 2, (w - w // 16 * 16) // 2
-        ref = np.clip(v.data[:, y0:y0 + h // 16 * 16, x0:x0 + w // 16 * 16], 0.0, None
-                      ).astype(np.float32)
+        ref = _mr_grid(v)
         acc = (4, 8)[i % 2]
         cases.append(Case(f"real-{rs.name}", Volume(mr_undersample(ref, acc, seed=seed * 1000 + i),
                                                     v.spacing, Intensity.MR),

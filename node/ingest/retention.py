@@ -23,7 +23,6 @@ from sqlalchemy import Connection, select
 
 from audit.events import Event, EventType
 from node.context import NodeContext
-from storage.derived import DerivedCache
 from storage.index import IndexedInstance
 from storage.retention import cutoff_for, expire
 from storage.tables import Instance
@@ -83,7 +82,7 @@ def _drop_derived(ctx: NodeContext, rows: Sequence[IndexedInstance]) -> None:
     with ctx.engine.connect() as conn:
         kept = set(conn.execute(select(Instance.sha256).where(
             Instance.sha256.in_(digests))).scalars())
-    cache = DerivedCache(ctx.settings.cache_dir / "metadata")
+    cache = ctx.metadata_documents()
     for d in digests:
         if d not in kept:
             cache.discard(d)
