@@ -6,21 +6,29 @@ connection, sequential), median and p95 per search; plus each search's query pla
 (SQLite ``EXPLAIN QUERY PLAN`` / PostgreSQL ``EXPLAIN``) with any full scan of a large
 table (studies, series, instances) named.
 
+With ``--orthanc``, the same patients, studies, series and instances are written as small
+Part 10 files (the index's attributes, no pixel data), stored into a fresh Orthanc (Debian
+``orthanc`` + ``orthanc-dicomweb``, its SQLite index) with DCMTK ``storescu`` on 4
+associations, and the same searches are sent to its DICOMweb plugin by the same client,
+in the same run (Orthanc first, then synthnode on each database).
+
 Shape: ``--per-series`` instances per series, 2 series per study (CT + MR), 2 studies per
 patient, study dates spread over 2015-2024.
 
 Usage (exact command behind bench/results/dicomweb.md "QIDO-RS on 100,000 instances")::
 
     nice -n 10 python bench/bench_qido_index.py --instances 100000 --repeat 30 \\
-        [--dbs sqlite pg] [--plans-only]
+        [--dbs sqlite pg] [--plans-only] [--orthanc]
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +48,7 @@ from storage.matching import QueryLevel, run
 from storage.tables import Instance, Patient, Series, Study
 from tests.support.dimse import NodeProcess, node_settings_dict
 from tests.support.net import get_port, wait_for
+from tests.support.orthanc import OrthancServer
 
 TOKEN = "bench-token"
 ROOT = "1.2.826.0.1.3680043.10.1234"
@@ -54,58 +63,129 @@ def series_uid(i: int, k: int) -> str:
     return f"{ROOT}.2.{i}.{k}"
 
 
-def fill(engine: Engine, instances: int, per_series: int) -> dict[str, int]:
-    """Write the index rows; returns the counts."""
+def shape(instances: int, per_series: int) -> dict[str, list[dict[str, Any]]]:
+    """The rows of every table (patients, studies, series, instances), keyed by table."""
     n_studies = max(1, instances // (2 * per_series))
     now = datetime.now(UTC)
-    chunk: list[dict[str, Any]] = []
+    rows: dict[str, list[dict[str, Any]]] = {"patients": [], "studies": [], "series": [],
+                                             "instances": []}
+    for p in range(n_studies // 2 + 1):
+        rows["patients"].append({
+            "id": p + 1, "patient_id": f"ID{p:06d}", "issuer_of_patient_id": "",
+            "patient_name": f"PAT{p:05d}^NAME{p % 97}",
+            "patient_birth_date": f"19{50 + p % 50}0101", "patient_sex": "MF"[p % 2]})
+    for i in range(n_studies):
+        day = i * 3653 // n_studies
+        date = datetime.fromordinal(datetime(2015, 1, 1).toordinal() + day).strftime("%Y%m%d")
+        rows["studies"].append({
+            "id": i + 1, "study_instance_uid": study_uid(i), "patient_pk": i // 2 + 1,
+            "study_date": date, "study_time": "120000", "accession_number": f"A{i:07d}",
+            "study_id": str(i), "study_description": "bench", "created_at": now,
+            "updated_at": now})
+    for i in range(n_studies):
+        for k, mod in enumerate(("CT", "MR")):
+            rows["series"].append({
+                "id": 2 * i + k + 1, "series_instance_uid": series_uid(i, k), "study_pk": i + 1,
+                "modality": mod, "series_number": k + 1, "series_description": f"{mod} bench",
+                "synthetic": False, "created_at": now, "updated_at": now})
+    pk = 0
+    for s in range(2 * n_studies):
+        i, k = divmod(s, 2)
+        for j in range(per_series):
+            pk += 1
+            sop = f"{ROOT}.3.{i}.{k}.{j}"
+            rows["instances"].append({
+                "id": pk, "sop_instance_uid": sop, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+                "series_pk": s + 1, "instance_number": j + 1,
+                "transfer_syntax_uid": "1.2.840.10008.1.2.1", "number_of_frames": None,
+                "rows": 512, "columns": 512, "bits_allocated": 16, "file_path": f"x/{sop}.dcm",
+                "file_size": 525000, "sha256": hashlib.sha256(sop.encode()).hexdigest(),
+                "received_at": now, "source": "stow"})
+    return rows
 
-    def flush(table: Any, conn: Any) -> None:
-        if chunk:
-            conn.execute(insert(table), chunk)
-            chunk.clear()
 
+def fill(engine: Engine, rows: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Write the index rows; returns the counts."""
     with engine.begin() as conn:
-        for p in range(n_studies // 2 + 1):
-            chunk.append({"id": p + 1, "patient_id": f"ID{p:06d}", "issuer_of_patient_id": "",
-                          "patient_name": f"PAT{p:05d}^NAME{p % 97}",
-                          "patient_birth_date": f"19{50 + p % 50}0101", "patient_sex": "MF"[p % 2]})
-        flush(Patient, conn)
-        for i in range(n_studies):
-            day = i * 3653 // n_studies
-            date = datetime.fromordinal(datetime(2015, 1, 1).toordinal() + day).strftime("%Y%m%d")
-            chunk.append({"id": i + 1, "study_instance_uid": study_uid(i), "patient_pk": i // 2 + 1,
-                          "study_date": date, "study_time": "120000",
-                          "accession_number": f"A{i:07d}", "study_id": str(i),
-                          "study_description": "bench", "created_at": now, "updated_at": now})
-        flush(Study, conn)
-        for i in range(n_studies):
-            for k, mod in enumerate(("CT", "MR")):
-                chunk.append({"id": 2 * i + k + 1, "series_instance_uid": series_uid(i, k),
-                              "study_pk": i + 1, "modality": mod, "series_number": k + 1,
-                              "series_description": f"{mod} bench", "synthetic": False,
-                              "created_at": now, "updated_at": now})
-        flush(Series, conn)
-        pk = 0
-        for s in range(2 * n_studies):
-            i, k = divmod(s, 2)
-            for j in range(per_series):
-                pk += 1
-                sop = f"{ROOT}.3.{i}.{k}.{j}"
-                chunk.append({"id": pk, "sop_instance_uid": sop,
-                              "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "series_pk": s + 1,
-                              "instance_number": j + 1,
-                              "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-                              "number_of_frames": None, "rows": 512, "columns": 512,
-                              "bits_allocated": 16, "file_path": f"x/{sop}.dcm",
-                              "file_size": 525000,
-                              "sha256": hashlib.sha256(sop.encode()).hexdigest(),
-                              "received_at": now, "source": "stow"})
-                if len(chunk) >= 10000:
-                    flush(Instance, conn)
-        flush(Instance, conn)
-    return {"patients": n_studies // 2 + 1, "studies": n_studies, "series": 2 * n_studies,
-            "instances": pk}
+        for name, table in (("patients", Patient), ("studies", Study), ("series", Series),
+                            ("instances", Instance)):
+            for k in range(0, len(rows[name]), 10000):
+                conn.execute(insert(table), rows[name][k:k + 10000])
+    return {name: len(r) for name, r in rows.items()}
+
+
+def write_files(rows: dict[str, list[dict[str, Any]]], out: Path, parts: int) -> list[Path]:
+    """One small Part 10 file per instance row (its patient / study / series / instance
+    attributes, no pixel data), spread over ``parts`` folders; returns the folders."""
+    from pydicom import dcmwrite
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    patients = {p["id"]: p for p in rows["patients"]}
+    studies = {s["id"]: s for s in rows["studies"]}
+    series = {s["id"]: s for s in rows["series"]}
+    dirs = [out / f"part{k}" for k in range(parts)]
+    for d in dirs:
+        d.mkdir(parents=True)
+    for n, inst in enumerate(rows["instances"]):
+        se = series[inst["series_pk"]]
+        st = studies[se["study_pk"]]
+        pa = patients[st["patient_pk"]]
+        ds = Dataset()
+        ds.SOPClassUID = inst["sop_class_uid"]
+        ds.SOPInstanceUID = inst["sop_instance_uid"]
+        ds.StudyDate, ds.StudyTime = st["study_date"], st["study_time"]
+        ds.AccessionNumber = st["accession_number"]
+        ds.Modality = se["modality"]
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = st["study_description"]
+        ds.SeriesDescription = se["series_description"]
+        ds.PatientName, ds.PatientID = pa["patient_name"], pa["patient_id"]
+        ds.PatientBirthDate, ds.PatientSex = pa["patient_birth_date"], pa["patient_sex"]
+        ds.StudyInstanceUID = st["study_instance_uid"]
+        ds.SeriesInstanceUID = se["series_instance_uid"]
+        ds.StudyID = st["study_id"]
+        ds.SeriesNumber = se["series_number"]
+        ds.InstanceNumber = inst["instance_number"]
+        ds.Rows, ds.Columns, ds.BitsAllocated = inst["rows"], inst["columns"], 16
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        dcmwrite(dirs[n % parts] / f"{n}.dcm", ds, enforce_file_format=True)
+    return dirs
+
+
+def fill_orthanc(rows: dict[str, list[dict[str, Any]]], work: Path) -> OrthancServer:
+    """A fresh Orthanc holding the same instances (sent with storescu on 4 associations)."""
+    t = time.perf_counter()
+    dirs = write_files(rows, work / "files", 4)
+    print(f"\n## orthanc: {len(rows['instances']):,} files written in "
+          f"{time.perf_counter() - t:.1f} s", flush=True)
+    # the fill's speed is not measured: no fsync per instance, no compression; DCMTK (also
+    # Orthanc's DICOM layer) leaves Nagle's algorithm on unless TCP_NODELAY is set (40 ms
+    # per C-STORE waiting for a delayed ACK)
+    os.environ["TCP_NODELAY"] = "1"
+    orthanc = OrthancServer(work / "orthanc", extra_config={
+        "SyncStorageArea": False, "StorageCompression": False})
+    orthanc.start()
+    t = time.perf_counter()
+    exe = shutil.which("storescu", path="/usr/bin:/usr/local/bin") or "storescu"
+    procs = [subprocess.Popen([exe, "-aec", "ORTHANC", "+sd", "+r", "127.0.0.1",
+                               str(orthanc.dicom_port), str(d)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for d in dirs]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-800:]}")
+    stats = orthanc.get("/statistics")
+    assert isinstance(stats, dict)
+    print(f"   stored in {time.perf_counter() - t:.1f} s: {stats['CountInstances']:,} "
+          f"instances, {stats['CountStudies']:,} studies", flush=True)
+    shutil.rmtree(work / "files", ignore_errors=True)
+    return orthanc
 
 
 def searches(n_studies: int) -> list[tuple[str, str, QueryLevel, dict[str, str], bool]]:
@@ -200,11 +280,13 @@ def start_node(work: Path, url: str) -> tuple[NodeProcess, str]:
     return proc, m.group(1)
 
 
-def measure(root: str, cases: list[Any], repeat: int) -> list[tuple[str, int, float, float]]:
+def measure(root: str, cases: list[Any], repeat: int,
+            token: str | None = TOKEN) -> list[tuple[str, int, float, float]]:
     out = []
-    with httpx.Client(base_url=root, headers={"Authorization": f"Bearer {TOKEN}",
-                                              "Accept": "application/dicom+json"},
-                      timeout=120) as c:
+    headers = {"Accept": "application/dicom+json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    with httpx.Client(base_url=root, headers=headers, timeout=120) as c:
         for label, path, _, params, _ in cases:
             lat = []
             n = 0
@@ -246,9 +328,21 @@ def main() -> None:
     ap.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     ap.add_argument("--plans-only", action="store_true", help="no server, plans only")
     ap.add_argument("--show-plans", action="store_true")
+    ap.add_argument("--orthanc", action="store_true",
+                    help="the same searches on Orthanc's DICOMweb plugin holding the same data")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-qido-"))
+    rows = shape(args.instances, args.per_series)
+    cases = searches(len(rows["studies"]))
+    results: dict[str, list[tuple[str, int, float, float]]] = {}
     try:
+        if args.orthanc and not args.plans_only:
+            orthanc = fill_orthanc(rows, work)
+            try:
+                results["Orthanc"] = measure(orthanc.dicomweb_url, cases, args.repeat, None)
+            finally:
+                orthanc.stop()
+            shutil.rmtree(work / "orthanc", ignore_errors=True)
         for db in args.dbs:
             drop = None
             if db == "pg":
@@ -259,11 +353,10 @@ def main() -> None:
                 upgrade(url)
                 engine = make_engine(url)
                 t = time.perf_counter()
-                counts = fill(engine, args.instances, args.per_series)
+                counts = fill(engine, rows)
                 with engine.begin() as conn:
                     conn.execute(text("ANALYZE"))  # the statistics a running index has
                 print(f"\n## {db}: {counts} written in {time.perf_counter() - t:.1f} s")
-                cases = searches(counts["studies"])
                 print("\n| search | large tables scanned in full | index query alone, "
                       "median ms |")
                 print("|---|---|---:|")
@@ -281,19 +374,26 @@ def main() -> None:
                 sub.mkdir()
                 proc, root = start_node(sub, url)
                 try:
-                    rows = measure(root, cases, args.repeat)
+                    results[f"synthnode {db}"] = measure(root, cases, args.repeat)
                 finally:
                     proc.terminate()
-                print(f"\n| search ({db}, {counts['instances']:,} instances) | matches "
-                      "| median ms | p95 ms |")
-                print("|---|---:|---:|---:|")
-                for label, n, med, p95 in rows:
-                    print(f"| {label} | {n} | {med:.1f} | {p95:.1f} |")
             finally:
                 if drop is not None:
                     drop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not results:
+        return
+    names = list(results)
+    print(f"\n| search ({len(rows['instances']):,} instances) | matches | "
+          + " | ".join(f"{n} median / p95 ms" for n in names) + " |")
+    print("|---|---:|" + "---:|" * len(names))
+    for k, (label, *_rest) in enumerate(cases):
+        seen = {n: results[n][k][1] for n in names}
+        matches = (str(seen[names[0]]) if len(set(seen.values())) == 1 else
+                   ", ".join(f"{n}: {c}" for n, c in seen.items()))
+        cells = " | ".join(f"{results[n][k][2]:.1f} / {results[n][k][3]:.1f}" for n in names)
+        print(f"| {label} | {matches} | {cells} |")
 
 
 if __name__ == "__main__":

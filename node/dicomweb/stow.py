@@ -162,33 +162,35 @@ def _with_preamble(data: bytes) -> bytes:
 
 def store_part(ctx: NodeContext, ingestor: Ingestor, who: Principal, part: Part,
                study: str | None) -> StowItem:
-    """Ingest one part (blocking: runs in a worker thread)."""
-    cls, inst, st, se = _peek(part.body)
-    item = StowItem(cls, inst, st, se)
+    """Ingest one part (blocking: runs in a worker thread).
+
+    The part's UIDs are read ahead of the ingest only where a check needs them (a part of
+    another media type, a request naming its study); a stored part's come from its index
+    record, a refused part's are read after the refusal (its Failed SOP Sequence item)."""
     ptype = parse_media_type(part.content_type).type if part.content_type else DICOM
     if ptype != DICOM:
-        item.failure = Storage.CANNOT_UNDERSTAND
+        item = StowItem(*_peek(part.body), failure=Storage.CANNOT_UNDERSTAND)
         _reject(ctx, who, item, "part_media_type", f"part is {ptype}, not {DICOM}")
         return item
-    if study and st and st != study:
-        item.failure = Storage.DATASET_DOES_NOT_MATCH_SOP_CLASS
-        _reject(ctx, who, item, "study_mismatch",
-                "Study Instance UID differs from the request's study")
-        return item
+    if study:
+        item = StowItem(*_peek(part.body))
+        if item.study and item.study != study:
+            item.failure = Storage.DATASET_DOES_NOT_MATCH_SOP_CLASS
+            _reject(ctx, who, item, "study_mismatch",
+                    "Study Instance UID differs from the request's study")
+            return item
     with ctx.inflight.track():
         try:
             res = ingestor.ingest_part10(_with_preamble(part.body), peer=who.address,
                                          source="stow", actor=who.actor)
         except IngestError as exc:
-            item.failure = STATUS_FOR_REASON[exc.reason]
-            return item
+            return StowItem(*_peek(part.body), failure=STATUS_FOR_REASON[exc.reason])
         except Exception:
             log.exception("STOW-RS part failed")
-            item.failure = General.PROCESSING_FAILURE
-            return item
+            return StowItem(*_peek(part.body), failure=General.PROCESSING_FAILURE)
     rec = res.record
-    item.sop_class, item.sop_instance = rec.sop_class_uid, rec.sop_instance_uid
-    item.study, item.series = rec.study_instance_uid, rec.series_instance_uid
+    item = StowItem(rec.sop_class_uid, rec.sop_instance_uid, rec.study_instance_uid,
+                    rec.series_instance_uid)
     if res.outcome == IngestOutcome.KEPT_FIRST:
         item.warning = Storage.ELEMENTS_DISCARDED
     return item
