@@ -22,7 +22,7 @@ Rows:
 Usage (exact command behind the DICOMweb table of bench/RESULTS.md)::
 
     nice -n 10 python bench/bench_dicomweb.py --studies 20 --slices 50 --queries 200 \\
-        --frames 100 [--servers synthnode synthnode-pg orthanc]
+        --frames 100 [--servers synthnode synthnode-pg orthanc] [--settle 5] [--rounds 4]
 """
 from __future__ import annotations
 
@@ -201,12 +201,16 @@ def main() -> None:
                     "read of a series parses its files), orthanc")
     ap.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
                     help="PostgreSQL server for synthnode-pg (a fresh database is made)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds, the servers' order reversed every other round; with more "
+                    "than one, each cell is the median over the rounds (min-max after it)")
     args = ap.parse_args()
     data = make_data(args.studies, args.slices, args.size)
-    results = []
+    results: list[dict[str, Any]] = []
+    order = [args.servers if r % 2 == 0 else args.servers[::-1] for r in range(args.rounds)]
     work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
     try:
-        for name in args.servers:
+        for name in (n for names in order for n in names):
             # the previous server's files gone and every dirty page written: a server
             # that flushes each instance would otherwise pay for the one before it
             for old in work.iterdir():
@@ -241,19 +245,29 @@ def main() -> None:
             ("QIDO p95 ms", "qido_p95_ms", "{:.1f}"),
             ("QIDO PatientName=P000x* median ms", "qido_PatientName_ms", "{:.1f}"),
             ("QIDO PatientName=P000x*: studies found, all searches", "qido_PatientName_found",
-             "{}"),
+             "{:.0f}"),
             ("QIDO PatientID median ms", "qido_PatientID_ms", "{:.1f}"),
-            ("QIDO PatientID: studies found", "qido_PatientID_found", "{}"),
+            ("QIDO PatientID: studies found", "qido_PatientID_found", "{:.0f}"),
             ("QIDO StudyDate range median ms", "qido_StudyDate_ms", "{:.1f}"),
-            ("QIDO StudyDate range: studies found", "qido_StudyDate_found", "{}"),
+            ("QIDO StudyDate range: studies found", "qido_StudyDate_found", "{:.0f}"),
             ("WADO series MB/s", "wado_mb_s", "{:.0f}"),
             ("series metadata, first read, median ms", "metadata_median_ms", "{:.1f}"),
             ("series metadata, second read, median ms", "metadata2_median_ms", "{:.1f}"),
             ("frame median ms", "frame_median_ms", "{:.1f}")]
-    print("| measure | " + " | ".join(r["server"] for r in results) + " |")
-    print("|---|" + "---:|" * len(results))
+    if args.rounds > 1:
+        print("rounds: " + "; ".join(" then ".join(names) for names in order) + "\n")
+    servers = list(dict.fromkeys(r["server"] for r in results))
+    print("| measure | " + " | ".join(servers) + " |")
+    print("|---|" + "---:|" * len(servers))
     for label, key, fmt in cols:
-        print(f"| {label} | " + " | ".join(fmt.format(r[key]) for r in results) + " |")
+        cells = []
+        for name in servers:
+            xs = [r[key] for r in results if r["server"] == name]
+            cell = fmt.format(statistics.median(xs))
+            if len(xs) > 1:
+                cell += f" ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
+            cells.append(cell)
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,24 @@ def test_unquoted_parameters_and_chunked_body(web: Any) -> None:
     assert len(_seq(r.json(), "00081199")) == 3
 
 
+def test_part_of_another_media_type_fails_that_part_by_name(web: Any) -> None:
+    _, good = _ds(0)
+    _, other = _ds(1)  # a DICOM file, but labelled as something else
+    body = (multipart([good])[:-len(b"--b0undary--\r\n")]
+            + multipart([other], part_type="image/jpeg"))
+    r = _post(web.url, body)
+    assert r.status_code == 202
+    body_json = r.json()
+    assert [x["00081155"]["Value"][0] for x in _seq(body_json, "00081199")] == \
+        [SPECS[0].sop_uid]
+    (failed,) = _seq(body_json, "00081198")
+    assert failed["00081155"]["Value"] == [SPECS[1].sop_uid]  # named, though not stored
+    assert failed["00081197"]["Value"] == [0xC000]
+    assert web.node.ctx.index.get_instance(SPECS[1].sop_uid) is None
+    rej = ledger_events(web.node, "instance.rejected")
+    assert [e.payload["reason"] for e in rej] == ["part_media_type"]
+
+
 def test_study_mismatch_fails_that_instance(web: Any) -> None:
     _, a = _ds(0)  # study 1
     _, b = _ds(5)  # study 2
