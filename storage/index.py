@@ -6,13 +6,18 @@ Parent rows are created with ``INSERT .. ON CONFLICT DO NOTHING`` and then read 
 concurrent associations that deliver the first instances of one study do not collide
 (SQLite and PostgreSQL). Within :attr:`Index.PARENT_CACHE_S` of writing a series' parent
 rows, further instances of that series insert only their own row (a 500-slice series
-costs one statement per slice, not ten). Callers clear the cache after a rollback.
+costs one statement per slice, not ten). The cache is per thread: a thread's entries were
+written by its own transactions, which are visible to it (the open one) or committed (the
+ones before); another thread's may not be committed yet, and a row that refers to an
+uncommitted parent fails PostgreSQL's foreign key check. Callers clear the cache after a
+rollback.
 
 The index holds DICOM values as text (see ``storage.tables``); it has no DICOM parser:
 the node extracts an :class:`InstanceRecord` and hands it over.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -152,11 +157,13 @@ class Index:
     #: Parent rows of a series seen within this many seconds are not re-written
     #: (study/series ``updated_at`` is therefore exact to about this much).
     PARENT_CACHE_S = 1.0
+    #: entries kept before the expired ones are dropped
+    PARENT_CACHE_MAX = 10_000
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        # series UID -> (series pk, monotonic time its parents were last written)
-        self._parents: dict[str, tuple[int, float]] = {}
+        # (thread, series UID) -> (series pk, monotonic time its parents were last written)
+        self._parents: dict[tuple[int, str], tuple[int, float]] = {}
         # series UID -> (study UID, Patient ID, Issuer, monotonic time) as last written
         self._owners: dict[str, tuple[str, str, str, float]] = {}
         self._sql_cache: dict[str, dict[str, str]] = {}
@@ -177,66 +184,50 @@ class Index:
                               (issuer or "")[:64]))
 
     # -- writes (inside the caller's transaction) ---------------------------------
+    # The parent rows run on the DBAPI cursor too (the first instance of every series
+    # writes them: one study per instance in a migration of small studies). A study's or
+    # series' row is inserted, or its updated_at (and the series' synthetic flag) set, in
+    # one upsert that returns its key; a patient row is looked up first (most are known).
     def _patient_pk(self, conn: Connection, rec: InstanceRecord) -> int:
-        t = Patient.__table__
-        pid = (rec.patient_id or "")[:64]
-        issuer = (rec.issuer_of_patient_id or "")[:64]
-        conn.execute(
-            _insert(conn, t)
-            .values(patient_id=pid, issuer_of_patient_id=issuer,
-                    patient_name=_trunc(rec.patient_name, 324),
-                    patient_birth_date=_trunc(rec.patient_birth_date, 8),
-                    patient_sex=_trunc(rec.patient_sex, 16))
-            .on_conflict_do_nothing(index_elements=["patient_id", "issuer_of_patient_id"])
-        )
-        return conn.execute(
-            select(t.c.id).where(t.c.patient_id == pid, t.c.issuer_of_patient_id == issuer)
-        ).scalar_one()
+        sql = self._sql(conn)
+        key = ((rec.patient_id or "")[:64], (rec.issuer_of_patient_id or "")[:64])
+        row = self._one(conn, sql["patient_pk"], key)
+        if row is None:
+            row = self._one(conn, sql["patient"], (
+                *key, _trunc(rec.patient_name, 324), _trunc(rec.patient_birth_date, 8),
+                _trunc(rec.patient_sex, 16)))
+        if row is None:  # inserted by another transaction since the look-up
+            row = self._one(conn, sql["patient_pk"], key)
+        assert row is not None
+        return int(row[0])
 
     def _study_pk(self, conn: Connection, rec: InstanceRecord, patient_pk: int) -> int:
-        t = Study.__table__
-        now = rec.received_at
-        conn.execute(
-            _insert(conn, t)
-            .values(study_instance_uid=rec.study_instance_uid, patient_pk=patient_pk,
-                    study_date=_trunc(rec.study_date, 8), study_time=_trunc(rec.study_time, 16),
-                    accession_number=_trunc(rec.accession_number, 64),
-                    study_id=_trunc(rec.study_id, 16),
-                    study_description=_trunc(rec.study_description, 64),
-                    referring_physician_name=_trunc(rec.referring_physician_name, 324),
-                    created_at=now, updated_at=now)
-            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
-        )
-        pk = conn.execute(
-            select(t.c.id).where(t.c.study_instance_uid == rec.study_instance_uid)
-        ).scalar_one()
-        conn.execute(update(t).where(t.c.id == pk).values(updated_at=now))
-        return pk
+        now = self._time(conn, rec.received_at)
+        row = self._one(conn, self._sql(conn)["study"], (
+            rec.study_instance_uid, patient_pk, _trunc(rec.study_date, 8),
+            _trunc(rec.study_time, 16), _trunc(rec.accession_number, 64),
+            _trunc(rec.study_id, 16), _trunc(rec.study_description, 64),
+            _trunc(rec.referring_physician_name, 324), now, now))
+        assert row is not None
+        return int(row[0])
 
     def _series_pk(self, conn: Connection, rec: InstanceRecord, study_pk: int) -> int:
-        t = Series.__table__
-        now = rec.received_at
-        synthetic = is_synthetic(rec.synthetic_data)
-        conn.execute(
-            _insert(conn, t)
-            .values(series_instance_uid=rec.series_instance_uid, study_pk=study_pk,
-                    modality=_trunc(rec.modality, 16), series_number=rec.series_number,
-                    series_description=_trunc(rec.series_description, 64),
-                    body_part_examined=_trunc(rec.body_part_examined, 64),
-                    series_date=_trunc(rec.series_date, 8),
-                    series_time=_trunc(rec.series_time, 16),
-                    frame_of_reference_uid=_trunc(rec.frame_of_reference_uid, 64),
-                    synthetic=synthetic, created_at=now, updated_at=now)
-            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
-        )
-        pk = conn.execute(
-            select(t.c.id).where(t.c.series_instance_uid == rec.series_instance_uid)
-        ).scalar_one()
-        values: dict[str, Any] = {"updated_at": now}
-        if synthetic:
-            values["synthetic"] = True
-        conn.execute(update(t).where(t.c.id == pk).values(**values))
-        return pk
+        now = self._time(conn, rec.received_at)
+        row = self._one(conn, self._sql(conn)["series"], (
+            rec.series_instance_uid, study_pk, _trunc(rec.modality, 16), rec.series_number,
+            _trunc(rec.series_description, 64), _trunc(rec.body_part_examined, 64),
+            _trunc(rec.series_date, 8), _trunc(rec.series_time, 16),
+            _trunc(rec.frame_of_reference_uid, 64), is_synthetic(rec.synthetic_data),
+            now, now))
+        assert row is not None
+        return int(row[0])
+
+    def _one(self, conn: Connection, sql: str, params: Sequence[Any]) -> Any:
+        cur = self._raw(conn, sql, params)
+        try:
+            return cur.fetchone()
+        finally:
+            cur.close()
 
     def _instance_values(self, rec: InstanceRecord, series_pk: int) -> dict[str, Any]:
         return {
@@ -259,7 +250,8 @@ class Index:
         indexed (the caller decides what a duplicate means). Returns the instance pk.
         """
         now = time.monotonic()
-        cached = self._parents.get(rec.series_instance_uid)
+        key = (threading.get_ident(), rec.series_instance_uid)
+        cached = self._parents.get(key)
         synthetic = is_synthetic(rec.synthetic_data)
         if cached is not None and now - cached[1] < self.PARENT_CACHE_S and not synthetic:
             series_pk = cached[0]  # parents written moments ago by this process
@@ -270,7 +262,10 @@ class Index:
         pk = self._insert_instance(conn, self._instance_values(rec, series_pk))
         fresh = cached is not None and now - cached[1] < self.PARENT_CACHE_S and not synthetic
         t_written = cached[1] if (cached is not None and fresh) else now
-        self._parents[rec.series_instance_uid] = (series_pk, t_written)
+        if len(self._parents) >= self.PARENT_CACHE_MAX:  # forget the expired ones
+            live = list(self._parents.items())  # one C-level copy: other threads write
+            self._parents = {k: v for k, v in live if now - v[1] < self.PARENT_CACHE_S}
+        self._parents[key] = (series_pk, t_written)
         self._owners[rec.series_instance_uid] = (
             rec.study_instance_uid, (rec.patient_id or "")[:64],
             (rec.issuer_of_patient_id or "")[:64], t_written)
@@ -292,6 +287,24 @@ class Index:
                             f"({', '.join([ph] * len(cols))}) RETURNING id",
                 "landing": "INSERT INTO landing (file_path, sop_instance_uid, sha256, "
                            f"file_size, created_at) VALUES ({ph}, {ph}, {ph}, {ph}, {ph})",
+                "patient_pk": f"SELECT id FROM patients WHERE patient_id = {ph} AND "
+                              f"issuer_of_patient_id = {ph}",
+                "patient": "INSERT INTO patients (patient_id, issuer_of_patient_id, "
+                           "patient_name, patient_birth_date, patient_sex) VALUES "
+                           f"({ph}, {ph}, {ph}, {ph}, {ph}) ON CONFLICT (patient_id, "
+                           "issuer_of_patient_id) DO NOTHING RETURNING id",
+                "study": "INSERT INTO studies (study_instance_uid, patient_pk, study_date, "
+                         "study_time, accession_number, study_id, study_description, "
+                         "referring_physician_name, created_at, updated_at) VALUES "
+                         f"({', '.join([ph] * 10)}) ON CONFLICT (study_instance_uid) DO "
+                         "UPDATE SET updated_at = excluded.updated_at RETURNING id",
+                "series": "INSERT INTO series (series_instance_uid, study_pk, modality, "
+                          "series_number, series_description, body_part_examined, "
+                          "series_date, series_time, frame_of_reference_uid, synthetic, "
+                          f"created_at, updated_at) VALUES ({', '.join([ph] * 12)}) ON "
+                          "CONFLICT (series_instance_uid) DO UPDATE SET updated_at = "
+                          "excluded.updated_at, synthetic = (series.synthetic OR "
+                          "excluded.synthetic) RETURNING id",
                 "ph": ph,
             }
             self._sql_cache[style] = cached

@@ -76,6 +76,49 @@ def test_replace_and_delete(migrated_db: str) -> None:
     engine.dispose()
 
 
+def test_a_series_written_by_an_open_transaction_is_not_taken_from_the_cache(
+        migrated_db: str) -> None:
+    """Thread A writes a new series and holds its transaction open; thread B indexes the
+    next instance of that series meanwhile. B must wait for A's parent rows, not reuse
+    A's uncommitted series key from the cache (PostgreSQL's foreign key check refuses a
+    row whose parent it cannot see yet)."""
+    engine = make_engine(migrated_db)
+    idx = Index(engine)
+    written, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def a() -> None:
+        try:
+            with engine.begin() as conn:
+                idx.add_instance(conn, _rec("1.2.3.1.1"))
+                written.set()
+                release.wait(10)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            written.set()
+
+    def b() -> None:
+        try:
+            written.wait(10)
+            with engine.begin() as conn:  # waits for A on its parent rows (or SQLite's lock)
+                idx.add_instance(conn, _rec("1.2.3.1.2"))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    ta, tb = threading.Thread(target=a), threading.Thread(target=b)
+    ta.start()
+    tb.start()
+    written.wait(10)
+    tb.join(0.5)  # B is blocked on A's transaction (or failed at once)
+    release.set()
+    ta.join(10)
+    tb.join(10)
+    assert not errors, errors
+    (study,) = idx.studies()
+    assert study.n_series == 1 and study.n_instances == 2
+    engine.dispose()
+
+
 def test_concurrent_first_instances_of_one_study(migrated_db: str) -> None:
     """8 threads deliver the first instances of one study/series at once: parent rows are
     created once, every instance lands (INSERT .. ON CONFLICT DO NOTHING)."""
