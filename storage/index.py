@@ -2,7 +2,8 @@
 
 Writers take an open :class:`sqlalchemy.Connection` inside ``engine.begin()`` so the
 caller commits the index rows together with its ledger entry (the durability contract).
-Parent rows are created with ``INSERT .. ON CONFLICT DO NOTHING`` and then read back, so
+Parent rows are created with ``INSERT .. ON CONFLICT`` (a study's or series' row upserted
+and its key returned; a patient looked up, inserted if new, read back after a conflict), so
 concurrent associations that deliver the first instances of one study do not collide
 (SQLite and PostgreSQL). Within :attr:`Index.PARENT_CACHE_S` of writing a series' parent
 rows, further instances of that series insert only their own row (a 500-slice series
