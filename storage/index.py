@@ -306,6 +306,11 @@ class Index:
                           "CONFLICT (series_instance_uid) DO UPDATE SET updated_at = "
                           "excluded.updated_at, synthetic = (series.synthetic OR "
                           "excluded.synthetic) RETURNING id",
+                "owner": "SELECT p.patient_id, p.issuer_of_patient_id FROM studies s JOIN "
+                         "patients p ON s.patient_pk = p.id WHERE s.study_instance_uid = "
+                         f"{ph}",
+                "series_study": "SELECT s.study_instance_uid FROM series se JOIN studies s "
+                                f"ON se.study_pk = s.id WHERE se.series_instance_uid = {ph}",
                 "ph": ph,
             }
             self._sql_cache[style] = cached
@@ -457,14 +462,9 @@ class Index:
         if conn is None:
             with self.engine.connect() as c:
                 return self.owners(study_instance_uid, series_instance_uid, c)
-        tst, tp, ts = Study.__table__, Patient.__table__, Series.__table__
-        pat = conn.execute(
-            select(tp.c.patient_id, tp.c.issuer_of_patient_id)
-            .join(tst, tst.c.patient_pk == tp.c.id)
-            .where(tst.c.study_instance_uid == study_instance_uid)).first()
-        study = conn.execute(
-            select(tst.c.study_instance_uid).join(ts, ts.c.study_pk == tst.c.id)
-            .where(ts.c.series_instance_uid == series_instance_uid)).first()
+        sql = self._sql(conn)  # on the DBAPI cursor: every new series asks, twice
+        pat = self._one(conn, sql["owner"], (study_instance_uid,))
+        study = self._one(conn, sql["series_study"], (series_instance_uid,))
         return ((str(pat[0]), str(pat[1])) if pat is not None else None,
                 str(study[0]) if study is not None else None)
 
