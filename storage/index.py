@@ -26,8 +26,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from storage.synthetic import is_synthetic
@@ -136,10 +134,6 @@ class StudySummary:
     n_series: int
     n_instances: int
     updated_at: datetime
-
-
-def _insert(conn: Connection, table: Any) -> Any:
-    return (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
 
 
 def _trunc(value: str | None, n: int) -> str | None:
