@@ -42,6 +42,7 @@ from sqlalchemy import Engine, insert, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.bench_ingest import dcmtk
 from node.db import make_engine, upgrade
 from node.dicomweb import qido
 from storage.matching import QueryLevel, run
@@ -171,7 +172,7 @@ def fill_orthanc(rows: dict[str, list[dict[str, Any]]], work: Path) -> OrthancSe
         "SyncStorageArea": False, "StorageCompression": False})
     orthanc.start()
     t = time.perf_counter()
-    exe = shutil.which("storescu", path="/usr/bin:/usr/local/bin") or "storescu"
+    exe = dcmtk("storescu")
     procs = [subprocess.Popen([exe, "-aec", "ORTHANC", "+sd", "+r", "127.0.0.1",
                                str(orthanc.dicom_port), str(d)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -249,14 +249,13 @@ class Index:
         cached = self._parents.get(key)
         synthetic = is_synthetic(rec.synthetic_data)
         if cached is not None and now - cached[1] < self.PARENT_CACHE_S and not synthetic:
-            series_pk = cached[0]  # parents written moments ago by this process
+            series_pk, t_written = cached  # parents written moments ago by this thread
         else:
             patient_pk = self._patient_pk(conn, rec)
             study_pk = self._study_pk(conn, rec, patient_pk)
             series_pk = self._series_pk(conn, rec, study_pk)
+            t_written = now
         pk = self._insert_instance(conn, self._instance_values(rec, series_pk))
-        fresh = cached is not None and now - cached[1] < self.PARENT_CACHE_S and not synthetic
-        t_written = cached[1] if (cached is not None and fresh) else now
         if len(self._parents) >= self.PARENT_CACHE_MAX:  # forget the expired ones
             live = list(self._parents.items())  # one C-level copy: other threads write
             self._parents = {k: v for k, v in live if now - v[1] < self.PARENT_CACHE_S}
